@@ -1,0 +1,20 @@
+"""qwenkit: the Qwen3 system, running locally.
+
+`from qwenkit import LLM, SamplingParams`. The engine (and torch) is imported on first
+use, so the lighter parts of the package import without it.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    if name in ("LLM", "RequestOutput"):
+        from qwenkit import llm
+
+        return getattr(llm, name)
+    if name == "SamplingParams":
+        from qwenkit.sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'qwenkit' has no attribute {name!r}")

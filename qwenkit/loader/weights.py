@@ -1,0 +1,79 @@
+"""The generic weight loader: `(hf_name, tensor)` pairs into a model's parameters.
+
+Checkpoint names are kept as Hugging Face writes them. The model's
+`packed_modules_mapping` says which of them live inside a fused parameter
+(`q_proj -> qkv_proj`, `gate_proj -> gate_up_proj`); per-expert MoE matrices
+(`mlp.experts.{e}.gate_proj.weight`) and stacked ones (`mlp.experts.gate_proj`, as
+GGUF stores them) go into the `[num_experts, ...]` tensors. At the end every
+parameter must have been filled and every tensor used, else ModelLoadError names it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from qwenkit.errors import ModelLoadError
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(?:(\d+)\.)?(gate_proj|up_proj|down_proj)(?:\.weight)?$")
+_EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
+# Buffers some checkpoints carry that are recomputed from the config here.
+_DERIVED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Fill `model`'s parameters from `weights`; raise ModelLoadError if any is missing or unused."""
+    params = dict(model.named_parameters())
+    filled: dict[str, set] = {name: set() for name in params}
+    unused: list[str] = []
+    tied = getattr(model, "lm_head", True) is None
+    for hf_name, tensor in weights:
+        if _DERIVED.search(hf_name) or (tied and hf_name == "lm_head.weight"):
+            continue
+        target = _target(model, params, hf_name)
+        if target is None:
+            unused.append(hf_name)
+            continue
+        name, shard = target
+        param = params[name]
+        try:
+            if shard is None:
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
+                param.data.copy_(tensor)
+                filled[name] |= set(getattr(param, "shards", {None}))
+            else:
+                filled[name] |= param.weight_loader(param, tensor, shard)
+        except ValueError as e:
+            raise ModelLoadError(f"checkpoint tensor {hf_name}: {e}") from None
+    if unused:
+        more = f" (and {len(unused) - 5} more)" if len(unused) > 5 else ""
+        raise ModelLoadError(f"checkpoint tensors the model does not use: {', '.join(unused[:5])}{more}")
+    missing = [n for n, p in params.items() if filled[n] != set(getattr(p, "shards", {None}))]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ModelLoadError(f"checkpoint is missing tensors for: {', '.join(missing[:5])}{more}")
+
+
+def _target(model: nn.Module, params: dict[str, nn.Parameter], hf_name: str) -> tuple[str, object] | None:
+    """The parameter (and shard within it) that checkpoint tensor `hf_name` fills."""
+    if hf_name in params:
+        return hf_name, None
+    m = _EXPERT.match(hf_name)
+    if m:
+        prefix, expert, part = m.groups()
+        fused, index = _EXPERT_PARTS[part]
+        name = f"{prefix}.{fused}"
+        if name in params:
+            return name, ("*" if expert is None else int(expert), index)
+        return None
+    for hf_part, (fused, shard) in model.packed_modules_mapping.items():
+        marker = f".{hf_part}."
+        if marker in hf_name:
+            name = hf_name.replace(marker, f".{fused}.")
+            if name in params:
+                return name, shard
+    return None

@@ -1,0 +1,14 @@
+"""One file per architecture, found through `model_type`."""
+
+from qwenkit.models.layers import QwenForCausalLM
+from qwenkit.models.qwen2 import Qwen2ForCausalLM
+from qwenkit.models.qwen3 import Qwen3ForCausalLM
+from qwenkit.models.qwen3_moe import Qwen3MoeForCausalLM
+
+MODEL_REGISTRY: dict[str, type[QwenForCausalLM]] = {
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
+}
+
+__all__ = ["MODEL_REGISTRY", "QwenForCausalLM"]

@@ -1,0 +1,100 @@
+"""Attention over a slot-addressed KV cache, with the step's batch layout passed explicitly.
+
+The KV cache of one layer is a pair of tensors `[num_slots, num_kv_heads, head_dim]`.
+A slot is where one token's key and value live; a sequence's context is the list of its
+slots in position order. The single-sequence loop gives a sequence slots 0..n-1; a paged
+cache gives it `block_table[pos // block_size] * block_size + pos % block_size`. The
+model does not care which: it writes the step's new keys at `slot_mapping` and reads
+each sequence's context through `context_slots`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where the tokens of one forward step come from and where their KV goes.
+
+    The step's tokens are flattened: sequence 0's `query_lens[0]` tokens first, then
+    sequence 1's, and so on.
+    """
+
+    query_lens: tuple[int, ...]
+    # Context length of each sequence after this step (cached tokens + query tokens).
+    context_lens: tuple[int, ...]
+    # [num_tokens] int64: the cache slot each new token's key/value is written to.
+    slot_mapping: torch.Tensor
+    # Per sequence: its context's slots ([context_len] int64 tensor), or a slice when
+    # they are contiguous (then the cache is read as a view, without a gather).
+    context_slots: tuple[torch.Tensor | slice, ...]
+
+    @classmethod
+    def contiguous(cls, *, start: int, num_tokens: int) -> "AttentionMetadata":
+        """One sequence whose cache slots are its positions: tokens start..start+num_tokens-1."""
+        end = start + num_tokens
+        return cls(
+            query_lens=(num_tokens,),
+            context_lens=(end,),
+            slot_mapping=torch.arange(start, end),
+            context_slots=(slice(0, end),),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    def last_token_indices(self) -> torch.Tensor:
+        """Index of each sequence's last token in the flattened step (where logits are needed)."""
+        ends = torch.tensor(self.query_lens).cumsum(0)
+        return ends - 1
+
+
+def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
+    """[query_len, context_len] bool: query i (at position context_len - query_len + i) sees keys <= it."""
+    offset = context_len - query_len
+    q = torch.arange(query_len, device=device)[:, None] + offset
+    k = torch.arange(context_len, device=device)[None, :]
+    return k <= q
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for a flattened step.
+
+    q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (the step's new keys).
+    Returns [T, num_heads * head_dim].
+    """
+    k_cache, v_cache = kv_cache
+    k_cache[meta.slot_mapping] = k
+    v_cache[meta.slot_mapping] = v
+    num_tokens, num_heads, head_dim = q.shape
+    out = q.new_empty(num_tokens, num_heads, head_dim)
+    start = 0
+    for query_len, context_len, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
+        qs = q[start : start + query_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        ks = k_cache[slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        vs = v_cache[slots].transpose(0, 1).unsqueeze(0)
+        if query_len == 1:
+            mask, is_causal = None, False
+        elif query_len == context_len:
+            mask, is_causal = None, True
+        else:
+            mask, is_causal = _causal_mask(query_len, context_len, q.device), False
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+        )
+        out[start : start + query_len] = o[0].transpose(0, 1)
+        start += query_len
+    return out.view(num_tokens, num_heads * head_dim)

@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The embedded default model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), assembled once.
+
+    Skips when the `default-model` extra is not installed, unless
+    QWENKIT_REQUIRE_DEFAULT_MODEL=1 (CI sets it), where a missing model fails.
+    """
+    from qwenkit.default_model import DefaultModelMissing, default_model_path
+
+    try:
+        return default_model_path(progress=False)
+    except DefaultModelMissing as e:
+        if os.environ.get("QWENKIT_REQUIRE_DEFAULT_MODEL") == "1":
+            raise
+        pytest.skip(f"default model not installed: {e}")
