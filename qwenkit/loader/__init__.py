@@ -1,0 +1,67 @@
+"""Load a checkpoint (Hugging Face folder or GGUF file) into a ready model and tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from qwenkit.config import GenerationConfig, ModelConfig, read_json
+from qwenkit.errors import ModelLoadError
+from qwenkit.loader.weights import load_weights
+from qwenkit.model_files import ModelFiles
+from qwenkit.models import MODEL_REGISTRY, QwenForCausalLM
+from qwenkit.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: QwenForCausalLM
+    config: ModelConfig
+    generation_config: GenerationConfig
+    tokenizer: Tokenizer
+    name: str
+
+
+def load_model(
+    files: ModelFiles, *, dtype: torch.dtype, device: torch.device, progress: bool = True
+) -> LoadedModel:
+    """Build the model for `files`, fill its weights and load its tokenizer."""
+    if files.format == "gguf":
+        from qwenkit.loader.gguf import GGUFCheckpoint
+
+        ckpt = GGUFCheckpoint(files.path)
+        config = ModelConfig.from_hf(ckpt.hf_config())
+        generation_config = GenerationConfig.from_hf(ckpt.generation_config())
+        tokenizer = Tokenizer(ckpt.tokenizer_backend(), chat_template=ckpt.chat_template, **ckpt.special_tokens())
+        weights = ckpt.iter_weights(dtype)
+        total = None
+    else:
+        from qwenkit.loader.safetensors import count_tensors, iter_safetensors
+
+        config = ModelConfig.from_file(files.path / "config.json")
+        gen_path = files.path / "generation_config.json"
+        generation_config = GenerationConfig.from_hf(read_json(gen_path) if gen_path.exists() else {})
+        tokenizer = Tokenizer.from_dir(files.path)
+        weights = iter_safetensors(files.path, dtype)
+        total = count_tensors(files.path)
+    if not generation_config.eos_token_ids and tokenizer.eos_token_id is not None:
+        generation_config = GenerationConfig(eos_token_ids=(tokenizer.eos_token_id,))
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ModelLoadError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
+        )
+    with torch.device(device):
+        model = MODEL_REGISTRY[config.model_type](config, dtype=dtype)
+    bar = tqdm(
+        weights, total=total, desc=f"Loading {files.name}", unit=" tensors", file=sys.stderr,
+        disable=not progress, leave=False,
+    )
+    load_weights(model, ((name, t.to(device)) for name, t in bar))
+    model.eval()
+    return LoadedModel(model, config, generation_config, tokenizer, files.name)

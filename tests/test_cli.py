@@ -1,0 +1,103 @@
+"""`qwenkit run`: output shapes, and one-line errors (never a traceback) for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import make_checkpoint
+
+from qwenkit.cli import main
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen3")
+    make_checkpoint(folder, "qwen3")
+    return folder
+
+
+def qwenkit(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "qwenkit", *args], capture_output=True, text=True, env=env, input=stdin, timeout=300
+    )
+
+
+def test_run_json(tiny_model, capsys):
+    assert main(["run", "--model", str(tiny_model), "--json", "--temperature", "0", "--max-tokens", "8", "Hello"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"reasoning_content", "content", "finish_reason", "usage"}
+    assert out["finish_reason"] in ("stop", "length")
+    assert out["usage"]["completion_tokens"] <= 8
+    assert out["usage"]["prompt_tokens"] > 5
+
+
+def test_run_streams_the_same_answer(tiny_model, capsys):
+    args = ["run", "--model", str(tiny_model), "--temperature", "0", "--max-tokens", "8", "--no-think", "Hello"]
+    assert main([*args, "--json"]) == 0
+    content = json.loads(capsys.readouterr().out)["content"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == content + "\n"
+
+
+def test_run_reads_stdin(tiny_model):
+    r = qwenkit("run", "--model", str(tiny_model), "--json", "--max-tokens", "4", stdin="Hello")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["usage"]["completion_tokens"] <= 4
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_missing_path(tmp_path):
+    assert_one_line_error(qwenkit("run", "--model", str(tmp_path / "nope.gguf"), "hi"), "not found")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    assert_one_line_error(qwenkit("run", "--model", str(tmp_path), "hi"), "is not a model folder")
+
+
+def test_unsupported_architecture(tiny_model, tmp_path):
+    for f in tiny_model.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(qwenkit("run", "--model", str(tmp_path), "hi"), "unsupported model_type 'llama'")
+
+
+def test_truncated_gguf(default_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(default_gguf, "rb") as src:
+        cut.write_bytes(src.read(20_000_000))
+    assert_one_line_error(qwenkit("run", "--model", str(cut), "hi"), "cut.gguf", "truncated")
+
+
+def test_prompt_longer_than_context(tiny_model):
+    r = qwenkit("run", "--model", str(tiny_model), "word " * 700)
+    assert_one_line_error(r, "the prompt is", "context is 512 tokens")
+
+
+def test_bad_sampling_value(tiny_model):
+    assert_one_line_error(qwenkit("run", "--model", str(tiny_model), "--top-p", "2", "hi"), "top_p")
+
+
+@pytest.mark.slow
+def test_default_model_answers_a_question(default_gguf):
+    r = qwenkit("run", "--json", "--temperature", "0", "--max-tokens", "24", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "Paris" in out["content"]
+    assert out["reasoning_content"] is None
