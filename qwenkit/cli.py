@@ -47,7 +47,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--model", "-m", default="default",
         help="'default' (embedded Qwen2.5-Coder-0.5B-Instruct), a model folder, a .gguf file, or a HF repo id",
     )
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="compute dtype (default bfloat16)")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float32", "float16"],
+        help="compute dtype (default: bfloat16 on CUDA and AMX/AVX512-BF16 CPUs, else float32)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
 
 

@@ -6,6 +6,7 @@ same API later.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -44,17 +45,29 @@ class GenerationStep:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The compute dtype: bfloat16 by default (see docs/benchmarks.md for why on CPU)."""
-    if dtype is None:
-        return torch.bfloat16
+    """The compute dtype. Unset: bfloat16 on CUDA and on CPUs with native bfloat16 matmuls
+    (AMX or AVX512-BF16), else float32 — measured in docs/benchmarks.md: without them
+    bfloat16 is emulated and ~5x slower than float32 to prefill."""
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in ("auto",):
-        return torch.bfloat16
     try:
         return _DTYPES[dtype]
     except KeyError:
         raise QwenkitError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -70,8 +83,9 @@ class LLM:
     """A loaded model with its tokenizer, ready to generate.
 
     model: "default" (the embedded Qwen2.5-Coder-0.5B-Instruct GGUF), a Hugging Face
-    folder, a `.gguf` file, or a Hugging Face repo id. dtype: "float32" or "bfloat16"
-    (default). device: "cpu" or "cuda" (default: cuda when present).
+    folder, a `.gguf` file, or a Hugging Face repo id. dtype: "float32", "bfloat16" or
+    "float16" (default: bfloat16 where the hardware computes it natively, else float32).
+    device: "cpu" or "cuda" (default: cuda when present).
     """
 
     def __init__(

@@ -22,3 +22,11 @@ def default_gguf() -> Path:
         if os.environ.get("QWENKIT_REQUIRE_DEFAULT_MODEL") == "1":
             raise
         pytest.skip(f"default model not installed: {e}")
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(default_gguf):
+    """transformers' own tokenizer built from the default GGUF (slow to build: shared)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)

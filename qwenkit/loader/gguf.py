@@ -1,0 +1,454 @@
+"""Reading a GGUF checkpoint of a Qwen2 / Qwen3 / Qwen3-MoE model.
+
+:class:`GGUFCheckpoint` turns the file's metadata into the dicts a Hugging Face checkpoint
+ships (`config.json`, `generation_config.json`), its vocabulary into a `tokenizers.Tokenizer`,
+and its tensors into `(hf_name, tensor)` pairs, dequantized one at a time with
+`gguf.quants.dequantize`.
+
+The header is parsed here with `struct` rather than with `gguf.GGUFReader`: the reader builds
+a numpy view for each of the ~300k vocabulary and merge strings, which takes 13 s for a
+Qwen vocabulary on a small machine, against well under one second this way.
+
+No q/k un-permutation is needed. llama.cpp's `convert_hf_to_gguf.py` permutes q_proj/k_proj
+rows only in `LlamaModel.modify_tensors` (and in other classes that call
+`LlamaModel.permute`), for models whose rope rotates adjacent pairs. `Qwen2Model`,
+`Qwen3Model(Qwen2Model)` and `Qwen3MoeModel(Qwen2MoeModel)` derive from `TextModel` and only
+rename tensors, since Qwen's NEOX-style rope rotates the two halves of a head as Hugging Face
+does; transformers' GGUF loader likewise un-permutes for llama only.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.quants import dequantize
+
+from qwenkit.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import tokenizers
+
+_MAGIC = b"GGUF"
+_SUPPORTED_VERSIONS = (2, 3)
+_DEFAULT_ALIGNMENT = 32
+
+# general.architecture -> (Hugging Face model_type, architectures entry)
+_ARCHITECTURES = {
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+}
+
+SUPPORTED_TENSOR_TYPES = frozenset(
+    {
+        GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+        GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0,
+        GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+    }
+)
+
+# GGUF tensor name -> Hugging Face name. Per-layer names are `blk.N.<key>.{weight,bias}`.
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+}
+# All experts of a layer in one 3-D tensor, [num_experts, out, in]; named like transformers
+# v5's fused expert parameters, which carry no `.weight` suffix.
+_EXPERT_NAMES = {
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+# The split Qwen2's tokenizer.json applies before byte-level BPE (also Qwen2.5 and Qwen3).
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre values whose vocabulary splits text with QWEN2_PATTERN.
+_QWEN2_PRE_TOKENIZERS = ("qwen2", "deepseek-r1-qwen")
+
+# special_tokens() key -> tokenizer.ggml.* key holding its id.
+_SPECIAL_TOKEN_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id"}
+# llama.cpp token types (tokenizer.ggml.token_type).
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    """One entry of the file's tensor table."""
+
+    name: str
+    shape: tuple[int, ...]  # in torch order: GGUF lists the fastest-moving dimension first
+    tensor_type: GGMLQuantizationType
+    start: int  # absolute byte offset in the file
+    num_bytes: int
+
+
+class GGUFCheckpoint:
+    """A Qwen-family GGUF file: its config, tokenizer and dequantized weights in HF names."""
+
+    def __init__(self, path: str | os.PathLike):
+        """Read the file's metadata and tensor table; tensor data is read by `iter_weights`.
+
+        Raises ModelLoadError if the file is missing, not a GGUF, truncated, or not a
+        Qwen2 / Qwen3 / Qwen3-MoE model.
+        """
+        self.path = Path(path)
+        self._metadata, self._tensors = _read_header(self.path)
+        architecture = self._metadata.get("general.architecture")
+        if architecture not in _ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path}: unsupported architecture {architecture!r}; qwenkit reads GGUF files of "
+                + ", ".join(_ARCHITECTURES)
+            )
+        self._architecture = architecture
+        self._hf_names = {}
+        for info in self._tensors.values():
+            if info.tensor_type not in SUPPORTED_TENSOR_TYPES:
+                supported = ", ".join(t.name for t in sorted(SUPPORTED_TENSOR_TYPES))
+                raise ModelLoadError(
+                    f"{self.path}: tensor {info.name} is stored as {info.tensor_type.name}, "
+                    f"which qwenkit cannot dequantize (supported: {supported})"
+                )
+            self._hf_names[info.name] = _hf_name(info.name, self.path)
+        self._token_ids: dict[str, int] | None = None
+
+    # -- config ----------------------------------------------------------------------------
+
+    def _arch_key(self, key: str, default: Any = None) -> Any:
+        return self._metadata.get(f"{self._architecture}.{key}", default)
+
+    def _required(self, key: str) -> Any:
+        value = self._arch_key(key)
+        if value is None:
+            raise ModelLoadError(f"{self.path}: metadata key {self._architecture}.{key} is missing")
+        return value
+
+    def hf_config(self) -> dict[str, Any]:
+        """The `config.json` Hugging Face would write for this model."""
+        model_type, architecture_name = _ARCHITECTURES[self._architecture]
+        hidden_size = int(self._required("embedding_length"))
+        num_heads = int(self._required("attention.head_count"))
+        config: dict[str, Any] = {
+            "model_type": model_type,
+            "architectures": [architecture_name],
+            "vocab_size": self._vocab_size(),
+            "hidden_size": hidden_size,
+            "num_hidden_layers": int(self._required("block_count")),
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": int(self._arch_key("attention.head_count_kv", num_heads)),
+            "head_dim": int(self._arch_key("attention.key_length", hidden_size // num_heads)),
+            "max_position_embeddings": int(self._required("context_length")),
+            "rms_norm_eps": float(self._required("attention.layer_norm_rms_epsilon")),
+            # llama.cpp's default when a file states no base.
+            "rope_theta": float(self._arch_key("rope.freq_base", 10000.0)),
+            "hidden_act": "silu",
+            "attention_bias": "blk.0.attn_q.bias" in self._tensors,
+            "tie_word_embeddings": "output.weight" not in self._tensors,
+        }
+        rope_scaling = self._rope_scaling()
+        if rope_scaling is not None:
+            config["rope_scaling"] = rope_scaling
+        if model_type == "qwen3_moe":
+            moe_intermediate_size = int(self._required("expert_feed_forward_length"))
+            config.update(
+                intermediate_size=int(self._arch_key("feed_forward_length", moe_intermediate_size)),
+                num_experts=int(self._required("expert_count")),
+                num_experts_per_tok=int(self._required("expert_used_count")),
+                moe_intermediate_size=moe_intermediate_size,
+                # llama.cpp always renormalizes the top-k weights of qwen3moe.
+                norm_topk_prob=bool(self._arch_key("expert_weights_norm", True)),
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            )
+        else:
+            config["intermediate_size"] = int(self._required("feed_forward_length"))
+        for key in ("bos_token_id", "eos_token_id"):
+            token_id = self._metadata.get(f"tokenizer.ggml.{key}")
+            if token_id is not None:
+                config[key] = int(token_id)
+        return config
+
+    def _vocab_size(self) -> int:
+        # The embedding rows are what the weights need; llama.cpp pads the token list to match.
+        if "token_embd.weight" in self._tensors:
+            return self._tensors["token_embd.weight"].shape[0]
+        tokens = self._metadata.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ModelLoadError(f"{self.path}: has neither token_embd.weight nor tokenizer.ggml.tokens")
+        return len(tokens)
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        rope_type = self._arch_key("rope.scaling.type")
+        if rope_type in (None, "none"):
+            return None
+        scaling: dict[str, Any] = {"rope_type": rope_type, "factor": float(self._arch_key("rope.scaling.factor", 1.0))}
+        original = self._arch_key("rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+
+    def generation_config(self) -> dict[str, Any]:
+        """The `generation_config.json` for this model: every end-of-turn id, eos first."""
+        eos_ids: list[int] = []
+        eos = self._metadata.get("tokenizer.ggml.eos_token_id")
+        if eos is not None:
+            eos_ids.append(int(eos))
+        for text in ("<|im_end|>", "<|endoftext|>"):
+            token_id = self._token_id(text)
+            if token_id is not None and token_id not in eos_ids:
+                eos_ids.append(token_id)
+        config: dict[str, Any] = {"eos_token_id": eos_ids}
+        for key, gguf_key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
+            token_id = self._metadata.get(f"tokenizer.ggml.{gguf_key}")
+            if token_id is not None:
+                config[key] = int(token_id)
+        return config
+
+    # -- tokenizer -------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template stored in the file, if any."""
+        return self._metadata.get("tokenizer.chat_template")
+
+    def _token_id(self, text: str) -> int | None:
+        if self._token_ids is None:
+            tokens = self._metadata.get("tokenizer.ggml.tokens") or []
+            self._token_ids = {token: index for index, token in enumerate(tokens)}
+        return self._token_ids.get(text)
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The texts of the bos, eos and pad tokens the metadata names (None where absent)."""
+        tokens = self._metadata.get("tokenizer.ggml.tokens") or []
+        result: dict[str, str | None] = {}
+        for name, gguf_key in _SPECIAL_TOKEN_KEYS.items():
+            token_id = self._metadata.get(f"tokenizer.ggml.{gguf_key}")
+            result[name] = tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+        return result
+
+    def tokenizer_backend(self) -> "tokenizers.Tokenizer":
+        """The byte-level BPE tokenizer Qwen's `tokenizer.json` describes, rebuilt from metadata."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        model = self._metadata.get("tokenizer.ggml.model")
+        pre = self._metadata.get("tokenizer.ggml.pre")
+        if model != "gpt2" or pre not in _QWEN2_PRE_TOKENIZERS:
+            raise ModelLoadError(
+                f"{self.path}: unsupported tokenizer (tokenizer.ggml.model={model!r}, tokenizer.ggml.pre={pre!r}); "
+                "qwenkit builds the Qwen2 byte-level BPE tokenizer (model 'gpt2', pre 'qwen2')"
+            )
+        tokens = self._metadata.get("tokenizer.ggml.tokens")
+        merges = self._metadata.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise ModelLoadError(f"{self.path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+        token_types = self._metadata.get("tokenizer.ggml.token_type") or [0] * len(tokens)
+
+        vocab = {token: index for index, token in enumerate(tokens)}
+        backend = Tokenizer(
+            BPE(
+                vocab=vocab,
+                merges=[tuple(merge.split(" ", 1)) for merge in merges],
+                unk_token=None,
+                byte_fallback=False,
+                fuse_unk=False,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+            )
+        )
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False),
+            ]
+        )
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(
+            [
+                AddedToken(token, special=True, normalized=False)
+                for token, token_type in zip(tokens, token_types)
+                if token_type == _TOKEN_CONTROL
+            ]
+        )
+        backend.add_tokens(
+            [
+                AddedToken(token, special=False, normalized=False)
+                for token, token_type in zip(tokens, token_types)
+                if token_type == _TOKEN_USER_DEFINED
+            ]
+        )
+        return backend
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def iter_weights(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor as `(hf_name, tensor)`, dequantized one at a time to `dtype`, in HF shapes."""
+        blob = np.memmap(self.path, mode="r", dtype=np.uint8)
+        for info in self._tensors.values():
+            raw = blob[info.start : info.start + info.num_bytes]
+            if info.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                values = raw.view(np.float32 if info.tensor_type == GGMLQuantizationType.F32 else np.float16)
+            else:
+                # gguf.quants wants rows of blocks: [..., bytes per row].
+                values = dequantize(raw.reshape(math.prod(info.shape[:-1]), -1), info.tensor_type)
+            tensor = torch.from_numpy(np.array(values, copy=not values.flags.writeable))
+            yield self._hf_names[info.name], tensor.reshape(info.shape).to(dtype)
+
+
+def _hf_name(gguf_name: str, path: Path) -> str:
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_NAMES and suffix == "weight":
+        return f"{_GLOBAL_NAMES[base]}.weight"
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match is not None:
+        layer, key, suffix = match.groups()
+        if key in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[key]}.{suffix}"
+        if key in _EXPERT_NAMES and suffix == "weight":
+            return f"model.layers.{layer}.{_EXPERT_NAMES[key]}"
+    raise ModelLoadError(f"{path}: tensor {gguf_name!r} has no Hugging Face counterpart qwenkit knows")
+
+
+# -- file format ---------------------------------------------------------------------------
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
+    """`(metadata, {gguf_name: _TensorInfo})`, checking that every tensor's data is in the file."""
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"{path}: is a directory, not a GGUF file") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot be read ({e.strerror})") from None
+    with file:
+        file_size = os.fstat(file.fileno()).st_size
+        if file.read(4) != _MAGIC:
+            raise ModelLoadError(f"{path}: not a GGUF file (it does not start with the magic bytes 'GGUF')")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+            try:
+                metadata, entries, end_of_table = _parse_tables(blob, path)
+            except (struct.error, ValueError, UnicodeDecodeError) as e:
+                raise ModelLoadError(f"{path}: truncated or corrupt GGUF header ({e})") from None
+
+    alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+    data_start = (end_of_table + alignment - 1) // alignment * alignment
+    tensors: dict[str, _TensorInfo] = {}
+    for name, dims, type_id, offset in entries:
+        try:
+            tensor_type = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise ModelLoadError(f"{path}: tensor {name} has unknown ggml type id {type_id}") from None
+        block_size, type_size = GGML_QUANT_SIZES[tensor_type]
+        if dims and dims[0] % block_size:
+            raise ModelLoadError(
+                f"{path}: tensor {name} has rows of {dims[0]} values, not a multiple of the "
+                f"{tensor_type.name} block size {block_size}"
+            )
+        num_bytes = math.prod(dims) // block_size * type_size
+        tensors[name] = _TensorInfo(name, tuple(reversed(dims)), tensor_type, data_start + offset, num_bytes)
+
+    if tensors:
+        last = max(tensors.values(), key=lambda info: info.start + info.num_bytes)
+        if last.start + last.num_bytes > file_size:
+            raise ModelLoadError(
+                f"{path}: truncated GGUF file: tensor {last.name} ends at byte "
+                f"{last.start + last.num_bytes} but the file has {file_size} bytes (incomplete download?)"
+            )
+    return metadata, tensors
+
+
+def _parse_tables(blob: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[tuple], int]:
+    """The metadata, the raw tensor table `[(name, dims, type_id, offset)]`, and where it ends."""
+    version, tensor_count, metadata_count = struct.unpack_from("<IQQ", blob, 4)
+    if version not in _SUPPORTED_VERSIONS:
+        raise ModelLoadError(f"{path}: GGUF version {version} is not supported (qwenkit reads versions 2 and 3)")
+    pos = 24
+    metadata: dict[str, Any] = {}
+    for _ in range(metadata_count):
+        key, pos = _read_string(blob, pos)
+        (value_type,) = struct.unpack_from("<I", blob, pos)
+        metadata[key], pos = _read_value(blob, pos + 4, value_type)
+    entries = []
+    for _ in range(tensor_count):
+        name, pos = _read_string(blob, pos)
+        (num_dims,) = struct.unpack_from("<I", blob, pos)
+        dims = struct.unpack_from(f"<{num_dims}Q", blob, pos + 4)
+        type_id, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * num_dims)
+        pos += 4 + 8 * num_dims + 12
+        entries.append((name, dims, type_id, offset))
+    return metadata, entries, pos
+
+
+def _read_string(blob: mmap.mmap, pos: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", blob, pos)
+    end = pos + 8 + length
+    if end > len(blob):
+        raise ValueError(f"a string at byte {pos} runs past the end of the file")
+    return blob[pos + 8 : end].decode("utf-8"), end
+
+
+def _read_value(blob: mmap.mmap, pos: int, value_type: int) -> tuple[Any, int]:
+    if value_type == GGUFValueType.STRING:
+        return _read_string(blob, pos)
+    if value_type == GGUFValueType.ARRAY:
+        element_type, count = struct.unpack_from("<IQ", blob, pos)
+        pos += 12
+        if element_type == GGUFValueType.STRING:
+            values = []
+            for _ in range(count):
+                value, pos = _read_string(blob, pos)
+                values.append(value)
+            return values, pos
+        if element_type not in _SCALAR_FORMATS:
+            raise ValueError(f"an array of value type {element_type} is not supported")
+        fmt = _SCALAR_FORMATS[element_type]
+        values = list(struct.unpack_from(f"<{count}{fmt[1]}", blob, pos))
+        return values, pos + count * struct.calcsize(fmt)
+    if value_type not in _SCALAR_FORMATS:
+        raise ValueError(f"unknown metadata value type {value_type}")
+    fmt = _SCALAR_FORMATS[value_type]
+    (value,) = struct.unpack_from(fmt, blob, pos)
+    if value_type == GGUFValueType.FLOAT32:
+        # The shortest decimal that rounds to this float32: 1e-06, not 9.999999974752427e-07.
+        value = float(str(np.float32(value)))
+    return value, pos + struct.calcsize(fmt)

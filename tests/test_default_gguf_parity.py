@@ -1,0 +1,50 @@
+"""The embedded default GGUF: qwenkit and transformers (which loads GGUF too) agree."""
+
+import pytest
+import torch
+
+from qwenkit import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(default_gguf, hf_gguf_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+    )
+    return hf_gguf_tokenizer, model.eval()
+
+
+def test_32_greedy_tokens_match_transformers(default_gguf, reference):
+    ref_tokenizer, ref_model = reference
+    llm = LLM(str(default_gguf), dtype="float32", progress=False)
+    messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+    prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt_ids = llm.tokenizer.encode(prompt)
+    assert prompt_ids == ref_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    ours = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
+    with torch.inference_mode():
+        theirs = ref_model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False, max_new_tokens=32, min_new_tokens=32,
+        )[0, len(prompt_ids):].tolist()
+    assert ours.token_ids == theirs
+
+
+def test_prompt_logits_match_transformers(default_gguf, reference):
+    _, ref_model = reference
+    llm = LLM(str(default_gguf), dtype="float32", progress=False)
+    ids = llm.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    from qwenkit.models.attention import AttentionMetadata
+
+    with torch.inference_mode():
+        kv = llm.model.allocate_kv_cache(len(ids))
+        hidden = llm.model(torch.tensor(ids), torch.arange(len(ids)), kv,
+                           AttentionMetadata.contiguous(start=0, num_tokens=len(ids)))
+        ours = llm.model.compute_logits(hidden)
+        theirs = ref_model(torch.tensor([ids])).logits[0]
+    assert (ours - theirs).abs().max().item() < 1e-3
