@@ -82,17 +82,18 @@ def _run(args: argparse.Namespace) -> int:
     dim = "\033[2m" if sys.stderr.isatty() else ""
     reset = "\033[0m" if dim else ""
     completion_tokens, finish = 0, None
-    for step in llm.stream(prompt_ids, params, fallback=fallback):
-        completion_tokens += 1
-        finish = step.finish_reason
-        reasoning, content = splitter.feed(step.token_id, step.text)
-        if not args.json:
-            if reasoning:
-                sys.stderr.write(dim + reasoning + reset)
-                sys.stderr.flush()
-            if content:
-                sys.stdout.write(content)
-                sys.stdout.flush()
+    for update in llm.stream(prompt_ids, params, fallback=fallback):
+        finish = update.finish_reason
+        for token in update.outputs:
+            completion_tokens += 1
+            reasoning, content = splitter.feed(token.token_id, token.text)
+            if not args.json:
+                if reasoning:
+                    sys.stderr.write(dim + reasoning + reset)
+                    sys.stderr.flush()
+                if content:
+                    sys.stdout.write(content)
+                    sys.stdout.flush()
     if args.json:
         out = {
             "reasoning_content": splitter.reasoning or None,

@@ -1,47 +1,63 @@
-"""`LLM`: load a Qwen-family checkpoint and generate from it.
-
-This is the single-sequence loop with a KV cache; the batched engine goes behind the
-same API later.
-"""
+"""`LLM`: load a Qwen-family checkpoint and generate from it with the batched engine."""
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from qwenkit.errors import ContextLengthError, QwenkitError
+from qwenkit.chat import ChatChunk, ChatStream, PreparedChat, prepare_chat
+from qwenkit.chat_types import ChatCompletion
+
+from qwenkit.engine.llm_engine import EngineArgs, LLMEngine, SequenceUpdate, TokenOutput
+from qwenkit.errors import QwenkitError
 from qwenkit.loader import load_model
 from qwenkit.model_files import resolve_model
-from qwenkit.models.attention import AttentionMetadata
-from qwenkit.sampling import SamplingDefaults, SamplingParams, make_generator, sample
-from qwenkit.tokenizer import IncrementalDetokenizer
+from qwenkit.sampling import SamplingDefaults, SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class RequestOutput:
-    """The result of one prompt."""
+class CompletionOutput:
+    """One of a request's n completions."""
 
-    prompt: str | None
-    prompt_token_ids: list[int]
+    index: int
     text: str
     token_ids: list[int]
-    # "stop" (end of turn, a stop string or stop token) or "length" (max_tokens or context full).
-    finish_reason: str
-
-
-@dataclass(frozen=True)
-class GenerationStep:
-    """One generated token, the text it completes (may be empty while text is held back),
-    and the finish reason once the request is done."""
-
-    token_id: int
-    text: str
+    # "stop" (end of turn, a stop string or stop token), "length" (max_tokens or the
+    # context is full) or "abort".
     finish_reason: str | None
+    # With SamplingParams(logprobs=True): per token, its logprob and top_logprobs.
+    logprobs: list[TokenOutput] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt. `.text`, `.token_ids`, `.finish_reason` are those of the
+    first completion; `.outputs` holds all n."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -80,12 +96,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class LLM:
-    """A loaded model with its tokenizer, ready to generate.
+    """A loaded model with its tokenizer and engine, ready to generate.
 
     model: "default" (the embedded Qwen2.5-Coder-0.5B-Instruct GGUF), a Hugging Face
     folder, a `.gguf` file, or a Hugging Face repo id. dtype: "float32", "bfloat16" or
     "float16" (default: bfloat16 where the hardware computes it natively, else float32).
-    device: "cpu" or "cuda" (default: cuda when present).
+    device: "cpu" or "cuda" (default: cuda when present). The keyword arguments size the
+    engine (see `EngineArgs`): the KV cache pool, the batch, the prefill chunk.
     """
 
     def __init__(
@@ -95,6 +112,11 @@ class LLM:
         device: str | torch.device | None = None,
         *,
         max_model_len: int | None = None,
+        kv_cache_memory: int | str | None = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 1024,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
         progress: bool = True,
     ):
         self.device = resolve_device(device)
@@ -106,140 +128,146 @@ class LLM:
         self.generation_config = loaded.generation_config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
-                                 self.config.max_position_embeddings)
+        args = EngineArgs(
+            max_model_len=max_model_len,
+            kv_cache_memory=kv_cache_memory,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device, args=args)
+        self.max_model_len = self.engine.max_model_len
+        self._request_ids = itertools.count()
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._request_ids)}"
 
     def generate(
         self,
         prompts: str | list[int] | Sequence[str | list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generate a completion for each prompt (a string, or a list of token ids)."""
+        """Generate completions for all prompts (strings, or lists of token ids) as one batch."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         param_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(param_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(param_list)} sampling_params")
-        outputs = []
-        for prompt, p in zip(prompts, param_list):
-            prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            token_ids, pieces, finish = [], [], None
-            for step in self.stream(prompt_ids, p):
-                token_ids.append(step.token_id)
-                pieces.append(step.text)
-                finish = step.finish_reason
-            outputs.append(
-                RequestOutput(
-                    prompt=prompt if isinstance(prompt, str) else None,
-                    prompt_token_ids=prompt_ids,
-                    text="".join(pieces),
-                    token_ids=token_ids,
-                    finish_reason=finish,
+        outputs: dict[str, RequestOutput] = {}
+        try:
+            for prompt, p in zip(prompts, param_list):
+                prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                request_id = self.new_request_id()
+                self.engine.add_request(request_id, prompt_ids, p)
+                outputs[request_id] = RequestOutput(
+                    request_id,
+                    prompt if isinstance(prompt, str) else None,
+                    prompt_ids,
+                    [CompletionOutput(i, "", [], None, [] if p.logprobs else None) for i in range(p.n)],
                 )
-            )
-        return outputs
+            while self.engine.has_unfinished_requests():
+                for update in self.engine.step():
+                    _apply(outputs[update.request_id], update)
+        finally:
+            for request_id in outputs:
+                self.engine.abort(request_id)
+        return list(outputs.values())
 
-    def check_prompt_length(self, num_prompt_tokens: int) -> None:
-        if num_prompt_tokens == 0:
-            raise ValueError("the prompt is empty")
-        if num_prompt_tokens >= self.max_model_len:
-            raise ContextLengthError(
-                f"the prompt is {num_prompt_tokens} tokens, but the model's context is "
-                f"{self.max_model_len} tokens (and at least one must be left to generate)"
-            )
+    @functools.cached_property
+    def grammar_compiler(self):
+        """Structured output for this model's vocabulary (built on first use)."""
+        from qwenkit.structured import GrammarCompiler
 
-    @torch.inference_mode()
+        return GrammarCompiler(self.tokenizer, self.config.vocab_size)
+
+    def prepare_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+                     **kwargs: Any) -> PreparedChat:
+        needs_grammar = kwargs.get("response_format") or kwargs.get("tool_choice", "auto") not in ("auto", "none")
+        return prepare_chat(
+            self.tokenizer, messages, sampling_params,
+            grammar_compiler=self.grammar_compiler if needs_grammar else None, **kwargs,
+        )
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        enable_thinking: bool = True,
+        thinking_budget: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] = "auto",
+        response_format: dict[str, Any] | None = None,
+        **template_kwargs: Any,
+    ) -> ChatCompletion:
+        """Answer a conversation: reasoning, content and tool calls apart, with usage.
+
+        enable_thinking: Qwen3's thinking mode (`/think` and `/no_think` in the latest
+        user turn switch it per turn). thinking_budget: the most thinking tokens before
+        the model is told to answer (0: no thinking); separate from max_tokens, which
+        counts every generated token. tools / tool_choice: OpenAI-style function tools;
+        "required" or a named function is enforced by constrained decoding, as is
+        response_format ({"type": "json_object"} or {"type": "json_schema", ...}).
+        With n > 1, the first choice is returned: use chat_stream for all of them."""
+        stream = ChatStream("", self.prepare_chat(
+            messages, sampling_params, enable_thinking=enable_thinking, thinking_budget=thinking_budget,
+            tools=tools, tool_choice=tool_choice, response_format=response_format, **template_kwargs,
+        ))
+        for _ in self._run_chat(stream):
+            pass
+        return stream.completions()[0]
+
+    def chat_stream(
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatChunk]:
+        """Like `chat`, yielding `ChatChunk`s (deltas of reasoning_content, content and
+        tool_calls) as tokens are produced; concatenated they equal `chat`'s result."""
+        stream = ChatStream("", self.prepare_chat(messages, sampling_params, **kwargs))
+        yield from self._run_chat(stream)
+
+    def _run_chat(self, stream: ChatStream) -> Iterator[ChatChunk]:
+        p = stream.prepared
+        stream.request_id = self.new_request_id()
+        for update in self._stream(stream.request_id, p.prompt_token_ids, p.params, fallback=p.fallback,
+                                   controls=p.controls):
+            yield stream.apply(update)
+
     def stream(
         self,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         *,
         fallback: SamplingDefaults | None = None,
-    ) -> Iterator[GenerationStep]:
-        """Generate token by token; each step carries the text it completes.
+        **request_kwargs,
+    ) -> Iterator[SequenceUpdate]:
+        """Generate one request token by token: yields each step's `SequenceUpdate`.
 
         Parameters left unset come from generation_config.json, then `fallback`."""
-        self.check_prompt_length(len(prompt_token_ids))
-        if max(prompt_token_ids) >= self.config.vocab_size or min(prompt_token_ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
-        params = sampling_params.resolved(self.generation_config, fallback)
-        budget = self.max_model_len - len(prompt_token_ids)
-        max_tokens = budget if params.max_tokens is None else min(params.max_tokens, budget)
-        stop_ids = set() if params.ignore_eos else set(self.generation_config.eos_token_ids)
-        stop_ids |= set(params.stop_token_ids)
-        generator = make_generator(params.seed, self.device)
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-        stops = _StopStringMatcher(params.stop)
+        yield from self._stream(self.new_request_id(), prompt_token_ids, sampling_params, fallback=fallback,
+                                **request_kwargs)
 
-        kv_caches = self.model.allocate_kv_cache(min(len(prompt_token_ids) + max_tokens, 256 + len(prompt_token_ids)))
-        input_ids = torch.tensor(prompt_token_ids, device=self.device)
-        start = 0
-        for i in range(max_tokens):
-            num_slots = kv_caches[0][0].shape[0]
-            if start + len(input_ids) > num_slots:
-                kv_caches = _grow(kv_caches, min(2 * num_slots, len(prompt_token_ids) + max_tokens))
-            meta = AttentionMetadata.contiguous(start=start, num_tokens=len(input_ids))
-            positions = torch.arange(start, start + len(input_ids), device=self.device)
-            hidden = self.model(input_ids, positions, kv_caches, meta)
-            logits = self.model.compute_logits(hidden[-1:])[0]
-            token = sample(logits, params, generator)
-            start += len(input_ids)
-            input_ids = torch.tensor([token], device=self.device)
-
-            if token in stop_ids:
-                text, _ = stops.feed(detok.flush())
-                yield GenerationStep(token, text + stops.flush(), "stop")
-                return
-            text, matched = stops.feed(detok.add(token))
-            if not matched and i == max_tokens - 1:
-                tail, matched = stops.feed(detok.flush())
-                text += tail if matched else tail + stops.flush()
-                yield GenerationStep(token, text, "stop" if matched else "length")
-                return
-            yield GenerationStep(token, text, "stop" if matched else None)
-            if matched:
-                return
+    def _stream(self, request_id: str, prompt_token_ids, sampling_params, **request_kwargs) -> Iterator[SequenceUpdate]:
+        self.engine.add_request(request_id, prompt_token_ids, sampling_params, **request_kwargs)
+        try:
+            while self.engine.has_unfinished_requests():
+                for update in self.engine.step():
+                    if update.request_id == request_id:
+                        yield update
+        finally:
+            self.engine.abort(request_id)
 
 
-def _grow(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_slots: int):
-    """A larger contiguous cache holding the same entries."""
-    grown = []
-    for k, v in kv_caches:
-        k2 = k.new_zeros((num_slots, *k.shape[1:]))
-        v2 = v.new_zeros((num_slots, *v.shape[1:]))
-        k2[: k.shape[0]] = k
-        v2[: v.shape[0]] = v
-        grown.append((k2, v2))
-    return grown
+def _apply(output: RequestOutput, update: SequenceUpdate) -> None:
+    completion = output.outputs[update.index]
+    completion.token_ids.extend(t.token_id for t in update.outputs)
+    completion.text += "".join(t.text for t in update.outputs)
+    if completion.logprobs is not None:
+        completion.logprobs.extend(update.outputs)
+    completion.finish_reason = update.finish_reason
+    output.num_cached_tokens = update.num_cached_tokens
 
-
-class _StopStringMatcher:
-    """Finds stop strings across token boundaries; holds back text that may begin one."""
-
-    def __init__(self, stop: tuple[str, ...]):
-        self.stop = stop
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string matched)."""
-        if not self.stop:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out) :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out

@@ -1,40 +1,78 @@
-"""Sampling parameters and the sampler: temperature, top-k, top-p, seeded generators.
+"""Sampling parameters: how each next token is picked, and when generation stops.
 
 A parameter left as None is taken from the checkpoint's generation_config.json when the
-request starts (`SamplingParams.resolved`), else from the neutral default.
+request starts (`SamplingParams.resolved`), else from the fallback (Qwen3's recommended
+values in chat), else from the neutral default. The batched sampler that applies them is
+`qwenkit.engine.sampler`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from qwenkit.config import GenerationConfig
 
+MAX_N = 16  # completions per request
+MAX_TOP_LOGPROBS = 20  # as OpenAI allows
+MAX_LOGIT_BIAS = 100.0
+MAX_PENALTY = 2.0  # presence_penalty / frequency_penalty range, as OpenAI allows
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to pick each next token, and when to stop.
 
+    The logits are processed in this order (see `qwenkit.engine.sampler`):
+    logit_bias, min_tokens, repetition_penalty, frequency/presence penalties,
+    temperature, top_k, top_p, min_p.
+
     temperature: 0 means greedy (argmax); None takes generation_config's value, else 1.0.
     top_p: nucleus sampling mass in (0, 1]; top_k: keep the k likeliest (0 or -1: all).
+    min_p: drop tokens whose probability is below min_p times the likeliest's, in [0, 1].
+    repetition_penalty: > 0, over the prompt and the generated tokens (Hugging Face
+    semantics: a positive logit is divided by it, a negative one multiplied); 1 is off.
+    presence_penalty, frequency_penalty: in [-2, 2], over the generated tokens (OpenAI
+    semantics: logit -= presence * (count > 0) + frequency * count).
+    logit_bias: token id -> bias in [-100, 100] added to its logit (-100 bans it in
+    practice, +100 forces it). Keys may be strings of ints, as OpenAI's JSON sends them;
+    stored as a tuple of (id, bias) pairs sorted by id, so the params stay hashable.
+    n: how many completions to generate, 1..MAX_N.
     max_tokens: how many tokens to generate at most (None: until the context is full).
+    min_tokens: the end-of-turn ids and stop_token_ids cannot be sampled before this
+    many tokens are generated (stop strings still apply).
     seed: makes sampling reproducible for this request alone.
     stop: strings that end generation; the match is not part of the returned text.
     stop_token_ids: extra token ids that end generation (the end-of-turn ids always do,
     unless ignore_eos).
+    logprobs: report the chosen token's logprob (of the model's raw distribution, before
+    any of the processing above, as OpenAI and vLLM do).
+    top_logprobs: also report the k likeliest tokens with their logprobs, 0..20; needs
+    logprobs=True (as OpenAI's chat API requires), else ValueError.
     """
 
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] | Mapping[int | str, float] | None = None
+    n: int = 1
     max_tokens: int | None = 16
+    min_tokens: int = 0
     seed: int | None = None
     stop: tuple[str, ...] | str | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
     _resolved: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -44,17 +82,42 @@ class SamplingParams:
             object.__setattr__(self, "stop", ())
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
-        if self.temperature is not None and not self.temperature >= 0:
+        object.__setattr__(self, "stop_token_ids", tuple(_token_id("stop_token_ids", i) for i in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.temperature is not None and not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and (self.top_k < -1 or int(self.top_k) != self.top_k):
             raise ValueError(f"top_k must be -1, 0 (no limit) or a positive integer, got {self.top_k}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None and not (
+            self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)
+        ):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
 
     def resolved(
         self, generation_config: GenerationConfig, fallback: "SamplingDefaults | None" = None
@@ -73,8 +136,19 @@ class SamplingParams:
             temperature=temperature,
             top_p=_first(self.top_p, g.top_p, f.top_p),
             top_k=_first(self.top_k, g.top_k, f.top_k),
+            min_p=_first(self.min_p, g.min_p, f.min_p),
+            repetition_penalty=_first(self.repetition_penalty, g.repetition_penalty, f.repetition_penalty),
+            presence_penalty=_first(self.presence_penalty, g.presence_penalty, f.presence_penalty),
+            frequency_penalty=_first(self.frequency_penalty, 0.0),
             _resolved=True,
         )
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """ValueError naming the field if logit_bias or stop_token_ids holds an id >= vocab_size."""
+        for name, ids in (("logit_bias", [i for i, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids)):
+            bad = [i for i in ids if i >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} holds token id {bad[0]}, but the vocabulary has {vocab_size} tokens")
 
 
 @dataclass(frozen=True)
@@ -82,6 +156,9 @@ class SamplingDefaults:
     temperature: float
     top_p: float
     top_k: int
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
 
 
 NEUTRAL = SamplingDefaults(temperature=1.0, top_p=1.0, top_k=0)
@@ -94,6 +171,38 @@ def _first(*values):
     return next(v for v in values if v is not None)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_id(name: str, value) -> int:
+    """A token id from an int or a string of one (JSON object keys are strings)."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"{name} keys must be token ids, got {value!r}") from None
+    try:
+        token_id = operator.index(value)
+    except TypeError:
+        token_id = -1
+    if token_id < 0 or isinstance(value, bool):
+        raise ValueError(f"{name} must hold token ids (integers >= 0), got {value!r}")
+    return token_id
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    if not value:
+        return ()
+    pairs = value.items() if isinstance(value, Mapping) else value
+    bias: dict[int, float] = {}
+    for key, b in pairs:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {key!r}")
+        bias[_token_id("logit_bias", key)] = float(b)
+    return tuple(sorted(bias.items()))
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A per-request generator, so a seeded request's output does not depend on anything else."""
     if seed is None:
@@ -101,19 +210,20 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick one token from float32 logits [vocab] with resolved `params`."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k and params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    *,
+    prompt_token_ids: Iterable[int] = (),
+    output_token_ids: Iterable[int] = (),
+) -> int:
+    """Pick one token from float32 logits [vocab] with resolved `params` (no generator: a
+    fresh random one). The penalties see only the token ids passed here."""
+    from qwenkit.engine.sampler import Sampler, SamplingState
+
+    if generator is None:
+        generator = torch.Generator(device=logits.device)
+        generator.seed()
+    state = SamplingState(params, generator, list(prompt_token_ids), list(output_token_ids), frozenset())
+    return Sampler()(logits[None], [state])[0].token_id

@@ -58,7 +58,7 @@ def make_tokenizer(folder: Path) -> None:
     )
 
 
-def reference_config(arch: str, vocab_size: int, *, tie: bool = False, yarn: bool = False):
+def reference_config(arch: str, vocab_size: int, *, tie: bool = False, yarn: bool = False, max_len: int = 512):
     """A transformers config of `arch`, small enough to run in milliseconds."""
     import transformers
 
@@ -69,7 +69,7 @@ def reference_config(arch: str, vocab_size: int, *, tie: bool = False, yarn: boo
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_len,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie,
         bos_token_id=None,
@@ -106,6 +106,7 @@ def make_checkpoint(
     tie: bool = False,
     yarn: bool = False,
     published_keys: bool = False,
+    max_len: int = 512,
 ):
     """Write a tiny random `arch` checkpoint to `folder`; return the transformers model.
 
@@ -117,7 +118,7 @@ def make_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
     vocab_size = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) + len(SPECIAL_TOKENS)
-    config = reference_config(arch, vocab_size, tie=tie, yarn=yarn)
+    config = reference_config(arch, vocab_size, tie=tie, yarn=yarn, max_len=max_len)
     torch.manual_seed(seed)
     cls = {
         "qwen2": transformers.Qwen2ForCausalLM,

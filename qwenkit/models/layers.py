@@ -376,6 +376,6 @@ class QwenForCausalLM(nn.Module):
         c = self.config
         shape = (num_slots, c.num_key_value_heads, c.head_dim)
         return [
-            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            (torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype))
             for _ in range(c.num_hidden_layers)
         ]

@@ -1,0 +1,230 @@
+"""Chat requests on the engine: the chat template, Qwen3's hybrid thinking (on/off, the
+`/think` `/no_think` switch, a thinking budget), tool calls and structured output.
+
+`prepare_chat` turns a chat request into engine inputs; `ChatStream` turns the engine's
+updates for it back into reasoning / content / tool-call deltas and a `ChatCompletion`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qwenkit.chat_types import ChatCompletion, ChatDelta, Usage
+from qwenkit.engine.llm_engine import SequenceUpdate
+from qwenkit.output_parser import OutputParser, SpecialIds, starts_in_thinking
+from qwenkit.sampling import QWEN3_NON_THINKING, QWEN3_THINKING, SamplingDefaults, SamplingParams
+from qwenkit.thinking_control import ThinkingBudget, effective_enable_thinking, resolve_thinking_mode
+from qwenkit.tokenizer import Tokenizer
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+@dataclass
+class ChatChunk:
+    """One piece of a streamed chat answer. The last chunk of each of the n choices has
+    its finish_reason; the request's last chunk also carries the usage."""
+
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class ChatControl:
+    """Steers one sequence: the thinking budget, and a grammar that applies once thinking is over."""
+
+    def __init__(self, ids: SpecialIds, *, in_thinking: bool, may_think: bool, budget: ThinkingBudget | None,
+                 grammar: Any | None):
+        self.ids = ids
+        self.in_thinking = in_thinking
+        self.awaiting_think = may_think and not in_thinking  # the first token may open thinking
+        self.budget = budget
+        self.grammar = grammar
+
+    def allowed_mask(self) -> torch.Tensor | None:
+        if self.grammar is None or self.in_thinking:
+            return None
+        mask = self.grammar.allowed_mask()
+        if self.awaiting_think:
+            mask = mask.clone()
+            mask[self.ids.think_start] = True
+        return mask
+
+    def on_token(self, token_id: int) -> list[int]:
+        self._track(token_id)
+        forced = self.budget.on_token(token_id) if self.budget else []
+        for t in forced:
+            self._track(t)
+        return forced
+
+    def _track(self, token_id: int) -> None:
+        if self.awaiting_think:
+            self.awaiting_think = False
+            if token_id == self.ids.think_start:
+                self.in_thinking = True
+                return
+        if self.in_thinking:
+            if token_id == self.ids.think_end:
+                self.in_thinking = False
+            return
+        if self.grammar is not None and not self.grammar.is_terminated():
+            self.grammar.accept(token_id)
+
+
+@dataclass
+class PreparedChat:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    fallback: SamplingDefaults
+    enable_thinking: bool
+    controls: list[ChatControl]
+    parsers: list[OutputParser]
+
+
+def prepare_chat(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    sampling_params: SamplingParams | None,
+    *,
+    enable_thinking: bool = True,
+    thinking_budget: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] = "auto",
+    response_format: dict[str, Any] | None = None,
+    grammar_compiler: Any | None = None,
+    **template_kwargs: Any,
+) -> PreparedChat:
+    """Render the prompt and build the per-sequence parsers and controls of a chat request."""
+    if not messages:
+        raise ValueError("messages must not be empty")
+    if thinking_budget is not None and thinking_budget < 0:
+        raise ValueError(f"thinking_budget must be >= 0, got {thinking_budget}")
+    params = sampling_params or SamplingParams(max_tokens=None)
+    tool_name = _tool_choice_name(tool_choice, tools)
+    if tool_choice == "none":
+        tools = None
+    thinking = effective_enable_thinking(resolve_thinking_mode(messages, enable_thinking), thinking_budget)
+    prompt = tokenizer.apply_chat_template(
+        messages, tools=tools or None, add_generation_prompt=True, enable_thinking=thinking, **template_kwargs
+    )
+    prompt_ids = tokenizer.encode(prompt)
+    ids = SpecialIds.from_tokenizer(tokenizer)
+    opened = starts_in_thinking(prompt_ids, ids)
+    grammar = _grammar(grammar_compiler, response_format, tools, tool_choice, tool_name)
+    controls, parsers = [], []
+    for _ in range(params.n):
+        budget = None
+        if thinking_budget is not None and ids.has_thinking:
+            budget = ThinkingBudget.for_tokenizer(thinking_budget, tokenizer, starts_in_thinking=opened)
+            forced = budget.on_start()
+            if forced:  # the prompt opened thinking and the budget is 0: close it in the prompt
+                prompt_ids = prompt_ids + forced
+                opened = False
+        controls.append(
+            ChatControl(
+                ids,
+                in_thinking=opened,
+                may_think=thinking and ids.has_thinking,
+                budget=budget,
+                grammar=grammar.matcher() if grammar is not None else None,
+            )
+        )
+        parsers.append(OutputParser(ids, starts_in_thinking=opened, parse_tool_calls=bool(tools)))
+    return PreparedChat(
+        prompt_ids, params, QWEN3_THINKING if thinking else QWEN3_NON_THINKING, thinking, controls, parsers
+    )
+
+
+def _tool_choice_name(tool_choice: str | dict[str, Any], tools: list[dict[str, Any]] | None) -> str | None:
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+        if not name:
+            raise ValueError("tool_choice: a named choice needs {'type': 'function', 'function': {'name': ...}}")
+        known = {(t.get("function") or t).get("name") for t in tools or []}
+        if name not in known:
+            raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+        return name
+    if tool_choice not in TOOL_CHOICES:
+        raise ValueError(f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function, got {tool_choice!r}")
+    if tool_choice == "required" and not tools:
+        raise ValueError("tool_choice 'required' needs tools")
+    return None
+
+
+def _grammar(compiler, response_format, tools, tool_choice, tool_name):
+    if tool_name is not None or tool_choice == "required":
+        _require(compiler)
+        return compiler.tool_calls(tools, name=tool_name)
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    _require(compiler)
+    if kind == "json_object":
+        return compiler.json_object()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema") if "schema" in spec else None
+        if schema is None:
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return compiler.json_schema(schema)
+    raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
+
+
+def _require(compiler) -> None:
+    if compiler is None:
+        raise ValueError("structured output is not available for this model")
+
+
+class ChatStream:
+    """Turns the engine's updates for one chat request into chunks and a completion."""
+
+    def __init__(self, request_id: str, prepared: PreparedChat):
+        self.request_id = request_id
+        self.prepared = prepared
+        n = len(prepared.parsers)
+        self.num_tokens = [0] * n
+        self.finished: list[Any] = [None] * n
+        self.num_prompt_tokens = len(prepared.prompt_token_ids)
+        self.num_cached_tokens = 0
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finished)
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=sum(self.num_tokens),
+            reasoning_tokens=sum(f.reasoning_tokens for f in self.finished if f is not None),
+            cached_tokens=self.num_cached_tokens,
+        )
+
+    def apply(self, update: SequenceUpdate) -> ChatChunk:
+        parser = self.prepared.parsers[update.index]
+        delta = ChatDelta()
+        for token in update.outputs:
+            delta.extend(parser.feed(token.token_id, token.text))
+        self.num_tokens[update.index] += len(update.outputs)
+        self.num_cached_tokens = max(self.num_cached_tokens, update.num_cached_tokens)
+        chunk = ChatChunk(update.index, delta)
+        if update.finish_reason is not None:
+            reason = "stop" if update.finish_reason == "abort" else update.finish_reason
+            tail, parts = parser.finish(reason)
+            delta.extend(tail)
+            self.finished[update.index] = parts
+            chunk.finish_reason = parts.finish_reason
+            if self.done:
+                chunk.usage = self.usage()
+        return chunk
+
+    def completions(self) -> list[ChatCompletion]:
+        usage = self.usage()
+        return [
+            ChatCompletion(p.content, p.reasoning_content, p.tool_calls, p.finish_reason, usage, self.request_id)
+            for p in self.finished
+        ]

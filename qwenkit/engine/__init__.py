@@ -1,0 +1,1 @@
+"""The batched engine: sequences, the block pool, the scheduler, the model runner."""

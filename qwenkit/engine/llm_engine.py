@@ -1,0 +1,289 @@
+"""The engine: many requests at once on one model. `step()` is schedule, run, postprocess."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from qwenkit.config import GenerationConfig
+from qwenkit.engine.block_manager import BlockManager
+from qwenkit.engine.model_runner import ModelRunner, kv_bytes_per_token
+from qwenkit.engine.sampler import Sampler, SamplingState
+from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
+from qwenkit.engine.sequence import Sequence
+from qwenkit.errors import ContextLengthError, QwenkitError
+from qwenkit.models import QwenForCausalLM
+from qwenkit.sampling import SamplingDefaults, SamplingParams
+from qwenkit.tokenizer import IncrementalDetokenizer, Tokenizer
+
+DEFAULT_KV_CACHE_MEMORY = 2 << 30
+
+
+class RequestControl(Protocol):
+    """Per-sequence steering beyond sampling (Qwen3 thinking budget, grammars)."""
+
+    def allowed_mask(self) -> torch.Tensor | None:
+        """bool [vocab]: the tokens allowed next, or None for all."""
+
+    def on_token(self, token_id: int) -> list[int]:
+        """Called with each generated token; returns tokens to force next (usually none)."""
+
+
+@dataclass
+class TokenOutput:
+    token_id: int
+    text: str  # the text this token completes (held-back text comes with later tokens)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class SequenceUpdate:
+    """What one step produced for one of a request's completions."""
+
+    request_id: str
+    index: int
+    outputs: list[TokenOutput]
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Engine sizing. kv_cache_memory: bytes for the KV pool (env QWENKIT_KV_CACHE_MEMORY,
+    e.g. "4GiB"); default 2 GiB, never more than max_num_seqs full contexts."""
+
+    max_model_len: int | None = None
+    kv_cache_memory: int | str | None = None
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class _SeqState:
+    sampling: SamplingState
+    detokenizer: IncrementalDetokenizer
+    stops: "StopStringMatcher"
+    stop_ids: frozenset[int]
+    control: RequestControl | None
+    stop_matched: bool = False
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: QwenForCausalLM,
+        tokenizer: Tokenizer,
+        generation_config: GenerationConfig,
+        *,
+        device: torch.device,
+        args: EngineArgs = EngineArgs(),
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.device = device
+        c = model.config
+        self.max_model_len = min(args.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        memory = parse_memory(args.kv_cache_memory or os.environ.get("QWENKIT_KV_CACHE_MEMORY") or DEFAULT_KV_CACHE_MEMORY)
+        max_tokens = min(memory // kv_bytes_per_token(model), args.max_num_seqs * self.max_model_len)
+        num_blocks = max_tokens // args.block_size
+        if num_blocks < 2:
+            raise QwenkitError(f"kv_cache_memory {memory} bytes holds fewer than 2 blocks of {args.block_size} tokens")
+        self.block_manager = BlockManager(
+            num_blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size, device=device)
+        self.sampler = Sampler()
+        self.requests: dict[str, list[Sequence]] = {}
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        fallback: SamplingDefaults | None = None,
+        controls: list[RequestControl | None] | None = None,
+    ) -> None:
+        """Queue a request (its n completions). `controls[i]` steers completion i."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if num_prompt >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt is {num_prompt} tokens, but the model's context is {self.max_model_len} tokens "
+                "(and at least one must be left to generate)"
+            )
+        vocab = self.model.config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        params = params.resolved(self.generation_config, fallback)
+        room = self.max_model_len - num_prompt
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if num_prompt + max_tokens > self.num_kv_tokens:
+            raise ValueError(
+                f"the request needs {num_prompt + max_tokens} tokens of KV cache but the pool holds "
+                f"{self.num_kv_tokens}: lower max_tokens or raise kv_cache_memory (QWENKIT_KV_CACHE_MEMORY)"
+            )
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(self.generation_config.eos_token_ids)
+        )
+        seqs = []
+        for i in range(params.n):
+            p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            seq = Sequence(request_id, i, list(prompt_token_ids), num_prompt, max_tokens)
+            seq.state = _SeqState(
+                sampling=SamplingState.create(p, list(prompt_token_ids), self._eos_ids(params), self.device),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
+                stops=StopStringMatcher(params.stop),
+                stop_ids=stop_ids,
+                control=controls[i] if controls else None,
+            )
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _eos_ids(self, params: SamplingParams) -> frozenset[int]:
+        return frozenset(self.generation_config.eos_token_ids) | frozenset(params.stop_token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free everything it holds. False if it is not running."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[SequenceUpdate]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        rows, logits = self.runner.run(batch)
+        return self._postprocess(batch, rows, logits)
+
+    def _postprocess(
+        self, batch: list[ScheduledSequence], rows: list[int], logits: torch.Tensor | None
+    ) -> list[SequenceUpdate]:
+        for s in batch:
+            s.seq.num_computed_tokens += s.num_tokens
+            self.block_manager.commit_full_blocks(s.seq)
+        updates = []
+        if rows:
+            seqs = [batch[r].seq for r in rows]
+            states = [seq.state for seq in seqs]
+            allowed = [st.control.allowed_mask() if st.control else None for st in states]
+            samples = self.sampler(logits, [st.sampling for st in states], allowed=allowed)
+            for seq, sample in zip(seqs, samples):
+                updates.append(self._append(seq, sample))
+        return updates
+
+    def _append(self, seq: Sequence, sample) -> SequenceUpdate:
+        st: _SeqState = seq.state
+        token = sample.token_id
+        outputs = [self._add_token(seq, token, sample.logprob, sample.top_logprobs)]
+        finish = self._finish_reason(seq, token)
+        if finish is None and st.control is not None:
+            for forced in st.control.on_token(token):
+                outputs.append(self._add_token(seq, forced, None, None))
+                finish = self._finish_reason(seq, forced)
+                if finish is not None:
+                    break
+        if finish is not None:
+            if not st.stop_matched:  # release what the detokenizer and stop matcher held back
+                tail, st.stop_matched = st.stops.feed(st.detokenizer.flush())
+                outputs[-1].text += tail if st.stop_matched else tail + st.stops.flush()
+                finish = "stop" if st.stop_matched else finish
+            self.scheduler.finish(seq, finish)
+            seqs = self.requests.get(seq.request_id, [])
+            if all(s.is_finished for s in seqs):
+                self.requests.pop(seq.request_id, None)
+        return SequenceUpdate(
+            seq.request_id, seq.index, outputs, finish, seq.num_prompt_tokens, seq.num_cached_tokens
+        )
+
+    def _add_token(self, seq: Sequence, token: int, logprob, top_logprobs) -> TokenOutput:
+        st: _SeqState = seq.state
+        seq.token_ids.append(token)
+        st.sampling.output_token_ids.append(token)
+        if token in st.stop_ids:
+            text = ""  # the end-of-turn token's own text is never shown
+        else:
+            text, st.stop_matched = st.stops.feed(st.detokenizer.add(token))
+        return TokenOutput(token, text, logprob, top_logprobs)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        st: _SeqState = seq.state
+        if token in st.stop_ids or st.stop_matched:
+            return "stop"
+        if seq.num_output_tokens >= seq.max_tokens:
+            return "length"
+        return None
+
+
+class StopStringMatcher:
+    """Finds stop strings across token boundaries; holds back text that may begin one."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string matched)."""
+        if not self.stop:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30}
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from an int or a string such as "2GiB", "512MB", "1.5g"."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise QwenkitError(f"cannot read memory size {value!r} (examples: 2GiB, 512MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -1,0 +1,143 @@
+"""LLM.chat on a tiny Qwen3: thinking, the thinking budget, tool calls, streaming.
+
+The model's words are forced (`scripted`): the logits are biased so that the engine
+emits a given text, which tests parsing and control apart from model quality.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from tiny import make_checkpoint
+
+from qwenkit import LLM, SamplingParams
+from qwenkit.thinking_control import EARLY_STOP_TEXT
+
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3")
+    make_checkpoint(folder, "qwen3", max_len=2048)
+    return LLM(str(folder), dtype="float32", progress=False)
+
+
+@contextlib.contextmanager
+def scripted(llm, text: str):
+    """Make every sequence write `text` (then end its turn), whatever the weights say."""
+    script = llm.tokenizer.encode(text) + [llm.tokenizer.token_to_id("<|im_end|>")]
+    runner = llm.engine.runner
+    original = runner.run
+
+    def run(batch):
+        rows, logits = original(batch)
+        with torch.inference_mode():
+            for row, r in enumerate(rows):
+                seq = batch[r].seq
+                logits[row, script[min(seq.num_output_tokens, len(script) - 1)]] += 1e4
+        return rows, logits
+
+    runner.run = run
+    try:
+        yield script
+    finally:
+        runner.run = original
+
+
+def test_thinking_and_answer_are_apart(llm):
+    with scripted(llm, "<think>\nThe user asks about weather.\n</think>\n\nIt is sunny."):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=64))
+    assert out.reasoning_content == "The user asks about weather."
+    assert out.content == "It is sunny."
+    assert out.finish_reason == "stop"
+    assert out.tool_calls == []
+    assert out.usage.reasoning_tokens > 0
+    assert out.usage.prompt_tokens > 10
+
+
+def test_stream_concatenates_to_the_result(llm):
+    text = "<think>\nLet me think: 2 + 2.\n</think>\n\nIt is 4. 你好"
+    with scripted(llm, text):
+        whole = llm.chat(USER, SamplingParams(temperature=0, max_tokens=64))
+        chunks = list(llm.chat_stream(USER, SamplingParams(temperature=0, max_tokens=64)))
+    assert "".join(c.delta.reasoning_content for c in chunks) == whole.reasoning_content
+    assert "".join(c.delta.content for c in chunks) == whole.content
+    assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].usage == whole.usage
+
+
+def test_thinking_budget_cuts_at_exactly_n_tokens(llm):
+    thought = " ".join(f"step{i}" for i in range(40))
+    with scripted(llm, f"<think>\n{thought}\n</think>\n\nDone.") as script:
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=200), thinking_budget=10)
+        stream = list(llm.chat_stream(USER, SamplingParams(temperature=0, max_tokens=200), thinking_budget=10))
+    early = llm.tokenizer.encode(EARLY_STOP_TEXT)
+    expected_thinking = llm.tokenizer.decode(script[1:11])  # <think> then 10 thinking tokens
+    assert out.reasoning_content.startswith(expected_thinking.strip("\n"))
+    assert out.reasoning_content.endswith(
+        "Considering the limited time by the user, I have to give the solution based on the thinking directly now."
+    )
+    assert out.content  # the model goes on to answer
+    assert len(early) > 5
+    assert "".join(c.delta.reasoning_content for c in stream) == out.reasoning_content
+
+
+def test_thinking_budget_zero_means_no_thinking(llm):
+    with scripted(llm, "Straight answer."):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=32), thinking_budget=0)
+    assert out.reasoning_content is None
+    assert out.content == "Straight answer."
+
+
+def test_no_think_switch_renders_thinking_off(llm):
+    prepared = llm.prepare_chat([{"role": "user", "content": "Hi /no_think"}])
+    assert not prepared.enable_thinking
+    assert llm.tokenizer.decode(prepared.prompt_token_ids).endswith("<think>\n\n</think>\n\n")
+    assert llm.prepare_chat([{"role": "user", "content": "Hi /think"}]).enable_thinking
+
+
+def test_tool_calls_are_parsed_after_thinking(llm):
+    text = ('<think>\nI should call <tool_call> maybe.\n</think>\n\n<tool_call>\n'
+            '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    with scripted(llm, text):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=100), tools=TOOLS)
+    assert out.finish_reason == "tool_calls"
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [("get_weather", '{"city": "Paris"}')]
+    assert "<tool_call>" in out.reasoning_content  # never parsed from inside thinking
+    assert out.content is None
+
+
+def test_malformed_tool_call_is_left_as_content(llm):
+    with scripted(llm, '<tool_call>\n{"name": "get_weather", "arguments": {oops}\n</tool_call>'):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=100), tools=TOOLS, enable_thinking=False)
+    assert out.tool_calls == []
+    assert "oops" in out.content
+    assert out.finish_reason == "stop"
+
+
+def test_unclosed_thinking_gives_length_and_no_content(llm):
+    with scripted(llm, "<think>\n" + "hmm " * 40):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=12))
+    assert out.finish_reason == "length"
+    assert out.content is None
+    assert out.reasoning_content.startswith("hmm")
+
+
+def test_bad_chat_input_names_the_field(llm):
+    with pytest.raises(ValueError, match="thinking_budget"):
+        llm.chat(USER, thinking_budget=-1)
+    with pytest.raises(ValueError, match="tool_choice"):
+        llm.chat(USER, tools=TOOLS, tool_choice="sometimes")
+    with pytest.raises(ValueError, match="not among the tools"):
+        llm.chat(USER, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(ValueError, match="messages"):
+        llm.chat([])

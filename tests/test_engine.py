@@ -1,0 +1,152 @@
+"""Engine invariants on a tiny model: batching, prefix caching, chunked prefill and
+preemption never change a request's output; aborts give every block back."""
+
+import pytest
+from tiny import make_checkpoint
+
+from qwenkit import LLM, SamplingParams
+from qwenkit.engine import block_manager as bm_module
+from qwenkit.engine.block_manager import BlockManager
+from qwenkit.engine.sequence import Sequence
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3")
+    make_checkpoint(path, "qwen3")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    return LLM(folder, dtype="float32", progress=False)
+
+
+def prompts(n: int) -> list[list[int]]:
+    """n prompts of different lengths (5..61 tokens) sharing nothing but chance."""
+    return [[(7 * i + 3 * j) % 300 + 5 for j in range(5 + 8 * i)] for i in range(n)]
+
+
+def alone(llm, ps, params=GREEDY):
+    return [llm.generate(p, params)[0].token_ids for p in ps]
+
+
+def test_batched_equals_single(llm):
+    ps = prompts(8)
+    batched = [o.token_ids for o in llm.generate(ps, GREEDY)]
+    assert batched == alone(llm, ps)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llm):
+    ps = prompts(6)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=10, ignore_eos=True)
+              for i in range(6)]
+    batched = [o.token_ids for o in llm.generate(ps, params)]
+    assert batched == [llm.generate(p, q)[0].token_ids for p, q in zip(ps, params)]
+
+
+def test_prefix_cache_hit_equals_miss(folder):
+    shared = list(range(10, 74))  # 64 tokens: four full blocks of 16
+    cached = LLM(folder, dtype="float32", progress=False)
+    uncached = LLM(folder, dtype="float32", progress=False, enable_prefix_caching=False)
+    first = cached.generate(shared + [5, 6], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    second = cached.generate(shared + [7, 8, 9], GREEDY)[0]
+    assert second.num_cached_tokens == 64
+    assert second.token_ids == uncached.generate(shared + [7, 8, 9], GREEDY)[0].token_ids
+    # The whole prompt cached: one token is still computed, to have logits.
+    again = cached.generate(shared, GREEDY)[0]
+    assert again.num_cached_tokens == 48
+    assert again.token_ids == uncached.generate(shared, GREEDY)[0].token_ids
+
+
+def test_chunked_prefill_equals_whole(folder, llm):
+    chunked = LLM(folder, dtype="float32", progress=False, max_num_batched_tokens=8)
+    ps = prompts(5)
+    assert [o.token_ids for o in chunked.generate(ps, GREEDY)] == alone(llm, ps)
+
+
+def test_preemption_keeps_outputs(folder, llm):
+    # 8 blocks of 4 slots: far too few for 6 concurrent requests of up to ~60 tokens.
+    small = LLM(folder, dtype="float32", progress=False, block_size=4,
+                kv_cache_memory=8 * 4 * small_bytes_per_token(llm))
+    ps = [p[:18] for p in prompts(6)]
+    outs = small.generate(ps, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert small.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == alone(llm, ps)
+    assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+
+
+def small_bytes_per_token(llm) -> int:
+    from qwenkit.engine.model_runner import kv_bytes_per_token
+
+    return kv_bytes_per_token(llm.model)
+
+
+def test_aborts_free_every_block(llm):
+    engine = llm.engine
+    total = engine.block_manager.num_blocks
+    for i, p in enumerate(prompts(4)):
+        engine.add_request(f"abort-{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks < total
+    for i in range(4):
+        assert engine.abort(f"abort-{i}")
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == total
+    assert not engine.abort("abort-0")
+
+
+def test_n_completions(llm):
+    out = llm.generate(prompts(1)[0], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True))[0]
+    assert len(out.outputs) == 3
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_request_larger_than_the_pool_is_rejected(folder, llm):
+    small = LLM(folder, dtype="float32", progress=False, block_size=4,
+                kv_cache_memory=8 * 4 * small_bytes_per_token(llm))
+    with pytest.raises(ValueError, match="needs 70 tokens of KV cache but the pool holds 32"):
+        small.generate([5] * 30, SamplingParams(max_tokens=40))
+
+
+def test_prefix_hash_collision_is_caught(monkeypatch):
+    """Two different blocks with the same hash: the token check refuses the wrong one."""
+    monkeypatch.setattr(bm_module, "chain_hash", lambda prefix, tokens: 42)
+    bm = BlockManager(8, 4)
+    a = Sequence("a", 0, [1, 2, 3, 4, 5], 5, 10)
+    bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.commit_full_blocks(a)
+    b = Sequence("b", 0, [9, 9, 9, 9, 5], 5, 10)
+    bm.match_prefix(b)
+    assert b.num_computed_tokens == 0 and b.block_table == []
+
+
+def test_freed_blocks_stay_cached_until_reused():
+    bm = BlockManager(4, 2)
+    a = Sequence("a", 0, [1, 2, 3, 4, 5], 5, 10)
+    bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.commit_full_blocks(a)
+    bm.free_sequence(a)
+    assert bm.num_free_blocks == 4
+    b = Sequence("b", 0, [1, 2, 3, 4, 6], 5, 10)
+    bm.match_prefix(b)
+    assert b.num_computed_tokens == 4 and b.block_table == a_blocks(bm, [1, 2, 3, 4])
+    assert bm.num_free_blocks == 2
+
+
+def a_blocks(bm, tokens):
+    return [bm.cached[h] for h in _hashes(tokens, bm.block_size)]
+
+
+def _hashes(tokens, size):
+    out, prefix = [], None
+    for i in range(0, len(tokens), size):
+        prefix = bm_module.chain_hash(prefix, tuple(tokens[i : i + size]))
+        out.append(prefix)
+    return out
