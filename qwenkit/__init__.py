@@ -5,7 +5,7 @@ use, so the lighter parts of the package import without it.
 """
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["AsyncLLM", "LLM", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):
@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from qwenkit import llm
 
         return getattr(llm, name)
+    if name == "AsyncLLM":
+        from qwenkit.async_llm import AsyncLLM
+
+        return AsyncLLM
     if name == "SamplingParams":
         from qwenkit.sampling import SamplingParams
 

@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", nargs="?", help="the user message ('-' or absent: read standard input)")
     run.add_argument("--system", help="a system prompt")
     run.add_argument("--no-think", action="store_true", help="answer without thinking (Qwen3 enable_thinking=False)")
+    run.add_argument("--thinking-budget", type=int, help="most thinking tokens before the model must answer (0: none)")
     run.add_argument("--max-tokens", type=int, default=4096, help="most tokens to generate (default 4096)")
     run.add_argument("--temperature", type=float, help="0 for greedy; default from the model or Qwen3's per-mode values")
     run.add_argument("--top-p", type=float)
@@ -39,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.set_defaults(func=_run)
+
+    bench = sub.add_parser("bench", help="measure prefill / decode speed, time to first token and memory")
+    _model_args(bench)
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill and TTFT")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per stream")
+    bench.add_argument("--concurrency", default="1,4,8,16", help="comma-separated stream counts (default 1,4,8,16)")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -55,9 +64,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qwenkit.thinking import ThinkingSplitter
     from qwenkit.llm import LLM
-    from qwenkit.sampling import QWEN3_NON_THINKING, QWEN3_THINKING, SamplingParams
+    from qwenkit.sampling import SamplingParams
 
     prompt = args.prompt
     if prompt is None or prompt == "-":
@@ -72,38 +80,49 @@ def _run(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
-    enable_thinking = not args.no_think
-    prompt_text = llm.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, enable_thinking=enable_thinking
-    )
-    prompt_ids = llm.tokenizer.encode(prompt_text)
-    splitter = ThinkingSplitter.for_prompt(llm.tokenizer, prompt_ids)
-    fallback = QWEN3_THINKING if enable_thinking else QWEN3_NON_THINKING
     dim = "\033[2m" if sys.stderr.isatty() else ""
     reset = "\033[0m" if dim else ""
-    completion_tokens, finish = 0, None
-    for update in llm.stream(prompt_ids, params, fallback=fallback):
-        finish = update.finish_reason
-        for token in update.outputs:
-            completion_tokens += 1
-            reasoning, content = splitter.feed(token.token_id, token.text)
-            if not args.json:
-                if reasoning:
-                    sys.stderr.write(dim + reasoning + reset)
-                    sys.stderr.flush()
-                if content:
-                    sys.stdout.write(content)
-                    sys.stdout.flush()
+    reasoning, content, last = [], [], None
+    for chunk in llm.chat_stream(messages, params, enable_thinking=not args.no_think,
+                                 thinking_budget=args.thinking_budget):
+        last = chunk
+        reasoning.append(chunk.delta.reasoning_content)
+        content.append(chunk.delta.content)
+        if not args.json:
+            if chunk.delta.reasoning_content:
+                sys.stderr.write(dim + chunk.delta.reasoning_content + reset)
+                sys.stderr.flush()
+            if chunk.delta.content:
+                sys.stdout.write(chunk.delta.content)
+                sys.stdout.flush()
     if args.json:
         out = {
-            "reasoning_content": splitter.reasoning or None,
-            "content": splitter.content,
-            "finish_reason": finish,
-            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens},
+            "reasoning_content": "".join(reasoning) or None,
+            "content": "".join(content),
+            "finish_reason": last.finish_reason,
+            "usage": {"prompt_tokens": last.usage.prompt_tokens, "completion_tokens": last.usage.completion_tokens},
         }
         print(json.dumps(out, ensure_ascii=False))
     else:
-        if splitter.reasoning and not splitter.content:
+        if any(reasoning) and not any(content):
             sys.stderr.write("\n")
         sys.stdout.write("\n")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from qwenkit.bench import as_dict, run_bench
+    from qwenkit.llm import LLM
+
+    try:
+        concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        raise QwenkitError(f"--concurrency takes numbers separated by commas, got {args.concurrency!r}") from None
+    if args.prompt_tokens < 8 or args.decode_tokens < 2 or min(concurrency) < 1:
+        raise QwenkitError("--prompt-tokens must be >= 8, --decode-tokens >= 2 and every concurrency >= 1")
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+              max_num_seqs=max(32, max(concurrency)))
+    result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                       concurrency=concurrency)
+    print(json.dumps(as_dict(result)) if args.json else result.table())
     return 0

@@ -101,3 +101,13 @@ def test_default_model_answers_a_question(default_gguf):
     out = json.loads(r.stdout)
     assert "Paris" in out["content"]
     assert out["reasoning_content"] is None
+
+
+def test_bench_runs_on_a_tiny_model(tiny_model, capsys):
+    args = ["bench", "--model", str(tiny_model), "--dtype", "float32", "--prompt-tokens", "64",
+            "--decode-tokens", "4", "--concurrency", "1,2", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [d["concurrency"] for d in out["decode"]] == [1, 2]
+    assert out["prefill_tok_s"] > 0 and out["peak_rss_mb"] > 0
+    assert out["ttft_cached_s"] > 0
