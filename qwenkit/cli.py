@@ -61,6 +61,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="compute dtype (default: bfloat16 on CUDA and AMX/AVX512-BF16 CPUs, else float32)",
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument(
+        "--kv-cache-memory",
+        help="memory for the paged KV cache, e.g. 4GiB (default: QWENKIT_KV_CACHE_MEMORY, else 2GiB)",
+    )
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -76,7 +81,8 @@ def _run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_tokens=args.max_tokens, seed=args.seed,
     )
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -121,6 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.prompt_tokens < 8 or args.decode_tokens < 2 or min(concurrency) < 1:
         raise QwenkitError("--prompt-tokens must be >= 8, --decode-tokens >= 2 and every concurrency >= 1")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
               max_num_seqs=max(32, max(concurrency)))
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency)

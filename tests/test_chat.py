@@ -141,3 +141,78 @@ def test_bad_chat_input_names_the_field(llm):
         llm.chat(USER, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(ValueError, match="messages"):
         llm.chat([])
+
+
+SCHEMA = {
+    "type": "object",
+    # Bounded values: the tiny random model must be able to finish the object.
+    "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"enum": [1, 2, 3]},
+                   "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "days", "unit"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_json_schema_output_is_enforced(llm, thinking):
+    import json
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": SCHEMA}}
+    out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=300), response_format=fmt,
+                   enable_thinking=thinking, thinking_budget=8)
+    jsonschema.validate(json.loads(out.content), SCHEMA)
+    assert out.finish_reason == "stop"
+
+
+def test_json_object_output_is_enforced(llm):
+    import json
+
+    # The script starts with text that is not JSON: the grammar overrides it.
+    with scripted(llm, 'Sure! {"ok": true}'):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=300),
+                       response_format={"type": "json_object"}, enable_thinking=False)
+    assert isinstance(json.loads(out.content), dict)
+
+
+def test_thinking_is_free_before_the_grammar_applies(llm):
+    import json
+
+    text = '<think>\nThe answer is not JSON yet.\n</think>\n\n{"a": 1}'
+    with scripted(llm, text):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=300),
+                       response_format={"type": "json_object"})
+    assert out.reasoning_content == "The answer is not JSON yet."
+    assert isinstance(json.loads(out.content), dict)
+
+
+ENUM_TOOLS = [
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]},
+    }},
+]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_choice_forces_a_call(llm, choice):
+    import json
+
+    with scripted(llm, "I will just answer in words."):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=300), tools=ENUM_TOOLS,
+                       tool_choice=choice, enable_thinking=False)
+    assert out.finish_reason == "tool_calls"
+    assert out.tool_calls
+    if isinstance(choice, dict):
+        assert [c.name for c in out.tool_calls] == ["get_weather"]
+    for call in out.tool_calls:
+        args = json.loads(call.arguments)
+        assert call.name == "get_time" or args["city"] in ("Paris", "Oslo")
+
+
+def test_invalid_schema_is_a_value_error(llm):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
+    with pytest.raises(ValueError, match="schema"):
+        llm.chat(USER, response_format=fmt)
