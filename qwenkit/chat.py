@@ -94,6 +94,7 @@ def prepare_chat(
     tools: list[dict[str, Any]] | None = None,
     tool_choice: str | dict[str, Any] = "auto",
     response_format: dict[str, Any] | None = None,
+    parallel_tool_calls: bool = True,
     grammar_compiler: Any | None = None,
     **template_kwargs: Any,
 ) -> PreparedChat:
@@ -113,7 +114,7 @@ def prepare_chat(
     prompt_ids = tokenizer.encode(prompt)
     ids = SpecialIds.from_tokenizer(tokenizer)
     opened = starts_in_thinking(prompt_ids, ids)
-    grammar = _grammar(grammar_compiler, response_format, tools, tool_choice, tool_name)
+    grammar = _grammar(grammar_compiler, response_format, tools, tool_choice, tool_name, parallel_tool_calls)
     controls, parsers = [], []
     for _ in range(params.n):
         budget = None
@@ -154,10 +155,10 @@ def _tool_choice_name(tool_choice: str | dict[str, Any], tools: list[dict[str, A
     return None
 
 
-def _grammar(compiler, response_format, tools, tool_choice, tool_name):
+def _grammar(compiler, response_format, tools, tool_choice, tool_name, parallel):
     if tool_name is not None or tool_choice == "required":
         _require(compiler)
-        return compiler.tool_calls(tools, name=tool_name)
+        return compiler.tool_calls(tools, name=tool_name, parallel=parallel)
     if not response_format:
         return None
     kind = response_format.get("type")

@@ -200,6 +200,7 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] = "auto",
         response_format: dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
         **template_kwargs: Any,
     ) -> ChatCompletion:
         """Answer a conversation: reasoning, content and tool calls apart, with usage.
@@ -210,10 +211,13 @@ class LLM:
         counts every generated token. tools / tool_choice: OpenAI-style function tools;
         "required" or a named function is enforced by constrained decoding, as is
         response_format ({"type": "json_object"} or {"type": "json_schema", ...}).
+        parallel_tool_calls=False holds "required" to a single call (a named function
+        always gets exactly one).
         With n > 1, the first choice is returned: use chat_stream for all of them."""
         stream = ChatStream("", self.prepare_chat(
             messages, sampling_params, enable_thinking=enable_thinking, thinking_budget=thinking_budget,
-            tools=tools, tool_choice=tool_choice, response_format=response_format, **template_kwargs,
+            tools=tools, tool_choice=tool_choice, response_format=response_format,
+            parallel_tool_calls=parallel_tool_calls, **template_kwargs,
         ))
         for _ in self._run_chat(stream):
             pass
