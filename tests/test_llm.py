@@ -103,8 +103,34 @@ def test_generation_stops_at_the_context_end(tiny_qwen3):
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=-3), "max_tokens"),
         (dict(stop=[""]), "stop"),
+        (dict(n=0), "n must"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(logit_bias={"a": 1}), "logit_bias"),
+        (dict(top_logprobs=3), "top_logprobs"),
+        (dict(min_tokens=4, max_tokens=2), "min_tokens"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_token_ids_out_of_the_vocabulary_are_rejected(tiny_qwen3):
+    with pytest.raises(ValueError, match="logit_bias"):
+        tiny_qwen3.generate("Hi", SamplingParams(logit_bias={10**6: 5.0}))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        tiny_qwen3.generate("Hi", SamplingParams(stop_token_ids=[10**6]))
+
+
+def test_logprobs_are_reported(tiny_qwen3):
+    import math
+
+    out = tiny_qwen3.generate("Hello", SamplingParams(temperature=0, max_tokens=4, logprobs=True, top_logprobs=3,
+                                                      ignore_eos=True))[0]
+    steps = out.outputs[0].logprobs
+    assert [s.token_id for s in steps] == out.token_ids
+    for s in steps:
+        assert len(s.top_logprobs) == 3
+        assert s.top_logprobs[0][0] == s.token_id  # greedy takes the likeliest
+        assert math.isclose(s.top_logprobs[0][1], s.logprob)

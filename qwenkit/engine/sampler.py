@@ -202,14 +202,13 @@ def _suppress_stop_tokens(x: torch.Tensor, states: list[SamplingState]) -> None:
 
 
 def _apply_penalties(x: torch.Tensor, states: list[SamplingState]) -> None:
-    num_rows, vocab = x.shape
+    vocab = x.shape[1]
     device = x.device
 
     rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1]
     if rows:
         seen = [torch.cat([states[i].unique_prompt_ids(device), states[i].output_ids(device)]) for i in rows]
-        keys = _keys(rows, seen, vocab)
-        keys = keys.unique_consecutive()
+        keys = _keys(rows, seen, vocab).unique_consecutive()  # each (row, id) once
         r, c = keys // vocab, keys % vocab
         penalty = torch.tensor([s.params.repetition_penalty for s in states], device=device)[r]
         values = x[r, c]
