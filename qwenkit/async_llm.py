@@ -61,10 +61,13 @@ class AsyncLLM:
                     engine.abort(request_id)
                     self._deliver(request_id, e)
                 continue
+            finished = set()
             for update in updates:
                 self._deliver(update.request_id, update)
                 if update.finish_reason is not None and update.request_id not in engine.requests:
-                    self._deliver(update.request_id, _DONE)
+                    finished.add(update.request_id)
+            for request_id in finished:  # after every choice's last update of this step
+                self._deliver(request_id, _DONE)
 
     def _deliver(self, request_id: str, item: Any) -> None:
         target = self._streams.get(request_id)

@@ -48,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", default="1,4,8,16", help="comma-separated stream counts (default 1,4,8,16)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(func=_bench)
+
+    serve = sub.add_parser("serve", help="serve OpenAI- and DashScope-compatible HTTP APIs")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: QWENKIT_API_KEY, else none)")
+    serve.add_argument("--served-model-name", nargs="+", help="model names clients use (default: the model's own)")
+    serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences the engine batches at once")
+    serve.add_argument("--max-running-requests", type=int, default=64, help="requests generating at once")
+    serve.add_argument("--max-waiting-requests", type=int, default=256,
+                       help="requests waiting for a turn; past it the server answers 429")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (413 past it)")
+    serve.add_argument("--request-timeout", type=float, help="seconds a generation may run (default: no limit)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish after SIGTERM")
+    serve.set_defaults(func=_serve)
     return parser
 
 
@@ -132,4 +148,25 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency)
     print(json.dumps(as_dict(result)) if args.json else result.table())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from qwenkit.async_llm import AsyncLLM
+    from qwenkit.server import ServerConfig, serve
+
+    config = ServerConfig(
+        served_model_names=args.served_model_name,
+        api_key=args.api_key or os.environ.get("QWENKIT_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+        max_running_requests=args.max_running_requests,
+        max_waiting_requests=args.max_waiting_requests,
+        request_timeout_s=args.request_timeout,
+    )
+    allm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+                    kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                    max_num_seqs=args.max_num_seqs)
+    serve(allm, config, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0

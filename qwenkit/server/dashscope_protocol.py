@@ -1,0 +1,191 @@
+"""DashScope's text-generation API (``/api/v1/services/aigc/text-generation/generation``),
+translated to and from engine calls. Pure functions, no I/O.
+
+Request: ``{model, input: {messages | prompt}, parameters: {...}}``. Response:
+``{output: {choices: [{finish_reason, message}]} | {text, finish_reason}, usage, request_id}``.
+Streaming (header ``X-DashScope-SSE: enable``) sends events of ``id:N``, ``event:result``,
+``:HTTP_STATUS/200``, ``data:{...}``; with ``incremental_output`` each event holds only the
+new text, otherwise all the text so far. Until the end ``finish_reason`` is the string
+``"null"``, as DashScope sends it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qwenkit.chat import ChatChunk
+from qwenkit.chat_types import Usage
+from qwenkit.sampling import SamplingParams
+from qwenkit.server.openai_protocol import ChatCall, ChatMessage, Tool, normalize_messages
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # the SDK adds fields of its own (user_agent...)
+
+
+class GenerationInput(_Model):
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+
+
+class GenerationParameters(_Model):
+    result_format: Literal["text", "message"] = "text"
+    incremental_output: bool = False
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: str | list[str] | list[list[int]] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    n: int | None = 1
+    stream: bool | None = None
+
+
+class GenerationRequest(_Model):
+    model: str | None = None
+    input: GenerationInput
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+
+
+@dataclass
+class GenerationCall:
+    chat: ChatCall
+    result_format: str
+    incremental_output: bool
+
+
+def generation_call(req: GenerationRequest) -> GenerationCall:
+    """The engine call a DashScope request asks for. ValueError (a 400) names a bad field."""
+    p = req.parameters
+    if req.input.messages:
+        messages = normalize_messages(req.input.messages)
+    elif req.input.prompt:
+        messages = [{"role": "user", "content": req.input.prompt}]
+    else:
+        raise ValueError("input.messages or input.prompt is required")
+    stop, stop_token_ids = p.stop, ()
+    if isinstance(stop, list) and stop and isinstance(stop[0], list):  # token-id sequences
+        if any(len(s) != 1 for s in stop):
+            raise ValueError("parameters.stop: token-id stop sequences must be single tokens")
+        stop, stop_token_ids = None, tuple(s[0] for s in stop)
+    n = 1 if p.n is None else p.n
+    if n > 1 and p.result_format == "text":
+        raise ValueError("n > 1 needs result_format 'message'")
+    params = SamplingParams(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, presence_penalty=p.presence_penalty,
+        repetition_penalty=p.repetition_penalty, seed=p.seed, n=n, max_tokens=p.max_tokens, stop=stop,
+        stop_token_ids=stop_token_ids,
+    )
+    kwargs = {
+        "enable_thinking": True if p.enable_thinking is None else p.enable_thinking,
+        "thinking_budget": p.thinking_budget,
+        "tools": [t.model_dump(exclude_none=True) for t in p.tools] if p.tools else None,
+        "tool_choice": "auto" if p.tool_choice is None else p.tool_choice,
+        "response_format": p.response_format,
+        "parallel_tool_calls": True if p.parallel_tool_calls is None else p.parallel_tool_calls,
+    }
+    return GenerationCall(ChatCall(messages, params, kwargs), p.result_format, p.incremental_output)
+
+
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "output_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+@dataclass
+class _Choice:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationEncoder:
+    """Engine chunks -> DashScope response dicts: stream events (`encode`) or the whole
+    answer (`response`), in the request's result_format."""
+
+    request_id: str
+    result_format: str = "message"
+    incremental_output: bool = False
+    choices: dict[int, _Choice] = field(default_factory=dict)
+    usage: Usage | None = None
+
+    def encode(self, chunk: ChatChunk) -> dict[str, Any] | None:
+        """Record a chunk; returns its stream event's data (None when it adds nothing)."""
+        choice = self.choices.setdefault(chunk.index, _Choice())
+        d = chunk.delta
+        choice.reasoning += d.reasoning_content
+        choice.content += d.content
+        for piece in d.tool_calls:
+            call = choice.tool_calls.setdefault(piece.index, {
+                "index": piece.index, "id": piece.id, "type": "function",
+                "function": {"name": piece.name, "arguments": ""},
+            })
+            call["function"]["arguments"] += piece.arguments
+        if chunk.finish_reason is not None:
+            choice.finish_reason = chunk.finish_reason
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if not d and chunk.finish_reason is None:
+            return None
+        if self.incremental_output:
+            message = self._message(d.reasoning_content, d.content, [
+                {"index": t.index, "id": t.id or "", "type": "function",
+                 "function": {"name": t.name or "", "arguments": t.arguments}} for t in d.tool_calls
+            ])
+        else:
+            message = self._choice_message(choice)
+        return self._body({chunk.index: (message, chunk.finish_reason or "null")}, stream=True)
+
+    def response(self) -> dict[str, Any]:
+        return self._body({i: (self._choice_message(c), c.finish_reason or "stop")
+                           for i, c in sorted(self.choices.items())}, stream=False)
+
+    @staticmethod
+    def _message(reasoning: str, content: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return message
+
+    def _choice_message(self, c: _Choice) -> dict[str, Any]:
+        return self._message(c.reasoning, c.content, [c.tool_calls[i] for i in sorted(c.tool_calls)])
+
+    def _body(self, choices: dict[int, tuple[dict[str, Any], str]], *, stream: bool) -> dict[str, Any]:
+        if self.result_format == "text":
+            ((message, finish),) = choices.values()
+            output: dict[str, Any] = {"text": message["content"], "finish_reason": finish}
+        else:
+            output = {"choices": [{"index": i, "finish_reason": finish, "message": message}
+                                  for i, (message, finish) in choices.items()]}
+        body: dict[str, Any] = {"output": output, "request_id": self.request_id}
+        if self.usage is not None:
+            body["usage"] = usage_dict(self.usage)
+        elif not stream:
+            body["usage"] = usage_dict(Usage(0, 0))
+        return body
+
+
+def sse_event(number: int, data: dict[str, Any], *, status: int = 200) -> bytes:
+    """One DashScope stream event (``event:error`` for a status other than 200)."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    kind = "result" if status == 200 else "error"
+    return f"id:{number}\nevent:{kind}\n:HTTP_STATUS/{status}\ndata:{text}\n\n".encode()

@@ -1,0 +1,398 @@
+"""OpenAI's chat completions and completions APIs, translated to and from engine calls.
+
+Pure functions and small state objects, no I/O: request JSON (validated by the pydantic
+models below) becomes a `ChatCall` / `CompletionCall`; the engine's `ChatChunk`s and
+`SequenceUpdate`s become response and stream-chunk dicts.
+
+Accepted beyond OpenAI's own fields (as vLLM accepts them): ``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
+``enable_thinking``, ``thinking_budget`` and ``chat_template_kwargs``. Unknown fields are
+ignored, as OpenAI-compatible servers do for the fields SDKs add (``user``, ``store``...).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qwenkit.chat import ChatChunk
+from qwenkit.chat_types import Usage
+from qwenkit.engine.llm_engine import SequenceUpdate
+from qwenkit.sampling import SamplingParams
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatMessage(_Model):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, reasoning_content... reach the template
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class FunctionSpec(_Model):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class _SamplingFields(_Model):
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    n: int | None = 1
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None  # legacy API: how many top logprobs per token (0..5)
+    echo: bool = False
+    suffix: str | None = None
+
+
+SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__) - {"_resolved"}
+REQUEST_FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRequest.model_fields)
+
+
+# Arguments the server itself passes on to the chat template or `prepare_chat`.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "sampling_params", "tools", "tool_choice", "response_format", "parallel_tool_calls",
+    "grammar_compiler", "add_generation_prompt", "request_id", "tokenizer", "documents",
+})
+
+
+@dataclass
+class ChatCall:
+    """Arguments of `AsyncLLM.chat_stream` for one request."""
+
+    messages: list[dict[str, Any]]
+    params: SamplingParams
+    kwargs: dict[str, Any]
+    include_usage: bool = False
+
+
+@dataclass
+class CompletionCall:
+    """A raw completion: the prompt (text or ids) and its sampling parameters."""
+
+    prompt: str | list[int]
+    params: SamplingParams
+    include_usage: bool = False
+
+
+def _sampling(req: _SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, seed=req.seed,
+        n=1 if req.n is None else req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+        stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+        logprobs=logprobs, top_logprobs=top_logprobs,
+    )
+
+
+def chat_call(req: ChatCompletionRequest) -> ChatCall:
+    """The engine call a chat request asks for. ValueError (a 400) names a bad field."""
+    if req.logprobs:
+        raise ValueError("logprobs is not supported on chat completions yet; use /v1/completions")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = _sampling(req, max_tokens=max_tokens, logprobs=False, top_logprobs=0)
+    template_kwargs = dict(req.chat_template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs must not set {', '.join(reserved)}; use the request's own fields")
+    enable_thinking = template_kwargs.pop("enable_thinking", None)
+    thinking_budget = template_kwargs.pop("thinking_budget", None)
+    if req.enable_thinking is not None:
+        enable_thinking = req.enable_thinking
+    if req.thinking_budget is not None:
+        thinking_budget = req.thinking_budget
+    if enable_thinking is not None and not isinstance(enable_thinking, bool):
+        raise ValueError(f"enable_thinking must be true or false, got {enable_thinking!r}")
+    if thinking_budget is not None and (isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int)):
+        raise ValueError(f"thinking_budget must be an integer, got {thinking_budget!r}")
+    kwargs: dict[str, Any] = {
+        "enable_thinking": True if enable_thinking is None else enable_thinking,
+        "thinking_budget": thinking_budget,
+        "tools": [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+        "tool_choice": "auto" if req.tool_choice is None else req.tool_choice,
+        "response_format": req.response_format,
+        "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        **template_kwargs,
+    }
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ChatCall(normalize_messages(req.messages), params, kwargs, include_usage)
+
+
+def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them: text parts joined, ``developer`` as
+    ``system``, ``content: null`` (beside tool calls) as an empty string."""
+    out = []
+    for i, message in enumerate(messages):
+        m = message.model_dump(exclude_none=True)
+        if m["role"] == "developer":
+            m["role"] = "system"
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise ValueError(
+                        f"messages[{i}].content: only text parts are supported, got a {part.get('type')!r} part"
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content: a text part needs a string 'text'")
+                texts.append(part["text"])
+            content = "".join(texts)
+        m["content"] = content or ""
+        out.append(m)
+    return out
+
+
+def completion_call(req: CompletionRequest) -> CompletionCall:
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise ValueError("prompt: a batch of several prompts is not supported; send one request per prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise ValueError("prompt must not be empty")
+    if req.echo:
+        raise ValueError("echo is not supported")
+    if req.suffix:
+        raise ValueError("suffix is not supported")
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise ValueError(f"logprobs must be in [0, 5], got {req.logprobs}")
+    params = _sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs is not None,
+                       top_logprobs=req.logprobs or 0)
+    return CompletionCall(prompt, params, bool(req.stream_options and req.stream_options.include_usage))
+
+
+# -- responses -----------------------------------------------------------------------
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event as OpenAI writes them."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def _delta_dict(chunk: ChatChunk) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if chunk.delta.reasoning_content:
+        # `reasoning_content` for DeepSeek-style clients, `reasoning` for newer vLLM ones.
+        delta["reasoning_content"] = chunk.delta.reasoning_content
+        delta["reasoning"] = chunk.delta.reasoning_content
+    if chunk.delta.content:
+        delta["content"] = chunk.delta.content
+    if chunk.delta.tool_calls:
+        delta["tool_calls"] = [t.to_openai() for t in chunk.delta.tool_calls]
+    return delta
+
+
+@dataclass
+class ChatStreamEncoder:
+    """Engine chunks -> ``chat.completion.chunk`` dicts for one request."""
+
+    id: str
+    model: str
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    _started: set[int] = field(default_factory=set)
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": choices}
+        if self.include_usage:
+            out["usage"] = usage
+        return out
+
+    def encode(self, chunk: ChatChunk) -> list[dict[str, Any]]:
+        """The chunks to send for one engine chunk (none when it adds nothing)."""
+        out = []
+        if chunk.index not in self._started:
+            self._started.add(chunk.index)
+            out.append(self._chunk([{"index": chunk.index, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}]))
+        delta = _delta_dict(chunk)
+        if delta or chunk.finish_reason is not None:
+            out.append(self._chunk([{"index": chunk.index, "delta": delta, "logprobs": None,
+                                     "finish_reason": chunk.finish_reason}]))
+        if chunk.usage is not None and self.include_usage:
+            out.append(self._chunk([], usage=chunk.usage.to_openai()))
+        return out
+
+
+@dataclass
+class _Choice:
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+
+@dataclass
+class ChatAccumulator:
+    """Gathers a request's engine chunks (all n choices) into one ``chat.completion``."""
+
+    choices: dict[int, _Choice] = field(default_factory=dict)
+    usage: Usage | None = None
+
+    def add(self, chunk: ChatChunk) -> None:
+        choice = self.choices.setdefault(chunk.index, _Choice())
+        choice.reasoning.append(chunk.delta.reasoning_content)
+        choice.content.append(chunk.delta.content)
+        for piece in chunk.delta.tool_calls:
+            call = choice.tool_calls.setdefault(
+                piece.index, {"id": piece.id, "type": "function", "function": {"name": piece.name, "arguments": ""}}
+            )
+            call["id"] = call["id"] or piece.id
+            call["function"]["name"] = call["function"]["name"] or piece.name
+            call["function"]["arguments"] += piece.arguments
+        if chunk.finish_reason is not None:
+            choice.finish_reason = chunk.finish_reason
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    def response(self, *, id: str, model: str, created: int | None = None) -> dict[str, Any]:
+        choices = []
+        for index in sorted(self.choices):
+            c = self.choices[index]
+            reasoning = "".join(c.reasoning) or None
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(c.content) or None,
+                                       "reasoning_content": reasoning, "reasoning": reasoning}
+            if c.tool_calls:
+                message["tool_calls"] = [c.tool_calls[i] for i in sorted(c.tool_calls)]
+            choices.append({"index": index, "message": message, "logprobs": None,
+                            "finish_reason": c.finish_reason or "stop"})
+        usage = self.usage or Usage(0, 0)
+        return {"id": id, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+                "choices": choices, "usage": usage.to_openai()}
+
+
+def _completion_logprobs(update: SequenceUpdate, decode, offset: int) -> dict[str, Any]:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for t in update.outputs:
+        tokens.append(t.text)
+        token_logprobs.append(t.logprob)
+        top.append({decode(i): lp for i, lp in (t.top_logprobs or [])} or None)
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+@dataclass
+class CompletionEncoder:
+    """Engine updates -> ``text_completion`` dicts (stream chunks or one response).
+
+    ``decode`` turns a token id into its text, for the top logprobs' keys."""
+
+    id: str
+    model: str
+    decode: Any = None
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    logprobs: dict[int, dict[str, list]] = field(default_factory=dict)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_generated: int = 0
+
+    def add(self, update: SequenceUpdate) -> dict[str, Any] | None:
+        """Record an update; returns its stream chunk (None when it adds nothing)."""
+        text = "".join(t.text for t in update.outputs)
+        pieces = self.texts.setdefault(update.index, [])
+        offset = sum(map(len, pieces))
+        pieces.append(text)
+        self.num_prompt_tokens = update.num_prompt_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, update.num_cached_tokens)
+        self.num_generated += len(update.outputs)
+        logprobs = None
+        if self.decode is not None and update.outputs and update.outputs[0].logprob is not None:
+            logprobs = _completion_logprobs(update, self.decode, offset)
+            total = self.logprobs.setdefault(update.index, {k: [] for k in logprobs})
+            for key, values in logprobs.items():
+                total[key].extend(values)
+        finish = None
+        if update.finish_reason is not None:
+            finish = "stop" if update.finish_reason == "abort" else update.finish_reason
+            self.finish_reasons[update.index] = finish
+        if not text and finish is None:
+            return None
+        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+               "choices": [{"index": update.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage(self) -> dict[str, Any]:
+        return Usage(self.num_prompt_tokens, self.num_generated, cached_tokens=self.num_cached_tokens).to_openai()
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [], "usage": self.usage()}
+
+    def response(self) -> dict[str, Any]:
+        choices = [
+            {"index": i, "text": "".join(self.texts[i]), "logprobs": self.logprobs.get(i),
+             "finish_reason": self.finish_reasons.get(i, "stop")}
+            for i in sorted(self.texts)
+        ]
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}
+
+
+def models_response(names: list[str], *, max_model_len: int, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": created, "owned_by": "qwenkit", "max_model_len": max_model_len}
+        for name in names
+    ]}
