@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qwenkit.chat_types import ChatCompletion, ChatDelta, Usage
-from qwenkit.engine.llm_engine import SequenceUpdate
+from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
 from qwenkit.output_parser import OutputParser, SpecialIds, starts_in_thinking
 from qwenkit.sampling import QWEN3_NON_THINKING, QWEN3_THINKING, SamplingDefaults, SamplingParams
 from qwenkit.thinking_control import ThinkingBudget, effective_enable_thinking, resolve_thinking_mode
@@ -25,12 +25,16 @@ TOOL_CHOICES = ("none", "auto", "required")
 @dataclass
 class ChatChunk:
     """One piece of a streamed chat answer. The last chunk of each of the n choices has
-    its finish_reason; the request's last chunk also carries the usage."""
+    its finish_reason; the request's last chunk also carries the usage. When the request
+    asked for logprobs, `logprobs` holds this piece's generated tokens (reasoning and
+    tool-call tokens included; a token the server forced, such as the close of thinking at
+    the thinking budget, has logprob None); otherwise it is None."""
 
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenOutput] | None = None
 
 
 class ChatControl:
@@ -192,6 +196,8 @@ class ChatStream:
         self.finished: list[Any] = [None] * n
         self.num_prompt_tokens = len(prepared.prompt_token_ids)
         self.num_cached_tokens = 0
+        # Every generated token of each choice, with its logprobs, when the request asked for them.
+        self.logprobs: list[list[TokenOutput]] | None = [[] for _ in range(n)] if prepared.params.logprobs else None
 
     @property
     def done(self) -> bool:
@@ -213,6 +219,9 @@ class ChatStream:
         self.num_tokens[update.index] += len(update.outputs)
         self.num_cached_tokens = max(self.num_cached_tokens, update.num_cached_tokens)
         chunk = ChatChunk(update.index, delta)
+        if self.logprobs is not None:
+            chunk.logprobs = list(update.outputs)
+            self.logprobs[update.index].extend(update.outputs)
         if update.finish_reason is not None:
             reason = "stop" if update.finish_reason == "abort" else update.finish_reason
             tail, parts = parser.finish(reason)

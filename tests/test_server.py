@@ -230,6 +230,46 @@ def test_completions(client, allm):
     assert chunks[-1].usage.completion_tokens == 5
 
 
+def _check_chat_logprobs(content, k=2):
+    assert content, "no logprobs"
+    for entry in content:
+        tops = entry.top_logprobs
+        assert len(tops) == k
+        assert [t.logprob for t in tops] == sorted((t.logprob for t in tops), reverse=True)
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+        # temperature 0: the chosen token is the likeliest one.
+        assert entry.token == tops[0].token and entry.logprob == pytest.approx(tops[0].logprob)
+
+
+def test_chat_logprobs(client, server):
+    kwargs = dict(model=MODEL, messages=USER, temperature=0, max_completion_tokens=6, logprobs=True, top_logprobs=2,
+                  extra_body={"ignore_eos": True, "enable_thinking": False})
+    out = client.chat.completions.create(**kwargs)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 6
+    _check_chat_logprobs(content)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(streamed) == chunks[-1].usage.completion_tokens == 6
+    _check_chat_logprobs(streamed)
+    assert [e.token for e in streamed] == [e.token for e in content]
+    # Not asked: null.
+    plain = client.chat.completions.create(model=MODEL, messages=USER, max_completion_tokens=2,
+                                           extra_body={"enable_thinking": False})
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=USER, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
+    # DashScope: parameters.logprobs -> output.choices[i].logprobs, the same shape.
+    body = {"model": MODEL, "input": {"messages": USER}, "parameters": {
+        "result_format": "message", "logprobs": True, "top_logprobs": 2, "max_tokens": 3, "temperature": 0,
+        "enable_thinking": False}}
+    r = httpx.post(f"{server}/api/v1/services/aigc/text-generation/generation",
+                   headers={"Authorization": f"Bearer {KEY}"}, json=body).json()
+    ds_content = r["output"]["choices"][0]["logprobs"]["content"]
+    assert len(ds_content) == r["usage"]["output_tokens"] and all(len(e["top_logprobs"]) == 2 for e in ds_content)
+
+
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert httpx.get(f"{server}/health").json()["status"] == "ok"  # no key needed

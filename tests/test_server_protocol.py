@@ -74,8 +74,10 @@ def test_bad_values_raise_naming_the_field():
         oa.chat_call(chat_request(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
     with pytest.raises(ValueError, match="top_p"):
         oa.chat_call(chat_request(top_p=5))
-    with pytest.raises(ValueError, match="logprobs"):
-        oa.chat_call(chat_request(logprobs=True))
+    with pytest.raises(ValueError, match="top_logprobs"):
+        oa.chat_call(chat_request(top_logprobs=2))  # needs logprobs: true
+    with pytest.raises(ValueError, match="top_logprobs"):
+        oa.chat_call(chat_request(logprobs=True, top_logprobs=21))
 
 
 def test_completion_call():
@@ -134,6 +136,50 @@ def test_completion_encoder_logprobs():
     assert lp["top_logprobs"][0] == {"<1>": -0.5, "<2>": -1.0}
     out = enc.response()
     assert out["choices"][0]["text"] == "Hello" and out["usage"]["prompt_tokens"] == 7
+
+
+def test_chat_logprobs_request_and_shapes():
+    params = oa.chat_call(chat_request(logprobs=True, top_logprobs=2)).params
+    assert params.logprobs and params.top_logprobs == 2
+    assert not oa.chat_call(chat_request()).params.logprobs
+    decode = oa.token_decoder(lambda ids: {1: "é", 2: "b", 3: "c"}[ids[0]])
+    tokens = [TokenOutput(1, "é", -0.25, [(1, -0.25), (2, -2.0)]), TokenOutput(3, "", None, None)]
+    lp_chunk = ChatChunk(0, ChatDelta("", "é", []), logprobs=tokens)
+    # Streamed: each chunk carries its own tokens' entries, even one with no text.
+    enc = oa.ChatStreamEncoder("id1", "m", decode=decode)
+    (_, sent) = enc.encode(lp_chunk)
+    assert sent["choices"][0]["logprobs"] == {"content": [
+        {"token": "é", "logprob": -0.25, "bytes": [195, 169], "top_logprobs": [
+            {"token": "é", "logprob": -0.25, "bytes": [195, 169]}, {"token": "b", "logprob": -2.0, "bytes": [98]}]},
+        {"token": "c", "logprob": 0.0, "bytes": [99], "top_logprobs": []},  # forced: no logprob of its own
+    ]}
+    (quiet,) = enc.encode(ChatChunk(0, ChatDelta(), logprobs=[TokenOutput(2, "", -1.0, [])]))
+    assert quiet["choices"][0]["delta"] == {} and len(quiet["choices"][0]["logprobs"]["content"]) == 1
+    assert oa.ChatStreamEncoder("id1", "m").encode(chunk(content="x"))[1]["choices"][0]["logprobs"] is None
+    # Not streamed: all of a choice's tokens; null when not asked.
+    acc = oa.ChatAccumulator(decode=decode)
+    acc.add(lp_chunk)
+    acc.add(ChatChunk(0, ChatDelta(), "stop", Usage(1, 3), logprobs=[TokenOutput(2, "", -1.0, [])]))
+    content = acc.response(id="x", model="m")["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == ["é", "c", "b"]
+    plain = oa.ChatAccumulator()
+    plain.add(chunk(content="x", finish="stop"))
+    assert plain.response(id="x", model="m")["choices"][0]["logprobs"] is None
+    # DashScope: parameters.logprobs -> output.choices[i].logprobs in the same shape.
+    req = ds.GenerationRequest.model_validate({"input": {"prompt": "hi"}, "parameters": {
+        "result_format": "message", "logprobs": True, "top_logprobs": 2}})
+    call = ds.generation_call(req)
+    assert call.chat.params.logprobs and call.chat.params.top_logprobs == 2
+    with pytest.raises(ValueError, match="result_format"):
+        ds.generation_call(ds.GenerationRequest.model_validate(
+            {"input": {"prompt": "hi"}, "parameters": {"logprobs": True}}))
+    gen = ds.GenerationEncoder("rid", "message", incremental_output=False, decode=decode)
+    first = gen.encode(lp_chunk)
+    assert len(first["output"]["choices"][0]["logprobs"]["content"]) == 2
+    last = gen.encode(ChatChunk(0, ChatDelta(), "stop", Usage(1, 3), logprobs=[TokenOutput(2, "", -1.0, [])]))
+    assert len(last["output"]["choices"][0]["logprobs"]["content"]) == 3  # cumulative, like the text
+    assert gen.response()["output"]["choices"][0]["logprobs"]["content"][2]["token"] == "b"
+    assert "logprobs" not in ds.GenerationEncoder("rid").encode(chunk(content="x"))["output"]["choices"][0]
 
 
 # -- DashScope -----------------------------------------------------------------------

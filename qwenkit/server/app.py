@@ -58,6 +58,10 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
                   description="OpenAI- and DashScope-compatible API over a local Qwen model.")
     app.state.allm, app.state.slots, app.state.metrics = allm, slots, metrics
 
+    def token_decoder(wanted: bool):
+        """id -> the token's own text, for logprobs (None when the request asked for none)."""
+        return oa.token_decoder(allm.llm.tokenizer.decode) if wanted else None
+
     def check_model(name: str | None) -> str:
         if name is not None and name not in names:
             raise APIError(404, f"The model `{name}` does not exist; this server serves {', '.join(names)}.",
@@ -136,8 +140,9 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         call = _as_400(oa.chat_call, body)
         request_id = "chatcmpl-" + secrets.token_hex(12)
         chunks = await open_chat(call, request_id)
+        decode = token_decoder(call.params.logprobs)
         if body.stream:
-            encoder = oa.ChatStreamEncoder(request_id, model, call.include_usage)
+            encoder = oa.ChatStreamEncoder(request_id, model, call.include_usage, decode=decode)
 
             async def events() -> AsyncIterator[bytes]:
                 try:
@@ -149,7 +154,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
                 yield oa.SSE_DONE
 
             return EventStream(events(), chunks.aclose)
-        accumulator = oa.ChatAccumulator()
+        accumulator = oa.ChatAccumulator(decode=decode)
 
         async def gather() -> None:
             async for chunk in chunks:
@@ -232,7 +237,8 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         check_model(body.model)
         call = _as_400(ds.generation_call, body)
         chunks = await open_chat(call.chat, request_id)
-        encoder = ds.GenerationEncoder(request_id, call.result_format, call.incremental_output)
+        encoder = ds.GenerationEncoder(request_id, call.result_format, call.incremental_output,
+                                       decode=token_decoder(call.chat.params.logprobs))
         stream = request.headers.get("x-dashscope-sse", "").lower() == "enable" or body.parameters.stream
         if stream:
             async def events() -> AsyncIterator[bytes]:

@@ -7,6 +7,11 @@ Streaming (header ``X-DashScope-SSE: enable``) sends events of ``id:N``, ``event
 ``:HTTP_STATUS/200``, ``data:{...}``; with ``incremental_output`` each event holds only the
 new text, otherwise all the text so far. Until the end ``finish_reason`` is the string
 ``"null"``, as DashScope sends it.
+
+``parameters.logprobs`` / ``top_logprobs`` (result_format ``message`` only) add
+``output.choices[i].logprobs = {"content": [{token, logprob, bytes, top_logprobs}]}``, the
+shape DashScope documents; in a stream, the new tokens' with ``incremental_output``, else
+all so far.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from qwenkit.chat import ChatChunk
 from qwenkit.chat_types import Usage
 from qwenkit.sampling import SamplingParams
-from qwenkit.server.openai_protocol import ChatCall, ChatMessage, Tool, normalize_messages
+from qwenkit.engine.llm_engine import TokenOutput
+from qwenkit.server.openai_protocol import ChatCall, ChatMessage, Tool, chat_logprobs, normalize_messages
 
 
 class _Model(BaseModel):
@@ -50,6 +56,8 @@ class GenerationParameters(_Model):
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
     n: int | None = 1
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     stream: bool | None = None
 
 
@@ -83,10 +91,13 @@ def generation_call(req: GenerationRequest) -> GenerationCall:
     n = 1 if p.n is None else p.n
     if n > 1 and p.result_format == "text":
         raise ValueError("n > 1 needs result_format 'message'")
+    if p.logprobs and p.result_format == "text":
+        raise ValueError("logprobs needs result_format 'message'")
     params = SamplingParams(
         temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, presence_penalty=p.presence_penalty,
         repetition_penalty=p.repetition_penalty, seed=p.seed, n=n, max_tokens=p.max_tokens, stop=stop,
-        stop_token_ids=stop_token_ids,
+        stop_token_ids=stop_token_ids, logprobs=bool(p.logprobs),
+        top_logprobs=0 if p.top_logprobs is None else p.top_logprobs,
     )
     kwargs = {
         "enable_thinking": True if p.enable_thinking is None else p.enable_thinking,
@@ -115,18 +126,21 @@ class _Choice:
     content: str = ""
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
+    logprobs: list[TokenOutput] | None = None
 
 
 @dataclass
 class GenerationEncoder:
     """Engine chunks -> DashScope response dicts: stream events (`encode`) or the whole
-    answer (`response`), in the request's result_format."""
+    answer (`response`), in the request's result_format. ``decode`` (token id -> text) is
+    needed when the request asked for logprobs."""
 
     request_id: str
     result_format: str = "message"
     incremental_output: bool = False
     choices: dict[int, _Choice] = field(default_factory=dict)
     usage: Usage | None = None
+    decode: Any = None
 
     def encode(self, chunk: ChatChunk) -> dict[str, Any] | None:
         """Record a chunk; returns its stream event's data (None when it adds nothing)."""
@@ -140,24 +154,33 @@ class GenerationEncoder:
                 "function": {"name": piece.name, "arguments": ""},
             })
             call["function"]["arguments"] += piece.arguments
+        if chunk.logprobs is not None:
+            if choice.logprobs is None:
+                choice.logprobs = []
+            choice.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             choice.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
             self.usage = chunk.usage
-        if not d and chunk.finish_reason is None:
+        if not d and not chunk.logprobs and chunk.finish_reason is None:
             return None
         if self.incremental_output:
             message = self._message(d.reasoning_content, d.content, [
                 {"index": t.index, "id": t.id or "", "type": "function",
                  "function": {"name": t.name or "", "arguments": t.arguments}} for t in d.tool_calls
             ])
+            logprobs = self._logprobs(chunk.logprobs)
         else:
             message = self._choice_message(choice)
-        return self._body({chunk.index: (message, chunk.finish_reason or "null")}, stream=True)
+            logprobs = self._logprobs(choice.logprobs)
+        return self._body({chunk.index: (message, chunk.finish_reason or "null", logprobs)}, stream=True)
 
     def response(self) -> dict[str, Any]:
-        return self._body({i: (self._choice_message(c), c.finish_reason or "stop")
+        return self._body({i: (self._choice_message(c), c.finish_reason or "stop", self._logprobs(c.logprobs))
                            for i, c in sorted(self.choices.items())}, stream=False)
+
+    def _logprobs(self, tokens: list[TokenOutput] | None) -> dict[str, Any] | None:
+        return None if tokens is None else chat_logprobs(tokens, self.decode)
 
     @staticmethod
     def _message(reasoning: str, content: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,13 +192,17 @@ class GenerationEncoder:
     def _choice_message(self, c: _Choice) -> dict[str, Any]:
         return self._message(c.reasoning, c.content, [c.tool_calls[i] for i in sorted(c.tool_calls)])
 
-    def _body(self, choices: dict[int, tuple[dict[str, Any], str]], *, stream: bool) -> dict[str, Any]:
+    def _body(self, choices: dict[int, tuple[dict[str, Any], str, dict[str, Any] | None]], *,
+              stream: bool) -> dict[str, Any]:
         if self.result_format == "text":
-            ((message, finish),) = choices.values()
+            ((message, finish, _),) = choices.values()
             output: dict[str, Any] = {"text": message["content"], "finish_reason": finish}
         else:
-            output = {"choices": [{"index": i, "finish_reason": finish, "message": message}
-                                  for i, (message, finish) in choices.items()]}
+            output = {"choices": [
+                {"index": i, "finish_reason": finish, "message": message,
+                 **({"logprobs": logprobs} if logprobs is not None else {})}
+                for i, (message, finish, logprobs) in choices.items()
+            ]}
         body: dict[str, Any] = {"output": output, "request_id": self.request_id}
         if self.usage is not None:
             body["usage"] = usage_dict(self.usage)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwenkit.chat import ChatChunk
 from qwenkit.chat_types import Usage
-from qwenkit.engine.llm_engine import SequenceUpdate
+from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
 from qwenkit.sampling import SamplingParams
 
 
@@ -138,10 +138,9 @@ def _sampling(req: _SamplingFields, *, max_tokens: int | None, logprobs: bool, t
 
 def chat_call(req: ChatCompletionRequest) -> ChatCall:
     """The engine call a chat request asks for. ValueError (a 400) names a bad field."""
-    if req.logprobs:
-        raise ValueError("logprobs is not supported on chat completions yet; use /v1/completions")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = _sampling(req, max_tokens=max_tokens, logprobs=False, top_logprobs=0)
+    params = _sampling(req, max_tokens=max_tokens, logprobs=bool(req.logprobs),
+                       top_logprobs=0 if req.top_logprobs is None else req.top_logprobs)
     template_kwargs = dict(req.chat_template_kwargs or {})
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs))
     if reserved:
@@ -225,6 +224,38 @@ def sse(data: dict[str, Any] | str) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
+def chat_logprobs(tokens: list[TokenOutput], decode) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``.
+
+    ``decode`` turns a token id into its text. A token the server forced rather than
+    sampled (closing thinking at the thinking budget) has no logprob of its own: it is
+    reported with logprob 0.0 and no top logprobs."""
+
+    def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
+        text = decode(token_id)
+        return {"token": text, "logprob": 0.0 if logprob is None else logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for t in tokens:
+        item = entry(t.token_id, t.logprob)
+        item["top_logprobs"] = [entry(i, lp) for i, lp in (t.top_logprobs or [])]
+        content.append(item)
+    return {"content": content}
+
+
+def token_decoder(decode_ids) -> Any:
+    """A memoized ``id -> text`` from a tokenizer's ``decode(list[int])``."""
+    cache: dict[int, str] = {}
+
+    def decode(token_id: int) -> str:
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = decode_ids([token_id])
+        return text
+
+    return decode
+
+
 def _delta_dict(chunk: ChatChunk) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if chunk.delta.reasoning_content:
@@ -240,12 +271,14 @@ def _delta_dict(chunk: ChatChunk) -> dict[str, Any]:
 
 @dataclass
 class ChatStreamEncoder:
-    """Engine chunks -> ``chat.completion.chunk`` dicts for one request."""
+    """Engine chunks -> ``chat.completion.chunk`` dicts for one request. ``decode`` (token
+    id -> text) is needed when the request asked for logprobs."""
 
     id: str
     model: str
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    decode: Any = None
     _started: set[int] = field(default_factory=set)
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -263,8 +296,9 @@ class ChatStreamEncoder:
             out.append(self._chunk([{"index": chunk.index, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}]))
         delta = _delta_dict(chunk)
-        if delta or chunk.finish_reason is not None:
-            out.append(self._chunk([{"index": chunk.index, "delta": delta, "logprobs": None,
+        logprobs = chat_logprobs(chunk.logprobs, self.decode) if chunk.logprobs else None
+        if delta or logprobs or chunk.finish_reason is not None:
+            out.append(self._chunk([{"index": chunk.index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": chunk.finish_reason}]))
         if chunk.usage is not None and self.include_usage:
             out.append(self._chunk([], usage=chunk.usage.to_openai()))
@@ -277,14 +311,17 @@ class _Choice:
     content: list[str] = field(default_factory=list)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
+    logprobs: list[TokenOutput] | None = None
 
 
 @dataclass
 class ChatAccumulator:
-    """Gathers a request's engine chunks (all n choices) into one ``chat.completion``."""
+    """Gathers a request's engine chunks (all n choices) into one ``chat.completion``.
+    ``decode`` (token id -> text) is needed when the request asked for logprobs."""
 
     choices: dict[int, _Choice] = field(default_factory=dict)
     usage: Usage | None = None
+    decode: Any = None
 
     def add(self, chunk: ChatChunk) -> None:
         choice = self.choices.setdefault(chunk.index, _Choice())
@@ -297,6 +334,10 @@ class ChatAccumulator:
             call["id"] = call["id"] or piece.id
             call["function"]["name"] = call["function"]["name"] or piece.name
             call["function"]["arguments"] += piece.arguments
+        if chunk.logprobs is not None:
+            if choice.logprobs is None:
+                choice.logprobs = []
+            choice.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             choice.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
@@ -311,7 +352,8 @@ class ChatAccumulator:
                                        "reasoning_content": reasoning, "reasoning": reasoning}
             if c.tool_calls:
                 message["tool_calls"] = [c.tool_calls[i] for i in sorted(c.tool_calls)]
-            choices.append({"index": index, "message": message, "logprobs": None,
+            logprobs = chat_logprobs(c.logprobs, self.decode) if c.logprobs is not None else None
+            choices.append({"index": index, "message": message, "logprobs": logprobs,
                             "finish_reason": c.finish_reason or "stop"})
         usage = self.usage or Usage(0, 0)
         return {"id": id, "object": "chat.completion", "created": created or int(time.time()), "model": model,
