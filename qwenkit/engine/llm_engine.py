@@ -93,7 +93,9 @@ class LLMEngine:
         self.device = device
         c = model.config
         self.max_model_len = min(args.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
-        memory = parse_memory(args.kv_cache_memory or os.environ.get("QWENKIT_KV_CACHE_MEMORY") or DEFAULT_KV_CACHE_MEMORY)
+        memory = parse_memory(
+            args.kv_cache_memory or os.environ.get("QWENKIT_KV_CACHE_MEMORY") or DEFAULT_KV_CACHE_MEMORY
+        )
         max_tokens = min(memory // kv_bytes_per_token(model), args.max_num_seqs * self.max_model_len)
         num_blocks = max_tokens // args.block_size
         if num_blocks < 2:
@@ -144,15 +146,14 @@ class LLMEngine:
                 f"the request needs {num_prompt + max_tokens} tokens of KV cache but the pool holds "
                 f"{self.num_kv_tokens}: lower max_tokens or raise kv_cache_memory (QWENKIT_KV_CACHE_MEMORY)"
             )
-        stop_ids = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else frozenset(self.generation_config.eos_token_ids)
-        )
+        eos_ids = frozenset(self.generation_config.eos_token_ids)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_ids)
         seqs = []
         for i in range(params.n):
             p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
             seq = Sequence(request_id, i, list(prompt_token_ids), num_prompt, max_tokens)
             seq.state = _SeqState(
-                sampling=SamplingState.create(p, list(prompt_token_ids), self._eos_ids(params), self.device),
+                sampling=SamplingState.create(p, list(prompt_token_ids), eos_ids, self.device),
                 detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
                 stops=StopStringMatcher(params.stop),
                 stop_ids=stop_ids,
@@ -162,9 +163,6 @@ class LLMEngine:
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
-
-    def _eos_ids(self, params: SamplingParams) -> frozenset[int]:
-        return frozenset(self.generation_config.eos_token_ids) | frozenset(params.stop_token_ids)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free everything it holds. False if it is not running."""
