@@ -1,0 +1,29 @@
+"""qwenkit.client: chat with the local engine or a remote endpoint, with advisors,
+memory and tools. Imports without torch (the engine loads only for `LocalChatModel`).
+
+    from qwenkit.client import ChatClient, OpenAIChatModel, MessageChatMemoryAdvisor, SQLiteChatMemory, tool
+
+    client = ChatClient(OpenAIChatModel("http://127.0.0.1:8000/v1", "sk-...", "qwen3"),
+                        default_advisors=[MessageChatMemoryAdvisor(SQLiteChatMemory("chat.db"))])
+    print(client.prompt("Hello").advisors(conversation_id="42").call().content())
+"""
+
+from qwenkit.client.advisors import (
+    CONVERSATION_ID, AdvisedRequest, Advisor, MessageChatMemoryAdvisor, ReasoningContentAdvisor, SafeGuardAdvisor,
+    SimpleLoggerAdvisor,
+)
+from qwenkit.client.chat_client import (
+    AsyncStreamResponse, CallResponse, ChatClient, PromptRequest, StreamResponse, parse_entity, response_format_for,
+)
+from qwenkit.client.memory import ChatMemory, InMemoryChatMemory, SQLiteChatMemory
+from qwenkit.client.models import ChatModel, LocalChatModel, OpenAIChatModel
+from qwenkit.client.tools import Tool, tool
+from qwenkit.client.types import ChatOptions, ChatResponse, ChatResponseChunk, ToolCall, Usage
+
+__all__ = [
+    "CONVERSATION_ID", "AdvisedRequest", "Advisor", "AsyncStreamResponse", "CallResponse", "ChatClient", "ChatMemory",
+    "ChatModel", "ChatOptions", "ChatResponse", "ChatResponseChunk", "InMemoryChatMemory", "LocalChatModel",
+    "MessageChatMemoryAdvisor", "OpenAIChatModel", "PromptRequest", "ReasoningContentAdvisor", "SQLiteChatMemory",
+    "SafeGuardAdvisor", "SimpleLoggerAdvisor", "StreamResponse", "Tool", "ToolCall", "Usage", "parse_entity",
+    "response_format_for", "tool",
+]
