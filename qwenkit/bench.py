@@ -38,7 +38,8 @@ class BenchResult:
             "decode: concurrency  aggregate tok/s  per stream tok/s",
         ]
         for d in self.decode:
-            lines.append(f"        {d['concurrency']:>11}  {d['aggregate_tok_s']:>15.1f}  {d['per_stream_tok_s']:>16.1f}")
+            row = f"{d['concurrency']:>11}  {d['aggregate_tok_s']:>15.1f}  {d['per_stream_tok_s']:>16.1f}"
+            lines.append(" " * 8 + row)
         lines.append(f"peak RSS: {self.peak_rss_mb} MB")
         return "\n".join(lines)
 

@@ -153,7 +153,9 @@ def _tool_choice_name(tool_choice: str | dict[str, Any], tools: list[dict[str, A
             raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
         return name
     if tool_choice not in TOOL_CHOICES:
-        raise ValueError(f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function, got {tool_choice!r}")
+        raise ValueError(
+            f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function, got {tool_choice!r}"
+        )
     if tool_choice == "required" and not tools:
         raise ValueError("tool_choice 'required' needs tools")
     return None

@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-think", action="store_true", help="answer without thinking (Qwen3 enable_thinking=False)")
     run.add_argument("--thinking-budget", type=int, help="most thinking tokens before the model must answer (0: none)")
     run.add_argument("--max-tokens", type=int, default=4096, help="most tokens to generate (default 4096)")
-    run.add_argument("--temperature", type=float, help="0 for greedy; default from the model or Qwen3's per-mode values")
+    run.add_argument(
+        "--temperature", type=float, help="0 for greedy; default from the model or Qwen3's per-mode values"
+    )
     run.add_argument("--top-p", type=float)
     run.add_argument("--top-k", type=int)
     run.add_argument("--seed", type=int)
@@ -51,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve OpenAI- and DashScope-compatible HTTP APIs")
     _model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: QWENKIT_API_KEY, else none)")
     serve.add_argument("--served-model-name", nargs="+", help="model names clients use (default: the model's own)")
