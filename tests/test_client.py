@@ -94,7 +94,7 @@ def scripted(engine, *texts: str):
         with torch.inference_mode():
             for row, r in enumerate(rows):
                 seq = batch[r].seq
-                script = assigned.setdefault(id(seq), scripts[min(len(assigned), len(scripts) - 1)])
+                script = assigned.setdefault(seq.seq_id, scripts[min(len(assigned), len(scripts) - 1)])
                 logits[row, script[min(seq.num_output_tokens, len(script) - 1)]] += 1e4
         return rows, logits
 

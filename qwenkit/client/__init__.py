@@ -9,21 +9,22 @@ memory and tools. Imports without torch (the engine loads only for `LocalChatMod
 """
 
 from qwenkit.client.advisors import (
-    CONVERSATION_ID, AdvisedRequest, Advisor, MessageChatMemoryAdvisor, ReasoningContentAdvisor, SafeGuardAdvisor,
-    SimpleLoggerAdvisor,
+    CONVERSATION_ID, AdvisedRequest, Advisor, MessageChatMemoryAdvisor, PromptChatMemoryAdvisor,
+    ReasoningContentAdvisor, SafeGuardAdvisor, SimpleLoggerAdvisor,
 )
 from qwenkit.client.chat_client import (
     AsyncStreamResponse, CallResponse, ChatClient, PromptRequest, StreamResponse, parse_entity, response_format_for,
 )
 from qwenkit.client.memory import ChatMemory, InMemoryChatMemory, SQLiteChatMemory
-from qwenkit.client.models import ChatModel, LocalChatModel, OpenAIChatModel
+from qwenkit.client.mcp import MCPToolset, load_mcp_config
+from qwenkit.client.models import ChatModel, DashScopeChatModel, LocalChatModel, OpenAIChatModel
 from qwenkit.client.tools import Tool, tool
 from qwenkit.client.types import ChatOptions, ChatResponse, ChatResponseChunk, ToolCall, Usage
 
 __all__ = [
     "CONVERSATION_ID", "AdvisedRequest", "Advisor", "AsyncStreamResponse", "CallResponse", "ChatClient", "ChatMemory",
-    "ChatModel", "ChatOptions", "ChatResponse", "ChatResponseChunk", "InMemoryChatMemory", "LocalChatModel",
-    "MessageChatMemoryAdvisor", "OpenAIChatModel", "PromptRequest", "ReasoningContentAdvisor", "SQLiteChatMemory",
+    "ChatModel", "ChatOptions", "ChatResponse", "ChatResponseChunk", "DashScopeChatModel", "InMemoryChatMemory",
+    "LocalChatModel", "MCPToolset", "MessageChatMemoryAdvisor", "OpenAIChatModel", "PromptChatMemoryAdvisor", "PromptRequest", "ReasoningContentAdvisor", "SQLiteChatMemory",
     "SafeGuardAdvisor", "SimpleLoggerAdvisor", "StreamResponse", "Tool", "ToolCall", "Usage", "parse_entity",
-    "response_format_for", "tool",
+    "load_mcp_config", "response_format_for", "tool",
 ]

@@ -17,8 +17,8 @@ from typing import Any
 from qwenkit.client.memory import ChatMemory
 from qwenkit.client.types import ChatOptions, ChatResponse, ChatResponseChunk, Message, strip_reasoning
 
-__all__ = ["AdvisedRequest", "Advisor", "MessageChatMemoryAdvisor", "ReasoningContentAdvisor",
-           "SafeGuardAdvisor", "SimpleLoggerAdvisor", "CONVERSATION_ID"]
+__all__ = ["AdvisedRequest", "Advisor", "MessageChatMemoryAdvisor", "PromptChatMemoryAdvisor",
+           "ReasoningContentAdvisor", "SafeGuardAdvisor", "SimpleLoggerAdvisor", "CONVERSATION_ID"]
 
 CONVERSATION_ID = "conversation_id"
 logger = logging.getLogger("qwenkit.client")
@@ -90,6 +90,43 @@ class MessageChatMemoryAdvisor(Advisor):
         turn = response.messages or [response.to_message()]
         self.memory.add(self._id(request), list(request.messages) + turn)
         return response
+
+
+class PromptChatMemoryAdvisor(MessageChatMemoryAdvisor):
+    """Like `MessageChatMemoryAdvisor`, but the past conversation goes into the system text
+    (a MEMORY section, one ``role: text`` line per user or assistant message, as Spring AI's
+    PromptChatMemoryAdvisor writes it) instead of as messages. The turn is stored the same
+    way. Reasoning and tool messages stay out of the memory text; with no history the
+    system text is left as it is.
+
+    `system_text_advise` is the template: ``{instructions}`` (the request's system text) and
+    ``{memory}``."""
+
+    DEFAULT_SYSTEM_TEXT_ADVISE = (
+        "{instructions}\n\n"
+        "Use the conversation memory from the MEMORY section to provide accurate answers.\n\n"
+        "---------------------\n"
+        "MEMORY:\n"
+        "{memory}\n"
+        "---------------------\n"
+    )
+
+    def __init__(self, memory: ChatMemory, conversation_id: str = "default", *, max_messages: int | None = None,
+                 system_text_advise: str | None = None):
+        super().__init__(memory, conversation_id, max_messages=max_messages)
+        self.system_text_advise = system_text_advise or self.DEFAULT_SYSTEM_TEXT_ADVISE
+
+    @staticmethod
+    def memory_text(messages: list[Message]) -> str:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages
+                         if m.get("role") in ("user", "assistant") and m.get("content"))
+
+    def before(self, request: AdvisedRequest) -> AdvisedRequest:
+        memory = self.memory_text(self.memory.get(self._id(request), self.max_messages))
+        if memory:
+            system = self.system_text_advise.format(instructions=request.system or "", memory=memory)
+            request.system = system.lstrip("\n")
+        return request
 
 
 class SimpleLoggerAdvisor(Advisor):

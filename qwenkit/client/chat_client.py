@@ -22,7 +22,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from qwenkit.client.advisors import AdvisedRequest, Advisor
 from qwenkit.client.models import ChatModel
-from qwenkit.client.tools import Tool, as_tools
+from qwenkit.client.tools import Tool, arun_tool_call, as_tools, run_tool_call
 from qwenkit.client.types import (
     ChatOptions, ChatResponse, ChatResponseChunk, Message, ResponseAccumulator, add_usage,
 )
@@ -155,21 +155,11 @@ class _Run:
 
     def _results(self, response: ChatResponse) -> list[Message]:
         tools = self._tools_by_name()
-        out = []
-        for call in response.tool_calls:
-            tool = tools.get(call.name)
-            content = tool.invoke(call.arguments) if tool else f"Error: no tool named {call.name!r}"
-            out.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
-        return out
+        return [run_tool_call(tools, call) for call in response.tool_calls]
 
     async def _aresults(self, response: ChatResponse) -> list[Message]:
         tools = self._tools_by_name()
-        out = []
-        for call in response.tool_calls:
-            tool = tools.get(call.name)
-            content = await tool.ainvoke(call.arguments) if tool else f"Error: no tool named {call.name!r}"
-            out.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
-        return out
+        return [await arun_tool_call(tools, call) for call in response.tool_calls]
 
     def _more_rounds(self, response: ChatResponse, round: int) -> bool:
         return bool(response.tool_calls and self.request.tools and round < self.client.max_tool_rounds)

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from qwenkit.chat_types import new_tool_call_id
 from qwenkit.client.types import (
     ChatOptions, ChatResponse, ChatResponseChunk, Message, ToolCall, ToolCallDelta, Usage,
 )
@@ -254,3 +255,108 @@ def _iterate_sync(aiterator) -> Iterator[Any]:
     finally:
         loop.run_until_complete(aiterator.aclose())
         loop.close()
+
+
+# Options DashScope's text-generation API takes as parameters (min_p and frequency_penalty
+# it does not know; set them in extra_body if an endpoint does).
+_DASHSCOPE_ARGS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "presence_penalty",
+                   "repetition_penalty", "enable_thinking", "thinking_budget", "response_format")
+
+
+class DashScopeError(RuntimeError):
+    """A DashScope endpoint answered with an error status (the SDK returns these, it does not raise)."""
+
+    def __init__(self, status_code: int, code: str | None, message: str | None):
+        super().__init__(f"DashScope error {status_code} {code or ''}: {message or ''}".strip())
+        self.status_code, self.code, self.message = status_code, code, message
+
+
+class DashScopeChatModel(ChatModel):
+    """A chat model behind DashScope's text-generation API (Alibaba Cloud, or `qwenkit serve`
+    at ``/api/v1``), through the official `dashscope` SDK.
+
+    `base_url` is the API root, e.g. ``http://127.0.0.1:8000/api/v1``; it travels with each
+    request (the SDK's `base_address`), so the SDK's module-level settings are left alone.
+    Streams ask for incremental output. The async twins run the sync calls on a worker thread."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, model: str = "qwen-plus",
+                 **call_kwargs: Any):
+        self.base_url, self.api_key, self.model = base_url, api_key, model
+        self._call_kwargs = call_kwargs  # more SDK arguments for every call (headers, workspace, ...)
+
+    def _request(self, messages: list[Message], options: ChatOptions | None, tools, stream: bool) -> dict[str, Any]:
+        options = options or ChatOptions()
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "result_format": "message",
+                                  "api_key": self.api_key or "EMPTY", **self._call_kwargs}
+        if self.base_url:
+            kwargs["base_address"] = self.base_url
+        for name in _DASHSCOPE_ARGS:
+            if getattr(options, name) is not None:
+                kwargs[name] = getattr(options, name)
+        if tools:
+            kwargs["tools"] = tools
+            for name in ("tool_choice", "parallel_tool_calls"):
+                if getattr(options, name) is not None:
+                    kwargs[name] = getattr(options, name)
+        kwargs.update(options.extra_body or {})
+        if stream:
+            kwargs["stream"] = True
+            kwargs["incremental_output"] = True
+        return kwargs
+
+    @staticmethod
+    def _check(raw: Any) -> None:
+        if raw.status_code != 200:
+            raise DashScopeError(raw.status_code, getattr(raw, "code", None), getattr(raw, "message", None))
+
+    @staticmethod
+    def _usage(raw: Any) -> Usage | None:
+        usage = getattr(raw, "usage", None)
+        if not usage:
+            return None
+        output_details = usage.get("output_tokens_details") or {}
+        prompt_details = usage.get("prompt_tokens_details") or {}
+        return Usage(usage.get("input_tokens") or 0, usage.get("output_tokens") or 0,
+                     reasoning_tokens=output_details.get("reasoning_tokens") or 0,
+                     cached_tokens=prompt_details.get("cached_tokens") or 0)
+
+    @staticmethod
+    def _finish_reason(choice: Any) -> str | None:
+        reason = choice.get("finish_reason")
+        return None if reason in (None, "", "null") else reason  # DashScope streams "null" until the end
+
+    def _response(self, raw: Any) -> ChatResponse:
+        self._check(raw)
+        choice = raw.output.choices[0]
+        message = choice["message"]
+        calls = [ToolCall(c.get("id") or new_tool_call_id(), c["function"]["name"],
+                          c["function"].get("arguments") or "")
+                 for c in message.get("tool_calls") or []]
+        return ChatResponse(content=message.get("content") or None,
+                            reasoning_content=message.get("reasoning_content") or None, tool_calls=calls,
+                            finish_reason=self._finish_reason(choice) or "stop", usage=self._usage(raw),
+                            model=self.model)
+
+    def _chunk(self, raw: Any) -> ChatResponseChunk:
+        self._check(raw)
+        choice = raw.output.choices[0]
+        message = choice.get("message") or {}
+        finish_reason = self._finish_reason(choice)
+        return ChatResponseChunk(
+            content=message.get("content") or "", reasoning_content=message.get("reasoning_content") or "",
+            tool_calls=[ToolCallDelta(c.get("index", i), c.get("id") or None,
+                                      (c.get("function") or {}).get("name") or None,
+                                      (c.get("function") or {}).get("arguments") or "")
+                        for i, c in enumerate(message.get("tool_calls") or [])],
+            finish_reason=finish_reason, usage=self._usage(raw) if finish_reason else None)
+
+    def call(self, messages, options=None, *, tools=None) -> ChatResponse:
+        from dashscope import Generation
+
+        return self._response(Generation.call(**self._request(messages, options, tools, False)))
+
+    def stream(self, messages, options=None, *, tools=None) -> Iterator[ChatResponseChunk]:
+        from dashscope import Generation
+
+        for raw in Generation.call(**self._request(messages, options, tools, True)):
+            yield self._chunk(raw)

@@ -19,7 +19,7 @@ from typing import Any, get_type_hints
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic_core import to_jsonable_python
 
-__all__ = ["Tool", "tool"]
+__all__ = ["Tool", "run_tool_call", "arun_tool_call", "tool"]
 
 
 class Tool:
@@ -100,6 +100,21 @@ def _as_text(result: Any) -> str:
     if isinstance(result, str):
         return result
     return json.dumps(to_jsonable_python(result), ensure_ascii=False)
+
+
+def run_tool_call(tools: dict[str, Tool], call: Any) -> dict[str, Any]:
+    """Run one `ToolCall` with the tool of its name; the tool message that answers it.
+    A failure (an unknown tool included) is the message's content, ``"Error: ..."``."""
+    tool = tools.get(call.name)
+    content = tool.invoke(call.arguments) if tool else f"Error: no tool named {call.name!r}"
+    return {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content}
+
+
+async def arun_tool_call(tools: dict[str, Tool], call: Any) -> dict[str, Any]:
+    """`run_tool_call` for asyncio."""
+    tool = tools.get(call.name)
+    content = await tool.ainvoke(call.arguments) if tool else f"Error: no tool named {call.name!r}"
+    return {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content}
 
 
 def as_tools(items: list[Any]) -> list[Tool]:
