@@ -2,7 +2,6 @@
 qwenkit.agent loop on the tiny model, its words forced by `scripted` (as in test_client.py)."""
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading
@@ -10,8 +9,7 @@ import time
 from dataclasses import replace
 
 import pytest
-import torch
-from tiny import make_checkpoint
+from tiny import make_checkpoint, scripted
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("dashscope")
@@ -81,34 +79,6 @@ def dashscope_model(server):
 @pytest.fixture(scope="module")
 def llm(checkpoint):
     return LLM(str(checkpoint), dtype="float32", progress=False)
-
-
-@contextlib.contextmanager
-def scripted(engine, *texts: str):
-    """Make the engine's k-th new sequence write texts[k] (the last text for any later
-    one), then end its turn, whatever the weights say."""
-    llm = getattr(engine, "llm", engine)
-    end = llm.tokenizer.token_to_id("<|im_end|>")
-    scripts = [llm.tokenizer.encode(t) + [end] for t in texts]
-    assigned: dict[int, list[int]] = {}
-    runner = llm.engine.runner
-    original = runner.run
-
-    def run(batch):
-        rows, logits = original(batch)
-        with torch.inference_mode():
-            for row, r in enumerate(rows):
-                seq = batch[r].seq
-                # seq_id, not id(seq): a finished sequence's address may be reused by the next one.
-                script = assigned.setdefault(seq.seq_id, scripts[min(len(assigned), len(scripts) - 1)])
-                logits[row, script[min(seq.num_output_tokens, len(script) - 1)]] += 1e4
-        return rows, logits
-
-    runner.run = run
-    try:
-        yield
-    finally:
-        runner.run = original
 
 
 CALLS = []

@@ -4,11 +4,9 @@ The model's words are forced (`scripted`): the logits are biased so that the eng
 emits a given text, which tests parsing and control apart from model quality.
 """
 
-import contextlib
 
 import pytest
-import torch
-from tiny import make_checkpoint
+from tiny import make_checkpoint, scripted
 
 from qwenkit import LLM, SamplingParams
 from qwenkit.thinking_control import EARLY_STOP_TEXT
@@ -29,28 +27,6 @@ def llm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3")
     make_checkpoint(folder, "qwen3", max_len=2048)
     return LLM(str(folder), dtype="float32", progress=False)
-
-
-@contextlib.contextmanager
-def scripted(llm, text: str):
-    """Make every sequence write `text` (then end its turn), whatever the weights say."""
-    script = llm.tokenizer.encode(text) + [llm.tokenizer.token_to_id("<|im_end|>")]
-    runner = llm.engine.runner
-    original = runner.run
-
-    def run(batch):
-        rows, logits = original(batch)
-        with torch.inference_mode():
-            for row, r in enumerate(rows):
-                seq = batch[r].seq
-                logits[row, script[min(seq.num_output_tokens, len(script) - 1)]] += 1e4
-        return rows, logits
-
-    runner.run = run
-    try:
-        yield script
-    finally:
-        runner.run = original
 
 
 def test_thinking_and_answer_are_apart(llm):
@@ -77,7 +53,7 @@ def test_stream_concatenates_to_the_result(llm):
 
 def test_thinking_budget_cuts_at_exactly_n_tokens(llm):
     thought = " ".join(f"step{i}" for i in range(40))
-    with scripted(llm, f"<think>\n{thought}\n</think>\n\nDone.") as script:
+    with scripted(llm, f"<think>\n{thought}\n</think>\n\nDone.") as (script,):
         out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=200), thinking_budget=10)
         stream = list(llm.chat_stream(USER, SamplingParams(temperature=0, max_tokens=200), thinking_budget=10))
     early = llm.tokenizer.encode(EARLY_STOP_TEXT)

@@ -5,7 +5,6 @@ an answer) so that reasoning, tool loops and memory are tested apart from model 
 """
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
@@ -13,9 +12,8 @@ import threading
 import time
 
 import pytest
-import torch
 from pydantic import BaseModel
-from tiny import make_checkpoint
+from tiny import make_checkpoint, scripted
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
@@ -76,33 +74,6 @@ def remote(server):
 @pytest.fixture(scope="module")
 def llm(checkpoint):
     return LLM(str(checkpoint), dtype="float32", progress=False)
-
-
-@contextlib.contextmanager
-def scripted(engine, *texts: str):
-    """Make the engine's k-th new sequence write texts[k] (the last text for any later
-    one), then end its turn, whatever the weights say."""
-    llm = getattr(engine, "llm", engine)
-    end = llm.tokenizer.token_to_id("<|im_end|>")
-    scripts = [llm.tokenizer.encode(t) + [end] for t in texts]
-    assigned: dict[int, list[int]] = {}
-    runner = llm.engine.runner
-    original = runner.run
-
-    def run(batch):
-        rows, logits = original(batch)
-        with torch.inference_mode():
-            for row, r in enumerate(rows):
-                seq = batch[r].seq
-                script = assigned.setdefault(seq.seq_id, scripts[min(len(assigned), len(scripts) - 1)])
-                logits[row, script[min(seq.num_output_tokens, len(script) - 1)]] += 1e4
-        return rows, logits
-
-    runner.run = run
-    try:
-        yield
-    finally:
-        runner.run = original
 
 
 WEATHER_CALLS = []

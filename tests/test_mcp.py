@@ -145,7 +145,7 @@ def test_stdio_subprocess_is_shut_down():
 
 def test_chat_client_calls_mcp_tool_and_model_reads_result(stdio_toolset, tmp_path):
     pytest.importorskip("torch")
-    from test_client import scripted
+    from tiny import scripted
     from tiny import make_checkpoint
 
     from qwenkit import LLM

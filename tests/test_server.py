@@ -12,8 +12,7 @@ import time
 
 import httpx
 import pytest
-import torch
-from tiny import make_checkpoint
+from tiny import make_checkpoint, scripted
 
 openai = pytest.importorskip("openai")
 dashscope = pytest.importorskip("dashscope")
@@ -77,28 +76,6 @@ def server(allm):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
-
-
-@contextlib.contextmanager
-def scripted(allm, text: str):
-    """Make every sequence write `text` (then end its turn), whatever the weights say."""
-    llm = allm.llm
-    script = llm.tokenizer.encode(text) + [llm.tokenizer.token_to_id("<|im_end|>")]
-    runner = llm.engine.runner
-    original = runner.run
-
-    def run(batch):
-        rows, logits = original(batch)
-        with torch.inference_mode():
-            for row, r in enumerate(rows):
-                logits[row, script[min(batch[r].seq.num_output_tokens, len(script) - 1)]] += 1e4
-        return rows, logits
-
-    runner.run = run
-    try:
-        yield script
-    finally:
-        runner.run = original
 
 
 def kv_pool_is_full(allm, timeout=5.0) -> bool:

@@ -6,6 +6,7 @@ transformers reference model with random weights saved with `save_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -146,3 +147,33 @@ def make_checkpoint(
         (folder / "config.json").write_text(json.dumps(cfg))
         model = cls.from_pretrained(folder).eval()  # the reference reads the same file
     return model
+
+
+@contextlib.contextmanager
+def scripted(engine, *texts: str):
+    """Make the engine's k-th new sequence write texts[k] (the last text for any later
+    one), then end its turn, whatever the weights say: the logits are biased towards the
+    script, so parsing and control are tested apart from model quality. `engine` is an
+    `LLM` or an `AsyncLLM`; yields the scripts' token ids."""
+    llm = getattr(engine, "llm", engine)
+    end = llm.tokenizer.token_to_id("<|im_end|>")
+    scripts = [llm.tokenizer.encode(t) + [end] for t in texts]
+    assigned: dict[int, list[int]] = {}
+    runner = llm.engine.runner
+    original = runner.run
+
+    def run(batch):
+        rows, logits = original(batch)
+        with torch.inference_mode():
+            for row, r in enumerate(rows):
+                seq = batch[r].seq
+                # seq_id, not id(seq): a finished sequence's address may be reused by the next one.
+                script = assigned.setdefault(seq.seq_id, scripts[min(len(assigned), len(scripts) - 1)])
+                logits[row, script[min(seq.num_output_tokens, len(script) - 1)]] += 1e4
+        return rows, logits
+
+    runner.run = run
+    try:
+        yield scripts
+    finally:
+        runner.run = original
