@@ -3,15 +3,12 @@ qwenkit.agent loop on the tiny model, its words forced by `scripted` (as in test
 
 import asyncio
 import json
-import socket
-import threading
-import time
 from dataclasses import replace
 
 import pytest
+from serving import running_server
 from tiny import make_checkpoint, scripted
 
-uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("dashscope")
 
 from qwenkit import LLM, AsyncLLM  # noqa: E402
@@ -23,7 +20,7 @@ from qwenkit.client import (  # noqa: E402
 )
 from qwenkit.client.advisors import PromptChatMemoryAdvisor  # noqa: E402
 from qwenkit.client.models import DashScopeChatModel, DashScopeError  # noqa: E402
-from qwenkit.server import ServerConfig, create_app  # noqa: E402
+from qwenkit.server import ServerConfig  # noqa: E402
 
 KEY = "sk-test-key"
 MODEL = "tiny-qwen3"
@@ -55,20 +52,8 @@ def allm(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(allm):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = ServerConfig(served_model_names=[MODEL], api_key=KEY)
-    srv = uvicorn.Server(uvicorn.Config(create_app(allm, config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server(allm, ServerConfig(served_model_names=[MODEL], api_key=KEY)) as url:
+        yield f"{url}"
 
 
 @pytest.fixture(scope="module")

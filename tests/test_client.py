@@ -7,15 +7,12 @@ an answer) so that reasoning, tool loops and memory are tested apart from model 
 import asyncio
 import json
 import logging
-import socket
-import threading
-import time
 
 import pytest
 from pydantic import BaseModel
+from serving import running_server
 from tiny import make_checkpoint, scripted
 
-uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
 from qwenkit import LLM, AsyncLLM  # noqa: E402
@@ -23,7 +20,7 @@ from qwenkit.client import (  # noqa: E402
     Advisor, ChatClient, ChatOptions, InMemoryChatMemory, LocalChatModel, MessageChatMemoryAdvisor, OpenAIChatModel,
     ReasoningContentAdvisor, SafeGuardAdvisor, SimpleLoggerAdvisor, SQLiteChatMemory, tool,
 )
-from qwenkit.server import ServerConfig, create_app  # noqa: E402
+from qwenkit.server import ServerConfig  # noqa: E402
 
 KEY = "sk-test-key"
 MODEL = "tiny-qwen3"
@@ -50,20 +47,8 @@ def allm(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(allm):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = ServerConfig(served_model_names=[MODEL], api_key=KEY)
-    srv = uvicorn.Server(uvicorn.Config(create_app(allm, config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server(allm, ServerConfig(served_model_names=[MODEL], api_key=KEY)) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,20 @@ One uvicorn server on 127.0.0.1 (a free port) serves a tiny random Qwen3 for the
 module; `scripted` forces the model's words where a test needs thinking or tool calls.
 """
 
-import contextlib
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
+from serving import running_server
 from tiny import make_checkpoint, scripted
 
 openai = pytest.importorskip("openai")
 dashscope = pytest.importorskip("dashscope")
-uvicorn = pytest.importorskip("uvicorn")
 
 from qwenkit import AsyncLLM  # noqa: E402
-from qwenkit.server import ServerConfig, create_app  # noqa: E402
+from qwenkit.server import ServerConfig  # noqa: E402
 
 KEY = "sk-test-key"
 MODEL = "tiny-qwen3"
@@ -43,26 +41,6 @@ def allm(tmp_path_factory):
     engine = AsyncLLM(str(folder), dtype="float32", progress=False)
     yield engine
     engine.shutdown()
-
-
-@contextlib.contextmanager
-def running_server(allm, config: ServerConfig):
-    """A uvicorn server on a free loopback port, on a thread; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(allm, config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

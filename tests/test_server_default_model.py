@@ -6,7 +6,7 @@ import pytest
 openai = pytest.importorskip("openai")
 dashscope = pytest.importorskip("dashscope")
 
-from test_server import running_server  # noqa: E402
+from serving import running_server  # noqa: E402
 
 from qwenkit import AsyncLLM  # noqa: E402
 from qwenkit.server import ServerConfig  # noqa: E402
