@@ -101,19 +101,24 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
 
     # -- generation --------------------------------------------------------------------
 
+    async def first_item(stream: AsyncIterator[Any]) -> Any:
+        """A generation's first item, taken in a request slot: if the engine refuses the
+        request, the slot is released and the refusal is a 400."""
+        try:
+            return await stream.__anext__()
+        except BaseException as e:
+            slots.release()
+            await stream.aclose()
+            if isinstance(e, (ValueError, QwenkitError)):
+                raise bad_request(e, oa.REQUEST_FIELDS) from e
+            raise
+
     async def open_chat(call: oa.ChatCall, request_id: str) -> AsyncIterator[ChatChunk]:
         """Start a chat generation in a request slot; returns its chunks once the first is here."""
         await slots.acquire()
         begun = time.perf_counter()
         chunks = allm.chat_stream(call.messages, call.params, request_id=request_id, **call.kwargs)
-        try:
-            first = await chunks.__anext__()
-        except BaseException as e:
-            slots.release()
-            await chunks.aclose()
-            if isinstance(e, (ValueError, QwenkitError)):
-                raise bad_request(e, oa.REQUEST_FIELDS) from e
-            raise
+        first = await first_item(chunks)
         metrics.first_token(time.perf_counter() - begun)
 
         async def rest() -> AsyncIterator[ChatChunk]:
@@ -175,14 +180,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         await slots.acquire()
         begun = time.perf_counter()
         updates = allm.generate_stream(prompt_ids, call.params, request_id=request_id)
-        try:
-            first = await updates.__anext__()
-        except BaseException as e:
-            slots.release()
-            await updates.aclose()
-            if isinstance(e, (ValueError, QwenkitError)):
-                raise bad_request(e, oa.REQUEST_FIELDS) from e
-            raise
+        first = await first_item(updates)
         metrics.first_token(time.perf_counter() - begun)
         decode = (lambda i: allm.tokenizer.decode([i])) if call.params.logprobs else None
         encoder = oa.CompletionEncoder(request_id, model, decode, call.include_usage)
