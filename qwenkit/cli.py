@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, help="seconds a generation may run (default: no limit)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM")
+    serve.add_argument("--no-web", action="store_true", help="do not serve the web chat page at /")
+    serve.add_argument("--mcp", metavar="CONFIG_JSON",
+                       help='MCP servers ({"mcpServers": {...}}) whose tools the web page can call')
+    serve.add_argument("--chat-db", help="SQLite file for the web page's conversations "
+                       "(default: conversations.sqlite3 in the qwenkit home)")
     serve.set_defaults(func=_serve)
     return parser
 
@@ -86,6 +91,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="memory for the paged KV cache, e.g. 4GiB (default: QWENKIT_KV_CACHE_MEMORY, else 2GiB)",
     )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument(
+        "--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
+        help="weight format in memory (default auto: GGUF weights stay quantized, safetensors as the dtype)",
+    )
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step with torch.compile (default: off)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -102,7 +113,8 @@ def _run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, seed=args.seed,
     )
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len)
+              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+              quantization=args.quantization, compile=args.compile)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -148,6 +160,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise QwenkitError("--prompt-tokens must be >= 8, --decode-tokens >= 2 and every concurrency >= 1")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
               kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+              quantization=args.quantization, compile=args.compile,
               max_num_seqs=max(32, max(concurrency)))
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency)
@@ -168,9 +181,13 @@ def _serve(args: argparse.Namespace) -> int:
         max_running_requests=args.max_running_requests,
         max_waiting_requests=args.max_waiting_requests,
         request_timeout_s=args.request_timeout,
+        web=not args.no_web,
+        mcp_config=args.mcp,
+        chat_db=args.chat_db,
     )
     allm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
                     kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                    quantization=args.quantization, compile=args.compile,
                     max_num_seqs=args.max_num_seqs)
     serve(allm, config, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0

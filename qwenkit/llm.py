@@ -117,12 +117,15 @@ class LLM:
         max_num_batched_tokens: int = 1024,
         block_size: int = 16,
         enable_prefix_caching: bool = True,
+        quantization: str | None = "auto",
+        compile: bool | None = None,
         progress: bool = True,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         files = resolve_model(model, progress=progress)
-        loaded = load_model(files, dtype=self.dtype, device=self.device, progress=progress)
+        loaded = load_model(files, dtype=self.dtype, device=self.device, quantization=quantization,
+                            progress=progress)
         self.model = loaded.model
         self.config = loaded.config
         self.generation_config = loaded.generation_config
@@ -135,6 +138,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
+            compile=compile,
         )
         self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device, args=args)
         self.max_model_len = self.engine.max_model_len

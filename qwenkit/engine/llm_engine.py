@@ -65,6 +65,7 @@ class EngineArgs:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
+    compile: bool | None = None  # torch.compile the decode step (None: the default, off)
 
 
 @dataclass

@@ -29,9 +29,18 @@ class LoadedModel:
 
 
 def load_model(
-    files: ModelFiles, *, dtype: torch.dtype, device: torch.device, progress: bool = True
+    files: ModelFiles,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str | None = "auto",
+    progress: bool = True,
 ) -> LoadedModel:
-    """Build the model for `files`, fill its weights and load its tokenizer."""
+    """Build the model for `files`, fill its weights and load its tokenizer.
+
+    quantization: "auto" (GGUF weights stay quantized, safetensors load as `dtype`),
+    "none" (everything as `dtype`), "int8" or "int4" (weight-only quantized at load).
+    """
     if files.format == "gguf":
         from qwenkit.loader.gguf import GGUFCheckpoint
 

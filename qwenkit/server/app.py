@@ -42,6 +42,9 @@ class ServerConfig:
     max_waiting_requests: int = 256
     retry_after_s: int = 1
     request_timeout_s: float | None = None  # a generation running longer is aborted (504)
+    web: bool = True  # the chat page at /
+    mcp_config: str | None = None  # path of {"mcpServers": {...}} JSON: tools the web page may call
+    chat_db: str | None = None  # SQLite file of the web page's conversations (default: in the qwenkit home)
 
 
 DASHSCOPE_ROUTE = "/api/v1/services/aigc/text-generation/generation"
