@@ -43,6 +43,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.set_defaults(func=_run)
 
+    chat = sub.add_parser("chat", help="chat in the terminal, with memory, thinking and tools")
+    _model_args(chat)
+    chat.add_argument("--base-url", help="an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) instead of "
+                      "the local model; --model is then the served model name (default: the endpoint's first)")
+    chat.add_argument("--api-key", help="the endpoint's key (default: QWENKIT_API_KEY, else OPENAI_API_KEY)")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--no-think", action="store_true", help="start with thinking off (/think turns it on)")
+    chat.add_argument("--thinking-budget", type=int, help="most thinking tokens per answer (/budget N)")
+    chat.add_argument("--max-tokens", type=int, help="most tokens per answer")
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("--top-k", type=int)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--resume", metavar="ID", help="continue a stored conversation")
+    chat.add_argument("--db", help="the conversations' SQLite file (default: chat.sqlite3 in the qwenkit home)")
+    chat.add_argument("--max-history", type=int, default=40, help="past messages sent with each turn (default 40)")
+    chat.add_argument("--mcp", metavar="CONFIG_JSON", help='MCP servers ({"mcpServers": {...}}) whose tools the '
+                      "model may call")
+    chat.set_defaults(func=_chat)
+
     bench = sub.add_parser("bench", help="measure prefill / decode speed, time to first token and memory")
     _model_args(bench)
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill and TTFT")
@@ -146,6 +166,12 @@ def _run(args: argparse.Namespace) -> int:
             sys.stderr.write("\n")
         sys.stdout.write("\n")
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from qwenkit.chat_cli import run_chat
+
+    return run_chat(args)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from qwenkit.agent import (  # noqa: E402
     Agent, AgentResult, AnswerEvent, ThinkingEvent, ToolCallEvent, ToolResultEvent,
 )
 from qwenkit.client import (  # noqa: E402
-    ChatClient, ChatModel, ChatOptions, ChatResponse, InMemoryChatMemory, LocalChatModel, tool,
+    ChatClient, ChatModel, ChatOptions, ChatResponse, InMemoryChatMemory, LocalChatModel, Tool, tool,
 )
 from qwenkit.client.advisors import PromptChatMemoryAdvisor  # noqa: E402
 from qwenkit.client.models import DashScopeChatModel, DashScopeError  # noqa: E402
@@ -221,6 +221,30 @@ def test_agent_two_tool_steps_on_the_local_model(llm):
         streamed = list(agent.stream("Weather in Paris, in Fahrenheit?"))
     assert _without_ids(streamed) == _without_ids(result.trace)
     assert [e.type for e in streamed] == ["thinking", "tool_call", "tool_result"] * 2 + ["thinking", "answer"]
+
+
+def test_agent_async_over_dashscope_with_a_coroutine_tool(dashscope_model, allm):
+    CALLS.clear()
+
+    async def to_fahrenheit_async(celsius: float) -> float:
+        """Convert Celsius to Fahrenheit."""
+        await asyncio.sleep(0)
+        return to_fahrenheit(celsius)
+
+    agent = Agent(dashscope_model, tools=[get_weather, Tool(to_fahrenheit_async, name="to_fahrenheit")],
+                  system="Use the tools.", options=OPTIONS)
+
+    async def main():
+        with scripted(allm, STEP_A, STEP_B, ANSWER):
+            result = await agent.arun("Weather in Paris, in Fahrenheit?")
+        with scripted(allm, STEP_A, STEP_B, ANSWER):
+            streamed = [event async for event in agent.astream("Weather in Paris, in Fahrenheit?")]
+        return result, streamed
+
+    result, streamed = asyncio.run(main())
+    assert _without_ids(result.trace) == EXPECTED == _without_ids(streamed)
+    assert CALLS == [("get_weather", "Paris"), ("to_fahrenheit", 21.0)] * 2
+    assert [m["role"] for m in result.messages] == ["assistant", "tool", "assistant", "tool", "assistant"]
 
 
 def test_agent_over_dashscope_returns_tool_errors_to_the_model(dashscope_model, allm):

@@ -82,6 +82,38 @@ def test_sqlite_memory_from_two_threads_and_a_second_process(tmp_path):
     assert len(memory.get("p")) == 50
 
 
+def test_sqlite_memory_killed_mid_write_loses_at_most_the_turn_in_flight(tmp_path):
+    """A writer process is SIGKILLed while writing large turns: every turn it reported
+    written is there, whole; nothing half-written is; the file is intact."""
+    path = tmp_path / "chat.db"
+    code = (
+        "import sys\n"
+        "from qwenkit.client import SQLiteChatMemory\n"
+        "memory = SQLiteChatMemory(sys.argv[1], max_messages=None)\n"
+        "big = 'x' * 200_000\n"
+        "i = 0\n"
+        "while True:\n"
+        "    memory.add('c', [{'role': 'user', 'content': f'q{i}'},\n"
+        "                     {'role': 'assistant', 'content': f'a{i}' + big}])\n"
+        "    print(i, flush=True)\n"
+        "    i += 1\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    reported = -1
+    while reported < 30:
+        reported = int(proc.stdout.readline())
+    proc.kill()  # SIGKILL: no handler, no cleanup, most likely inside a write
+    proc.wait(timeout=30)
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    messages = SQLiteChatMemory(path, max_messages=None).get("c")
+    assert len(messages) % 2 == 0  # whole turns only
+    written = len(messages) // 2
+    assert written >= reported + 1  # every reported turn survived (one more may have committed)
+    assert [m["content"] for m in messages[::2]] == [f"q{i}" for i in range(written)]
+    assert all(m["content"].startswith(f"a{i}") and len(m["content"]) > 200_000
+               for i, m in enumerate(messages[1::2]))
+
+
 def test_sqlite_memory_turn_is_all_or_nothing(tmp_path):
     memory = SQLiteChatMemory(tmp_path / "chat.db", max_messages=None)
     memory.add("c", turn(0))

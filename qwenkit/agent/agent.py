@@ -1,7 +1,7 @@
 """An agent loop over a chat model: think, call a tool, think again, call another, answer.
 
     agent = Agent(model, tools=[get_weather, convert], system="You are helpful.")
-    result = agent.run("Weather in Paris, in Fahrenheit?")
+    result = agent.run("Weather in Paris, in Fahrenheit?")   # or: await agent.arun(...)
     result.answer, result.trace       # the final text; the events that led to it
     for event in agent.stream(task):  # the same events as they happen
         ...
@@ -15,12 +15,12 @@ loop stops and the last text is the answer (`finish_reason` "tool_calls").
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from qwenkit.client.models import ChatModel
-from qwenkit.client.tools import Tool, as_tools, run_tool_call
+from qwenkit.client.tools import Tool, arun_tool_call, as_tools, run_tool_call
 from qwenkit.client.types import ChatOptions, Message, ResponseAccumulator, Usage, add_usage
 
 __all__ = ["Agent", "AgentEvent", "AgentResult", "AnswerEvent", "ThinkingEvent", "ToolCallEvent",
@@ -117,50 +117,100 @@ class Agent:
 
     def run(self, task: str | list[Message]) -> AgentResult:
         """Run the loop to the end; the answer with its trace."""
-        trace: list[AgentEvent] = []
-        stream = self._loop(task)
-        while True:
-            try:
-                trace.append(next(stream))
-            except StopIteration as stop:
-                messages, usage = stop.value
-                break
-        answer = trace[-1]
-        return AgentResult(answer.text, trace, messages, usage, answer.finish_reason)
+        state = _LoopState(self, task)
+        trace = list(self._events(state))
+        return state.result(trace)
 
     def stream(self, task: str | list[Message]) -> Iterator[AgentEvent]:
         """The loop's events as they happen; the last is the `AnswerEvent`."""
-        yield from self._loop(task)
+        yield from self._events(_LoopState(self, task))
 
-    def _loop(self, task: str | list[Message]):
-        messages: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
-        messages += [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
-        start = len(messages)
-        schemas = [t.schema() for t in self.tools] or None
-        by_name = {t.name: t for t in self.tools}
-        usage = None
+    async def arun(self, task: str | list[Message]) -> AgentResult:
+        """`run` for asyncio: the model is awaited, coroutine tools too."""
+        state = _LoopState(self, task)
+        trace = [event async for event in self._aevents(state)]
+        return state.result(trace)
+
+    async def astream(self, task: str | list[Message]) -> AsyncIterator[AgentEvent]:
+        """`stream` for asyncio."""
+        async for event in self._aevents(_LoopState(self, task)):
+            yield event
+
+    def _events(self, state: _LoopState) -> Iterator[AgentEvent]:
         for round in range(self.max_rounds + 1):
-            acc = ResponseAccumulator()
-            thought_given = False
-            for chunk in self.model.stream(messages, self.options, tools=schemas):
-                acc.add(chunk)
-                # The reasoning is whole once the answer or a tool call begins.
-                if not thought_given and (chunk.content or chunk.tool_calls) and "".join(acc.reasoning):
-                    thought_given = True
-                    yield ThinkingEvent("".join(acc.reasoning))
-            response = acc.response()
-            usage = add_usage(usage, response.usage)
-            if not thought_given and response.reasoning_content:
-                yield ThinkingEvent(response.reasoning_content)
-            if not (response.tool_calls and round < self.max_rounds):
-                yield AnswerEvent(response.content or "", response.finish_reason or "stop")
-                messages.append(response.to_message())
-                return messages[start:], usage
-            if response.content and response.content.strip():
-                yield ThinkingEvent(response.content)
-            messages.append(response.to_message())
-            for call in response.tool_calls:
+            state.begin_round()
+            for chunk in self.model.stream(state.messages, self.options, tools=state.schemas):
+                yield from state.on_chunk(chunk)
+            events, calls = state.end_round(round)
+            yield from events
+            for call in calls:
                 yield ToolCallEvent(call.id, call.name, call.arguments)
-                result = run_tool_call(by_name, call)
-                messages.append(result)
-                yield ToolResultEvent(call.id, call.name, result["content"], result["content"].startswith("Error:"))
+                yield state.add_result(call, run_tool_call(state.by_name, call))
+            if state.answered:
+                return
+
+    async def _aevents(self, state: _LoopState) -> AsyncIterator[AgentEvent]:
+        for round in range(self.max_rounds + 1):
+            state.begin_round()
+            async for chunk in self.model.astream(state.messages, self.options, tools=state.schemas):
+                for event in state.on_chunk(chunk):
+                    yield event
+            events, calls = state.end_round(round)
+            for event in events:
+                yield event
+            for call in calls:
+                yield ToolCallEvent(call.id, call.name, call.arguments)
+                yield state.add_result(call, await arun_tool_call(state.by_name, call))
+            if state.answered:
+                return
+
+
+class _LoopState:
+    """The messages, usage and per-round bookkeeping of one agent run, shared by the sync
+    and asyncio loops (which differ only in how they stream the model and run tools)."""
+
+    def __init__(self, agent: Agent, task: str | list[Message]):
+        self.messages: list[Message] = [{"role": "system", "content": agent.system}] if agent.system else []
+        self.messages += [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
+        self.start = len(self.messages)
+        self.schemas = [t.schema() for t in agent.tools] or None
+        self.by_name = {t.name: t for t in agent.tools}
+        self.max_rounds = agent.max_rounds
+        self.usage: Usage | None = None
+        self.answered = False
+
+    def begin_round(self) -> None:
+        self.acc = ResponseAccumulator()
+        self.thought_given = False
+
+    def on_chunk(self, chunk: Any) -> list[AgentEvent]:
+        self.acc.add(chunk)
+        # The reasoning is whole once the answer or a tool call begins.
+        if not self.thought_given and (chunk.content or chunk.tool_calls) and "".join(self.acc.reasoning):
+            self.thought_given = True
+            return [ThinkingEvent("".join(self.acc.reasoning))]
+        return []
+
+    def end_round(self, round: int) -> tuple[list[AgentEvent], list[Any]]:
+        """The round's remaining events and the tool calls to run (none once answered)."""
+        response = self.acc.response()
+        self.usage = add_usage(self.usage, response.usage)
+        events: list[AgentEvent] = []
+        if not self.thought_given and response.reasoning_content:
+            events.append(ThinkingEvent(response.reasoning_content))
+        self.messages.append(response.to_message())
+        if not (response.tool_calls and round < self.max_rounds):
+            self.answered = True
+            events.append(AnswerEvent(response.content or "", response.finish_reason or "stop"))
+            return events, []
+        if response.content and response.content.strip():
+            events.append(ThinkingEvent(response.content))
+        return events, response.tool_calls
+
+    def add_result(self, call: Any, result: Message) -> ToolResultEvent:
+        self.messages.append(result)
+        return ToolResultEvent(call.id, call.name, result["content"], result["content"].startswith("Error:"))
+
+    def result(self, trace: list[AgentEvent]) -> AgentResult:
+        answer = trace[-1]
+        return AgentResult(answer.text, trace, self.messages[self.start:], self.usage, answer.finish_reason)

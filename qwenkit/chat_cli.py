@@ -1,0 +1,283 @@
+"""`qwenkit chat`: an interactive terminal chat on the local model or a remote endpoint.
+
+Built on `ChatClient` with a `MessageChatMemoryAdvisor` over `SQLiteChatMemory`, so every
+turn is stored as it is answered and `--resume ID` picks a conversation up again, in this
+process or a later one. Thinking streams dimmed on stderr-style gray, the answer in plain
+text; tool calls (from `--mcp config.json`) and their results are shown as they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from qwenkit.client.tools import Tool
+from qwenkit.errors import QwenkitError
+
+HELP = """commands:
+  /think        answer with thinking (Qwen3 hybrid models)
+  /no_think     answer without thinking
+  /budget N     at most N thinking tokens (/budget off: no limit)
+  /new          start a new conversation
+  /history      show this conversation's stored messages
+  /help         this list
+  /exit         leave (or Ctrl-D); Ctrl-C stops an answer"""
+
+
+class _Style:
+    def __init__(self, enabled: bool):
+        self.dim = "\033[2m" if enabled else ""
+        self.bold = "\033[1m" if enabled else ""
+        self.cyan = "\033[36m" if enabled else ""
+        self.reset = "\033[0m" if enabled else ""
+
+
+class ChatSession:
+    """The state of one `qwenkit chat` run: the client, the conversation, the switches."""
+
+    def __init__(self, client: Any, memory: Any, *, conversation_id: str, enable_thinking: bool | None,
+                 thinking_budget: int | None, out: TextIO, style: _Style):
+        self.client, self.memory = client, memory
+        self.conversation_id = conversation_id
+        self.enable_thinking = enable_thinking
+        self.thinking_budget = thinking_budget
+        self.out, self.style = out, style
+
+    # -- commands ----------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False when the session should end."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/think":
+            self.enable_thinking = True
+            self.say("thinking on")
+        elif name == "/no_think":
+            self.enable_thinking = False
+            self.say("thinking off")
+        elif name == "/budget":
+            if arg in ("off", "none", ""):
+                self.thinking_budget = None
+                self.say("thinking budget off")
+            elif arg.isdigit():
+                self.thinking_budget = int(arg)
+                self.say(f"thinking budget {self.thinking_budget} tokens")
+            else:
+                self.say(f"/budget takes a number of tokens or 'off', not {arg!r}")
+        elif name == "/new":
+            self.conversation_id = new_conversation_id()
+            self.say(f"new conversation {self.conversation_id}")
+        elif name == "/history":
+            self.show_history()
+        elif name == "/help":
+            self.say(HELP)
+        else:
+            self.say(f"unknown command {name}; /help lists them")
+        return True
+
+    def say(self, text: str) -> None:
+        self.out.write(f"{self.style.dim}{text}{self.style.reset}\n")
+        self.out.flush()
+
+    def show_history(self) -> None:
+        messages = self.memory.get(self.conversation_id)
+        if not messages:
+            self.say(f"conversation {self.conversation_id} is empty")
+            return
+        self.say(f"conversation {self.conversation_id}:")
+        for m in messages:
+            role = m.get("role")
+            if role == "tool":
+                self.say(f"  [tool {m.get('name', '')}] {_short(m.get('content') or '')}")
+                continue
+            for call in m.get("tool_calls") or []:
+                fn = call.get("function", {})
+                self.say(f"  [{role} calls {fn.get('name')}({fn.get('arguments')})]")
+            if m.get("content"):
+                self.out.write(f"{self.style.bold}{role}:{self.style.reset} {m['content']}\n")
+        self.out.flush()
+
+    # -- a turn ------------------------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.enable_thinking is not None:
+            options["enable_thinking"] = self.enable_thinking
+        if self.thinking_budget is not None:
+            options["thinking_budget"] = self.thinking_budget
+        return options
+
+    def turn(self, text: str) -> None:
+        """Stream the answer to `text`; Ctrl-C stops it (the turn is then not stored)."""
+        s, out = self.style, self.out
+        thinking = answering = False
+        chunks = None
+        try:
+            chunks = (self.client.prompt(text).options(self.options())
+                      .advisors(conversation_id=self.conversation_id).stream().chunks())
+            for chunk in chunks:
+                if chunk.reasoning_content:
+                    if not thinking:
+                        out.write(f"{s.dim}thinking: ")
+                        thinking = True
+                    out.write(chunk.reasoning_content)
+                if chunk.content:
+                    if thinking:
+                        out.write(f"{s.reset}\n")
+                        thinking = False
+                    answering = True
+                    out.write(chunk.content)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(f"{s.reset}\n")
+            self.say("(stopped)")
+            return
+        except Exception as e:  # noqa: BLE001 - a failed turn (too long, endpoint down) ends the turn, not the chat
+            out.write(f"{s.reset}\n" if thinking or answering else "")
+            self.say(f"error: {e}")
+            return
+        finally:
+            if chunks is not None:
+                chunks.close()  # a stopped answer aborts its request
+        if thinking:
+            out.write(s.reset)
+        if thinking or answering:
+            out.write("\n")
+        out.flush()
+
+
+def new_conversation_id() -> str:
+    return secrets.token_hex(4)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ShownTool(Tool):
+    """A tool that prints its calls and results as the model makes them."""
+
+    def __init__(self, tool: Tool, out: TextIO, style: _Style):  # noqa: super().__init__ wants a function
+        self.tool, self.out, self.style = tool, out, style
+        self.name, self.description, self.parameters = tool.name, tool.description, tool.parameters
+
+    def invoke(self, arguments: Any) -> str:
+        shown = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        self._line(f"→ {self.name}({_short(shown)})")
+        result = self.tool.invoke(arguments)
+        self._line(f"← {_short(result)}")
+        return result
+
+    def _line(self, text: str) -> None:
+        self.out.write(f"{self.style.cyan}{text}{self.style.reset}\n")
+        self.out.flush()
+
+
+def _chat_model(args: argparse.Namespace) -> Any:
+    from qwenkit.client import LocalChatModel, OpenAIChatModel
+
+    if args.base_url:
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            raise QwenkitError("--base-url needs the openai package: pip install 'qwenkit[client]'") from None
+        api_key = args.api_key or os.environ.get("QWENKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        model = OpenAIChatModel(args.base_url, api_key, args.model)
+        if args.model == "default":
+            try:
+                model.model = model.client.models.list().data[0].id
+            except Exception as e:  # noqa: BLE001 - any failure here means the endpoint is not usable
+                raise QwenkitError(f"cannot list the models at {args.base_url}: {e}") from None
+        return model
+    from qwenkit.llm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+              quantization=args.quantization, compile=args.compile)
+    return LocalChatModel(llm)
+
+
+def default_chat_db() -> Path:
+    from qwenkit.default_model import qwenkit_home
+
+    return qwenkit_home() / "chat.sqlite3"
+
+
+def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    from qwenkit.client import ChatClient, MCPToolset, MessageChatMemoryAdvisor, SQLiteChatMemory
+
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+
+    if args.thinking_budget is not None and args.thinking_budget < 0:
+        raise QwenkitError("--thinking-budget must be >= 0")
+    style = _Style(out.isatty() and not os.environ.get("NO_COLOR"))
+    db = Path(args.db) if args.db else default_chat_db()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    memory = SQLiteChatMemory(db, max_messages=args.max_history)
+    if args.resume and args.resume not in memory.conversation_ids():
+        raise QwenkitError(f"no conversation {args.resume!r} in {db} (known: "
+                           f"{', '.join(memory.conversation_ids()[-5:]) or 'none'})")
+    mcp = MCPToolset(args.mcp).start() if args.mcp else None
+    try:
+        tools = [ShownTool(t, out, style) for t in (mcp.tools if mcp else [])]
+        options: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "top_k", "max_tokens", "seed"):
+            if getattr(args, name) is not None:
+                options[name] = getattr(args, name)
+        client = ChatClient(_chat_model(args), default_system=args.system, default_options=options,
+                            default_advisors=[MessageChatMemoryAdvisor(memory)], default_tools=tools)
+        session = ChatSession(client, memory, conversation_id=args.resume or new_conversation_id(),
+                              enable_thinking=False if args.no_think else None,
+                              thinking_budget=args.thinking_budget, out=out, style=style)
+        verb = "resumed" if args.resume else "new"
+        session.say(f"{verb} conversation {session.conversation_id} (qwenkit chat --resume "
+                    f"{session.conversation_id}); /help for commands"
+                    + (f"; tools: {', '.join(t.name for t in tools)}" if tools else ""))
+        if args.resume:
+            session.show_history()
+        return _loop(session, stdin, out, style)
+    finally:
+        if mcp is not None:
+            mcp.close()
+        memory.close()
+
+
+def _loop(session: ChatSession, stdin: TextIO, out: TextIO, style: _Style) -> int:
+    interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+    while True:
+        try:
+            if interactive:
+                line = input(f"{style.bold}> {style.reset}")
+            else:
+                out.write("> ")
+                out.flush()
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            if not session.command(line):
+                return 0
+            continue
+        session.turn(line[1:] if line.startswith("//") else line)
