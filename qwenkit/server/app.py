@@ -274,7 +274,12 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         data, content_type = metrics.render()
         return Response(data, media_type=content_type)
 
-    return Guard(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes, on_response=metrics.response)
+    guarded = Guard(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes, on_response=metrics.response)
+    if config.web:
+        from qwenkit.server.web import mount_web
+
+        return mount_web(app, guarded, config)
+    return guarded
 
 
 def _as_400(translate: Callable[[Any], Any], body: Any) -> Any:

@@ -1,0 +1,208 @@
+"""The web page's conversations: titles in a small table beside the chat memory's messages.
+
+Messages live in `SQLiteChatMemory` (one row per message, a turn written at once); this
+module adds a `web_conversations` table in the same SQLite file with each conversation's
+title and times. No torch, no HTTP: the routes in `qwenkit.server.web.api` call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from qwenkit.client.memory import SQLiteChatMemory
+
+MAX_TITLE_CHARS = 200
+AUTO_TITLE_CHARS = 60
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS web_conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+# -- request bodies --------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolCallFunction(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = ""
+
+
+class ToolCallItem(_Strict):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class StoredMessage(_Strict):
+    """One message of a turn as the page saves it: OpenAI's chat fields, the reasoning,
+    and `meta` (usage, timings, whether the user stopped it) that is shown, never sent
+    to the model."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallItem] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+class NewConversation(_Strict):
+    title: str | None = None
+
+    @field_validator("title")
+    @classmethod
+    def _title(cls, value: str | None) -> str | None:
+        return None if value is None else clean_title(value)
+
+
+class Rename(_Strict):
+    title: str
+
+    @field_validator("title")
+    @classmethod
+    def _title(cls, value: str) -> str:
+        return clean_title(value)
+
+
+class Turn(_Strict):
+    messages: list[StoredMessage] = Field(min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _unicode(self) -> Turn:
+        check_unicode([m.model_dump(exclude_none=True) for m in self.messages], "messages")
+        return self
+
+
+def check_unicode(value: Any, what: str) -> None:
+    """JSON allows lone surrogates ("\\ud800") that UTF-8, hence SQLite and the response, cannot hold."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} holds text that is not valid Unicode (a lone surrogate)") from None
+
+
+def clean_title(title: str) -> str:
+    check_unicode(title, "the title")
+    title = " ".join(title.split())
+    if not title:
+        raise ValueError("a title must not be blank")
+    if len(title) > MAX_TITLE_CHARS:
+        raise ValueError(f"a title has at most {MAX_TITLE_CHARS} characters, got {len(title)}")
+    return title
+
+
+def auto_title(messages: list[dict[str, Any]]) -> str | None:
+    """A title from the first user message: its first line, cut to a few words."""
+    for m in messages:
+        if m.get("role") == "user" and isinstance(m.get("content"), str) and m["content"].strip():
+            text = " ".join(m["content"].split())
+            return text if len(text) <= AUTO_TITLE_CHARS else text[:AUTO_TITLE_CHARS - 1].rstrip() + "…"
+    return None
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+class ConversationNotFound(KeyError):
+    pass
+
+
+class ConversationStore:
+    """Conversations of the web page in the SQLite file at `path` (created with its folder)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.memory = SQLiteChatMemory(self.path, max_messages=None)
+        self._lock = threading.Lock()  # one writer at a time in this process; SQLite locks across processes
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _db(self):
+        # A short-lived connection per call: handlers run on a thread pool, and opening
+        # a local SQLite file costs microseconds.
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every conversation, the latest updated first."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM web_conversations ORDER BY updated_at DESC, rowid DESC").fetchall()
+        return [_summary(r) for r in rows]
+
+    def create(self, title: str | None = None) -> dict[str, Any]:
+        now = time.time()
+        conversation_id = "conv_" + secrets.token_hex(8)
+        with self._lock, self._db() as db:
+            db.execute("INSERT INTO web_conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                       (conversation_id, title, now, now))
+        return self.summary(conversation_id)
+
+    def summary(self, conversation_id: str) -> dict[str, Any]:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM web_conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            raise ConversationNotFound(conversation_id)
+        return _summary(row)
+
+    def get(self, conversation_id: str) -> dict[str, Any]:
+        """The conversation with all its messages."""
+        out = self.summary(conversation_id)
+        out["messages"] = self.memory.get(conversation_id)
+        return out
+
+    def rename(self, conversation_id: str, title: str) -> dict[str, Any]:
+        with self._lock, self._db() as db:
+            found = db.execute("UPDATE web_conversations SET title = ? WHERE id = ?", (title, conversation_id))
+        if found.rowcount == 0:
+            raise ConversationNotFound(conversation_id)
+        return self.summary(conversation_id)
+
+    def delete(self, conversation_id: str) -> None:
+        with self._lock, self._db() as db:
+            found = db.execute("DELETE FROM web_conversations WHERE id = ?", (conversation_id,))
+        if found.rowcount == 0:
+            raise ConversationNotFound(conversation_id)
+        self.memory.clear(conversation_id)
+
+    def append(self, conversation_id: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Add a turn; an untitled conversation takes its title from the first user message."""
+        with self._lock:
+            self.summary(conversation_id)  # 404 before writing anything
+            self.memory.add(conversation_id, messages)
+            with self._db() as db:
+                db.execute("UPDATE web_conversations SET title = COALESCE(title, ?), updated_at = ? WHERE id = ?",
+                           (auto_title(messages), time.time(), conversation_id))
+        return self.summary(conversation_id)
+
+    def close(self) -> None:
+        self.memory.close()
+
+
+def _summary(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "object": "conversation", "title": row["title"],
+            "created_at": int(row["created_at"]), "updated_at": int(row["updated_at"])}
