@@ -184,6 +184,18 @@ def test_tools_api(api):
     assert api.post("/web/api/tools/fail", json={"arguments": {}}).json()["content"].startswith("Error")
 
 
+def test_the_page_ships_in_the_package():
+    """pyproject's package data holds every static file: `pip install` is all the page needs."""
+    import tomllib
+
+    package = Path(__file__).parent.parent / "qwenkit"
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["qwenkit"]
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    static = [p for p in (package / "server" / "web" / "static").rglob("*") if p.is_file()]
+    assert static and [p for p in static if p not in shipped] == []
+
+
 def test_mcp_config_errors(allm, tmp_path):
     from starlette.testclient import TestClient
 
