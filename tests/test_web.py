@@ -349,11 +349,14 @@ def test_stop_aborts_and_the_server_frees_the_request(page, allm, api):
         send(page, "Talk for a long time")
         answer = page.locator("article.assistant").last
         answer.locator(".content p").wait_for()
-        page.get_by_role("button", name="Stop").click()
+        stop = page.get_by_role("button", name="Stop")
+        assert stop.evaluate("button => button === document.activeElement")  # focused: Enter or Space stops
+        page.keyboard.press("Enter")
         wait_answered(page)
         assert engine_is_idle(allm), "the aborted request still holds the engine"
     assert "stopped" in answer.locator(".usage").inner_text()
-    assert page.get_by_role("button", name="Send").is_visible()
+    assert page.get_by_role("button", name="Send").is_visible() and not stop.is_visible()
+    assert page.get_by_label("Message", exact=True).evaluate("box => box === document.activeElement")
     metrics = api.get("/metrics").text
     assert re.search(r"^qwenkit_requests_running 0\.0$", metrics, re.M)
     # The partial turn is kept, marked stopped.

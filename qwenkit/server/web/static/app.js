@@ -677,6 +677,7 @@ function bindUI() {
   window.addEventListener("hashchange", () => {
     const id = location.hash.slice(1);
     if (id) openConversation(id);
+    else if (state.current) newChat(); // back to the page without a conversation
   });
   onKeyNeeded(askForKey);
   bindSettings();
