@@ -4,6 +4,7 @@ loader and tokenizer, and the errors a user can hit."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -19,8 +20,9 @@ transformers = pytest.importorskip("transformers")
 
 HALF_TYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 ARCH_ENUMS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
-# A tiny vocabulary: three Qwen special tokens, then plain ones.
-TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"t{i}" for i in range(253)]
+# A tiny vocabulary: three Qwen special tokens, then plain ones, the last one a merge.
+TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"t{i}" for i in range(252)] + ["t1t2"]
+TINY_MERGES = ["t1 t2"]
 COMMON = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=256, intermediate_size=128, max_position_embeddings=4096, rms_norm_eps=1e-6,
@@ -61,8 +63,11 @@ def gguf_tensors(model: torch.nn.Module, arch: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_gguf(path: Path, model: torch.nn.Module, arch: str, *, weight_type: str = "F32", extra=None) -> Path:
-    """Matrices (rows a multiple of 32 values) in `weight_type`, the rest in F32."""
+def write_gguf(
+    path: Path, model: torch.nn.Module, arch: str, *, weight_type: str | Callable[[str], str] = "F32", extra=None
+) -> Path:
+    """Matrices (rows a multiple of the type's block) in `weight_type` (or `weight_type(gguf_name)`),
+    the rest in F32."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -84,15 +89,21 @@ def write_gguf(path: Path, model: torch.nn.Module, arch: str, *, weight_type: st
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(TINY_TOKENS)
     writer.add_token_types([3, 3, 3] + [1] * (len(TINY_TOKENS) - 3))
+    writer.add_token_merges(TINY_MERGES)
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(0)
     if extra is not None:
         extra(writer)
     for name, array in gguf_tensors(model, arch).items():
-        tensor_type = gguf.GGMLQuantizationType[weight_type]
-        if array.ndim >= 2 and array.shape[-1] % 32 == 0 and tensor_type != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, gguf.quants.quantize(array, tensor_type), raw_dtype=tensor_type)
+        tensor_type = gguf.GGMLQuantizationType[weight_type if isinstance(weight_type, str) else weight_type(name)]
+        block_size = gguf.GGML_QUANT_SIZES[tensor_type][0]
+        if array.ndim >= 2 and array.shape[-1] % block_size == 0 and tensor_type != gguf.GGMLQuantizationType.F32:
+            if tensor_type in RANDOM_BLOCK_TYPES:
+                raw = random_blocks(array.shape, tensor_type, seed=len(name))
+            else:
+                raw = gguf.quants.quantize(array, tensor_type)
+            writer.add_tensor(name, raw, raw_dtype=tensor_type)
         else:
             writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -100,6 +111,24 @@ def write_gguf(path: Path, model: torch.nn.Module, arch: str, *, weight_type: st
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# gguf-py cannot quantize to these; `random_blocks` stands in for the model's values.
+# Block layouts (llama.cpp's ggml-common.h): Q4_K is fp16 d, fp16 dmin, 12 bytes of 6-bit
+# scales and mins, 128 bytes of nibbles; Q6_K is 128 + 64 bytes of low and high bits,
+# 16 int8 scales, fp16 d.
+RANDOM_BLOCK_TYPES = {gguf.GGMLQuantizationType.Q4_K: (0, 2), gguf.GGMLQuantizationType.Q6_K: (208,)}
+
+
+def random_blocks(shape: tuple[int, ...], tensor_type, *, seed: int) -> np.ndarray:
+    """Valid random `tensor_type` data for a tensor of `shape` (every bit pattern of the
+    values and sub-block scales), its fp16 super-block scales set so values stay below ~0.2."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (int(np.prod(shape)) // block_size, type_size), dtype=np.uint8)
+    for offset in RANDOM_BLOCK_TYPES[tensor_type]:
+        blocks[:, offset : offset + 2] = np.full((len(blocks), 1), 2e-4, np.float16).view(np.uint8)
+    return blocks.reshape(*shape[:-1], -1)
 
 
 def expected_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +12,11 @@ from tqdm import tqdm
 
 from qwenkit.config import GenerationConfig, ModelConfig, read_json
 from qwenkit.errors import ModelLoadError
+from qwenkit.loader.quantization import check_quantization, plan_quantization
 from qwenkit.loader.weights import load_weights
 from qwenkit.model_files import ModelFiles
 from qwenkit.models import MODEL_REGISTRY, QwenForCausalLM
+from qwenkit.models.quant import quantize_modules
 from qwenkit.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,9 +41,11 @@ def load_model(
 ) -> LoadedModel:
     """Build the model for `files`, fill its weights and load its tokenizer.
 
-    quantization: "auto" (GGUF weights stay quantized, safetensors load as `dtype`),
-    "none" (everything as `dtype`), "int8" or "int4" (weight-only quantized at load).
+    quantization: "auto" (on CPU, GGUF weights stay quantized; safetensors load as `dtype`),
+    "none" (everything as `dtype`), "int8" or "int4" (weight-only quantized as they load).
+    See qwenkit/loader/quantization.py and docs/quantization.md.
     """
+    quantization = check_quantization(quantization)
     if files.format == "gguf":
         from qwenkit.loader.gguf import GGUFCheckpoint
 
@@ -48,8 +53,8 @@ def load_model(
         config = ModelConfig.from_hf(ckpt.hf_config())
         generation_config = GenerationConfig.from_hf(ckpt.generation_config())
         tokenizer = Tokenizer(ckpt.tokenizer_backend(), chat_template=ckpt.chat_template, **ckpt.special_tokens())
-        weights = ckpt.iter_weights(dtype)
-        total = None
+        tensor_types = ckpt.tensor_types()
+        total = len(tensor_types)
     else:
         from qwenkit.loader.safetensors import count_tensors, iter_safetensors
 
@@ -57,7 +62,7 @@ def load_model(
         gen_path = files.path / "generation_config.json"
         generation_config = GenerationConfig.from_hf(read_json(gen_path) if gen_path.exists() else {})
         tokenizer = Tokenizer.from_dir(files.path)
-        weights = iter_safetensors(files.path, dtype)
+        tensor_types = None
         total = count_tensors(files.path)
     if not generation_config.eos_token_ids and tokenizer.eos_token_id is not None:
         generation_config = GenerationConfig(eos_token_ids=(tokenizer.eos_token_id,))
@@ -66,11 +71,21 @@ def load_model(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
         )
     with torch.device(device):
+        # Parameters are torch.empty: those the swap replaces are never written, so never resident.
         model = MODEL_REGISTRY[config.model_type](config, dtype=dtype)
+        formats = plan_quantization(model, quantization, tensor_types=tensor_types, device=device)
+        quantize_modules(model, formats)
+    if formats:
+        logger.info("quantized %s", ", ".join(f"{n} {f}" for f, n in sorted(Counter(formats.values()).items())))
+    # Lazy tensors let a quantized parameter read a block of rows at a time.
+    lazy = bool(formats)
+    weights = ckpt.iter_weights(dtype, lazy=lazy) if files.format == "gguf" else iter_safetensors(
+        files.path, dtype, lazy=lazy
+    )
     bar = tqdm(
         weights, total=total, desc=f"Loading {files.name}", unit=" tensors", file=sys.stderr,
         disable=not progress, leave=False,
     )
-    load_weights(model, ((name, t.to(device)) for name, t in bar))
+    load_weights(model, bar)
     model.eval()
     return LoadedModel(model, config, generation_config, tokenizer, files.name)

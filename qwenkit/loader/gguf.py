@@ -3,7 +3,7 @@
 :class:`GGUFCheckpoint` turns the file's metadata into the dicts a Hugging Face checkpoint
 ships (`config.json`, `generation_config.json`), its vocabulary into a `tokenizers.Tokenizer`,
 and its tensors into `(hf_name, tensor)` pairs, dequantized one at a time with
-`gguf.quants.dequantize`.
+`gguf.quants.dequantize` (or, for a quantizing load, read lazily as `GGUFTensor`s).
 
 The header is parsed here with `struct` rather than with `gguf.GGUFReader`: the reader builds
 a numpy view for each of the ~300k vocabulary and merge strings, which takes 13 s for a
@@ -319,18 +319,72 @@ class GGUFCheckpoint:
 
     # -- weights ---------------------------------------------------------------------------
 
-    def iter_weights(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor as `(hf_name, tensor)`, dequantized one at a time to `dtype`, in HF shapes."""
-        blob = np.memmap(self.path, mode="r", dtype=np.uint8)
+    def tensor_types(self) -> dict[str, GGMLQuantizationType]:
+        """How each tensor is stored, by Hugging Face name."""
+        return {self._hf_names[info.name]: info.tensor_type for info in self._tensors.values()}
+
+    def iter_weights(
+        self, dtype: torch.dtype = torch.float32, *, lazy: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
+        """Every tensor as `(hf_name, tensor)` in HF shapes, dequantized one at a time to
+        `dtype`; with `lazy`, as a `GGUFTensor` that reads its rows when asked."""
         for info in self._tensors.values():
-            raw = blob[info.start : info.start + info.num_bytes]
-            if info.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                values = raw.view(np.float32 if info.tensor_type == GGMLQuantizationType.F32 else np.float16)
-            else:
-                # gguf.quants wants rows of blocks: [..., bytes per row].
-                values = dequantize(raw.reshape(math.prod(info.shape[:-1]), -1), info.tensor_type)
-            tensor = torch.from_numpy(np.array(values, copy=not values.flags.writeable))
-            yield self._hf_names[info.name], tensor.reshape(info.shape).to(dtype)
+            tensor = GGUFTensor(self.path, info)
+            yield self._hf_names[info.name], tensor if lazy else tensor.read_rows(0, info.shape[0]).to(dtype)
+
+
+class GGUFTensor:
+    """One tensor of a GGUF file, read on demand a block of rows (dim 0) at a time, so that a
+    quantizing loader never holds a whole float copy. Reads go through the file, not a
+    memory map, so loaded bytes do not stay in the process's resident memory."""
+
+    def __init__(self, path: Path, info: _TensorInfo):
+        self.path = path
+        self.info = info
+        self.shape = info.shape
+        self.ggml_type = info.tensor_type
+        self._row_bytes = info.num_bytes // info.shape[0] if info.shape else info.num_bytes
+
+    @property
+    def stores_int4(self) -> bool:
+        """Q4_K: 4-bit values in groups of 32 with a scale and a min, as torch's int4 kernel takes."""
+        return self.ggml_type == GGMLQuantizationType.Q4_K and len(self.shape) == 2
+
+    def read_raw(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as stored: uint8 [rows, bytes per row]."""
+        raw = np.fromfile(self.path, dtype=np.uint8, count=(stop - start) * self._row_bytes,
+                          offset=self.info.start + start * self._row_bytes)
+        return torch.from_numpy(raw.reshape(stop - start, self._row_bytes))
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) dequantized to float32."""
+        raw = self.read_raw(start, stop).numpy()
+        shape = (stop - start, *self.shape[1:])
+        if self.ggml_type == GGMLQuantizationType.F32:
+            values = raw.view(np.float32)
+        elif self.ggml_type == GGMLQuantizationType.F16:
+            values = raw.view(np.float16).astype(np.float32)
+        else:
+            # gguf.quants wants rows of blocks: [..., bytes per row].
+            values = dequantize(raw.reshape(math.prod(shape[:-1]), -1), self.ggml_type)
+        return torch.from_numpy(values).reshape(shape)
+
+    def read_int4(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q4_K rows [start, stop) as (q uint8 [rows, K], scale, min float32 [rows, K / 32]):
+        w = q * scale + min, exactly as `gguf.quants` dequantizes them."""
+        from gguf.quants import Q4_K
+
+        rows, k = stop - start, self.shape[1]
+        blocks = self.read_raw(start, stop).numpy().reshape(-1, GGML_QUANT_SIZES[self.ggml_type][1])
+        d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].view(np.float16).astype(np.float32)
+        sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+        # 32 bytes hold two groups of 32: the low nibbles, then the high ones.
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (qs & np.uint8(0x0F)).reshape(rows, k)
+        scale = (d * sc.astype(np.float32)).reshape(rows, k // 32)
+        low = -(dmin * m.astype(np.float32)).reshape(rows, k // 32)
+        return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(low)
 
 
 def _hf_name(gguf_name: str, path: Path) -> str:

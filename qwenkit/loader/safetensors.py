@@ -40,12 +40,27 @@ def _open(path: Path):
         raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
 
 
-def iter_safetensors(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, tensor)` for every tensor, converted to `dtype` one at a time."""
+def iter_safetensors(
+    folder: Path, dtype: torch.dtype, *, lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor | SafetensorsTensor]]:
+    """Yield `(hf_name, tensor)` for every tensor, converted to `dtype` one at a time; with
+    `lazy`, as a `SafetensorsTensor` valid until the next one is asked for."""
     for path in safetensors_files(folder):
         with _open(path) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+                yield name, SafetensorsTensor(f, name) if lazy else f.get_tensor(name).to(dtype)
+
+
+class SafetensorsTensor:
+    """One tensor of an open safetensors file, read a block of rows (dim 0) at a time."""
+
+    def __init__(self, file, name: str):
+        self._slice = file.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) in float32."""
+        return self._slice[start:stop].float()
 
 
 def count_tensors(folder: Path) -> int:

@@ -4,7 +4,8 @@ Checkpoint names are kept as Hugging Face writes them. The model's
 `packed_modules_mapping` says which of them live inside a fused parameter
 (`q_proj -> qkv_proj`, `gate_proj -> gate_up_proj`); per-expert MoE matrices
 (`mlp.experts.{e}.gate_proj.weight`) and stacked ones (`mlp.experts.gate_proj`, as
-GGUF stores them) go into the `[num_experts, ...]` tensors. At the end every
+GGUF stores them) go into the `[num_experts, ...]` tensors. Quantized parameters
+(qwenkit/models/quant.py) take the same names and shards. At the end every
 parameter must have been filled and every tensor used, else ModelLoadError names it.
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from qwenkit.errors import ModelLoadError
+from qwenkit.models.quant import LazyTensor, materialize
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(?:(\d+)\.)?(gate_proj|up_proj|down_proj)(?:\.weight)?$")
 _EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
@@ -24,8 +26,11 @@ _EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1
 _DERIVED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Fill `model`'s parameters from `weights`; raise ModelLoadError if any is missing or unused."""
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | LazyTensor]]) -> None:
+    """Fill `model`'s parameters from `weights`; raise ModelLoadError if any is missing or unused.
+
+    A lazy tensor is read whole for a float parameter and handed as is to a quantized one
+    (`reads_lazily`), which reads it a block of rows at a time."""
     params = dict(model.named_parameters())
     filled: dict[str, set] = {name: set() for name in params}
     unused: list[str] = []
@@ -40,6 +45,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         name, shard = target
         param = params[name]
         try:
+            if getattr(param, "reads_lazily", False):  # quantized: reads and converts a block of rows at a time
+                filled[name] |= param.weight_loader(param, tensor, shard)
+                continue
+            tensor = materialize(tensor).to(param.device)
             if shard is None:
                 if tuple(param.shape) != tuple(tensor.shape):
                     raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")

@@ -87,6 +87,20 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class Embedding(nn.Module):
+    """Token embeddings [vocab_size, hidden_size]; `attend` is the matmul of a tied lm_head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _empty(num_embeddings, embedding_dim, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 def _copy_checked(target: torch.Tensor, tensor: torch.Tensor) -> None:
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(f"expected shape {tuple(target.shape)}, got {tuple(tensor.shape)}")
@@ -305,9 +319,7 @@ class DecoderLayer(nn.Module):
 class QwenModel(nn.Module):
     def __init__(self, config: ModelConfig, flags: BlockFlags, *, dtype: torch.dtype):
         super().__init__()
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size, _weight=_empty(config.vocab_size, config.hidden_size, dtype=dtype)
-        )
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
             DecoderLayer(config, flags, i, dtype=dtype) for i in range(config.num_hidden_layers)
         )
@@ -353,10 +365,6 @@ class QwenForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(config.hidden_size, [config.vocab_size], bias=False, dtype=dtype)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -369,7 +377,9 @@ class QwenForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden).float()
+        return self.lm_head(hidden).float()
 
     def allocate_kv_cache(self, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (key, value) pair of `[num_slots, num_kv_heads, head_dim]` tensors per layer."""

@@ -1,0 +1,96 @@
+"""Which modules a load quantizes, and to which in-memory format (qwenkit/models/quant.py).
+
+quantization="auto": on CPU, GGUF matrices stay quantized, in the format `GGUF_AUTO_FORMATS`
+gives their storage type; float-stored tensors, safetensors checkpoints, and any checkpoint
+on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
+where a shape does not fit int4), the embedding and lm_head in int8, as llama.cpp keeps the
+output matrix at higher precision. "none": all floats. The MoE router and the experts stay
+float (see docs/quantization.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from gguf import GGMLQuantizationType as T
+from torch import nn
+
+from qwenkit.errors import ModelLoadError
+from qwenkit.loader.weights import _target
+from qwenkit.models.layers import Embedding, Linear
+from qwenkit.models.quant import GGUF, INT4, INT4_GROUP_SIZE, INT8
+
+QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
+
+# GGUF storage type -> in-memory format under "auto", chosen by measured speed and accuracy
+# (docs/quantization.md). int8 per output row costs 8 bits a value against the file's 4.5 to
+# 8.5, and runs the fastest kernel here; Q4_K could be int4 exactly but measures slower.
+GGUF_AUTO_FORMATS = {
+    T.Q8_0: INT8,
+    T.Q6_K: INT8,
+    T.Q5_K: INT8,
+    T.Q5_0: INT8,
+    T.Q4_K: INT8,
+    T.Q4_0: INT8,
+}
+
+
+def check_quantization(quantization: str | None) -> str:
+    """The quantization choice, "auto" for None; ModelLoadError naming the choices otherwise."""
+    quantization = "auto" if quantization is None else quantization
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ModelLoadError(
+            f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATION_CHOICES)}"
+        )
+    return quantization
+
+
+def plan_quantization(
+    model: nn.Module,
+    quantization: str | None,
+    *,
+    tensor_types: Mapping[str, T] | None,
+    device: torch.device,
+) -> dict[str, str]:
+    """{module name: format} for `quantize_modules`. tensor_types: the GGUF storage type of
+    each checkpoint tensor by HF name (None for a safetensors checkpoint)."""
+    quantization = check_quantization(quantization)
+    if quantization == "int4" and device.type != "cpu":
+        raise ModelLoadError("quantization 'int4' runs on CPU only (torch's int4 CPU kernel); use int8 or none")
+    if quantization == "none" or (quantization == "auto" and (tensor_types is None or device.type != "cpu")):
+        return {}
+    modules = dict(model.named_modules())
+    if quantization != "auto":
+        formats = {}
+        for name, module in modules.items():
+            if type(module) is Embedding or name == "lm_head":
+                formats[name] = INT8
+            elif type(module) is Linear and not name.endswith(".mlp.gate"):  # the MoE router stays float
+                formats[name] = quantization if quantization == INT8 or _fits_int4(module) else INT8
+        return formats
+
+    params = dict(model.named_parameters())
+    stored: dict[str, set[T]] = {}
+    for hf_name, tensor_type in tensor_types.items():
+        target = _target(model, params, hf_name)
+        if target is not None and target[0].endswith(".weight"):
+            stored.setdefault(target[0].removesuffix(".weight"), set()).add(tensor_type)
+    formats = {}
+    for name, types in stored.items():
+        wanted = {GGUF_AUTO_FORMATS.get(t) for t in types} - {None}
+        module = modules.get(name)
+        if not wanted:
+            continue  # stored as floats
+        if type(module) is Embedding:
+            (tensor_type,) = types
+            # The lm_head needs a matmul: a tied embedding is int8, else kept as stored.
+            formats[name] = INT8 if getattr(model, "lm_head", None) is None else f"{GGUF}:{tensor_type.name}"
+        elif type(module) is Linear and not name.endswith(".mlp.gate"):
+            formats[name] = INT4 if wanted == {INT4} and _fits_int4(module) else INT8
+    return formats
+
+
+def _fits_int4(linear: Linear) -> bool:
+    out_features, in_features = linear.weight.shape
+    return in_features % INT4_GROUP_SIZE == 0 and out_features % 16 == 0

@@ -1,0 +1,324 @@
+"""Weight-only quantized matmuls and token embeddings, for CPU inference.
+
+`quantize_modules` swaps chosen `Linear`s and embeddings of a model whose weights are not
+loaded yet for the classes here, so the float matrices are never written (their
+`torch.empty` pages are never touched) and every checkpoint tensor is quantized as it
+arrives, a block of rows at a time.
+
+Formats:
+
+- ``int8``: w[n, k] = q[n, k] * scale[n], q in [-127, 127], one scale per output row, rounded
+  *up* to a bfloat16 value before quantizing, so the bfloat16 scales the kernel takes are exact.
+- ``int4``: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], q in [0, 15], groups g of 32
+  along k, bfloat16 scale and zero: what torch's `_weight_int4pack_mm_for_cpu` computes.
+  GGUF Q4_K (q * d*sc - dmin*m per 32 values) maps onto it up to the bfloat16 rounding of
+  scale and zero; floats are quantized from each group's min and max.
+- ``gguf:<type>`` (embeddings only): the GGUF blocks as stored; the rows a step gathers are
+  dequantized by `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
+
+Dispatch on CPU: a call of at most `MAX_KERNEL_TOKENS` rows (decode) runs torch's int8 or
+int4 kernel on bfloat16 activations, several times faster than a float32 matmul on AVX2; a
+larger call (prefill) dequantizes the int8 weight a block of rows at a time and runs a float
+GEMM in the activations' dtype, which measures faster there (see docs/quantization.md). int4
+always runs its kernel: the packed layout is torch's own and is not read back here. On other
+devices int8 dequantizes every call; int4 is CPU only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.models.layers import Embedding, Linear
+
+INT8, INT4, GGUF = "int8", "int4", "gguf"
+INT4_GROUP_SIZE = 32
+# Calls with more rows than this dequantize and run a float GEMM (measured: docs/quantization.md).
+MAX_KERNEL_TOKENS = 32
+# Rows are quantized, and dequantized for large calls, in blocks of about this many values (4 MiB of float32).
+_BLOCK_VALUES = 1 << 20
+
+
+class LazyTensor(Protocol):
+    """A checkpoint tensor read on demand, a block of rows (along dim 0) at a time.
+
+    Where the checkpoint stores 4-bit groups of 32 with a scale and a min, `stores_int4` is
+    true and `read_int4(start, stop)` gives (q uint8, scale, min), w = q * scale + min. GGUF
+    tensors also have `ggml_type` and `read_raw(start, stop)`: uint8 rows of blocks.
+    """
+
+    shape: tuple[int, ...]
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) in float32."""
+
+
+def materialize(tensor: torch.Tensor | LazyTensor) -> torch.Tensor:
+    """The whole tensor (float32 for a lazy one)."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.read_rows(0, tensor.shape[0])
+
+
+def row_blocks(tensor: torch.Tensor | LazyTensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 rows) in blocks of about `_BLOCK_VALUES` values."""
+    rows = tensor.shape[0]
+    step = max(1, _BLOCK_VALUES // max(1, math.prod(tensor.shape[1:])))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = tensor[start:stop] if isinstance(tensor, torch.Tensor) else tensor.read_rows(start, stop)
+        yield start, block.float()
+
+
+# -- quantizers --------------------------------------------------------------------------------
+
+
+def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 values >= x (x >= 0), as float32."""
+    b = x.to(torch.bfloat16)
+    up = (b.view(torch.int16) + 1).view(torch.bfloat16)
+    return torch.where(b.float() < x, up, b).float()
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N, K] float -> (q int8 [..., N, K], scale float32 [..., N], bfloat16-exact).
+
+    |w - q * scale| <= scale / 2, scale = amax(|w[n]|) / 127 rounded up to bfloat16."""
+    w = w.float()
+    scale = _bf16_ceil(torch.linalg.vector_norm(w, float("inf"), dim=-1) / 127)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    # No clamp needed: the rounded-up scale keeps |w / scale| <= 127.
+    q = (w / scale[..., None]).round_().to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, ...]:
+    """[N, K] float -> (q uint8 [N, K] in 0..15, scale, zero float32 [N, K / group_size], bfloat16-exact).
+
+    w ~ (q - 8) * scale + zero, scale = (max - min) / 15 of the group."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = _bf16_ceil((high - low) / 15)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = (low + 8 * scale).to(torch.bfloat16).float()
+    q = ((groups - (zero - 8 * scale)[..., None]) / scale[..., None]).round_().clamp_(0, 15)
+    return q.to(torch.uint8).reshape(n, k), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The float32 [N, K] the int4 kernel multiplies by (q uint8 [N, K]; scale, zero [N, K / 32])."""
+    n, k = q.shape
+    groups = q.float().reshape(n, scale.shape[1], -1)
+    return ((groups - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+# -- matmuls -----------------------------------------------------------------------------------
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T, in x's dtype."""
+    if x.device.type == "cpu" and x.shape[0] <= MAX_KERNEL_TOKENS:
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale).to(x.dtype)
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    step = max(1, _BLOCK_VALUES // weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        out[:, rows] = F.linear(x, weight[rows].to(x.dtype)) * scale[rows].to(x.dtype)
+    return out
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ w^T with w packed by `_convert_weight_to_int4pack_for_cpu`, in x's dtype."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP_SIZE, scales_and_zeros)
+    return y.to(x.dtype)
+
+
+def _check_shape(tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def _int4_blocks(tensor) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    """(first row, (q, scale, zero)) of `tensor`: exact from 4-bit checkpoint storage, else quantized."""
+    exact = getattr(tensor, "stores_int4", False)
+    step = max(1, _BLOCK_VALUES // tensor.shape[1])
+    for start in range(0, tensor.shape[0], step):
+        stop = min(tensor.shape[0], start + step)
+        if exact:
+            q, scale, low = tensor.read_int4(start, stop)
+            yield start, (q, scale, low + 8 * scale)  # w = q*scale + low = (q - 8)*scale + zero
+        else:
+            rows = tensor[start:stop] if isinstance(tensor, torch.Tensor) else tensor.read_rows(start, stop)
+            yield start, quantize_int4(rows)
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+# -- modules -----------------------------------------------------------------------------------
+
+
+class QuantLinear(Linear):
+    """`Linear` with an int8 or int4 weight; loads the same checkpoint tensors and shards.
+
+    int8: weight int8 [N, K], scale bfloat16 [N]. int4: weight is torch's packed uint8 and
+    scales_and_zeros bfloat16 [K / 32, N, 2]; shards are gathered unpacked and packed once
+    the last one is in. The bias stays in the model's dtype.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, dtype: torch.dtype,
+                 format: str, shard_names: tuple = (None,)):
+        super().__init__(in_features, output_sizes, bias=bias, dtype=dtype, shard_names=shard_names)
+        n = sum(output_sizes)
+        self.format = format
+        self.in_features = in_features
+        if format == INT8:
+            self.weight = _frozen(torch.empty(n, in_features, dtype=torch.int8))
+            self.register_buffer("scale", torch.empty(n, dtype=torch.bfloat16))
+        elif format == INT4:
+            if in_features % INT4_GROUP_SIZE or n % 16:
+                raise ValueError(f"int4 needs in_features % {INT4_GROUP_SIZE} == 0 and out_features % 16 == 0")
+            self.weight = _frozen(torch.empty(n, in_features // 2, dtype=torch.uint8))
+            self.register_buffer(
+                "scales_and_zeros", torch.empty(in_features // INT4_GROUP_SIZE, n, 2, dtype=torch.bfloat16)
+            )
+            self._unpacked: torch.Tensor | None = None  # uint8 [N, K] while shards arrive
+            self._pending = set(shard_names)
+        else:
+            raise ValueError(f"unknown linear format {format!r}")
+        self.weight.weight_loader = self._load_weight
+        self.weight.shards = frozenset(shard_names)
+        self.weight.reads_lazily = True
+
+    @classmethod
+    def from_linear(cls, linear: Linear, format: str) -> "QuantLinear":
+        shard_names = tuple(sorted(linear.shard_index, key=linear.shard_index.get))
+        return cls(linear.weight.shape[1], linear.output_sizes, bias=linear.bias is not None,
+                   dtype=linear.weight.dtype, format=format, shard_names=shard_names)
+
+    def _load_weight(self, param: nn.Parameter, tensor, shard) -> set:
+        i = self.shard_index[shard]
+        first, in_features = self.offsets[i], self.in_features
+        _check_shape(tensor, (self.output_sizes[i], in_features))
+        if self.format == INT8:
+            for start, rows in row_blocks(tensor):
+                q, scale = quantize_int8(rows)
+                target = slice(first + start, first + start + q.shape[0])
+                param.data[target] = q
+                self.scale[target] = scale
+            return {shard}
+        if self._unpacked is None:
+            self._unpacked = torch.empty(param.shape[0], in_features, dtype=torch.uint8)
+        for start, (q, scale, zero) in _int4_blocks(tensor):
+            target = slice(first + start, first + start + q.shape[0])
+            self._unpacked[target] = q
+            self.scales_and_zeros[:, target] = torch.stack([scale, zero], dim=-1).transpose(0, 1)
+        self._pending.discard(shard)
+        if not self._pending:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._unpacked.int(), 1)
+            param.data = packed.to(param.device)
+            self._unpacked = None
+        return {shard}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == INT8:
+            y = int8_linear(x, self.weight, self.scale)
+        else:
+            y = int4_linear(x, self.weight, self.scales_and_zeros)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings as int8 rows with one bfloat16 scale each; `attend` is the tied lm_head."""
+
+    format = INT8
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.weight = _frozen(torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(num_embeddings, dtype=torch.bfloat16))
+        self.weight.weight_loader = self._load_weight
+        self.weight.reads_lazily = True
+
+    def _load_weight(self, param: nn.Parameter, tensor, shard) -> set:
+        _check_shape(tensor, param.shape)
+        for start, rows in row_blocks(tensor):
+            q, scale = quantize_int8(rows)
+            param.data[start : start + q.shape[0]] = q
+            self.scale[start : start + q.shape[0]] = scale
+        return {None}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight).to(self.dtype) * self.scale[input_ids, None].to(self.dtype)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.scale)
+
+
+class GGUFEmbedding(nn.Module):
+    """Token embeddings kept in their GGUF blocks (uint8 [vocab, bytes per row]); only the
+    gathered rows are dequantized. Used when the embedding is not also the lm_head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, ggml_type: str, *, dtype: torch.dtype):
+        super().__init__()
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.ggml_type = GGMLQuantizationType[ggml_type]
+        self.format = f"{GGUF}:{ggml_type}"
+        block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
+        if embedding_dim % block_size:
+            raise ValueError(f"{ggml_type} rows need a multiple of {block_size} values")
+        self.dtype = dtype
+        self.embedding_dim = embedding_dim
+        self.weight = _frozen(torch.empty(num_embeddings, embedding_dim // block_size * type_size, dtype=torch.uint8))
+        self.weight.weight_loader = self._load_weight
+        self.weight.reads_lazily = True
+
+    def _load_weight(self, param: nn.Parameter, tensor, shard) -> set:
+        _check_shape(tensor, (param.shape[0], self.embedding_dim))
+        if getattr(tensor, "ggml_type", None) != self.ggml_type:
+            raise ValueError(f"expected {self.ggml_type.name} blocks, got {getattr(tensor, 'ggml_type', 'floats')}")
+        step = max(1, _BLOCK_VALUES // param.shape[1])
+        for start in range(0, param.shape[0], step):
+            raw = tensor.read_raw(start, min(param.shape[0], start + step))
+            param.data[start : start + raw.shape[0]] = raw
+        return {None}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        rows = self.weight[input_ids.flatten()].cpu().numpy()
+        values = torch.from_numpy(dequantize(rows, self.ggml_type))
+        return values.view(*input_ids.shape, self.embedding_dim).to(self.weight.device, self.dtype)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a GGUF-block embedding is not used as the lm_head")
+
+
+def quantized_module(module: nn.Module, format: str) -> nn.Module:
+    """The quantized counterpart of a `Linear` or `Embedding` (not yet loaded)."""
+    if type(module) is Linear and format in (INT8, INT4):
+        return QuantLinear.from_linear(module, format)
+    if type(module) is Embedding:
+        num_embeddings, embedding_dim = module.weight.shape
+        if format == INT8:
+            return QuantEmbedding(num_embeddings, embedding_dim, dtype=module.weight.dtype)
+        kind, _, ggml_type = format.partition(":")
+        if kind == GGUF:
+            return GGUFEmbedding(num_embeddings, embedding_dim, ggml_type, dtype=module.weight.dtype)
+    raise ValueError(f"cannot quantize {type(module).__name__} as {format!r}")
+
+
+def quantize_modules(model: nn.Module, formats: dict[str, str]) -> None:
+    """Swap each module named in `formats` ({module name: format}) for its quantized
+    counterpart. Call before loading: the float weights replaced are never written."""
+    for name, format in formats.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, quantized_module(getattr(parent, child), format))

@@ -1,0 +1,315 @@
+"""Weight-only quantization (qwenkit/models/quant.py): each quantized matmul against the float
+matmul of its own dequantized weight, with the error bound of each format; quantized loads of
+tiny safetensors and GGUF checkpoints against the float load; the load-time choices.
+
+Error bounds, with S = sum_k |x_k| |w_nk| (the size of the dot product's terms):
+- int8 / int4 kernels (CPU, <= MAX_KERNEL_TOKENS rows): activations and outputs rounded to
+  bfloat16 (relative 2^-9 each), so |y - y_ref| <= 2^-8 S.
+- int8 dequantized path (more rows): float32 throughout, |y - y_ref| <= 1e-5 S.
+- quantizing: int8 |w - q s| <= s / 2 with s = amax / 127 rounded up to bfloat16; int4
+  |w - ((q - 8) s + z)| <= s / 2 + |z| 2^-8 (z is rounded to bfloat16); GGUF Q4_K into int4
+  exactly, up to the bfloat16 rounding of s and z.
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from test_gguf import RANDOM_BLOCK_TYPES, random_blocks, write_gguf
+from tiny import make_checkpoint
+
+from qwenkit import LLM, SamplingParams
+from qwenkit.errors import ModelLoadError, QwenkitError
+from qwenkit.loader import load_model
+from qwenkit.loader.gguf import GGUFCheckpoint
+from qwenkit.loader.quantization import plan_quantization
+from qwenkit.model_files import resolve_model
+from qwenkit.models import quant
+from qwenkit.models.attention import AttentionMetadata
+from qwenkit.models.quant import GGUFEmbedding, QuantEmbedding, QuantLinear
+
+transformers = pytest.importorskip("transformers")
+
+BF16_BOUND = 2.0**-8
+F32_BOUND = 1e-5
+
+
+def _terms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """S[m, n] = sum_k |x[m, k]| |w[n, k]|."""
+    return x.double().abs() @ w.double().abs().T
+
+
+def _assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bound: float) -> None:
+    reference = x.double() @ w.double().T
+    error = (y.double() - reference).abs()
+    assert torch.all(error <= bound * _terms(x, w) + 1e-12), (error / _terms(x, w)).max().item()
+
+
+def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[3] *= 20  # an outlier row
+    w[:, 7] += 0.3  # a column offset, for int4's asymmetric groups
+    return w
+
+
+@pytest.mark.parametrize("rows", [1, 5, quant.MAX_KERNEL_TOKENS, quant.MAX_KERNEL_TOKENS + 1, 70])
+def test_int8_linear_against_dequantized(rows):
+    w = _weights(96, 128)
+    q, scale = quant.quantize_int8(w)
+    assert q.dtype == torch.int8 and torch.equal(scale.to(torch.bfloat16).float(), scale)  # exact in bfloat16
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(1))
+    y = quant.int8_linear(x, q, scale.to(torch.bfloat16))
+    assert y.dtype == torch.float32 and y.shape == (rows, 96)
+    bound = BF16_BOUND if rows <= quant.MAX_KERNEL_TOKENS else F32_BOUND
+    _assert_matmul_close(y, x, q.float() * scale[:, None], bound)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 70])
+def test_int4_linear_against_dequantized(rows):
+    w = _weights(64, 256)
+    q, scale, zero = quant.quantize_int4(w)
+    w_q = quant.dequantize_int4(q, scale, zero)
+    groups = scale.repeat_interleave(32, dim=1), zero.repeat_interleave(32, dim=1)
+    assert torch.all((w_q - w).abs() <= groups[0] / 2 + groups[1].abs() * 2**-8 + 1e-7)
+    layer = QuantLinear(256, [64], bias=False, dtype=torch.float32, format=quant.INT4)
+    layer.weight.weight_loader(layer.weight, w, None)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1))
+    _assert_matmul_close(layer(x), x, w_q, BF16_BOUND)
+
+
+def test_quant_linear_fused_shards_and_bias():
+    """qkv-style shards quantize into their own rows; the bias stays float."""
+    w = _weights(96, 64)
+    bias = torch.randn(96)
+    for format in (quant.INT8, quant.INT4):
+        layer = QuantLinear(64, [64, 16, 16], bias=True, dtype=torch.float32, format=format,
+                            shard_names=("q", "k", "v"))
+        for shard, rows in zip("kvq", (slice(64, 80), slice(80, 96), slice(0, 64))):  # any order
+            assert layer.weight.weight_loader(layer.weight, w[rows], shard) == {shard}
+            layer.bias.weight_loader(layer.bias, bias[rows], shard)
+        x = torch.randn(3, 64)
+        reference = quant.dequantize_int4(*quant.quantize_int4(w)) if format == quant.INT4 else (
+            lambda q, s: q.float() * s[:, None])(*quant.quantize_int8(w))
+        _assert_matmul_close(layer(x) - bias, x, reference, BF16_BOUND * 1.01)
+    with pytest.raises(ValueError, match=r"expected shape \(16, 64\), got \(16, 32\)"):
+        layer.weight.weight_loader(layer.weight, torch.zeros(16, 32), "k")
+
+
+def test_quant_embedding_gathers_and_attends():
+    w = _weights(300, 64)
+    embedding = QuantEmbedding(300, 64, dtype=torch.float32)
+    embedding.weight.weight_loader(embedding.weight, w, None)
+    q, scale = quant.quantize_int8(w)
+    w_q = q.float() * scale[:, None]
+    ids = torch.tensor([[0, 3, 299], [3, 3, 1]])
+    assert torch.equal(embedding(ids), w_q[ids])
+    x = torch.randn(2, 64)
+    _assert_matmul_close(embedding.attend(x), x, w_q, BF16_BOUND)
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_gguf_embedding_is_exact(tmp_path, type_name):
+    """Kept as stored: a gathered row equals gguf's own dequantization."""
+    tensor = _gguf_tensor(tmp_path, type_name, (40, 256))
+    embedding = GGUFEmbedding(40, 256, type_name, dtype=torch.float32)
+    embedding.weight.weight_loader(embedding.weight, tensor, None)
+    ids = torch.tensor([5, 0, 39, 5])
+    assert torch.equal(embedding(ids), tensor.read_rows(0, 40)[ids])
+
+
+def test_q4_k_into_int4_exactly(tmp_path):
+    tensor = _gguf_tensor(tmp_path, "Q4_K", (32, 512))
+    assert tensor.stores_int4
+    q, scale, low = tensor.read_int4(0, 32)
+    w = tensor.read_rows(0, 32)
+    # q * scale + min is gguf's dequantization, to the bit.
+    assert torch.equal(q.float() * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1), w)
+    layer = QuantLinear(512, [32], bias=False, dtype=torch.float32, format=quant.INT4)
+    layer.weight.weight_loader(layer.weight, tensor, None)
+    x = torch.randn(4, 512)
+    # Off only by the bfloat16 rounding of scale (2^-9 |q - 8| s) and zero (2^-9 |z|): well inside the bound.
+    _assert_matmul_close(layer(x), x, w, 2 * BF16_BOUND)
+
+
+def _gguf_tensor(tmp_path, type_name: str, shape: tuple[int, int]):
+    """A GGUFTensor of `shape` stored as `type_name`, from a one-tensor GGUF file."""
+    tensor_type = gguf.GGMLQuantizationType[type_name]
+    if tensor_type in RANDOM_BLOCK_TYPES:
+        raw = random_blocks(shape, tensor_type, seed=0)
+    else:
+        raw = gguf.quants.quantize(_weights(*shape).numpy(), tensor_type)
+    writer = gguf.GGUFWriter(str(tmp_path / "one.gguf"), "qwen2")
+    writer.add_tensor("token_embd.weight", raw, raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from qwenkit.loader.gguf import GGUFTensor, _read_header
+
+    _, infos = _read_header(tmp_path / "one.gguf")
+    return GGUFTensor(tmp_path / "one.gguf", infos["token_embd.weight"])
+
+
+# -- whole models ----------------------------------------------------------------------------
+
+
+def _prompt_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        kv = llm.model.allocate_kv_cache(len(ids))
+        meta = AttentionMetadata.contiguous(start=0, num_tokens=len(ids))
+        return llm.model.compute_logits(llm.model(torch.tensor(ids), torch.arange(len(ids)), kv, meta))
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(mean, max) of |got - want| / std(want)."""
+    error = (got - want).abs() / want.std()
+    return error.mean().item(), error.max().item()
+
+
+def _fake_quantized(path, formats: dict[str, str], *, exact: tuple[str, ...] = ()) -> LLM:
+    """The float32 load of `path` with each weight `formats` names replaced by its dequantized
+    int8 / int4 value (those ending in `exact` already are): what the quantized model computes."""
+    llm = LLM(str(path), dtype="float32", quantization="none", progress=False)
+    modules = dict(llm.model.named_modules())
+    with torch.no_grad():
+        for name, format in formats.items():
+            w = getattr(modules[name], "weight", None)
+            if format == quant.INT8:
+                q, scale = quant.quantize_int8(w)
+                w.copy_(q.float() * scale[:, None])
+            elif format == quant.INT4 and not name.endswith(exact):
+                w.copy_(quant.dequantize_int4(*quant.quantize_int4(w)))
+    return llm
+
+
+def _check_against_fake_quantized(monkeypatch, llm: LLM, fake: LLM, *, float_path: bool = True) -> None:
+    """The kernels differ from the float32 model by rounding activations and outputs to bfloat16 (as
+    much as a bfloat16 model does: ~2% of the logits' spread on these chaotic random models); the
+    dequantizing path of int8 only by float32 rounding, down to the same greedy tokens."""
+    prompt = list(range(3, 40))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    monkeypatch.setattr(quant, "MAX_KERNEL_TOKENS", 1 << 30)
+    mean, _ = _relative_error(_prompt_logits(llm, prompt), _prompt_logits(fake, prompt))
+    assert mean <= 0.05
+    if float_path:
+        monkeypatch.setattr(quant, "MAX_KERNEL_TOKENS", 0)
+        assert _relative_error(_prompt_logits(llm, prompt), _prompt_logits(fake, prompt))[1] <= 1e-4
+        assert llm.generate(prompt, params)[0].token_ids == fake.generate(prompt, params)[0].token_ids
+
+
+def _module_formats(model) -> dict[str, str]:
+    return {
+        name: getattr(m, "format", type(m).__name__)
+        for name, m in model.named_modules()
+        if name.endswith(("_proj", "embed_tokens", "lm_head", "mlp.gate", "experts"))
+    }
+
+
+@pytest.mark.parametrize("arch,tie", [("qwen2", False), ("qwen3", True), ("qwen3_moe", False)])
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_safetensors_quantized_load(tmp_path, monkeypatch, arch, tie, quantization):
+    make_checkpoint(tmp_path, arch, tie=tie)
+    llm = LLM(str(tmp_path), dtype="float32", quantization=quantization, progress=False)
+    formats = _module_formats(llm.model)
+    assert formats["model.layers.0.self_attn.qkv_proj"] == quantization
+    assert formats["model.layers.0.self_attn.o_proj"] == quantization
+    assert formats["model.embed_tokens"] == "int8"  # the tied lm_head too: compute_logits uses it
+    assert formats.get("lm_head", "int8") == "int8"
+    if arch == "qwen3_moe":
+        assert formats["model.layers.0.mlp.gate"] == "Linear"  # the router stays float
+        assert formats["model.layers.0.mlp.experts"] == "FusedExperts"
+        assert formats["model.layers.1.mlp.gate_up_proj"] == quantization  # mlp_only_layers=[1]
+    fake = _fake_quantized(tmp_path, formats)
+    _check_against_fake_quantized(monkeypatch, llm, fake, float_path=quantization == "int8")
+
+
+def _tiny_gguf_model():
+    """A Qwen2 with rows of 256 values: Q4_K and Q6_K need whole 256-value super-blocks."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+        intermediate_size=512, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 and "norm" in name else 0.1 * torch.randn_like(p))
+    return model
+
+
+# What llama.cpp's Q4_K_M mixes, one type per kind of matrix.
+MIXED_TYPES = {"token_embd": "Q5_0", "output": "Q8_0", "attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0",
+               "attn_output": "Q6_K", "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+
+
+def _mixed_type(gguf_name: str) -> str:
+    key = gguf_name.removesuffix(".weight").rpartition(".")[2] if gguf_name.startswith("blk.") else gguf_name.split(".")[0]
+    return MIXED_TYPES.get(key, "F32")
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
+    return write_gguf(path, _tiny_gguf_model(), "qwen2", weight_type=_mixed_type)
+
+
+def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf):
+    llm = LLM(str(mixed_gguf), dtype="float32", progress=False)  # quantization="auto"
+    formats = _module_formats(llm.model)
+    assert formats["model.embed_tokens"] == "gguf:Q5_0"  # untied: kept as stored
+    assert formats["lm_head"] == "int8"
+    assert formats["model.layers.1.self_attn.qkv_proj"] == "int8"  # Q5_0 + Q5_0 + Q8_0
+    assert formats["model.layers.1.mlp.gate_up_proj"] == "int8"  # Q4_K, see GGUF_AUTO_FORMATS
+    assert formats["model.layers.1.mlp.down_proj"] == "int8"  # Q6_K
+    _check_against_fake_quantized(monkeypatch, llm, _fake_quantized(mixed_gguf, formats))
+
+    # Each int8 matrix is the int8 quantization of the file's dequantized values.
+    stored = dict(GGUFCheckpoint(mixed_gguf).iter_weights())
+    q, scale = quant.quantize_int8(stored["model.layers.0.self_attn.o_proj.weight"])
+    o_proj = llm.model.model.layers[0].self_attn.o_proj
+    assert torch.equal(o_proj.weight, q) and torch.equal(o_proj.scale.float(), scale)
+    v_rows = llm.model.model.layers[0].self_attn.qkv_proj.weight[256 + 128 :]
+    assert torch.equal(v_rows, quant.quantize_int8(stored["model.layers.0.self_attn.v_proj.weight"])[0])
+
+
+def test_gguf_int4_takes_q4_k_exactly(monkeypatch, mixed_gguf):
+    llm = LLM(str(mixed_gguf), dtype="float32", quantization="int4", progress=False)
+    formats = _module_formats(llm.model)
+    assert formats["model.layers.0.mlp.gate_up_proj"] == "int4"
+    assert formats["lm_head"] == formats["model.embed_tokens"] == "int8"
+    gate_up = llm.model.model.layers[0].mlp.gate_up_proj
+    stored = dict(GGUFCheckpoint(mixed_gguf).iter_weights())
+    w = torch.cat([stored["model.layers.0.mlp.gate_proj.weight"], stored["model.layers.0.mlp.up_proj.weight"]])
+    x = torch.randn(2, 256)
+    _assert_matmul_close(gate_up(x), x, w, 2 * BF16_BOUND)  # the Q4_K values themselves
+    fake = _fake_quantized(mixed_gguf, formats, exact=("gate_up_proj",))  # Q4_K; the rest requantized
+    _check_against_fake_quantized(monkeypatch, llm, fake, float_path=False)
+
+
+def test_quantized_load_reports_missing_tensors(tmp_path):
+    make_checkpoint(tmp_path, "qwen2")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"missing tensors for: model\.layers\.1\.self_attn\.qkv_proj\.weight"):
+        load_model(resolve_model(str(tmp_path), progress=False), dtype=torch.float32,
+                   device=torch.device("cpu"), quantization="int8", progress=False)
+
+
+def test_bad_quantization_choice(tmp_path):
+    make_checkpoint(tmp_path, "qwen3")
+    with pytest.raises(QwenkitError, match="unknown quantization 'int3'; choose one of auto, none, int8, int4"):
+        LLM(str(tmp_path), quantization="int3", progress=False)
+    model = load_model(resolve_model(str(tmp_path), progress=False), dtype=torch.float32, device=torch.device("cpu"),
+                       quantization="none", progress=False).model
+    with pytest.raises(ModelLoadError, match="'int4' runs on CPU only"):
+        plan_quantization(model, "int4", tensor_types=None, device=torch.device("cuda"))
+    # On CUDA, "auto" loads GGUF as floats and "int8" dequantizes each call.
+    assert plan_quantization(model, "auto", tensor_types={"model.norm.weight": gguf.GGMLQuantizationType.Q8_0},
+                             device=torch.device("cuda")) == {}
