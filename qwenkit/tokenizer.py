@@ -70,8 +70,18 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids for ``text``; special-token text such as ``<|im_start|>`` becomes its id.
-        No BOS is added (Qwen uses none)."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        No BOS is added (Qwen uses none). Raises ValueError for text that is not valid
+        Unicode (a lone surrogate, as JSON's "\\ud800" can carry)."""
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            if not isinstance(text, str):
+                raise
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
+            raise
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

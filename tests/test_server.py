@@ -283,6 +283,16 @@ def test_not_json_is_400(server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800"}]}'),
+    ("/v1/completions", '{"model": "%s", "prompt": "\\ud800", "max_tokens": 2}'),
+])
+def test_lone_surrogate_is_400_not_500(server, route, body):
+    r = httpx.post(f"{server}{route}", content=(body % MODEL).encode(),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"]
+
+
 def test_busy_server_is_429_with_retry_after(server, allm):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": MODEL, "messages": USER, "max_tokens": 300, "stream": True, "ignore_eos": True}

@@ -178,7 +178,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     async def completions(body: oa.CompletionRequest, request: Request):
         model = check_model(body.model)
         call = _as_400(oa.completion_call, body)
-        prompt_ids = call.prompt if isinstance(call.prompt, list) else allm.tokenizer.encode(call.prompt)
+        prompt_ids = call.prompt if isinstance(call.prompt, list) else _as_400(allm.tokenizer.encode, call.prompt)
         request_id = "cmpl-" + secrets.token_hex(12)
         await slots.acquire()
         begun = time.perf_counter()
