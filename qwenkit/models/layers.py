@@ -45,6 +45,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one call, the same numbers (the weight multiplies last in both)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         input_dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -145,22 +147,30 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Ten
 
 
 class RotaryEmbedding(nn.Module):
-    """NEOX-style rotary embedding (the halves of each head rotate together)."""
+    """NEOX-style rotary embedding (the halves of each head rotate together). Computed once
+    per step for all layers: `forward` gives the cos and sin tables, `apply_rotary` rotates."""
 
-    def __init__(self, rope: RopeConfig, head_dim: int):
+    def __init__(self, rope: RopeConfig, head_dim: int, *, dtype: torch.dtype):
         super().__init__()
         inv_freq, self.scale = rope_inverse_frequencies(rope, head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dtype = dtype
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; q: [T, H, D]; k: [T, KVH, D]."""
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, 1, D] in the model's dtype."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scale).to(q.dtype)[:, None, :]
-        sin = (emb.sin() * self.scale).to(q.dtype)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos = (emb.cos() * self.scale).to(self.dtype)[:, None, :]
+        sin = (emb.sin() * self.scale).to(self.dtype)[:, None, :]
+        return cos, sin
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, H, D]; k: [T, KVH, D]; rope: `RotaryEmbedding(positions)`."""
+    cos, sin = rope
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -189,13 +199,12 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary = RotaryEmbedding(config.rope, self.head_dim)
         self.scale = self.head_dim**-0.5
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -209,7 +218,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         return self.o_proj(attention(q, k, v, kv_cache, meta, scale=self.scale))
 
 
@@ -308,11 +317,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, meta)
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -324,6 +333,7 @@ class QwenModel(nn.Module):
             DecoderLayer(config, flags, i, dtype=dtype) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, dtype=dtype)
 
     def forward(
         self,
@@ -332,9 +342,19 @@ class QwenModel(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        return self.forward_layers(self.embed_tokens(input_ids), positions, kv_caches, meta)
+
+    def forward_layers(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Everything after the embedding: what a compiled decode step traces."""
+        rope = self.rotary_emb(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, positions, kv_cache, meta)
+            h = layer(h, rope, kv_cache, meta)
         return self.norm(h)
 
 
