@@ -1,4 +1,5 @@
-"""The embedded default GGUF: qwenkit and transformers (which loads GGUF too) agree."""
+"""The embedded default GGUF: qwenkit's float load and transformers (which loads GGUF too)
+agree; the quantized load ("auto": weights kept int8 in memory) stays close to the float one."""
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def reference(default_gguf, hf_gguf_tokenizer):
 
 def test_32_greedy_tokens_match_transformers(default_gguf, reference):
     ref_tokenizer, ref_model = reference
-    llm = LLM(str(default_gguf), dtype="float32", progress=False)
+    llm = LLM(str(default_gguf), dtype="float32", quantization="none", progress=False)
     messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
     prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     prompt_ids = llm.tokenizer.encode(prompt)
@@ -37,7 +38,7 @@ def test_32_greedy_tokens_match_transformers(default_gguf, reference):
 
 def test_prompt_logits_match_transformers(default_gguf, reference):
     _, ref_model = reference
-    llm = LLM(str(default_gguf), dtype="float32", progress=False)
+    llm = LLM(str(default_gguf), dtype="float32", quantization="none", progress=False)
     ids = llm.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
     from qwenkit.models.attention import AttentionMetadata
 
@@ -48,3 +49,31 @@ def test_prompt_logits_match_transformers(default_gguf, reference):
         ours = llm.model.compute_logits(hidden)
         theirs = ref_model(torch.tensor([ids])).logits[0]
     assert (ours - theirs).abs().max().item() < 1e-3
+
+
+def test_quantized_load_agrees_with_float(default_gguf):
+    """int8 weights (bfloat16 activations in decode) against the float32 load of the same file:
+    the prompt's next-token choices and the first greedy tokens of a chat answer."""
+    float_llm = LLM(str(default_gguf), dtype="float32", quantization="none", progress=False)
+    llm = LLM(str(default_gguf), dtype="float32", progress=False)
+    assert {getattr(m, "format", None) for m in llm.model.modules()} >= {"int8", "gguf:Q5_0"}
+    from qwenkit.models.attention import AttentionMetadata
+
+    ids = llm.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    with torch.inference_mode():
+        logits = []
+        for model in (float_llm.model, llm.model):
+            kv = model.allocate_kv_cache(len(ids))
+            meta = AttentionMetadata.contiguous(start=0, num_tokens=len(ids))
+            logits.append(model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), kv, meta)))
+    want, got = logits
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert ((got - want).abs().mean() / want.std()).item() < 0.05
+
+    messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+    prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    want_tokens = float_llm.generate(prompt, params)[0].token_ids
+    got_tokens = llm.generate(prompt, params)[0].token_ids
+    agreement = next((i for i, (a, b) in enumerate(zip(want_tokens, got_tokens)) if a != b), len(want_tokens))
+    assert agreement >= 16, (agreement, want_tokens, got_tokens)
