@@ -268,19 +268,55 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden]; expert_ids, weights: [T, top_k]. Loops over the experts in use only."""
-        top_k = expert_ids.shape[1]
-        flat = expert_ids.flatten()
-        order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        active = counts.nonzero().flatten().tolist()
-        token_idx = order // top_k
-        xs = x[token_idx]
-        outs = []
-        for expert, chunk in zip(active, xs.split(counts[active].tolist())):
-            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
-        ys = torch.cat(outs) * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token_idx, ys)
+        # Under torch.compile an opaque op: the loop's trip count depends on the routing.
+        fn = fused_experts_op if torch.compiler.is_compiling() else fused_experts
+        return fn(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+
+
+def fused_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """The (token, choice) pairs sorted by expert, one SwiGLU matmul pair per active expert
+    on its contiguous rows, then each token's top_k rows summed with their weights.
+
+    index_select/index_copy_ and a batched weighted sum, not `x[idx]` and `index_add_`:
+    on CPU those measured 2 ms and 50 ms for a single decode token (torch 2.13)."""
+    num_tokens, top_k = expert_ids.shape
+    intermediate = down_proj.shape[2]
+    flat = expert_ids.flatten()
+    order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
+    xs = x.index_select(0, order // top_k)
+    ys = torch.empty_like(xs)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n:
+            gate_up = F.linear(xs[start : start + n], gate_up_proj[expert])
+            act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+            torch.mm(act, down_proj[expert].t(), out=ys[start : start + n])
+            start += n
+    per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
+    return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
+
+
+@torch.library.custom_op("qwenkit::fused_experts", mutates_args=())
+def fused_experts_op(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    return fused_experts(x, expert_ids, weights, gate_up_proj, down_proj)
+
+
+@fused_experts_op.register_fake
+def _(x, expert_ids, weights, gate_up_proj, down_proj):
+    return torch.empty_like(x)
 
 
 class SparseMoeBlock(nn.Module):
