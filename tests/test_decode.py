@@ -44,3 +44,27 @@ def test_paged_decode_attention_equals_per_sequence_sdpa(impl, num_heads, num_kv
     expected = per_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size=block_size, scale=scale)
     got = fn(q, k_cache, v_cache, block_tables, context_lens, block_size=block_size, scale=scale)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+GREEDY_PARAMS = dict(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe"])
+def test_compiled_decode_gives_the_eager_tokens(tmp_path, arch, monkeypatch):
+    from tiny import make_checkpoint
+
+    from qwenkit import LLM, SamplingParams
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    make_checkpoint(tmp_path, arch)
+    # Buckets 1, 2, 4: three sequences run padded to 4, then two once the short one ends.
+    kwargs = dict(dtype="float32", progress=False, max_num_seqs=4, max_model_len=128)
+    eager = LLM(str(tmp_path), compile=False, **kwargs)
+    compiled = LLM(str(tmp_path), compile=True, **kwargs)
+    assert compiled.engine.runner.compiled is not None
+    prompts = [[(5 * i + 3 * j) % 200 + 5 for j in range(4 + 9 * i)] for i in range(3)]
+    params = [SamplingParams(**GREEDY_PARAMS), SamplingParams(**{**GREEDY_PARAMS, "max_tokens": 4}),
+              SamplingParams(**GREEDY_PARAMS)]
+    expected = [o.token_ids for o in eager.generate(prompts, params)]
+    assert [o.token_ids for o in compiled.generate(prompts, params)] == expected
+    assert [compiled.generate(p, params[0])[0].token_ids for p in prompts[:1]] == expected[:1]

@@ -107,7 +107,15 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
         )
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size, device=device)
+        self.runner = ModelRunner(
+            model,
+            num_blocks=num_blocks,
+            block_size=args.block_size,
+            device=device,
+            compile=bool(args.compile),
+            max_model_len=self.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+        )
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from qwenkit.engine.scheduler import ScheduledSequence
+from qwenkit.engine.threads import configure_threads
 from qwenkit.models import QwenForCausalLM
 from qwenkit.models.attention import AttentionMetadata, DecodeMetadata
 
@@ -16,12 +17,45 @@ def kv_bytes_per_token(model: QwenForCausalLM) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: QwenForCausalLM, *, num_blocks: int, block_size: int, device: torch.device):
+    """compile: run decode steps through `CompiledDecode` (warmed up here), which needs
+    max_model_len and max_num_seqs to size its buckets."""
+
+    def __init__(
+        self,
+        model: QwenForCausalLM,
+        *,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        compile: bool = False,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 32,
+        progress: bool = True,
+    ):
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.kv_caches = model.allocate_kv_cache(num_blocks * block_size)
+        if device.type == "cpu":
+            configure_threads()
+        num_slots = num_blocks * block_size
+        # One spare slot past the last block: padding rows of a compiled step write there.
+        self.kv_caches = model.allocate_kv_cache(num_slots + 1)
         self._block_offsets = torch.arange(block_size)
+        self.compiled = None
+        if compile:
+            from qwenkit.engine.compile import CompiledDecode
+
+            max_model_len = max_model_len or model.config.max_position_embeddings
+            self.compiled = CompiledDecode(
+                model,
+                self.kv_caches,
+                max_num_seqs=max_num_seqs,
+                max_blocks_per_seq=-(-max_model_len // block_size),
+                block_size=block_size,
+                padding_slot=num_slots,
+                device=device,
+            )
+            self.compiled.warm_up(progress=progress)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
@@ -61,38 +95,44 @@ class ModelRunner:
 
     def _run_decode(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
         """One token per sequence: plain lists, one tensor per field, no per-sequence tensors."""
-        bs = self.block_size
-        input_ids, positions, slot_mapping, sample_rows = [], [], [], []
-        max_blocks = max(len(s.seq.block_table) for s in batch)
-        block_tables = []
+        input_ids, positions, block_tables, sample_rows = [], [], [], []
         for i, s in enumerate(batch):
             seq = s.seq
             pos = seq.num_computed_tokens
-            table = seq.block_table
             input_ids.append(seq.token_ids[pos])
             positions.append(pos)
-            slot_mapping.append(table[pos // bs] * bs + pos % bs)
-            block_tables.append(table + [0] * (max_blocks - len(table)))
+            block_tables.append(seq.block_table)
             if pos + 1 == len(seq.token_ids):
                 sample_rows.append(i)
-        device = self.device
-        positions_t = torch.tensor(positions, device=device)
-        meta = AttentionMetadata(
-            query_lens=(1,) * len(batch),
-            context_lens=tuple(p + 1 for p in positions),
-            slot_mapping=torch.tensor(slot_mapping, device=device),
-            decode=DecodeMetadata(
-                block_tables=torch.tensor(block_tables, dtype=torch.int32, device=device),
-                context_lens=(positions_t + 1).to(torch.int32),
-                block_size=bs,
-            ),
-        )
-        hidden = self.model(torch.tensor(input_ids, device=device), positions_t, self.kv_caches, meta)
+        if self.compiled is not None and len(batch) <= self.compiled.buckets[-1]:
+            hidden = self.compiled(input_ids, positions, block_tables)
+        else:
+            hidden = self._decode_eager(input_ids, positions, block_tables)
         if not sample_rows:
             return [], None
         if len(sample_rows) < len(batch):
             hidden = hidden[torch.tensor(sample_rows, device=device)]
         return sample_rows, self.model.compute_logits(hidden)
+
+    def _decode_eager(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        bs, device = self.block_size, self.device
+        max_blocks = max(len(table) for table in block_tables)
+        positions_t = torch.tensor(positions, device=device)
+        meta = AttentionMetadata(
+            query_lens=(1,) * len(input_ids),
+            context_lens=tuple(p + 1 for p in positions),
+            slot_mapping=torch.tensor(
+                [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)], device=device
+            ),
+            decode=DecodeMetadata(
+                block_tables=torch.tensor(
+                    [t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32, device=device
+                ),
+                context_lens=(positions_t + 1).to(torch.int32),
+                block_size=bs,
+            ),
+        )
+        return self.model(torch.tensor(input_ids, device=device), positions_t, self.kv_caches, meta)
 
     def _slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Cache slots of positions 0..num_tokens-1 of a sequence."""

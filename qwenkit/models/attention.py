@@ -111,7 +111,9 @@ def attention(
     start = 0
     for query_len, context_len, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
         qs = q[start : start + query_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-        if isinstance(slots, slice):
+        if query_len == context_len:  # nothing cached before: the step's own keys are the context
+            ks, vs = k[start : start + query_len], v[start : start + query_len]
+        elif isinstance(slots, slice):
             ks, vs = k_cache[slots], v_cache[slots]
         else:
             ks, vs = k_cache.index_select(0, slots), v_cache.index_select(0, slots)

@@ -1,0 +1,130 @@
+"""`torch.compile` of the decode step (opt-in: `LLM(compile=True)`, `--compile`).
+
+A decode step has static shapes once its batch is padded to a bucket (1, 2, 4, ... up to
+`max_num_seqs`) and its block tables to the longest context, so each bucket is one
+inductor graph of the whole stack after the embedding: the norms, RoPE, SiLU-and-mul and
+residual adds fuse into a few C++ loops around the matmuls; attention is the opaque
+`qwenkit::decode_attention` op, which writes the cache and reads it in place. Padding rows
+have context length 0 and write their keys to a spare slot past the last block.
+
+Every bucket is compiled at start-up (a progress line on stderr), so no request waits on
+a compile; inductor's on-disk caches live in the qwenkit home, so later starts reuse
+them. Prefill and mixed steps stay eager.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from qwenkit.models import QwenForCausalLM
+from qwenkit.models.attention import AttentionMetadata, DecodeMetadata
+
+
+def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Powers of two below max_num_seqs, then max_num_seqs itself."""
+    sizes, b = [], 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_num_seqs)
+
+
+def use_qwenkit_inductor_cache() -> None:
+    """Keep inductor's compiled kernels and FX graph cache in the qwenkit home (unless
+    TORCHINDUCTOR_CACHE_DIR is set), so they survive /tmp cleaning and are found next run."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from qwenkit.default_model import qwenkit_home
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(qwenkit_home() / "inductor")
+
+
+class CompiledDecode:
+    """Decode steps through one compiled graph per batch bucket."""
+
+    def __init__(
+        self,
+        model: QwenForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        padding_slot: int,
+        device: torch.device,
+    ):
+        use_qwenkit_inductor_cache()
+        # One graph per bucket, and per model in a process that builds several (tests).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.model = model
+        self.kv_caches = kv_caches
+        self.buckets = batch_buckets(max_num_seqs)
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.block_size = block_size
+        self.padding_slot = padding_slot
+        self.device = device
+        self._forward = torch.compile(self._layers, dynamic=False, fullgraph=True)
+
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model.model.forward_layers(h, positions, self.kv_caches, meta)
+
+    def __call__(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Final hidden states [len(input_ids), hidden] of a decode step (one token per sequence)."""
+        num_seqs = len(input_ids)
+        bucket = next(b for b in self.buckets if b >= num_seqs)
+        pad = bucket - num_seqs
+        bs = self.block_size
+        tables = np.zeros((bucket, self.max_blocks_per_seq), dtype=np.int32)
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = table
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)]
+        device = self.device
+        positions_t = torch.tensor(positions + [0] * pad, device=device)
+        meta = AttentionMetadata(
+            query_lens=(),  # not read by the decode path
+            context_lens=(),
+            slot_mapping=torch.tensor(slots + [self.padding_slot] * pad, device=device),
+            decode=DecodeMetadata(
+                block_tables=torch.from_numpy(tables).to(device),
+                context_lens=torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32, device=device),
+                block_size=bs,
+            ),
+        )
+        h = self.model.model.embed_tokens(torch.tensor(input_ids + [0] * pad, device=device))
+        return self._forward(h, positions_t, meta)[:num_seqs]
+
+    @torch.inference_mode()
+    def warm_up(self, *, progress: bool = True) -> float:
+        """Compile every bucket now (padding rows only: the cache is not touched but for the
+        spare slot). Returns the seconds it took."""
+        start = time.perf_counter()
+        for i, bucket in enumerate(self.buckets):
+            if progress:
+                print(f"\rqwenkit: compiling the decode step, batch size {bucket} "
+                      f"({i + 1}/{len(self.buckets)}, {time.perf_counter() - start:.0f} s)...",
+                      end="", file=sys.stderr, flush=True)
+            self._warm_bucket(bucket)
+        elapsed = time.perf_counter() - start
+        if progress:
+            print(f"\rqwenkit: compiled the decode step for batch sizes {', '.join(map(str, self.buckets))} "
+                  f"in {elapsed:.0f} s" + " " * 20, file=sys.stderr, flush=True)
+        return elapsed
+
+    def _warm_bucket(self, bucket: int) -> None:
+        device = self.device
+        meta = AttentionMetadata(
+            query_lens=(),
+            context_lens=(),
+            slot_mapping=torch.full((bucket,), self.padding_slot, device=device),
+            decode=DecodeMetadata(
+                block_tables=torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=device),
+                context_lens=torch.zeros(bucket, dtype=torch.int32, device=device),
+                block_size=self.block_size,
+            ),
+        )
+        h = self.model.model.embed_tokens(torch.zeros(bucket, dtype=torch.long, device=device))
+        self._forward(h, torch.zeros(bucket, dtype=torch.long, device=device), meta)
