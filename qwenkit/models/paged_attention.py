@@ -37,11 +37,13 @@ _SOURCE = r"""
 #include <string.h>
 
 /* q, out: [B, H, D]; k_cache, v_cache: [num_slots, KVH, D]; block_tables: [B, max_blocks];
-   context_lens: [B]. Slot of position l: block_tables[b][l / block_size] * block_size + l % block_size. */
+   context_lens: [B]. Position l of sequence b is slot block_tables[b][l / block_size] * block_size
+   + l % block_size. */
 void paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, const int32_t *context_lens, float *out,
                                 int B, int H, int KVH, int D, int block_size, int max_blocks, float scale) {
     const int G = H / KVH;
+    const int64_t row = (int64_t)KVH * D;  /* floats from one slot to the next */
     #pragma omp parallel for schedule(dynamic, 1)
     for (int task = 0; task < B * KVH; task++) {
         const int b = task / KVH, kvh = task % KVH, L = context_lens[b];
@@ -50,16 +52,17 @@ void paged_decode_attention_f32(const float *q, const float *k_cache, const floa
         float *ob = out + ((int64_t)b * H + kvh * G) * D;
         memset(ob, 0, sizeof(float) * G * D);
         if (L <= 0) continue;
-        float *scores = malloc(sizeof(float) * G * L);
-        for (int l = 0; l < L; l++) {
-            const int64_t slot = (int64_t)table[l / block_size] * block_size + l % block_size;
-            const float *k = k_cache + (slot * KVH + kvh) * D;
-            for (int g = 0; g < G; g++) {
-                const float *qg = qb + g * D;
-                float s = 0.f;
-                for (int d = 0; d < D; d++) s += qg[d] * k[d];
-                scores[g * L + l] = s * scale;
-            }
+        float *scores = malloc(sizeof(float) * G * L);  /* [G, L] */
+        for (int start = 0; start < L; start += block_size) {
+            const float *k = k_cache + (int64_t)table[start / block_size] * block_size * row + kvh * D;
+            const int n = L - start < block_size ? L - start : block_size;
+            for (int i = 0; i < n; i++, k += row)
+                for (int g = 0; g < G; g++) {
+                    const float *qg = qb + g * D;
+                    float s = 0.f;
+                    for (int d = 0; d < D; d++) s += qg[d] * k[d];
+                    scores[g * L + start + i] = s * scale;
+                }
         }
         for (int g = 0; g < G; g++) {
             float *sg = scores + g * L, m = sg[0], sum = 0.f;
@@ -68,14 +71,15 @@ void paged_decode_attention_f32(const float *q, const float *k_cache, const floa
             const float inv = 1.f / sum;
             for (int l = 0; l < L; l++) sg[l] *= inv;
         }
-        for (int l = 0; l < L; l++) {
-            const int64_t slot = (int64_t)table[l / block_size] * block_size + l % block_size;
-            const float *v = v_cache + (slot * KVH + kvh) * D;
-            for (int g = 0; g < G; g++) {
-                const float p = scores[g * L + l];
-                float *og = ob + g * D;
-                for (int d = 0; d < D; d++) og[d] += p * v[d];
-            }
+        for (int start = 0; start < L; start += block_size) {
+            const float *v = v_cache + (int64_t)table[start / block_size] * block_size * row + kvh * D;
+            const int n = L - start < block_size ? L - start : block_size;
+            for (int i = 0; i < n; i++, v += row)
+                for (int g = 0; g < G; g++) {
+                    const float p = scores[g * L + start + i];
+                    float *og = ob + g * D;
+                    for (int d = 0; d < D; d++) og[d] += p * v[d];
+                }
         }
         free(scores);
     }
