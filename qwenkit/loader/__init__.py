@@ -79,9 +79,11 @@ def load_model(
         logger.info("quantized %s", ", ".join(f"{n} {f}" for f, n in sorted(Counter(formats.values()).items())))
     # Lazy tensors let a quantized parameter read a block of rows at a time.
     lazy = bool(formats)
-    weights = ckpt.iter_weights(dtype, lazy=lazy) if files.format == "gguf" else iter_safetensors(
-        files.path, dtype, lazy=lazy
-    )
+    if files.format == "gguf":
+        weights = ckpt.iter_weights(dtype, lazy=lazy)
+        del ckpt  # its vocabulary is in the tokenizer now: free it before the weights arrive
+    else:
+        weights = iter_safetensors(files.path, dtype, lazy=lazy)
     bar = tqdm(
         weights, total=total, desc=f"Loading {files.name}", unit=" tensors", file=sys.stderr,
         disable=not progress, leave=False,

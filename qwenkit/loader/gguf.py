@@ -327,10 +327,10 @@ class GGUFCheckpoint:
         self, dtype: torch.dtype = torch.float32, *, lazy: bool = False
     ) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
         """Every tensor as `(hf_name, tensor)` in HF shapes, dequantized one at a time to
-        `dtype`; with `lazy`, as a `GGUFTensor` that reads its rows when asked."""
-        for info in self._tensors.values():
-            tensor = GGUFTensor(self.path, info)
-            yield self._hf_names[info.name], tensor if lazy else tensor.read_rows(0, info.shape[0]).to(dtype)
+        `dtype`; with `lazy`, as a `GGUFTensor` that reads its rows when asked. The iterator
+        holds no reference to the checkpoint's metadata (~30 MB of vocabulary strings)."""
+        tensors = [(self._hf_names[info.name], GGUFTensor(self.path, info)) for info in self._tensors.values()]
+        return ((name, t if lazy else t.read_rows(0, t.shape[0]).to(dtype)) for name, t in tensors)
 
 
 class GGUFTensor:

@@ -39,7 +39,7 @@ from qwenkit.models.layers import Embedding, Linear
 INT8, INT4, GGUF = "int8", "int4", "gguf"
 INT4_GROUP_SIZE = 32
 # Calls with more rows than this dequantize and run a float GEMM (measured: docs/quantization.md).
-MAX_KERNEL_TOKENS = 32
+MAX_KERNEL_TOKENS = 16
 # Rows are quantized, and dequantized for large calls, in blocks of about this many values (4 MiB of float32).
 _BLOCK_VALUES = 1 << 20
 
