@@ -367,13 +367,15 @@ def test_stop_aborts_and_the_server_frees_the_request(page, allm, api):
 
 
 def test_conversations_persist_across_reload_rename_and_delete(page, allm):
+    from playwright.sync_api import expect  # retries until the page catches up
+
     with scripted(allm, "<think>hm</think>I will remember."):
         send(page, "Remember the number 42")
         wait_answered(page)
     cid = page.evaluate("location.hash.slice(1)")
     item = page.locator(f'#conversations li[data-id="{cid}"]')
     item.wait_for()
-    assert item.locator("a").inner_text() == "Remember the number 42"
+    expect(item.locator("a")).to_have_text("Remember the number 42")  # titled once the turn is saved
 
     page.reload()
     page.wait_for_selector("body[data-ready]")
@@ -392,12 +394,13 @@ def test_conversations_persist_across_reload_rename_and_delete(page, allm):
     title.fill("The answer")
     title.press("Enter")
     page.locator(f'#conversations li[data-id="{cid}"] a', has_text="The answer").wait_for()
-    assert page.locator("#chat-title").inner_text() == "The answer"
+    expect(page.locator("#chat-title")).to_have_text("The answer")
 
     page.once("dialog", lambda d: d.accept())
     item.get_by_role("button", name=re.compile("^Delete")).click()
     item.wait_for(state="detached")
-    assert page.locator("article.msg").count() == 0 and page.locator("#chat-title").inner_text() == "New chat"
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    assert page.locator("article.msg").count() == 0
 
 
 def test_model_output_is_never_html(page, allm):
