@@ -1,0 +1,126 @@
+"""Where a decode step's time goes, and compiled against eager decode steps.
+
+    python benchmarks/bench_decode_step.py [--model /work/cache/default.gguf] [--streams 1,8] [--steps 20]
+    python benchmarks/bench_decode_step.py --compile [--streams 1,8]
+
+Default: per stream count, the median step (wall ms, tok/s) and a CPU-time split of the
+step: timing wrappers around the int8 matmuls, attention and the sampler; the rest is
+norms, RoPE, SwiGLU, residuals and Python. Run it with OMP_NUM_THREADS=1 for a split
+that load from other processes barely moves (`time.thread_time` is then all of the
+compute); with more threads the wrappers see only the calling thread's share.
+
+--compile: builds the engine with compile=True (prints the warm-up time), then runs decode
+steps alternately through the compiled graphs and eagerly, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from qwenkit import LLM, SamplingParams
+from qwenkit.models import layers, quant
+
+SPLIT = {"int8 matmuls": (quant, "int8_linear"), "attention": (layers, "attention")}
+
+
+def _prompts(llm: LLM, n: int) -> list[list[int]]:
+    return [llm.tokenizer.encode(f"{i} def merge_sort(items): the quick brown fox jumps")[:32] for i in range(n)]
+
+
+def _start(llm: LLM, streams: int, steps: int) -> None:
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i, prompt in enumerate(_prompts(llm, streams)):
+        llm.engine.add_request(f"s{streams}-{i}", prompt, params)
+    for _ in range(4):  # prefill and a few decode steps
+        llm.engine.step()
+
+
+def _finish(llm: LLM) -> None:
+    for request_id in list(llm.engine.requests):
+        llm.engine.abort(request_id)
+
+
+def split(llm: LLM, streams: int, steps: int) -> dict:
+    totals = dict.fromkeys([*SPLIT, "sampler"], 0.0)
+    originals = []
+
+    def wrap(owner, name, key):
+        fn = getattr(owner, name)
+        originals.append((owner, name, fn))
+
+        def timed(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[key] += time.thread_time() - start
+
+        setattr(owner, name, timed)
+
+    for key, (owner, name) in SPLIT.items():
+        wrap(owner, name, key)
+    wrap(llm.engine, "sampler", "sampler")
+    try:
+        _start(llm, streams, steps)
+        totals.update(dict.fromkeys(totals, 0.0))
+        cpu, wall = [], []
+        for _ in range(steps):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            llm.engine.step()
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.thread_time() - start_cpu)
+    finally:
+        for owner, name, fn in reversed(originals):
+            setattr(owner, name, fn)
+        _finish(llm)
+    ms = {key: round(t / steps * 1e3, 1) for key, t in totals.items()}
+    ms["rest"] = round(sum(cpu) / steps * 1e3 - sum(ms.values()), 1)
+    median = statistics.median(wall)
+    return {"streams": streams, "wall_ms": round(median * 1e3, 1), "tok_s": round(streams / median, 1),
+            "cpu_ms": round(sum(cpu) / steps * 1e3, 1), "cpu_split_ms": ms}
+
+
+def compiled_vs_eager(llm: LLM, streams: int, steps: int) -> dict:
+    runner = llm.engine.runner
+    compiled = runner.compiled
+    _start(llm, streams, steps)
+    times = {"eager": [], "compiled": []}
+    try:
+        for i in range(2 * steps):
+            name = "compiled" if i % 2 else "eager"
+            runner.compiled = compiled if i % 2 else None
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            llm.engine.step()
+            times[name].append((time.perf_counter() - start, time.thread_time() - start_cpu))
+    finally:
+        runner.compiled = compiled
+        _finish(llm)
+    return {"streams": streams} | {
+        name: {"wall_ms": round(statistics.median(w for w, _ in t) * 1e3, 1),
+               "min_ms": round(min(w for w, _ in t) * 1e3, 1),
+               "cpu_ms": round(statistics.median(c for _, c in t) * 1e3, 1)}
+        for name, t in times.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="/work/cache/default.gguf")
+    parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--streams", default="1,8")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    llm = LLM(args.model, quantization=args.quantization, compile=args.compile, progress=False)
+    print(json.dumps({"load_s": round(time.perf_counter() - start, 1)}), flush=True)
+    for streams in (int(s) for s in args.streams.split(",")):
+        result = compiled_vs_eager if args.compile else split
+        print(json.dumps(result(llm, streams, args.steps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
