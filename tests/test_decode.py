@@ -46,6 +46,51 @@ def test_paged_decode_attention_equals_per_sequence_sdpa(impl, num_heads, num_kv
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unwritten_slots_do_not_leak_into_attention(impl, dtype):
+    """The pool is torch.empty and the runner adds one spare padding slot past the last
+    block: NaN in every slot outside the contexts must not reach the output."""
+    if impl == "native" and (dtype != torch.float32 or not paged_attention.native_kernel_available()):
+        pytest.skip("the native kernel takes float32 and needs a C compiler")
+    fn = paged_decode_attention if impl == "native" else paged_decode_attention_reference
+    g = torch.Generator().manual_seed(1)
+    block_size, num_blocks, heads, kv_heads, dim = 16, 12, 4, 2, 32
+    num_slots = num_blocks * block_size + 1
+    k_cache = torch.full((num_slots, kv_heads, dim), float("nan"))
+    v_cache = torch.full((num_slots, kv_heads, dim), float("nan"))
+    context_lens = torch.tensor([3, 20, 0], dtype=torch.int32)
+    block_tables = torch.tensor([[4, 7], [1, 9], [0, 0]], dtype=torch.int32)
+    for b, n in enumerate(context_lens.tolist()):
+        slots = (block_tables[b].long()[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+        k_cache[slots] = torch.randn(n, kv_heads, dim, generator=g)
+        v_cache[slots] = torch.randn(n, kv_heads, dim, generator=g)
+    q = torch.randn(3, heads, dim, generator=g)
+    kwargs = dict(block_size=block_size, scale=dim**-0.5)
+    expected = per_sequence(q, k_cache, v_cache, block_tables, context_lens, **kwargs)
+    got = fn(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), block_tables, context_lens, **kwargs)
+    assert torch.isfinite(got).all()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), expected, **tol)
+
+
+def test_bfloat16_batched_decode_follows_float32(tmp_path):
+    """Two prompts of different lengths decoded together in bfloat16 (the torch path, as on
+    CUDA) start with the float32 greedy tokens; a NaN from an unwritten slot gave token 0."""
+    from tiny import make_checkpoint
+
+    from qwenkit import LLM, SamplingParams
+
+    make_checkpoint(tmp_path, "qwen3")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = ["Hello there, quick brown fox", "Hi"]
+    runs = {
+        dtype: [o.token_ids for o in LLM(str(tmp_path), dtype=dtype, progress=False).generate(prompts, params)]
+        for dtype in ("float32", "bfloat16")
+    }
+    assert [t[:4] for t in runs["bfloat16"]] == [t[:4] for t in runs["float32"]]
+
+
 GREEDY_PARAMS = dict(temperature=0, max_tokens=10, ignore_eos=True)
 
 

@@ -194,13 +194,20 @@ def paged_decode_attention_reference(
     blocks = block_tables.flatten().long()
 
     def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, KVH, width, D]
-        paged = cache.view(-1, block_size, num_kv_heads, head_dim)
+        whole = cache.shape[0] // block_size * block_size  # past it: the runner's spare padding slot
+        paged = cache[:whole].view(-1, block_size, num_kv_heads, head_dim)
         return paged.index_select(0, blocks).view(num_seqs, width, num_kv_heads, head_dim).transpose(1, 2)
 
     positions = torch.arange(width, device=q.device)
     mask = (positions[None, :] < context_lens[:, None].to(q.device))[:, None, None, :]  # [B, 1, 1, width]
+    # Slots past a context may never have been written (the pool is torch.empty). A NaN key
+    # there survives the mask where SDPA adds it (NaN + -inf; the bfloat16 CPU kernel does),
+    # and a NaN value survives its zero weight (0 * NaN): both are zeroed where masked.
+    unwritten = ~mask[:, :, 0, :, None]  # [B, 1, width, 1]
+    keys = gather(k_cache).masked_fill(unwritten, 0.0)
+    values = gather(v_cache).masked_fill(unwritten, 0.0)
     out = F.scaled_dot_product_attention(
-        q[:, :, None], gather(k_cache), gather(v_cache), attn_mask=mask, scale=scale, enable_gqa=True
+        q[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
     )[:, :, 0]
     # A fully masked row (context length 0: a padding slot) comes out NaN.
     return torch.where(context_lens[:, None, None].to(q.device) > 0, out, 0.0)
