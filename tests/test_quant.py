@@ -3,8 +3,10 @@ matmul of its own dequantized weight, with the error bound of each format; quant
 tiny safetensors and GGUF checkpoints against the float load; the load-time choices.
 
 Error bounds, with S = sum_k |x_k| |w_nk| (the size of the dot product's terms):
-- int8 / int4 kernels (CPU, <= MAX_KERNEL_TOKENS rows): activations and outputs rounded to
-  bfloat16 (relative 2^-9 each), so |y - y_ref| <= 2^-8 S.
+- native int8 kernel (CPU, any rows): activations rounded to int8 in blocks of 32, each x_k off
+  by at most amax(block) / 254, so |y - y_ref| <= sum_k |w_nk| amax(block of k) / 254 + 1e-5 S.
+- torch's int8 / int4 kernels (CPU, <= MAX_KERNEL_TOKENS rows): activations and outputs rounded
+  to bfloat16 (relative 2^-9 each), so |y - y_ref| <= 2^-8 S.
 - int8 dequantized path (more rows): float32 throughout, |y - y_ref| <= 1e-5 S.
 - quantizing: int8 |w - q s| <= s / 2 with s = amax / 127 rounded up to bfloat16; int4
   |w - ((q - 8) s + z)| <= s / 2 + |z| 2^-8 (z is rounded to bfloat16); GGUF Q4_K into int4
@@ -25,7 +27,7 @@ from qwenkit.loader import load_model
 from qwenkit.loader.gguf import GGUFCheckpoint
 from qwenkit.loader.quantization import plan_quantization
 from qwenkit.model_files import resolve_model
-from qwenkit.models import quant
+from qwenkit.models import quant, quant_kernels
 from qwenkit.models.attention import AttentionMetadata
 from qwenkit.models.quant import GGUFEmbedding, QuantEmbedding, QuantLinear
 
@@ -54,8 +56,14 @@ def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return w
 
 
+def _torch_int8_paths(monkeypatch) -> None:
+    """Without the native kernel: torch's bfloat16 kernel up to MAX_KERNEL_TOKENS rows, then dequantizing."""
+    monkeypatch.setattr(quant, "MAX_NATIVE_KERNEL_TOKENS", 0)
+
+
 @pytest.mark.parametrize("rows", [1, 5, quant.MAX_KERNEL_TOKENS, quant.MAX_KERNEL_TOKENS + 1, 70])
-def test_int8_linear_against_dequantized(rows):
+def test_int8_linear_against_dequantized(rows, monkeypatch):
+    _torch_int8_paths(monkeypatch)
     w = _weights(96, 128)
     q, scale = quant.quantize_int8(w)
     assert q.dtype == torch.int8 and torch.equal(scale.to(torch.bfloat16).float(), scale)  # exact in bfloat16
@@ -65,6 +73,44 @@ def test_int8_linear_against_dequantized(rows):
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
     bound = BF16_BOUND if rows <= quant.MAX_KERNEL_TOKENS else F32_BOUND
     _assert_matmul_close(y, x, q.float() * scale[:, None], bound)
+
+
+needs_native = pytest.mark.skipif(not quant_kernels.available(), reason="no C compiler: the native kernel is not built")
+
+
+@needs_native
+@pytest.mark.parametrize("rows,n,k", [(1, 96, 128), (2, 99, 896), (5, 7, 100), (16, 130, 64), (33, 4, 31), (70, 96, 160)])
+def test_native_int8_linear_against_dequantized(rows, n, k):
+    """Activations rounded to int8 in blocks of 32 along k (the last block may be short): each
+    x_k is off by at most amax(|x| over its block) / 254, so |y - y_ref| <= sum_k |w_nk| that + float
+    rounding. Shapes cover tails: rows not a multiple of 2, n of 4, k of 32 or of 8."""
+    w = _weights(max(n, 4), k)[:n] if n >= 4 else torch.randn(n, k, generator=torch.Generator().manual_seed(2))
+    q, scale = quant.quantize_int8(w)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, k)
+    x[0, 5] = 40.0  # an outlier: only its own block loses precision
+    y = quant.int8_linear(x, q, scale.to(torch.bfloat16))
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    w_ref = q.double() * scale.double()[:, None]
+    amax = torch.stack([b.abs().amax(dim=1) for b in x.double().split(32, dim=1)], dim=1)
+    step = amax.repeat_interleave(32, dim=1)[:, :k] / 254  # half an int8 step of each x_k
+    bound = step @ w_ref.abs().T + F32_BOUND * _terms(x, w_ref)
+    error = (y.double() - x.double() @ w_ref.T).abs()
+    assert torch.all(error <= bound), (error / bound).max().item()
+    assert (error > 0).any()  # the activations really were rounded: the bound is not vacuous
+
+
+@needs_native
+def test_native_int8_linear_in_bfloat16_and_compiled():
+    w = _weights(64, 96)
+    q, scale = quant.quantize_int8(w)
+    scale = scale.to(torch.bfloat16)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4))
+    want = quant.int8_linear(x, q, scale)
+    got = quant.int8_linear(x.to(torch.bfloat16), q, scale)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+    compiled = torch.compile(lambda t: quant.int8_linear(t, q, scale) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), want * 2)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 70])
@@ -192,8 +238,10 @@ def _check_against_fake_quantized(monkeypatch, llm: LLM, fake: LLM, *, float_pat
     prompt = list(range(3, 40))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     monkeypatch.setattr(quant, "MAX_KERNEL_TOKENS", 1 << 30)
-    mean, _ = _relative_error(_prompt_logits(llm, prompt), _prompt_logits(fake, prompt))
-    assert mean <= 0.05
+    want = _prompt_logits(fake, prompt)
+    assert _relative_error(_prompt_logits(llm, prompt), want)[0] <= 0.05  # the native int8 kernel where built
+    monkeypatch.setattr(quant, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    assert _relative_error(_prompt_logits(llm, prompt), want)[0] <= 0.05  # torch's kernels
     if float_path:
         monkeypatch.setattr(quant, "MAX_KERNEL_TOKENS", 0)
         assert _relative_error(_prompt_logits(llm, prompt), _prompt_logits(fake, prompt))[1] <= 1e-4

@@ -3,7 +3,7 @@
 A decode step has one query token per sequence. Its keys and values sit in cache blocks
 scattered over the pool; gathering them into a new tensor every step copies the whole
 history of every sequence, every layer, every token. On CPU a small C kernel
-(`_SOURCE`, built once with the system C compiler and kept in the qwenkit home) walks
+(`_SOURCE`, built once by `qwenkit.models.native`) walks
 the block table instead and reads each key and value row exactly once. Elsewhere (CUDA,
 half precision, or no compiler) `paged_decode_attention_reference` gathers whole
 blocks and calls SDPA.
@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from qwenkit.models import native
 
 # One OpenMP task per (sequence, kv head): scores of its `G` query heads against the
-# context's keys, a softmax, then the weighted sum of the values. torch's own libgomp
-# (same soname) runs the parallel loop, so there is one thread pool, not two.
+# context's keys, a softmax, then the weighted sum of the values (built by `native`).
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -86,51 +77,11 @@ void paged_decode_attention_f32(const float *q, const float *k_cache, const floa
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-
-
-def _build(folder: Path) -> Path:
-    """Compile `_SOURCE` into folder/<hash>.so unless it is there already (atomic: safe
-    for several processes sharing the folder)."""
-    cpu = platform.machine() + (_cpu_flags() or "")
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, cpu]).encode()).hexdigest()[:16]
-    target = folder / f"paged_attention_{key}.so"
-    if target.exists():
-        return target
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src = Path(tmp) / "paged_attention.c"
-        src.write_text(_SOURCE)
-        out = Path(tmp) / target.name
-        subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True)
-        os.replace(out, target)
-    return target
-
-
-def _cpu_flags() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-
-
 @functools.cache
 def _native_kernel():
-    """The compiled kernel's function, or None (then the reference runs) when it cannot be built."""
-    if os.environ.get("QWENKIT_NATIVE_KERNELS", "1") == "0":
-        return None
-    from qwenkit.default_model import qwenkit_home
-
-    try:
-        lib = ctypes.CDLL(str(_build(qwenkit_home() / "kernels")))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        logger.warning("paged attention kernel unavailable, using the slower gather path: %s %s",
-                       e, detail.decode(errors="replace")[-500:])
+    """The compiled kernel's function, or None (then the reference runs)."""
+    lib = native.load_library("paged_attention", _SOURCE)
+    if lib is None:
         return None
     fn = lib.paged_decode_attention_f32
     fn.restype = None

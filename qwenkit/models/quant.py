@@ -16,12 +16,13 @@ Formats:
 - ``gguf:<type>`` (embeddings only): the GGUF blocks as stored; the rows a step gathers are
   dequantized by `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
 
-Dispatch on CPU: a call of at most `MAX_KERNEL_TOKENS` rows (decode) runs torch's int8 or
-int4 kernel on bfloat16 activations, several times faster than a float32 matmul on AVX2; a
-larger call (prefill) dequantizes the int8 weight a block of rows at a time and runs a float
-GEMM in the activations' dtype, which measures faster there (see docs/quantization.md). int4
-always runs its kernel: the packed layout is torch's own and is not read back here. On other
-devices int8 dequantizes every call; int4 is CPU only.
+Dispatch on CPU: int8 runs the native kernel of `quant_kernels` (activations quantized to int8
+in blocks of 32, integer dot products, as llama.cpp does) for calls of every size. Without it
+(no C compiler, `QWENKIT_NATIVE_KERNELS=0`), a call of at most `MAX_KERNEL_TOKENS` rows runs
+torch's int8 kernel on bfloat16 activations and a larger one dequantizes the weight a block of
+rows at a time and runs a float GEMM in the activations' dtype (see docs/quantization.md).
+int4 always runs torch's kernel on bfloat16 activations: the packed layout is torch's own and
+is not read back here. On other devices int8 dequantizes every call; int4 is CPU only.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit.models import quant_kernels
 from qwenkit.models.layers import Embedding, Linear
 
 INT8, INT4, GGUF = "int8", "int4", "gguf"
 INT4_GROUP_SIZE = 32
-# Calls with more rows than this dequantize and run a float GEMM (measured: docs/quantization.md).
+# CPU int8 calls with more rows than the kernel's limit dequantize and run a float GEMM. The
+# native kernel (quant_kernels) beat that at every size measured, torch's bfloat16-activation
+# kernel only up to ~16 rows (docs/quantization.md). int4 always runs torch's kernel.
+MAX_NATIVE_KERNEL_TOKENS = 1 << 30
 MAX_KERNEL_TOKENS = 16
 # Rows are quantized, and dequantized for large calls, in blocks of about this many values (4 MiB of float32).
 _BLOCK_VALUES = 1 << 20
@@ -122,8 +127,14 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T, in x's dtype."""
-    if x.device.type == "cpu" and x.shape[0] <= MAX_KERNEL_TOKENS:
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale).to(x.dtype)
+    if x.device.type == "cpu":
+        if x.shape[0] <= MAX_NATIVE_KERNEL_TOKENS:
+            if torch.compiler.is_compiling():  # an opaque op (falls back to torch inside where not built)
+                return quant_kernels.int8_linear_op(x, weight, scale).to(x.dtype)
+            if (y := quant_kernels.int8_linear(x, weight, scale)) is not None:
+                return y.to(x.dtype)
+        if x.shape[0] <= MAX_KERNEL_TOKENS:
+            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale).to(x.dtype)
     out = x.new_empty(x.shape[0], weight.shape[0])
     step = max(1, _BLOCK_VALUES // weight.shape[1])
     for start in range(0, weight.shape[0], step):
