@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenkit.models import paged_attention
+from qwenkit.models import cpu_ops, paged_attention
 from qwenkit.models.paged_attention import paged_decode_attention, paged_decode_attention_reference
 
 
@@ -113,3 +113,26 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, arch, monkeypatch):
     expected = [o.token_ids for o in eager.generate(prompts, params)]
     assert [o.token_ids for o in compiled.generate(prompts, params)] == expected
     assert [compiled.generate(p, params[0])[0].token_ids for p in prompts[:1]] == expected[:1]
+
+
+needs_cpu_ops = pytest.mark.skipif(cpu_ops._library() is None, reason="no C compiler: the CPU kernels are not built")
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_native_rms_norm_and_rotary_equal_torch(tokens):
+    g = torch.Generator().manual_seed(3)
+    hidden, heads, kv_heads, dim = 96, 4, 2, 16
+    # Strided rows, as a view into a wider tensor; the rotary input is a split of a fused qkv output.
+    x = torch.randn(tokens, hidden + 8, generator=g)[:, :hidden] * 3
+    weight = torch.randn(hidden, generator=g)
+    got = cpu_ops.rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(got, F.rms_norm(x, (hidden,), weight, 1e-6), atol=1e-6, rtol=1e-5)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    angles = torch.rand(tokens, 1, dim // 2, generator=g) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos() * 1.1, torch.cat((angles, angles), -1).sin() * 1.1
+    half = dim // 2
+    want = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+    torch.testing.assert_close(cpu_ops.rotate(q, cos, sin), want, atol=1e-6, rtol=1e-5)
+    assert cpu_ops.rotate(q.to(torch.bfloat16), cos, sin) is None  # float32 only: the caller's torch code runs

@@ -20,6 +20,7 @@ from torch import nn
 
 from qwenkit.config import ModelConfig, RopeConfig
 from qwenkit.models.attention import AttentionMetadata, attention
+from qwenkit.models import cpu_ops
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one call, the same numbers (the weight multiplies last in both)
+            if not torch.compiler.is_compiling() and (y := cpu_ops.rms_norm(x, self.weight, self.eps)) is not None:
+                return y
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         input_dtype = x.dtype
         x = x.float()
@@ -174,6 +177,8 @@ def apply_rotary(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if not torch.compiler.is_compiling() and (out := cpu_ops.rotate(x, cos, sin)) is not None:
+        return out
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
