@@ -48,6 +48,24 @@ def _assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, boun
     assert torch.all(error <= bound * _terms(x, w) + 1e-12), (error / _terms(x, w)).max().item()
 
 
+def _q8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The native kernels' bound: x rounded to int8 in blocks of 32 along k moves each x_k by at
+    most amax(|x| over its block) / 254; plus float32 rounding."""
+    k = x.shape[1]
+    amax = torch.stack([b.abs().amax(dim=1) for b in x.double().split(32, dim=1)], dim=1)
+    step = amax.repeat_interleave(32, dim=1)[:, :k] / 254
+    return step @ w.double().abs().T + F32_BOUND * _terms(x, w)
+
+
+def _assert_int8_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """An int8 matmul by whichever kernel runs here: the native one, else torch's bfloat16 one."""
+    if quant_kernels.available():
+        error = (y.double() - x.double() @ w.double().T).abs()
+        assert torch.all(error <= _q8_bound(x, w)), (error / _q8_bound(x, w)).max().item()
+    else:
+        _assert_matmul_close(y, x, w, BF16_BOUND)
+
+
 def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
@@ -91,12 +109,52 @@ def test_native_int8_linear_against_dequantized(rows, n, k):
     y = quant.int8_linear(x, q, scale.to(torch.bfloat16))
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     w_ref = q.double() * scale.double()[:, None]
-    amax = torch.stack([b.abs().amax(dim=1) for b in x.double().split(32, dim=1)], dim=1)
-    step = amax.repeat_interleave(32, dim=1)[:, :k] / 254  # half an int8 step of each x_k
-    bound = step @ w_ref.abs().T + F32_BOUND * _terms(x, w_ref)
+    bound = _q8_bound(x, w_ref)
     error = (y.double() - x.double() @ w_ref.T).abs()
     assert torch.all(error <= bound), (error / bound).max().item()
     assert (error > 0).any()  # the activations really were rounded: the bound is not vacuous
+
+
+@needs_native
+@pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (3, 9, 896), (4, 2, 32), (9, 130, 256)])
+def test_native_q5_0_linear_against_gguf(rows, n, k):
+    """GGUF Q5_0 blocks multiplied as stored equal the product with gguf's own dequantization,
+    within the activations' int8 rounding (rows past a multiple of 4, n odd: the tails)."""
+    from gguf.quants import dequantize, quantize
+
+    q5 = gguf.GGMLQuantizationType.Q5_0
+    blocks = quantize(_weights(max(n, 4), k)[:n].numpy(), q5)
+    w = torch.from_numpy(dequantize(blocks, q5))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, k)
+    y = quant.q5_0_linear(x, torch.from_numpy(blocks), k)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    error = (y.double() - x.double() @ w.double().T).abs()
+    assert torch.all(error <= _q8_bound(x, w)), (error / _q8_bound(x, w)).max().item()
+    # The dequantizing path (no kernel: other devices, kernels off) gives the float product.
+    _assert_matmul_close(quant._dequantized_q5_0_linear(x, torch.from_numpy(blocks), k), x, w, F32_BOUND)
+
+
+@needs_native
+def test_native_kernels_plain_c_build_equals_simd(tmp_path):
+    """The plain C code (CPUs without AVX2: the source built with QK_NO_SIMD) computes what the
+    AVX2 code does, up to float summation order."""
+    import ctypes
+
+    from gguf.quants import quantize
+
+    from qwenkit.models import native
+
+    lib = ctypes.CDLL(str(native.build("plain", "#define QK_NO_SIMD 1\n" + quant_kernels._SOURCE, tmp_path)))
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
+    w = _weights(7, 96)
+    q, scale = quant.quantize_int8(w)
+    scale = scale.to(torch.bfloat16)
+    y = torch.empty(5, 7)
+    assert lib.int8_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, q, scale, y)), 5, 7, 96) == 0
+    torch.testing.assert_close(y, quant_kernels.int8_linear(x, q, scale), atol=1e-5, rtol=1e-5)
+    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    assert lib.q5_0_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, blocks, y)), 5, 7, 96) == 0
+    torch.testing.assert_close(y, quant_kernels.q5_0_linear(x, blocks, 96), atol=1e-5, rtol=1e-5)
 
 
 @needs_native
@@ -111,6 +169,11 @@ def test_native_int8_linear_in_bfloat16_and_compiled():
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
     compiled = torch.compile(lambda t: quant.int8_linear(t, q, scale) * 2, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), want * 2)
+    from gguf.quants import quantize
+
+    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    compiled = torch.compile(lambda t: quant.q5_0_linear(t, blocks, 96) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), quant.q5_0_linear(x, blocks, 96) * 2)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 70])
@@ -136,10 +199,13 @@ def test_quant_linear_fused_shards_and_bias():
         for shard, rows in zip("kvq", (slice(64, 80), slice(80, 96), slice(0, 64))):  # any order
             assert layer.weight.weight_loader(layer.weight, w[rows], shard) == {shard}
             layer.bias.weight_loader(layer.bias, bias[rows], shard)
-        x = torch.randn(3, 64)
-        reference = quant.dequantize_int4(*quant.quantize_int4(w)) if format == quant.INT4 else (
-            lambda q, s: q.float() * s[:, None])(*quant.quantize_int8(w))
-        _assert_matmul_close(layer(x) - bias, x, reference, BF16_BOUND * 1.01)
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+        if format == quant.INT4:
+            reference = quant.dequantize_int4(*quant.quantize_int4(w))
+            _assert_matmul_close(layer(x) - bias, x, reference, BF16_BOUND * 1.01)
+        else:
+            q, scale = quant.quantize_int8(w)
+            _assert_int8_close(layer(x) - bias, x, q.float() * scale[:, None])
     with pytest.raises(ValueError, match=r"expected shape \(16, 64\), got \(16, 32\)"):
         layer.weight.weight_loader(layer.weight, torch.zeros(16, 32), "k")
 
@@ -152,8 +218,8 @@ def test_quant_embedding_gathers_and_attends():
     w_q = q.float() * scale[:, None]
     ids = torch.tensor([[0, 3, 299], [3, 3, 1]])
     assert torch.equal(embedding(ids), w_q[ids])
-    x = torch.randn(2, 64)
-    _assert_matmul_close(embedding.attend(x), x, w_q, BF16_BOUND)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(6))
+    _assert_int8_close(embedding.attend(x), x, w_q)
 
 
 @pytest.mark.parametrize("type_name", ["Q5_0", "Q8_0", "Q4_K", "Q6_K"])
@@ -291,7 +357,7 @@ def _tiny_gguf_model():
 
 # What llama.cpp's Q4_K_M mixes, one type per kind of matrix.
 MIXED_TYPES = {"token_embd": "Q5_0", "output": "Q8_0", "attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0",
-               "attn_output": "Q6_K", "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+               "attn_output": "Q5_0", "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
 
 
 def _mixed_type(gguf_name: str) -> str:
@@ -313,13 +379,15 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf):
     assert formats["model.layers.1.self_attn.qkv_proj"] == "int8"  # Q5_0 + Q5_0 + Q8_0
     assert formats["model.layers.1.mlp.gate_up_proj"] == "int8"  # Q4_K, see GGUF_AUTO_FORMATS
     assert formats["model.layers.1.mlp.down_proj"] == "int8"  # Q6_K
+    # All Q5_0: kept as stored where the native kernel runs.
+    assert formats["model.layers.1.self_attn.o_proj"] == ("gguf:Q5_0" if quant_kernels.available() else "int8")
     _check_against_fake_quantized(monkeypatch, llm, _fake_quantized(mixed_gguf, formats))
 
     # Each int8 matrix is the int8 quantization of the file's dequantized values.
     stored = dict(GGUFCheckpoint(mixed_gguf).iter_weights())
-    q, scale = quant.quantize_int8(stored["model.layers.0.self_attn.o_proj.weight"])
-    o_proj = llm.model.model.layers[0].self_attn.o_proj
-    assert torch.equal(o_proj.weight, q) and torch.equal(o_proj.scale.float(), scale)
+    q, scale = quant.quantize_int8(stored["model.layers.0.mlp.down_proj.weight"])
+    down = llm.model.model.layers[0].mlp.down_proj
+    assert torch.equal(down.weight, q) and torch.equal(down.scale.float(), scale)
     v_rows = llm.model.model.layers[0].self_attn.qkv_proj.weight[256 + 128 :]
     assert torch.equal(v_rows, quant.quantize_int8(stored["model.layers.0.self_attn.v_proj.weight"])[0])
 

@@ -19,18 +19,20 @@ from torch import nn
 from qwenkit.errors import ModelLoadError
 from qwenkit.loader.weights import _target
 from qwenkit.models.layers import Embedding, Linear
-from qwenkit.models.quant import GGUF, INT4, INT4_GROUP_SIZE, INT8
+from qwenkit.models import quant_kernels
+from qwenkit.models.quant import GGUF, INT4, INT4_GROUP_SIZE, INT8, Q5_0
 
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
 
 # GGUF storage type -> in-memory format under "auto", chosen by measured speed and accuracy
-# (docs/quantization.md). int8 per output row costs 8 bits a value against the file's 4.5 to
-# 8.5, and runs the fastest kernel here; Q4_K could be int4 exactly but measures slower.
+# (docs/quantization.md). Q5_0 (most of a small Qwen's Q4_K_M file) stays in its blocks: the
+# native kernel reads 5.5 bits a value. The others become int8 per output row (8 bits a value
+# against the file's 4.5 to 8.5); Q4_K could be int4 exactly but measures slower.
 GGUF_AUTO_FORMATS = {
     T.Q8_0: INT8,
     T.Q6_K: INT8,
     T.Q5_K: INT8,
-    T.Q5_0: INT8,
+    T.Q5_0: Q5_0,  # kept as stored where the native kernel runs, else int8
     T.Q4_K: INT8,
     T.Q4_0: INT8,
 }
@@ -87,7 +89,13 @@ def plan_quantization(
             # The lm_head needs a matmul: a tied embedding is int8, else kept as stored.
             formats[name] = INT8 if getattr(model, "lm_head", None) is None else f"{GGUF}:{tensor_type.name}"
         elif type(module) is Linear and not name.endswith(".mlp.gate"):
-            formats[name] = INT4 if wanted == {INT4} and _fits_int4(module) else INT8
+            # One format for the whole (possibly fused) matrix: mixed storage types get int8.
+            if wanted == {INT4} and _fits_int4(module):
+                formats[name] = INT4
+            elif wanted == {Q5_0} and module.weight.shape[1] % 32 == 0 and quant_kernels.available():
+                formats[name] = Q5_0
+            else:
+                formats[name] = INT8
     return formats
 
 

@@ -39,6 +39,7 @@ from qwenkit.models import quant_kernels
 from qwenkit.models.layers import Embedding, Linear
 
 INT8, INT4, GGUF = "int8", "int4", "gguf"
+Q5_0 = "gguf:Q5_0"  # a linear kept in GGUF Q5_0 blocks, run by the native kernel
 INT4_GROUP_SIZE = 32
 # CPU int8 calls with more rows than the kernel's limit dequantize and run a float GEMM. The
 # native kernel (quant_kernels) beat that at every size measured, torch's bfloat16-activation
@@ -143,6 +144,30 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     return out
 
 
+def q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [T, K] @ w^T with w as GGUF Q5_0 blocks (uint8 [N, K / 32 * 22]), in x's dtype. The
+    native kernel on CPU; elsewhere (or where it is not built) the blocks are dequantized a
+    block of rows at a time by gguf.quants and multiplied in x's dtype."""
+    if x.device.type == "cpu" and x.shape[0] <= MAX_NATIVE_KERNEL_TOKENS:
+        if torch.compiler.is_compiling():
+            return quant_kernels.q5_0_linear_op(x, blocks, in_features).to(x.dtype)
+        if (y := quant_kernels.q5_0_linear(x, blocks, in_features)) is not None:
+            return y.to(x.dtype)
+    return _dequantized_q5_0_linear(x, blocks, in_features)
+
+
+def _dequantized_q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    out = x.new_empty(x.shape[0], blocks.shape[0])
+    step = max(1, _BLOCK_VALUES // in_features)
+    for start in range(0, blocks.shape[0], step):
+        rows = dequantize(blocks[start : start + step].cpu().numpy(), GGMLQuantizationType.Q5_0)
+        out[:, start : start + step] = F.linear(x, torch.from_numpy(rows).to(x.device, x.dtype))
+    return out
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ w^T with w packed by `_convert_weight_to_int4pack_for_cpu`, in x's dtype."""
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP_SIZE, scales_and_zeros)
@@ -176,11 +201,12 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
 
 
 class QuantLinear(Linear):
-    """`Linear` with an int8 or int4 weight; loads the same checkpoint tensors and shards.
+    """`Linear` with an int8, int4 or Q5_0 weight; loads the same checkpoint tensors and shards.
 
     int8: weight int8 [N, K], scale bfloat16 [N]. int4: weight is torch's packed uint8 and
     scales_and_zeros bfloat16 [K / 32, N, 2]; shards are gathered unpacked and packed once
-    the last one is in. The bias stays in the model's dtype.
+    the last one is in. Q5_0: weight is the GGUF blocks as stored, uint8 [N, K / 32 * 22]
+    (every shard must be stored as Q5_0). The bias stays in the model's dtype.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, dtype: torch.dtype,
@@ -201,6 +227,10 @@ class QuantLinear(Linear):
             )
             self._unpacked: torch.Tensor | None = None  # uint8 [N, K] while shards arrive
             self._pending = set(shard_names)
+        elif format == Q5_0:
+            if in_features % 32:
+                raise ValueError("Q5_0 rows need a multiple of 32 values")
+            self.weight = _frozen(torch.empty(n, in_features // 32 * quant_kernels.Q5_0_BLOCK_BYTES, dtype=torch.uint8))
         else:
             raise ValueError(f"unknown linear format {format!r}")
         self.weight.weight_loader = self._load_weight
@@ -224,6 +254,14 @@ class QuantLinear(Linear):
                 param.data[target] = q
                 self.scale[target] = scale
             return {shard}
+        if self.format == Q5_0:
+            if getattr(getattr(tensor, "ggml_type", None), "name", None) != "Q5_0":
+                raise ValueError(f"expected Q5_0 blocks, got {getattr(tensor, 'ggml_type', 'floats')}")
+            step = max(1, _BLOCK_VALUES // in_features)
+            for start in range(0, tensor.shape[0], step):
+                raw = tensor.read_raw(start, min(tensor.shape[0], start + step))
+                param.data[first + start : first + start + raw.shape[0]] = raw
+            return {shard}
         if self._unpacked is None:
             self._unpacked = torch.empty(param.shape[0], in_features, dtype=torch.uint8)
         for start, (q, scale, zero) in _int4_blocks(tensor):
@@ -240,6 +278,8 @@ class QuantLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == INT8:
             y = int8_linear(x, self.weight, self.scale)
+        elif self.format == Q5_0:
+            y = q5_0_linear(x, self.weight, self.in_features)
         else:
             y = int4_linear(x, self.weight, self.scales_and_zeros)
         return y if self.bias is None else y + self.bias
@@ -315,7 +355,7 @@ class GGUFEmbedding(nn.Module):
 
 def quantized_module(module: nn.Module, format: str) -> nn.Module:
     """The quantized counterpart of a `Linear` or `Embedding` (not yet loaded)."""
-    if type(module) is Linear and format in (INT8, INT4):
+    if type(module) is Linear and format in (INT8, INT4, Q5_0):
         return QuantLinear.from_linear(module, format)
     if type(module) is Embedding:
         num_embeddings, embedding_dim = module.weight.shape

@@ -29,8 +29,10 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(QK_NO_SIMD)
 #define QK_AVX2 1
 #endif
 
@@ -147,38 +149,209 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
     free(xs);
     return 0;
 }
+
+/* ---- GGUF Q5_0 weights, kept as stored: per 32 values a 22-byte block of an fp16 scale d,
+   32 high bits qh and 16 bytes qs of low nibbles (value i < 16: low nibble of qs[i], bit i of
+   qh; value i + 16: high nibble of qs[i], bit i + 16); w = (nibble + 16 * bit - 16) * d. */
+
+#define Q5_0_BYTES 22
+
+static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        const float f = (float)mant * (1.f / 16777216.f);  /* zero or subnormal: mant * 2^-24 */
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+#ifdef QK_AVX2
+/* The 32 values of a Q5_0 block as unsigned bytes u = nibble + 16 * bit in [0, 31] (w = (u - 16) d). */
+static inline __m256i q5_0_unsigned(const uint8_t *block) {
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(block + 6));
+    const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0f));
+    uint32_t qh;
+    memcpy(&qh, block + 2, sizeof qh);
+    /* byte i <- byte i / 8 of qh, then 0x10 where its bit i % 8 is set */
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    const __m256i high = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_or_si256(nibbles, _mm256_and_si256(high, _mm256_set1_epi8(0x10)));
+}
+#endif
+
+/* out[m][r] for nr (<= 2) weight rows and mr (<= 4) activation rows:
+   sum_j d[r][j] xs[m][j] (u[r] . xq[m] over block j) - sum_j d[r][j] c[m][j], c = 16 xs sum(xq). */
+static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, const float *xs, const float *c,
+                                                            const uint8_t *w, int K, int nr, int mr,
+                                                            float out[4][2]) {
+    const int nb = K / QK;
+    const int64_t row = (int64_t)nb * Q5_0_BYTES;
+    float corr[4][2] = {{0.f}};
+#ifdef QK_AVX2
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4][2];
+    for (int m = 0; m < 4; m++)
+        for (int r = 0; r < 2; r++) acc[m][r] = _mm256_setzero_ps();
+    for (int j = 0; j < nb; j++) {
+        __m256i u[2];
+        float d[2];
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *block = w + r * row + (int64_t)j * Q5_0_BYTES;
+            _mm_prefetch((const char *)(block + 2 * PREFETCH_ROWS * row), _MM_HINT_T0);
+            uint16_t h;
+            memcpy(&h, block, sizeof h);
+            d[r] = f16_to_f32(h);
+            u[r] = q5_0_unsigned(block);
+        }
+        for (int m = 0; m < mr; m++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j * QK));
+            const float sx = xs[m * nb + j], cx = c[m * nb + j];
+            for (int r = 0; r < nr; r++) {
+                /* unsigned u x signed x bytes, pairs into int16 (at most 2 * 31 * 127), then int32 */
+                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u[r], xv), ones));
+                acc[m][r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r] * sx), acc[m][r]);
+                corr[m][r] += d[r] * cx;
+            }
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            out[m][r] = _mm_cvtss_f32(s) - corr[m][r];
+        }
+#else
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++) {
+            float total = 0.f;
+            for (int j = 0; j < nb; j++) {
+                const uint8_t *block = w + r * row + (int64_t)j * Q5_0_BYTES;
+                const int8_t *a = xq + (int64_t)m * K + j * QK;
+                uint16_t h;
+                uint32_t qh;
+                memcpy(&h, block, sizeof h);
+                memcpy(&qh, block + 2, sizeof qh);
+                int32_t dot = 0;
+                for (int i = 0; i < 16; i++) {
+                    const int lo = (block[6 + i] & 0x0f) | (((qh >> i) & 1) << 4);
+                    const int hi = (block[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+                    dot += a[i] * lo + a[i + 16] * hi;
+                }
+                const float d = f16_to_f32(h);
+                total += d * xs[m * nb + j] * (float)dot - d * c[m * nb + j];
+            }
+            out[m][r] = total;
+        }
+#endif
+}
+
+/* y[m, n] = sum_k x[m, k] * w[n, k], w as Q5_0 blocks ([N, K / 32] blocks, rows contiguous),
+   the activations quantized to int8 in blocks of QK (aligned with the weight blocks). K a
+   multiple of 32. Returns 0, or -1 when out of memory. */
+int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K) {
+    const int nb = K / QK;
+    const int64_t row = (int64_t)nb * Q5_0_BYTES;
+    int8_t *xq = malloc((size_t)M * K);
+    float *xs = malloc(sizeof(float) * (size_t)M * nb), *c = malloc(sizeof(float) * (size_t)M * nb);
+    if (!xq || !xs || !c) { free(xq); free(xs); free(c); return -1; }
+    #pragma omp parallel for if (M > 8)
+    for (int m = 0; m < M; m++) {
+        quantize_row(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
+        for (int j = 0; j < nb; j++) {
+            int32_t sum = 0;
+            for (int i = 0; i < QK; i++) sum += xq[(int64_t)m * K + j * QK + i];
+            c[(int64_t)m * nb + j] = 16.f * xs[(int64_t)m * nb + j] * (float)sum;
+        }
+    }
+    const int blocks = (N + 1) / 2;
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int n0 = b * 2, nr = N - n0 < 2 ? N - n0 : 2;
+        const uint8_t *wb = w + n0 * row;
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            const int mr = M - m0 < 4 ? M - m0 : 4;
+            const int8_t *xqm = xq + (int64_t)m0 * K;
+            const float *xsm = xs + (int64_t)m0 * nb, *cm = c + (int64_t)m0 * nb;
+            float out[4][2];
+            if (nr == 2 && mr == 4) q5_0_tile(xqm, xsm, cm, wb, K, 2, 4, out);
+            else if (nr == 2 && mr == 1) q5_0_tile(xqm, xsm, cm, wb, K, 2, 1, out);
+            else q5_0_tile(xqm, xsm, cm, wb, K, nr, mr, out);
+            for (int m = 0; m < mr; m++)
+                for (int r = 0; r < nr; r++) y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r];
+        }
+    }
+    free(xq);
+    free(xs);
+    free(c);
+    return 0;
+}
 """
 
 
 @functools.cache
-def _kernel():
+def _library():
     lib = native.load_library("int8_linear", _SOURCE)
-    if lib is None:
-        return None
-    fn = lib.int8_linear_q8
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-    return fn
+    if lib is not None:
+        lib.int8_linear_q8.restype = ctypes.c_int
+        lib.int8_linear_q8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+        lib.q5_0_linear_q8.restype = ctypes.c_int
+        lib.q5_0_linear_q8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+    return lib
 
 
 def available() -> bool:
-    return _kernel() is not None
+    return _library() is not None
+
+
+def _check(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"{what}: x must be [M, {k}], got {list(x.shape)}")
+    return x.to(torch.float32).contiguous()
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """x [M, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T in float32, or None where the
     kernel does not apply (not CPU, no compiler, kernels turned off)."""
-    fn = _kernel()
-    if fn is None or x.device.type != "cpu":
+    lib = _library()
+    if lib is None or x.device.type != "cpu":
         return None
-    if weight.dtype != torch.int8 or scale.dtype != torch.bfloat16 or x.shape[-1] != weight.shape[1]:
-        raise TypeError("int8_linear takes int8 weights [N, K], bfloat16 scales [N] and x [M, K]")
-    x = x.to(torch.float32).contiguous()
+    if weight.dtype != torch.int8 or scale.dtype != torch.bfloat16:
+        raise TypeError("int8_linear takes int8 weights [N, K] and bfloat16 scales [N]")
+    (n, k), x = weight.shape, _check(x, weight.shape[1], "int8_linear")
     weight, scale = weight.contiguous(), scale.contiguous()
-    m, (n, k) = x.shape[0], weight.shape
-    y = torch.empty(m, n, dtype=torch.float32)
-    if fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k) != 0:
-        raise MemoryError(f"int8_linear: no memory for the quantized activations ({m} x {k})")
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if lib.int8_linear_q8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], n, k):
+        raise MemoryError(f"int8_linear: no memory for the quantized activations ({x.shape[0]} x {k})")
+    return y
+
+
+Q5_0_BLOCK_BYTES = 22  # per 32 values
+
+
+def q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor | None:
+    """x [M, K] @ w^T in float32 with w as GGUF Q5_0 blocks (uint8 [N, K / 32 * 22]), or None
+    where the kernel does not apply."""
+    lib = _library()
+    if lib is None or x.device.type != "cpu":
+        return None
+    if blocks.dtype != torch.uint8 or in_features % 32 or blocks.shape[1] != in_features // 32 * Q5_0_BLOCK_BYTES:
+        raise TypeError(f"q5_0_linear takes uint8 Q5_0 blocks [N, {in_features // 32 * Q5_0_BLOCK_BYTES}]")
+    x, blocks = _check(x, in_features, "q5_0_linear"), blocks.contiguous()
+    y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
+    if lib.q5_0_linear_q8(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], in_features):
+        raise MemoryError(f"q5_0_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
     return y
 
 
@@ -194,3 +367,19 @@ def int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
 @int8_linear_op.register_fake
 def _(x, weight, scale):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("qwenkit::q5_0_linear", mutates_args=())
+def q5_0_linear_op(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    """`q5_0_linear` as an opaque op, for torch.compile."""
+    y = q5_0_linear(x, blocks, in_features)
+    if y is None:
+        from qwenkit.models.quant import _dequantized_q5_0_linear
+
+        y = _dequantized_q5_0_linear(x.float(), blocks, in_features)
+    return y
+
+
+@q5_0_linear_op.register_fake
+def _(x, blocks, in_features):
+    return x.new_empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
