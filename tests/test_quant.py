@@ -116,10 +116,11 @@ def test_native_int8_linear_against_dequantized(rows, n, k):
 
 
 @needs_native
-@pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (3, 9, 896), (4, 2, 32), (9, 130, 256)])
+@pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (2, 9, 896), (3, 9, 96), (4, 2, 32), (9, 130, 256), (21, 7, 64)])
 def test_native_q5_0_linear_against_gguf(rows, n, k):
     """GGUF Q5_0 blocks multiplied as stored equal the product with gguf's own dequantization,
-    within the activations' int8 rounding (rows past a multiple of 4, n odd: the tails)."""
+    within the activations' int8 rounding: read block by block (< 16 rows, the tails of rows and
+    of n) and unpacked to int8 first (>= 16 rows)."""
     from gguf.quants import dequantize, quantize
 
     q5 = gguf.GGMLQuantizationType.Q5_0
@@ -154,6 +155,10 @@ def test_native_kernels_plain_c_build_equals_simd(tmp_path):
     torch.testing.assert_close(y, quant_kernels.int8_linear(x, q, scale), atol=1e-5, rtol=1e-5)
     blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
     assert lib.q5_0_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, blocks, y)), 5, 7, 96) == 0
+    torch.testing.assert_close(y, quant_kernels.q5_0_linear(x, blocks, 96), atol=1e-5, rtol=1e-5)
+    x = torch.randn(17, 96, generator=torch.Generator().manual_seed(3))  # the unpacking path
+    y = torch.empty(17, 7)
+    assert lib.q5_0_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, blocks, y)), 17, 7, 96) == 0
     torch.testing.assert_close(y, quant_kernels.q5_0_linear(x, blocks, 96), atol=1e-5, rtol=1e-5)
 
 

@@ -62,22 +62,23 @@ static void quantize_row(const float *x, int K, int8_t *xq, float *xs) {
     }
 }
 
-/* sum_j xs[j] * (xq . w over block j), blocks from j0 on, in plain C. */
-static float dot_tail(const int8_t *xq, const float *xs, const int8_t *w, int K, int j0) {
+/* sum_j xs[j] (wd[j]) * (xq . w over block j), blocks from j0 on, in plain C; wd may be NULL. */
+static float dot_tail(const int8_t *xq, const float *xs, const int8_t *w, const float *wd, int K, int j0) {
     float total = 0.f;
     for (int j = j0; j * QK < K; j++) {
         int32_t dot = 0;
         for (int k = j * QK; k < K && k < (j + 1) * QK; k++) dot += (int32_t)xq[k] * w[k];
-        total += xs[j] * (float)dot;
+        total += xs[j] * (wd ? wd[j] : 1.f) * (float)dot;
     }
     return total;
 }
 
-/* out[m][r] = sum_j xs[m][j] * sum_{k in block j} xq[m][k] * w[r][k], for nr weight rows and mr
-   activation rows. Constant nr, mr (the always-inlined 4 x 2 case) keep the accumulators in
-   registers. */
+/* out[m][r] = sum_j xs[m][j] (wd[r][j]) * sum_{k in block j} xq[m][k] * w[r][k], for nr weight
+   rows and mr activation rows; wd (per-block weight scales, [nr, K / QK]) may be NULL, and is
+   only taken with K a multiple of QK. Constant nr, mr (the always-inlined 4 x 2 case) keep the
+   accumulators in registers. */
 static inline __attribute__((always_inline)) void tile(const int8_t *xq, const float *xs, const int8_t *w,
-                                                       int K, int nr, int mr, float out[2][4]) {
+                                                       const float *wd, int K, int nr, int mr, float out[2][4]) {
     const int nb = (K + QK - 1) / QK;  /* scales per activation row */
     int j0 = 0;                         /* the blocks before j0 are done in vector code */
     for (int m = 0; m < 2; m++)
@@ -88,18 +89,22 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
     for (int m = 0; m < 2; m++)
         for (int r = 0; r < 4; r++) acc[m][r] = _mm256_setzero_ps();
     for (; j0 < K / QK; j0++) {
+        __m256 sx[2];
+        for (int m = 0; m < mr; m++) sx[m] = _mm256_set1_ps(xs[m * nb + j0]);
         for (int r = 0; r < nr; r++) {
             const int8_t *wp = w + (int64_t)r * K + j0 * QK;
             _mm_prefetch((const char *)(wp + PREFETCH_ROWS * (int64_t)K), _MM_HINT_T0);
             const __m256i wv = _mm256_loadu_si256((const __m256i *)wp);
             const __m256i wabs = _mm256_sign_epi8(wv, wv);
+            const __m256 dw = wd ? _mm256_set1_ps(wd[r * nb + j0]) : _mm256_setzero_ps();
             for (int m = 0; m < mr; m++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j0 * QK));
                 /* |w| * (x with w's sign): unsigned x signed bytes, pairs summed into int16
                    (at most 2 * 127 * 127, no saturation), then pairs into int32. */
                 const __m256i p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-                acc[m][r] = _mm256_fmadd_ps(p, _mm256_set1_ps(xs[m * nb + j0]), acc[m][r]);
+                __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                if (wd) p = _mm256_mul_ps(p, dw);
+                acc[m][r] = _mm256_fmadd_ps(p, sx[m], acc[m][r]);
             }
         }
     }
@@ -114,7 +119,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
     if (j0 * QK < K)
         for (int m = 0; m < mr; m++)
             for (int r = 0; r < nr; r++)
-                out[m][r] += dot_tail(xq + (int64_t)m * K, xs + m * nb, w + (int64_t)r * K, K, j0);
+                out[m][r] += dot_tail(xq + (int64_t)m * K, xs + m * nb, w + (int64_t)r * K, wd ? wd + r * nb : NULL, K, j0);
 }
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], the activations quantized to int8 in blocks of QK.
@@ -137,9 +142,9 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
             const int8_t *xqm = xq + (int64_t)m0 * K;
             const float *xsm = xs + (int64_t)m0 * nb;
             float out[2][4];
-            if (nr == 4 && mr == 2) tile(xqm, xsm, wb, K, 4, 2, out);
-            else if (nr == 4) tile(xqm, xsm, wb, K, 4, 1, out);
-            else tile(xqm, xsm, wb, K, nr, mr, out);
+            if (nr == 4 && mr == 2) tile(xqm, xsm, wb, NULL, K, 4, 2, out);
+            else if (nr == 4) tile(xqm, xsm, wb, NULL, K, 4, 1, out);
+            else tile(xqm, xsm, wb, NULL, K, nr, mr, out);
             for (int m = 0; m < mr; m++)
                 for (int r = 0; r < nr; r++)
                     y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r] * bf16_to_f32(scale[n0 + r]);
@@ -155,6 +160,9 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
    qh; value i + 16: high nibble of qs[i], bit i + 16); w = (nibble + 16 * bit - 16) * d. */
 
 #define Q5_0_BYTES 22
+#ifndef Q5_0_UNPACK_ROWS
+#define Q5_0_UNPACK_ROWS 16  /* from this many activation rows on, unpack the weights first */
+#endif
 
 static inline float f16_to_f32(uint16_t h) {
 #ifdef __F16C__
@@ -257,6 +265,26 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
 #endif
 }
 
+/* One row of Q5_0 blocks -> nb * 32 int8 values in [-16, 15] and nb scales. */
+static void q5_0_unpack_row(const uint8_t *blocks, int nb, int8_t *values, float *scales) {
+    for (int j = 0; j < nb; j++) {
+        const uint8_t *block = blocks + (int64_t)j * Q5_0_BYTES;
+        uint16_t h;
+        memcpy(&h, block, sizeof h);
+        scales[j] = f16_to_f32(h);
+#ifdef QK_AVX2
+        _mm256_storeu_si256((__m256i *)(values + j * QK), _mm256_sub_epi8(q5_0_unsigned(block), _mm256_set1_epi8(16)));
+#else
+        uint32_t qh;
+        memcpy(&qh, block + 2, sizeof qh);
+        for (int i = 0; i < 16; i++) {
+            values[j * QK + i] = (int8_t)(((block[6 + i] & 0x0f) | (((qh >> i) & 1) << 4)) - 16);
+            values[j * QK + i + 16] = (int8_t)(((block[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
+        }
+#endif
+    }
+}
+
 /* y[m, n] = sum_k x[m, k] * w[n, k], w as Q5_0 blocks ([N, K / 32] blocks, rows contiguous),
    the activations quantized to int8 in blocks of QK (aligned with the weight blocks). K a
    multiple of 32. Returns 0, or -1 when out of memory. */
@@ -275,6 +303,40 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
             c[(int64_t)m * nb + j] = 16.f * xs[(int64_t)m * nb + j] * (float)sum;
         }
     }
+    if (M >= Q5_0_UNPACK_ROWS) {
+        /* Many rows (prefill): each group of 4 weight rows is unpacked once to int8 values and
+           per-block scales, then multiplied into every activation row by the int8 tile. */
+        int failed = 0;
+        #pragma omp parallel
+        {
+            int8_t *wq = malloc((size_t)4 * K);
+            float *wd = malloc(sizeof(float) * 4 * nb);
+            if (!wq || !wd) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            #pragma omp for schedule(static)
+            for (int b = 0; b < (N + 3) / 4; b++) {
+                if (!wq || !wd) continue;
+                const int n0 = b * 4, nr = N - n0 < 4 ? N - n0 : 4;
+                for (int r = 0; r < nr; r++) q5_0_unpack_row(w + (n0 + r) * row, nb, wq + (int64_t)r * K, wd + r * nb);
+                for (int m0 = 0; m0 < M; m0 += 2) {
+                    const int mr = M - m0 < 2 ? M - m0 : 2;
+                    float out[2][4];
+                    if (nr == 4 && mr == 2) tile(xq + (int64_t)m0 * K, xs + (int64_t)m0 * nb, wq, wd, K, 4, 2, out);
+                    else tile(xq + (int64_t)m0 * K, xs + (int64_t)m0 * nb, wq, wd, K, nr, mr, out);
+                    for (int m = 0; m < mr; m++)
+                        for (int r = 0; r < nr; r++) y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r];
+                }
+            }
+            free(wq);
+            free(wd);
+        }
+        free(xq);
+        free(xs);
+        free(c);
+        return failed ? -1 : 0;
+    }
     const int blocks = (N + 1) / 2;
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
@@ -286,6 +348,8 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
             const float *xsm = xs + (int64_t)m0 * nb, *cm = c + (int64_t)m0 * nb;
             float out[4][2];
             if (nr == 2 && mr == 4) q5_0_tile(xqm, xsm, cm, wb, K, 2, 4, out);
+            else if (nr == 2 && mr == 3) q5_0_tile(xqm, xsm, cm, wb, K, 2, 3, out);
+            else if (nr == 2 && mr == 2) q5_0_tile(xqm, xsm, cm, wb, K, 2, 2, out);
             else if (nr == 2 && mr == 1) q5_0_tile(xqm, xsm, cm, wb, K, 2, 1, out);
             else q5_0_tile(xqm, xsm, cm, wb, K, nr, mr, out);
             for (int m = 0; m < mr; m++)
