@@ -132,6 +132,7 @@ def test_native_q5_0_linear_against_gguf(rows, n, k):
     error = (y.double() - x.double() @ w.double().T).abs()
     assert torch.all(error <= _q8_bound(x, w)), (error / _q8_bound(x, w)).max().item()
     # The dequantizing path (no kernel: other devices, kernels off) gives the float product.
+    assert torch.equal(quant_kernels.q5_0_dequantize(torch.from_numpy(blocks), k), w)
     _assert_matmul_close(quant._dequantized_q5_0_linear(x, torch.from_numpy(blocks), k), x, w, F32_BOUND)
 
 
@@ -376,7 +377,12 @@ def mixed_gguf(tmp_path_factory):
     return write_gguf(path, _tiny_gguf_model(), "qwen2", weight_type=_mixed_type)
 
 
-def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf):
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernels", "torch-only"])
+def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native):
+    if native and not quant_kernels.available():
+        pytest.skip("no C compiler: the native kernels are not built")
+    if not native:  # as on a machine without a C compiler
+        monkeypatch.setattr(quant_kernels, "_library", lambda: None)
     llm = LLM(str(mixed_gguf), dtype="float32", progress=False)  # quantization="auto"
     formats = _module_formats(llm.model)
     assert formats["model.embed_tokens"] == "gguf:Q5_0"  # untied: kept as stored
@@ -385,7 +391,7 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf):
     assert formats["model.layers.1.mlp.gate_up_proj"] == "int8"  # Q4_K, see GGUF_AUTO_FORMATS
     assert formats["model.layers.1.mlp.down_proj"] == "int8"  # Q6_K
     # All Q5_0: kept as stored where the native kernel runs.
-    assert formats["model.layers.1.self_attn.o_proj"] == ("gguf:Q5_0" if quant_kernels.available() else "int8")
+    assert formats["model.layers.1.self_attn.o_proj"] == ("gguf:Q5_0" if native else "int8")
     _check_against_fake_quantized(monkeypatch, llm, _fake_quantized(mixed_gguf, formats))
 
     # Each int8 matrix is the int8 quantization of the file's dequantized values.
@@ -393,6 +399,12 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf):
     q, scale = quant.quantize_int8(stored["model.layers.0.mlp.down_proj.weight"])
     down = llm.model.model.layers[0].mlp.down_proj
     assert torch.equal(down.weight, q) and torch.equal(down.scale.float(), scale)
+    if native:  # and a Q5_0 matrix holds the file's bytes
+        from qwenkit.loader.gguf import GGUFTensor, _read_header
+
+        _, infos = _read_header(mixed_gguf)
+        o_proj = llm.model.model.layers[0].self_attn.o_proj
+        assert torch.equal(o_proj.weight, GGUFTensor(mixed_gguf, infos["blk.0.attn_output.weight"]).read_raw(0, 256))
     v_rows = llm.model.model.layers[0].self_attn.qkv_proj.weight[256 + 128 :]
     assert torch.equal(v_rows, quant.quantize_int8(stored["model.layers.0.self_attn.v_proj.weight"])[0])
 

@@ -13,16 +13,20 @@ Formats:
   along k, bfloat16 scale and zero: what torch's `_weight_int4pack_mm_for_cpu` computes.
   GGUF Q4_K (q * d*sc - dmin*m per 32 values) maps onto it up to the bfloat16 rounding of
   scale and zero; floats are quantized from each group's min and max.
+- ``gguf:Q5_0`` (linears, GGUF Q5_0 matrices under "auto" where the native kernels run): the
+  file's blocks as stored, 5.5 bits a value, multiplied by the native kernel.
 - ``gguf:<type>`` (embeddings only): the GGUF blocks as stored; the rows a step gathers are
   dequantized by `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
 
-Dispatch on CPU: int8 runs the native kernel of `quant_kernels` (activations quantized to int8
-in blocks of 32, integer dot products, as llama.cpp does) for calls of every size. Without it
-(no C compiler, `QWENKIT_NATIVE_KERNELS=0`), a call of at most `MAX_KERNEL_TOKENS` rows runs
-torch's int8 kernel on bfloat16 activations and a larger one dequantizes the weight a block of
+Dispatch on CPU: int8 and Q5_0 run the native kernels of `quant_kernels` (activations
+quantized to int8 in blocks of 32, integer dot products, as llama.cpp does) for calls of every
+size with float32 activations, and of at most `MAX_KERNEL_TOKENS` rows with half-precision
+ones (larger calls: dequantize, then the bfloat16 GEMM of an AMX CPU). Without the kernels (no
+C compiler, `QWENKIT_NATIVE_KERNELS=0`), an int8 call of at most `MAX_KERNEL_TOKENS` rows runs
+torch's int8 kernel on bfloat16 activations; anything larger dequantizes the weight a block of
 rows at a time and runs a float GEMM in the activations' dtype (see docs/quantization.md).
 int4 always runs torch's kernel on bfloat16 activations: the packed layout is torch's own and
-is not read back here. On other devices int8 dequantizes every call; int4 is CPU only.
+is not read back here. On other devices int8 and Q5_0 dequantize every call; int4 is CPU only.
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ from qwenkit.models.layers import Embedding, Linear
 INT8, INT4, GGUF = "int8", "int4", "gguf"
 Q5_0 = "gguf:Q5_0"  # a linear kept in GGUF Q5_0 blocks, run by the native kernel
 INT4_GROUP_SIZE = 32
-# CPU int8 calls with more rows than the kernel's limit dequantize and run a float GEMM. The
-# native kernel (quant_kernels) beat that at every size measured, torch's bfloat16-activation
-# kernel only up to ~16 rows (docs/quantization.md). int4 always runs torch's kernel.
+# CPU calls with more rows than the kernel's limit dequantize and run a float GEMM. The native
+# kernels (quant_kernels) beat that at every size measured on float32, torch's bfloat16-
+# activation int8 kernel only up to ~16 rows (docs/quantization.md). int4 always runs torch's.
 MAX_NATIVE_KERNEL_TOKENS = 1 << 30
 MAX_KERNEL_TOKENS = 16
 # Rows are quantized, and dequantized for large calls, in blocks of about this many values (4 MiB of float32).
@@ -126,10 +130,18 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 # -- matmuls -----------------------------------------------------------------------------------
 
 
+def _native_row_limit(x: torch.Tensor) -> int:
+    """The most rows a call gives the native kernels. Half-precision activations mean a CPU
+    with AMX / AVX512-BF16 (the default dtype there), whose bfloat16 GEMM is expected to beat
+    integer kernels on prefill: there they take decode-sized calls only (not measured: no
+    such machine in this project yet)."""
+    return MAX_NATIVE_KERNEL_TOKENS if x.dtype == torch.float32 else MAX_KERNEL_TOKENS
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T, in x's dtype."""
     if x.device.type == "cpu":
-        if x.shape[0] <= MAX_NATIVE_KERNEL_TOKENS:
+        if x.shape[0] <= _native_row_limit(x):
             if torch.compiler.is_compiling():  # an opaque op (falls back to torch inside where not built)
                 return quant_kernels.int8_linear_op(x, weight, scale).to(x.dtype)
             if (y := quant_kernels.int8_linear(x, weight, scale)) is not None:
@@ -146,9 +158,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 
 def q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
     """x [T, K] @ w^T with w as GGUF Q5_0 blocks (uint8 [N, K / 32 * 22]), in x's dtype. The
-    native kernel on CPU; elsewhere (or where it is not built) the blocks are dequantized a
-    block of rows at a time by gguf.quants and multiplied in x's dtype."""
-    if x.device.type == "cpu" and x.shape[0] <= MAX_NATIVE_KERNEL_TOKENS:
+    native kernel on CPU; elsewhere (and above the row limit) the blocks are dequantized a
+    block of rows at a time and multiplied in x's dtype."""
+    if x.device.type == "cpu" and x.shape[0] <= _native_row_limit(x):
         if torch.compiler.is_compiling():
             return quant_kernels.q5_0_linear_op(x, blocks, in_features).to(x.dtype)
         if (y := quant_kernels.q5_0_linear(x, blocks, in_features)) is not None:
@@ -163,8 +175,11 @@ def _dequantized_q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features:
     out = x.new_empty(x.shape[0], blocks.shape[0])
     step = max(1, _BLOCK_VALUES // in_features)
     for start in range(0, blocks.shape[0], step):
-        rows = dequantize(blocks[start : start + step].cpu().numpy(), GGMLQuantizationType.Q5_0)
-        out[:, start : start + step] = F.linear(x, torch.from_numpy(rows).to(x.device, x.dtype))
+        part = blocks[start : start + step]
+        rows = quant_kernels.q5_0_dequantize(part, in_features)
+        if rows is None:
+            rows = torch.from_numpy(dequantize(part.cpu().numpy(), GGMLQuantizationType.Q5_0))
+        out[:, start : start + step] = F.linear(x, rows.to(x.device, x.dtype))
     return out
 
 

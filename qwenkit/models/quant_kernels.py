@@ -1,16 +1,17 @@
-"""The int8 weight-only matmul of small batches (decode) on CPU, as a C kernel.
+"""Quantized matmuls on CPU as C kernels: int8 weights, and GGUF Q5_0 blocks as stored.
 
-`y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]` with float32 activations, int8 weights and
-bfloat16 scales. Each weight is read once per call, widened to float32 in registers and
-multiplied into every row of `x`: blocks of 4 weight rows x 2 activation rows, eight
-float32 accumulators, AVX2 + FMA where the CPU has them (plain C that the compiler
-vectorizes elsewhere); OpenMP over blocks of output rows. Decode streams every weight
-once per token, so the kernel's job is to keep up with memory; torch's
-`_weight_int8pack_mm` takes bfloat16 activations, which CPUs without AVX-512-BF16
-convert in software (docs/quantization.md has the measurements).
+`int8_linear`: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (int8 w, bfloat16 scales).
+`q5_0_linear`: the same product with w in GGUF Q5_0 blocks (22 bytes per 32 values).
 
-Activations stay float32, so the only rounding is the weights' own: more exact than the
-bfloat16-activation kernel it replaces.
+As llama.cpp does, the activations are first quantized to int8 in blocks of 32 values (`QK`,
+one float scale each); the products are integer dot products (AVX2 `maddubs` /
+`madd`: 32 multiply-adds in two instructions), summed in float per block. Each weight is
+read once per call and used for every activation row (tiles of 4 weight rows x 2
+activation rows for int8; Q5_0 decodes blocks in registers below `Q5_0_UNPACK_ROWS`
+rows, and above it unpacks four weight rows to int8 once and runs the int8 tile). OpenMP
+over blocks of output rows. Without AVX2 the same arithmetic runs as plain C
+(`QK_NO_SIMD` forces it, for tests). Built by `qwenkit.models.native`; every function
+returns None where the kernels are off or not built. Measurements: docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import functools
 import torch
 
 from qwenkit.models import native
-
-BLOCK = 32  # activation values per int8 scale (QK in the source)
 
 _SOURCE = r"""
 #include <math.h>
@@ -361,6 +360,25 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
     free(c);
     return 0;
 }
+
+/* Rows of Q5_0 blocks -> float32 [N, K] (for a float GEMM). */
+void q5_0_dequantize(const uint8_t *w, float *out, int N, int K) {
+    const int nb = K / QK;
+    #pragma omp parallel
+    {
+        int8_t *values = malloc((size_t)K);
+        float *scales = malloc(sizeof(float) * nb);
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (!values || !scales) continue;  /* checked by the caller: out stays as it was */
+            q5_0_unpack_row(w + (int64_t)n * nb * Q5_0_BYTES, nb, values, scales);
+            float *o = out + (int64_t)n * K;
+            for (int k = 0; k < K; k++) o[k] = (float)values[k] * scales[k / QK];
+        }
+        free(values);
+        free(scales);
+    }
+}
 """
 
 
@@ -372,6 +390,8 @@ def _library():
         lib.int8_linear_q8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
         lib.q5_0_linear_q8.restype = ctypes.c_int
         lib.q5_0_linear_q8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+        lib.q5_0_dequantize.restype = None
+        lib.q5_0_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
     return lib
 
 
@@ -417,6 +437,17 @@ def q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torc
     if lib.q5_0_linear_q8(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], in_features):
         raise MemoryError(f"q5_0_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
     return y
+
+
+def q5_0_dequantize(blocks: torch.Tensor, in_features: int) -> torch.Tensor | None:
+    """GGUF Q5_0 blocks (uint8 [N, K / 32 * 22]) -> float32 [N, K], or None without the kernels."""
+    lib = _library()
+    if lib is None or blocks.device.type != "cpu":
+        return None
+    blocks = blocks.contiguous()
+    out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
+    lib.q5_0_dequantize(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
+    return out
 
 
 @torch.library.custom_op("qwenkit::int8_linear", mutates_args=())
