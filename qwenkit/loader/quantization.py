@@ -18,8 +18,8 @@ from torch import nn
 
 from qwenkit.errors import ModelLoadError
 from qwenkit.loader.weights import _target
-from qwenkit.models.layers import Embedding, Linear
 from qwenkit.models import quant_kernels
+from qwenkit.models.layers import Embedding, Linear
 from qwenkit.models.quant import GGUF, INT4, INT4_GROUP_SIZE, INT8, Q5_0
 
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")

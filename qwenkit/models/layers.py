@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.config import ModelConfig, RopeConfig
-from qwenkit.models.attention import AttentionMetadata, attention
 from qwenkit.models import cpu_ops
+from qwenkit.models.attention import AttentionMetadata, attention
 
 
 @dataclass(frozen=True)
