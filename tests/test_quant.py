@@ -423,6 +423,31 @@ def test_gguf_int4_takes_q4_k_exactly(monkeypatch, mixed_gguf):
     _check_against_fake_quantized(monkeypatch, llm, fake, float_path=False)
 
 
+def test_safetensors_tensor_reads_rows_without_the_memory_map(tmp_path):
+    """Lazy safetensors tensors read rows with file reads; the values are safetensors' own."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qwenkit.loader.safetensors import iter_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, 5, generator=g).to(torch.bfloat16), "b": torch.randn(9, generator=g).half(),
+               "c": torch.randn(3, 2, 4, generator=g)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    lazy = dict(iter_safetensors(tmp_path, torch.float32, lazy=True))
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        for name in tensors:
+            want = f.get_tensor(name).float()
+            assert lazy[name].shape == tuple(want.shape)
+            assert torch.equal(lazy[name].read_rows(0, want.shape[0]), want)
+            assert torch.equal(lazy[name].read_rows(1, 3), want[1:3])
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])  # cut inside the last tensor's data
+    last = max(tensors, key=lambda n: lazy[n]._offset)
+    with pytest.raises(ModelLoadError, match="file ends inside a tensor"):
+        lazy[last].read_rows(0, lazy[last].shape[0])
+
+
 def test_quantized_load_reports_missing_tensors(tmp_path):
     make_checkpoint(tmp_path, "qwen2")
     from safetensors.torch import load_file, save_file

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -46,21 +49,45 @@ def iter_safetensors(
     """Yield `(hf_name, tensor)` for every tensor, converted to `dtype` one at a time; with
     `lazy`, as a `SafetensorsTensor` valid until the next one is asked for."""
     for path in safetensors_files(folder):
-        with _open(path) as f:
-            for name in f.keys():
-                yield name, SafetensorsTensor(f, name) if lazy else f.get_tensor(name).to(dtype)
+        with _open(path) as f:  # validates the file
+            if lazy:
+                data_start, entries = _header(path)
+                for name in f.keys():
+                    yield name, SafetensorsTensor(path, data_start, entries[name])
+            else:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).to(dtype)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
 
 
 class SafetensorsTensor:
-    """One tensor of an open safetensors file, read a block of rows (dim 0) at a time."""
+    """One tensor of a safetensors file, read a block of rows (dim 0) at a time with file
+    reads: a memory map (what safetensors gives) would keep every page read resident for
+    the whole load, i.e. the whole checkpoint next to its quantized copy."""
 
-    def __init__(self, file, name: str):
-        self._slice = file.get_slice(name)
-        self.shape = tuple(self._slice.get_shape())
+    def __init__(self, path: Path, data_start: int, entry: dict):
+        if entry["dtype"] not in _DTYPES:
+            raise ModelLoadError(f"{path}: tensor dtype {entry['dtype']} is not a float type")
+        self.path, self.dtype, self.shape = path, _DTYPES[entry["dtype"]], tuple(entry["shape"])
+        self._offset = data_start + entry["data_offsets"][0]
+        self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) in float32."""
-        return self._slice[start:stop].float()
+        raw = np.fromfile(self.path, dtype=np.uint8, count=(stop - start) * self._row_bytes,
+                          offset=self._offset + start * self._row_bytes)
+        if raw.size != (stop - start) * self._row_bytes:
+            raise ModelLoadError(f"{self.path}: file ends inside a tensor")
+        return torch.frombuffer(raw, dtype=self.dtype).view(stop - start, *self.shape[1:]).float()
 
 
 def count_tensors(folder: Path) -> int:
