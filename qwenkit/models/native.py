@@ -44,6 +44,7 @@ def build(name: str, source: str, folder: Path) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
     folder.mkdir(parents=True, exist_ok=True)
+    logger.info("building the %s kernel with %s (once; kept in %s)", name, compiler, folder)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src = Path(tmp) / f"{name}.c"
         src.write_text(source)
