@@ -47,6 +47,15 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+#ifdef QK_AVX2
+static inline float hsum(__m256 v) {  /* the sum of the 8 lanes */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 /* x[K] -> xq[K] int8 and xs[ceil(K / QK)]: xs[j] = max |x| over block j / 127 (the last block
    may be short). */
 static void quantize_row(const float *x, int K, int8_t *xq, float *xs) {
@@ -109,10 +118,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
     }
     for (int m = 0; m < mr; m++)
         for (int r = 0; r < nr; r++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            out[m][r] = _mm_cvtss_f32(s);
+            out[m][r] = hsum(acc[m][r]);
         }
 #endif
     if (j0 * QK < K)
@@ -234,10 +240,7 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
     }
     for (int m = 0; m < mr; m++)
         for (int r = 0; r < nr; r++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            out[m][r] = _mm_cvtss_f32(s) - corr[m][r];
+            out[m][r] = hsum(acc[m][r]) - corr[m][r];
         }
 #else
     for (int m = 0; m < mr; m++)
