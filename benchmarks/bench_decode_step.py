@@ -4,7 +4,7 @@
     python benchmarks/bench_decode_step.py --compile [--streams 1,8]
 
 Default: per stream count, the median step (wall ms, tok/s) and a CPU-time split of the
-step: timing wrappers around the int8 and Q5_0 matmuls, attention and the sampler; the rest is
+step: timing wrappers around the int8 and GGUF-block (Q5_0) matmuls, attention and the sampler; the rest is
 norms, RoPE, SwiGLU, residuals and Python. Run it with OMP_NUM_THREADS=1 for a split
 that load from other processes barely moves (`time.thread_time` is then all of the
 compute); with more threads the wrappers see only the calling thread's share.
@@ -23,7 +23,7 @@ import time
 from qwenkit import LLM, SamplingParams
 from qwenkit.models import layers, quant
 
-SPLIT = {"int8 matmuls": (quant, "int8_linear"), "q5_0 matmuls": (quant, "q5_0_linear"),
+SPLIT = {"int8 matmuls": (quant, "int8_linear"), "gguf-block matmuls": (quant, "gguf_linear"),
          "attention": (layers, "attention")}
 
 

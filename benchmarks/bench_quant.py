@@ -256,7 +256,7 @@ def matmul_timings(ms: list[int], rounds: int) -> list[dict]:
                 "float32": lambda: F.linear(x, w),
                 "int8 kernel": lambda: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q8, s8).float(),
                 "int8 native": lambda: quant_kernels.int8_linear(x, q8, s8),
-                "q5_0 native": lambda: quant_kernels.q5_0_linear(x, q5, k),
+                "q5_0 native": lambda: quant_kernels.gguf_linear(x, q5, k, "Q5_0"),
                 "int8 dequant": lambda: _dequant_linear(x, q8, s8),
                 "int4 kernel": lambda: layer4(x),
             }

@@ -127,13 +127,14 @@ def test_native_q5_0_linear_against_gguf(rows, n, k):
     blocks = quantize(_weights(max(n, 4), k)[:n].numpy(), q5)
     w = torch.from_numpy(dequantize(blocks, q5))
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, k)
-    y = quant.q5_0_linear(x, torch.from_numpy(blocks), k)
+    blocks = torch.from_numpy(blocks)
+    y = quant.gguf_linear(x, blocks, k, "Q5_0")
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     error = (y.double() - x.double() @ w.double().T).abs()
     assert torch.all(error <= _q8_bound(x, w)), (error / _q8_bound(x, w)).max().item()
     # The dequantizing path (no kernel: other devices, kernels off) gives the float product.
-    assert torch.equal(quant_kernels.q5_0_dequantize(torch.from_numpy(blocks), k), w)
-    _assert_matmul_close(quant._dequantized_q5_0_linear(x, torch.from_numpy(blocks), k), x, w, F32_BOUND)
+    assert torch.equal(quant_kernels.gguf_dequantize(blocks, k, "Q5_0"), w)
+    _assert_matmul_close(quant._dequantized_gguf_linear(x, blocks, k, "Q5_0"), x, w, F32_BOUND)
 
 
 @needs_native
@@ -156,11 +157,11 @@ def test_native_kernels_plain_c_build_equals_simd(tmp_path):
     torch.testing.assert_close(y, quant_kernels.int8_linear(x, q, scale), atol=1e-5, rtol=1e-5)
     blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
     assert lib.q5_0_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, blocks, y)), 5, 7, 96) == 0
-    torch.testing.assert_close(y, quant_kernels.q5_0_linear(x, blocks, 96), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, quant_kernels.gguf_linear(x, blocks, 96, "Q5_0"), atol=1e-5, rtol=1e-5)
     x = torch.randn(17, 96, generator=torch.Generator().manual_seed(3))  # the unpacking path
     y = torch.empty(17, 7)
     assert lib.q5_0_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, blocks, y)), 17, 7, 96) == 0
-    torch.testing.assert_close(y, quant_kernels.q5_0_linear(x, blocks, 96), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, quant_kernels.gguf_linear(x, blocks, 96, "Q5_0"), atol=1e-5, rtol=1e-5)
 
 
 @needs_native
@@ -178,8 +179,8 @@ def test_native_int8_linear_in_bfloat16_and_compiled():
     from gguf.quants import quantize
 
     blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
-    compiled = torch.compile(lambda t: quant.q5_0_linear(t, blocks, 96) * 2, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(x), quant.q5_0_linear(x, blocks, 96) * 2)
+    compiled = torch.compile(lambda t: quant.gguf_linear(t, blocks, 96, "Q5_0") * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), quant.gguf_linear(x, blocks, 96, "Q5_0") * 2)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 70])

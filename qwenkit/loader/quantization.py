@@ -20,14 +20,16 @@ from qwenkit.errors import ModelLoadError
 from qwenkit.loader.weights import _target
 from qwenkit.models import quant_kernels
 from qwenkit.models.layers import Embedding, Linear
-from qwenkit.models.quant import GGUF, INT4, INT4_GROUP_SIZE, INT8, Q5_0
+from qwenkit.models.quant import GGUF, GGUF_LINEAR_FORMATS, INT4, INT4_GROUP_SIZE, INT8, Q5_0
 
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
 
 # GGUF storage type -> in-memory format under "auto", chosen by measured speed and accuracy
-# (docs/quantization.md). Q5_0 (most of a small Qwen's Q4_K_M file) stays in its blocks: the
-# native kernel reads 5.5 bits a value. The others become int8 per output row (8 bits a value
-# against the file's 4.5 to 8.5); Q4_K could be int4 exactly but measures slower.
+# (docs/quantization.md). Q5_0 (most of a small Qwen's Q4_K_M file) stays in its blocks where
+# the native kernel runs: it reads 5.5 bits a value. The others become int8 per output row (8
+# bits a value against the file's 4.5 to 8.5): Q4_K / Q6_K kernels reading the blocks as stored
+# were measured compute-bound here (docs/quantization.md); Q4_K could be int4 exactly but
+# measures slower.
 GGUF_AUTO_FORMATS = {
     T.Q8_0: INT8,
     T.Q6_K: INT8,
@@ -92,11 +94,17 @@ def plan_quantization(
             # One format for the whole (possibly fused) matrix: mixed storage types get int8.
             if wanted == {INT4} and _fits_int4(module):
                 formats[name] = INT4
-            elif wanted == {Q5_0} and module.weight.shape[1] % 32 == 0 and quant_kernels.available():
-                formats[name] = Q5_0
+            elif len(wanted) == 1 and wanted <= set(GGUF_LINEAR_FORMATS) and _fits_kernel(module, *wanted):
+                formats[name] = next(iter(wanted))
             else:
                 formats[name] = INT8
     return formats
+
+
+def _fits_kernel(linear: Linear, format: str) -> bool:
+    """Whether the native kernel for GGUF-block `format` runs here on this matrix's rows."""
+    values_per_block = quant_kernels.GGUF_BLOCKS[format.partition(":")[2]][0]
+    return linear.weight.shape[1] % values_per_block == 0 and quant_kernels.available()
 
 
 def _fits_int4(linear: Linear) -> bool:

@@ -13,12 +13,13 @@ Formats:
   along k, bfloat16 scale and zero: what torch's `_weight_int4pack_mm_for_cpu` computes.
   GGUF Q4_K (q * d*sc - dmin*m per 32 values) maps onto it up to the bfloat16 rounding of
   scale and zero; floats are quantized from each group's min and max.
-- ``gguf:Q5_0`` (linears, GGUF Q5_0 matrices under "auto" where the native kernels run): the
-  file's blocks as stored, 5.5 bits a value, multiplied by the native kernel.
+- ``gguf:Q5_0`` (linears stored so in a GGUF, under "auto" where the native kernels run): the
+  file's blocks as stored, 5.5 bits a value, multiplied by the native kernel
+  (`quant_kernels.GGUF_BLOCKS` lists the GGUF types with a kernel).
 - ``gguf:<type>`` (embeddings only): the GGUF blocks as stored; the rows a step gathers are
   dequantized by `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
 
-Dispatch on CPU: int8 and Q5_0 run the native kernels of `quant_kernels` (activations
+Dispatch on CPU: int8 and the GGUF blocks run the native kernels of `quant_kernels` (activations
 quantized to int8 in blocks of 32, integer dot products, as llama.cpp does) for calls of every
 size with float32 activations, and of at most `MAX_KERNEL_TOKENS` rows with half-precision
 ones (larger calls: dequantize, then the bfloat16 GEMM of an AMX CPU). Without the kernels (no
@@ -26,7 +27,7 @@ C compiler, `QWENKIT_NATIVE_KERNELS=0`), an int8 call of at most `MAX_KERNEL_TOK
 torch's int8 kernel on bfloat16 activations; anything larger dequantizes the weight a block of
 rows at a time and runs a float GEMM in the activations' dtype (see docs/quantization.md).
 int4 always runs torch's kernel on bfloat16 activations: the packed layout is torch's own and
-is not read back here. On other devices int8 and Q5_0 dequantize every call; int4 is CPU only.
+is not read back here. On other devices int8 and GGUF blocks dequantize every call; int4 is CPU only.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from qwenkit.models.layers import Embedding, Linear
 
 INT8, INT4, GGUF = "int8", "int4", "gguf"
 Q5_0 = "gguf:Q5_0"  # a linear kept in GGUF Q5_0 blocks, run by the native kernel
+GGUF_LINEAR_FORMATS = tuple(f"{GGUF}:{type_name}" for type_name in quant_kernels.GGUF_BLOCKS)
 INT4_GROUP_SIZE = 32
 # CPU calls with more rows than the kernel's limit dequantize and run a float GEMM. The native
 # kernels (quant_kernels) beat that at every size measured on float32, torch's bfloat16-
@@ -156,19 +158,19 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     return out
 
 
-def q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x [T, K] @ w^T with w as GGUF Q5_0 blocks (uint8 [N, K / 32 * 22]), in x's dtype. The
-    native kernel on CPU; elsewhere (and above the row limit) the blocks are dequantized a
-    block of rows at a time and multiplied in x's dtype."""
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    """x [T, K] @ w^T with w as GGUF blocks of `type_name` (a type in `quant_kernels.GGUF_BLOCKS`;
+    uint8 [N, bytes per row]), in x's dtype. The native kernel on CPU; elsewhere (and above the row limit) the
+    blocks are dequantized a block of rows at a time and multiplied in x's dtype."""
     if x.device.type == "cpu" and x.shape[0] <= _native_row_limit(x):
         if torch.compiler.is_compiling():
-            return quant_kernels.q5_0_linear_op(x, blocks, in_features).to(x.dtype)
-        if (y := quant_kernels.q5_0_linear(x, blocks, in_features)) is not None:
+            return quant_kernels.gguf_linear_op(x, blocks, in_features, type_name).to(x.dtype)
+        if (y := quant_kernels.gguf_linear(x, blocks, in_features, type_name)) is not None:
             return y.to(x.dtype)
-    return _dequantized_q5_0_linear(x, blocks, in_features)
+    return _dequantized_gguf_linear(x, blocks, in_features, type_name)
 
 
-def _dequantized_q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+def _dequantized_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -176,9 +178,9 @@ def _dequantized_q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features:
     step = max(1, _BLOCK_VALUES // in_features)
     for start in range(0, blocks.shape[0], step):
         part = blocks[start : start + step]
-        rows = quant_kernels.q5_0_dequantize(part, in_features)
+        rows = quant_kernels.gguf_dequantize(part, in_features, type_name)
         if rows is None:
-            rows = torch.from_numpy(dequantize(part.cpu().numpy(), GGMLQuantizationType.Q5_0))
+            rows = torch.from_numpy(dequantize(part.cpu().numpy(), GGMLQuantizationType[type_name]))
         out[:, start : start + step] = F.linear(x, rows.to(x.device, x.dtype))
     return out
 
@@ -216,12 +218,13 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
 
 
 class QuantLinear(Linear):
-    """`Linear` with an int8, int4 or Q5_0 weight; loads the same checkpoint tensors and shards.
+    """`Linear` with an int8, int4 or GGUF-block weight; loads the same checkpoint tensors and shards.
 
     int8: weight int8 [N, K], scale bfloat16 [N]. int4: weight is torch's packed uint8 and
     scales_and_zeros bfloat16 [K / 32, N, 2]; shards are gathered unpacked and packed once
-    the last one is in. Q5_0: weight is the GGUF blocks as stored, uint8 [N, K / 32 * 22]
-    (every shard must be stored as Q5_0). The bias stays in the model's dtype.
+    the last one is in. GGUF formats ("gguf:Q5_0", ...): weight is the file's blocks as stored,
+    uint8 [N, bytes per row] (every shard must be stored in that type). The bias stays in the
+    model's dtype.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, dtype: torch.dtype,
@@ -242,10 +245,10 @@ class QuantLinear(Linear):
             )
             self._unpacked: torch.Tensor | None = None  # uint8 [N, K] while shards arrive
             self._pending = set(shard_names)
-        elif format == Q5_0:
-            if in_features % 32:
-                raise ValueError("Q5_0 rows need a multiple of 32 values")
-            self.weight = _frozen(torch.empty(n, in_features // 32 * quant_kernels.Q5_0_BLOCK_BYTES, dtype=torch.uint8))
+        elif format in GGUF_LINEAR_FORMATS:
+            self.ggml_type = format.partition(":")[2]
+            self.weight = _frozen(torch.empty(n, quant_kernels.gguf_row_bytes(self.ggml_type, in_features),
+                                              dtype=torch.uint8))
         else:
             raise ValueError(f"unknown linear format {format!r}")
         self.weight.weight_loader = self._load_weight
@@ -269,9 +272,9 @@ class QuantLinear(Linear):
                 param.data[target] = q
                 self.scale[target] = scale
             return {shard}
-        if self.format == Q5_0:
-            if getattr(getattr(tensor, "ggml_type", None), "name", None) != "Q5_0":
-                raise ValueError(f"expected Q5_0 blocks, got {getattr(tensor, 'ggml_type', 'floats')}")
+        if self.format in GGUF_LINEAR_FORMATS:
+            if getattr(getattr(tensor, "ggml_type", None), "name", None) != self.ggml_type:
+                raise ValueError(f"expected {self.ggml_type} blocks, got {getattr(tensor, 'ggml_type', 'floats')}")
             step = max(1, _BLOCK_VALUES // in_features)
             for start in range(0, tensor.shape[0], step):
                 raw = tensor.read_raw(start, min(tensor.shape[0], start + step))
@@ -293,8 +296,8 @@ class QuantLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == INT8:
             y = int8_linear(x, self.weight, self.scale)
-        elif self.format == Q5_0:
-            y = q5_0_linear(x, self.weight, self.in_features)
+        elif self.format in GGUF_LINEAR_FORMATS:
+            y = gguf_linear(x, self.weight, self.in_features, self.ggml_type)
         else:
             y = int4_linear(x, self.weight, self.scales_and_zeros)
         return y if self.bias is None else y + self.bias
@@ -370,7 +373,7 @@ class GGUFEmbedding(nn.Module):
 
 def quantized_module(module: nn.Module, format: str) -> nn.Module:
     """The quantized counterpart of a `Linear` or `Embedding` (not yet loaded)."""
-    if type(module) is Linear and format in (INT8, INT4, Q5_0):
+    if type(module) is Linear and format in (INT8, INT4, *GGUF_LINEAR_FORMATS):
         return QuantLinear.from_linear(module, format)
     if type(module) is Embedding:
         num_embeddings, embedding_dim = module.weight.shape

@@ -1,7 +1,8 @@
 """Quantized matmuls on CPU as C kernels: int8 weights, and GGUF Q5_0 blocks as stored.
 
 `int8_linear`: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (int8 w, bfloat16 scales).
-`q5_0_linear`: the same product with w in GGUF Q5_0 blocks (22 bytes per 32 values).
+`gguf_linear`: the same product with w in GGUF blocks of a type in `GGUF_BLOCKS` (Q5_0: 22
+bytes per 32 values).
 
 As llama.cpp does, the activations are first quantized to int8 in blocks of 32 values (`QK`,
 one float scale each); the products are integer dot products (AVX2 `maddubs` /
@@ -391,11 +392,21 @@ def _library():
     if lib is not None:
         lib.int8_linear_q8.restype = ctypes.c_int
         lib.int8_linear_q8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-        lib.q5_0_linear_q8.restype = ctypes.c_int
-        lib.q5_0_linear_q8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
-        lib.q5_0_dequantize.restype = None
-        lib.q5_0_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+        for type_name in GGUF_BLOCKS:
+            linear, dequantize = getattr(lib, _c_name(type_name, "linear_q8")), getattr(lib, _c_name(type_name, "dequantize"))
+            linear.restype = ctypes.c_int
+            linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+            dequantize.restype = None
+            dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
     return lib
+
+
+# GGUF block types the kernels multiply as stored: (values, bytes) of one block.
+GGUF_BLOCKS = {"Q5_0": (32, 22)}
+
+
+def _c_name(type_name: str, what: str) -> str:
+    return f"{type_name.lower()}_{what}"
 
 
 def available() -> bool:
@@ -424,32 +435,46 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     return y
 
 
-Q5_0_BLOCK_BYTES = 22  # per 32 values
+def gguf_row_bytes(type_name: str, in_features: int) -> int:
+    """Bytes of one row of `in_features` values in GGUF blocks of `type_name` (ValueError where
+    the row is not whole blocks, or the type has no kernel here)."""
+    if type_name not in GGUF_BLOCKS:
+        raise ValueError(f"no native kernel for GGUF {type_name} (have {', '.join(GGUF_BLOCKS)})")
+    values, size = GGUF_BLOCKS[type_name]
+    if in_features % values:
+        raise ValueError(f"{type_name} rows need a multiple of {values} values, got {in_features}")
+    return in_features // values * size
 
 
-def q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor | None:
-    """x [M, K] @ w^T in float32 with w as GGUF Q5_0 blocks (uint8 [N, K / 32 * 22]), or None
-    where the kernel does not apply."""
+def _check_blocks(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    row = gguf_row_bytes(type_name, in_features)
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
+        raise TypeError(f"expected uint8 {type_name} blocks [N, {row}], got {blocks.dtype} {list(blocks.shape)}")
+    return blocks.contiguous()
+
+
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor | None:
+    """x [M, K] @ w^T in float32 with w as GGUF blocks of `type_name` (one of `GGUF_BLOCKS`;
+    uint8 [N, bytes per row]), or None where the kernel does not apply."""
     lib = _library()
     if lib is None or x.device.type != "cpu":
         return None
-    if blocks.dtype != torch.uint8 or in_features % 32 or blocks.shape[1] != in_features // 32 * Q5_0_BLOCK_BYTES:
-        raise TypeError(f"q5_0_linear takes uint8 Q5_0 blocks [N, {in_features // 32 * Q5_0_BLOCK_BYTES}]")
-    x, blocks = _check(x, in_features, "q5_0_linear"), blocks.contiguous()
+    blocks, x = _check_blocks(blocks, in_features, type_name), _check(x, in_features, "gguf_linear")
     y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
-    if lib.q5_0_linear_q8(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], in_features):
-        raise MemoryError(f"q5_0_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
+    fn = getattr(lib, _c_name(type_name, "linear_q8"))
+    if fn(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], in_features):
+        raise MemoryError(f"gguf_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
     return y
 
 
-def q5_0_dequantize(blocks: torch.Tensor, in_features: int) -> torch.Tensor | None:
-    """GGUF Q5_0 blocks (uint8 [N, K / 32 * 22]) -> float32 [N, K], or None without the kernels."""
+def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor | None:
+    """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, K], or None without the kernels."""
     lib = _library()
     if lib is None or blocks.device.type != "cpu":
         return None
-    blocks = blocks.contiguous()
+    blocks = _check_blocks(blocks, in_features, type_name)
     out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
-    lib.q5_0_dequantize(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
+    getattr(lib, _c_name(type_name, "dequantize"))(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
     return out
 
 
@@ -467,17 +492,17 @@ def _(x, weight, scale):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("qwenkit::q5_0_linear", mutates_args=())
-def q5_0_linear_op(x: torch.Tensor, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
-    """`q5_0_linear` as an opaque op, for torch.compile."""
-    y = q5_0_linear(x, blocks, in_features)
+@torch.library.custom_op("qwenkit::gguf_linear", mutates_args=())
+def gguf_linear_op(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    """`gguf_linear` as an opaque op, for torch.compile."""
+    y = gguf_linear(x, blocks, in_features, type_name)
     if y is None:
-        from qwenkit.models.quant import _dequantized_q5_0_linear
+        from qwenkit.models.quant import _dequantized_gguf_linear
 
-        y = _dequantized_q5_0_linear(x.float(), blocks, in_features)
+        y = _dequantized_gguf_linear(x.float(), blocks, in_features, type_name)
     return y
 
 
-@q5_0_linear_op.register_fake
-def _(x, blocks, in_features):
+@gguf_linear_op.register_fake
+def _(x, blocks, in_features, type_name):
     return x.new_empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
