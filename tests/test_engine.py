@@ -68,6 +68,14 @@ def test_chunked_prefill_equals_whole(folder, llm):
     assert [o.token_ids for o in chunked.generate(ps, GREEDY)] == alone(llm, ps)
 
 
+def test_prompt_chunk_of_one_token_beside_decodes(folder, llm):
+    """A budget of 3 with two sequences decoding leaves one token for a prompt: a step of
+    one-token rows where one row does not sample (it crashed the decode path once)."""
+    tight = LLM(folder, dtype="float32", progress=False, max_num_batched_tokens=3)
+    ps = [[5, 6], [7, 8], prompts(3)[2]]
+    assert [o.token_ids for o in tight.generate(ps, GREEDY)] == alone(llm, ps)
+
+
 def test_preemption_keeps_outputs(folder, llm):
     # 8 blocks of 4 slots: far too few for 6 concurrent requests of up to ~60 tokens.
     small = LLM(folder, dtype="float32", progress=False, block_size=4,

@@ -111,7 +111,7 @@ class ModelRunner:
         if not sample_rows:
             return [], None
         if len(sample_rows) < len(batch):
-            hidden = hidden[torch.tensor(sample_rows, device=device)]
+            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
         return sample_rows, self.model.compute_logits(hidden)
 
     def _decode_eager(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
