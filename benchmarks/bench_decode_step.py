@@ -2,15 +2,19 @@
 
     python benchmarks/bench_decode_step.py [--model /work/cache/default.gguf] [--streams 1,8] [--steps 20]
     python benchmarks/bench_decode_step.py --compile [--streams 1,8]
+    python benchmarks/bench_decode_step.py --fused [--streams 1,8]
 
 Default: per stream count, the median step (wall ms, tok/s) and a CPU-time split of the
-step: timing wrappers around the int8 and GGUF-block (Q5_0) matmuls, attention and the sampler; the rest is
-norms, RoPE, SwiGLU, residuals and Python. Run it with OMP_NUM_THREADS=1 for a split
+step: timing wrappers around the fused decode layers (one C call for all layers, where it
+applies), the int8 and GGUF-block (Q5_0) matmuls (with the fused path: the lm_head only),
+attention and the sampler; the rest is the embedding, the last norm, scheduling and
+Python. Run it with OMP_NUM_THREADS=1 for a split
 that load from other processes barely moves (`time.thread_time` is then all of the
 compute); with more threads the wrappers see only the calling thread's share.
 
 --compile: builds the engine with compile=True (prints the warm-up time), then runs decode
 steps alternately through the compiled graphs and eagerly, in one process.
+--fused: decode steps alternately through the fused C layers and the torch modules.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import statistics
 import time
 
 from qwenkit import LLM, SamplingParams
-from qwenkit.models import layers, quant
+from qwenkit.models import fused_decode, layers, quant
 
-SPLIT = {"int8 matmuls": (quant, "int8_linear"), "gguf-block matmuls": (quant, "gguf_linear"),
-         "attention": (layers, "attention")}
+SPLIT = {"fused layers": (fused_decode.FusedDecode, "__call__"), "int8 matmuls": (quant, "int8_linear"),
+         "gguf-block matmuls": (quant, "gguf_linear"), "attention": (layers, "attention")}
 
 
 def _prompts(llm: LLM, n: int) -> list[list[int]]:
@@ -84,20 +88,23 @@ def split(llm: LLM, streams: int, steps: int) -> dict:
             "cpu_ms": round(sum(cpu) / steps * 1e3, 1), "cpu_split_ms": ms}
 
 
-def compiled_vs_eager(llm: LLM, streams: int, steps: int) -> dict:
+def alternating(llm: LLM, streams: int, steps: int, path: str) -> dict:
+    """Decode steps alternately with the runner's `path` ("compiled" or "fused") and without it (eager)."""
     runner = llm.engine.runner
-    compiled = runner.compiled
-    _start(llm, streams, steps)
-    times = {"eager": [], "compiled": []}
+    kept = getattr(runner, path)
+    if kept is None:
+        raise SystemExit(f"the {path} decode path does not apply to this model")
+    _start(llm, streams, 2 * steps)
+    times = {"eager": [], path: []}
     try:
         for i in range(2 * steps):
-            name = "compiled" if i % 2 else "eager"
-            runner.compiled = compiled if i % 2 else None
+            name = path if i % 2 else "eager"
+            setattr(runner, path, kept if i % 2 else None)
             start, start_cpu = time.perf_counter(), time.thread_time()
             llm.engine.step()
             times[name].append((time.perf_counter() - start, time.thread_time() - start_cpu))
     finally:
-        runner.compiled = compiled
+        setattr(runner, path, kept)
         _finish(llm)
     return {"streams": streams} | {
         name: {"wall_ms": round(statistics.median(w for w, _ in t) * 1e3, 1),
@@ -114,13 +121,17 @@ def main() -> None:
     parser.add_argument("--streams", default="1,8")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fused", action="store_true")
     args = parser.parse_args()
     start = time.perf_counter()
     llm = LLM(args.model, quantization=args.quantization, compile=args.compile, progress=False)
     print(json.dumps({"load_s": round(time.perf_counter() - start, 1)}), flush=True)
     for streams in (int(s) for s in args.streams.split(",")):
-        result = compiled_vs_eager if args.compile else split
-        print(json.dumps(result(llm, streams, args.steps)), flush=True)
+        if args.compile or args.fused:
+            result = alternating(llm, streams, args.steps, "compiled" if args.compile else "fused")
+        else:
+            result = split(llm, streams, args.steps)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

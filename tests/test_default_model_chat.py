@@ -56,9 +56,22 @@ def test_json_schema_answer(llm):
 
 
 def test_batch_of_chats_matches_one_by_one(llm):
+    """Greedy tokens of a batch equal those of each prompt alone, up to near-ties. The
+    quantized kernels round activations to int8 and sum in an order set by the number of rows
+    (a prompt prefilled alone after a prefix-cache hit takes other paths than the whole batch),
+    so the logits differ in their last digits (~0.01-0.2): where the two runs part, the two
+    likeliest tokens must have been that close, in both runs."""
     questions = ["What is 2 + 2?", "Name a prime number.", "Say hello in French.", "What is HTTP?"]
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
                for q in questions]
-    params = SamplingParams(temperature=0, max_tokens=16)
-    batched = [o.token_ids for o in llm.generate(prompts, params)]
-    assert batched == [llm.generate(p, params)[0].token_ids for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=True, top_logprobs=2)
+    batched = [o.outputs[0] for o in llm.generate(prompts, params)]
+    alone = [llm.generate(p, params)[0].outputs[0] for p in prompts]
+    for b, a in zip(batched, alone):
+        if b.token_ids == a.token_ids:
+            continue
+        i = next(i for i, (x, y) in enumerate(zip(b.token_ids, a.token_ids)) if x != y)
+        assert b.token_ids[:i] == a.token_ids[:i]
+        for run in (b, a):
+            (_, first), (_, second) = run.logprobs[i].top_logprobs[:2]
+            assert first - second < 0.25, (i, run.logprobs[i])

@@ -18,7 +18,8 @@ def kv_bytes_per_token(model: QwenForCausalLM) -> int:
 
 class ModelRunner:
     """compile: run decode steps through `CompiledDecode` (warmed up here), which needs
-    max_model_len and max_num_seqs to size its buckets."""
+    max_model_len and max_num_seqs to size its buckets. Otherwise decode steps run through
+    `FusedDecode` where it applies (float32 on CPU with native-kernel weights), else eagerly."""
 
     def __init__(
         self,
@@ -42,6 +43,11 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_cache(num_slots + 1)
         self._block_offsets = torch.arange(block_size)
         self.compiled = None
+        self.fused = None
+        if not compile:
+            from qwenkit.models.fused_decode import FusedDecode
+
+            self.fused = FusedDecode.build(model, self.kv_caches, block_size=block_size)
         if compile:
             from qwenkit.engine.compile import CompiledDecode
 
@@ -106,6 +112,8 @@ class ModelRunner:
                 sample_rows.append(i)
         if self.compiled is not None and len(batch) <= self.compiled.buckets[-1]:
             hidden = self.compiled(input_ids, positions, block_tables)
+        elif self.fused is not None and self.fused.applies(len(batch)):
+            hidden = self.fused(input_ids, positions, block_tables)
         else:
             hidden = self._decode_eager(input_ids, positions, block_tables)
         if not sample_rows:
