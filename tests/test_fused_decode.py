@@ -78,10 +78,10 @@ def test_fused_step_equals_module_step_gguf_q5_0(tmp_path):
 @needs_kernels
 def test_fused_step_rows_do_not_depend_on_the_batch(tmp_path):
     """Each sequence's row of a batched fused step is bit for bit that of the sequence alone."""
-    make_checkpoint(tmp_path, "qwen3")
-    llm = LLM(str(tmp_path), dtype="float32", quantization="int8", progress=False)
+    path = write_gguf(tmp_path / "mixed.gguf", _tiny_gguf_model(), "qwen2", weight_type=_mixed_type)
+    llm = LLM(str(path), dtype="float32", progress=False)  # Q5_0 and int8 projections
     runner = llm.engine.runner
-    seqs = _decoding(llm)
+    seqs = _decoding(llm, lengths=[5 + 4 * i for i in range(11)])  # a group of 8 rows and a tail of 3
     ids = [s.token_ids[s.num_computed_tokens] for s in seqs]
     positions = [s.num_computed_tokens for s in seqs]
     tables = [list(s.block_table) for s in seqs]

@@ -116,11 +116,12 @@ def test_native_int8_linear_against_dequantized(rows, n, k):
 
 
 @needs_native
-@pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (2, 9, 896), (3, 9, 96), (4, 2, 32), (9, 130, 256), (21, 7, 64)])
+@pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (2, 9, 896), (3, 9, 96), (4, 2, 32), (9, 130, 256), (12, 5, 96),
+                                      (21, 7, 64)])
 def test_native_q5_0_linear_against_gguf(rows, n, k):
     """GGUF Q5_0 blocks multiplied as stored equal the product with gguf's own dequantization,
-    within the activations' int8 rounding: read block by block (< 16 rows, the tails of rows and
-    of n) and unpacked to int8 first (>= 16 rows)."""
+    within the activations' int8 rounding: read block by block (< 16 rows, 8 rows at a time then
+    the rest, the tails of rows and of n) and unpacked to int8 first (>= 16 rows)."""
     from gguf.quants import dequantize, quantize
 
     q5 = gguf.GGMLQuantizationType.Q5_0
@@ -135,6 +136,23 @@ def test_native_q5_0_linear_against_gguf(rows, n, k):
     # The dequantizing path (no kernel: other devices, kernels off) gives the float product.
     assert torch.equal(quant_kernels.gguf_dequantize(blocks, k, "Q5_0"), w)
     _assert_matmul_close(quant._dequantized_gguf_linear(x, blocks, k, "Q5_0"), x, w, F32_BOUND)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [3, 9, 13])
+def test_native_kernel_rows_do_not_depend_on_the_call(rows):
+    """Below the unpacking threshold each activation row's result is bit for bit the same alone
+    or with others (tiles of 2 or 4 rows, groups of 8): a sequence decodes the same in any batch."""
+    from gguf.quants import quantize
+
+    w = _weights(37, 896)
+    x = torch.randn(rows, 896, generator=torch.Generator().manual_seed(6))
+    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    q, scale = quant.quantize_int8(w)
+    for fn in (lambda t: quant_kernels.gguf_linear(t, blocks, 896, "Q5_0"),
+               lambda t: quant_kernels.int8_linear(t, q, scale.to(torch.bfloat16))):
+        together = fn(x)
+        assert all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(rows))
 
 
 @needs_native

@@ -9,7 +9,9 @@ one float scale each); the products are integer dot products (AVX2 `maddubs` /
 `madd`: 32 multiply-adds in two instructions), summed in float per block. Each weight is
 read once per call and used for every activation row (tiles of 4 weight rows x 2
 activation rows for int8; Q5_0 decodes blocks in registers below `Q5_0_UNPACK_ROWS`
-rows, and above it unpacks four weight rows to int8 once and runs the int8 tile). OpenMP
+rows, for 8 activation rows at a time and then tiles of 2 weight x 4 activation rows, and
+above it unpacks four weight rows to int8 once and runs the int8 tile). Below that
+threshold a row's result does not depend on the other rows of the call. OpenMP
 over blocks of output rows. Without AVX2 the same arithmetic runs as plain C
 (`QK_NO_SIMD` forces it, for tests). Built by `qwenkit.models.native`; every function
 returns None where the kernels are off or not built. Measurements: docs/quantization.md.
@@ -235,7 +237,7 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
                 /* unsigned u x signed x bytes, pairs into int16 (at most 2 * 31 * 127), then int32 */
                 const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u[r], xv), ones));
                 acc[m][r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r] * sx), acc[m][r]);
-                corr[m][r] += d[r] * cx;
+                corr[m][r] = fmaf(d[r], cx, corr[m][r]);  /* as q5_0_row_x8 does, lane by lane */
             }
         }
     }
@@ -267,6 +269,39 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
         }
 #endif
 }
+
+#ifdef QK_AVX2
+/* One weight row against 8 activation rows, the same arithmetic as q5_0_tile per (row, weight
+   row) (so a sequence's result does not depend on which tile its row falls in) with less work
+   per product: the weight block is decoded once for 8 rows, and the 8 rows' scales at block j
+   sit in one vector (xs8, c8: [nb][8], this group's xs and c transposed), multiplied by the
+   weight scale at once; a permute hands each row its lane. */
+static void q5_0_row_x8(const int8_t *xq, const float *xs8, const float *c8, const uint8_t *w, int K,
+                        float out[8]) {
+    const int nb = K / QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[8], corr = _mm256_setzero_ps();
+    for (int m = 0; m < 8; m++) acc[m] = _mm256_setzero_ps();
+    for (int j = 0; j < nb; j++) {
+        const uint8_t *block = w + (int64_t)j * Q5_0_BYTES;
+        _mm_prefetch((const char *)(block + 2 * PREFETCH_ROWS * (int64_t)nb * Q5_0_BYTES), _MM_HINT_T0);
+        uint16_t h;
+        memcpy(&h, block, sizeof h);
+        const __m256 d = _mm256_set1_ps(f16_to_f32(h));
+        const __m256i u = q5_0_unsigned(block);
+        const __m256 dsx = _mm256_mul_ps(d, _mm256_loadu_ps(xs8 + 8 * j));
+        corr = _mm256_fmadd_ps(d, _mm256_loadu_ps(c8 + 8 * j), corr);
+        for (int m = 0; m < 8; m++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j * QK));
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones));
+            acc[m] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(dsx, _mm256_set1_epi32(m)), acc[m]);
+        }
+    }
+    float c[8];
+    _mm256_storeu_ps(c, corr);
+    for (int m = 0; m < 8; m++) out[m] = hsum(acc[m]) - c[m];
+}
+#endif
 
 /* One row of Q5_0 blocks -> nb * 32 int8 values in [-16, 15] and nb scales. */
 static void q5_0_unpack_row(const uint8_t *blocks, int nb, int8_t *values, float *scales) {
@@ -340,12 +375,37 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
         free(c);
         return failed ? -1 : 0;
     }
+    int m8 = 0;  /* rows [0, m8) go 8 at a time through q5_0_row_x8 */
+    float *xs8 = NULL, *c8 = NULL;
+#ifdef QK_AVX2
+    m8 = M / 8 * 8;
+    if (m8) {
+        xs8 = malloc(sizeof(float) * (size_t)m8 * nb);
+        c8 = malloc(sizeof(float) * (size_t)m8 * nb);
+        if (!xs8 || !c8) { free(xq); free(xs); free(c); free(xs8); free(c8); return -1; }
+        for (int g = 0; g < m8 / 8; g++)
+            for (int j = 0; j < nb; j++)
+                for (int i = 0; i < 8; i++) {
+                    xs8[((int64_t)g * nb + j) * 8 + i] = xs[(int64_t)(8 * g + i) * nb + j];
+                    c8[((int64_t)g * nb + j) * 8 + i] = c[(int64_t)(8 * g + i) * nb + j];
+                }
+    }
+#endif
     const int blocks = (N + 1) / 2;
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
         const int n0 = b * 2, nr = N - n0 < 2 ? N - n0 : 2;
         const uint8_t *wb = w + n0 * row;
-        for (int m0 = 0; m0 < M; m0 += 4) {
+#ifdef QK_AVX2
+        for (int g = 0; g < m8 / 8; g++)
+            for (int r = 0; r < nr; r++) {
+                float out[8];
+                q5_0_row_x8(xq + (int64_t)8 * g * K, xs8 + (int64_t)g * nb * 8, c8 + (int64_t)g * nb * 8,
+                            wb + r * row, K, out);
+                for (int m = 0; m < 8; m++) y[(int64_t)(8 * g + m) * N + n0 + r] = out[m];
+            }
+#endif
+        for (int m0 = m8; m0 < M; m0 += 4) {
             const int mr = M - m0 < 4 ? M - m0 : 4;
             const int8_t *xqm = xq + (int64_t)m0 * K;
             const float *xsm = xs + (int64_t)m0 * nb, *cm = c + (int64_t)m0 * nb;
@@ -362,6 +422,8 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
     free(xq);
     free(xs);
     free(c);
+    free(xs8);
+    free(c8);
     return 0;
 }
 
