@@ -160,8 +160,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
     """x [T, K] @ w^T with w as GGUF blocks of `type_name` (a type in `quant_kernels.GGUF_BLOCKS`;
-    uint8 [N, bytes per row]), in x's dtype. The native kernel on CPU; elsewhere (and above the row limit) the
-    blocks are dequantized a block of rows at a time and multiplied in x's dtype."""
+    uint8 [N, bytes per row]), in x's dtype. The native kernel on CPU; elsewhere (and above the
+    row limit) the blocks are dequantized a block of rows at a time and multiplied in x's dtype."""
     if x.device.type == "cpu" and x.shape[0] <= _native_row_limit(x):
         if torch.compiler.is_compiling():
             return quant_kernels.gguf_linear_op(x, blocks, in_features, type_name).to(x.dtype)

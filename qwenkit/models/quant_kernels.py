@@ -455,7 +455,8 @@ def _library():
         lib.int8_linear_q8.restype = ctypes.c_int
         lib.int8_linear_q8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
         for type_name in GGUF_BLOCKS:
-            linear, dequantize = getattr(lib, _c_name(type_name, "linear_q8")), getattr(lib, _c_name(type_name, "dequantize"))
+            linear = getattr(lib, _c_name(type_name, "linear_q8"))
+            dequantize = getattr(lib, _c_name(type_name, "dequantize"))
             linear.restype = ctypes.c_int
             linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
             dequantize.restype = None
