@@ -47,9 +47,10 @@ def _compare_step(llm: LLM) -> None:
     bs = runner.block_size
     slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, positions)])
     with torch.inference_mode():
-        fused = runner.fused(ids, positions, tables)
+        fused = runner.fused(*runner._decode_inputs(ids, positions, tables))
         fused_kv = [(k[slots].clone(), v[slots].clone()) for k, v in runner.kv_caches]
-        eager = runner._decode_eager(ids, positions, tables)
+        step_ids, step_positions, meta = runner._decode_inputs(ids, positions, tables)
+        eager = runner.model(step_ids, step_positions, runner.kv_caches, meta)
         eager_kv = [(k[slots].clone(), v[slots].clone()) for k, v in runner.kv_caches]
     spread = eager.std().item()
     error = (fused - eager).abs() / spread
@@ -86,9 +87,10 @@ def test_fused_step_rows_do_not_depend_on_the_batch(tmp_path):
     positions = [s.num_computed_tokens for s in seqs]
     tables = [list(s.block_table) for s in seqs]
     with torch.inference_mode():
-        batched = runner.fused(ids, positions, tables)
+        batched = runner.fused(*runner._decode_inputs(ids, positions, tables))
         for i in range(len(seqs)):
-            assert torch.equal(runner.fused(ids[i : i + 1], positions[i : i + 1], tables[i : i + 1])[0], batched[i])
+            alone = runner.fused(*runner._decode_inputs(ids[i : i + 1], positions[i : i + 1], tables[i : i + 1]))
+            assert torch.equal(alone[0], batched[i])
 
 
 @needs_kernels

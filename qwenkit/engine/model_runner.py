@@ -47,7 +47,7 @@ class ModelRunner:
         if not compile:
             from qwenkit.models.fused_decode import FusedDecode
 
-            self.fused = FusedDecode.build(model, self.kv_caches, block_size=block_size)
+            self.fused = FusedDecode.build(model, self.kv_caches)
         if compile:
             from qwenkit.engine.compile import CompiledDecode
 
@@ -112,17 +112,22 @@ class ModelRunner:
                 sample_rows.append(i)
         if self.compiled is not None and len(batch) <= self.compiled.buckets[-1]:
             hidden = self.compiled(input_ids, positions, block_tables)
-        elif self.fused is not None and self.fused.applies(len(batch)):
-            hidden = self.fused(input_ids, positions, block_tables)
         else:
-            hidden = self._decode_eager(input_ids, positions, block_tables)
+            ids, positions_t, meta = self._decode_inputs(input_ids, positions, block_tables)
+            if self.fused is not None and self.fused.applies(len(batch)):
+                hidden = self.fused(ids, positions_t, meta)
+            else:
+                hidden = self.model(ids, positions_t, self.kv_caches, meta)
         if not sample_rows:
             return [], None
         if len(sample_rows) < len(batch):
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
         return sample_rows, self.model.compute_logits(hidden)
 
-    def _decode_eager(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+    def _decode_inputs(
+        self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token ids, positions and attention metadata of a decode step (the eager and fused paths)."""
         bs, device = self.block_size, self.device
         max_blocks = max(len(table) for table in block_tables)
         positions_t = torch.tensor(positions, device=device)
@@ -140,7 +145,7 @@ class ModelRunner:
                 block_size=bs,
             ),
         )
-        return self.model(torch.tensor(input_ids, device=device), positions_t, self.kv_caches, meta)
+        return torch.tensor(input_ids, device=device), positions_t, meta
 
     def _slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Cache slots of positions 0..num_tokens-1 of a sequence."""

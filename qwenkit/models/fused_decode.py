@@ -23,6 +23,7 @@ import functools
 import torch
 
 from qwenkit.models import cpu_ops, native, paged_attention, quant, quant_kernels
+from qwenkit.models.attention import AttentionMetadata
 from qwenkit.models.layers import MLP, QwenForCausalLM
 from qwenkit.models.quant import INT8, Q5_0, QuantLinear
 
@@ -43,7 +44,7 @@ typedef struct {
 } fd_layer;
 
 typedef struct {
-    int32_t hidden, heads, kv_heads, head_dim, intermediate, block_size;
+    int32_t hidden, heads, kv_heads, head_dim, intermediate;
     float eps, scale;
 } fd_dims;
 
@@ -58,11 +59,11 @@ static int fd_matmul(const fd_linear *l, const float *x, float *y, int M) {
 
 /* h: [M, hidden], the residual stream, updated in place through every layer. cos, sin: [M,
    head_dim] (scaled as the model's rotary embedding gives them); slots: [M] cache slot of each
-   token; block_tables: [M, max_blocks]; context_lens: [M] (including this token). Returns 0,
-   or -1 when out of memory. */
+   token; block_tables: [M, max_blocks] of blocks of block_size slots; context_lens: [M]
+   (including this token). Returns 0, or -1 when out of memory. */
 int decode_layers(const fd_layer *layers, int num_layers, const fd_dims *d, float *h, int M,
                   const float *cos, const float *sin, const int64_t *slots, const int32_t *block_tables,
-                  int max_blocks, const int32_t *context_lens) {
+                  int max_blocks, int block_size, const int32_t *context_lens) {
     const int H = d->heads, KVH = d->kv_heads, D = d->head_dim, hidden = d->hidden, I = d->intermediate;
     const int qkv_n = (H + 2 * KVH) * D, kv_n = KVH * D;
     const size_t per_token = (size_t)2 * hidden + qkv_n + 3 * H * D + 2 * kv_n + 3 * I;
@@ -93,7 +94,7 @@ int decode_layers(const fd_layer *layers, int num_layers, const fd_dims *d, floa
             memcpy(L->v_cache + slots[t] * kv_n, qkv + (int64_t)t * qkv_n + (H + KVH) * D, sizeof(float) * kv_n);
         }
         paged_decode_attention_f32(qr, L->k_cache, L->v_cache, block_tables, context_lens, attn, M, H, KVH, D,
-                                   d->block_size, max_blocks, d->scale);
+                                   block_size, max_blocks, d->scale);
         if ((rc = fd_matmul(&L->o, attn, tmp, M))) break;
         for (int64_t i = 0; i < (int64_t)M * hidden; i++) h[i] += tmp[i];
         rms_norm_f32(h, hidden, L->post_norm, x, M, hidden, d->eps);
@@ -126,7 +127,7 @@ class _Layer(ctypes.Structure):
 
 class _Dims(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in
-                ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size")] + [
+                ("hidden", "heads", "kv_heads", "head_dim", "intermediate")] + [
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
@@ -140,7 +141,7 @@ def _library():
     if lib is not None:
         lib.decode_layers.restype = ctypes.c_int
         lib.decode_layers.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                      ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
+                                      ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     return lib
 
 
@@ -173,8 +174,7 @@ class FusedDecode:
         self._lib = lib
 
     @classmethod
-    def build(cls, model: QwenForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], *,
-              block_size: int) -> FusedDecode | None:
+    def build(cls, model: QwenForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> FusedDecode | None:
         """The fused path for this model and cache, or None where it does not apply (see the module doc)."""
         if model.dtype != torch.float32 or any(k.device.type != "cpu" for k, _ in kv_caches):
             return None
@@ -197,7 +197,7 @@ class FusedDecode:
                 return None
             layers.append(_Layer(*linears, *map(_pointer, norms), _pointer(k_cache), _pointer(v_cache)))
         dims = _Dims(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                     c.intermediate_size, block_size, c.rms_norm_eps,
+                     c.intermediate_size, c.rms_norm_eps,
                      model.model.layers[0].self_attn.scale)
         return cls(model, (_Layer * len(layers))(*layers), dims, lib)
 
@@ -208,18 +208,18 @@ class FusedDecode:
         return num_seqs <= quant.MAX_NATIVE_KERNEL_TOKENS
 
     @torch.inference_mode()
-    def __call__(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Final hidden states [len(input_ids), hidden] (after the last norm) of a decode step."""
-        bs, num_seqs = self._dims.block_size, len(input_ids)
-        max_blocks = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32)
-        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)], dtype=torch.int64)
-        context_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32)
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [num_seqs, hidden] (after the last norm) of a decode step: input_ids,
+        positions [num_seqs] and the step's decode metadata, as the module path takes them."""
+        d = meta.decode
+        slots = meta.slot_mapping.to(torch.int64).contiguous()
+        tables, context_lens = d.block_tables.to(torch.int32).contiguous(), d.context_lens.to(torch.int32).contiguous()
         inner = self.model.model
-        h = inner.embed_tokens(torch.tensor(input_ids)).to(torch.float32).contiguous()
-        cos, sin = (t.contiguous() for t in inner.rotary_emb(torch.tensor(positions)))
+        h = inner.embed_tokens(input_ids).to(torch.float32).contiguous()
+        cos, sin = (t.contiguous() for t in inner.rotary_emb(positions))
+        num_seqs = h.shape[0]
         if self._lib.decode_layers(ctypes.addressof(self._layers), len(self._layers), ctypes.addressof(self._dims),
                                    h.data_ptr(), num_seqs, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-                                   tables.data_ptr(), max_blocks, context_lens.data_ptr()):
+                                   tables.data_ptr(), tables.shape[1], d.block_size, context_lens.data_ptr()):
             raise MemoryError(f"fused decode: no memory for the step's buffers ({num_seqs} sequences)")
         return inner.norm(h)
