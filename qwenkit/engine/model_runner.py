@@ -48,7 +48,7 @@ class ModelRunner:
             from qwenkit.models.fused_decode import FusedDecode
 
             self.fused = FusedDecode.build(model, self.kv_caches)
-        if compile:
+        else:
             from qwenkit.engine.compile import CompiledDecode
 
             max_model_len = max_model_len or model.config.max_position_embeddings
