@@ -116,7 +116,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="weight format in memory (default auto: GGUF weights stay quantized, safetensors as the dtype)",
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step with torch.compile (default: off)")
+                   help="compile the decode step with torch.compile, in place of the fused C decode step "
+                        "that quantized CPU models otherwise take (default: off)")
 
 
 def _run(args: argparse.Namespace) -> int:
