@@ -40,7 +40,7 @@ class ModelRunner:
             configure_threads()
         num_slots = num_blocks * block_size
         # One spare slot past the last block: padding rows of a compiled step write there.
-        self.kv_caches = model.allocate_kv_cache(num_slots + 1)
+        self.kv_caches = model.allocate_kv_cache(num_slots + 1, device)
         self._block_offsets = torch.arange(block_size)
         self.compiled = None
         self.fused = None

@@ -442,11 +442,15 @@ class QwenForCausalLM(nn.Module):
             return self.model.embed_tokens.attend(hidden).float()
         return self.lm_head(hidden).float()
 
-    def allocate_kv_cache(self, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One (key, value) pair of `[num_slots, num_kv_heads, head_dim]` tensors per layer."""
+    def allocate_kv_cache(
+        self, num_slots: int, device: torch.device | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One (key, value) pair of `[num_slots, num_kv_heads, head_dim]` tensors per layer,
+        on `device` (default: the model's; a tensor made without a device lands on the CPU)."""
         c = self.config
+        device = device or next(self.parameters()).device
         shape = (num_slots, c.num_key_value_heads, c.head_dim)
         return [
-            (torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype))
+            (torch.empty(shape, dtype=self.dtype, device=device), torch.empty(shape, dtype=self.dtype, device=device))
             for _ in range(c.num_hidden_layers)
         ]
