@@ -108,7 +108,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument(
         "--kv-cache-memory",
-        help="memory for the paged KV cache, e.g. 4GiB (default: QWENKIT_KV_CACHE_MEMORY, else 2GiB)",
+        help="memory for the paged KV cache, e.g. 4GiB (default: QWENKIT_KV_CACHE_MEMORY, else 2GiB on CPU "
+             "and what the GPU has free, less 10%%, on CUDA)",
     )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
@@ -118,6 +119,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step with torch.compile, in place of the fused C decode step "
                         "that quantized CPU models otherwise take (default: off)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at start")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -135,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
               kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-              quantization=args.quantization, compile=args.compile)
+              quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -187,7 +190,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise QwenkitError("--prompt-tokens must be >= 8, --decode-tokens >= 2 and every concurrency >= 1")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
               kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-              quantization=args.quantization, compile=args.compile,
+              quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager,
               max_num_seqs=max(32, max(concurrency)))
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency)
@@ -214,7 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     allm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
                     kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-                    quantization=args.quantization, compile=args.compile,
+                    quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager,
                     max_num_seqs=args.max_num_seqs)
     serve(allm, config, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0

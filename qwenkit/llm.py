@@ -113,12 +113,13 @@ class LLM:
         *,
         max_model_len: int | None = None,
         kv_cache_memory: int | str | None = None,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 1024,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         quantization: str | None = "auto",
         compile: bool | None = None,
+        enforce_eager: bool = False,
         progress: bool = True,
     ):
         self.device = resolve_device(device)
@@ -139,6 +140,7 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             compile=compile,
+            enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device, args=args)
         self.max_model_len = self.engine.max_model_len

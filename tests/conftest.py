@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels (qwenkit/kernels/cuda) run under Triton's interpreter on
+# CPU tensors; it is read when a kernel is defined, so it is set before any import of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

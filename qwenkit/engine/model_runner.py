@@ -7,8 +7,10 @@ import torch
 
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.engine.threads import configure_threads
+from qwenkit.kernels import cuda as cuda_kernels
 from qwenkit.models import QwenForCausalLM
-from qwenkit.models.attention import AttentionMetadata, DecodeMetadata
+from qwenkit.models.attention import AttentionMetadata, DecodeMetadata, PagedPrefillMetadata
+from qwenkit.models.layers import SparseMoeBlock, grouped_experts_apply
 
 
 def kv_bytes_per_token(model: QwenForCausalLM) -> int:
@@ -16,10 +18,23 @@ def kv_bytes_per_token(model: QwenForCausalLM) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
 
 
+def cuda_graphs_apply(model: QwenForCausalLM, device: torch.device) -> bool:
+    """Whether a decode step of `model` can be captured as a CUDA graph: on CUDA, unless an
+    MoE layer would read its routing back to the host (float32 experts)."""
+    if device.type != "cuda":
+        return False
+    probe = torch.empty(0, dtype=model.dtype, device=device)
+    return all(not isinstance(m, SparseMoeBlock) or grouped_experts_apply(probe) for m in model.modules())
+
+
 class ModelRunner:
-    """compile: run decode steps through `CompiledDecode` (warmed up here), which needs
-    max_model_len and max_num_seqs to size its buckets. Otherwise decode steps run through
-    `FusedDecode` where it applies (float32 on CPU with native-kernel weights), else eagerly."""
+    """Decode steps (one token per sequence) take the fastest path that applies:
+    - on CUDA, `CUDAGraphDecode` (graphs captured here per batch bucket) unless
+      enforce_eager;
+    - compile: `CompiledDecode` (torch.compile, warmed up here);
+    - on CPU, `FusedDecode` where it applies (float32 with native-kernel weights);
+    - else the model's modules, eagerly. Both graph paths need max_model_len and
+    max_num_seqs to size their buffers."""
 
     def __init__(
         self,
@@ -29,6 +44,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         compile: bool = False,
+        enforce_eager: bool = False,
         max_model_len: int | None = None,
         max_num_seqs: int = 32,
         progress: bool = True,
@@ -42,26 +58,28 @@ class ModelRunner:
         # One spare slot past the last block: padding rows of a compiled step write there.
         self.kv_caches = model.allocate_kv_cache(num_slots + 1, device)
         self._block_offsets = torch.arange(block_size)
+        # Prefill attention reads the paged cache in place (no per-sequence gathers).
+        self.paged_prefill = cuda_kernels.enabled(device)
         self.compiled = None
         self.fused = None
-        if not compile:
+        self.graphs = None
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=-(-max_model_len // block_size),
+                     block_size=block_size, padding_slot=num_slots, device=device)
+        if compile:
+            from qwenkit.engine.compile import CompiledDecode
+
+            self.compiled = CompiledDecode(model, self.kv_caches, **sizes)
+            self.compiled.warm_up(progress=progress)
+        elif not enforce_eager and cuda_graphs_apply(model, device):
+            from qwenkit.engine.cuda_graph import CUDAGraphDecode
+
+            self.graphs = CUDAGraphDecode(model, self.kv_caches, **sizes)
+            self.graphs.capture_graphs(progress=progress)
+        else:
             from qwenkit.models.fused_decode import FusedDecode
 
             self.fused = FusedDecode.build(model, self.kv_caches)
-        else:
-            from qwenkit.engine.compile import CompiledDecode
-
-            max_model_len = max_model_len or model.config.max_position_embeddings
-            self.compiled = CompiledDecode(
-                model,
-                self.kv_caches,
-                max_num_seqs=max_num_seqs,
-                max_blocks_per_seq=-(-max_model_len // block_size),
-                block_size=block_size,
-                padding_slot=num_slots,
-                device=device,
-            )
-            self.compiled.warm_up(progress=progress)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
@@ -86,12 +104,20 @@ class ModelRunner:
             if end == len(seq.token_ids):
                 sample_rows.append(i)
                 sample_at.append(offset - 1)
-        meta = AttentionMetadata(
-            query_lens=tuple(query_lens),
-            context_lens=tuple(context_lens),
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
-            context_slots=tuple(s.to(self.device) for s in context_slots),
-        )
+        if self.paged_prefill:
+            meta = AttentionMetadata(
+                query_lens=tuple(query_lens),
+                context_lens=tuple(context_lens),
+                slot_mapping=torch.cat(slot_mapping).to(self.device),
+                paged_prefill=self._paged_prefill_metadata(batch, query_lens, context_lens),
+            )
+        else:
+            meta = AttentionMetadata(
+                query_lens=tuple(query_lens),
+                context_lens=tuple(context_lens),
+                slot_mapping=torch.cat(slot_mapping).to(self.device),
+                context_slots=tuple(s.to(self.device) for s in context_slots),
+            )
         hidden = self.model(
             torch.tensor(input_ids, device=self.device), torch.cat(positions).to(self.device), self.kv_caches, meta
         )
@@ -110,6 +136,13 @@ class ModelRunner:
             block_tables.append(seq.block_table)
             if pos + 1 == len(seq.token_ids):
                 sample_rows.append(i)
+        if self.graphs is not None and len(batch) <= self.graphs.buckets[-1]:
+            logits = self.graphs(input_ids, positions, block_tables)
+            if not sample_rows:
+                return [], None
+            if len(sample_rows) < len(batch):
+                logits = logits[torch.tensor(sample_rows, device=self.device)]
+            return sample_rows, logits
         if self.compiled is not None and len(batch) <= self.compiled.buckets[-1]:
             hidden = self.compiled(input_ids, positions, block_tables)
         else:
@@ -146,6 +179,23 @@ class ModelRunner:
             ),
         )
         return torch.tensor(input_ids, device=device), positions_t, meta
+
+    def _paged_prefill_metadata(
+        self, batch: list[ScheduledSequence], query_lens: list[int], context_lens: list[int]
+    ) -> PagedPrefillMetadata:
+        tables = [s.seq.block_table for s in batch]
+        width = max(len(t) for t in tables)
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        ints = dict(dtype=torch.int32, device=self.device)
+        return PagedPrefillMetadata(
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], **ints),
+            query_start_loc=torch.tensor(starts, **ints),
+            context_lens=torch.tensor(context_lens, **ints),
+            max_query_len=max(query_lens),
+            block_size=self.block_size,
+        )
 
     def _slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Cache slots of positions 0..num_tokens-1 of a sequence."""

@@ -29,6 +29,19 @@ class DecodeMetadata:
 
 
 @dataclass(frozen=True)
+class PagedPrefillMetadata:
+    """A step with prompt tokens, for kernels that read the paged cache in place (CUDA):
+    sequence b's queries are rows query_start_loc[b]..query_start_loc[b + 1] - 1 of the
+    step, at the last positions of its context_lens[b] tokens."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    max_query_len: int
+    block_size: int
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Where the tokens of one forward step come from and where their KV goes.
 
@@ -46,16 +59,25 @@ class AttentionMetadata:
     # Empty when `decode` is set.
     context_slots: tuple[torch.Tensor | slice, ...] = ()
     decode: DecodeMetadata | None = None
+    # Set by the runner where the kernels read the paged cache in place (CUDA).
+    paged_prefill: PagedPrefillMetadata | None = None
 
     @classmethod
-    def contiguous(cls, *, start: int, num_tokens: int) -> "AttentionMetadata":
+    def contiguous(cls, *, start: int, num_tokens: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
         """One sequence whose cache slots are its positions: tokens start..start+num_tokens-1."""
         end = start + num_tokens
         return cls(
             query_lens=(num_tokens,),
             context_lens=(end,),
-            slot_mapping=torch.arange(start, end),
+            slot_mapping=torch.arange(start, end, device=device),
             context_slots=(slice(0, end),),
+            paged_prefill=PagedPrefillMetadata(  # blocks of one slot: block p is slot p
+                block_tables=torch.arange(end, dtype=torch.int32, device=device)[None],
+                query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+                context_lens=torch.tensor([end], dtype=torch.int32, device=device),
+                max_query_len=num_tokens,
+                block_size=1,
+            ),
         )
 
     @property

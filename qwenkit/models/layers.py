@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.config import ModelConfig, RopeConfig
+from qwenkit.kernels import cuda as cuda_kernels
 from qwenkit.models import cpu_ops
 from qwenkit.models.attention import AttentionMetadata, attention
 
@@ -45,7 +46,25 @@ class RMSNorm(nn.Module):
         self.weight = _empty(size, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x); with `residual`, (RMSNorm(x + residual), x + residual): the residual add
+        of the previous sub-layer fused in front, as one kernel where there is one."""
+        if residual is None:
+            return self._norm(x)
+        if cuda_kernels.applies(x):
+            from qwenkit.kernels.cuda.fused import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if cuda_kernels.applies(x):
+            from qwenkit.kernels.cuda.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # one call, the same numbers (the weight multiplies last in both)
             if not torch.compiler.is_compiling() and (y := cpu_ops.rms_norm(x, self.weight, self.eps)) is not None:
                 return y
@@ -214,7 +233,10 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
+        qkv = self.qkv_proj(x)
+        if cuda_kernels.applies(qkv):
+            return self.o_proj(self._forward_triton(qkv, rope, kv_cache, meta))
+        q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
             dim=-1,
         )
@@ -225,6 +247,27 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, rope)
         return self.o_proj(attention(q, k, v, kv_cache, meta, scale=self.scale))
+
+    def _forward_triton(
+        self,
+        qkv: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """One kernel for the QK-norm, rotary and cache write, one for attention, which reads
+        every key and value from the cache: [T, num_heads * head_dim]."""
+        from qwenkit.kernels.cuda.attention import paged_attention
+        from qwenkit.kernels.cuda.fused import qk_norm_rope_cache
+
+        q = qk_norm_rope_cache(
+            qkv, rope[0], rope[1], kv_cache, meta.slot_mapping,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            q_norm=None if self.q_norm is None else self.q_norm.weight,
+            k_norm=None if self.k_norm is None else self.k_norm.weight,
+            eps=0.0 if self.q_norm is None else self.q_norm.eps,
+        )
+        return paged_attention(q, kv_cache, meta, scale=self.scale).view(qkv.shape[0], -1)
 
 
 class MLP(nn.Module):
@@ -238,8 +281,17 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, [hidden_size], bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2 * I] (gate, then up) -> silu(gate) * up, one kernel where there is one."""
+    if cuda_kernels.applies(x):
+        from qwenkit.kernels.cuda.fused import silu_and_mul as fused_silu_and_mul
+
+        return fused_silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class FusedExperts(nn.Module):
@@ -273,9 +325,42 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden]; expert_ids, weights: [T, top_k]. Loops over the experts in use only."""
+        if grouped_experts_apply(x):
+            return grouped_experts(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
         # Under torch.compile an opaque op: the loop's trip count depends on the routing.
         fn = fused_experts_op if torch.compiler.is_compiling() else fused_experts
         return fn(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+
+
+def grouped_experts_apply(x: torch.Tensor) -> bool:
+    """Where the experts run as grouped GEMMs with no host sync (CUDA graphs need it): off
+    the CPU, in bfloat16, where `torch._grouped_mm` runs (Hopper or newer on CUDA)."""
+    if x.device.type == "cpu" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """`fused_experts` without reading the routing back to the host: the (token, choice)
+    pairs sorted by expert on the device, each expert's row range found by a binary search,
+    and both matmuls as one grouped GEMM each over all experts (an expert with no rows
+    costs nothing). Shapes stay fixed whatever the routing, so a CUDA graph can hold it."""
+    num_tokens, top_k = expert_ids.shape
+    num_experts = gate_up_proj.shape[0]
+    sorted_ids, order = expert_ids.flatten().sort(stable=True)
+    # offs[e]: one past the last row of expert e among the sorted pairs.
+    offs = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=x.device), right=True).to(torch.int32)
+    xs = x.index_select(0, order // top_k)
+    act = silu_and_mul(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs))
+    ys = torch._grouped_mm(act, down_proj.transpose(1, 2), offs=offs)
+    per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
+    return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
 
 
 def fused_experts(
@@ -361,9 +446,16 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it): the next layer,
+        or the final norm, adds them (fused into its norm where a kernel does both)."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, rope, kv_cache, meta), residual)
+        return self.mlp(x), residual
 
 
 class QwenModel(nn.Module):
@@ -394,9 +486,10 @@ class QwenModel(nn.Module):
     ) -> torch.Tensor:
         """Everything after the embedding: what a compiled decode step traces."""
         rope = self.rotary_emb(positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, rope, kv_cache, meta)
-        return self.norm(h)
+            h, residual = layer(h, rope, kv_cache, meta, residual)
+        return self.norm(h, residual)[0]
 
 
 class QwenForCausalLM(nn.Module):
