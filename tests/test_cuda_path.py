@@ -60,7 +60,7 @@ def test_graph_buffers_pad_to_buckets_and_match_the_eager_step(folder):
     engine.step()  # a decode step of three: now each has a token to compute
     batch = [ScheduledSequence(seq, 1) for seq in engine.scheduler.running]
     runner = engine.runner
-    rows, eager = runner._run_decode(batch)
+    rows, eager = runner.run(batch)
     graphs = CUDAGraphDecode(
         llm.model, runner.kv_caches, max_num_seqs=8, max_blocks_per_seq=8, block_size=runner.block_size,
         padding_slot=runner.kv_caches[0][0].shape[0] - 1, device=torch.device("cpu"), capture=False,

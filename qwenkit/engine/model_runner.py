@@ -3,6 +3,8 @@ attention metadata, and returns the logits of the sequences that sample a token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qwenkit.engine.scheduler import ScheduledSequence
@@ -16,6 +18,34 @@ from qwenkit.models.layers import SparseMoeBlock, grouped_experts_apply
 def kv_bytes_per_token(model: QwenForCausalLM) -> int:
     c = model.config
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """A scheduled step as plain data, per sequence: the tokens it computes, the position of
+    the first, its block table, and whether it samples after the step (its tokens are then
+    all computed). No engine objects: a tensor-parallel worker runs it as the driver does."""
+
+    token_ids: list[list[int]]
+    starts: list[int]
+    block_tables: list[list[int]]
+    samples: list[bool]
+
+    @classmethod
+    def from_batch(cls, batch: list[ScheduledSequence]) -> "StepInput":
+        token_ids, starts, tables, samples = [], [], [], []
+        for s in batch:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_tokens
+            token_ids.append(seq.token_ids[start:end])
+            starts.append(start)
+            tables.append(seq.block_table)
+            samples.append(end == len(seq.token_ids))
+        return cls(token_ids, starts, tables, samples)
+
+    @property
+    def sample_rows(self) -> list[int]:
+        return [i for i, samples in enumerate(self.samples) if samples]
 
 
 def cuda_graphs_apply(model: QwenForCausalLM, device: torch.device) -> bool:
@@ -81,35 +111,39 @@ class ModelRunner:
 
             self.fused = FusedDecode.build(model, self.kv_caches)
 
-    @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
         """Compute the step. Returns the positions in `batch` of the sequences whose
         tokens are now all computed (they sample next) and their float32 logits [N, vocab]."""
-        if all(s.num_tokens == 1 for s in batch):
-            return self._run_decode(batch)
+        return self.execute(StepInput.from_batch(batch))
+
+    @torch.inference_mode()
+    def execute(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
+        """`run` on a step given as plain data (what a tensor-parallel worker receives)."""
+        if all(len(ids) == 1 for ids in step.token_ids):
+            return self._run_decode(step)
         input_ids, positions, slot_mapping, context_slots = [], [], [], []
-        query_lens, context_lens, sample_rows, sample_at = [], [], [], []
+        query_lens, context_lens, sample_at = [], [], []
         offset = 0
-        for i, s in enumerate(batch):
-            seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
+        for ids, start, table, samples in zip(step.token_ids, step.starts, step.block_tables, step.samples):
+            n = len(ids)
             end = start + n
-            slots = self._slots(seq.block_table, end)
-            input_ids.extend(seq.token_ids[start:end])
+            slots = self._slots(table, end)
+            input_ids.extend(ids)
             positions.append(torch.arange(start, end))
             slot_mapping.append(slots[start:end])
             context_slots.append(slots)
             query_lens.append(n)
             context_lens.append(end)
             offset += n
-            if end == len(seq.token_ids):
-                sample_rows.append(i)
+            if samples:
                 sample_at.append(offset - 1)
+        sample_rows = step.sample_rows
         if self.paged_prefill:
             meta = AttentionMetadata(
                 query_lens=tuple(query_lens),
                 context_lens=tuple(context_lens),
                 slot_mapping=torch.cat(slot_mapping).to(self.device),
-                paged_prefill=self._paged_prefill_metadata(batch, query_lens, context_lens),
+                paged_prefill=self._paged_prefill_metadata(step.block_tables, query_lens, context_lens),
             )
         else:
             meta = AttentionMetadata(
@@ -125,35 +159,29 @@ class ModelRunner:
             return [], None
         return sample_rows, self.model.compute_logits(hidden[torch.tensor(sample_at, device=self.device)])
 
-    def _run_decode(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
+    def _run_decode(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
         """One token per sequence: plain lists, one tensor per field, no per-sequence tensors."""
-        input_ids, positions, block_tables, sample_rows = [], [], [], []
-        for i, s in enumerate(batch):
-            seq = s.seq
-            pos = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            block_tables.append(seq.block_table)
-            if pos + 1 == len(seq.token_ids):
-                sample_rows.append(i)
-        if self.graphs is not None and len(batch) <= self.graphs.buckets[-1]:
+        input_ids = [ids[0] for ids in step.token_ids]
+        positions, block_tables, sample_rows = step.starts, step.block_tables, step.sample_rows
+        num_seqs = len(input_ids)
+        if self.graphs is not None and num_seqs <= self.graphs.buckets[-1]:
             logits = self.graphs(input_ids, positions, block_tables)
             if not sample_rows:
                 return [], None
-            if len(sample_rows) < len(batch):
+            if len(sample_rows) < num_seqs:
                 logits = logits[torch.tensor(sample_rows, device=self.device)]
             return sample_rows, logits
-        if self.compiled is not None and len(batch) <= self.compiled.buckets[-1]:
+        if self.compiled is not None and num_seqs <= self.compiled.buckets[-1]:
             hidden = self.compiled(input_ids, positions, block_tables)
         else:
             ids, positions_t, meta = self._decode_inputs(input_ids, positions, block_tables)
-            if self.fused is not None and self.fused.applies(len(batch)):
+            if self.fused is not None and self.fused.applies(num_seqs):
                 hidden = self.fused(ids, positions_t, meta)
             else:
                 hidden = self.model(ids, positions_t, self.kv_caches, meta)
         if not sample_rows:
             return [], None
-        if len(sample_rows) < len(batch):
+        if len(sample_rows) < num_seqs:
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
         return sample_rows, self.model.compute_logits(hidden)
 
@@ -181,9 +209,8 @@ class ModelRunner:
         return torch.tensor(input_ids, device=device), positions_t, meta
 
     def _paged_prefill_metadata(
-        self, batch: list[ScheduledSequence], query_lens: list[int], context_lens: list[int]
+        self, tables: list[list[int]], query_lens: list[int], context_lens: list[int]
     ) -> PagedPrefillMetadata:
-        tables = [s.seq.block_table for s in batch]
         width = max(len(t) for t in tables)
         starts = [0]
         for n in query_lens:
