@@ -150,3 +150,4 @@ class AsyncLLM:
         """Stop the engine thread (running requests are abandoned)."""
         self._closed = True
         self._thread.join(timeout=5)
+        self.llm.shutdown()

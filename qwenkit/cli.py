@@ -121,6 +121,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "that quantized CPU models otherwise take (default: off)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at start")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many GPUs (or CPU processes); see docs/scale.md")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: deal Qwen3-MoE experts out whole to the ranks")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -138,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
               kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-              quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager)
+              quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -191,6 +196,7 @@ def _bench(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
               kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
               quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
               max_num_seqs=max(32, max(concurrency)))
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency)
@@ -218,6 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
     allm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
                     kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                     quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager,
+                    tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                     max_num_seqs=args.max_num_seqs)
     serve(allm, config, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0

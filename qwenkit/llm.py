@@ -13,7 +13,9 @@ import torch
 from qwenkit.chat import ChatChunk, ChatStream, PreparedChat, prepare_chat
 from qwenkit.chat_types import ChatCompletion
 
+from qwenkit.distributed import ParallelConfig
 from qwenkit.engine.llm_engine import EngineArgs, LLMEngine, SequenceUpdate, TokenOutput
+from qwenkit.engine.model_runner import ModelRunner
 from qwenkit.errors import QwenkitError
 from qwenkit.loader import load_model
 from qwenkit.model_files import resolve_model
@@ -103,6 +105,10 @@ class LLM:
     "float16" (default: bfloat16 where the hardware computes it natively, else float32).
     device: "cpu" or "cuda" (default: cuda when present). The keyword arguments size the
     engine (see `EngineArgs`): the KV cache pool, the batch, the prefill chunk.
+    tensor_parallel_size: split the model over this many processes (CUDA: one GPU each,
+    from `device` on; CPU: the cores shared), started here and stopped by `shutdown()`;
+    enable_expert_parallel: Qwen3-MoE experts dealt out whole to the ranks. One such model
+    per process (docs/scale.md).
     """
 
     def __init__(
@@ -120,13 +126,25 @@ class LLM:
         quantization: str | None = "auto",
         compile: bool | None = None,
         enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
         progress: bool = True,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         files = resolve_model(model, progress=progress)
-        loaded = load_model(files, dtype=self.dtype, device=self.device, quantization=quantization,
-                            progress=progress)
+        parallel = ParallelConfig(tensor_parallel_size, enable_expert_parallel)
+        self.executor = None
+        if parallel.tensor_parallel_size > 1:
+            from qwenkit.distributed.executor import TensorParallelExecutor
+
+            self.executor = TensorParallelExecutor(files, dtype=self.dtype, device=self.device, parallel=parallel)
+        try:
+            loaded = load_model(files, dtype=self.dtype, device=self.device, quantization=quantization,
+                                progress=progress, tp=self.executor and self.executor.tp)
+        except BaseException:
+            self.shutdown()
+            raise
         self.model = loaded.model
         self.config = loaded.config
         self.generation_config = loaded.generation_config
@@ -142,9 +160,24 @@ class LLM:
             compile=compile,
             enforce_eager=enforce_eager,
         )
-        self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device, args=args)
+        try:
+            self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device,
+                                    args=args, runner_factory=self.executor.make_runner if self.executor else ModelRunner)
+        except BaseException:
+            self.shutdown()
+            raise
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel model (a no-op otherwise)."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if a rank of a tensor-parallel model is gone."""
+        if self.executor is not None:
+            self.executor.check()
 
     def new_request_id(self) -> str:
         return f"req-{next(self._request_ids)}"

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -113,7 +114,10 @@ class LLMEngine:
         *,
         device: torch.device,
         args: EngineArgs = EngineArgs(),
+        runner_factory: Callable[..., ModelRunner] = ModelRunner,
     ):
+        """runner_factory(model, **sizes): the ModelRunner (a tensor-parallel group's rank 0
+        passes one that runs each step on every rank)."""
         self.model = model
         self.tokenizer = tokenizer
         self.generation_config = generation_config
@@ -135,7 +139,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
         )
-        self.runner = ModelRunner(
+        self.runner = runner_factory(
             model,
             num_blocks=num_blocks,
             block_size=args.block_size,

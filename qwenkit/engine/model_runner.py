@@ -17,7 +17,7 @@ from qwenkit.models.layers import SparseMoeBlock, grouped_experts_apply
 
 def kv_bytes_per_token(model: QwenForCausalLM) -> int:
     c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+    return 2 * c.num_hidden_layers * model.num_kv_heads * c.head_dim * model.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ def cuda_graphs_apply(model: QwenForCausalLM, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     probe = torch.empty(0, dtype=model.dtype, device=device)
-    return all(not isinstance(m, SparseMoeBlock) or grouped_experts_apply(probe) for m in model.modules())
+    return all(
+        not getattr(m, "syncs_with_host", False) and (not isinstance(m, SparseMoeBlock) or grouped_experts_apply(probe))
+        for m in model.modules()
+    )
 
 
 class ModelRunner:

@@ -535,6 +535,11 @@ class QwenForCausalLM(nn.Module):
             return self.model.embed_tokens.attend(hidden).float()
         return self.lm_head(hidden).float()
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this process holds (all of them, or its tensor-parallel share)."""
+        return self.model.layers[0].self_attn.num_kv_heads
+
     def allocate_kv_cache(
         self, num_slots: int, device: torch.device | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -542,7 +547,7 @@ class QwenForCausalLM(nn.Module):
         on `device` (default: the model's; a tensor made without a device lands on the CPU)."""
         c = self.config
         device = device or next(self.parameters()).device
-        shape = (num_slots, c.num_key_value_heads, c.head_dim)
+        shape = (num_slots, self.num_kv_heads, c.head_dim)
         return [
             (torch.empty(shape, dtype=self.dtype, device=device), torch.empty(shape, dtype=self.dtype, device=device))
             for _ in range(c.num_hidden_layers)
