@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
                        help='MCP servers ({"mcpServers": {...}}) whose tools the web page can call')
     serve.add_argument("--chat-db", help="SQLite file for the web page's conversations "
                        "(default: conversations.sqlite3 in the qwenkit home)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve replicas of the model on Ray Serve (pip install 'qwenkit[ray]'; docs/scale.md)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: how many replicas")
+    serve.add_argument("--ray-address", help="with --ray: the Ray cluster to join (default: RAY_ADDRESS, else a "
+                       "local one)")
     serve.set_defaults(func=_serve)
     return parser
 
@@ -221,6 +226,17 @@ def _serve(args: argparse.Namespace) -> int:
         mcp_config=args.mcp,
         chat_db=args.chat_db,
     )
+    llm_kwargs = dict(dtype=args.dtype, device=args.device,
+                      kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                      quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager,
+                      tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+                      max_num_seqs=args.max_num_seqs)
+    if args.ray:
+        from qwenkit.serving import serve_on_ray
+
+        serve_on_ray(args.model, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
+                     server=config, **llm_kwargs)
+        return 0
     allm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
                     kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                     quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager,
