@@ -216,5 +216,9 @@ def _serve(args: argparse.Namespace) -> int:
                     kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                     quantization=args.quantization, compile=args.compile,
                     max_num_seqs=args.max_num_seqs)
+    from qwenkit import kernels
+
+    print(f"qwenkit: {allm.llm.model_name}, {str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}; "
+          f"{kernels.summary(allm.llm.device)}", file=sys.stderr)
     serve(allm, config, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0

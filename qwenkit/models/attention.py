@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenkit.models.paged_attention import decode_attention_op, paged_decode_attention
+from qwenkit import kernels
 
 
 @dataclass(frozen=True)
@@ -93,20 +93,13 @@ def attention(
     k_cache, v_cache = kv_cache
     num_tokens, num_heads, head_dim = q.shape
     d = meta.decode
-    if d is not None and torch.compiler.is_compiling():
-        out = decode_attention_op(
-            q, k, v, k_cache, v_cache, meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, scale
-        )
-        return out.view(num_tokens, num_heads * head_dim)
-    # index_copy_/index_select, not `cache[slots] = ...`/`cache[slots]`: advanced indexing
-    # on a large cache was measured at milliseconds per call on CPU (torch 2.13).
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
     if d is not None:
-        out = paged_decode_attention(
-            q, k_cache, v_cache, d.block_tables, d.context_lens, block_size=d.block_size, scale=scale
+        out = kernels.decode_attention(
+            q, k, v, k_cache, v_cache, meta.slot_mapping, d.block_tables, d.context_lens,
+            block_size=d.block_size, scale=scale,
         )
         return out.view(num_tokens, num_heads * head_dim)
+    kernels.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     out = q.new_empty(num_tokens, num_heads, head_dim)
     start = 0
     for query_len, context_len, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
@@ -116,6 +109,8 @@ def attention(
         elif isinstance(slots, slice):
             ks, vs = k_cache[slots], v_cache[slots]
         else:
+            # index_select, not `cache[slots]`: advanced indexing on a large cache was measured
+            # at milliseconds per call on CPU (torch 2.13).
             ks, vs = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
         ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
         if query_len == 1:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit import kernels
 from qwenkit.config import ModelConfig, RopeConfig
-from qwenkit.models import cpu_ops
 from qwenkit.models.attention import AttentionMetadata, attention
 
 
@@ -46,14 +46,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one call, the same numbers (the weight multiplies last in both)
-            if not torch.compiler.is_compiling() and (y := cpu_ops.rms_norm(x, self.weight, self.eps)) is not None:
-                return y
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Module):
@@ -173,15 +166,7 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, H, D]; k: [T, KVH, D]; rope: `RotaryEmbedding(positions)`."""
     cos, sin = rope
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if not torch.compiler.is_compiling() and (out := cpu_ops.rotate(x, cos, sin)) is not None:
-        return out
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
 
 
 class Attention(nn.Module):
@@ -272,56 +257,8 @@ class FusedExperts(nn.Module):
         return {(expert, part)}
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: [T, hidden]; expert_ids, weights: [T, top_k]. Loops over the experts in use only."""
-        # Under torch.compile an opaque op: the loop's trip count depends on the routing.
-        fn = fused_experts_op if torch.compiler.is_compiling() else fused_experts
-        return fn(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
-
-
-def fused_experts(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-) -> torch.Tensor:
-    """The (token, choice) pairs sorted by expert, one SwiGLU matmul pair per active expert
-    on its contiguous rows, then each token's top_k rows summed with their weights.
-
-    index_select/index_copy_ and a batched weighted sum, not `x[idx]` and `index_add_`:
-    on CPU those measured 2 ms and 50 ms for a single decode token (torch 2.13)."""
-    num_tokens, top_k = expert_ids.shape
-    intermediate = down_proj.shape[2]
-    flat = expert_ids.flatten()
-    order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
-    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
-    xs = x.index_select(0, order // top_k)
-    ys = torch.empty_like(xs)
-    start = 0
-    for expert, n in enumerate(counts):
-        if n:
-            gate_up = F.linear(xs[start : start + n], gate_up_proj[expert])
-            act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-            torch.mm(act, down_proj[expert].t(), out=ys[start : start + n])
-            start += n
-    per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
-    return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
-
-
-@torch.library.custom_op("qwenkit::fused_experts", mutates_args=())
-def fused_experts_op(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-) -> torch.Tensor:
-    return fused_experts(x, expert_ids, weights, gate_up_proj, down_proj)
-
-
-@fused_experts_op.register_fake
-def _(x, expert_ids, weights, gate_up_proj, down_proj):
-    return torch.empty_like(x)
+        """x: [T, hidden]; expert_ids, weights: [T, top_k]."""
+        return kernels.fused_experts(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
 
 
 class SparseMoeBlock(nn.Module):

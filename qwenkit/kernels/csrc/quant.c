@@ -1,62 +1,22 @@
-"""Quantized matmuls on CPU as C kernels: int8 weights, and GGUF Q5_0 blocks as stored.
+/* Quantized matmuls: int8 weights (one bfloat16 scale per output row), and GGUF Q5_0 blocks as
+   stored (22 bytes per 32 values).
 
-`int8_linear`: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (int8 w, bfloat16 scales).
-`gguf_linear`: the same product with w in GGUF blocks of a type in `GGUF_BLOCKS` (Q5_0: 22
-bytes per 32 values).
-
-As llama.cpp does, the activations are first quantized to int8 in blocks of 32 values (`QK`,
-one float scale each); the products are integer dot products (AVX2 `maddubs` /
-`madd`: 32 multiply-adds in two instructions), summed in float per block. Each weight is
-read once per call and used for every activation row (tiles of 4 weight rows x 2
-activation rows for int8; Q5_0 decodes blocks in registers below `Q5_0_UNPACK_ROWS`
-rows, for 8 activation rows at a time and then tiles of 2 weight x 4 activation rows, and
-above it unpacks four weight rows to int8 once and runs the int8 tile). Below that
-threshold a row's result does not depend on the other rows of the call. OpenMP
-over blocks of output rows. Without AVX2 the same arithmetic runs as plain C
-(`QK_NO_SIMD` forces it, for tests). Built by `qwenkit.models.native`; every function
-returns None where the kernels are off or not built. Measurements: docs/quantization.md.
-"""
-
-from __future__ import annotations
-
-import ctypes
-import functools
-
-import torch
-
-from qwenkit.models import native
-
-_SOURCE = r"""
+   As llama.cpp does, the activations are first quantized to int8 in blocks of 32 values (QK, one
+   float scale each); the products are integer dot products (AVX2 `maddubs` + `madd`: 32
+   multiply-adds in two instructions), summed in float per block. Each weight is read once per
+   call and used for every activation row (tiles of 4 weight rows x 2 activation rows for int8;
+   Q5_0 decodes blocks in registers below Q5_0_UNPACK_ROWS rows, for 8 activation rows at a time
+   and then tiles of 2 weight x 4 activation rows, and above it unpacks four weight rows to int8
+   once and runs the int8 tile). Below that threshold a row's result does not depend on the other
+   rows of the call. OpenMP over blocks of output rows. Without AVX2 the same arithmetic runs as
+   plain C. */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-#if defined(__AVX2__) && defined(__FMA__) && !defined(QK_NO_SIMD)
-#define QK_AVX2 1
-#endif
 
-#define QK 32  /* activation block: one float scale per 32 int8 values */
+#include "kernels.h"
+
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
-#endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-#ifdef QK_AVX2
-static inline float hsum(__m256 v) {  /* the sum of the 8 lanes */
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #endif
 
 /* x[K] -> xq[K] int8 and xs[ceil(K / QK)]: xs[j] = max |x| over block j / 127 (the last block
@@ -172,22 +132,6 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
 #define Q5_0_UNPACK_ROWS 16  /* from this many activation rows on, unpack the weights first */
 #endif
 
-static inline float f16_to_f32(uint16_t h) {
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0) {
-        const float f = (float)mant * (1.f / 16777216.f);  /* zero or subnormal: mant * 2^-24 */
-        return sign ? -f : f;
-    }
-    bits = exp == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
-}
 
 #ifdef QK_AVX2
 /* The 32 values of a Q5_0 block as unsigned bytes u = nibble + 16 * bit in [0, 31] (w = (u - 16) d). */
@@ -213,8 +157,8 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
                                                             float out[4][2]) {
     const int nb = K / QK;
     const int64_t row = (int64_t)nb * Q5_0_BYTES;
-    float corr[4][2] = {{0.f}};
 #ifdef QK_AVX2
+    float corr[4][2] = {{0.f}};
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4][2];
     for (int m = 0; m < 4; m++)
@@ -445,127 +389,3 @@ void q5_0_dequantize(const uint8_t *w, float *out, int N, int K) {
         free(scales);
     }
 }
-"""
-
-
-@functools.cache
-def _library():
-    lib = native.load_library("int8_linear", _SOURCE)
-    if lib is not None:
-        lib.int8_linear_q8.restype = ctypes.c_int
-        lib.int8_linear_q8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-        for type_name in GGUF_BLOCKS:
-            linear = getattr(lib, _c_name(type_name, "linear_q8"))
-            dequantize = getattr(lib, _c_name(type_name, "dequantize"))
-            linear.restype = ctypes.c_int
-            linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
-            dequantize.restype = None
-            dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
-    return lib
-
-
-# GGUF block types the kernels multiply as stored: (values, bytes) of one block.
-GGUF_BLOCKS = {"Q5_0": (32, 22)}
-
-
-def _c_name(type_name: str, what: str) -> str:
-    return f"{type_name.lower()}_{what}"
-
-
-def available() -> bool:
-    return _library() is not None
-
-
-def _check(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"{what}: x must be [M, {k}], got {list(x.shape)}")
-    return x.to(torch.float32).contiguous()
-
-
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """x [M, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T in float32, or None where the
-    kernel does not apply (not CPU, no compiler, kernels turned off)."""
-    lib = _library()
-    if lib is None or x.device.type != "cpu":
-        return None
-    if weight.dtype != torch.int8 or scale.dtype != torch.bfloat16:
-        raise TypeError("int8_linear takes int8 weights [N, K] and bfloat16 scales [N]")
-    (n, k), x = weight.shape, _check(x, weight.shape[1], "int8_linear")
-    weight, scale = weight.contiguous(), scale.contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    if lib.int8_linear_q8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], n, k):
-        raise MemoryError(f"int8_linear: no memory for the quantized activations ({x.shape[0]} x {k})")
-    return y
-
-
-def gguf_row_bytes(type_name: str, in_features: int) -> int:
-    """Bytes of one row of `in_features` values in GGUF blocks of `type_name` (ValueError where
-    the row is not whole blocks, or the type has no kernel here)."""
-    if type_name not in GGUF_BLOCKS:
-        raise ValueError(f"no native kernel for GGUF {type_name} (have {', '.join(GGUF_BLOCKS)})")
-    values, size = GGUF_BLOCKS[type_name]
-    if in_features % values:
-        raise ValueError(f"{type_name} rows need a multiple of {values} values, got {in_features}")
-    return in_features // values * size
-
-
-def _check_blocks(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    row = gguf_row_bytes(type_name, in_features)
-    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
-        raise TypeError(f"expected uint8 {type_name} blocks [N, {row}], got {blocks.dtype} {list(blocks.shape)}")
-    return blocks.contiguous()
-
-
-def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor | None:
-    """x [M, K] @ w^T in float32 with w as GGUF blocks of `type_name` (one of `GGUF_BLOCKS`;
-    uint8 [N, bytes per row]), or None where the kernel does not apply."""
-    lib = _library()
-    if lib is None or x.device.type != "cpu":
-        return None
-    blocks, x = _check_blocks(blocks, in_features, type_name), _check(x, in_features, "gguf_linear")
-    y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
-    fn = getattr(lib, _c_name(type_name, "linear_q8"))
-    if fn(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], in_features):
-        raise MemoryError(f"gguf_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
-    return y
-
-
-def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor | None:
-    """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, K], or None without the kernels."""
-    lib = _library()
-    if lib is None or blocks.device.type != "cpu":
-        return None
-    blocks = _check_blocks(blocks, in_features, type_name)
-    out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
-    getattr(lib, _c_name(type_name, "dequantize"))(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
-    return out
-
-
-@torch.library.custom_op("qwenkit::int8_linear", mutates_args=())
-def int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`int8_linear` as an opaque op, for torch.compile (which cannot trace a ctypes call)."""
-    y = int8_linear(x, weight, scale)
-    if y is None:  # the kernel is not built here: the same product in torch
-        y = x.float() @ (weight.float() * scale.float()[:, None]).T
-    return y
-
-
-@int8_linear_op.register_fake
-def _(x, weight, scale):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("qwenkit::gguf_linear", mutates_args=())
-def gguf_linear_op(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    """`gguf_linear` as an opaque op, for torch.compile."""
-    y = gguf_linear(x, blocks, in_features, type_name)
-    if y is None:
-        from qwenkit.models.quant import _dequantized_gguf_linear
-
-        y = _dequantized_gguf_linear(x.float(), blocks, in_features, type_name)
-    return y
-
-
-@gguf_linear_op.register_fake
-def _(x, blocks, in_features, type_name):
-    return x.new_empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
