@@ -2,9 +2,11 @@
 CPU runs computes what the torch reference does; the ctypes view of every shared struct matches
 its C header; the dispatch and its report.
 
-Variants this CPU cannot run are still compiled (gcc takes the intrinsics given the -m flags),
-then skipped with the flags the CPU lacks. benchmarks/cpu_isa_check.py runs the same checks
-(and a speed comparison) on any machine, without pytest.
+Variants this CPU cannot run are still compiled (gcc takes the intrinsics given the -m flags);
+their code then runs emulated where SIMDe is installed (Debian's libsimde-dev: the AVX-512
+intrinsics in portable C; csrc/emulate_amx.h: the AMX tile instructions), else it is skipped,
+naming the flags the CPU lacks. benchmarks/cpu_isa_check.py runs the same checks natively (and
+a speed comparison) on any machine, without pytest.
 """
 
 from __future__ import annotations
@@ -26,12 +28,19 @@ needs_compiler = pytest.mark.skipif(cpu.library() is None, reason="no C compiler
 
 
 def _variant(isa: str) -> cpu.Library:
-    """The `isa` variant built with -Werror (so a warning fails here), loaded where the CPU runs it."""
-    path = build.build(isa, extra_flags=("-Werror",))
-    missing = cpu.REQUIRED_FLAGS[isa] - cpu.cpu_flags()
-    if isa not in cpu.supported_isas():
-        pytest.skip(f"{isa} compiled, not run: this CPU lacks {', '.join(sorted(missing)) or 'x86-64'}")
-    return cpu.Library(path, isa)
+    """The `isa` variant, built with -Werror (a warning fails here); where this CPU lacks its
+    instructions, its emulated build."""
+    build.build(isa, extra_flags=("-Werror",))
+    if isa in cpu.supported_isas():
+        return cpu.load(isa, extra_flags=("-Werror",))
+    missing = ", ".join(sorted(cpu.REQUIRED_FLAGS[isa] - cpu.cpu_flags())) or "x86-64"
+    if isa not in build.EMULATED_ISA_FLAGS or "avx2" not in cpu.supported_isas():
+        pytest.skip(f"{isa} compiled, not run: this CPU lacks {missing}")
+    try:
+        return cpu.load(isa, emulated=True)
+    except build.BuildError:
+        pytest.skip(f"{isa} compiled, not run: this CPU lacks {missing}, and SIMDe (libsimde-dev) is not "
+                    "installed to emulate it")
 
 
 def _assert_q8_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -58,6 +67,22 @@ def test_variant_quantized_matmuls_against_dequantized(isa, rows):
     blocks = torch.from_numpy(blocks)
     _assert_q8_close(lib.gguf_linear(x, blocks, 160, "Q5_0"), x, w5)
     assert torch.equal(lib.gguf_dequantize(blocks, 160, "Q5_0"), w5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+def test_variant_rows_do_not_depend_on_the_call(isa):
+    """Below 16 rows each activation row's result is bit for bit the same alone or with others
+    (int8 tiles of 2 rows; Q5_0 groups of 8 then tiles of up to 4): a sequence decodes the same
+    in any batch, whatever the variant. K of 13 blocks: the AVX-512 paths' odd last block."""
+    lib = _variant(isa)
+    w = _weights(21, 416)
+    q, scale = quantize_int8(w)
+    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    x = torch.randn(13, 416, generator=torch.Generator().manual_seed(9))
+    for fn in (lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16)), lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")):
+        together = fn(x)
+        assert all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(len(x)))
 
 
 @needs_compiler

@@ -35,6 +35,13 @@ ISA_FLAGS = {
     "avx2": ["-march=x86-64-v3", "-mtune=native"],
     "generic": ["-DQK_NO_SIMD"],  # plain C: any CPU, and the reference the SIMD code is tested against
 }
+# Tests only: the AVX-512 and AMX code paths built for an AVX2 CPU, their intrinsics emulated
+# (SIMDe's portable AVX-512, Debian's libsimde-dev; csrc/emulate_amx.h), so that their logic runs
+# against the reference on a CPU without the instructions. Slow; never loaded for inference.
+EMULATED_ISA_FLAGS = {
+    "amx": [*ISA_FLAGS["avx2"], "-DQK_EMULATE_AVX512", "-DQK_EMULATE_AMX", "-Wno-psabi"],
+    "avx512_vnni": [*ISA_FLAGS["avx2"], "-DQK_EMULATE_AVX512", "-Wno-psabi"],
+}
 
 
 class BuildError(RuntimeError):
@@ -52,21 +59,22 @@ def sources() -> list[Path]:
     return sorted(CSRC.glob("*.c"))
 
 
-def build(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = ()) -> Path:
+def build(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False) -> Path:
     """The path of the `isa` library, compiled into `folder` (default: `<qwenkit home>/kernels`)
-    unless it is there already. `extra_flags`: more compiler flags (tests: -D switches)."""
+    unless it is there already. `extra_flags`: more compiler flags (tests: -Werror);
+    `emulated`: the `EMULATED_ISA_FLAGS` build of `isa` (tests)."""
     if folder is None:
         from qwenkit.default_model import qwenkit_home
 
         folder = qwenkit_home() / "kernels"
     cc = compiler()
-    flags = [*FLAGS, *ISA_FLAGS[isa], *extra_flags]
+    flags = [*FLAGS, *(EMULATED_ISA_FLAGS if emulated else ISA_FLAGS)[isa], *extra_flags]
     digest = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".c", ".h"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update("\0".join([*flags, cc, platform.machine(), _cpu_flags()]).encode())
-    target = folder / f"qwenkit_{isa}_{digest.hexdigest()[:16]}.so"
+    target = folder / f"qwenkit_{isa}{'_emulated' if emulated else ''}_{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "q5_0_linear_q8": (_I, [_P] * 3 + [_I] * 3),
     "q5_0_dequantize": (None, [_P] * 2 + [_I] * 2),
     "decode_layers": (_I, [_P, _I, _P, _P, _I] + [_P] * 4 + [_I] * 2 + [_P]),
+    "qk_amx_init": (_I, []),
 }
 
 
@@ -200,9 +201,17 @@ def _blocks(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Ten
     return blocks.contiguous()
 
 
-def load(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = ()) -> Library:
-    """Build (once) and load the `isa` variant; raises build.BuildError or OSError."""
-    return Library(build.build(isa, folder, extra_flags=extra_flags), isa)
+def load(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False) -> Library:
+    """Build (once) and load the `isa` variant (`emulated`: its build for an AVX2 CPU, tests
+    only); raises build.BuildError or OSError, or TileStateRefused."""
+    lib = Library(build.build(isa, folder, extra_flags=extra_flags, emulated=emulated), isa)
+    if lib._lib.qk_amx_init():
+        raise TileStateRefused("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
+    return lib
+
+
+class TileStateRefused(RuntimeError):
+    """The kernel would not let this process use AMX tiles (Linux before 5.16, or a policy)."""
 
 
 def selected_isa() -> str:
@@ -226,7 +235,11 @@ def library() -> Library | None:
         return None
     isa = selected_isa()
     try:
-        return load(isa)
+        try:
+            return load(isa)
+        except TileStateRefused as e:
+            logger.warning("%s: running the avx512_vnni kernels", e)
+            return load("avx512_vnni")
     except (OSError, build.BuildError) as e:
         logger.warning("native CPU kernels unavailable, running torch code instead: %s", e)
         return None

@@ -15,6 +15,30 @@
 #if defined(__AVX2__) && defined(__FMA__) && !defined(QK_NO_SIMD)
 #define QK_AVX2 1
 #endif
+#if defined(QK_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define QK_AVX512 1
+#endif
+#if defined(QK_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define QK_AMX 1
+#endif
+
+/* Tests only: the AVX-512 (and AMX) code built for an AVX2 CPU, the AVX-512 intrinsics taken from
+   SIMDe's portable implementations and the AMX ones from emulate_amx.h, so that code whose
+   instructions this CPU lacks still runs against the reference (tests/test_kernels.py). */
+#ifdef QK_EMULATE_AVX512
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#undef _mm512_cvtepi32_ps /* not in SIMDe 0.7 */
+#define _mm512_cvtepi32_ps(v)                                                                               \
+    _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm512_castsi512_si256(v))),            \
+                       _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(v, 1)), 1)
+#define QK_AVX512 1
+#ifdef QK_EMULATE_AMX
+#include "emulate_amx.h"
+#define QK_AMX 1
+#endif
+#endif
 
 #define QK 32 /* activation block: one float scale per 32 int8 values */
 
@@ -48,6 +72,29 @@ static inline float hsum(__m256 v) { /* the sum of the 8 lanes */
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* Unsigned bytes u times signed bytes s, groups of four summed into 8 int32 lanes. AVX-512 VNNI:
+   one vpdpbusd; AVX2: vpmaddubsw (pairs into int16, saturating) then vpmaddwd. The callers keep
+   every pair below 2^15 (u <= 127 with |s| <= 127), so both give the same integers. */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef QK_AVX512
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+#ifdef QK_AVX512
+static inline float hsum512(__m512 v) { /* the sum of the 16 lanes */
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+/* a in lanes 0-7, b in lanes 8-15: the scales of two consecutive blocks of 32 values. */
+static inline __m512 pair_ps(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
 }
 #endif
 
