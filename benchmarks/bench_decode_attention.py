@@ -17,11 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qwenkit.models.paged_attention import (
-    native_kernel_available,
-    paged_decode_attention,
-    paged_decode_attention_reference,
-)
+from qwenkit.kernels import cpu, paged_decode_attention, reference
 
 
 def per_sequence_loop(q, k_cache, v_cache, block_tables, context_lens, *, block_size, scale):
@@ -43,14 +39,14 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
-    if not native_kernel_available():
+    if cpu.library() is None:
         raise SystemExit("the native kernel could not be built (no C compiler?)")
     block_size, num_blocks = 16, 8192
     g = torch.Generator().manual_seed(0)
     k_cache = torch.randn(num_blocks * block_size, args.kv_heads, args.head_dim, generator=g)
     v_cache = torch.randn(num_blocks * block_size, args.kv_heads, args.head_dim, generator=g)
     scale = args.head_dim**-0.5
-    impls = {"native": paged_decode_attention, "reference": paged_decode_attention_reference,
+    impls = {"native": paged_decode_attention, "reference": reference.paged_decode_attention,
              "loop": per_sequence_loop}
     print(f"threads {torch.get_num_threads()}, heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}")
     print(f"{'seqs':>4}  {'context':>7}  " + "  ".join(f"{name + ' us':>12}" for name in impls))

@@ -24,11 +24,11 @@ import json
 import statistics
 import time
 
-from qwenkit import LLM, SamplingParams
-from qwenkit.models import fused_decode, layers, quant
+from qwenkit import LLM, SamplingParams, kernels
+from qwenkit.models import fused_decode, layers
 
-SPLIT = {"fused layers": (fused_decode.FusedDecode, "__call__"), "int8 matmuls": (quant, "int8_linear"),
-         "gguf-block matmuls": (quant, "gguf_linear"), "attention": (layers, "attention")}
+SPLIT = {"fused layers": (fused_decode.FusedDecode, "__call__"), "int8 matmuls": (kernels, "int8_linear"),
+         "gguf-block matmuls": (kernels, "gguf_linear"), "attention": (layers, "attention")}
 
 
 def _prompts(llm: LLM, n: int) -> list[list[int]]:

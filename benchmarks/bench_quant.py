@@ -230,7 +230,8 @@ def matmul_timings(ms: list[int], rounds: int) -> list[dict]:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize as gguf_quantize
 
-    from qwenkit.models import quant, quant_kernels
+    from qwenkit.kernels import cpu
+    from qwenkit.models import quant
 
     def clock(fn) -> float:
         fn()
@@ -255,8 +256,8 @@ def matmul_timings(ms: list[int], rounds: int) -> list[dict]:
             methods = {
                 "float32": lambda: F.linear(x, w),
                 "int8 kernel": lambda: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q8, s8).float(),
-                "int8 native": lambda: quant_kernels.int8_linear(x, q8, s8),
-                "q5_0 native": lambda: quant_kernels.gguf_linear(x, q5, k, "Q5_0"),
+                "int8 native": lambda: cpu.library().int8_linear(x, q8, s8),
+                "q5_0 native": lambda: cpu.library().gguf_linear(x, q5, k, "Q5_0"),
                 "int8 dequant": lambda: _dequant_linear(x, q8, s8),
                 "int4 kernel": lambda: layer4(x),
             }
@@ -271,23 +272,22 @@ def matmul_timings(ms: list[int], rounds: int) -> list[dict]:
 
 def _native_kernels(on: bool) -> None:
     """Turn qwenkit's C kernels on or off for what is built from now on (QWENKIT_NATIVE_KERNELS)."""
-    from qwenkit.models import cpu_ops, native, paged_attention, quant_kernels
+    from qwenkit.kernels import cpu
 
     os.environ["QWENKIT_NATIVE_KERNELS"] = "1" if on else "0"
-    for cached in (native.load_library, quant_kernels._library, cpu_ops._library, paged_attention._native_kernel):
-        cached.cache_clear()
+    cpu.library.cache_clear()
 
 
 def _dequant_linear(x, q8, s8):
     """The int8 path taken above MAX_KERNEL_TOKENS rows, whatever M is."""
-    from qwenkit.models import quant
+    from qwenkit import kernels
 
-    saved = quant.MAX_KERNEL_TOKENS, quant.MAX_NATIVE_KERNEL_TOKENS
-    quant.MAX_KERNEL_TOKENS = quant.MAX_NATIVE_KERNEL_TOKENS = -1
+    saved = kernels.MAX_KERNEL_TOKENS, kernels.MAX_NATIVE_KERNEL_TOKENS
+    kernels.MAX_KERNEL_TOKENS = kernels.MAX_NATIVE_KERNEL_TOKENS = -1
     try:
-        return quant.int8_linear(x, q8, s8)
+        return kernels.int8_linear(x, q8, s8)
     finally:
-        quant.MAX_KERNEL_TOKENS, quant.MAX_NATIVE_KERNEL_TOKENS = saved
+        kernels.MAX_KERNEL_TOKENS, kernels.MAX_NATIVE_KERNEL_TOKENS = saved
 
 
 def perplexity(llm, ids: list[int], chunk: int = 256) -> float:
@@ -345,7 +345,7 @@ def compare(model: str, variants: list[str], *, bf16: bool, rounds: int, accurac
     """Everything that runs side by side in this one process."""
     import torch
 
-    from qwenkit import LLM
+    from qwenkit import LLM, kernels
     from qwenkit.models import quant
 
     def load(dtype: str, quantization: str):
@@ -384,11 +384,11 @@ def compare(model: str, variants: list[str], *, bf16: bool, rounds: int, accurac
         if accuracy:
             row["perplexity"] = round(perplexity(llm, ids), 4)  # the paths prefill takes
             if option == "torch":  # and through the bfloat16-activation kernels decode takes
-                saved_max, quant.MAX_KERNEL_TOKENS = quant.MAX_KERNEL_TOKENS, 1 << 30
+                saved_max, kernels.MAX_KERNEL_TOKENS = kernels.MAX_KERNEL_TOKENS, 1 << 30
                 try:
                     row["perplexity_decode_kernels"] = round(perplexity(llm, ids), 4)
                 finally:
-                    quant.MAX_KERNEL_TOKENS = saved_max
+                    kernels.MAX_KERNEL_TOKENS = saved_max
             row["agreement"] = [agreement(a, b) for a, b in zip(greedy(llm), ref_greedy)]
         steps = {"float32": [], variant: []}
         for _ in range(rounds):  # alternate, so both see the same machine load

@@ -7,6 +7,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 
+from qwenkit import kernels
 from qwenkit.llm import LLM
 from qwenkit.sampling import SamplingParams
 
@@ -28,10 +29,12 @@ class BenchResult:
     ttft_cached_s: float
     decode: list[dict] = field(default_factory=list)  # per concurrency: aggregate and per-stream tok/s
     peak_rss_mb: int = 0
+    kernels: str = ""  # which kernel variants ran (qwenkit.kernels.summary)
 
     def table(self) -> str:
         lines = [
             f"model {self.model}  dtype {self.dtype}  threads {self.threads}",
+            self.kernels,
             f"prefill: {self.prefill_tok_s:.1f} tok/s ({self.prompt_tokens}-token prompt)",
             f"time to first token: {self.ttft_uncached_s:.3f} s uncached, {self.ttft_cached_s:.3f} s with the "
             f"prompt's prefix cached ({self.ttft_cached_s / self.ttft_uncached_s:.0%})",
@@ -93,6 +96,7 @@ def run_bench(
         ttft_cached_s=cached,
         decode=[_decode(llm, c, decode_tokens) for c in concurrency],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        kernels=kernels.summary(llm.device),
     )
 
 

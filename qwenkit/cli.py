@@ -242,5 +242,9 @@ def _serve(args: argparse.Namespace) -> int:
                     quantization=args.quantization, compile=args.compile, enforce_eager=args.enforce_eager,
                     tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                     max_num_seqs=args.max_num_seqs)
+    from qwenkit import kernels
+
+    print(f"qwenkit: {allm.llm.model_name}, {str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}; "
+          f"{kernels.summary(allm.llm.device)}", file=sys.stderr)
     serve(allm, config, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
     return 0

@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import torch
 
 from qwenkit.config import GenerationConfig
 
@@ -201,29 +199,3 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
             raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {key!r}")
         bias[_token_id("logit_bias", key)] = float(b)
     return tuple(sorted(bias.items()))
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    """A per-request generator, so a seeded request's output does not depend on anything else."""
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def sample(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    *,
-    prompt_token_ids: Iterable[int] = (),
-    output_token_ids: Iterable[int] = (),
-) -> int:
-    """Pick one token from float32 logits [vocab] with resolved `params` (no generator: a
-    fresh random one). The penalties see only the token ids passed here."""
-    from qwenkit.engine.sampler import Sampler, SamplingState
-
-    if generator is None:
-        generator = torch.Generator(device=logits.device)
-        generator.seed()
-    state = SamplingState(params, generator, list(prompt_token_ids), list(output_token_ids), frozenset())
-    return Sampler()(logits[None], [state])[0].token_id

@@ -111,3 +111,6 @@ def test_bench_runs_on_a_tiny_model(tiny_model, capsys):
     assert [d["concurrency"] for d in out["decode"]] == [1, 2]
     assert out["prefill_tok_s"] > 0 and out["peak_rss_mb"] > 0
     assert out["ttft_cached_s"] > 0
+    from qwenkit import kernels
+
+    assert out["kernels"] == kernels.summary("cpu")  # which kernel variants ran

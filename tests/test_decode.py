@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenkit.models import cpu_ops, paged_attention
-from qwenkit.models.paged_attention import paged_decode_attention, paged_decode_attention_reference
+from qwenkit import kernels
+from qwenkit.kernels import cpu, reference
+
+needs_native = pytest.mark.skipif(cpu.library() is None, reason="no C compiler: the native kernels are not built")
 
 
 def per_sequence(q, k_cache, v_cache, block_tables, context_lens, *, block_size, scale):
@@ -28,9 +30,9 @@ def per_sequence(q, k_cache, v_cache, block_tables, context_lens, *, block_size,
 @pytest.mark.parametrize("impl", ["native", "reference"])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(14, 2, 64), (4, 4, 32), (16, 8, 128)])
 def test_paged_decode_attention_equals_per_sequence_sdpa(impl, num_heads, num_kv_heads, head_dim):
-    if impl == "native" and not paged_attention.native_kernel_available():
+    if impl == "native" and cpu.library() is None:
         pytest.skip("no C compiler: the native kernel is not built")
-    fn = paged_decode_attention if impl == "native" else paged_decode_attention_reference
+    fn = kernels.paged_decode_attention if impl == "native" else reference.paged_decode_attention
     g = torch.Generator().manual_seed(0)
     block_size, num_blocks = 16, 64
     k_cache = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=g)
@@ -51,9 +53,9 @@ def test_paged_decode_attention_equals_per_sequence_sdpa(impl, num_heads, num_kv
 def test_unwritten_slots_do_not_leak_into_attention(impl, dtype):
     """The pool is torch.empty and the runner adds one spare padding slot past the last
     block: NaN in every slot outside the contexts must not reach the output."""
-    if impl == "native" and (dtype != torch.float32 or not paged_attention.native_kernel_available()):
+    if impl == "native" and (dtype != torch.float32 or cpu.library() is None):
         pytest.skip("the native kernel takes float32 and needs a C compiler")
-    fn = paged_decode_attention if impl == "native" else paged_decode_attention_reference
+    fn = kernels.paged_decode_attention if impl == "native" else reference.paged_decode_attention
     g = torch.Generator().manual_seed(1)
     block_size, num_blocks, heads, kv_heads, dim = 16, 12, 4, 2, 32
     num_slots = num_blocks * block_size + 1
@@ -115,10 +117,7 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, arch, monkeypatch):
     assert [compiled.generate(p, params[0])[0].token_ids for p in prompts[:1]] == expected[:1]
 
 
-needs_cpu_ops = pytest.mark.skipif(cpu_ops._library() is None, reason="no C compiler: the CPU kernels are not built")
-
-
-@needs_cpu_ops
+@needs_native
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_native_rms_norm_and_rotary_equal_torch(tokens):
     g = torch.Generator().manual_seed(3)
@@ -126,7 +125,7 @@ def test_native_rms_norm_and_rotary_equal_torch(tokens):
     # Strided rows, as a view into a wider tensor; the rotary input is a split of a fused qkv output.
     x = torch.randn(tokens, hidden + 8, generator=g)[:, :hidden] * 3
     weight = torch.randn(hidden, generator=g)
-    got = cpu_ops.rms_norm(x, weight, 1e-6)
+    got = cpu.library().rms_norm(x, weight, 1e-6)
     torch.testing.assert_close(got, F.rms_norm(x, (hidden,), weight, 1e-6), atol=1e-6, rtol=1e-5)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g)
     q = qkv[:, : heads * dim].view(tokens, heads, dim)
@@ -134,5 +133,7 @@ def test_native_rms_norm_and_rotary_equal_torch(tokens):
     cos, sin = torch.cat((angles, angles), -1).cos() * 1.1, torch.cat((angles, angles), -1).sin() * 1.1
     half = dim // 2
     want = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
-    torch.testing.assert_close(cpu_ops.rotate(q, cos, sin), want, atol=1e-6, rtol=1e-5)
-    assert cpu_ops.rotate(q.to(torch.bfloat16), cos, sin) is None  # float32 only: the caller's torch code runs
+    torch.testing.assert_close(cpu.library().rotary(q, cos, sin), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(kernels.rotary(q, cos, sin), want, atol=1e-6, rtol=1e-5)  # the dispatch takes it
+    half_q = q.to(torch.bfloat16)  # the native kernel is float32 only: bfloat16 runs the torch code
+    assert torch.equal(kernels.rotary(half_q, cos, sin), reference.rotary(half_q, cos, sin))

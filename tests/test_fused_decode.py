@@ -1,4 +1,4 @@
-"""The fused CPU decode step (qwenkit/models/fused_decode.py) against the torch-module decode
+"""The fused CPU decode step (qwenkit/models/fused_decode.py, kernels.DecodeLayers) against the torch-module decode
 step on the same weights, cache and batch: hidden states, the keys and values it writes, and
 when it applies.
 
@@ -17,9 +17,9 @@ from test_quant import _mixed_type, _tiny_gguf_model
 from tiny import make_checkpoint
 
 from qwenkit import LLM, SamplingParams
-from qwenkit.models import fused_decode
+from qwenkit.kernels import cpu
 
-needs_kernels = pytest.mark.skipif(fused_decode._library() is None, reason="no C compiler: the kernels are not built")
+needs_kernels = pytest.mark.skipif(cpu.library() is None, reason="no C compiler: the kernels are not built")
 
 # Lengths that end inside a block, exactly on a block edge (16) and past it.
 PROMPT_LENGTHS = (5, 16, 37)
@@ -104,7 +104,7 @@ def test_fused_decode_applies_only_where_every_matmul_has_a_kernel(tmp_path, mon
     assert LLM(str(tmp_path / "moe"), quantization="int8", **kwargs).engine.runner.fused is None  # experts
     bf16 = LLM(str(tmp_path / "dense"), dtype="bfloat16", quantization="int8", progress=False)
     assert bf16.engine.runner.fused is None
-    monkeypatch.setattr(fused_decode, "_library", lambda: None)  # no compiler, or QWENKIT_NATIVE_KERNELS=0
+    monkeypatch.setattr(cpu, "library", lambda: None)  # no compiler, or QWENKIT_NATIVE_KERNELS=0
     assert LLM(str(tmp_path / "dense"), quantization="int8", **kwargs).engine.runner.fused is None
 
 

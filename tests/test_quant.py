@@ -27,7 +27,9 @@ from qwenkit.loader import load_model
 from qwenkit.loader.gguf import GGUFCheckpoint
 from qwenkit.loader.quantization import plan_quantization
 from qwenkit.model_files import resolve_model
-from qwenkit.models import quant, quant_kernels
+from qwenkit import kernels
+from qwenkit.kernels import cpu, reference
+from qwenkit.models import quant
 from qwenkit.models.attention import AttentionMetadata
 from qwenkit.models.quant import GGUFEmbedding, QuantEmbedding, QuantLinear
 
@@ -59,7 +61,7 @@ def _q8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _assert_int8_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """An int8 matmul by whichever kernel runs here: the native one, else torch's bfloat16 one."""
-    if quant_kernels.available():
+    if cpu.library() is not None:
         error = (y.double() - x.double() @ w.double().T).abs()
         assert torch.all(error <= _q8_bound(x, w)), (error / _q8_bound(x, w)).max().item()
     else:
@@ -76,10 +78,10 @@ def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 def _torch_int8_paths(monkeypatch) -> None:
     """Without the native kernel: torch's bfloat16 kernel up to MAX_KERNEL_TOKENS rows, then dequantizing."""
-    monkeypatch.setattr(quant, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    monkeypatch.setattr(kernels, "MAX_NATIVE_KERNEL_TOKENS", 0)
 
 
-@pytest.mark.parametrize("rows", [1, 5, quant.MAX_KERNEL_TOKENS, quant.MAX_KERNEL_TOKENS + 1, 70])
+@pytest.mark.parametrize("rows", [1, 5, kernels.MAX_KERNEL_TOKENS, kernels.MAX_KERNEL_TOKENS + 1, 70])
 def test_int8_linear_against_dequantized(rows, monkeypatch):
     _torch_int8_paths(monkeypatch)
     w = _weights(96, 128)
@@ -87,13 +89,13 @@ def test_int8_linear_against_dequantized(rows, monkeypatch):
     assert q.dtype == torch.int8 and torch.equal(scale.to(torch.bfloat16).float(), scale)  # exact in bfloat16
     assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(1))
-    y = quant.int8_linear(x, q, scale.to(torch.bfloat16))
+    y = kernels.int8_linear(x, q, scale.to(torch.bfloat16))
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
-    bound = BF16_BOUND if rows <= quant.MAX_KERNEL_TOKENS else F32_BOUND
+    bound = BF16_BOUND if rows <= kernels.MAX_KERNEL_TOKENS else F32_BOUND
     _assert_matmul_close(y, x, q.float() * scale[:, None], bound)
 
 
-needs_native = pytest.mark.skipif(not quant_kernels.available(), reason="no C compiler: the native kernel is not built")
+needs_native = pytest.mark.skipif(cpu.library() is None, reason="no C compiler: the native kernel is not built")
 
 
 @needs_native
@@ -106,7 +108,7 @@ def test_native_int8_linear_against_dequantized(rows, n, k):
     q, scale = quant.quantize_int8(w)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, k)
     x[0, 5] = 40.0  # an outlier: only its own block loses precision
-    y = quant.int8_linear(x, q, scale.to(torch.bfloat16))
+    y = kernels.int8_linear(x, q, scale.to(torch.bfloat16))
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     w_ref = q.double() * scale.double()[:, None]
     bound = _q8_bound(x, w_ref)
@@ -118,7 +120,7 @@ def test_native_int8_linear_against_dequantized(rows, n, k):
 @needs_native
 @pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (2, 9, 896), (3, 9, 96), (4, 2, 32), (9, 130, 256), (12, 5, 96),
                                       (21, 7, 64)])
-def test_native_q5_0_linear_against_gguf(rows, n, k):
+def test_native_q5_0_linear_against_gguf(rows, n, k, monkeypatch):
     """GGUF Q5_0 blocks multiplied as stored equal the product with gguf's own dequantization,
     within the activations' int8 rounding: read block by block (< 16 rows, 8 rows at a time then
     the rest, the tails of rows and of n) and unpacked to int8 first (>= 16 rows)."""
@@ -129,13 +131,14 @@ def test_native_q5_0_linear_against_gguf(rows, n, k):
     w = torch.from_numpy(dequantize(blocks, q5))
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, k)
     blocks = torch.from_numpy(blocks)
-    y = quant.gguf_linear(x, blocks, k, "Q5_0")
+    y = kernels.gguf_linear(x, blocks, k, "Q5_0")
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     error = (y.double() - x.double() @ w.double().T).abs()
     assert torch.all(error <= _q8_bound(x, w)), (error / _q8_bound(x, w)).max().item()
     # The dequantizing path (no kernel: other devices, kernels off) gives the float product.
-    assert torch.equal(quant_kernels.gguf_dequantize(blocks, k, "Q5_0"), w)
-    _assert_matmul_close(quant._dequantized_gguf_linear(x, blocks, k, "Q5_0"), x, w, F32_BOUND)
+    assert torch.equal(kernels.gguf_dequantize(blocks, k, "Q5_0"), w)
+    monkeypatch.setattr(kernels, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    _assert_matmul_close(kernels.gguf_linear(x, blocks, k, "Q5_0"), x, w, F32_BOUND)
 
 
 @needs_native
@@ -149,8 +152,8 @@ def test_native_kernel_rows_do_not_depend_on_the_call(rows):
     x = torch.randn(rows, 896, generator=torch.Generator().manual_seed(6))
     blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
     q, scale = quant.quantize_int8(w)
-    for fn in (lambda t: quant_kernels.gguf_linear(t, blocks, 896, "Q5_0"),
-               lambda t: quant_kernels.int8_linear(t, q, scale.to(torch.bfloat16))):
+    lib = cpu.library()
+    for fn in (lambda t: lib.gguf_linear(t, blocks, 896, "Q5_0"), lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16))):
         together = fn(x)
         assert all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(rows))
 
@@ -159,27 +162,19 @@ def test_native_kernel_rows_do_not_depend_on_the_call(rows):
 def test_native_kernels_plain_c_build_equals_simd(tmp_path):
     """The plain C code (CPUs without AVX2: the source built with QK_NO_SIMD) computes what the
     AVX2 code does, up to float summation order."""
-    import ctypes
-
     from gguf.quants import quantize
 
-    from qwenkit.models import native
-
-    lib = ctypes.CDLL(str(native.build("plain", "#define QK_NO_SIMD 1\n" + quant_kernels._SOURCE, tmp_path)))
+    plain, lib = cpu.load("generic", tmp_path), cpu.library()
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
     w = _weights(7, 96)
     q, scale = quant.quantize_int8(w)
     scale = scale.to(torch.bfloat16)
-    y = torch.empty(5, 7)
-    assert lib.int8_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, q, scale, y)), 5, 7, 96) == 0
-    torch.testing.assert_close(y, quant_kernels.int8_linear(x, q, scale), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain.int8_linear(x, q, scale), lib.int8_linear(x, q, scale), atol=1e-5, rtol=1e-5)
     blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
-    assert lib.q5_0_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, blocks, y)), 5, 7, 96) == 0
-    torch.testing.assert_close(y, quant_kernels.gguf_linear(x, blocks, 96, "Q5_0"), atol=1e-5, rtol=1e-5)
-    x = torch.randn(17, 96, generator=torch.Generator().manual_seed(3))  # the unpacking path
-    y = torch.empty(17, 7)
-    assert lib.q5_0_linear_q8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, blocks, y)), 17, 7, 96) == 0
-    torch.testing.assert_close(y, quant_kernels.gguf_linear(x, blocks, 96, "Q5_0"), atol=1e-5, rtol=1e-5)
+    for rows in (5, 17):  # decoded in registers; unpacked first
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(plain.gguf_linear(x, blocks, 96, "Q5_0"), lib.gguf_linear(x, blocks, 96, "Q5_0"),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @needs_native
@@ -188,17 +183,18 @@ def test_native_int8_linear_in_bfloat16_and_compiled():
     q, scale = quant.quantize_int8(w)
     scale = scale.to(torch.bfloat16)
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4))
-    want = quant.int8_linear(x, q, scale)
-    got = quant.int8_linear(x.to(torch.bfloat16), q, scale)
+    want = kernels.int8_linear(x, q, scale)
+    got = kernels.int8_linear(x.to(torch.bfloat16), q, scale)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
-    compiled = torch.compile(lambda t: quant.int8_linear(t, q, scale) * 2, fullgraph=True, backend="eager")
+    compiled = torch.compile(lambda t: kernels.int8_linear(t, q, scale) * 2, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), want * 2)
     from gguf.quants import quantize
 
     blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
-    compiled = torch.compile(lambda t: quant.gguf_linear(t, blocks, 96, "Q5_0") * 2, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(x), quant.gguf_linear(x, blocks, 96, "Q5_0") * 2)
+    compiled = torch.compile(lambda t: kernels.gguf_linear(t, blocks, 96, "Q5_0") * 2, fullgraph=True,
+                             backend="eager")
+    torch.testing.assert_close(compiled(x), kernels.gguf_linear(x, blocks, 96, "Q5_0") * 2)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 70])
@@ -328,13 +324,13 @@ def _check_against_fake_quantized(monkeypatch, llm: LLM, fake: LLM, *, float_pat
     dequantizing path of int8 only by float32 rounding, down to the same greedy tokens."""
     prompt = list(range(3, 40))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    monkeypatch.setattr(quant, "MAX_KERNEL_TOKENS", 1 << 30)
+    monkeypatch.setattr(kernels, "MAX_KERNEL_TOKENS", 1 << 30)
     want = _prompt_logits(fake, prompt)
     assert _relative_error(_prompt_logits(llm, prompt), want)[0] <= 0.05  # the native int8 kernel where built
-    monkeypatch.setattr(quant, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    monkeypatch.setattr(kernels, "MAX_NATIVE_KERNEL_TOKENS", 0)
     assert _relative_error(_prompt_logits(llm, prompt), want)[0] <= 0.05  # torch's kernels
     if float_path:
-        monkeypatch.setattr(quant, "MAX_KERNEL_TOKENS", 0)
+        monkeypatch.setattr(kernels, "MAX_KERNEL_TOKENS", 0)
         assert _relative_error(_prompt_logits(llm, prompt), _prompt_logits(fake, prompt))[1] <= 1e-4
         assert llm.generate(prompt, params)[0].token_ids == fake.generate(prompt, params)[0].token_ids
 
@@ -398,10 +394,10 @@ def mixed_gguf(tmp_path_factory):
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-kernels", "torch-only"])
 def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native):
-    if native and not quant_kernels.available():
+    if native and cpu.library() is None:
         pytest.skip("no C compiler: the native kernels are not built")
     if not native:  # as on a machine without a C compiler
-        monkeypatch.setattr(quant_kernels, "_library", lambda: None)
+        monkeypatch.setattr(cpu, "library", lambda: None)
     llm = LLM(str(mixed_gguf), dtype="float32", progress=False)  # quantization="auto"
     formats = _module_formats(llm.model)
     assert formats["model.embed_tokens"] == "gguf:Q5_0"  # untied: kept as stored

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from qwenkit.config import GenerationConfig
-from qwenkit.engine.sampler import Sampler, SamplingState
-from qwenkit.sampling import MAX_N, QWEN3_THINKING, SamplingParams, sample
+from qwenkit.engine.sampler import Sampler, SamplingState, sample
+from qwenkit.sampling import MAX_N, QWEN3_THINKING, SamplingParams
 
 V = 32
 EOS = 3

@@ -60,6 +60,7 @@ def test_serve_checks_the_key_and_drains_on_sigterm(tmp_path):
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
         assert any('"finish_reason":"length"' in line for line in lines)
+        assert "CPU kernels: " in proc.stdout.read()  # the start-up line names the kernels in use
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit import kernels
 from qwenkit.distributed.parallel import TensorParallel
 from qwenkit.models.layers import (
     Attention,
@@ -37,7 +38,6 @@ from qwenkit.models.layers import (
     _copy_checked,
     _empty,
     rope_inverse_frequencies,
-    silu_and_mul,
 )
 
 
@@ -199,7 +199,7 @@ def local_experts(x, expert_ids, weights, local, experts: FusedExperts) -> torch
     start = 0
     for expert, n in enumerate(counts):
         if n:
-            act = silu_and_mul(F.linear(xs[start : start + n], experts.gate_up_proj[expert]))
+            act = kernels.silu_and_mul(F.linear(xs[start : start + n], experts.gate_up_proj[expert]))
             out[pairs[start : start + n]] = F.linear(act, experts.down_proj[expert])
             start += n
     per_choice = out.view(num_tokens, top_k, -1)

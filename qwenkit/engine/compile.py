@@ -4,7 +4,8 @@ A decode step has static shapes once its batch is padded to a bucket (1, 2, 4, .
 `max_num_seqs`) and its block tables to the longest context, so each bucket is one
 inductor graph of the whole stack after the embedding: the norms, RoPE, SiLU-and-mul and
 residual adds fuse into a few C++ loops around the matmuls; attention is the opaque
-`qwenkit::decode_attention` op, which writes the cache and reads it in place. Padding rows
+`qwenkit::write_kv_cache` and `qwenkit::paged_decode_attention` ops, which write the cache and
+read it in place. Padding rows
 have context length 0 and write their keys to a spare slot past the last block.
 
 Every bucket is compiled at start-up (a progress line on stderr), so no request waits on

@@ -9,10 +9,11 @@ import torch
 
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.engine.threads import configure_threads
+from qwenkit import kernels
 from qwenkit.kernels import cuda as cuda_kernels
 from qwenkit.models import QwenForCausalLM
 from qwenkit.models.attention import AttentionMetadata, DecodeMetadata, PagedPrefillMetadata
-from qwenkit.models.layers import SparseMoeBlock, grouped_experts_apply
+from qwenkit.models.layers import SparseMoeBlock
 
 
 def kv_bytes_per_token(model: QwenForCausalLM) -> int:
@@ -53,9 +54,9 @@ def cuda_graphs_apply(model: QwenForCausalLM, device: torch.device) -> bool:
     MoE layer would read its routing back to the host (float32 experts)."""
     if device.type != "cuda":
         return False
-    probe = torch.empty(0, dtype=model.dtype, device=device)
+    moe_syncs = kernels.moe_syncs_with_host(model.dtype, device)
     return all(
-        not getattr(m, "syncs_with_host", False) and (not isinstance(m, SparseMoeBlock) or grouped_experts_apply(probe))
+        not getattr(m, "syncs_with_host", False) and not (isinstance(m, SparseMoeBlock) and moe_syncs)
         for m in model.modules()
     )
 

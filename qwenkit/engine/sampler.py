@@ -19,6 +19,7 @@ Logprobs are those of the raw logits, before any processing (as OpenAI and vLLM 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -347,3 +348,20 @@ def _outputs(logits: torch.Tensor, token_ids: list[int], states: list[SamplingSt
         n = states[i].params.top_logprobs
         outputs[i].top_logprobs = list(zip(top_ids[j][:n], top_values[j][:n])) if n else []
     return outputs
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    *,
+    prompt_token_ids: Iterable[int] = (),
+    output_token_ids: Iterable[int] = (),
+) -> int:
+    """Pick one token from float32 logits [vocab] with resolved `params` (no generator: a
+    fresh random one). The penalties see only the token ids passed here."""
+    if generator is None:
+        generator = torch.Generator(device=logits.device)
+        generator.seed()
+    state = SamplingState(params, generator, list(prompt_token_ids), list(output_token_ids), frozenset())
+    return Sampler()(logits[None], [state])[0].token_id

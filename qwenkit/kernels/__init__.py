@@ -1,1 +1,535 @@
-"""Kernels: which implementation of each operation runs where (see qwenkit/kernels/cuda for CUDA)."""
+"""The kernels model code calls, and the one place that decides which implementation runs.
+
+Each function takes and returns tensors and picks its implementation from the tensors'
+device and dtype, so model code never asks what it runs on:
+
+- **CPU**: C kernels (`csrc/`, built once per CPU and source hash by `build`, called through
+  the ctypes bindings of `cpu`), compiled for the widest instruction set the CPU has (AVX2,
+  AVX-512 VNNI, AMX; `cpu.selected_isa`), where the dtype and layout are ones they take;
+- **CUDA**: the Triton kernels of `kernels/cuda/` (attention over the paged cache in place,
+  fused norms, the QK-norm + rotary + cache-write prologue, SwiGLU), and MoE as grouped GEMMs
+  with no host sync (`cuda.applies(tensor)` decides; it never imports Triton on a CPU run);
+- everywhere else, and where no kernel applies (no C compiler, `QWENKIT_NATIVE_KERNELS=0`):
+  the torch code of `reference`, which the tests also hold every kernel against.
+
+Under `torch.compile` the kernels whose work dynamo cannot trace (a ctypes call, a loop over
+the experts a routing picked, a cache written in place) are torch custom ops with fake
+implementations (`qwenkit::int8_linear`, `qwenkit::gguf_linear`, `qwenkit::write_kv_cache`,
+`qwenkit::paged_decode_attention`, `qwenkit::fused_experts`); the elementwise ones (norms, rotary) trace their torch code, which
+inductor fuses. Eager calls go to the kernels directly: calling a Python custom op adds
+~170 us of dispatch per call (measured here on a 64x64 int8 matmul: 243 against 70 us), more
+than a decode-time kernel itself. `describe()` names what runs (`qwenkit bench` and the
+server's start-up line print it).
+
+Why ctypes and gcc rather than `torch.utils.cpp_extension`, measured on the 2-core AVX2 machine
+of docs/benchmarks.md (torch 2.13.0, gcc 12.2, machine shared and loaded): a one-function
+extension (an RMSNorm, C++ against torch's headers) took ~45 s of CPU to build with
+`cpp_extension.load`, and needs ninja and the Python headers, which a fresh machine may lack;
+gcc builds all of csrc/ in ~4 s of CPU and needs only a C compiler. Calling through ctypes is
+slower (35 us against 19 us a call for that RMSNorm, best of 7 rounds, loaded machine), which
+the fused decode step makes moot: it is one ctypes call for all layers of a step. The kernels
+take raw pointers and need nothing from libtorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qwenkit.kernels import cpu, cuda, reference
+from qwenkit.kernels.cpu import GGUF_BLOCKS, gguf_row_bytes
+
+__all__ = [
+    "GGUF_BLOCKS", "DecodeLayer", "DecodeLayers", "DecodeLinear", "add_rms_norm", "describe", "fused_experts",
+    "gguf_dequantize", "gguf_linear", "gguf_row_bytes", "has_gguf_kernel", "int4_linear", "int8_linear",
+    "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope_cache",
+    "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
+]
+
+# Row limits of the quantized matmuls on CPU. The native kernels take calls of any size with
+# float32 activations (they beat dequantize + GEMM at every size measured: docs/quantization.md)
+# and of at most MAX_KERNEL_TOKENS rows with half-precision ones: those mean a CPU with AMX /
+# AVX512-BF16 (the default dtype there), whose bfloat16 GEMM is expected to beat integer kernels
+# on prefill. Without the native kernels, torch's bfloat16-activation int8 kernel takes up to
+# MAX_KERNEL_TOKENS rows (it beats dequantizing only that far); larger calls dequantize a block
+# of rows at a time and run a GEMM in the activations' dtype.
+MAX_NATIVE_KERNEL_TOKENS = 1 << 30
+MAX_KERNEL_TOKENS = 16
+
+
+def _native(*tensors: torch.Tensor) -> cpu.Library | None:
+    """The CPU library where every tensor is float32 on the CPU, else None."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return cpu.library()
+    return None
+
+
+# -- norms and rotary --------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, in float32, cast back before the weight (as transformers)."""
+    if cuda.applies(x):
+        from qwenkit.kernels.cuda import fused
+
+        return fused.rms_norm(x, weight, eps)
+    if (not torch.compiler.is_compiling() and x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous()
+            and (lib := _native(x, weight)) is not None):
+        return lib.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual): a sub-layer's residual add fused into the next
+    norm; the sum is rounded to the dtype first, as `residual + x` then the norm does."""
+    if cuda.applies(x):
+        from qwenkit.kernels.cuda import fused
+
+        return fused.add_rms_norm(x, residual, weight, eps)
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I]."""
+    if cuda.applies(x):
+        from qwenkit.kernels.cuda import fused
+
+        return fused.silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def qk_norm_rope_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """An attention layer's prologue: split the fused projection qkv [T, (H + 2 KVH) D], apply
+    Qwen3's per-head RMSNorm to q and k (weights q_norm, k_norm [D], or None), rotate both
+    (cos, sin [T, 1, D]), write k and v into the cache rows slot_mapping [T]. Returns q
+    [T, H, D]. One kernel on CUDA."""
+    if cuda.applies(qkv):
+        from qwenkit.kernels.cuda import fused
+
+        return fused.qk_norm_rope_cache(qkv, cos, sin, kv_cache, slot_mapping, num_heads=num_heads,
+                                        num_kv_heads=num_kv_heads, head_dim=head_dim, q_norm=q_norm,
+                                        k_norm=k_norm, eps=eps)
+    q, k, v = reference.split_qkv(qkv, num_heads, num_kv_heads, head_dim)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+    write_kv_cache(k, v, *kv_cache, slot_mapping)
+    return q
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NEOX rotary embedding of x [T, heads, D] with cos, sin [T, 1, D]."""
+    if (not torch.compiler.is_compiling() and x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+            and x.shape[2] % 2 == 0 and cos.is_contiguous() and sin.is_contiguous()
+            and (lib := _native(x, cos, sin)) is not None):
+        return lib.rotary(x, cos, sin)
+    return reference.rotary(x, cos, sin)
+
+
+# -- attention over the paged KV cache ---------------------------------------------------------
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store a step's keys and values k, v [T, KVH, D] at cache rows `slot_mapping` [T]. Under
+    torch.compile an opaque op that writes in place (the graph never copies the cache)."""
+    if torch.compiler.is_compiling():
+        _write_kv_cache_op(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+@torch.library.custom_op("qwenkit::write_kv_cache", mutates_args=("k_cache", "v_cache"))
+def _write_kv_cache_op(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence against its cached context, read in place.
+
+    q: [B, H, D]; k_cache, v_cache: [num_slots, KVH, D]; block_tables: [B, max_blocks] int32
+    (entries past a sequence's blocks are ignored); context_lens: [B] int32. Position l of
+    sequence b is slot block_tables[b, l // block_size] * block_size + l % block_size.
+    Returns [B, H, D]; a sequence with context length 0 gets zeros. Under torch.compile an
+    opaque op (a native kernel is not traced).
+    """
+    if cuda.applies(q):
+        from qwenkit.kernels.cuda import attention
+
+        return attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                block_size=block_size, scale=scale)
+    if torch.compiler.is_compiling():
+        return _paged_decode_attention_op(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    return _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size=block_size,
+                                   scale=scale)
+
+
+def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, block_size, scale):
+    if (lib := _native(q, k_cache, v_cache)) is not None:
+        return lib.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                          block_size=block_size, scale=scale)
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                            block_size=block_size, scale=scale)
+
+
+@torch.library.custom_op("qwenkit::paged_decode_attention", mutates_args=())
+def _paged_decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    return _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size=block_size,
+                                   scale=scale)
+
+
+@_paged_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale):
+    return torch.empty_like(q)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    max_query_len: int,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed variable-length queries against the paged cache, read in
+    place: q [T, H, D], sequence b's queries at rows query_start_loc[b] .. query_start_loc[b + 1]
+    - 1 and positions context_lens[b] - query_len .. context_lens[b] - 1, every key and value
+    (theirs included) already in the cache. Returns [T, H, D]."""
+    if cuda.applies(q):
+        from qwenkit.kernels.cuda import attention
+
+        return attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                                                 max_query_len=max_query_len, block_size=block_size, scale=scale)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                                             max_query_len=max_query_len, block_size=block_size, scale=scale)
+
+
+# -- quantized matmuls -------------------------------------------------------------------------
+
+
+def _native_rows(x: torch.Tensor) -> bool:
+    """Whether a CPU call of x's rows goes to the native kernels (see MAX_NATIVE_KERNEL_TOKENS)."""
+    limit = MAX_NATIVE_KERNEL_TOKENS if x.dtype == torch.float32 else MAX_KERNEL_TOKENS
+    return x.device.type == "cpu" and x.shape[0] <= limit
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T, in x's dtype."""
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        return _int8_linear_op(x, weight, scale)
+    return _int8_linear(x, weight, scale)
+
+
+def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if _native_rows(x) and (lib := cpu.library()) is not None:
+        return lib.int8_linear(x, weight, scale).to(x.dtype)
+    return reference.int8_linear(x, weight, scale, max_kernel_rows=MAX_KERNEL_TOKENS)
+
+
+@torch.library.custom_op("qwenkit::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _int8_linear(x, weight, scale)
+
+
+@_int8_linear_op.register_fake
+def _(x, weight, scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def has_gguf_kernel(type_name: str) -> bool:
+    """Whether GGUF `type_name` blocks are multiplied as stored here (a native kernel runs)."""
+    return type_name in GGUF_BLOCKS and cpu.library() is not None
+
+
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    """x [T, K] @ w^T with w as GGUF blocks of `type_name` (uint8 [N, bytes per row]), in x's
+    dtype: the native kernel on CPU; elsewhere (and past the row limit) the blocks are
+    dequantized a block of rows at a time and multiplied in x's dtype."""
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        return _gguf_linear_op(x, blocks, in_features, type_name)
+    return _gguf_linear(x, blocks, in_features, type_name)
+
+
+def _gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    if _native_rows(x) and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
+        return lib.gguf_linear(x, blocks, in_features, type_name).to(x.dtype)
+    return _dequantized_gguf_linear(x, blocks, in_features, type_name)
+
+
+def _dequantized_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], blocks.shape[0])
+    step = max(1, reference.BLOCK_VALUES // in_features)
+    for start in range(0, blocks.shape[0], step):
+        rows = gguf_dequantize(blocks[start : start + step], in_features, type_name)
+        out[:, start : start + step] = F.linear(x, rows.to(x.device, x.dtype))
+    return out
+
+
+@torch.library.custom_op("qwenkit::gguf_linear", mutates_args=())
+def _gguf_linear_op(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    return _gguf_linear(x, blocks, in_features, type_name)
+
+
+@_gguf_linear_op.register_fake
+def _(x, blocks, in_features, type_name):
+    return x.new_empty(x.shape[0], blocks.shape[0])
+
+
+def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, in_features] on the CPU."""
+    if blocks.device.type == "cpu" and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
+        return lib.gguf_dequantize(blocks, in_features, type_name)
+    return reference.gguf_dequantize(blocks, in_features, type_name)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ w^T with w packed by torch's `_convert_weight_to_int4pack_for_cpu`, in x's dtype
+    (torch's own CPU kernel: the packed layout is torch's)."""
+    return reference.int4_linear(x, packed, scales_and_zeros)
+
+
+# -- mixture of experts ------------------------------------------------------------------------
+
+
+def fused_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """Each token through its top_k experts' SwiGLU, summed with the routing weights.
+
+    x: [T, hidden]; expert_ids, weights: [T, top_k]; gate_up_proj: [E, 2 * I, hidden] (gate
+    rows first); down_proj: [E, hidden, I]. Under torch.compile an opaque op: the loop over the
+    experts in use depends on the routing. Off the CPU in bfloat16: grouped GEMMs, no host sync
+    (`moe_syncs_with_host`)."""
+    if _grouped_experts_apply(x):
+        return reference.grouped_experts(x, expert_ids, weights, gate_up_proj, down_proj, silu_and_mul=silu_and_mul)
+    if torch.compiler.is_compiling():
+        return _fused_experts_op(x, expert_ids, weights, gate_up_proj, down_proj)
+    return reference.fused_experts(x, expert_ids, weights, gate_up_proj, down_proj)
+
+
+def _grouped_experts_apply(x: torch.Tensor) -> bool:
+    """Where torch._grouped_mm runs: off the CPU, bfloat16, Hopper or newer on CUDA."""
+    if x.device.type == "cpu" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def moe_syncs_with_host(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `fused_experts` reads the routing back to the host there (then no CUDA graph
+    can hold an MoE step)."""
+    return not _grouped_experts_apply(torch.empty(0, dtype=dtype, device=device))
+
+
+@torch.library.custom_op("qwenkit::fused_experts", mutates_args=())
+def _fused_experts_op(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    return reference.fused_experts(x, expert_ids, weights, gate_up_proj, down_proj)
+
+
+@_fused_experts_op.register_fake
+def _(x, expert_ids, weights, gate_up_proj, down_proj):
+    return torch.empty_like(x)
+
+
+# -- the fused CPU decode step -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeLinear:
+    """One projection of a fused decode layer. kind "int8": weight int8 [N, K] and scale
+    bfloat16 [N]; else a GGUF type of `GGUF_BLOCKS`, weight its blocks uint8 [N, bytes per row]."""
+
+    kind: str
+    weight: torch.Tensor
+    in_features: int
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # [N]
+
+
+@dataclass(frozen=True)
+class DecodeLayer:
+    """The weights and KV cache of one dense decoder layer."""
+
+    qkv: DecodeLinear
+    o: DecodeLinear
+    gate_up: DecodeLinear
+    down: DecodeLinear
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None  # Qwen3's per-head norms
+    k_norm: torch.Tensor | None
+    k_cache: torch.Tensor  # [num_slots, KVH, D]
+    v_cache: torch.Tensor
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        raise ValueError("fused decode needs contiguous parameters")
+    return t.data_ptr()
+
+
+class DecodeLayers:
+    """Every decoder layer of a decode step as one native call (csrc/decode_layers.c): norms,
+    the quantized matmuls, RoPE, the cache write, attention, SwiGLU and the residual adds.
+    Built by `build`, which returns None where it does not apply."""
+
+    def __init__(self, layers: ctypes.Array, dims: cpu.FdDims, lib: cpu.Library, tensors: list):
+        self._layers = layers  # holds pointers into the weights and caches, which `tensors` keeps alive
+        self._dims = dims
+        self._lib = lib
+        self._tensors = tensors
+
+    @classmethod
+    def build(cls, layers: list[DecodeLayer], *, hidden: int, heads: int, kv_heads: int, head_dim: int,
+              intermediate: int, eps: float, scale: float) -> DecodeLayers | None:
+        """The fused layers, or None where they do not apply: a projection kind without a kernel,
+        parameters or caches that are not float32 on the CPU, native kernels off or not built."""
+        tensors = []
+        for layer in layers:
+            linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            floats = [layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm, layer.k_cache, layer.v_cache,
+                      *(linear.bias for linear in linears)]
+            floats = [t for t in floats if t is not None]
+            if any(linear.kind not in cpu.FD_FORMATS for linear in linears) or _native(*floats) is None:
+                return None
+            tensors.extend(floats)
+        lib = cpu.library()
+        if lib is None:
+            return None
+        structs = [
+            cpu.FdLayer(*(cpu.FdLinear(cpu.FD_FORMATS[m.kind], m.weight.shape[0], m.in_features, _pointer(m.weight),
+                                       _pointer(m.scale), _pointer(m.bias))
+                          for m in (layer.qkv, layer.o, layer.gate_up, layer.down)),
+                        *map(_pointer, (layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm,
+                                        layer.k_cache, layer.v_cache)))
+            for layer in layers
+        ]
+        dims = cpu.FdDims(hidden, heads, kv_heads, head_dim, intermediate, eps, scale)
+        return cls((cpu.FdLayer * len(structs))(*structs), dims, lib, tensors)
+
+    @staticmethod
+    def applies(num_seqs: int) -> bool:
+        """Whether the module path would also run the native kernels on `num_seqs` float32 rows
+        (`MAX_NATIVE_KERNEL_TOKENS`): then the fused step computes the same."""
+        return num_seqs <= MAX_NATIVE_KERNEL_TOKENS
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, block_size: int, context_lens: torch.Tensor) -> torch.Tensor:
+        """h [B, hidden] (the embeddings) through every layer; cos, sin [B, 1, D] as the model's
+        rotary embedding gives them; slot_mapping [B], block_tables [B, max_blocks], context_lens
+        [B] as in a decode step's metadata. Returns the residual stream after the last layer."""
+        h = h.to(torch.float32).contiguous()
+        self._lib.decode_layers(self._layers, self._dims, h, cos.contiguous(), sin.contiguous(),
+                                slot_mapping.to(torch.int64).contiguous(),
+                                block_tables.to(torch.int32).contiguous(), block_size,
+                                context_lens.to(torch.int32).contiguous())
+        return h
+
+
+# -- what runs ---------------------------------------------------------------------------------
+
+
+def describe(device: torch.device | str = "cpu") -> dict[str, str]:
+    """Which implementation each kernel runs on `device` (on CPU: float32 activations)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        if not cuda.enabled(device):
+            return {"kernels": "torch"}
+        grouped = not moe_syncs_with_host(torch.bfloat16, device)
+        return {
+            "attention": "Triton: paged decode and varlen prefill, the cache read in place",
+            "qk_norm, rotary, cache write": "Triton (one kernel a layer)",
+            "rms_norm (+ residual add), silu_and_mul": "Triton",
+            "fused_experts": "grouped GEMM (torch._grouped_mm), no host sync" if grouped
+            else "torch (loop over the experts in use)",
+            "matmuls": "cuBLAS",
+        }
+    lib = cpu.library()
+    if lib is None:
+        return {
+            "cpu_isa": "none (torch code)",
+            "int8_linear": f"torch (_weight_int8pack_mm up to {MAX_KERNEL_TOKENS} rows, then dequantize + GEMM)",
+            "gguf_linear": "torch (dequantize + GEMM)",
+            "decode_attention": "torch (gather + SDPA)",
+            "rms_norm, rotary": "torch",
+            "decode_layers": "off (torch modules)",
+            "int4_linear": "torch (_weight_int4pack_mm_for_cpu)",
+            "fused_experts": "torch (grouped by expert)",
+        }
+    native = f"C {lib.isa}"
+    return {
+        "cpu_isa": lib.isa,
+        "int8_linear": f"{native}: {cpu.DOT_PRODUCTS[lib.isa]}",
+        "gguf_linear": f"{native}: {', '.join(GGUF_BLOCKS)} as stored",
+        "decode_attention": f"{native} (paged, in place)",
+        "rms_norm, rotary": native,
+        "decode_layers": f"{native} (one call per decode step)",
+        "int4_linear": "torch (_weight_int4pack_mm_for_cpu)",
+        "fused_experts": "torch (grouped by expert)",
+    }
+
+
+def summary(device: torch.device | str = "cpu") -> str:
+    """One line for start-up messages: the kernels `device` runs."""
+    if torch.device(device).type != "cpu":
+        if not cuda.enabled(torch.device(device)):
+            return f"{torch.device(device).type} kernels: torch"
+        return f"{torch.device(device).type} kernels: Triton (paged attention, fused norms and prologue), cuBLAS"
+    lib = cpu.library()
+    if lib is None:
+        return "CPU kernels: torch code (native kernels off or not built)"
+    return f"CPU kernels: C {lib.isa} (int8 dot products: {cpu.DOT_PRODUCTS[lib.isa]})"

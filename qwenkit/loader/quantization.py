@@ -16,9 +16,9 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
+from qwenkit import kernels
 from qwenkit.errors import ModelLoadError
 from qwenkit.loader.weights import _target
-from qwenkit.models import quant_kernels
 from qwenkit.models.layers import Embedding, Linear
 from qwenkit.models.quant import GGUF, GGUF_LINEAR_FORMATS, INT4, INT4_GROUP_SIZE, INT8, Q5_0
 
@@ -103,8 +103,8 @@ def plan_quantization(
 
 def _fits_kernel(linear: Linear, format: str) -> bool:
     """Whether the native kernel for GGUF-block `format` runs here on this matrix's rows."""
-    values_per_block = quant_kernels.GGUF_BLOCKS[format.partition(":")[2]][0]
-    return linear.weight.shape[1] % values_per_block == 0 and quant_kernels.available()
+    type_name = format.partition(":")[2]
+    return linear.weight.shape[1] % kernels.GGUF_BLOCKS[type_name][0] == 0 and kernels.has_gguf_kernel(type_name)
 
 
 def _fits_int4(linear: Linear) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenkit.models.paged_attention import decode_attention_op, paged_decode_attention
+from qwenkit import kernels
 
 
 @dataclass(frozen=True)
@@ -100,46 +100,45 @@ def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torc
 
 def attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     kv_cache: tuple[torch.Tensor, torch.Tensor],
     meta: AttentionMetadata,
     *,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention for a flattened step.
+    """Causal attention for a flattened step whose keys and values are already in the cache.
 
-    q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (the step's new keys).
-    Returns [T, num_heads * head_dim].
+    q: [T, num_heads, head_dim]. Returns [T, num_heads * head_dim].
     """
     k_cache, v_cache = kv_cache
     num_tokens, num_heads, head_dim = q.shape
-    d = meta.decode
-    if d is not None and torch.compiler.is_compiling():
-        out = decode_attention_op(
-            q, k, v, k_cache, v_cache, meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, scale
-        )
-        return out.view(num_tokens, num_heads * head_dim)
-    # index_copy_/index_select, not `cache[slots] = ...`/`cache[slots]`: advanced indexing
-    # on a large cache was measured at milliseconds per call on CPU (torch 2.13).
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    d, p = meta.decode, meta.paged_prefill
     if d is not None:
-        out = paged_decode_attention(
+        out = kernels.paged_decode_attention(
             q, k_cache, v_cache, d.block_tables, d.context_lens, block_size=d.block_size, scale=scale
         )
-        return out.view(num_tokens, num_heads * head_dim)
-    out = q.new_empty(num_tokens, num_heads, head_dim)
+    elif p is not None:
+        out = kernels.paged_prefill_attention(
+            q, k_cache, v_cache, p.block_tables, p.query_start_loc, p.context_lens,
+            max_query_len=p.max_query_len, block_size=p.block_size, scale=scale,
+        )
+    else:
+        out = _attention_per_sequence(q, k_cache, v_cache, meta, scale=scale)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def _attention_per_sequence(q, k_cache, v_cache, meta: AttentionMetadata, *, scale: float) -> torch.Tensor:
+    """One SDPA per sequence over its context's cache rows (`context_slots`)."""
+    out = torch.empty_like(q)
     start = 0
     for query_len, context_len, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
         qs = q[start : start + query_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-        if query_len == context_len:  # nothing cached before: the step's own keys are the context
-            ks, vs = k[start : start + query_len], v[start : start + query_len]
-        elif isinstance(slots, slice):
+        if isinstance(slots, slice):
             ks, vs = k_cache[slots], v_cache[slots]
         else:
+            # index_select, not `cache[slots]`: advanced indexing on a large cache was measured
+            # at milliseconds per call on CPU (torch 2.13).
             ks, vs = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
-        ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        ks, vs = ks.to(q.dtype).transpose(0, 1).unsqueeze(0), vs.to(q.dtype).transpose(0, 1).unsqueeze(0)
         if query_len == 1:
             mask, is_causal = None, False
         elif query_len == context_len:
@@ -151,4 +150,4 @@ def attention(
         )
         out[start : start + query_len] = o[0].transpose(0, 1)
         start += query_len
-    return out.view(num_tokens, num_heads * head_dim)
+    return out

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit import kernels
 from qwenkit.config import ModelConfig, RopeConfig
-from qwenkit.kernels import cuda as cuda_kernels
-from qwenkit.models import cpu_ops
 from qwenkit.models.attention import AttentionMetadata, attention
 
 
@@ -49,30 +48,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """RMSNorm(x); with `residual`, (RMSNorm(x + residual), x + residual): the residual add
-        of the previous sub-layer fused in front, as one kernel where there is one."""
+        """RMSNorm(x); with `residual`, (RMSNorm(x + residual), x + residual): the previous
+        sub-layer's residual add fused in front, one kernel where there is one."""
         if residual is None:
-            return self._norm(x)
-        if cuda_kernels.applies(x):
-            from qwenkit.kernels.cuda.fused import add_rms_norm
-
-            return add_rms_norm(x, residual, self.weight, self.eps)
-        x = x + residual
-        return self._norm(x), x
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        if cuda_kernels.applies(x):
-            from qwenkit.kernels.cuda.fused import rms_norm
-
-            return rms_norm(x, self.weight, self.eps)
-        if x.dtype == torch.float32:  # one call, the same numbers (the weight multiplies last in both)
-            if not torch.compiler.is_compiling() and (y := cpu_ops.rms_norm(x, self.weight, self.eps)) is not None:
-                return y
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Linear(nn.Module):
@@ -170,7 +150,8 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Ten
 
 class RotaryEmbedding(nn.Module):
     """NEOX-style rotary embedding (the halves of each head rotate together). Computed once
-    per step for all layers: `forward` gives the cos and sin tables, `apply_rotary` rotates."""
+    per step for all layers: `forward` gives the cos and sin tables; the attention prologue
+    (`kernels.qk_norm_rope_cache`) rotates."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, *, dtype: torch.dtype):
         super().__init__()
@@ -185,22 +166,6 @@ class RotaryEmbedding(nn.Module):
         cos = (emb.cos() * self.scale).to(self.dtype)[:, None, :]
         sin = (emb.sin() * self.scale).to(self.dtype)[:, None, :]
         return cos, sin
-
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, H, D]; k: [T, KVH, D]; rope: `RotaryEmbedding(positions)`."""
-    cos, sin = rope
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if not torch.compiler.is_compiling() and (out := cpu_ops.rotate(x, cos, sin)) is not None:
-        return out
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -232,42 +197,14 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
-        if cuda_kernels.applies(qkv):
-            return self.o_proj(self._forward_triton(qkv, rope, kv_cache, meta))
-        q, k, v = qkv.split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
-            dim=-1,
-        )
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, rope)
-        return self.o_proj(attention(q, k, v, kv_cache, meta, scale=self.scale))
-
-    def _forward_triton(
-        self,
-        qkv: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """One kernel for the QK-norm, rotary and cache write, one for attention, which reads
-        every key and value from the cache: [T, num_heads * head_dim]."""
-        from qwenkit.kernels.cuda.attention import paged_attention
-        from qwenkit.kernels.cuda.fused import qk_norm_rope_cache
-
-        q = qk_norm_rope_cache(
-            qkv, rope[0], rope[1], kv_cache, meta.slot_mapping,
+        q = kernels.qk_norm_rope_cache(
+            self.qkv_proj(x), rope[0], rope[1], kv_cache, meta.slot_mapping,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             q_norm=None if self.q_norm is None else self.q_norm.weight,
             k_norm=None if self.k_norm is None else self.k_norm.weight,
             eps=0.0 if self.q_norm is None else self.q_norm.eps,
         )
-        return paged_attention(q, kv_cache, meta, scale=self.scale).view(qkv.shape[0], -1)
+        return self.o_proj(attention(q, kv_cache, meta, scale=self.scale))
 
 
 class MLP(nn.Module):
@@ -281,17 +218,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, [hidden_size], bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """[T, 2 * I] (gate, then up) -> silu(gate) * up, one kernel where there is one."""
-    if cuda_kernels.applies(x):
-        from qwenkit.kernels.cuda.fused import silu_and_mul as fused_silu_and_mul
-
-        return fused_silu_and_mul(x)
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class FusedExperts(nn.Module):
@@ -324,89 +251,8 @@ class FusedExperts(nn.Module):
         return {(expert, part)}
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: [T, hidden]; expert_ids, weights: [T, top_k]. Loops over the experts in use only."""
-        if grouped_experts_apply(x):
-            return grouped_experts(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
-        # Under torch.compile an opaque op: the loop's trip count depends on the routing.
-        fn = fused_experts_op if torch.compiler.is_compiling() else fused_experts
-        return fn(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
-
-
-def grouped_experts_apply(x: torch.Tensor) -> bool:
-    """Where the experts run as grouped GEMMs with no host sync (CUDA graphs need it): off
-    the CPU, in bfloat16, where `torch._grouped_mm` runs (Hopper or newer on CUDA)."""
-    if x.device.type == "cpu" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
-        return False
-    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
-
-
-def grouped_experts(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-) -> torch.Tensor:
-    """`fused_experts` without reading the routing back to the host: the (token, choice)
-    pairs sorted by expert on the device, each expert's row range found by a binary search,
-    and both matmuls as one grouped GEMM each over all experts (an expert with no rows
-    costs nothing). Shapes stay fixed whatever the routing, so a CUDA graph can hold it."""
-    num_tokens, top_k = expert_ids.shape
-    num_experts = gate_up_proj.shape[0]
-    sorted_ids, order = expert_ids.flatten().sort(stable=True)
-    # offs[e]: one past the last row of expert e among the sorted pairs.
-    offs = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=x.device), right=True).to(torch.int32)
-    xs = x.index_select(0, order // top_k)
-    act = silu_and_mul(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs))
-    ys = torch._grouped_mm(act, down_proj.transpose(1, 2), offs=offs)
-    per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
-    return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
-
-
-def fused_experts(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-) -> torch.Tensor:
-    """The (token, choice) pairs sorted by expert, one SwiGLU matmul pair per active expert
-    on its contiguous rows, then each token's top_k rows summed with their weights.
-
-    index_select/index_copy_ and a batched weighted sum, not `x[idx]` and `index_add_`:
-    on CPU those measured 2 ms and 50 ms for a single decode token (torch 2.13)."""
-    num_tokens, top_k = expert_ids.shape
-    intermediate = down_proj.shape[2]
-    flat = expert_ids.flatten()
-    order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
-    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
-    xs = x.index_select(0, order // top_k)
-    ys = torch.empty_like(xs)
-    start = 0
-    for expert, n in enumerate(counts):
-        if n:
-            gate_up = F.linear(xs[start : start + n], gate_up_proj[expert])
-            act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-            torch.mm(act, down_proj[expert].t(), out=ys[start : start + n])
-            start += n
-    per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
-    return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
-
-
-@torch.library.custom_op("qwenkit::fused_experts", mutates_args=())
-def fused_experts_op(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-) -> torch.Tensor:
-    return fused_experts(x, expert_ids, weights, gate_up_proj, down_proj)
-
-
-@fused_experts_op.register_fake
-def _(x, expert_ids, weights, gate_up_proj, down_proj):
-    return torch.empty_like(x)
+        """x: [T, hidden]; expert_ids, weights: [T, top_k]."""
+        return kernels.fused_experts(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
 
 
 class SparseMoeBlock(nn.Module):

@@ -15,19 +15,12 @@ Formats:
   scale and zero; floats are quantized from each group's min and max.
 - ``gguf:Q5_0`` (linears stored so in a GGUF, under "auto" where the native kernels run): the
   file's blocks as stored, 5.5 bits a value, multiplied by the native kernel
-  (`quant_kernels.GGUF_BLOCKS` lists the GGUF types with a kernel).
+  (`kernels.GGUF_BLOCKS` lists the GGUF types with a kernel).
 - ``gguf:<type>`` (embeddings only): the GGUF blocks as stored; the rows a step gathers are
   dequantized by `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
 
-Dispatch on CPU: int8 and the GGUF blocks run the native kernels of `quant_kernels` (activations
-quantized to int8 in blocks of 32, integer dot products, as llama.cpp does) for calls of every
-size with float32 activations, and of at most `MAX_KERNEL_TOKENS` rows with half-precision
-ones (larger calls: dequantize, then the bfloat16 GEMM of an AMX CPU). Without the kernels (no
-C compiler, `QWENKIT_NATIVE_KERNELS=0`), an int8 call of at most `MAX_KERNEL_TOKENS` rows runs
-torch's int8 kernel on bfloat16 activations; anything larger dequantizes the weight a block of
-rows at a time and runs a float GEMM in the activations' dtype (see docs/quantization.md).
-int4 always runs torch's kernel on bfloat16 activations: the packed layout is torch's own and
-is not read back here. On other devices int8 and GGUF blocks dequantize every call; int4 is CPU only.
+The matmuls themselves (which kernel runs for which device, dtype and number of rows) are
+`qwenkit.kernels`' `int8_linear`, `gguf_linear` and `int4_linear`; see docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -40,19 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenkit.models import quant_kernels
+from qwenkit import kernels
 from qwenkit.models.layers import Embedding, Linear
 
 INT8, INT4, GGUF = "int8", "int4", "gguf"
 Q5_0 = "gguf:Q5_0"  # a linear kept in GGUF Q5_0 blocks, run by the native kernel
-GGUF_LINEAR_FORMATS = tuple(f"{GGUF}:{type_name}" for type_name in quant_kernels.GGUF_BLOCKS)
-INT4_GROUP_SIZE = 32
-# CPU calls with more rows than the kernel's limit dequantize and run a float GEMM. The native
-# kernels (quant_kernels) beat that at every size measured on float32, torch's bfloat16-
-# activation int8 kernel only up to ~16 rows (docs/quantization.md). int4 always runs torch's.
-MAX_NATIVE_KERNEL_TOKENS = 1 << 30
-MAX_KERNEL_TOKENS = 16
-# Rows are quantized, and dequantized for large calls, in blocks of about this many values (4 MiB of float32).
+GGUF_LINEAR_FORMATS = tuple(f"{GGUF}:{type_name}" for type_name in kernels.GGUF_BLOCKS)
+INT4_GROUP_SIZE = kernels.reference.INT4_GROUP_SIZE
+# Rows are quantized in blocks of about this many values (4 MiB of float32).
 _BLOCK_VALUES = 1 << 20
 
 
@@ -129,68 +117,6 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return ((groups - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
-# -- matmuls -----------------------------------------------------------------------------------
-
-
-def _native_row_limit(x: torch.Tensor) -> int:
-    """The most rows a call gives the native kernels. Half-precision activations mean a CPU
-    with AMX / AVX512-BF16 (the default dtype there), whose bfloat16 GEMM is expected to beat
-    integer kernels on prefill: there they take decode-sized calls only (not measured: no
-    such machine in this project yet)."""
-    return MAX_NATIVE_KERNEL_TOKENS if x.dtype == torch.float32 else MAX_KERNEL_TOKENS
-
-
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T, in x's dtype."""
-    if x.device.type == "cpu":
-        if x.shape[0] <= _native_row_limit(x):
-            if torch.compiler.is_compiling():  # an opaque op (falls back to torch inside where not built)
-                return quant_kernels.int8_linear_op(x, weight, scale).to(x.dtype)
-            if (y := quant_kernels.int8_linear(x, weight, scale)) is not None:
-                return y.to(x.dtype)
-        if x.shape[0] <= MAX_KERNEL_TOKENS:
-            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale).to(x.dtype)
-    out = x.new_empty(x.shape[0], weight.shape[0])
-    step = max(1, _BLOCK_VALUES // weight.shape[1])
-    for start in range(0, weight.shape[0], step):
-        rows = slice(start, start + step)
-        out[:, rows] = F.linear(x, weight[rows].to(x.dtype)) * scale[rows].to(x.dtype)
-    return out
-
-
-def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    """x [T, K] @ w^T with w as GGUF blocks of `type_name` (a type in `quant_kernels.GGUF_BLOCKS`;
-    uint8 [N, bytes per row]), in x's dtype. The native kernel on CPU; elsewhere (and above the
-    row limit) the blocks are dequantized a block of rows at a time and multiplied in x's dtype."""
-    if x.device.type == "cpu" and x.shape[0] <= _native_row_limit(x):
-        if torch.compiler.is_compiling():
-            return quant_kernels.gguf_linear_op(x, blocks, in_features, type_name).to(x.dtype)
-        if (y := quant_kernels.gguf_linear(x, blocks, in_features, type_name)) is not None:
-            return y.to(x.dtype)
-    return _dequantized_gguf_linear(x, blocks, in_features, type_name)
-
-
-def _dequantized_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    out = x.new_empty(x.shape[0], blocks.shape[0])
-    step = max(1, _BLOCK_VALUES // in_features)
-    for start in range(0, blocks.shape[0], step):
-        part = blocks[start : start + step]
-        rows = quant_kernels.gguf_dequantize(part, in_features, type_name)
-        if rows is None:
-            rows = torch.from_numpy(dequantize(part.cpu().numpy(), GGMLQuantizationType[type_name]))
-        out[:, start : start + step] = F.linear(x, rows.to(x.device, x.dtype))
-    return out
-
-
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x [T, K] @ w^T with w packed by `_convert_weight_to_int4pack_for_cpu`, in x's dtype."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP_SIZE, scales_and_zeros)
-    return y.to(x.dtype)
-
-
 def _check_shape(tensor, shape: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
@@ -247,7 +173,7 @@ class QuantLinear(Linear):
             self._pending = set(shard_names)
         elif format in GGUF_LINEAR_FORMATS:
             self.ggml_type = format.partition(":")[2]
-            self.weight = _frozen(torch.empty(n, quant_kernels.gguf_row_bytes(self.ggml_type, in_features),
+            self.weight = _frozen(torch.empty(n, kernels.gguf_row_bytes(self.ggml_type, in_features),
                                               dtype=torch.uint8))
         else:
             raise ValueError(f"unknown linear format {format!r}")
@@ -295,11 +221,11 @@ class QuantLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == INT8:
-            y = int8_linear(x, self.weight, self.scale)
+            y = kernels.int8_linear(x, self.weight, self.scale)
         elif self.format in GGUF_LINEAR_FORMATS:
-            y = gguf_linear(x, self.weight, self.in_features, self.ggml_type)
+            y = kernels.gguf_linear(x, self.weight, self.in_features, self.ggml_type)
         else:
-            y = int4_linear(x, self.weight, self.scales_and_zeros)
+            y = kernels.int4_linear(x, self.weight, self.scales_and_zeros)
         return y if self.bias is None else y + self.bias
 
 
@@ -328,7 +254,7 @@ class QuantEmbedding(nn.Module):
         return F.embedding(input_ids, self.weight).to(self.dtype) * self.scale[input_ids, None].to(self.dtype)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.scale)
+        return kernels.int8_linear(x, self.weight, self.scale)
 
 
 class GGUFEmbedding(nn.Module):

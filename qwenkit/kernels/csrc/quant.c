@@ -1,62 +1,27 @@
-"""Quantized matmuls on CPU as C kernels: int8 weights, and GGUF Q5_0 blocks as stored.
+/* Quantized matmuls: int8 weights (one bfloat16 scale per output row), and GGUF Q5_0 blocks as
+   stored (22 bytes per 32 values).
 
-`int8_linear`: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (int8 w, bfloat16 scales).
-`gguf_linear`: the same product with w in GGUF blocks of a type in `GGUF_BLOCKS` (Q5_0: 22
-bytes per 32 values).
-
-As llama.cpp does, the activations are first quantized to int8 in blocks of 32 values (`QK`,
-one float scale each); the products are integer dot products (AVX2 `maddubs` /
-`madd`: 32 multiply-adds in two instructions), summed in float per block. Each weight is
-read once per call and used for every activation row (tiles of 4 weight rows x 2
-activation rows for int8; Q5_0 decodes blocks in registers below `Q5_0_UNPACK_ROWS`
-rows, for 8 activation rows at a time and then tiles of 2 weight x 4 activation rows, and
-above it unpacks four weight rows to int8 once and runs the int8 tile). Below that
-threshold a row's result does not depend on the other rows of the call. OpenMP
-over blocks of output rows. Without AVX2 the same arithmetic runs as plain C
-(`QK_NO_SIMD` forces it, for tests). Built by `qwenkit.models.native`; every function
-returns None where the kernels are off or not built. Measurements: docs/quantization.md.
-"""
-
-from __future__ import annotations
-
-import ctypes
-import functools
-
-import torch
-
-from qwenkit.models import native
-
-_SOURCE = r"""
+   As llama.cpp does, the activations are first quantized to int8 in blocks of 32 values (QK, one
+   float scale each); the products are integer dot products (AVX2 `maddubs` + `madd`: 32
+   multiply-adds in two instructions), summed in float per block. Each weight is read once per
+   call and used for every activation row (tiles of 4 weight rows x 2 activation rows for int8;
+   Q5_0 decodes blocks in registers below Q5_0_UNPACK_ROWS rows, for 8 activation rows at a time
+   and then tiles of 2 weight x 4 activation rows, and above it unpacks four weight rows to int8
+   once and runs the int8 tile). Below that threshold a row's result does not depend on the other
+   rows of the call. OpenMP over blocks of output rows. Without AVX2 the same arithmetic runs as
+   plain C. */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-#if defined(__AVX2__) && defined(__FMA__) && !defined(QK_NO_SIMD)
-#define QK_AVX2 1
-#endif
 
-#define QK 32  /* activation block: one float scale per 32 int8 values */
+#include "kernels.h"
+
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
 #endif
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-#ifdef QK_AVX2
-static inline float hsum(__m256 v) {  /* the sum of the 8 lanes */
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#ifdef QK_AMX
+#define AMX_MIN_ROWS 16 /* from a full tile of activation rows on, the matmuls run on AMX tiles */
+static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *scale, float *y, int M, int N, int K);
 #endif
 
 /* x[K] -> xq[K] int8 and xs[ceil(K / QK)]: xs[j] = max |x| over block j / 127 (the last block
@@ -95,10 +60,39 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
     for (int m = 0; m < 2; m++)
         for (int r = 0; r < 4; r++) out[m][r] = 0.f;
 #ifdef QK_AVX2
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][4];
     for (int m = 0; m < 2; m++)
         for (int r = 0; r < 4; r++) acc[m][r] = _mm256_setzero_ps();
+#ifdef QK_AVX512
+    /* Two blocks per instruction: lanes 0-7 of a product are block j0, lanes 8-15 block j0 + 1. */
+    __m512 acc2[2][4];
+    for (int m = 0; m < 2; m++)
+        for (int r = 0; r < 4; r++) acc2[m][r] = _mm512_setzero_ps();
+    for (; j0 + 2 <= K / QK; j0 += 2) {
+        __m512 sx[2];
+        for (int m = 0; m < mr; m++) sx[m] = pair_ps(xs[m * nb + j0], xs[m * nb + j0 + 1]);
+        for (int r = 0; r < nr; r++) {
+            const int8_t *wp = w + (int64_t)r * K + j0 * QK;
+            _mm_prefetch((const char *)(wp + PREFETCH_ROWS * (int64_t)K), _MM_HINT_T0);
+            const __m512i wv = _mm512_loadu_si512((const void *)wp);
+            const __mmask64 negative = _mm512_movepi8_mask(wv);
+            const __m512i wabs = _mm512_abs_epi8(wv);
+            const __m512 dw = wd ? pair_ps(wd[r * nb + j0], wd[r * nb + j0 + 1]) : _mm512_setzero_ps();
+            for (int m = 0; m < mr; m++) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(xq + (int64_t)m * K + j0 * QK));
+                /* |w| * (x with w's sign), four products a lane */
+                const __m512i signed_x = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+                __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, signed_x));
+                if (wd) p = _mm512_mul_ps(p, dw);
+                acc2[m][r] = _mm512_fmadd_ps(p, sx[m], acc2[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++)
+            acc[m][r] = _mm256_add_ps(_mm512_castps512_ps256(acc2[m][r]),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc2[m][r]), 1)));
+#endif
     for (; j0 < K / QK; j0++) {
         __m256 sx[2];
         for (int m = 0; m < mr; m++) sx[m] = _mm256_set1_ps(xs[m * nb + j0]);
@@ -110,10 +104,8 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
             const __m256 dw = wd ? _mm256_set1_ps(wd[r * nb + j0]) : _mm256_setzero_ps();
             for (int m = 0; m < mr; m++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j0 * QK));
-                /* |w| * (x with w's sign): unsigned x signed bytes, pairs summed into int16
-                   (at most 2 * 127 * 127, no saturation), then pairs into int32. */
-                const __m256i p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-                __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                /* |w| * (x with w's sign): unsigned x signed bytes (pairs at most 2 * 127 * 127) */
+                __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(xv, wv)));
                 if (wd) p = _mm256_mul_ps(p, dw);
                 acc[m][r] = _mm256_fmadd_ps(p, sx[m], acc[m][r]);
             }
@@ -134,6 +126,9 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
    x: [M, K] float32, w: [N, K] int8, scale: [N] bfloat16 bits, y: [M, N] float32; all contiguous.
    Returns 0, or -1 when out of memory. */
 int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float *y, int M, int N, int K) {
+#ifdef QK_AMX
+    if (M >= AMX_MIN_ROWS && K % QK == 0) return amx_linear(x, w, 0, scale, y, M, N, K);
+#endif
     const int nb = (K + QK - 1) / QK;
     int8_t *xq = malloc((size_t)M * K);
     float *xs = malloc(sizeof(float) * (size_t)M * nb);
@@ -172,22 +167,6 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
 #define Q5_0_UNPACK_ROWS 16  /* from this many activation rows on, unpack the weights first */
 #endif
 
-static inline float f16_to_f32(uint16_t h) {
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0) {
-        const float f = (float)mant * (1.f / 16777216.f);  /* zero or subnormal: mant * 2^-24 */
-        return sign ? -f : f;
-    }
-    bits = exp == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
-}
 
 #ifdef QK_AVX2
 /* The 32 values of a Q5_0 block as unsigned bytes u = nibble + 16 * bit in [0, 31] (w = (u - 16) d). */
@@ -206,6 +185,22 @@ static inline __m256i q5_0_unsigned(const uint8_t *block) {
 }
 #endif
 
+#ifdef QK_AVX512
+/* The AVX-512 Q5_0 paths take two blocks (64 values) per instruction, block j in lanes 0-7 of
+   each product and block j + 1 in lanes 8-15; where a row has an odd number of blocks the last
+   pair is one block and zeros (`two` = 0). q5_0_tile and q5_0_row_x8 keep the same order of
+   operations per (activation row, weight row), so a row's result does not depend on its tile. */
+static inline __m512i q5_0_unsigned_pair(const uint8_t *block, int two) {
+    const __m512i first = _mm512_inserti64x4(_mm512_setzero_si512(), q5_0_unsigned(block), 0);
+    return two ? _mm512_inserti64x4(first, q5_0_unsigned(block + Q5_0_BYTES), 1) : first;
+}
+
+static inline __m512i load_pair_i8(const int8_t *p, int two) {
+    return two ? _mm512_loadu_si512((const void *)p)
+               : _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i *)p), 0);
+}
+#endif
+
 /* out[m][r] for nr (<= 2) weight rows and mr (<= 4) activation rows:
    sum_j d[r][j] xs[m][j] (u[r] . xq[m] over block j) - sum_j d[r][j] c[m][j], c = 16 xs sum(xq). */
 static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, const float *xs, const float *c,
@@ -213,9 +208,41 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
                                                             float out[4][2]) {
     const int nb = K / QK;
     const int64_t row = (int64_t)nb * Q5_0_BYTES;
+#if defined(QK_AVX512)
     float corr[4][2] = {{0.f}};
-#ifdef QK_AVX2
-    const __m256i ones = _mm256_set1_epi16(1);
+    __m512 acc[4][2];
+    for (int m = 0; m < 4; m++)
+        for (int r = 0; r < 2; r++) acc[m][r] = _mm512_setzero_ps();
+    for (int j = 0; j < nb; j += 2) {
+        const int two = j + 1 < nb;
+        __m512i u[2];
+        float d[2][2];
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *block = w + r * row + (int64_t)j * Q5_0_BYTES;
+            _mm_prefetch((const char *)(block + 2 * PREFETCH_ROWS * row), _MM_HINT_T0);
+            uint16_t h[2] = {0, 0};
+            memcpy(&h[0], block, sizeof h[0]);
+            if (two) memcpy(&h[1], block + Q5_0_BYTES, sizeof h[1]);
+            d[r][0] = f16_to_f32(h[0]);
+            d[r][1] = f16_to_f32(h[1]);
+            u[r] = q5_0_unsigned_pair(block, two);
+        }
+        for (int m = 0; m < mr; m++) {
+            const __m512i xv = load_pair_i8(xq + (int64_t)m * K + j * QK, two);
+            const float sx0 = xs[m * nb + j], sx1 = two ? xs[m * nb + j + 1] : 0.f;
+            const float cx0 = c[m * nb + j], cx1 = two ? c[m * nb + j + 1] : 0.f;
+            for (int r = 0; r < nr; r++) {
+                const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u[r], xv));
+                acc[m][r] = _mm512_fmadd_ps(p, pair_ps(d[r][0] * sx0, d[r][1] * sx1), acc[m][r]);
+                corr[m][r] = fmaf(d[r][0], cx0, corr[m][r]);
+                if (two) corr[m][r] = fmaf(d[r][1], cx1, corr[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++) out[m][r] = hsum512(acc[m][r]) - corr[m][r];
+#elif defined(QK_AVX2)
+    float corr[4][2] = {{0.f}};
     __m256 acc[4][2];
     for (int m = 0; m < 4; m++)
         for (int r = 0; r < 2; r++) acc[m][r] = _mm256_setzero_ps();
@@ -234,8 +261,8 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j * QK));
             const float sx = xs[m * nb + j], cx = c[m * nb + j];
             for (int r = 0; r < nr; r++) {
-                /* unsigned u x signed x bytes, pairs into int16 (at most 2 * 31 * 127), then int32 */
-                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u[r], xv), ones));
+                /* unsigned u x signed x bytes (pairs at most 2 * 31 * 127) */
+                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u[r], xv));
                 acc[m][r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r] * sx), acc[m][r]);
                 corr[m][r] = fmaf(d[r], cx, corr[m][r]);  /* as q5_0_row_x8 does, lane by lane */
             }
@@ -279,8 +306,37 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
 static void q5_0_row_x8(const int8_t *xq, const float *xs8, const float *c8, const uint8_t *w, int K,
                         float out[8]) {
     const int nb = K / QK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[8], corr = _mm256_setzero_ps();
+    __m256 corr = _mm256_setzero_ps();
+#ifdef QK_AVX512
+    __m512 acc[8];
+    for (int m = 0; m < 8; m++) acc[m] = _mm512_setzero_ps();
+    for (int j = 0; j < nb; j += 2) {
+        const int two = j + 1 < nb;
+        const uint8_t *block = w + (int64_t)j * Q5_0_BYTES;
+        _mm_prefetch((const char *)(block + 2 * PREFETCH_ROWS * (int64_t)nb * Q5_0_BYTES), _MM_HINT_T0);
+        uint16_t h[2] = {0, 0};
+        memcpy(&h[0], block, sizeof h[0]);
+        if (two) memcpy(&h[1], block + Q5_0_BYTES, sizeof h[1]);
+        const float d0 = f16_to_f32(h[0]), d1 = f16_to_f32(h[1]);
+        const __m512i u = q5_0_unsigned_pair(block, two);
+        /* lanes 0-7: d0 * xs of the 8 rows at block j; lanes 8-15: d1 * theirs at block j + 1 */
+        const __m512 xs_pair = two ? _mm512_loadu_ps(xs8 + 8 * j)
+                                   : _mm512_insertf32x8(_mm512_setzero_ps(), _mm256_loadu_ps(xs8 + 8 * j), 0);
+        const __m512 dsx = _mm512_mul_ps(pair_ps(d0, d1), xs_pair);
+        corr = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_loadu_ps(c8 + 8 * j), corr);
+        if (two) corr = _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_loadu_ps(c8 + 8 * j + 8), corr);
+        for (int m = 0; m < 8; m++) {
+            const __m512i xv = load_pair_i8(xq + (int64_t)m * K + j * QK, two);
+            const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv));
+            const __m512i lane = _mm512_inserti64x4(_mm512_set1_epi32(m), _mm256_set1_epi32(8 + m), 1);
+            acc[m] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(lane, dsx), acc[m]);
+        }
+    }
+    float c[8];
+    _mm256_storeu_ps(c, corr);
+    for (int m = 0; m < 8; m++) out[m] = hsum512(acc[m]) - c[m];
+#else
+    __m256 acc[8];
     for (int m = 0; m < 8; m++) acc[m] = _mm256_setzero_ps();
     for (int j = 0; j < nb; j++) {
         const uint8_t *block = w + (int64_t)j * Q5_0_BYTES;
@@ -293,13 +349,14 @@ static void q5_0_row_x8(const int8_t *xq, const float *xs8, const float *c8, con
         corr = _mm256_fmadd_ps(d, _mm256_loadu_ps(c8 + 8 * j), corr);
         for (int m = 0; m < 8; m++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j * QK));
-            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones));
+            const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u, xv));
             acc[m] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(dsx, _mm256_set1_epi32(m)), acc[m]);
         }
     }
     float c[8];
     _mm256_storeu_ps(c, corr);
     for (int m = 0; m < 8; m++) out[m] = hsum(acc[m]) - c[m];
+#endif
 }
 #endif
 
@@ -327,6 +384,9 @@ static void q5_0_unpack_row(const uint8_t *blocks, int nb, int8_t *values, float
    the activations quantized to int8 in blocks of QK (aligned with the weight blocks). K a
    multiple of 32. Returns 0, or -1 when out of memory. */
 int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K) {
+#ifdef QK_AMX
+    if (M >= AMX_MIN_ROWS) return amx_linear(x, w, 1, NULL, y, M, N, K);
+#endif
     const int nb = K / QK;
     const int64_t row = (int64_t)nb * Q5_0_BYTES;
     int8_t *xq = malloc((size_t)M * K);
@@ -445,127 +505,133 @@ void q5_0_dequantize(const uint8_t *w, float *out, int N, int K) {
         free(scales);
     }
 }
-"""
 
+/* ---- AMX-INT8 (Sapphire Rapids and later): many activation rows against panels of 32 weight
+   rows. Per block of 32 values, one tile op multiplies 16 activation rows by 16 weight rows
+   (tdpbssd: signed x signed bytes, exact int32 sums), then the int32 products are scaled by the
+   block's activation scale (and Q5_0's weight scale) and summed in float, as the other paths do
+   per block. The weights of a panel are repacked once per call into the tiles' layout (B row r
+   holds, for each of 16 weight rows, the 4 bytes k = 4r..4r+3); Q5_0 rows are unpacked to int8
+   first. The activations are padded to a multiple of 16 rows with zeros. */
 
-@functools.cache
-def _library():
-    lib = native.load_library("int8_linear", _SOURCE)
-    if lib is not None:
-        lib.int8_linear_q8.restype = ctypes.c_int
-        lib.int8_linear_q8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-        for type_name in GGUF_BLOCKS:
-            linear = getattr(lib, _c_name(type_name, "linear_q8"))
-            dequantize = getattr(lib, _c_name(type_name, "dequantize"))
-            linear.restype = ctypes.c_int
-            linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
-            dequantize.restype = None
-            dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
-    return lib
+#include <sys/syscall.h>
+#include <unistd.h>
 
+/* Ask the kernel for the AMX tile state (Linux >= 5.16): 0 when granted, or when this build has
+   no AMX code; the caller falls back to another variant otherwise. */
+int qk_amx_init(void) {
+#if defined(QK_AMX) && !defined(QK_EMULATE_AMX)
+    const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -1;
+#else
+    return 0;
+#endif
+}
 
-# GGUF block types the kernels multiply as stored: (values, bytes) of one block.
-GGUF_BLOCKS = {"Q5_0": (32, 22)}
+#ifdef QK_AMX
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
 
+/* Tiles: 0, 1 the int32 products of 16 activation rows by weight rows 0-15 / 16-31 of the panel;
+   2 the activations (16 rows x 32 bytes); 3, 4 the packed weights (8 rows x 64 bytes each). */
+static void amx_configure(void) {
+    amx_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = 16;
+    cfg.colsb[0] = cfg.colsb[1] = 64;
+    cfg.colsb[2] = 32;
+    cfg.rows[3] = cfg.rows[4] = 8;
+    cfg.colsb[3] = cfg.colsb[4] = 64;
+    _tile_loadconfig(&cfg);
+}
 
-def _c_name(type_name: str, what: str) -> str:
-    return f"{type_name.lower()}_{what}"
+/* w: nr (<= 32) int8 rows of K -> packed[j][t][r][n * 4 + i] = w[16 t + n][32 j + 4 r + i] (0 past nr). */
+static void amx_pack(const int8_t *w, int nr, int K, int8_t *packed) {
+    const int nb = K / QK;
+    memset(packed, 0, (size_t)nb * 2 * 512);
+    for (int row = 0; row < nr; row++) {
+        const int t = row / 16, n = row % 16;
+        for (int j = 0; j < nb; j++)
+            for (int r = 0; r < 8; r++)
+                memcpy(packed + ((int64_t)(j * 2 + t) * 8 + r) * 64 + n * 4, w + (int64_t)row * K + j * QK + r * 4, 4);
+    }
+}
 
-
-def available() -> bool:
-    return _library() is not None
-
-
-def _check(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"{what}: x must be [M, {k}], got {list(x.shape)}")
-    return x.to(torch.float32).contiguous()
-
-
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """x [M, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T in float32, or None where the
-    kernel does not apply (not CPU, no compiler, kernels turned off)."""
-    lib = _library()
-    if lib is None or x.device.type != "cpu":
-        return None
-    if weight.dtype != torch.int8 or scale.dtype != torch.bfloat16:
-        raise TypeError("int8_linear takes int8 weights [N, K] and bfloat16 scales [N]")
-    (n, k), x = weight.shape, _check(x, weight.shape[1], "int8_linear")
-    weight, scale = weight.contiguous(), scale.contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    if lib.int8_linear_q8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], n, k):
-        raise MemoryError(f"int8_linear: no memory for the quantized activations ({x.shape[0]} x {k})")
-    return y
-
-
-def gguf_row_bytes(type_name: str, in_features: int) -> int:
-    """Bytes of one row of `in_features` values in GGUF blocks of `type_name` (ValueError where
-    the row is not whole blocks, or the type has no kernel here)."""
-    if type_name not in GGUF_BLOCKS:
-        raise ValueError(f"no native kernel for GGUF {type_name} (have {', '.join(GGUF_BLOCKS)})")
-    values, size = GGUF_BLOCKS[type_name]
-    if in_features % values:
-        raise ValueError(f"{type_name} rows need a multiple of {values} values, got {in_features}")
-    return in_features // values * size
-
-
-def _check_blocks(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    row = gguf_row_bytes(type_name, in_features)
-    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
-        raise TypeError(f"expected uint8 {type_name} blocks [N, {row}], got {blocks.dtype} {list(blocks.shape)}")
-    return blocks.contiguous()
-
-
-def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor | None:
-    """x [M, K] @ w^T in float32 with w as GGUF blocks of `type_name` (one of `GGUF_BLOCKS`;
-    uint8 [N, bytes per row]), or None where the kernel does not apply."""
-    lib = _library()
-    if lib is None or x.device.type != "cpu":
-        return None
-    blocks, x = _check_blocks(blocks, in_features, type_name), _check(x, in_features, "gguf_linear")
-    y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
-    fn = getattr(lib, _c_name(type_name, "linear_q8"))
-    if fn(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], in_features):
-        raise MemoryError(f"gguf_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
-    return y
-
-
-def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor | None:
-    """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, K], or None without the kernels."""
-    lib = _library()
-    if lib is None or blocks.device.type != "cpu":
-        return None
-    blocks = _check_blocks(blocks, in_features, type_name)
-    out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
-    getattr(lib, _c_name(type_name, "dequantize"))(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
-    return out
-
-
-@torch.library.custom_op("qwenkit::int8_linear", mutates_args=())
-def int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`int8_linear` as an opaque op, for torch.compile (which cannot trace a ctypes call)."""
-    y = int8_linear(x, weight, scale)
-    if y is None:  # the kernel is not built here: the same product in torch
-        y = x.float() @ (weight.float() * scale.float()[:, None]).T
-    return y
-
-
-@int8_linear_op.register_fake
-def _(x, weight, scale):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("qwenkit::gguf_linear", mutates_args=())
-def gguf_linear_op(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    """`gguf_linear` as an opaque op, for torch.compile."""
-    y = gguf_linear(x, blocks, in_features, type_name)
-    if y is None:
-        from qwenkit.models.quant import _dequantized_gguf_linear
-
-        y = _dequantized_gguf_linear(x.float(), blocks, in_features, type_name)
-    return y
-
-
-@gguf_linear_op.register_fake
-def _(x, blocks, in_features, type_name):
-    return x.new_empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
+static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *scale, float *y, int M, int N, int K) {
+    const int nb = K / QK, Mp = (M + 15) / 16 * 16;
+    int8_t *xq = calloc((size_t)Mp * K, 1);
+    float *xs = calloc((size_t)Mp * nb, sizeof(float));
+    if (!xq || !xs) { free(xq); free(xs); return -1; }
+#pragma omp parallel for
+    for (int m = 0; m < M; m++) quantize_row(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
+    int failed = 0;
+#pragma omp parallel
+    {
+        int8_t *packed = malloc((size_t)nb * 2 * 512), *wq = q5_0 ? malloc((size_t)32 * K) : NULL;
+        float *wd = q5_0 ? malloc(sizeof(float) * 32 * nb) : NULL;     /* [32, nb] */
+        float *wdt = q5_0 ? calloc((size_t)nb * 32, sizeof(float)) : NULL; /* [nb, 32] */
+        float acc[16][32];
+        int32_t products[16][32];
+        const int ok = packed && (!q5_0 || (wq && wd && wdt));
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (ok) amx_configure();
+#pragma omp for schedule(static)
+        for (int panel = 0; panel < (N + 31) / 32; panel++) {
+            if (!ok) continue;
+            const int n0 = panel * 32, nr = N - n0 < 32 ? N - n0 : 32;
+            const int8_t *rows = (const int8_t *)w + (int64_t)n0 * K;
+            if (q5_0) {
+                for (int r = 0; r < nr; r++)
+                    q5_0_unpack_row((const uint8_t *)w + (int64_t)(n0 + r) * nb * Q5_0_BYTES, nb, wq + (int64_t)r * K,
+                                    wd + r * nb);
+                for (int j = 0; j < nb; j++)
+                    for (int r = 0; r < 32; r++) wdt[j * 32 + r] = r < nr ? wd[r * nb + j] : 0.f;
+                rows = wq;
+            }
+            amx_pack(rows, nr, K, packed);
+            for (int m0 = 0; m0 < Mp; m0 += 16) {
+                for (int m = 0; m < 16; m++)
+                    for (int n = 0; n < 32; n++) acc[m][n] = 0.f;
+                for (int j = 0; j < nb; j++) {
+                    _tile_loadd(2, xq + (int64_t)m0 * K + j * QK, K);
+                    _tile_loadd(3, packed + (int64_t)(j * 2) * 512, 64);
+                    _tile_loadd(4, packed + (int64_t)(j * 2 + 1) * 512, 64);
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_dpbssd(0, 2, 3);
+                    _tile_dpbssd(1, 2, 4);
+                    _tile_stored(0, &products[0][0], 128);
+                    _tile_stored(1, &products[0][16], 128);
+                    for (int m = 0; m < 16; m++) {
+                        const __m512 sx = _mm512_set1_ps(xs[(int64_t)(m0 + m) * nb + j]);
+                        for (int half = 0; half < 2; half++) {
+                            __m512 p = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)&products[m][16 * half]));
+                            if (q5_0) p = _mm512_mul_ps(p, _mm512_loadu_ps(wdt + j * 32 + 16 * half));
+                            _mm512_storeu_ps(&acc[m][16 * half],
+                                             _mm512_fmadd_ps(p, sx, _mm512_loadu_ps(&acc[m][16 * half])));
+                        }
+                    }
+                }
+                for (int m = 0; m < 16 && m0 + m < M; m++)
+                    for (int r = 0; r < nr; r++)
+                        y[(int64_t)(m0 + m) * N + n0 + r] = acc[m][r] * (scale ? bf16_to_f32(scale[n0 + r]) : 1.f);
+            }
+        }
+        if (ok) _tile_release();
+        free(packed);
+        free(wq);
+        free(wd);
+        free(wdt);
+    }
+    free(xq);
+    free(xs);
+    return failed ? -1 : 0;
+}
+#endif

@@ -1,0 +1,100 @@
+"""Compiles the C kernels of csrc/ into one shared library per CPU instruction-set variant.
+
+`build(isa)` compiles every csrc/*.c with the system C compiler (`$CC`, else gcc, else cc) and
+the flags of `ISA_FLAGS[isa]` into `<qwenkit home>/kernels/qwenkit_<isa>_<hash>.so`, unless it
+is there already: the hash covers the sources and headers, the flags, the compiler and the CPU's
+feature flags, so a changed source, compiler or CPU builds anew and several processes can share
+the folder (the library is written under a temporary name and renamed into place). A build
+takes ~4 s of CPU once. OpenMP loops run on torch's own libgomp (same soname), so there is one
+thread pool, not two.
+
+Every variant builds on any x86-64 gcc or clang (the intrinsics need only the -m flags), so a
+CPU without AVX-512 still compiles the AVX-512 and AMX variants: the tests do, to keep them
+compiling; only a CPU that has the instructions runs them (`cpu.py` picks the variant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
+# Widest first. x86-64-v3 is AVX2 + FMA + F16C + BMI2; x86-64-v4 adds AVX-512 F/BW/CD/DQ/VL.
+ISA_FLAGS = {
+    "amx": ["-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mtune=native"],
+    "avx512_vnni": ["-march=x86-64-v4", "-mavx512vnni", "-mtune=native"],
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],
+    "generic": ["-DQK_NO_SIMD"],  # plain C: any CPU, and the reference the SIMD code is tested against
+}
+# Tests only: the AVX-512 and AMX code paths built for an AVX2 CPU, their intrinsics emulated
+# (SIMDe's portable AVX-512, Debian's libsimde-dev; csrc/emulate_amx.h), so that their logic runs
+# against the reference on a CPU without the instructions. Slow; never loaded for inference.
+EMULATED_ISA_FLAGS = {
+    "amx": [*ISA_FLAGS["avx2"], "-DQK_EMULATE_AVX512", "-DQK_EMULATE_AMX", "-Wno-psabi"],
+    "avx512_vnni": [*ISA_FLAGS["avx2"], "-DQK_EMULATE_AVX512", "-Wno-psabi"],
+}
+
+
+class BuildError(RuntimeError):
+    """The kernels could not be compiled here (no compiler, or it rejected the flags)."""
+
+
+def compiler() -> str:
+    found = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if found is None:
+        raise BuildError("no C compiler (gcc or cc) on PATH")
+    return found
+
+
+def sources() -> list[Path]:
+    return sorted(CSRC.glob("*.c"))
+
+
+def build(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False) -> Path:
+    """The path of the `isa` library, compiled into `folder` (default: `<qwenkit home>/kernels`)
+    unless it is there already. `extra_flags`: more compiler flags (tests: -Werror);
+    `emulated`: the `EMULATED_ISA_FLAGS` build of `isa` (tests)."""
+    if folder is None:
+        from qwenkit.default_model import qwenkit_home
+
+        folder = qwenkit_home() / "kernels"
+    cc = compiler()
+    flags = [*FLAGS, *(EMULATED_ISA_FLAGS if emulated else ISA_FLAGS)[isa], *extra_flags]
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".c", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update("\0".join([*flags, cc, platform.machine(), _cpu_flags()]).encode())
+    target = folder / f"qwenkit_{isa}{'_emulated' if emulated else ''}_{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.info("building the %s CPU kernels with %s (once; kept in %s)", isa, cc, folder)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        out = Path(tmp) / target.name
+        command = [cc, *flags, *map(str, sources()), "-I", str(CSRC), "-o", str(out), "-lm"]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as e:
+            raise BuildError(f"{' '.join(command)} failed:\n{e.stderr[-2000:]}") from None
+        except OSError as e:
+            raise BuildError(f"cannot run {cc}: {e}") from None
+        os.replace(out, target)
+    return target
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""

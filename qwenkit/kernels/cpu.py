@@ -1,0 +1,245 @@
+"""ctypes bindings of the CPU kernels (csrc/), and the instruction-set variant that runs.
+
+The variant is chosen once per process: the widest of `build.ISA_FLAGS` whose instructions the
+CPU has (`REQUIRED_FLAGS`, read from /proc/cpuinfo), or the one `QWENKIT_CPU_ISA` names (to
+compare variants; a variant the CPU cannot run is refused). AMX also needs the kernel's
+permission to use the tile registers (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), asked once at load;
+where it is refused the AVX-512 variant runs instead. `QWENKIT_NATIVE_KERNELS=0` turns every
+native kernel off, as does a missing C compiler (with a warning): `library()` is then None and
+`qwenkit.kernels` runs the torch code of `reference`.
+
+`Library` wraps one built variant: each C function's signature is declared once, and its
+methods take and return tensors (inputs already checked by `qwenkit.kernels`, which decides
+where a kernel applies). ctypes releases the GIL during each call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from qwenkit.kernels import build
+
+logger = logging.getLogger(__name__)
+
+# /proc/cpuinfo flags each variant's instructions need.
+_AVX512 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+REQUIRED_FLAGS = {
+    "amx": _AVX512 | {"amx_tile", "amx_int8"},
+    "avx512_vnni": _AVX512,
+    "avx2": {"avx2", "fma", "f16c"},
+    "generic": set(),
+}
+# What each variant's integer dot product is (for `describe`).
+DOT_PRODUCTS = {
+    "amx": "AMX tiles (tdpbssd) for 16+ rows, else vpdpbusd",
+    "avx512_vnni": "vpdpbusd",
+    "avx2": "vpmaddubsw + vpmaddwd",
+    "generic": "plain C",
+}
+# GGUF block types the C kernels multiply as stored: (values, bytes) of one block.
+GGUF_BLOCKS = {"Q5_0": (32, 22)}
+
+
+def native_kernels_enabled() -> bool:
+    return os.environ.get("QWENKIT_NATIVE_KERNELS", "1") != "0"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+    line = build._cpu_flags()
+    return frozenset(line.partition(":")[2].split())
+
+
+def supported_isas() -> list[str]:
+    """The variants this CPU runs, widest first."""
+    flags = cpu_flags()
+    x86 = build.platform.machine().lower() in ("x86_64", "amd64")
+    return [isa for isa, needs in REQUIRED_FLAGS.items() if needs <= flags and (x86 or isa == "generic")]
+
+
+def _fields(*names: str, kind=ctypes.c_void_p) -> list[tuple[str, type]]:
+    return [(name, kind) for name in names]
+
+
+# Mirrors of csrc/decode_layers.h (tests/test_kernels.py compiles the header and compares offsets).
+class FdLinear(ctypes.Structure):
+    _fields_ = _fields("format", "n", "k", kind=ctypes.c_int32) + _fields("weight", "scale", "bias")
+
+
+class FdLayer(ctypes.Structure):
+    _fields_ = [(name, FdLinear) for name in ("qkv", "o", "gate_up", "down")] + _fields(
+        "input_norm", "post_norm", "q_norm", "k_norm", "k_cache", "v_cache")
+
+
+class FdDims(ctypes.Structure):
+    _fields_ = _fields("hidden", "heads", "kv_heads", "head_dim", "intermediate", kind=ctypes.c_int32) + _fields(
+        "eps", "scale", kind=ctypes.c_float)
+
+
+FD_FORMATS = {"int8": 0, "Q5_0": 1}  # csrc/decode_layers.h's FORMAT_*
+
+_P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {  # name: (restype, argtypes)
+    "rms_norm_f32": (None, [_P, _I64, _P, _P, _I, _I, _F]),
+    "rope_neox_f32": (None, [_P, _I64, _P, _P, _P, _I, _I, _I]),
+    "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F]),
+    "int8_linear_q8": (_I, [_P] * 4 + [_I] * 3),
+    "q5_0_linear_q8": (_I, [_P] * 3 + [_I] * 3),
+    "q5_0_dequantize": (None, [_P] * 2 + [_I] * 2),
+    "decode_layers": (_I, [_P, _I, _P, _P, _I] + [_P] * 4 + [_I] * 2 + [_P]),
+    "qk_amx_init": (_I, []),
+}
+
+
+class Library:
+    """One built variant of the kernels."""
+
+    def __init__(self, path: Path, isa: str):
+        self.isa = isa
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(self._lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x float32 [T, H] (rows may be strided, elements contiguous) -> normalised [T, H]."""
+        y = torch.empty(x.shape, dtype=torch.float32)
+        self._lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
+        return y
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x float32 [T, heads, D] (heads contiguous within a token), cos / sin [T, 1, D] contiguous."""
+        out = torch.empty(x.shape, dtype=torch.float32)
+        t, heads, d = x.shape
+        self._lib.rope_neox_f32(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, heads, d)
+        return out
+
+    def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, *, block_size: int,
+                               scale: float) -> torch.Tensor:
+        """Shapes as `qwenkit.kernels.paged_decode_attention`; float32 q and cache, int32 tables."""
+        q = q.contiguous()
+        block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
+        if q.dtype != torch.float32 or block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+            raise TypeError("the native kernel takes float32 q and int32 block tables and context lengths")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("the KV cache must be contiguous")
+        num_seqs, num_heads, head_dim = q.shape
+        out = torch.empty_like(q)
+        self._lib.paged_decode_attention_f32(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+            out.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim, block_size, block_tables.shape[1], scale)
+        return out
+
+    def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [M, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T, float32 [M, N]."""
+        if weight.dtype != torch.int8 or scale.dtype != torch.bfloat16:
+            raise TypeError("int8_linear takes int8 weights [N, K] and bfloat16 scales [N]")
+        (n, k), x = weight.shape, _activations(x, weight.shape[1], "int8_linear")
+        weight, scale = weight.contiguous(), scale.contiguous()
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        if self._lib.int8_linear_q8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], n, k):
+            raise MemoryError(f"int8_linear: no memory for the quantized activations ({x.shape[0]} x {k})")
+        return y
+
+    def gguf_linear(self, x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+        """x [M, K] @ w^T, w as GGUF blocks of `type_name` (uint8 [N, bytes per row]); float32 [M, N]."""
+        blocks, x = _blocks(blocks, in_features, type_name), _activations(x, in_features, "gguf_linear")
+        y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
+        fn = getattr(self._lib, f"{type_name.lower()}_linear_q8")
+        if fn(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], in_features):
+            raise MemoryError(f"gguf_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
+        return y
+
+    def gguf_dequantize(self, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+        """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, in_features]."""
+        blocks = _blocks(blocks, in_features, type_name)
+        out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
+        getattr(self._lib, f"{type_name.lower()}_dequantize")(blocks.data_ptr(), out.data_ptr(), blocks.shape[0],
+                                                                in_features)
+        return out
+
+    def decode_layers(self, layers: ctypes.Array, dims: FdDims, h: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                      context_lens: torch.Tensor) -> None:
+        """Every layer of a decode step on h (float32 [M, hidden], updated in place); see csrc/decode_layers.c."""
+        if self._lib.decode_layers(ctypes.addressof(layers), len(layers), ctypes.addressof(dims), h.data_ptr(),
+                                   h.shape[0], cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                                   block_tables.data_ptr(), block_tables.shape[1], block_size,
+                                   context_lens.data_ptr()):
+            raise MemoryError(f"fused decode: no memory for the step's buffers ({h.shape[0]} sequences)")
+
+
+def gguf_row_bytes(type_name: str, in_features: int) -> int:
+    """Bytes of one row of `in_features` values in GGUF blocks of `type_name` (ValueError where
+    the row is not whole blocks, or the type has no kernel here)."""
+    if type_name not in GGUF_BLOCKS:
+        raise ValueError(f"no native kernel for GGUF {type_name} (have {', '.join(GGUF_BLOCKS)})")
+    values, size = GGUF_BLOCKS[type_name]
+    if in_features % values:
+        raise ValueError(f"{type_name} rows need a multiple of {values} values, got {in_features}")
+    return in_features // values * size
+
+
+def _activations(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"{what}: x must be [M, {k}], got {list(x.shape)}")
+    return x.to(torch.float32).contiguous()
+
+
+def _blocks(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    row = gguf_row_bytes(type_name, in_features)
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
+        raise TypeError(f"expected uint8 {type_name} blocks [N, {row}], got {blocks.dtype} {list(blocks.shape)}")
+    return blocks.contiguous()
+
+
+def load(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False) -> Library:
+    """Build (once) and load the `isa` variant (`emulated`: its build for an AVX2 CPU, tests
+    only); raises build.BuildError or OSError, or TileStateRefused."""
+    lib = Library(build.build(isa, folder, extra_flags=extra_flags, emulated=emulated), isa)
+    if lib._lib.qk_amx_init():
+        raise TileStateRefused("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
+    return lib
+
+
+class TileStateRefused(RuntimeError):
+    """The kernel would not let this process use AMX tiles (Linux before 5.16, or a policy)."""
+
+
+def selected_isa() -> str:
+    """The variant this process runs: `QWENKIT_CPU_ISA`, else the widest the CPU has."""
+    supported = supported_isas()
+    wanted = os.environ.get("QWENKIT_CPU_ISA")
+    if wanted:
+        if wanted not in REQUIRED_FLAGS:
+            raise ValueError(f"QWENKIT_CPU_ISA={wanted!r}: choose one of {', '.join(REQUIRED_FLAGS)}")
+        if wanted not in supported:
+            raise ValueError(f"QWENKIT_CPU_ISA={wanted!r}: this CPU runs only {', '.join(supported)}")
+        return wanted
+    return supported[0]
+
+
+@functools.cache
+def library() -> Library | None:
+    """The selected variant's library, or None when native kernels are off or cannot be built
+    (then `qwenkit.kernels` runs torch code)."""
+    if not native_kernels_enabled():
+        return None
+    isa = selected_isa()
+    try:
+        try:
+            return load(isa)
+        except TileStateRefused as e:
+            logger.warning("%s: running the avx512_vnni kernels", e)
+            return load("avx512_vnni")
+    except (OSError, build.BuildError) as e:
+        logger.warning("native CPU kernels unavailable, running torch code instead: %s", e)
+        return None

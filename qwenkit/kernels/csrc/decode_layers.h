@@ -1,0 +1,28 @@
+/* The weights of a fused CPU decode step (decode_layers.c), as qwenkit/kernels/cpu.py fills them:
+   its ctypes Structures mirror these, field by field (tests/test_kernels.py checks the layout). */
+#ifndef QWENKIT_DECODE_LAYERS_H
+#define QWENKIT_DECODE_LAYERS_H
+
+#include <stdint.h>
+
+enum { FORMAT_INT8 = 0, FORMAT_Q5_0 = 1 };
+
+typedef struct {
+    int32_t format, n, k;
+    const void *weight;    /* int8 [n, k], or Q5_0 blocks [n, k / 32 * 22] */
+    const uint16_t *scale; /* int8: bfloat16 [n] */
+    const float *bias;     /* [n] or NULL */
+} fd_linear;
+
+typedef struct {
+    fd_linear qkv, o, gate_up, down;
+    const float *input_norm, *post_norm, *q_norm, *k_norm; /* q_norm, k_norm: [head_dim] or NULL */
+    float *k_cache, *v_cache;                              /* [num_slots, kv_heads, head_dim] */
+} fd_layer;
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scale;
+} fd_dims;
+
+#endif

@@ -1,0 +1,116 @@
+/* What qwenkit's CPU kernels share: the functions one source file calls in another, small
+   inline helpers, and the instruction set of this build. Every .c file here is compiled into
+   one library per ISA variant (qwenkit/kernels/build.py); the variant's -march flags decide
+   which of QK_AVX2 / QK_AVX512 / QK_AMX are defined, and each kernel takes the widest path
+   it has for them. QK_NO_SIMD builds the plain C paths only (the "generic" variant). */
+#ifndef QWENKIT_KERNELS_H
+#define QWENKIT_KERNELS_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if (defined(__AVX2__) || defined(__F16C__)) && !defined(QK_NO_SIMD)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(QK_NO_SIMD)
+#define QK_AVX2 1
+#endif
+#if defined(QK_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define QK_AVX512 1
+#endif
+#if defined(QK_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define QK_AMX 1
+#endif
+
+/* Tests only: the AVX-512 (and AMX) code built for an AVX2 CPU, the AVX-512 intrinsics taken from
+   SIMDe's portable implementations and the AMX ones from emulate_amx.h, so that code whose
+   instructions this CPU lacks still runs against the reference (tests/test_kernels.py). */
+#ifdef QK_EMULATE_AVX512
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#undef _mm512_cvtepi32_ps /* not in SIMDe 0.7 */
+#define _mm512_cvtepi32_ps(v)                                                                               \
+    _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm512_castsi512_si256(v))),            \
+                       _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(v, 1)), 1)
+#define QK_AVX512 1
+#ifdef QK_EMULATE_AMX
+#include "emulate_amx.h"
+#define QK_AMX 1
+#endif
+#endif
+
+#define QK 32 /* activation block: one float scale per 32 int8 values */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__) && !defined(QK_NO_SIMD)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        const float f = (float)mant * (1.f / 16777216.f); /* zero or subnormal: mant * 2^-24 */
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+#ifdef QK_AVX2
+static inline float hsum(__m256 v) { /* the sum of the 8 lanes */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Unsigned bytes u times signed bytes s, groups of four summed into 8 int32 lanes. AVX-512 VNNI:
+   one vpdpbusd; AVX2: vpmaddubsw (pairs into int16, saturating) then vpmaddwd. The callers keep
+   every pair below 2^15 (u <= 127 with |s| <= 127), so both give the same integers. */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef QK_AVX512
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+#ifdef QK_AVX512
+static inline float hsum512(__m512 v) { /* the sum of the 16 lanes */
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+/* a in lanes 0-7, b in lanes 8-15: the scales of two consecutive blocks of 32 values. */
+static inline __m512 pair_ps(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+#endif
+
+/* norm_rope.c */
+void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *y, int T, int H, float eps);
+void rope_neox_f32(const float *x, int64_t x_stride, const float *cos, const float *sin, float *out, int T,
+                   int heads, int D);
+
+/* attention.c */
+void paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
+                                const int32_t *block_tables, const int32_t *context_lens, float *out, int B, int H,
+                                int KVH, int D, int block_size, int max_blocks, float scale);
+
+/* quant.c */
+int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float *y, int M, int N, int K);
+int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
+void q5_0_dequantize(const uint8_t *w, float *out, int N, int K);
+
+#endif

@@ -1,0 +1,212 @@
+"""The kernels in torch: what runs where no native or device kernel applies (another device, a
+dtype or layout a kernel does not take, no C compiler, `QWENKIT_NATIVE_KERNELS=0`), and what
+the tests hold every kernel against. Same signatures as `qwenkit.kernels`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Large matrices are dequantized and multiplied a block of rows at a time: about this many
+# values (4 MiB of float32), so no float copy of a whole matrix is ever made.
+BLOCK_VALUES = 1 << 20
+INT4_GROUP_SIZE = 32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation in float32, cast back before the weight, as transformers does."""
+    if x.dtype == torch.float32:  # one call, the same numbers (the weight multiplies last in both)
+        return F.rms_norm(x, weight.shape, weight, eps)
+    input_dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(input_dtype)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NEOX rotary: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k, v [T, KVH, D] into the caches' rows `slot_mapping`, in the caches' dtype.
+
+    index_copy_, not `cache[slots] = ...`: advanced indexing on a large cache was measured at
+    milliseconds per call on CPU (torch 2.13)."""
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Gathers whole blocks ([B, max_blocks * block_size] keys per sequence), masks the positions
+    past each context, one SDPA. Shapes as `qwenkit.kernels.paged_decode_attention`."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    width = block_tables.shape[1] * block_size
+    blocks = block_tables.flatten().long()
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, KVH, width, D]
+        whole = cache.shape[0] // block_size * block_size  # past it: the runner's spare padding slot
+        paged = cache[:whole].view(-1, block_size, num_kv_heads, head_dim)
+        gathered = paged.index_select(0, blocks).view(num_seqs, width, num_kv_heads, head_dim).transpose(1, 2)
+        return gathered.to(q.dtype)
+
+    positions = torch.arange(width, device=q.device)
+    mask = (positions[None, :] < context_lens[:, None].to(q.device))[:, None, None, :]  # [B, 1, 1, width]
+    # Slots past a context may never have been written (the pool is torch.empty). A NaN key
+    # there survives the mask where SDPA adds it (NaN + -inf; the bfloat16 CPU kernel does),
+    # and a NaN value survives its zero weight (0 * NaN): both are zeroed where masked.
+    unwritten = ~mask[:, :, 0, :, None]  # [B, 1, width, 1]
+    keys = gather(k_cache).masked_fill(unwritten, 0.0)
+    values = gather(v_cache).masked_fill(unwritten, 0.0)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )[:, :, 0]
+    # A fully masked row (context length 0: a padding slot) comes out NaN.
+    return torch.where(context_lens[:, None, None].to(q.device) > 0, out, 0.0)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, max_kernel_rows: int) -> torch.Tensor:
+    """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T in x's dtype: torch's int8 kernel
+    (bfloat16 activations) up to `max_kernel_rows` rows on CPU, else dequantized a block of rows
+    at a time into a GEMM in x's dtype."""
+    if x.device.type == "cpu" and x.shape[0] <= max_kernel_rows:
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale).to(x.dtype)
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    step = max(1, BLOCK_VALUES // weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        out[:, rows] = F.linear(x, weight[rows].to(x.dtype)) * scale[rows].to(x.dtype)
+    return out
+
+
+def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, in_features], by gguf's own code."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    values = dequantize(blocks.cpu().numpy(), GGMLQuantizationType[type_name])
+    return torch.from_numpy(values).view(blocks.shape[0], in_features)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ w^T with w packed by `_convert_weight_to_int4pack_for_cpu`, in x's dtype (CPU only)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP_SIZE, scales_and_zeros)
+    return y.to(x.dtype)
+
+
+def fused_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """The (token, choice) pairs sorted by expert, one SwiGLU matmul pair per active expert
+    on its contiguous rows, then each token's top_k rows summed with their weights.
+
+    x: [T, hidden]; expert_ids, weights: [T, top_k]; gate_up_proj: [E, 2 * I, hidden] (gate rows
+    first); down_proj: [E, hidden, I]. index_select/index_copy_ and a batched weighted sum, not
+    `x[idx]` and `index_add_`: on CPU those measured 2 ms and 50 ms for a single decode token
+    (torch 2.13)."""
+    num_tokens, top_k = expert_ids.shape
+    intermediate = down_proj.shape[2]
+    flat = expert_ids.flatten()
+    order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
+    xs = x.index_select(0, order // top_k)
+    ys = torch.empty_like(xs)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n:
+            gate_up = F.linear(xs[start : start + n], gate_up_proj[expert])
+            act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+            torch.mm(act, down_proj[expert].t(), out=ys[start : start + n])
+            start += n
+    per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
+    return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2 * I] (gate, then up) -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """A fused q/k/v projection's output [T, (H + 2 KVH) D] as q [T, H, D], k, v [T, KVH, D] (views)."""
+    num_tokens = qkv.shape[0]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
+            v.view(num_tokens, num_kv_heads, head_dim))
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    max_query_len: int,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Per sequence: its context's keys and values gathered through its block table, one causal
+    SDPA (query i at position context_len - query_len + i). Shapes as
+    `qwenkit.kernels.paged_prefill_attention`."""
+    out = torch.empty_like(q)
+    starts, lens = query_start_loc.tolist(), context_lens.tolist()
+    for b, context_len in enumerate(lens):
+        start, end = starts[b], starts[b + 1]
+        positions = torch.arange(context_len, device=q.device)
+        slots = block_tables[b].long()[positions // block_size] * block_size + positions % block_size
+        keys, values = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+        query_len = end - start
+        mask = positions[None, :] <= torch.arange(query_len, device=q.device)[:, None] + context_len - query_len
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1),
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    silu_and_mul=silu_and_mul,
+) -> torch.Tensor:
+    """`fused_experts` without reading the routing back to the host: the (token, choice) pairs
+    sorted by expert on the device, each expert's row range found by a binary search, and both
+    matmuls one grouped GEMM each over all experts (`torch._grouped_mm`; an expert with no rows
+    costs nothing). Shapes stay fixed whatever the routing, so a CUDA graph can hold it."""
+    num_tokens, top_k = expert_ids.shape
+    num_experts = gate_up_proj.shape[0]
+    sorted_ids, order = expert_ids.flatten().sort(stable=True)
+    # offs[e]: one past the last row of expert e among the sorted pairs.
+    offs = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=x.device), right=True).to(torch.int32)
+    xs = x.index_select(0, order // top_k)
+    act = silu_and_mul(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs))
+    ys = torch._grouped_mm(act, down_proj.transpose(1, 2), offs=offs)
+    per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
+    return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)

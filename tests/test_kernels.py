@@ -1,0 +1,159 @@
+"""qwenkit.kernels: every ISA variant of the C kernels compiles warning-free, and each variant this
+CPU runs computes what the torch reference does; the ctypes view of every shared struct matches
+its C header; the dispatch and its report.
+
+Variants this CPU cannot run are still compiled (gcc takes the intrinsics given the -m flags);
+their code then runs emulated where SIMDe is installed (Debian's libsimde-dev: the AVX-512
+intrinsics in portable C; csrc/emulate_amx.h: the AMX tile instructions), else it is skipped,
+naming the flags the CPU lacks. benchmarks/cpu_isa_check.py runs the same checks natively (and
+a speed comparison) on any machine, without pytest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import gguf
+import pytest
+import torch
+from gguf.quants import dequantize, quantize
+from test_quant import _q8_bound, _weights
+
+from qwenkit import kernels
+from qwenkit.kernels import build, cpu, reference
+from qwenkit.models.quant import quantize_int8
+
+needs_compiler = pytest.mark.skipif(cpu.library() is None, reason="no C compiler: the native kernels are not built")
+
+
+def _variant(isa: str) -> cpu.Library:
+    """The `isa` variant, built with -Werror (a warning fails here); where this CPU lacks its
+    instructions, its emulated build."""
+    build.build(isa, extra_flags=("-Werror",))
+    if isa in cpu.supported_isas():
+        return cpu.load(isa, extra_flags=("-Werror",))
+    missing = ", ".join(sorted(cpu.REQUIRED_FLAGS[isa] - cpu.cpu_flags())) or "x86-64"
+    if isa not in build.EMULATED_ISA_FLAGS or "avx2" not in cpu.supported_isas():
+        pytest.skip(f"{isa} compiled, not run: this CPU lacks {missing}")
+    try:
+        return cpu.load(isa, emulated=True)
+    except build.BuildError:
+        pytest.skip(f"{isa} compiled, not run: this CPU lacks {missing}, and SIMDe (libsimde-dev) is not "
+                    "installed to emulate it")
+
+
+def _assert_q8_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """The native kernels' bound against the float64 product with the (de)quantized weight."""
+    error = (y.double() - x.double() @ w.double().T).abs()
+    bound = _q8_bound(x, w)
+    assert torch.all(error <= bound), (error / bound).max().item()
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 16, 37])
+def test_variant_quantized_matmuls_against_dequantized(isa, rows):
+    """int8 and Q5_0 (decoded in registers below 16 rows, unpacked first from 16 on) against the
+    float product with the dequantized weight; tails of rows, of output rows and of k."""
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 160, generator=g) * torch.linspace(0.1, 3, 160)
+    w = _weights(37, 160)
+    q, scale = quantize_int8(w)
+    _assert_q8_close(lib.int8_linear(x, q, scale.to(torch.bfloat16)), x, q.double() * scale.double()[:, None])
+    blocks = quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)
+    w5 = torch.from_numpy(dequantize(blocks, gguf.GGMLQuantizationType.Q5_0))
+    blocks = torch.from_numpy(blocks)
+    _assert_q8_close(lib.gguf_linear(x, blocks, 160, "Q5_0"), x, w5)
+    assert torch.equal(lib.gguf_dequantize(blocks, 160, "Q5_0"), w5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+def test_variant_rows_do_not_depend_on_the_call(isa):
+    """Below 16 rows each activation row's result is bit for bit the same alone or with others
+    (int8 tiles of 2 rows; Q5_0 groups of 8 then tiles of up to 4): a sequence decodes the same
+    in any batch, whatever the variant. K of 13 blocks: the AVX-512 paths' odd last block."""
+    lib = _variant(isa)
+    w = _weights(21, 416)
+    q, scale = quantize_int8(w)
+    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    x = torch.randn(13, 416, generator=torch.Generator().manual_seed(9))
+    for fn in (lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16)), lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")):
+        together = fn(x)
+        assert all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(len(x)))
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+def test_variant_attention_norm_rotary_against_reference(isa):
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(0)
+    block_size, heads, kv_heads, dim = 16, 14, 2, 64
+    k_cache, v_cache = (torch.randn(40 * block_size, kv_heads, dim, generator=g) for _ in range(2))
+    context_lens = torch.tensor([1, 16, 17, 90, 0], dtype=torch.int32)
+    block_tables = torch.randperm(40, generator=g)[:30].view(5, 6).to(torch.int32)
+    q = torch.randn(5, heads, dim, generator=g)
+    kwargs = dict(block_size=block_size, scale=dim**-0.5)
+    torch.testing.assert_close(lib.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, **kwargs),
+                               reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                                **kwargs), atol=1e-5, rtol=1e-4)
+    x, weight = torch.randn(5, 96, generator=g) * 3, torch.randn(96, generator=g)
+    torch.testing.assert_close(lib.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6), atol=1e-6, rtol=1e-5)
+    angles = torch.rand(5, 1, dim // 2, generator=g) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    torch.testing.assert_close(lib.rotary(q, cos, sin), reference.rotary(q, cos, sin), atol=1e-6, rtol=1e-5)
+
+
+@needs_compiler
+def test_struct_layouts_match_the_c_header(tmp_path):
+    """Every field of the ctypes mirrors of csrc/decode_layers.h sits at the C offset, and each
+    struct has the C size (a field missing on either side moves one or the other)."""
+    structs = {"fd_linear": cpu.FdLinear, "fd_layer": cpu.FdLayer, "fd_dims": cpu.FdDims}
+    lines = [f'printf("{c} %zu\\n", sizeof({c}));' for c in structs]
+    lines += [f'printf("{c}.{f} %zu\\n", offsetof({c}, {f}));' for c, s in structs.items() for f, _ in s._fields_]
+    lines += [f'printf("FORMAT_{k.upper()} %d\\n", FORMAT_{k.upper()});' for k in cpu.FD_FORMATS]
+    source = tmp_path / "layout.c"
+    source.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "decode_layers.h"\nint main(void) {\n'
+                      + "\n".join(lines) + "\nreturn 0;\n}\n")
+    subprocess.run([build.compiler(), "-Wall", "-Wextra", "-Werror", "-I", str(build.CSRC), str(source), "-o",
+                    str(tmp_path / "layout")], check=True)
+    c_view = dict(line.split() for line in subprocess.run([str(tmp_path / "layout")], capture_output=True,
+                                                         text=True, check=True).stdout.splitlines())
+    python_view = {c: str(ctypes.sizeof(s)) for c, s in structs.items()}
+    python_view |= {f"{c}.{f}": str(getattr(s, f).offset) for c, s in structs.items() for f, _ in s._fields_}
+    python_view |= {f"FORMAT_{k.upper()}": str(v) for k, v in cpu.FD_FORMATS.items()}
+    assert c_view == python_view
+
+
+def test_variant_choice_and_report(monkeypatch):
+    supported = cpu.supported_isas()
+    assert supported[-1] == "generic" and supported[0] == cpu.selected_isa()
+    monkeypatch.setenv("QWENKIT_CPU_ISA", "generic")
+    assert cpu.selected_isa() == "generic"
+    unsupported = [isa for isa in build.ISA_FLAGS if isa not in supported]
+    if unsupported:
+        monkeypatch.setenv("QWENKIT_CPU_ISA", unsupported[0])
+        with pytest.raises(ValueError, match=f"this CPU runs only {', '.join(supported)}"):
+            cpu.selected_isa()
+    monkeypatch.setenv("QWENKIT_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="choose one of amx, avx512_vnni, avx2, generic"):
+        cpu.selected_isa()
+    report = kernels.describe()
+    lib = cpu.library()
+    assert report["cpu_isa"] == (lib.isa if lib else "none (torch code)")
+    monkeypatch.setattr(cpu, "library", lambda: None)
+    assert kernels.describe()["int8_linear"].startswith("torch")
+    assert "torch code" in kernels.summary()
+
+
+def test_without_native_kernels_every_kernel_runs_torch_code(monkeypatch):
+    """No compiler (or QWENKIT_NATIVE_KERNELS=0): the dispatch returns the reference's numbers."""
+    monkeypatch.setattr(cpu, "library", lambda: None)
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(3, 64, generator=g), torch.randn(64, generator=g)
+    assert torch.equal(kernels.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+    blocks = torch.from_numpy(quantize(torch.randn(8, 64, generator=g).numpy(), gguf.GGMLQuantizationType.Q5_0))
+    assert torch.equal(kernels.gguf_dequantize(blocks, 64, "Q5_0"), reference.gguf_dequantize(blocks, 64, "Q5_0"))
+    assert not kernels.has_gguf_kernel("Q5_0")
