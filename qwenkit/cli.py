@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                        help='MCP servers ({"mcpServers": {...}}) whose tools the web page can call')
     serve.add_argument("--chat-db", help="SQLite file for the web page's conversations "
                        "(default: conversations.sqlite3 in the qwenkit home)")
+    serve.add_argument("--responses-db", help="SQLite file for stored /v1/responses (previous_response_id) "
+                       "(default: responses.sqlite3 in the qwenkit home)")
     serve.set_defaults(func=_serve)
     return parser
 
@@ -211,6 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
         web=not args.no_web,
         mcp_config=args.mcp,
         chat_db=args.chat_db,
+        responses_db=args.responses_db,
     )
     allm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
                     kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
