@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TextToolCall:
-    """A call found in the text; ``arguments`` is compact JSON of an object."""
+    """A call found in the text; ``arguments`` is ``json.dumps`` of an object."""
 
     name: str
     arguments: str
@@ -36,8 +36,12 @@ class TextToolCall:
 # What feed/flush return, in order: text for the answer, or a call.
 Piece = str | TextToolCall
 
-_NO, _JSON, _FENCE_OPEN, _FENCE_BODY = "no", "json", "fence_open", "fence_body"
+# Where the scanner is: in plain text; in a line-starting object; on a fence's opening
+# line; in a ```json fence before its object, in the object, or after it (closing line).
+_TEXT, _JSON, _FENCE_OPEN, _FENCE_START, _FENCE_JSON, _FENCE_END = range(6)
 _FENCE = "```"
+_WHITESPACE = " \t\r\n"
+_CALL_KEYS = ("name", "arguments", "parameters")
 
 
 def parse_text_tool_call(text: str, tool_names: Collection[str]) -> TextToolCall | None:
@@ -55,64 +59,59 @@ def parse_text_tool_call(text: str, tool_names: Collection[str]) -> TextToolCall
 
 
 class TextToolCallScanner:
-    """Splits answer text into text and tool calls written as JSON, as it streams."""
+    """Splits answer text into text and tool calls written as JSON, as it streams.
+
+    Text that may still become a call is held back: from a line-starting ``{`` until
+    the object closes (or its first key is not ``name`` / ``arguments`` / ``parameters``),
+    from a line-starting ```` ``` ```` until the fence's language is known, and a ```json
+    fence until its closing line. Everything else passes through at once."""
 
     def __init__(self, tool_names: Collection[str]):
         self.tool_names = frozenset(tool_names)
-        self._state = _NO
-        self._held: list[str] = []  # the candidate so far
+        self._state = _TEXT
+        self._held: list[str] = []  # the candidate's text so far
         self._line_start = True  # only spaces / tabs since the last newline
         self._in_other_fence = False  # inside a fence that is answer text: no candidates
-        # JSON scanning of a bare-object candidate.
+        self._object_at = 0  # where the object starts in the held text
+        self._object_end = 0  # and where it ended (fenced objects)
+        self._fence_line: list[str] = []  # the current line after a fenced object
+        # The object's JSON structure: nesting depth, string state, its first key.
         self._depth = 0
         self._in_string = False
         self._escaped = False
-        self._keyed = False  # the first non-space character after `{` was seen
-        self._body_at = 0  # where a fence's body starts in the held text
+        self._before_key = False  # only whitespace since the opening brace
+        self._key: list[str] | None = None  # the first key while it is being read
 
     def feed(self, text: str) -> list[Piece]:
-        """The pieces ``text`` completes; text that may still be a call is held back."""
+        """The pieces ``text`` completes, in order."""
         out: list[Piece] = []
         for char in text:
-            self._step(char, out)
+            if self._state == _TEXT:
+                self._text_char(char, out)
+            else:
+                self._held.append(char)
+                self._candidate_char(char, out)
         return out
 
     def flush(self) -> list[Piece]:
-        """End of the answer (or a `<tool_call>` marker): decide on what is held."""
+        """End of the answer (or a `<tool_call>` marker): decide on what is held; a
+        ```json fence whose object is complete counts even without its closing line."""
         out: list[Piece] = []
-        if self._state == _FENCE_BODY:
-            held = "".join(self._held)
-            body = held[self._body_at :].rstrip()
-            if body.endswith(_FENCE):  # closed on the last line, with no newline after it
-                body = body[: -len(_FENCE)]
-            self._decide(parse_text_tool_call(body, self.tool_names), out)
-        elif self._state != _NO:
+        if self._state == _FENCE_END:
+            self._decide(out)
+        elif self._state != _TEXT:
             self._release(out)
         self._line_start = True
         return out
 
     # -- the state machine ---------------------------------------------------------------
 
-    def _step(self, char: str, out: list[Piece]) -> None:
-        if self._state == _NO:
-            self._outside(char, out)
-        elif self._state == _JSON:
-            self._held.append(char)
-            self._scan_json(char, out)
-        elif self._state == _FENCE_OPEN:
-            self._held.append(char)
-            self._scan_fence_open(char, out)
-        else:
-            self._held.append(char)
-            if char == "\n":
-                self._scan_fence_line(out)
-
-    def _outside(self, char: str, out: list[Piece]) -> None:
+    def _text_char(self, char: str, out: list[Piece]) -> None:
         if self._line_start and char == "`":
-            self._start(_FENCE_OPEN, char)
+            self._hold(_FENCE_OPEN, char)
         elif self._line_start and char == "{" and not self._in_other_fence:
-            self._start(_JSON, char)
-            self._depth, self._in_string, self._escaped, self._keyed = 1, False, False, False
+            self._hold(_JSON, char)
+            self._start_object(0)
         else:
             _text(out, char)
             if char == "\n":
@@ -120,11 +119,31 @@ class TextToolCallScanner:
             elif char not in " \t":
                 self._line_start = False
 
-    def _start(self, state: str, char: str) -> None:
+    def _candidate_char(self, char: str, out: list[Piece]) -> None:
+        if self._state in (_JSON, _FENCE_JSON):
+            self._object_char(char, out)
+        elif self._state == _FENCE_OPEN:
+            self._fence_open_char(char, out)
+        elif self._state == _FENCE_START:
+            if char == "{":
+                self._state = _FENCE_JSON
+                self._start_object(len(self._held) - 1)
+            elif char not in _WHITESPACE:  # a fence of other text: its closing line opens no fence
+                self._in_other_fence = True
+                self._release(out)
+        else:  # _FENCE_END: only whitespace, then the closing ``` line
+            self._fence_end_char(char, out)
+
+    def _hold(self, state: int, char: str) -> None:
         self._state = state
         self._held = [char]
 
-    def _scan_json(self, char: str, out: list[Piece]) -> None:
+    def _start_object(self, at: int) -> None:
+        self._object_at = at
+        self._depth, self._in_string, self._escaped = 1, False, False
+        self._before_key, self._key = True, None
+
+    def _object_char(self, char: str, out: list[Piece]) -> None:
         if self._in_string:
             if self._escaped:
                 self._escaped = False
@@ -132,13 +151,19 @@ class TextToolCallScanner:
                 self._escaped = True
             elif char == '"':
                 self._in_string = False
+                if self._key is not None:  # the first key is read: only a call's keys may follow
+                    key, self._key = "".join(self._key), None
+                    if key not in _CALL_KEYS:
+                        self._not_a_call(out)
+            elif self._key is not None:
+                self._key.append(char)
             return
-        if not self._keyed and char not in " \t\r\n":
-            if char not in '"}':  # an object's first key is a string: `{` then anything else is code
-                self._release(out)
-                self._line_start = False
+        if self._before_key and char not in _WHITESPACE:
+            self._before_key = False
+            if char != '"':  # an object's first key is a string: `{` then anything else is code
+                self._not_a_call(out)
                 return
-            self._keyed = True
+            self._key = []
         if char == '"':
             self._in_string = True
         elif char == "{":
@@ -146,52 +171,66 @@ class TextToolCallScanner:
         elif char == "}":
             self._depth -= 1
             if self._depth == 0:
-                self._decide(parse_text_tool_call("".join(self._held), self.tool_names), out)
-                self._line_start = False
+                self._object_end = len(self._held)
+                if self._state == _JSON:
+                    self._decide(out)
+                    self._line_start = False
+                else:
+                    self._state, self._fence_line = _FENCE_END, []
 
-    def _scan_fence_open(self, char: str, out: list[Piece]) -> None:
-        held = "".join(self._held)
-        if len(held) <= len(_FENCE):
+    def _fence_open_char(self, char: str, out: list[Piece]) -> None:
+        length = len(self._held)
+        if length <= len(_FENCE):
             if char != "`":
                 self._release(out)
                 self._line_start = char == "\n"
             return
         if char != "\n":
             return
-        info = held[len(_FENCE) :].strip().lower()
-        if self._in_other_fence:  # this line closes it (or is text inside it)
+        info = "".join(self._held[len(_FENCE) : -1]).strip().lower()
+        if self._in_other_fence:  # a bare ``` line closes it; anything else is its text
             self._in_other_fence = info != ""
             self._release(out)
         elif info in ("", "json"):
-            self._state = _FENCE_BODY
-            self._body_at = len(held)
+            self._state = _FENCE_START
         else:
             self._in_other_fence = True
             self._release(out)
         self._line_start = True
 
-    def _scan_fence_line(self, out: list[Piece]) -> None:
-        """A line of a ```json fence ended: it may close the fence or rule out a call."""
-        body = "".join(self._held)[self._body_at :]
-        if not body.lstrip().startswith("{") and body.strip():
-            self._in_other_fence = True  # a fence of other text: its closing line must not open one
-            self._release(out)
+    def _fence_end_char(self, char: str, out: list[Piece]) -> None:
+        line = "".join(self._fence_line).strip()
+        if char == "\n":
+            if line == _FENCE:
+                self._decide(out)
+                self._line_start = True
+            self._fence_line = []  # a blank line: the closing one may follow
             return
-        *lines, line, _ = body.split("\n")
-        if line.strip() == _FENCE:
-            self._decide(parse_text_tool_call("\n".join(lines), self.tool_names), out)
-            self._line_start = True
+        self._fence_line.append(char)
+        if not _FENCE.startswith(line + char.strip()):
+            self._in_other_fence = True  # more than the object in the fence: all of it is text
+            self._release(out)
 
-    def _decide(self, call: TextToolCall | None, out: list[Piece]) -> None:
+    def _not_a_call(self, out: list[Piece]) -> None:
+        if self._state == _FENCE_JSON:
+            self._in_other_fence = True  # the fence goes on as text
+        self._release(out)
+        self._line_start = False
+
+    def _decide(self, out: list[Piece]) -> None:
+        held = "".join(self._held)
+        call = parse_text_tool_call(held[self._object_at : self._object_end], self.tool_names)
         if call is None:
+            if self._state == _FENCE_END and not held.rstrip().endswith(_FENCE):
+                self._in_other_fence = True  # flushed before its closing line
             self._release(out)
         else:
             out.append(call)
-            self._state, self._held = _NO, []
+            self._state, self._held = _TEXT, []
 
     def _release(self, out: list[Piece]) -> None:
         _text(out, "".join(self._held))
-        self._state, self._held = _NO, []
+        self._state, self._held = _TEXT, []
 
 
 def _text(out: list[Piece], text: str) -> None:

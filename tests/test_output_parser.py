@@ -375,6 +375,16 @@ def test_a_candidate_call_is_held_back_then_released_or_called():
     assert parser.feed(TEXT, '{"a": 1}').content == '\n{"a": 1}'  # JSON inside it is text too
 
 
+def test_json_that_is_no_call_is_released_at_its_first_key():
+    """An ordinary JSON answer streams at once, not when its object closes."""
+    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=True, tool_names=NAMES)
+    assert parser.feed(TEXT, '{\n  "answ').content == ""
+    assert parser.feed(TEXT, 'er": ').content == '{\n  "answer":'  # (the trailing space is held)
+    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=True, tool_names=NAMES)
+    assert parser.feed(TEXT, '```json\n{"city": ').content == '```json\n{"city":'
+    assert parser.feed(TEXT, '"Paris"}\n```\n{"x"').content == ' "Paris"}\n```\n{"x"'
+
+
 def test_text_call_then_marker_call():
     streamed, parts = run([T(BARE + "\n"), M(CALL), T(WEATHER), M(END_CALL)], names=NAMES)
     assert [c.name for c in parts.tool_calls] == ["get_weather", "get_weather"]
@@ -392,6 +402,11 @@ TEXT_CASES = [
                                                       [("get_weather", WEATHER_ARGS)], "tool_calls")),
     ([T('{"name": "t", "arguments": {"s": "a \\" } {"}}')], (None, None, [("t", '{"s": "a \\" } {"}')], "tool_calls")),
     ([T("{\n  int x;\n}\n")], (None, "{\n  int x;\n}\n", [], "stop")),
+    ([T('```json\n{"name": "t", "arguments": {}}\n\n  ```  \nok')], (None, "ok", [("t", "{}")], "tool_calls")),
+    ([T('```json\n{"name": "t", "arguments": {}}\n```more\n```\n' + BARE)],
+     (None, '```json\n{"name": "t", "arguments": {}}\n```more\n```', [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T('```\n{"name": "t", "arguments": {}}'), T("\n``")], (None, None, [("t", "{}")], "tool_calls")),
+    ([T('{"name": "t", "arguments": {"s": "}"}}x\n{"b": 1}')], (None, 'x\n{"b": 1}', [("t", '{"s": "}"}')], "tool_calls")),
 ]
 
 
