@@ -7,6 +7,8 @@ updates for it back into reasoning / content / tool-call deltas and a `ChatCompl
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,12 +115,16 @@ def prepare_chat(
         tools = None
     thinking = effective_enable_thinking(resolve_thinking_mode(messages, enable_thinking), thinking_budget)
     prompt = tokenizer.apply_chat_template(
-        messages, tools=tools or None, add_generation_prompt=True, enable_thinking=thinking, **template_kwargs
+        parse_tool_call_arguments(messages), tools=tools or None, add_generation_prompt=True,
+        enable_thinking=thinking, **template_kwargs
     )
     prompt_ids = tokenizer.encode(prompt)
     ids = SpecialIds.from_tokenizer(tokenizer)
     opened = starts_in_thinking(prompt_ids, ids)
     grammar = _grammar(grammar_compiler, response_format, tools, tool_choice, tool_name, parallel_tool_calls)
+    # Calls written as JSON text count only when the answer itself is not asked to be JSON.
+    json_answer = bool(response_format) and response_format.get("type") != "text"
+    tool_names = frozenset() if json_answer else _tool_names(tools)
     controls, parsers = [], []
     for _ in range(params.n):
         budget = None
@@ -137,10 +143,52 @@ def prepare_chat(
                 grammar=grammar.matcher() if grammar is not None else None,
             )
         )
-        parsers.append(OutputParser(ids, starts_in_thinking=opened, parse_tool_calls=bool(tools)))
+        parsers.append(OutputParser(ids, starts_in_thinking=opened, parse_tool_calls=bool(tools),
+                                    tool_names=tool_names))
     return PreparedChat(
         prompt_ids, params, QWEN3_THINKING if thinking else QWEN3_NON_THINKING, thinking, controls, parsers
     )
+
+
+def parse_tool_call_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each assistant ``tool_calls[].function.arguments`` given as a JSON
+    string (as OpenAI clients send them) parsed into an object, so that every chat template
+    renders an object, as the model wrote it, not a quoted string it would learn to copy.
+    A blank string is ``{}``; any other string that is not a JSON object is a ValueError
+    naming the field."""
+    out = []
+    for i, message in enumerate(messages):
+        calls = message.get("tool_calls") if isinstance(message, Mapping) else None
+        if not isinstance(calls, list) or not calls:
+            out.append(message)
+            continue
+        out.append({**message, "tool_calls": [_parsed_call(call, f"messages[{i}].tool_calls[{j}]")
+                                              for j, call in enumerate(calls)]})
+    return out
+
+
+def _parsed_call(call: Any, where: str) -> Any:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    arguments = function.get("arguments") if isinstance(function, Mapping) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except ValueError as e:
+        raise ValueError(f"{where}.function.arguments is not valid JSON ({e}): {arguments!r:.80}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object, got {arguments!r:.80}")
+    return {**call, "function": {**function, "arguments": parsed}}
+
+
+def _tool_names(tools: list[dict[str, Any]] | None) -> frozenset[str]:
+    """The names of the offered functions (OpenAI-style or bare function dicts)."""
+    names = set()
+    for tool in tools or []:
+        function = (tool.get("function") or tool) if isinstance(tool, Mapping) else None
+        if isinstance(function, Mapping) and isinstance(function.get("name"), str):
+            names.add(function["name"])
+    return frozenset(names)
 
 
 def _tool_choice_name(tool_choice: str | dict[str, Any], tools: list[dict[str, Any]] | None) -> str | None:

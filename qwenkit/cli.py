@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, default=1, help="with --ray: how many replicas")
     serve.add_argument("--ray-address", help="with --ray: the Ray cluster to join (default: RAY_ADDRESS, else a "
                        "local one)")
+    serve.add_argument("--responses-db", help="SQLite file for stored /v1/responses (previous_response_id) "
+                       "(default: responses.sqlite3 in the qwenkit home)")
     serve.set_defaults(func=_serve)
     return parser
 
@@ -225,6 +227,7 @@ def _serve(args: argparse.Namespace) -> int:
         web=not args.no_web,
         mcp_config=args.mcp,
         chat_db=args.chat_db,
+        responses_db=args.responses_db,
     )
     llm_kwargs = dict(dtype=args.dtype, device=args.device,
                       kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,

@@ -219,7 +219,9 @@ class LLM:
         """Structured output for this model's vocabulary (built on first use)."""
         from qwenkit.structured import GrammarCompiler
 
-        return GrammarCompiler(self.tokenizer, self.config.vocab_size)
+        # Every end-of-turn id: Qwen2.5 ends a tool-call turn with <|endoftext|>, not <|im_end|>.
+        return GrammarCompiler(self.tokenizer, self.config.vocab_size,
+                               eos_token_ids=self.generation_config.eos_token_ids or None)
 
     def prepare_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
                      **kwargs: Any) -> PreparedChat:

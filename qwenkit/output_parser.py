@@ -17,6 +17,8 @@ spell out in its answer). Decisions, all documented on :class:`OutputParser`:
   is streamed as one :class:`ToolCallDelta` (id, name and the whole arguments) when its
   `</tool_call>` arrives: until then the block could still turn out malformed, and a
   malformed block is answer text, not a call. Streamed and final results agree exactly.
+* Calls written as plain JSON, without the markers (small models do), are found in the
+  answer text by :mod:`qwenkit.text_tool_calls`, which holds back what may become a call.
 
 No torch.
 """
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from qwenkit.chat_types import ChatCompletion, ChatDelta, ToolCall, ToolCallDelta, Usage, new_tool_call_id
+from qwenkit.text_tool_calls import TextToolCall, TextToolCallScanner
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -139,12 +142,18 @@ class OutputParser:
       tool call.
     * **Tool calls** (only with ``parse_tool_calls`` and a vocabulary that has the
       markers): a `<tool_call>` ... `</tool_call>` block in the content must hold a JSON
-      object ``{"name": str, "arguments": object}`` (``arguments`` may also be a string
-      holding a JSON object, or missing for ``{}``). A call is streamed as one
+      object ``{"name": str, "arguments": object}`` (``parameters`` for ``arguments`` is
+      accepted too; ``arguments`` may also be a string holding a JSON object, or missing
+      for ``{}``). A call is streamed as one
       :class:`ToolCallDelta` carrying id, name and the whole ``arguments``, compact
       ``json.dumps(arguments, ensure_ascii=False)``, when its block closes. A block that
       does not parse, or never closes, is content text (markers included). Whitespace
       around calls is dropped.
+    * **Calls written as text** (only with ``parse_tool_calls`` and ``tool_names``, the
+      offered functions): a bare JSON object or a ```json fence starting a line of the
+      content, ``{"name": <offered>, "arguments"|"parameters": object}``, is a call
+      (:mod:`qwenkit.text_tool_calls` has the exact rules); its text is held back until
+      that is decided, and released as content when it is not a call.
     * **Marker text never leaks**: a marker token that acts as a marker contributes only
       the text the detokenizer held back before it.
     * ``reasoning_tokens``: every token from the opening `<think>` through the closing
@@ -153,9 +162,12 @@ class OutputParser:
       engine forces inside thinking (a thinking budget's early stop) are included.
     """
 
-    def __init__(self, tokenizer_ids: SpecialIds, *, starts_in_thinking: bool, parse_tool_calls: bool):
+    def __init__(self, tokenizer_ids: SpecialIds, *, starts_in_thinking: bool, parse_tool_calls: bool,
+                 tool_names: frozenset[str] = frozenset()):
         self.ids = tokenizer_ids
         self.parse_tool_calls = parse_tool_calls and tokenizer_ids.has_tool_calls
+        # Finds calls written as JSON text in the content; None: content is only text.
+        self._text_calls = TextToolCallScanner(tool_names) if parse_tool_calls and tool_names else None
         in_thinking = starts_in_thinking and tokenizer_ids.think_end is not None
         self._mode = _THINKING if in_thinking else _CONTENT
         self._thinking_seen = in_thinking  # thinking opens at most once
@@ -205,6 +217,7 @@ class OutputParser:
                 self._block.append(text)
         elif token_id == ids.think_start and ids.think_end is not None and not self._thinking_seen:
             self._add_content(_before_marker(text, THINK_START), delta)
+            self._flush_text_calls(delta)
             if self._content or self.tool_calls:
                 self._add_content(THINK_START, delta)  # too late: answer text
             else:
@@ -214,6 +227,7 @@ class OutputParser:
                 self.reasoning_tokens += 1
         elif token_id == ids.tool_call_start and self.parse_tool_calls:
             self._add_content(_before_marker(text, TOOL_CALL_START), delta)
+            self._flush_text_calls(delta)
             self._block = []
             self._mode = _TOOL_CALL
         else:
@@ -233,6 +247,7 @@ class OutputParser:
         if self._mode == _TOOL_CALL:  # never closed: its text is content
             self._mode = _CONTENT
             self._add_content(TOOL_CALL_START + "".join(self._block), delta)
+        self._flush_text_calls(delta)
         self._held_newlines = ""
         if self._content and not self._after_tool_call and self._held_space:
             self._emit_content(self._held_space, delta)
@@ -261,6 +276,23 @@ class OutputParser:
             delta.reasoning_content += shown
 
     def _add_content(self, text: str, delta: ChatDelta) -> None:
+        if self._text_calls is None:
+            self._add_text(text, delta)
+        else:
+            self._add_pieces(self._text_calls.feed(text), delta)
+
+    def _flush_text_calls(self, delta: ChatDelta) -> None:
+        if self._text_calls is not None:
+            self._add_pieces(self._text_calls.flush(), delta)
+
+    def _add_pieces(self, pieces: list[str | TextToolCall], delta: ChatDelta) -> None:
+        for piece in pieces:
+            if isinstance(piece, TextToolCall):
+                self._add_tool_call(piece.name, piece.arguments, delta)
+            else:
+                self._add_text(piece, delta)
+
+    def _add_text(self, text: str, delta: ChatDelta) -> None:
         if not text:
             return
         text = self._held_space + text
@@ -285,7 +317,9 @@ class OutputParser:
         if parsed is None:
             self._add_content(TOOL_CALL_START + raw + TOOL_CALL_END, delta)
             return
-        name, arguments = parsed
+        self._add_tool_call(*parsed, delta)
+
+    def _add_tool_call(self, name: str, arguments: str, delta: ChatDelta) -> None:
         call = ToolCall(id=new_tool_call_id(), name=name, arguments=arguments)
         delta.tool_calls.append(ToolCallDelta(index=len(self.tool_calls), id=call.id, name=name, arguments=arguments))
         self.tool_calls.append(call)
@@ -295,7 +329,7 @@ class OutputParser:
 
 def parse_tool_call(text: str) -> tuple[str, str] | None:
     """``(name, arguments JSON)`` from the text inside a `<tool_call>` block, or None when
-    it is not ``{"name": str, "arguments": object}``."""
+    it is not ``{"name": str, "arguments": object}`` (or ``"parameters"``)."""
     try:
         obj = json.loads(text)
     except ValueError:
@@ -305,7 +339,7 @@ def parse_tool_call(text: str) -> tuple[str, str] | None:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         return None
-    arguments: Any = obj.get("arguments", {})
+    arguments: Any = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):  # some fine-tunes write the arguments as a JSON string
         try:
             arguments = json.loads(arguments)

@@ -26,9 +26,10 @@ WEATHER = '\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}
 WEATHER_ARGS = '{"city": "Paris", "unit": "c"}'
 
 
-def run(steps, *, starts=False, tools=True, finish="stop", ids=IDS):
-    """Feed all steps; return (streamed, parts) where streamed is the concatenated deltas."""
-    parser = OutputParser(ids, starts_in_thinking=starts, parse_tool_calls=tools)
+def run(steps, *, starts=False, tools=True, finish="stop", ids=IDS, names=frozenset()):
+    """Feed all steps; return (streamed, parts) where streamed is the concatenated deltas.
+    ``names``: the offered functions, for calls written as text."""
+    parser = OutputParser(ids, starts_in_thinking=starts, parse_tool_calls=tools, tool_names=frozenset(names))
     deltas = [parser.feed(token_id, text) for token_id, text in steps]
     last, parts = parser.finish(finish)
     deltas.append(last)
@@ -293,6 +294,7 @@ def test_length_with_tool_calls_stays_length():
         ('{"name": "f", "arguments": "{\\"a\\": 1}"}', ("f", '{"a": 1}')),
         ('{"name": "f", "arguments": [1]}', None),
         ('{"name": "f", "arguments": "nope"}', None),
+        ('{"name": "f", "parameters": {"a": 1}}', ("f", '{"a": 1}')),
         ('{"arguments": {}}', None),
         ('{"name": 3, "arguments": {}}', None),
         ("[1, 2]", None),
@@ -302,6 +304,121 @@ def test_length_with_tool_calls_stays_length():
 )
 def test_parse_tool_call(text, expected):
     assert parse_tool_call(text) == expected
+
+
+# ---- tool calls written as text (no markers) ------------------------------------------
+
+NAMES = frozenset({"get_weather", "t"})
+BARE = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+PRETTY = '{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris",\n    "unit": "c"\n  }\n}'
+
+
+@pytest.mark.parametrize("text", [
+    BARE, PRETTY, "```json\n" + PRETTY + "\n```", "```\n" + BARE + "\n```\n", "  " + BARE + "\n",
+    "```JSON\n" + BARE + "\n```",
+    '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}',
+])
+def test_call_written_as_json_text_is_a_tool_call(text):
+    """What the default model writes instead of <tool_call> blocks (bare, fenced, pretty)."""
+    streamed, parts = run([T(text)], names=NAMES)
+    assert summary(parts) == (None, None, [("get_weather", WEATHER_ARGS)], "tool_calls")
+    assert_consistent(streamed, parts)
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "get_time", "arguments": {}}',  # not an offered function
+    '{"name": "get_weather", "arguments": "{}"}',  # arguments not an object
+    '{"name": "get_weather"}',  # no arguments
+    '{"name": "get_weather", "arguments": {}, "id": 1}',  # another key
+    'Call it like this: {"name": "get_weather", "arguments": {}}',  # not at a line start
+    '```python\n{"name": "get_weather", "arguments": {}}\n```',  # a fence of code
+    '```json\n{"name": "get_weather", "arguments": {}}\nmore\n```',  # more than the object
+    '{"name": "get_weather", "arguments": {}',  # never closed
+    "{\n  int x = 1;\n}",  # code
+    '[{"name": "get_weather", "arguments": {}}]',
+])
+def test_other_json_text_is_content(text):
+    streamed, parts = run([T(text)], names=NAMES)
+    assert summary(parts) == (None, text.strip(), [], "stop")
+    assert_consistent(streamed, parts)
+
+
+def test_text_calls_need_offered_tools_and_come_after_thinking():
+    _, parts = run([T(BARE)], names=frozenset())
+    assert summary(parts) == (None, BARE, [], "stop")
+    _, parts = run([T(BARE)], tools=False, names=NAMES)
+    assert summary(parts) == (None, BARE, [], "stop")
+    _, parts = run([M(THINK), T(BARE), M(END_THINK), T("ok")], names=NAMES)
+    assert summary(parts) == (BARE, "ok", [], "stop")
+
+
+def test_text_around_json_calls():
+    text = "Let me check.\n" + BARE + "\n```json\n" + '{"name": "t", "arguments": {"q": 1}}' + "\n```\n\nDone."
+    streamed, parts = run([T(text)], names=NAMES)
+    assert summary(parts) == (None, "Let me check.\nDone.", [("get_weather", WEATHER_ARGS), ("t", '{"q": 1}')],
+                              "tool_calls")
+    assert_consistent(streamed, parts)
+
+
+def test_a_candidate_call_is_held_back_then_released_or_called():
+    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=True, tool_names=NAMES)
+    deltas = [parser.feed(TEXT, char) for char in BARE]
+    assert not any(d.content for d in deltas)  # nothing of the call leaks as content
+    assert [d.tool_calls[0].name for d in deltas if d.tool_calls] == ["get_weather"]
+    assert deltas[-1].tool_calls  # streamed the moment the object closed
+    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=True, tool_names=NAMES)
+    assert parser.feed(TEXT, "{").content == ""
+    assert parser.feed(TEXT, "\n  int").content == "{\n  int"  # released once it cannot be JSON
+    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=True, tool_names=NAMES)
+    assert parser.feed(TEXT, "```").content == ""
+    assert parser.feed(TEXT, "python\n").content == "```python"  # another fence: text at once
+    assert parser.feed(TEXT, '{"a": 1}').content == '\n{"a": 1}'  # JSON inside it is text too
+
+
+def test_json_that_is_no_call_is_released_at_its_first_key():
+    """An ordinary JSON answer streams at once, not when its object closes."""
+    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=True, tool_names=NAMES)
+    assert parser.feed(TEXT, '{\n  "answ').content == ""
+    assert parser.feed(TEXT, 'er": ').content == '{\n  "answer":'  # (the trailing space is held)
+    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=True, tool_names=NAMES)
+    assert parser.feed(TEXT, '```json\n{"city": ').content == '```json\n{"city":'
+    assert parser.feed(TEXT, '"Paris"}\n```\n{"x"').content == ' "Paris"}\n```\n{"x"'
+
+
+def test_text_call_then_marker_call():
+    streamed, parts = run([T(BARE + "\n"), M(CALL), T(WEATHER), M(END_CALL)], names=NAMES)
+    assert [c.name for c in parts.tool_calls] == ["get_weather", "get_weather"]
+    assert parts.content is None
+    assert_consistent(streamed, parts)
+
+
+TEXT_CASES = [
+    ([T("Sure.\n"), T(PRETTY), T("\n")], (None, "Sure.", [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T("```json\n" + BARE + "\n```")], (None, None, [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T("<tools>\n" + '{"type": "function", "function": {"name": "get_weather"}}' + "\n</tools>\n\n"), T(BARE)],
+     (None, '<tools>\n{"type": "function", "function": {"name": "get_weather"}}\n</tools>',
+      [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T('```python\nx = {"a": "}"}\n```\n' + BARE)], (None, '```python\nx = {"a": "}"}\n```',
+                                                      [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T('{"name": "t", "arguments": {"s": "a \\" } {"}}')], (None, None, [("t", '{"s": "a \\" } {"}')], "tool_calls")),
+    ([T("{\n  int x;\n}\n")], (None, "{\n  int x;\n}\n", [], "stop")),
+    ([T('```json\n{"name": "t", "arguments": {}}\n\n  ```  \nok')], (None, "ok", [("t", "{}")], "tool_calls")),
+    ([T('```json\n{"name": "t", "arguments": {}}\n```more\n```\n' + BARE)],
+     (None, '```json\n{"name": "t", "arguments": {}}\n```more\n```', [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T('```\n{"name": "t", "arguments": {}}'), T("\n``")], (None, None, [("t", "{}")], "tool_calls")),
+    ([T('{"name": "t", "arguments": {"s": "}"}}x\n{"b": 1}')], (None, 'x\n{"b": 1}', [("t", '{"s": "}"}')], "tool_calls")),
+]
+
+
+@pytest.mark.parametrize("case", range(len(TEXT_CASES)))
+def test_text_calls_under_random_splits(case):
+    steps, expected = TEXT_CASES[case]
+    rng = random.Random(case)
+    for trial in range(200):
+        tokens = steps if trial == 0 else random_split(steps, rng)
+        streamed, parts = run(tokens, names=NAMES)
+        assert summary(parts) == expected, tokens
+        assert_consistent(streamed, parts)
 
 
 # ---- streaming == final, under any token split ---------------------------------------
@@ -369,7 +486,7 @@ def test_streaming_equals_final_under_random_splits(case):
 def test_random_outputs_streaming_equals_final():
     """Random token soup: whatever the parser decides, the stream adds up to the result."""
     rng = random.Random(1234)
-    vocab = ["a", " b", "\n", "\n\n", " ", "{", '"name": "f"', '"arguments": {}', "}", ",", "é", ""]
+    vocab = ["a", " b", "\n", "\n\n", " ", "{", '"name": "f"', '"arguments": {}', "}", ",", "é", "", "```", "json"]
     for _ in range(2000):
         steps = []
         for _ in range(rng.randint(0, 25)):
@@ -378,7 +495,7 @@ def test_random_outputs_streaming_equals_final():
             else:
                 steps.append(T(rng.choice(vocab)))
         streamed, parts = run(steps, starts=rng.random() < 0.3, tools=rng.random() < 0.7,
-                              finish=rng.choice(["stop", "length"]))
+                              finish=rng.choice(["stop", "length"]), names={"f"} if rng.random() < 0.5 else ())
         assert_consistent(streamed, parts)
         if parts.content is not None:
             assert parts.content == parts.content.lstrip("\n")

@@ -226,7 +226,7 @@ def test_chat_logprobs(client, server):
 
 
 def test_models_and_health(client, server):
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, "default"]  # "default": an alias
     assert httpx.get(f"{server}/health").json()["status"] == "ok"  # no key needed
 
 

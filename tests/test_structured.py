@@ -191,7 +191,25 @@ def test_tool_call_markers_are_the_single_tokens(compiler):
         assert matcher.accept(token_id)
     assert matcher.allowed_mask().nonzero().flatten().tolist() == [tokenizer.token_to_id("</tool_call>")]
     assert matcher.accept(tokenizer.token_to_id("</tool_call>"))
+    newline = tokenizer.encode("\n")
+    assert set(matcher.allowed_mask().nonzero().flatten().tolist()) == {*newline, *compiler.eos_token_ids}
+    assert matcher.accept(newline[0])
     assert matcher.is_terminated()
+
+
+@pytest.mark.parametrize("kwargs, more_calls", [({}, True), ({"parallel": False}, False),
+                                                ({"name": "add"}, False)])
+def test_tool_calls_may_end_after_the_newline_qwen_writes(qwen_compiler, kwargs, more_calls):
+    """Qwen ends a tool-call turn with "</tool_call>\\n" and then end-of-turn: the grammar
+    must allow the end there (it used to force another <tool_call>, so `required` never
+    stopped), and allow another call only when parallel calls are."""
+    tokenizer = qwen_compiler.tokenizer
+    matcher = qwen_compiler.tool_calls(TOOLS, **kwargs).matcher()
+    for token_id in tokenizer.encode('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'):
+        assert matcher.accept(token_id)
+    allowed = set(matcher.allowed_mask().nonzero().flatten().tolist())
+    call = tokenizer.token_to_id("<tool_call>")
+    assert allowed == {*qwen_compiler.eos_token_ids, *([call] if more_calls else [])}
 
 
 def test_accept_rejects_disallowed_token_and_keeps_state(tiny_compiler):

@@ -25,9 +25,11 @@ from qwenkit.chat import ChatChunk
 from qwenkit.errors import QwenkitError
 from qwenkit.server import dashscope_protocol as ds
 from qwenkit.server import openai_protocol as oa
+from qwenkit.server import responses_protocol as rp
 from qwenkit.server.errors import APIError, bad_request, dashscope_error, openai_error, validation_message
 from qwenkit.server.limits import Guard, RequestSlots, is_dashscope_path
 from qwenkit.server.metrics import Metrics
+from qwenkit.server.response_store import ResponseStore
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ServerConfig:
     web: bool = True  # the chat page at /
     mcp_config: str | None = None  # path of {"mcpServers": {...}} JSON: tools the web page may call
     chat_db: str | None = None  # SQLite file of the web page's conversations (default: in the qwenkit home)
+    responses_db: str | None = None  # SQLite file of stored /v1/responses (default: in the qwenkit home)
 
 
 DASHSCOPE_ROUTE = "/api/v1/services/aigc/text-generation/generation"
@@ -54,6 +57,8 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard."""
     config = config or ServerConfig()
     names = list(config.served_model_names or [allm.llm.model_name])
+    # "default" (what the CLI calls the served model) is accepted and listed as an alias.
+    listed = names + [oa.DEFAULT_MODEL] * (oa.DEFAULT_MODEL not in names)
     slots = RequestSlots(config.max_running_requests, config.max_waiting_requests, config.retry_after_s)
     metrics = Metrics(allm, slots)
     started = int(time.time())
@@ -66,8 +71,8 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         return oa.token_decoder(allm.llm.tokenizer.decode) if wanted else None
 
     def check_model(name: str | None) -> str:
-        if name is not None and name not in names:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves {', '.join(names)}.",
+        if name is not None and name not in listed:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves {', '.join(listed)}.",
                            param="model", code="model_not_found")
         return names[0]
 
@@ -223,11 +228,77 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         await _unless_disconnected(request, gather(), updates.aclose)
         return encoder.response()
 
-    async def models():
-        return oa.models_response(names, max_model_len=allm.llm.max_model_len, created=started)
+    async def models() -> oa.ModelList:
+        return oa.models_response(listed, served=names[0], max_model_len=allm.llm.max_model_len, created=started)
 
     app.get("/v1/models", summary="The served models")(models)
     app.get("/compatible-mode/v1/models", summary="The served models (DashScope path)")(models)
+
+    async def model(model_id: str) -> oa.ModelCard:
+        check_model(model_id)
+        return oa.model_card(model_id, served=names[0], max_model_len=allm.llm.max_model_len, created=started)
+
+    app.get("/v1/models/{model_id}", summary="One served model")(model)
+    app.get("/compatible-mode/v1/models/{model_id}", summary="One served model (DashScope path)")(model)
+
+    # -- OpenAI Responses --------------------------------------------------------------
+
+    store = ResponseStore(config.responses_db)
+
+    @app.post("/v1/responses", summary="OpenAI Responses", response_model=rp.Response,
+              responses={200: {"content": {"text/event-stream": {"description": "with stream: true, typed "
+                                                                 "events (response.created ... response.completed)"}}}})
+    async def create_response(body: rp.ResponsesRequest, request: Request):
+        model = check_model(body.model)
+        previous = None
+        if body.previous_response_id:
+            previous = await asyncio.to_thread(store.conversation, body.previous_response_id)
+            if previous is None:
+                raise APIError(404, f"previous_response_id {body.previous_response_id!r} is not a stored response",
+                               param="previous_response_id", code="previous_response_not_found")
+        call = _as_400(lambda b: rp.responses_call(b, previous), body)
+        builder = rp.ResponseBuilder(rp.new_id("resp"), model, body)
+        chunks = await open_chat(call.chat, builder.id)
+
+        async def save() -> rp.Response:
+            response = builder.final()
+            if body.store is not False:
+                reply = builder.assistant_message()
+                await asyncio.to_thread(store.save, response.model_dump(mode="json", by_alias=True),
+                                        call.conversation + ([reply] if reply else []))
+            return response
+
+        if body.stream:
+            async def events() -> AsyncIterator[bytes]:
+                for event in builder.start():
+                    yield rp.sse(event)
+                try:
+                    async for chunk in chunks:
+                        for event in builder.add(chunk):
+                            yield rp.sse(event)
+                except (ValueError, QwenkitError, APIError) as e:
+                    error = e if isinstance(e, APIError) else bad_request(e)
+                    yield rp.sse(builder.error_event(error.message, code=error.code, param=error.param))
+                    return
+                for event in builder.finish():
+                    yield rp.sse(event)
+                await save()
+
+            return EventStream(events(), chunks.aclose)
+
+        async def gather() -> None:
+            async for chunk in chunks:
+                builder.add(chunk)
+
+        await _unless_disconnected(request, gather(), chunks.aclose)
+        return await save()
+
+    @app.get("/v1/responses/{response_id}", summary="A stored response", response_model=rp.Response)
+    async def get_response(response_id: str):
+        response = await asyncio.to_thread(store.response, response_id)
+        if response is None:
+            raise APIError(404, f"no stored response {response_id!r}", param="response_id", code="not_found")
+        return response
 
     # -- DashScope ---------------------------------------------------------------------
 

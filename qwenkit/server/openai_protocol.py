@@ -8,6 +8,8 @@ Accepted beyond OpenAI's own fields (as vLLM accepts them): ``top_k``, ``min_p``
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
 ``enable_thinking``, ``thinking_budget`` and ``chat_template_kwargs``. Unknown fields are
 ignored, as OpenAI-compatible servers do for the fields SDKs add (``user``, ``store``...).
+OpenAI's own ranges hold (``temperature`` 0-2, ``top_p`` 0-1, penalties -2..2, ``n`` >= 1,
+``top_logprobs`` 0-20, ``logit_bias`` -100..100): a value outside is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,16 +56,16 @@ class Tool(_Model):
 
 class _SamplingFields(_Model):
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = None
     min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    n: int | None = 1
+    n: int | None = Field(1, ge=1)
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -77,7 +79,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -433,8 +435,28 @@ class CompletionEncoder:
                 "choices": choices, "usage": self.usage()}
 
 
-def models_response(names: list[str], *, max_model_len: int, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "qwenkit", "max_model_len": max_model_len}
-        for name in names
-    ]}
+DEFAULT_MODEL = "default"  # accepted for the served model, as `qwenkit run --model default` is
+
+
+class ModelCard(_Model):
+    """One entry of ``/v1/models``; ``root`` is the served model an alias stands for."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "qwenkit"
+    root: str
+    max_model_len: int
+
+
+class ModelList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def model_card(name: str, *, served: str, max_model_len: int, created: int) -> ModelCard:
+    return ModelCard(id=name, created=created, root=served, max_model_len=max_model_len)
+
+
+def models_response(names: list[str], *, served: str, max_model_len: int, created: int) -> ModelList:
+    return ModelList(data=[model_card(n, served=served, max_model_len=max_model_len, created=created) for n in names])
