@@ -406,7 +406,8 @@ TEXT_CASES = [
     ([T('```json\n{"name": "t", "arguments": {}}\n```more\n```\n' + BARE)],
      (None, '```json\n{"name": "t", "arguments": {}}\n```more\n```', [("get_weather", WEATHER_ARGS)], "tool_calls")),
     ([T('```\n{"name": "t", "arguments": {}}'), T("\n``")], (None, None, [("t", "{}")], "tool_calls")),
-    ([T('{"name": "t", "arguments": {"s": "}"}}x\n{"b": 1}')], (None, 'x\n{"b": 1}', [("t", '{"s": "}"}')], "tool_calls")),
+    ([T('{"name": "t", "arguments": {"s": "}"}}x\n{"b": 1}')],
+     (None, 'x\n{"b": 1}', [("t", '{"s": "}"}')], "tool_calls")),
 ]
 
 

@@ -297,3 +297,13 @@ def test_openapi_describes_the_new_routes(server):
     schema = httpx.get(f"{server}/openapi.json").json()
     assert "/v1/responses" in schema["paths"] and "/v1/models/{model_id}" in schema["paths"]
     assert {"Response", "ResponsesRequest", "ModelCard"} <= set(schema["components"]["schemas"])
+
+
+def test_a_streamed_response_is_stored_before_it_completes(client, allm):
+    with scripted(allm, "It is sunny."):
+        events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=20, stream=True,
+                                              reasoning={"effort": "none"}))
+    final = events[-1].response
+    stored = client.responses.retrieve(final.id)
+    assert stored.output_text == final.output_text == "It is sunny."
+    assert stored.model_dump() == final.model_dump()

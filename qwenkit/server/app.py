@@ -280,9 +280,10 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
                     error = e if isinstance(e, APIError) else bad_request(e)
                     yield rp.sse(builder.error_event(error.message, code=error.code, param=error.param))
                     return
-                for event in builder.finish():
+                last = builder.finish()
+                await save()  # before the client hears it is complete (and may go on from it)
+                for event in last:
                     yield rp.sse(event)
-                await save()
 
             return EventStream(events(), chunks.aclose)
 
