@@ -433,8 +433,12 @@ class CompletionEncoder:
                 "choices": choices, "usage": self.usage()}
 
 
-def models_response(names: list[str], *, max_model_len: int, created: int) -> dict[str, Any]:
+def models_response(names: list[str], *, max_model_len: int, created: int,
+                    capabilities: list[str] | None = None) -> dict[str, Any]:
+    """capabilities: what the model can do ("completion", "thinking", "hybrid_thinking",
+    "tools"; see qwenkit.capabilities), as Ollama reports them."""
     return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "qwenkit", "max_model_len": max_model_len}
+        {"id": name, "object": "model", "created": created, "owned_by": "qwenkit", "max_model_len": max_model_len,
+         "capabilities": capabilities or ["completion"]}
         for name in names
     ]}
