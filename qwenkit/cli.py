@@ -271,11 +271,11 @@ def _bench(args: argparse.Namespace) -> int:
         raise QwenkitError("--prompt-tokens must be >= 8, --decode-tokens >= 2 and every concurrency >= 1")
     if args.repeats < 1 or (args.threads is not None and args.threads < 1):
         raise QwenkitError("--repeats and --threads must be >= 1")
-    if args.threads is not None:
+    llm = load_llm(args, announce=True, max_num_seqs=max(32, max(concurrency)))
+    if args.threads is not None:  # after loading: the engine sets one thread per physical core
         import torch
 
         torch.set_num_threads(args.threads)
-    llm = load_llm(args, announce=True, max_num_seqs=max(32, max(concurrency)))
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency, repeats=args.repeats)
     print(json.dumps(as_dict(result)) if args.json else result.table())
