@@ -197,8 +197,8 @@ def _run(args: argparse.Namespace) -> int:
 
     prompt = args.prompt
     if prompt is None and sys.stdin.isatty():
-        _say("no prompt given: starting the interactive chat (`qwenkit run MODEL \"PROMPT\"` answers one "
-             "prompt; Ctrl-D leaves)")
+        _say('no prompt given: starting the interactive chat (`qwenkit run "PROMPT"` answers one prompt; '
+             "Ctrl-D leaves)")
         return _chat(_as_chat_args(args))
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
@@ -313,9 +313,14 @@ def _served_names(spec: str, model_name: str) -> list[str]:
     """The model's own name, and the short name it was asked for by (qwen3:8b), if any."""
     from qwenkit.model_names import is_short_name, lookup
 
+    from pathlib import Path
+
     names = [model_name]
-    if is_short_name(spec):
-        short = lookup(spec).name
+    if is_short_name(spec) and not Path(spec).expanduser().exists():
+        try:
+            short = lookup(spec).name
+        except ValueError:
+            return names
         if short != model_name:
             names.append(short)
     return names
@@ -352,11 +357,12 @@ def serve_banner(config, *, host: str, port: int, capabilities: list[str]) -> li
 def _pull(args: argparse.Namespace) -> int:
     from qwenkit.hub import describe, format_size, pull
 
+    name = args.model if args.file is None else f"{args.model}/{args.file}"
+    _say(f"pulling {name} from the Hugging Face Hub (an interrupted pull resumes where it stopped)")
     files = pull(args.model, args.file, progress=sys.stderr.isatty())
     info = describe(files)
     size = files.path.stat().st_size if files.format == "gguf" else sum(
         p.stat().st_size for p in files.path.iterdir() if p.is_file())
-    name = args.model if args.file is None else f"{args.model}/{args.file}"
     _say(f"pulled {name}: {format_size(size)} in {files.path}")
     _say(f"use it with: qwenkit run --model {name} \"...\"  (capabilities: {', '.join(info.capabilities.names())})")
     return 0

@@ -118,7 +118,7 @@ def find_cached_gguf(model: HubModel) -> Path | None:
     """The short name's GGUF file if a snapshot in the local HF cache has it."""
     for snapshot in cached_snapshots(model.repo_id):
         for path in sorted(snapshot.glob("*.gguf")):
-            if path.name.lower().endswith(model.gguf_suffix()) and path.exists():
+            if model.is_its_file(path.name) and path.exists():
                 return path
     return None
 
@@ -134,7 +134,7 @@ def gguf_filename_on_hub(model: HubModel) -> str:
         files = huggingface_hub.HfApi().list_repo_files(model.repo_id)
     except _download_errors() as e:
         raise ModelLoadError(_cannot_download_message(model.repo_id, e, pull_name=model.name)) from e
-    matches = [f for f in files if f.lower().endswith(model.gguf_suffix()) and "/" not in f]
+    matches = [f for f in files if model.is_its_file(f) and "/" not in f]
     if len(matches) == 1:
         return matches[0]
     split = [f for f in files if model.quantization in f.lower() and f.lower().endswith(".gguf")]

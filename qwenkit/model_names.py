@@ -66,9 +66,11 @@ class HubModel:
     repo_id: str
     quantization: str | None = None
 
-    def gguf_suffix(self) -> str:
-        """The ending of the GGUF file's name, lower-cased: "-q4_k_m.gguf"."""
-        return f"-{self.quantization}.gguf"
+    def is_its_file(self, filename: str) -> bool:
+        """Whether a GGUF file of the repo is this quantization's: its name ends in
+        "-q4_k_m.gguf" (any case; f16 and fp16 are one)."""
+        spellings = {"f16", "fp16"} if self.quantization in ("f16", "fp16") else {self.quantization}
+        return any(filename.lower().endswith(f"-{q}.gguf") for q in spellings)
 
 
 def is_short_name(spec: str) -> bool:

@@ -135,13 +135,25 @@ def test_models_endpoint_reports_capabilities(plain_model, thinking_model):
 CHROMIUM = "/usr/bin/chromium"
 
 
-def test_web_page_disables_the_thinking_controls_it_cannot_use(plain_model, tmp_path):
+@pytest.fixture(scope="module")
+def always_thinking_model(tmp_path_factory) -> Path:
+    """A tiny checkpoint with a QwQ-style template: it always thinks."""
+    folder = tmp_path_factory.mktemp("qwq")
+    make_checkpoint(folder, "qwen2", max_len=1024)
+    set_chat_template(folder, QWQ_TEMPLATE)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["cannot think", "always thinks"])
+def test_web_page_disables_the_thinking_controls_that_do_nothing(kind, plain_model, always_thinking_model,
+                                                                  tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright")
     if not shutil.which(CHROMIUM):
         pytest.skip(f"needs Chromium at {CHROMIUM}")
     from qwenkit.async_llm import AsyncLLM
 
-    allm = AsyncLLM(str(plain_model), progress=False)
+    model = plain_model if kind == "cannot think" else always_thinking_model
+    allm = AsyncLLM(str(model), progress=False)
     try:
         with running_server(allm, ServerConfig(chat_db=str(tmp_path / "c.db"))) as url, \
                 sync_api.sync_playwright() as p:
@@ -149,18 +161,22 @@ def test_web_page_disables_the_thinking_controls_it_cannot_use(plain_model, tmp_
             page = browser.new_page()
             page.goto(f"{url}/")
             page.wait_for_selector("body[data-ready]")
-            note = page.locator("#think-note")
-            assert note.is_visible()
-            assert note.inner_text() == f"{plain_model.name} cannot think: thinking and its budget are off."
-            assert page.get_by_role("switch", name="Think").is_disabled()
-            assert not page.get_by_role("switch", name="Think").is_checked()
-            assert page.get_by_label("Thinking budget").is_disabled()
+            note, switch, slider = (page.locator("#think-note"), page.get_by_role("switch", name="Think"),
+                                    page.get_by_label("Thinking budget"))
+            assert note.is_visible() and switch.is_disabled()
+            if kind == "cannot think":
+                assert note.inner_text() == f"{model.name} cannot think: thinking and its budget are off."
+                assert not switch.is_checked() and slider.is_disabled()
+            else:
+                assert note.inner_text() == f"{model.name} always thinks: the budget caps it."
+                assert switch.is_checked() and slider.is_enabled()
             with page.expect_request("**/v1/chat/completions") as request:
                 page.get_by_label("Message", exact=True).fill("hi")
                 page.get_by_label("Message", exact=True).press("Enter")
             body = request.value.post_data_json
-            assert body["enable_thinking"] is False and "thinking_budget" not in body
-            assert (body["temperature"], body["top_p"]) == (0.7, 0.8)  # the non-thinking mode's sampling
+            assert body["enable_thinking"] is (kind == "always thinks") and "thinking_budget" not in body
+            # Each mode's recommended sampling: non-thinking 0.7 / 0.8, thinking 0.6 / 0.95.
+            assert (body["temperature"], body["top_p"]) == ((0.7, 0.8) if kind == "cannot think" else (0.6, 0.95))
             browser.close()
     finally:
         allm.shutdown()

@@ -258,3 +258,18 @@ def test_pull_a_safetensors_repo(cache, tiny_qwen3, monkeypatch, capsys):
     assert calls[0][0] == "Qwen/Qwen3-0.6B" and "*.safetensors" in calls[0][1]["allow_patterns"]
     assert "(capabilities: completion, thinking, hybrid_thinking, tools)" in capsys.readouterr().err
     assert [m.name for m in list_models()] == ["qwen3:0.6b"]
+
+
+def test_gguf_files_are_found_by_their_ending():
+    assert lookup("qwen3:8b-q4_k_m").is_its_file("Qwen3-8B-Q4_K_M.gguf")
+    assert lookup("qwen2.5-coder:0.5b-q4_k_m").is_its_file("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+    assert lookup("qwen2.5:0.5b-f16").is_its_file("qwen2.5-0.5b-instruct-fp16.gguf")  # one quantization, two spellings
+    assert not lookup("qwen3:8b-q4_0").is_its_file("Qwen3-8B-Q4_K_M.gguf")
+
+
+def test_serve_accepts_the_short_name_too():
+    from qwenkit.cli import _served_names
+
+    assert _served_names("qwen3:0.6b", "Qwen/Qwen3-0.6B") == ["Qwen/Qwen3-0.6B", "qwen3:0.6b"]
+    assert _served_names("Qwen3:8B-Q4_K_M", "Qwen3-8B-Q4_K_M") == ["Qwen3-8B-Q4_K_M", "qwen3:8b-q4_k_m"]
+    assert _served_names("default", "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M") == ["Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"]
