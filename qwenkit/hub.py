@@ -195,7 +195,7 @@ def describe(files: ModelFiles) -> ModelInfo:
 def _describe_gguf(path: Path) -> ModelInfo:
     import gguf
 
-    from qwenkit.loader.gguf import _read_header
+    from qwenkit.loader.gguf import _read_header  # the header only: no tensor-type or architecture check
 
     metadata, tensors = _read_header(path)
     arch = metadata.get("general.architecture", "?")
