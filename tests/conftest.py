@@ -10,6 +10,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Fixtures that read the default model: their tests are `slow`, out of the quick subset.
+_DEFAULT_MODEL_FIXTURES = {"default_gguf", "hf_gguf_tokenizer"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _DEFAULT_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:

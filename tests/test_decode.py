@@ -96,6 +96,7 @@ def test_bfloat16_batched_decode_follows_float32(tmp_path):
 GREEDY_PARAMS = dict(temperature=0, max_tokens=10, ignore_eos=True)
 
 
+@pytest.mark.slow  # torch.compile: minutes on two cores
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe"])
 def test_compiled_decode_gives_the_eager_tokens(tmp_path, arch, monkeypatch):
     from tiny import make_checkpoint

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from qwenkit.capabilities import detect_capabilities
 from qwenkit.chat import ChatChunk
 from qwenkit.errors import QwenkitError
 from qwenkit.server import dashscope_protocol as ds
@@ -228,15 +229,19 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         await _unless_disconnected(request, gather(), updates.aclose)
         return encoder.response()
 
+    capabilities = detect_capabilities(allm.llm.tokenizer).names()
+
     async def models() -> oa.ModelList:
-        return oa.models_response(listed, served=names[0], max_model_len=allm.llm.max_model_len, created=started)
+        return oa.models_response(listed, served=names[0], max_model_len=allm.llm.max_model_len, created=started,
+                                  capabilities=capabilities)
 
     app.get("/v1/models", summary="The served models")(models)
     app.get("/compatible-mode/v1/models", summary="The served models (DashScope path)")(models)
 
     async def model(model_id: str) -> oa.ModelCard:
         check_model(model_id)
-        return oa.model_card(model_id, served=names[0], max_model_len=allm.llm.max_model_len, created=started)
+        return oa.model_card(model_id, served=names[0], max_model_len=allm.llm.max_model_len, created=started,
+                             capabilities=capabilities)
 
     app.get("/v1/models/{model_id}", summary="One served model")(model)
     app.get("/compatible-mode/v1/models/{model_id}", summary="One served model (DashScope path)")(model)

@@ -447,6 +447,9 @@ class ModelCard(_Model):
     owned_by: str = "qwenkit"
     root: str
     max_model_len: int
+    # What the model can do ("completion", "thinking", "hybrid_thinking", "tools"; see
+    # qwenkit.capabilities), as Ollama reports them.
+    capabilities: list[str]
 
 
 class ModelList(_Model):
@@ -454,9 +457,13 @@ class ModelList(_Model):
     data: list[ModelCard]
 
 
-def model_card(name: str, *, served: str, max_model_len: int, created: int) -> ModelCard:
-    return ModelCard(id=name, created=created, root=served, max_model_len=max_model_len)
+def model_card(name: str, *, served: str, max_model_len: int, created: int,
+               capabilities: list[str] | None = None) -> ModelCard:
+    return ModelCard(id=name, created=created, root=served, max_model_len=max_model_len,
+                     capabilities=capabilities or ["completion"])
 
 
-def models_response(names: list[str], *, served: str, max_model_len: int, created: int) -> ModelList:
-    return ModelList(data=[model_card(n, served=served, max_model_len=max_model_len, created=created) for n in names])
+def models_response(names: list[str], *, served: str, max_model_len: int, created: int,
+                    capabilities: list[str] | None = None) -> ModelList:
+    return ModelList(data=[model_card(n, served=served, max_model_len=max_model_len, created=created,
+                                      capabilities=capabilities) for n in names])
