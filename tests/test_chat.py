@@ -67,6 +67,17 @@ def test_thinking_budget_cuts_at_exactly_n_tokens(llm):
     assert "".join(c.delta.reasoning_content for c in stream) == out.reasoning_content
 
 
+def test_thinking_budget_counts_from_a_think_after_whitespace(llm):
+    """Output that starts "\\n<think>" is reasoning, and the budget caps it."""
+    thought = " ".join(f"step{i}" for i in range(40))
+    with scripted(llm, f"\n<think>\n{thought}\n</think>\n\nDone.") as (script,):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=200), thinking_budget=10)
+    think = script.index(llm.tokenizer.token_to_id("<think>"))
+    expected_thinking = llm.tokenizer.decode(script[think + 1 : think + 11])
+    assert out.reasoning_content == expected_thinking.strip("\n") + EARLY_STOP_TEXT.removesuffix("\n</think>\n\n")
+    assert out.content
+
+
 def test_thinking_budget_zero_means_no_thinking(llm):
     with scripted(llm, "Straight answer."):
         out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=32), thinking_budget=0)
