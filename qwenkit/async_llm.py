@@ -15,8 +15,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from qwenkit.chat import ChatChunk, ChatStream
-from qwenkit.chat_types import ChatCompletion
+from qwenkit.chat.stream import ChatStream
+from qwenkit.chat.types import ChatChunk, ChatCompletion
 from qwenkit.engine.llm_engine import SequenceUpdate
 from qwenkit.llm import LLM
 from qwenkit.sampling import SamplingParams

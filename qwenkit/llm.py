@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from qwenkit.chat import ChatChunk, ChatStream, PreparedChat, prepare_chat
-from qwenkit.chat_types import ChatCompletion
+from qwenkit.chat.prepare import PreparedChat, prepare_chat
+from qwenkit.chat.stream import ChatStream
+from qwenkit.chat.types import ChatChunk, ChatCompletion
 
 from qwenkit.distributed import ParallelConfig
 from qwenkit.engine.llm_engine import EngineArgs, LLMEngine, SequenceUpdate, TokenOutput
@@ -217,7 +218,7 @@ class LLM:
     @functools.cached_property
     def grammar_compiler(self):
         """Structured output for this model's vocabulary (built on first use)."""
-        from qwenkit.structured import GrammarCompiler
+        from qwenkit.chat.structured import GrammarCompiler
 
         # Every end-of-turn id: Qwen2.5 ends a tool-call turn with <|endoftext|>, not <|im_end|>.
         return GrammarCompiler(self.tokenizer, self.config.vocab_size,

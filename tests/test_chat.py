@@ -9,7 +9,7 @@ import pytest
 from tiny import make_checkpoint, scripted
 
 from qwenkit import LLM, SamplingParams
-from qwenkit.thinking_control import EARLY_STOP_TEXT
+from qwenkit.chat.thinking import EARLY_STOP_TEXT
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [{
@@ -232,7 +232,7 @@ def _history(arguments):
 
 
 def _prompt(tokenizer, messages):
-    from qwenkit.chat import prepare_chat
+    from qwenkit.chat.prepare import prepare_chat
 
     prepared = prepare_chat(tokenizer, messages, None, tools=TOOLS, enable_thinking=False)
     return tokenizer.decode(prepared.prompt_token_ids)

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from qwenkit.chat_types import ChatDelta, ToolCall, ToolCallDelta, Usage
-from qwenkit.output_parser import OutputParser, SpecialIds, parse_tool_call, starts_in_thinking
+from qwenkit.chat.types import ChatDelta, ToolCall, ToolCallDelta, Usage
+from qwenkit.chat.output_parser import OutputParser, SpecialIds, parse_tool_call, starts_in_thinking
 
 THINK, END_THINK, CALL, END_CALL = 100, 101, 102, 103
 IDS = SpecialIds(think_start=THINK, think_end=END_THINK, tool_call_start=CALL, tool_call_end=END_CALL)
@@ -567,6 +567,6 @@ def test_parts_to_completion():
 def test_no_torch_imported():
     import subprocess
 
-    code = ("import sys, qwenkit.output_parser, qwenkit.thinking_control, qwenkit.chat_types;"
+    code = ("import sys, qwenkit.chat.output_parser, qwenkit.chat.thinking, qwenkit.chat.types;"
             " print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

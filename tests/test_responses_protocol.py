@@ -7,8 +7,7 @@ import json
 import pytest
 from pydantic import TypeAdapter
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import ChatDelta, ToolCallDelta, Usage
+from qwenkit.chat.types import ChatChunk, ChatDelta, ToolCallDelta, Usage
 from qwenkit.server import responses_protocol as rp
 from qwenkit.server.response_store import ResponseStore
 

@@ -7,8 +7,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from qwenkit.chat import ChatChunk  # noqa: E402
-from qwenkit.chat_types import ChatDelta, ToolCallDelta, Usage  # noqa: E402
+from qwenkit.chat.types import ChatChunk, ChatDelta, ToolCallDelta, Usage  # noqa: E402
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput  # noqa: E402
 from qwenkit.errors import ContextLengthError  # noqa: E402
 from qwenkit.server import dashscope_protocol as ds  # noqa: E402

@@ -2,8 +2,8 @@
 
 import pytest
 
-from qwenkit.output_parser import OutputParser, SpecialIds
-from qwenkit.thinking_control import (
+from qwenkit.chat.output_parser import OutputParser, SpecialIds
+from qwenkit.chat.thinking import (
     EARLY_STOP_TEXT,
     ThinkingBudget,
     early_stop_token_ids,

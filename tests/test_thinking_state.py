@@ -10,9 +10,9 @@ import pytest
 from hub_cache import QWEN25_TEMPLATE, QWQ_TEMPLATE, set_chat_template
 from tiny import make_tokenizer
 
-from qwenkit.chat import prepare_chat
-from qwenkit.structured import GrammarCompiler
-from qwenkit.thinking_control import EARLY_STOP_TEXT
+from qwenkit.chat.prepare import prepare_chat
+from qwenkit.chat.structured import GrammarCompiler
+from qwenkit.chat.thinking import EARLY_STOP_TEXT
 from qwenkit.tokenizer import Tokenizer
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]

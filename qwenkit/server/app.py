@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from qwenkit.capabilities import detect_capabilities
-from qwenkit.chat import ChatChunk
+from qwenkit.chat.types import ChatChunk
 from qwenkit.errors import QwenkitError
 from qwenkit.server import dashscope_protocol as ds
 from qwenkit.server import openai_protocol as oa

@@ -22,8 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import Usage
+from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.sampling import SamplingParams
 from qwenkit.engine.llm_engine import TokenOutput
 from qwenkit.server.openai_protocol import ChatCall, ChatMessage, Tool, chat_logprobs, normalize_messages

@@ -21,8 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import Usage
+from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
 from qwenkit.sampling import SamplingParams
 

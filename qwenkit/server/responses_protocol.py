@@ -36,8 +36,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import Usage
+from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.sampling import SamplingParams
 from qwenkit.server.openai_protocol import ChatCall
 

@@ -1,8 +1,10 @@
-"""Chat requests on the engine: the chat template, Qwen3's hybrid thinking (on/off, the
-`/think` `/no_think` switch, a thinking budget), tool calls and structured output.
+"""A chat request made ready for the engine: the chat template, Qwen3's hybrid thinking
+(on/off, the `/think` `/no_think` switch, a thinking budget), tool calls and structured
+output.
 
-`prepare_chat` turns a chat request into engine inputs; `ChatStream` turns the engine's
-updates for it back into reasoning / content / tool-call deltas and a `ChatCompletion`.
+`prepare_chat` renders the prompt and builds, per sequence, the control that steers it in
+the engine and the parser that reads its output (:mod:`qwenkit.chat.stream` turns the
+engine's updates back into deltas with those parsers).
 """
 
 from __future__ import annotations
@@ -14,29 +16,12 @@ from typing import Any
 
 import torch
 
-from qwenkit.chat_types import ChatCompletion, ChatDelta, Usage
-from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
-from qwenkit.output_parser import OutputParser, SpecialIds, starts_in_thinking
+from qwenkit.chat.output_parser import OutputParser, SpecialIds, starts_in_thinking
+from qwenkit.chat.thinking import ThinkingBudget, effective_enable_thinking, resolve_thinking_mode
 from qwenkit.sampling import QWEN3_NON_THINKING, QWEN3_THINKING, SamplingDefaults, SamplingParams
-from qwenkit.thinking_control import ThinkingBudget, effective_enable_thinking, resolve_thinking_mode
 from qwenkit.tokenizer import Tokenizer
 
 TOOL_CHOICES = ("none", "auto", "required")
-
-
-@dataclass
-class ChatChunk:
-    """One piece of a streamed chat answer. The last chunk of each of the n choices has
-    its finish_reason; the request's last chunk also carries the usage. When the request
-    asked for logprobs, `logprobs` holds this piece's generated tokens (reasoning and
-    tool-call tokens included; a token the server forced, such as the close of thinking at
-    the thinking budget, has logprob None); otherwise it is None."""
-
-    index: int
-    delta: ChatDelta
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    logprobs: list[TokenOutput] | None = None
 
 
 class ChatControl:
@@ -233,58 +218,3 @@ def _grammar(compiler, response_format, tools, tool_choice, tool_name, parallel)
 def _require(compiler) -> None:
     if compiler is None:
         raise ValueError("structured output is not available for this model")
-
-
-class ChatStream:
-    """Turns the engine's updates for one chat request into chunks and a completion."""
-
-    def __init__(self, request_id: str, prepared: PreparedChat):
-        self.request_id = request_id
-        self.prepared = prepared
-        n = len(prepared.parsers)
-        self.num_tokens = [0] * n
-        self.finished: list[Any] = [None] * n
-        self.num_prompt_tokens = len(prepared.prompt_token_ids)
-        self.num_cached_tokens = 0
-        # Every generated token of each choice, with its logprobs, when the request asked for them.
-        self.logprobs: list[list[TokenOutput]] | None = [[] for _ in range(n)] if prepared.params.logprobs else None
-
-    @property
-    def done(self) -> bool:
-        return all(f is not None for f in self.finished)
-
-    def usage(self) -> Usage:
-        return Usage(
-            prompt_tokens=self.num_prompt_tokens,
-            completion_tokens=sum(self.num_tokens),
-            reasoning_tokens=sum(f.reasoning_tokens for f in self.finished if f is not None),
-            cached_tokens=self.num_cached_tokens,
-        )
-
-    def apply(self, update: SequenceUpdate) -> ChatChunk:
-        parser = self.prepared.parsers[update.index]
-        delta = ChatDelta()
-        for token in update.outputs:
-            delta.extend(parser.feed(token.token_id, token.text))
-        self.num_tokens[update.index] += len(update.outputs)
-        self.num_cached_tokens = max(self.num_cached_tokens, update.num_cached_tokens)
-        chunk = ChatChunk(update.index, delta)
-        if self.logprobs is not None:
-            chunk.logprobs = list(update.outputs)
-            self.logprobs[update.index].extend(update.outputs)
-        if update.finish_reason is not None:
-            reason = "stop" if update.finish_reason == "abort" else update.finish_reason
-            tail, parts = parser.finish(reason)
-            delta.extend(tail)
-            self.finished[update.index] = parts
-            chunk.finish_reason = parts.finish_reason
-            if self.done:
-                chunk.usage = self.usage()
-        return chunk
-
-    def completions(self) -> list[ChatCompletion]:
-        usage = self.usage()
-        return [
-            ChatCompletion(p.content, p.reasoning_content, p.tool_calls, p.finish_reason, usage, self.request_id)
-            for p in self.finished
-        ]

@@ -18,7 +18,7 @@ spell out in its answer). Decisions, all documented on :class:`OutputParser`:
   `</tool_call>` arrives: until then the block could still turn out malformed, and a
   malformed block is answer text, not a call. Streamed and final results agree exactly.
 * Calls written as plain JSON, without the markers (small models do), are found in the
-  answer text by :mod:`qwenkit.text_tool_calls`, which holds back what may become a call.
+  answer text by :mod:`qwenkit.chat.text_tool_calls`, which holds back what may become a call.
 
 No torch.
 """
@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from qwenkit.chat_types import ChatCompletion, ChatDelta, ToolCall, ToolCallDelta, Usage, new_tool_call_id
-from qwenkit.text_tool_calls import TextToolCall, TextToolCallScanner
+from qwenkit.chat.text_tool_calls import TextToolCall, TextToolCallScanner
+from qwenkit.chat.types import ChatCompletion, ChatDelta, ToolCall, ToolCallDelta, Usage, new_tool_call_id
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -152,7 +152,7 @@ class OutputParser:
     * **Calls written as text** (only with ``parse_tool_calls`` and ``tool_names``, the
       offered functions): a bare JSON object or a ```json fence starting a line of the
       content, ``{"name": <offered>, "arguments"|"parameters": object}``, is a call
-      (:mod:`qwenkit.text_tool_calls` has the exact rules); its text is held back until
+      (:mod:`qwenkit.chat.text_tool_calls` has the exact rules); its text is held back until
       that is decided, and released as content when it is not a call.
     * **Marker text never leaks**: a marker token that acts as a marker contributes only
       the text the detokenizer held back before it.
