@@ -168,7 +168,7 @@ def test_thinking_off_prompt_makes_think_answer_text(qwen3, switch):
     assert run.forced_at is None
     assert run.parts.reasoning_content is None and run.parts.reasoning_tokens == 0
     assert run.parts.content == f"<think>{THOUGHT}</think>\n\nIt is sunny."
-    gated = Run(qwen3, '<think>\n{"a": 1}', enable_thinking=False, response_format={"type": "json_object"})
+    gated = Run(qwen3, '<think>{"a": 1}', enable_thinking=False, response_format={"type": "json_object"})
     assert gated.think_allowed == [False] * len(gated.think_allowed)
     assert gated.refused == ["<think>"]
 

@@ -16,8 +16,19 @@ from typing import Any
 
 import torch
 
-from qwenkit.chat.output_parser import OutputParser, SpecialIds, starts_in_thinking
-from qwenkit.chat.thinking import ThinkingBudget, effective_enable_thinking, resolve_thinking_mode
+from qwenkit.chat.markers import SpecialIds
+from qwenkit.chat.output_parser import OutputParser
+from qwenkit.chat.thinking import (
+    Phase,
+    Role,
+    ThinkingBudget,
+    ThinkingState,
+    close_thinking,
+    early_stop_token_ids,
+    effective_enable_thinking,
+    initial_phase,
+    resolve_thinking_mode,
+)
 from qwenkit.sampling import QWEN3_NON_THINKING, QWEN3_THINKING, SamplingDefaults, SamplingParams
 from qwenkit.tokenizer import Tokenizer
 
@@ -25,43 +36,36 @@ TOOL_CHOICES = ("none", "auto", "required")
 
 
 class ChatControl:
-    """Steers one sequence: the thinking budget, and a grammar that applies once thinking is over."""
+    """Steers one sequence in the engine: owns its :class:`ThinkingState` and advances it
+    with every token; the thinking budget reads it, and so does the grammar, which applies
+    only outside thinking (while the model may still open thinking, `<think>` stays
+    allowed beside what the grammar allows)."""
 
-    def __init__(self, ids: SpecialIds, *, in_thinking: bool, may_think: bool, budget: ThinkingBudget | None,
-                 grammar: Any | None):
-        self.ids = ids
-        self.in_thinking = in_thinking
-        self.awaiting_think = may_think and not in_thinking  # the first token may open thinking
+    def __init__(self, thinking: ThinkingState, *, budget: ThinkingBudget | None, grammar: Any | None):
+        self.thinking = thinking
         self.budget = budget
         self.grammar = grammar
 
     def allowed_mask(self) -> torch.Tensor | None:
-        if self.grammar is None or self.in_thinking:
+        phase = self.thinking.phase
+        if self.grammar is None or phase is Phase.THINKING:
             return None
         mask = self.grammar.allowed_mask()
-        if self.awaiting_think:
+        if phase is Phase.BEFORE_THINKING:
             mask = mask.clone()
-            mask[self.ids.think_start] = True
+            mask[self.thinking.ids.think_start] = True
         return mask
 
     def on_token(self, token_id: int) -> list[int]:
-        self._track(token_id)
-        forced = self.budget.on_token(token_id) if self.budget else []
+        self._advance(token_id)
+        forced = self.budget.after_token() if self.budget else []
         for t in forced:
-            self._track(t)
+            self._advance(t)
         return forced
 
-    def _track(self, token_id: int) -> None:
-        if self.awaiting_think:
-            self.awaiting_think = False
-            if token_id == self.ids.think_start:
-                self.in_thinking = True
-                return
-        if self.in_thinking:
-            if token_id == self.ids.think_end:
-                self.in_thinking = False
-            return
-        if self.grammar is not None and not self.grammar.is_terminated():
+    def _advance(self, token_id: int) -> None:
+        role = self.thinking.advance(token_id)
+        if role is Role.ANSWER and self.grammar is not None and not self.grammar.is_terminated():
             self.grammar.accept(token_id)
 
 
@@ -103,33 +107,23 @@ def prepare_chat(
         parse_tool_call_arguments(messages), tools=tools or None, add_generation_prompt=True,
         enable_thinking=thinking, **template_kwargs
     )
-    prompt_ids = tokenizer.encode(prompt)
     ids = SpecialIds.from_tokenizer(tokenizer)
-    opened = starts_in_thinking(prompt_ids, ids)
+    prompt_ids = tokenizer.encode(prompt)
+    if thinking_budget == 0 and ids.has_thinking:
+        prompt_ids = close_thinking(prompt_ids, ids, tokenizer)
+    phase = initial_phase(prompt_ids, ids)
+    early_stop = early_stop_token_ids(tokenizer) if thinking_budget is not None and ids.has_thinking else None
     grammar = _grammar(grammar_compiler, response_format, tools, tool_choice, tool_name, parallel_tool_calls)
     # Calls written as JSON text count only when the answer itself is not asked to be JSON.
     json_answer = bool(response_format) and response_format.get("type") != "text"
     tool_names = frozenset() if json_answer else _tool_names(tools)
     controls, parsers = [], []
     for _ in range(params.n):
-        budget = None
-        if thinking_budget is not None and ids.has_thinking:
-            budget = ThinkingBudget.for_tokenizer(thinking_budget, tokenizer, starts_in_thinking=opened)
-            forced = budget.on_start()
-            if forced:  # the prompt opened thinking and the budget is 0: close it in the prompt
-                prompt_ids = prompt_ids + forced
-                opened = False
-        controls.append(
-            ChatControl(
-                ids,
-                in_thinking=opened,
-                may_think=thinking and ids.has_thinking,
-                budget=budget,
-                grammar=grammar.matcher() if grammar is not None else None,
-            )
-        )
-        parsers.append(OutputParser(ids, starts_in_thinking=opened, parse_tool_calls=bool(tools),
-                                    tool_names=tool_names))
+        state = ThinkingState(ids, phase)  # one per sequence: its control and its parser read it
+        budget = ThinkingBudget(thinking_budget, state, early_stop) if early_stop is not None else None
+        matcher = grammar.matcher() if grammar is not None else None
+        controls.append(ChatControl(state, budget=budget, grammar=matcher))
+        parsers.append(OutputParser(state, parse_tool_calls=bool(tools), tool_names=tool_names))
     return PreparedChat(
         prompt_ids, params, QWEN3_THINKING if thinking else QWEN3_NON_THINKING, thinking, controls, parsers
     )

@@ -1,10 +1,15 @@
-"""Choosing whether Qwen3 thinks, and capping how long.
+"""Qwen's thinking: whether the model thinks, where its thinking is, and how long it may be.
 
 * :func:`resolve_thinking_mode`: the request's ``enable_thinking`` and Qwen3's soft
   switch (``/think`` and ``/no_think`` in user or system messages).
 * :func:`effective_enable_thinking`: a thinking budget of 0 means no thinking at all,
   which is rendering the chat template with ``enable_thinking=False`` (it pre-fills an
   empty `<think>\\n\\n</think>\\n\\n`).
+* :class:`ThinkingState`: where one generated sequence stands (before thinking, thinking,
+  answer), on token ids. It is the only place that knows the `<think>` protocol: the
+  thinking budget, the grammar gate (:class:`qwenkit.chat.prepare.ChatControl`) and the
+  output parser with its tool-call parsing all read the same instance, so they cannot
+  disagree about where thinking is.
 * :class:`ThinkingBudget`: once the model has thought for ``budget`` tokens, the engine
   forces :data:`EARLY_STOP_TEXT` (the Qwen team's wording, ending in `</think>`) and the
   model goes on to answer.
@@ -14,9 +19,12 @@ No torch.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+
+from qwenkit.chat.markers import SpecialIds
 
 EARLY_STOP_TEXT = (
     "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
@@ -60,8 +68,6 @@ def effective_enable_thinking(enable_thinking: bool, thinking_budget: int | None
     model writes `<think>` as its very first token) is the template's non-thinking prompt.
     ``thinking_budget`` None means unlimited.
     """
-    if thinking_budget is not None and thinking_budget < 0:
-        raise ValueError(f"thinking_budget must be >= 0, got {thinking_budget}")
     return enable_thinking and thinking_budget != 0
 
 
@@ -73,105 +79,174 @@ def early_stop_token_ids(tokenizer: _Tokenizer) -> list[int]:
     return list(tokenizer.encode(EARLY_STOP_TEXT))
 
 
-_WAITING, _THINKING, _DONE = "waiting", "thinking", "done"
+class Phase(enum.Enum):
+    """Where a generated sequence stands in Qwen's thinking protocol."""
+
+    BEFORE_THINKING = "before_thinking"  # the model may still open thinking: only whitespace so far
+    THINKING = "thinking"
+    ANSWER = "answer"  # thinking is over, or will never come
+
+
+class Role(enum.Enum):
+    """What one generated token is to the thinking protocol."""
+
+    OPEN = "open"  # the `<think>` that opens thinking
+    THINKING = "thinking"  # a token inside thinking
+    CLOSE = "close"  # the `</think>` that closes it
+    ANSWER = "answer"  # answer text (whitespace before thinking included; a late `<think>` too)
+
+
+def initial_phase(prompt_token_ids: Sequence[int], ids: SpecialIds) -> Phase:
+    """Where the output of ``prompt_token_ids`` begins, from the generation turn (the
+    tokens after the prompt's last `<|im_start|>`; the whole prompt for a vocabulary
+    without one):
+
+    * it ends inside an unclosed `<think>` (QwQ's and the Qwen3 *-Thinking* templates
+      pre-fill `<think>\\n`): THINKING;
+    * it holds a closed `<think>...</think>` (Qwen3's template with ``enable_thinking=False``
+      pre-fills an empty one): ANSWER, this turn's thinking is written;
+    * otherwise BEFORE_THINKING: the model may open thinking (the Qwen3 template with
+      thinking on; earlier turns' thinking in the history does not count);
+    * a vocabulary without think tokens (Qwen2.5): always ANSWER.
+    """
+    if not ids.has_thinking:
+        return Phase.ANSWER
+    start = 0
+    if ids.turn_start is not None:
+        for i in range(len(prompt_token_ids) - 1, -1, -1):
+            if prompt_token_ids[i] == ids.turn_start:
+                start = i + 1
+                break
+    for i in range(len(prompt_token_ids) - 1, start - 1, -1):
+        if prompt_token_ids[i] == ids.think_end:
+            return Phase.ANSWER
+        if prompt_token_ids[i] == ids.think_start:
+            return Phase.THINKING
+    return Phase.BEFORE_THINKING
+
+
+class ThinkingState:
+    """One generated sequence's place in the thinking protocol, advanced one token id at a
+    time, with the role of every token it has seen.
+
+    Rules, on token ids:
+
+    * BEFORE_THINKING: `<think>` opens thinking (role OPEN); a whitespace-only token keeps
+      the sequence before thinking (role ANSWER: it is answer text if thinking never
+      opens); any other token starts the answer, and a `<think>` after it is answer text.
+    * THINKING: `</think>` closes it (role CLOSE); every other token, marker or not, is a
+      thinking token (role THINKING). Thinking opens at most once.
+    * ANSWER: every token is answer text.
+
+    ``num_thinking_tokens`` counts the THINKING tokens (not the markers), forced ones
+    included; ``num_reasoning_tokens`` counts the markers too (OpenAI's
+    ``reasoning_tokens``).
+
+    One instance per sequence, owned by the sequence's control: the engine advances it
+    with each token (:meth:`advance`); the output parser, on another thread and never
+    ahead of the engine, reads each token's role back (:meth:`role_at`). The engine does
+    not show a control the token that ends a sequence, so the reader advances the state
+    past that one itself.
+    """
+
+    def __init__(self, ids: SpecialIds, phase: Phase):
+        if phase is not Phase.ANSWER and not ids.has_thinking:
+            raise ValueError("a vocabulary without think tokens has no thinking")
+        self.ids = ids
+        self.phase = phase
+        self.roles: list[Role] = []  # of every token seen, in order (append-only)
+        self.num_thinking_tokens = 0
+        self.num_reasoning_tokens = 0
+
+    @classmethod
+    def for_prompt(cls, prompt_token_ids: Sequence[int], ids: SpecialIds) -> ThinkingState:
+        return cls(ids, initial_phase(prompt_token_ids, ids))
+
+    def advance(self, token_id: int) -> Role:
+        """Take the next generated token (sampled or forced); return its role."""
+        role = self._role(token_id)
+        self.roles.append(role)
+        if role is not Role.ANSWER:
+            self.num_reasoning_tokens += 1
+        if role is Role.THINKING:
+            self.num_thinking_tokens += 1
+        return role
+
+    def role_at(self, index: int, token_id: int) -> Role:
+        """The role of the output's token ``index`` (``token_id``), advancing to it when it
+        is the next token the state has not seen."""
+        if index == len(self.roles):
+            return self.advance(token_id)
+        if index > len(self.roles):
+            raise ValueError(f"token {index} read before token {len(self.roles)}")
+        return self.roles[index]
+
+    def _role(self, token_id: int) -> Role:
+        ids = self.ids
+        if self.phase is Phase.THINKING:
+            if token_id == ids.think_end:
+                self.phase = Phase.ANSWER
+                return Role.CLOSE
+            return Role.THINKING
+        if self.phase is Phase.BEFORE_THINKING:
+            if token_id == ids.think_start:
+                self.phase = Phase.THINKING
+                return Role.OPEN
+            if token_id not in ids.whitespace:
+                self.phase = Phase.ANSWER
+        return Role.ANSWER
 
 
 class ThinkingBudget:
-    """Caps one request's thinking at ``budget`` tokens.
+    """Caps one sequence's thinking at ``budget`` tokens, read from its :class:`ThinkingState`.
 
-    The engine calls :meth:`on_start` once before the first token and :meth:`on_token`
-    after every token it appends; each returns token ids it must append next, without
-    sampling (almost always ``[]``).
+    After every token the state has taken (sampled or forced), the engine asks
+    :meth:`after_token` for token ids to append next without sampling (almost always
+    ``[]``).
 
-    Counting: a *thinking token* is a sampled token generated while thinking is open and
-    that is not `</think>`; the opening `<think>` is not one. Thinking is open from the
-    first token when the prompt opened it (``starts_in_thinking``), otherwise only when
-    the first generated token is `<think>` (a later `<think>` is answer text). When the
-    count reaches ``budget`` without a `</think>`, ``early_stop_token_ids`` are returned,
-    exactly once: the output then holds exactly ``budget`` thinking tokens followed by
-    the early-stop text, whose `</think>` closes thinking. The forced tokens are not
-    thinking tokens; passing them to :meth:`on_token` is allowed and changes nothing.
-    A `</think>` the model writes itself ends the count and nothing is forced.
+    Counting: the state's thinking tokens, so a `<think>` opens the count wherever the
+    state says thinking opens (after leading whitespace too), and the prompt may have
+    opened it. When the count reaches ``budget`` without a `</think>`,
+    ``early_stop_token_ids`` are returned, exactly once: the output then holds exactly
+    ``budget`` thinking tokens followed by the early-stop text, whose `</think>` closes
+    thinking. A `</think>` the model writes itself ends thinking and nothing is forced.
 
     Budget 0: render the template with ``enable_thinking=False``
     (:func:`effective_enable_thinking`) so the model never opens thinking. If thinking
-    opens anyway (a `<think>` first token, or a prompt that opened it, as QwQ's does),
-    the early stop is forced at once (from :meth:`on_start` for such a prompt).
+    opens anyway (a template that ignores ``enable_thinking``), the early stop is forced
+    at once; a prompt that opened thinking itself (QwQ's) gets the early stop appended
+    to the prompt (:func:`close_thinking`).
 
     ``max_tokens`` is separate: it counts every generated token, thinking, forced and
     answer alike. When it ends generation first (forced tokens included, which the engine
     then cuts short), the finish reason is "length".
-
-    A vocabulary without think tokens (``think_end_id`` None) makes the budget inert.
     """
 
-    def __init__(
-        self,
-        budget: int,
-        *,
-        think_start_id: int | None,
-        think_end_id: int | None,
-        early_stop_token_ids: Sequence[int],
-        starts_in_thinking: bool,
-    ):
-        if budget < 0:
-            raise ValueError(f"thinking budget must be >= 0, got {budget}")
-        if think_end_id is not None and think_end_id not in early_stop_token_ids:
+    def __init__(self, budget: int, state: ThinkingState, early_stop_token_ids: Sequence[int]):
+        if state.ids.think_end not in early_stop_token_ids:
             raise ValueError("early_stop_token_ids must contain the </think> token")
         self.budget = budget
-        self.think_start_id = think_start_id
-        self.think_end_id = think_end_id
+        self.state = state
         self.early_stop_token_ids = list(early_stop_token_ids)
-        if think_end_id is None:
-            self._state = _DONE
-        else:
-            self._state = _THINKING if starts_in_thinking else _WAITING
-        self.num_thinking_tokens = 0
         self.is_triggered = False  # the early stop was forced
 
-    @classmethod
-    def for_tokenizer(cls, budget: int, tokenizer: _Tokenizer, *, starts_in_thinking: bool) -> ThinkingBudget:
-        return cls(
-            budget,
-            think_start_id=tokenizer.token_to_id("<think>"),
-            think_end_id=tokenizer.token_to_id("</think>"),
-            early_stop_token_ids=early_stop_token_ids(tokenizer),
-            starts_in_thinking=starts_in_thinking,
-        )
-
-    @property
-    def is_thinking(self) -> bool:
-        return self._state == _THINKING
-
-    def on_start(self) -> list[int]:
-        """Tokens to force before the first sampled token (only for budget 0 with a prompt
-        that already opened thinking)."""
-        if self._state == _THINKING and self.budget == 0:
-            return self._force()
-        return []
-
-    def on_token(self, token_id: int) -> list[int]:
-        """After each appended token: the tokens to force next."""
-        if self._state == _WAITING:
-            if token_id != self.think_start_id:
-                self._state = _DONE
-                return []
-            self._state = _THINKING
-            return self._force() if self.budget == 0 else []
-        if self._state != _THINKING:
+    def after_token(self) -> list[int]:
+        """The tokens to force next, once the state has taken a token."""
+        if self.is_triggered or self.state.phase is not Phase.THINKING:
             return []
-        if token_id == self.think_end_id:
-            self._state = _DONE
+        if self.state.num_thinking_tokens < self.budget:
             return []
-        self.num_thinking_tokens += 1
-        if self.num_thinking_tokens >= self.budget:
-            return self._force()
-        return []
-
-    def _force(self) -> list[int]:
-        self._state = _DONE
         self.is_triggered = True
         return list(self.early_stop_token_ids)
+
+
+def close_thinking(prompt_token_ids: list[int], ids: SpecialIds, tokenizer: _Tokenizer) -> list[int]:
+    """The prompt of a request with thinking budget 0: when the template opened thinking
+    (QwQ's always does), the early stop is appended so that thinking is closed before the
+    first token."""
+    if initial_phase(prompt_token_ids, ids) is Phase.THINKING:
+        return prompt_token_ids + early_stop_token_ids(tokenizer)
+    return prompt_token_ids
 
 
 def _text_of(content: Any) -> str:
