@@ -233,8 +233,9 @@ def _history(arguments):
 
 def _prompt(tokenizer, messages):
     from qwenkit.chat.prepare import prepare_chat
+    from qwenkit.chat.request import ChatRequest
 
-    prepared = prepare_chat(tokenizer, messages, None, tools=TOOLS, enable_thinking=False)
+    prepared = prepare_chat(tokenizer, ChatRequest(messages, tools=TOOLS, enable_thinking=False))
     return tokenizer.decode(prepared.prompt_token_ids)
 
 

@@ -11,6 +11,7 @@ from hub_cache import QWEN25_TEMPLATE, QWQ_TEMPLATE, set_chat_template
 from tiny import make_tokenizer
 
 from qwenkit.chat.prepare import prepare_chat
+from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.structured import GrammarCompiler
 from qwenkit.chat.thinking import EARLY_STOP_TEXT
 from qwenkit.tokenizer import Tokenizer
@@ -52,10 +53,9 @@ def qwen25(tmp_path_factory):
 
 
 def prepare(tokenizer, messages=USER, **options):
-    compiler = None
-    if options.get("response_format") or options.get("tool_choice", "auto") not in ("auto", "none"):
-        compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size)
-    return prepare_chat(tokenizer, messages, None, grammar_compiler=compiler, **options)
+    request = ChatRequest(messages, **options)
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size) if request.needs_grammar else None
+    return prepare_chat(tokenizer, request, grammar_compiler=compiler)
 
 
 class Run:
