@@ -117,7 +117,7 @@ def test_page_and_its_files_are_open_the_api_needs_the_key(server):
 def test_no_web_serves_no_page(allm):
     from starlette.testclient import TestClient
 
-    client = TestClient(create_app(allm, ServerConfig(web=False)))
+    client = TestClient(create_app(allm, ServerConfig(web=False)), base_url="http://127.0.0.1")
     assert client.get("/").status_code == 404
     assert client.get("/web/static/app.js").status_code == 404
     assert client.get("/web/api/conversations").status_code == 404
@@ -206,7 +206,8 @@ def test_mcp_config_errors(allm, tmp_path):
     # A server that cannot start leaves the page without tools (and says why); the chat goes on.
     config = tmp_path / "mcp.json"
     config.write_text(json.dumps({"mcpServers": {"gone": {"command": str(tmp_path / "no-such-program")}}}))
-    client = TestClient(create_app(allm, ServerConfig(mcp_config=str(config), chat_db=str(tmp_path / "c.db"))))
+    client = TestClient(create_app(allm, ServerConfig(mcp_config=str(config), chat_db=str(tmp_path / "c.db"))),
+                        base_url="http://127.0.0.1")
     tools = client.get("/web/api/tools").json()
     assert tools["data"] == [] and "gone" in tools["error"]
     assert client.post("/web/api/tools/add", json={"arguments": {}}).status_code == 404

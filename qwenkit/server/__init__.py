@@ -13,8 +13,11 @@ from qwenkit.server.app import ServerConfig, create_app
 def serve(allm, config: ServerConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           drain_timeout_s: float = 30.0, log_level: str = "info") -> None:
     """Serve until SIGINT / SIGTERM; in-flight requests get `drain_timeout_s` to finish."""
+    import dataclasses
+
     import uvicorn
 
+    config = dataclasses.replace(config or ServerConfig(), bind_host=host)
     server = uvicorn.Server(uvicorn.Config(
         create_app(allm, config), host=host, port=port, log_level=log_level,
         timeout_graceful_shutdown=drain_timeout_s,

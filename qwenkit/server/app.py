@@ -19,15 +19,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from qwenkit.chat import ChatChunk
 from qwenkit.errors import QwenkitError
 from qwenkit.server import dashscope_protocol as ds
 from qwenkit.server import openai_protocol as oa
-from qwenkit.server.errors import APIError, bad_request, dashscope_error, openai_error, validation_message
-from qwenkit.server.limits import Guard, RequestSlots, is_dashscope_path
+from qwenkit.server.errors import (
+    APIError, bad_request, dashscope_error, openai_error, unparsable_body_message, validation_message,
+)
+from qwenkit.server.limits import Guard, RequestSlots, is_dashscope_path, route_table
 from qwenkit.server.metrics import Metrics
+from qwenkit.server.security import browser_guard
 
 
 @dataclass
@@ -45,13 +49,17 @@ class ServerConfig:
     web: bool = True  # the chat page at /
     mcp_config: str | None = None  # path of {"mcpServers": {...}} JSON: tools the web page may call
     chat_db: str | None = None  # SQLite file of the web page's conversations (default: in the qwenkit home)
+    # Host names answered beside the loopback names and bind_host ("*": any); see server/security.py.
+    allowed_hosts: list[str] | None = None
+    bind_host: str = "127.0.0.1"  # the address served on (`serve` sets it)
 
 
 DASHSCOPE_ROUTE = "/api/v1/services/aigc/text-generation/generation"
 
 
 def create_app(allm, config: ServerConfig | None = None) -> Any:
-    """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard."""
+    """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard
+    and the Host / Origin checks."""
     config = config or ServerConfig()
     names = list(config.served_model_names or [allm.llm.model_name])
     slots = RequestSlots(config.max_running_requests, config.max_waiting_requests, config.retry_after_s)
@@ -100,7 +108,15 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
 
     @app.exception_handler(405)
     async def on_bad_method(request: Request, error):
-        return error_response(request, APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+        allow = ", ".join(sorted(route_table(app).match(request.url.path)[1]))
+        return error_response(request, APIError(405, f"{request.method} is not allowed on {request.url.path} "
+                                                     f"(allowed: {allow})", headers={"Allow": allow}))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException):
+        # FastAPI's one 400 of its own: a body it cannot parse (not UTF-8, nested too deep).
+        message = unparsable_body_message(await request.body()) if error.status_code == 400 else str(error.detail)
+        return error_response(request, APIError(error.status_code, message, headers=error.headers))
 
     # -- generation --------------------------------------------------------------------
 
@@ -278,8 +294,8 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     if config.web:
         from qwenkit.server.web import mount_web
 
-        return mount_web(app, guarded, config)
-    return guarded
+        return browser_guard(mount_web(app, guarded, config), config)
+    return browser_guard(guarded, config)
 
 
 def _as_400(translate: Callable[[Any], Any], body: Any) -> Any:

@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwenkit.chat import ChatChunk
 from qwenkit.chat_types import Usage
-from qwenkit.sampling import SamplingParams
+from qwenkit.sampling import MAX_N, MAX_TOP_LOGPROBS, SamplingParams
 from qwenkit.engine.llm_engine import TokenOutput
-from qwenkit.server.openai_protocol import ChatCall, ChatMessage, Tool, chat_logprobs, normalize_messages
+from qwenkit.server.openai_protocol import (
+    MAX_INT32, ChatCall, ChatMessage, Count, Penalty, PositiveCount, ResponseFormat, StopString, Tool, ToolChoice,
+    TokenId, chat_logprobs, engine_response_format, engine_tool_choice, normalize_messages,
+)
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # the SDK adds fields of its own (user_agent...)
+    # extra: the SDK adds fields of its own (user_agent...); strict: as the published schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class GenerationInput(_Model):
@@ -42,22 +46,23 @@ class GenerationParameters(_Model):
     result_format: Literal["text", "message"] = "text"
     incremental_output: bool = False
     enable_thinking: bool | None = None
-    thinking_budget: int | None = None
+    thinking_budget: Count | None = None
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | list[list[int]] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    n: int | None = 1
+    # Strings, or token ids given as single-token lists ([[151645]]).
+    stop: StopString | list[StopString] | list[Annotated[list[TokenId], Field(min_length=1, max_length=1)]] | None = None
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
+    max_tokens: PositiveCount | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    n: int | None = Field(1, ge=1, le=MAX_N)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool | None = None
 
 
@@ -103,8 +108,8 @@ def generation_call(req: GenerationRequest) -> GenerationCall:
         "enable_thinking": True if p.enable_thinking is None else p.enable_thinking,
         "thinking_budget": p.thinking_budget,
         "tools": [t.model_dump(exclude_none=True) for t in p.tools] if p.tools else None,
-        "tool_choice": "auto" if p.tool_choice is None else p.tool_choice,
-        "response_format": p.response_format,
+        "tool_choice": engine_tool_choice(p.tool_choice),
+        "response_format": engine_response_format(p.response_format),
         "parallel_tool_calls": True if p.parallel_tool_calls is None else p.parallel_tool_calls,
     }
     return GenerationCall(ChatCall(messages, params, kwargs), p.result_format, p.incremental_output)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from starlette.routing import Mount, compile_path
 
 from qwenkit.server.errors import APIError, dashscope_error, openai_error
 
@@ -14,13 +18,56 @@ from qwenkit.server.errors import APIError, dashscope_error, openai_error
 OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
+UNMATCHED_ROUTE = "unmatched"
+
+
 def is_dashscope_path(path: str) -> bool:
     return path.startswith("/api/")
 
 
+class RouteTable:
+    """The app's route templates and their methods, matched against raw paths: metrics label
+    a request by its template (or "unmatched"), so random paths cannot grow the label set,
+    and a 405 lists the methods the path has. Built on first use, once every route exists,
+    from the OpenAPI paths (routers included with prefixes are flattened there) and the
+    app's own routes and mounts (the page, the static files, the docs)."""
+
+    def __init__(self, app):
+        self.app = app
+        self._routes: list[tuple[re.Pattern[str], str, frozenset[str]]] | None = None
+
+    def _load(self) -> list[tuple[re.Pattern[str], str, frozenset[str]]]:
+        methods: dict[str, set[str]] = {}
+        for path, operations in self.app.openapi().get("paths", {}).items():
+            methods.setdefault(path, set()).update(m.upper() for m in operations)
+        mounts = []
+        for route in self.app.routes:
+            if isinstance(route, Mount):
+                mounts.append((compile_path(route.path.rstrip("/") + "/{path:path}")[0], route.path, frozenset()))
+            elif isinstance(getattr(route, "path", None), str):
+                methods.setdefault(route.path, set()).update(getattr(route, "methods", None) or ())
+        return [(compile_path(path)[0], path, frozenset(m)) for path, m in methods.items()] + mounts
+
+    def match(self, path: str) -> tuple[str, frozenset[str]]:
+        """(the template, its methods) of the route at `path`; ("unmatched", {}) for none."""
+        if self._routes is None:
+            self._routes = self._load()
+        for regex, template, methods in self._routes:
+            if regex.match(path):
+                return template, methods
+        return UNMATCHED_ROUTE, frozenset()
+
+
+def route_table(app) -> RouteTable:
+    """The `RouteTable` of a FastAPI app (one per app)."""
+    if getattr(app.state, "route_table", None) is None:
+        app.state.route_table = RouteTable(app)
+    return app.state.route_table
+
+
 async def send_error(send, path: str, error: APIError) -> None:
     """Answer with `error` in the shape of the route's protocol."""
-    body = dashscope_error(error, "") if is_dashscope_path(path) else openai_error(error)
+    body = dashscope_error(error, secrets.token_hex(16)) if is_dashscope_path(path) else openai_error(error)
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
@@ -39,6 +86,7 @@ class Guard:
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.on_response = on_response
+        self.routes = route_table(app)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -60,7 +108,7 @@ class Guard:
             await self.app(scope, receive, send_recording)
         finally:
             if self.on_response is not None:
-                self.on_response(path, status[0])
+                self.on_response(self.routes.match(path)[0], status[0])
 
     def _check_key(self, scope) -> APIError | None:
         if self.api_key is None:
