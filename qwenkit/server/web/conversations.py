@@ -11,7 +11,6 @@ import contextlib
 import json
 import secrets
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -127,22 +126,26 @@ class ConversationNotFound(KeyError):
 
 
 class ConversationStore:
-    """Conversations of the web page in the SQLite file at `path` (created with its folder)."""
+    """Conversations of the web page in the SQLite file at `path` (created with its folder).
+
+    A delete removes the conversation and its messages, and an append checks that the
+    conversation exists and writes the turn, each in one transaction: a process killed
+    midway, or a delete racing an append from another process, leaves no message behind
+    that belongs to no conversation."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.memory = SQLiteChatMemory(self.path, max_messages=None)
-        self._lock = threading.Lock()  # one writer at a time in this process; SQLite locks across processes
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        with self.memory.transaction() as db:
+            db.execute(_SCHEMA)
 
     @contextlib.contextmanager
     def _db(self):
-        # A short-lived connection per call: handlers run on a thread pool, and opening
-        # a local SQLite file costs microseconds.
+        # Reads: a short-lived connection per call (handlers run on a thread pool, and
+        # opening a local SQLite file costs microseconds). Writes go through
+        # `memory.transaction()`, so that messages and conversations change together.
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.row_factory = sqlite3.Row
         try:
             yield db
         finally:
@@ -151,23 +154,20 @@ class ConversationStore:
     def list(self) -> list[dict[str, Any]]:
         """Every conversation, the latest updated first."""
         with self._db() as db:
-            rows = db.execute("SELECT * FROM web_conversations ORDER BY updated_at DESC, rowid DESC").fetchall()
-        return [_summary(r) for r in rows]
+            rows = db.execute(f"SELECT {_COLUMNS} FROM web_conversations ORDER BY updated_at DESC, rowid DESC")
+            return [_summary(r) for r in rows.fetchall()]
 
     def create(self, title: str | None = None) -> dict[str, Any]:
         now = time.time()
         conversation_id = "conv_" + secrets.token_hex(8)
-        with self._lock, self._db() as db:
+        with self.memory.transaction() as db:
             db.execute("INSERT INTO web_conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
                        (conversation_id, title, now, now))
-        return self.summary(conversation_id)
+        return _summary((conversation_id, title, now, now))
 
     def summary(self, conversation_id: str) -> dict[str, Any]:
         with self._db() as db:
-            row = db.execute("SELECT * FROM web_conversations WHERE id = ?", (conversation_id,)).fetchone()
-        if row is None:
-            raise ConversationNotFound(conversation_id)
-        return _summary(row)
+            return _summary(_row(db, conversation_id))
 
     def get(self, conversation_id: str) -> dict[str, Any]:
         """The conversation with all its messages."""
@@ -176,33 +176,47 @@ class ConversationStore:
         return out
 
     def rename(self, conversation_id: str, title: str) -> dict[str, Any]:
-        with self._lock, self._db() as db:
-            found = db.execute("UPDATE web_conversations SET title = ? WHERE id = ?", (title, conversation_id))
-        if found.rowcount == 0:
-            raise ConversationNotFound(conversation_id)
-        return self.summary(conversation_id)
+        with self.memory.transaction() as db:
+            db.execute("UPDATE web_conversations SET title = ? WHERE id = ?", (title, conversation_id))
+            return _summary(_row(db, conversation_id))
 
     def delete(self, conversation_id: str) -> None:
-        with self._lock, self._db() as db:
+        with self.memory.transaction() as db:
             found = db.execute("DELETE FROM web_conversations WHERE id = ?", (conversation_id,))
-        if found.rowcount == 0:
-            raise ConversationNotFound(conversation_id)
-        self.memory.clear(conversation_id)
+            if found.rowcount == 0:
+                raise ConversationNotFound(conversation_id)
+            self.memory.clear(conversation_id)
 
     def append(self, conversation_id: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """Add a turn; an untitled conversation takes its title from the first user message."""
-        with self._lock:
-            self.summary(conversation_id)  # 404 before writing anything
+        with self.memory.transaction() as db:
+            db.execute("UPDATE web_conversations SET title = COALESCE(title, ?), updated_at = ? WHERE id = ?",
+                       (auto_title(messages), time.time(), conversation_id))
+            summary = _summary(_row(db, conversation_id))  # ConversationNotFound rolls back: nothing written
             self.memory.add(conversation_id, messages)
-            with self._db() as db:
-                db.execute("UPDATE web_conversations SET title = COALESCE(title, ?), updated_at = ? WHERE id = ?",
-                           (auto_title(messages), time.time(), conversation_id))
-        return self.summary(conversation_id)
+        return summary
+
+    def orphan_message_count(self) -> int:
+        """Messages whose conversation is gone: none, unless something else writes the file."""
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM messages "
+                              "WHERE conversation_id NOT IN (SELECT id FROM web_conversations)").fetchone()[0]
 
     def close(self) -> None:
         self.memory.close()
 
 
-def _summary(row: sqlite3.Row) -> dict[str, Any]:
-    return {"id": row["id"], "object": "conversation", "title": row["title"],
-            "created_at": int(row["created_at"]), "updated_at": int(row["updated_at"])}
+_COLUMNS = "id, title, created_at, updated_at"
+
+
+def _row(db: sqlite3.Connection, conversation_id: str) -> tuple:
+    row = db.execute(f"SELECT {_COLUMNS} FROM web_conversations WHERE id = ?", (conversation_id,)).fetchone()
+    if row is None:
+        raise ConversationNotFound(conversation_id)
+    return row
+
+
+def _summary(row: tuple) -> dict[str, Any]:
+    conversation_id, title, created_at, updated_at = row
+    return {"id": conversation_id, "object": "conversation", "title": title,
+            "created_at": int(created_at), "updated_at": int(updated_at)}
