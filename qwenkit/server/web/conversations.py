@@ -13,7 +13,7 @@ import secrets
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -50,6 +50,31 @@ class ToolCallItem(_Strict):
     function: ToolCallFunction
 
 
+class StoredUsage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # OpenAI's usage object, as the stream sent it
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int | None = Field(None, ge=0)
+    completion_tokens_details: dict[str, int | None] | None = None
+    prompt_tokens_details: dict[str, int | None] | None = None
+
+
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class StoredMeta(_Strict):
+    """What the page shows under an answer. Typed on write: one bad value stored here once
+    made its conversation impossible to open."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    elapsed_s: Seconds | None = None
+    thinking_s: Seconds | None = None
+    tokens_per_s: Seconds | None = None
+    usage: StoredUsage | None = None
+    stopped: bool | None = None
+    error: str | None = Field(None, max_length=2000)
+
+
 class StoredMessage(_Strict):
     """One message of a turn as the page saves it: OpenAI's chat fields, the reasoning,
     and `meta` (usage, timings, whether the user stopped it) that is shown, never sent
@@ -61,7 +86,7 @@ class StoredMessage(_Strict):
     tool_calls: list[ToolCallItem] | None = None
     tool_call_id: str | None = None
     name: str | None = None
-    meta: dict[str, Any] | None = None
+    meta: StoredMeta | None = None
 
 
 class NewConversation(_Strict):
