@@ -29,7 +29,9 @@ from qwenkit.server import openai_protocol as oa
 from qwenkit.server.errors import (
     APIError, bad_request, dashscope_error, openai_error, unparsable_body_message, validation_message,
 )
-from qwenkit.server.limits import Guard, RequestSlots, is_dashscope_path, route_table
+from qwenkit.server.limits import (
+    Guard, PromptSizeCheck, RequestSlots, is_dashscope_path, prompt_texts, route_table,
+)
 from qwenkit.server.metrics import Metrics
 from qwenkit.server.security import browser_guard
 
@@ -64,6 +66,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     names = list(config.served_model_names or [allm.llm.model_name])
     slots = RequestSlots(config.max_running_requests, config.max_waiting_requests, config.retry_after_s)
     metrics = Metrics(allm, slots)
+    prompt_size = PromptSizeCheck(allm.tokenizer, allm.llm.max_model_len)
     started = int(time.time())
     app = FastAPI(title="qwenkit", version="0.1.0",
                   description="OpenAI- and DashScope-compatible API over a local Qwen model.")
@@ -162,6 +165,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
         model = check_model(body.model)
         call = _as_400(oa.chat_call, body)
+        await asyncio.to_thread(prompt_size.check, prompt_texts(call.messages))
         request_id = "chatcmpl-" + secrets.token_hex(12)
         chunks = await open_chat(call, request_id)
         decode = token_decoder(call.params.logprobs)
@@ -194,6 +198,8 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     async def completions(body: oa.CompletionRequest, request: Request):
         model = check_model(body.model)
         call = _as_400(oa.completion_call, body)
+        if isinstance(call.prompt, str):
+            await asyncio.to_thread(prompt_size.check, [call.prompt])
         prompt_ids = call.prompt if isinstance(call.prompt, list) else _as_400(allm.tokenizer.encode, call.prompt)
         request_id = "cmpl-" + secrets.token_hex(12)
         await slots.acquire()
@@ -253,6 +259,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         request.state.request_id = request_id
         check_model(body.model)
         call = _as_400(ds.generation_call, body)
+        await asyncio.to_thread(prompt_size.check, prompt_texts(call.chat.messages))
         chunks = await open_chat(call.chat, request_id)
         encoder = ds.GenerationEncoder(request_id, call.result_format, call.incremental_output,
                                        decode=token_decoder(call.chat.params.logprobs))
