@@ -33,6 +33,7 @@ from qwenkit.server.limits import (
     Guard, PromptSizeCheck, RequestSlots, is_dashscope_path, prompt_texts, route_table,
 )
 from qwenkit.server.metrics import Metrics
+from qwenkit.server.openapi import install_openapi
 from qwenkit.server.security import browser_guard
 
 
@@ -71,6 +72,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     app = FastAPI(title="qwenkit", version="0.1.0",
                   description="OpenAI- and DashScope-compatible API over a local Qwen model.")
     app.state.allm, app.state.slots, app.state.metrics = allm, slots, metrics
+    install_openapi(app, config)
 
     def token_decoder(wanted: bool):
         """id -> the token's own text, for logprobs (None when the request asked for none)."""

@@ -20,15 +20,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qwenkit.chat import ChatChunk
 from qwenkit.chat_types import Usage
-from qwenkit.sampling import MAX_N, MAX_TOP_LOGPROBS, SamplingParams
+from qwenkit.sampling import SamplingParams
 from qwenkit.engine.llm_engine import TokenOutput
 from qwenkit.server.openai_protocol import (
-    MAX_INT32, ChatCall, ChatMessage, Count, Penalty, PositiveCount, ResponseFormat, StopString, Tool, ToolChoice,
-    TokenId, chat_logprobs, engine_response_format, engine_tool_choice, normalize_messages,
+    ChatCall, ChatMessage, Count, NumChoices, Penalty, PositiveCount, ResponseFormat, Seed, StopString, TokenId, Tool,
+    ToolChoice, TopK, TopLogprobs, chat_logprobs, engine_response_format, engine_tool_choice, normalize_messages,
 )
 
 
@@ -38,8 +38,16 @@ class _Model(BaseModel):
 
 
 class GenerationInput(_Model):
-    messages: list[ChatMessage] | None = None
-    prompt: str | None = None
+    # One of the two (the schema says so too); messages win when both are given.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["messages"]}, {"required": ["prompt"]}]})
+    messages: list[ChatMessage] = Field(None, min_length=1)
+    prompt: str = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GenerationInput:
+        if self.messages is None and self.prompt is None:
+            raise ValueError("input.messages or input.prompt is required")
+        return self
 
 
 class GenerationParameters(_Model):
@@ -51,18 +59,18 @@ class GenerationParameters(_Model):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    seed: Seed | None = None
     # Strings, or token ids given as single-token lists ([[151645]]).
     stop: StopString | list[StopString] | list[Annotated[list[TokenId], Field(min_length=1, max_length=1)]] | None = None
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
+    top_k: TopK | None = None
     max_tokens: PositiveCount | None = None
     presence_penalty: Penalty | None = None
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
-    n: int | None = Field(1, ge=1, le=MAX_N)
+    n: NumChoices | None = 1
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
     stream: bool | None = None
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from qwenkit.chat import ChatChunk
 from qwenkit.chat_types import Usage
@@ -33,9 +33,27 @@ class _Model(BaseModel):
 # The bounds SamplingParams checks, stated here too so that the published schema is as
 # strict as the validation (an int32 bound on counts: 10^30 tokens is a mistake, not a wish).
 MAX_INT32 = 2**31 - 1
-Count = Annotated[int, Field(ge=0, le=MAX_INT32)]
-PositiveCount = Annotated[int, Field(ge=1, le=MAX_INT32)]
-TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(minimum: int, maximum: int) -> Any:
+    """An integer in [minimum, maximum] as JSON Schema counts them: 2.0 is one, true and
+    2.5 are not. (The schema is spelled out: pydantic cannot derive it through the
+    validator that takes 2.0.)"""
+    return Annotated[int, BeforeValidator(_integral), Field(ge=minimum, le=maximum),
+                     WithJsonSchema({"type": "integer", "minimum": minimum, "maximum": maximum})]
+
+
+Count = json_int(0, MAX_INT32)
+PositiveCount = json_int(1, MAX_INT32)
+TokenId = json_int(0, MAX_INT32)
+TopK = json_int(-1, MAX_INT32)
+Seed = json_int(-(2**63), 2**63 - 1)
+NumChoices = json_int(1, MAX_N)
+TopLogprobs = json_int(0, MAX_TOP_LOGPROBS)
 StopString = Annotated[str, Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 
@@ -111,15 +129,15 @@ class _SamplingFields(_Model):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
+    top_k: TopK | None = None
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
                      Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    n: int | None = Field(1, ge=1, le=MAX_N)
+    seed: Seed | None = None
+    n: NumChoices | None = 1
     min_tokens: Count = 0
     stop: StopString | list[StopString] | None = None
     stop_token_ids: list[TokenId] | None = None
@@ -133,7 +151,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: PositiveCount | None = None
     max_completion_tokens: PositiveCount | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -149,7 +167,7 @@ class CompletionRequest(_SamplingFields):
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)])
     max_tokens: PositiveCount | None = 16  # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=5)  # legacy API: how many top logprobs per token
+    logprobs: json_int(0, 5) | None = None  # legacy API: how many top logprobs per token
     echo: Literal[False] = False  # not supported
     suffix: Literal[""] | None = None  # not supported
 

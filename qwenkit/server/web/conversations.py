@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from qwenkit.client.memory import SQLiteChatMemory
 
@@ -50,13 +50,22 @@ class ToolCallItem(_Strict):
     function: ToolCallFunction
 
 
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# A token count: an integer as JSON Schema counts them (2.0 is one, true and 2.5 are not).
+TokenCount = Annotated[int, BeforeValidator(_integral), Field(ge=0, le=2**63 - 1),
+                       WithJsonSchema({"type": "integer", "minimum": 0, "maximum": 2**63 - 1})]
+
+
 class StoredUsage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # OpenAI's usage object, as the stream sent it
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-    total_tokens: int | None = Field(None, ge=0)
-    completion_tokens_details: dict[str, int | None] | None = None
-    prompt_tokens_details: dict[str, int | None] | None = None
+    prompt_tokens: TokenCount
+    completion_tokens: TokenCount
+    total_tokens: TokenCount | None = None
+    completion_tokens_details: dict[str, TokenCount | None] | None = None
+    prompt_tokens_details: dict[str, TokenCount | None] | None = None
 
 
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -89,8 +98,13 @@ class StoredMessage(_Strict):
     meta: StoredMeta | None = None
 
 
+# What `clean_title` accepts, as the published schema can say it: not blank (the pattern is
+# checked by clean_title, which says so in words), at most 200 characters.
+Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS, json_schema_extra={"pattern": r"\S"})]
+
+
 class NewConversation(_Strict):
-    title: str | None = None
+    title: Title | None = None
 
     @field_validator("title")
     @classmethod
@@ -99,7 +113,7 @@ class NewConversation(_Strict):
 
 
 class Rename(_Strict):
-    title: str
+    title: Title
 
     @field_validator("title")
     @classmethod
