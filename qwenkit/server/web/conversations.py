@@ -81,7 +81,7 @@ class StoredMeta(_Strict):
     tokens_per_s: Seconds | None = None
     usage: StoredUsage | None = None
     stopped: bool | None = None
-    error: str | None = Field(None, max_length=2000)
+    error: str | None = None
 
 
 class StoredMessage(_Strict):
