@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the CUDA path in one run, for a short lease on a GPU machine:
 # the CUDA tests (kernels compiled, parity with transformers, batch == single, the CLI with
-# no flags), then benchmarks/bench_gpu.py. Logs and JSON go to $OUT.
+# no flags), then benchmarks/bench_gpu.py, then benchmarks/cpu_isa_check.py on the host CPU.
+# Logs and JSON go to $OUT.
 #
 #   bash benchmarks/gpu_check.sh          # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --cpu    # the same, shrunk, on a CPU: checks the script
@@ -38,3 +39,5 @@ fi
 timeout 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_cuda_kernels.py tests/test_device_placement.py \
     2>&1 | tee "$OUT/pytest.log" | tail -40
 timeout 330 $PY benchmarks/bench_gpu.py "${TOKENIZER[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+# The host CPU too (often AVX-512 / AMX on GPU machines): every ISA variant of the CPU kernels.
+timeout 150 $PY benchmarks/cpu_isa_check.py --json "$OUT/cpu_isa.json" 2>&1 | tee "$OUT/cpu_isa.log" | tail -60

@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                       help="host names (Host header) served beside localhost, 127.0.0.1, ::1 and --host; "
+                            "'*' allows any (default: those only, a guard against DNS rebinding)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: QWENKIT_API_KEY, else none)")
     serve.add_argument("--served-model-name", nargs="+", help="model names clients use (default: the model's own)")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences the engine batches at once")
@@ -307,6 +310,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from qwenkit import kernels
     from qwenkit.server import ServerConfig, serve
+    from qwenkit.server.security import exposure_warning
 
     config = ServerConfig(
         served_model_names=args.served_model_name,
@@ -319,7 +323,11 @@ def _serve(args: argparse.Namespace) -> int:
         mcp_config=args.mcp,
         chat_db=args.chat_db,
         responses_db=args.responses_db,
+        allowed_hosts=args.allowed_hosts,
     )
+    warning = exposure_warning(args.host, config.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if args.ray:
         from qwenkit.serving import serve_on_ray
 

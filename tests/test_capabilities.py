@@ -123,7 +123,7 @@ def test_models_endpoint_reports_capabilities(plain_model, thinking_model):
         try:
             with running_server(allm, ServerConfig(web=False)) as url:
                 models = httpx.get(f"{url}/v1/models").json()["data"]
-                assert [m["capabilities"] for m in models] == [expected]
+                assert [m["capabilities"] for m in models] == [expected, expected]  # the model, and `default`
                 # The API still takes the thinking fields, whatever the model.
                 body = {"model": models[0]["id"], "messages": [{"role": "user", "content": "hi"}],
                         "max_tokens": 2, "enable_thinking": False, "thinking_budget": 16}

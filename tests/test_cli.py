@@ -80,6 +80,26 @@ def test_unsupported_architecture(tiny_model, tmp_path):
     assert_one_line_error(qwenkit("run", "--model", str(tmp_path), "hi"), "unsupported model_type 'llama'")
 
 
+@pytest.mark.parametrize("file, edit, fragments", [
+    ("config.json", lambda c: [c], ("config.json", "expected a JSON object, got an array")),
+    ("config.json", lambda c: {**c, "architectures": "Qwen3ForCausalLM"}, ("architectures must be an array of strings",)),
+    ("config.json", lambda c: {**c, "model_type": "llama", "architectures": "LlamaForCausalLM"},
+     ("architectures must be an array of strings",)),
+    ("config.json", lambda c: {**c, "hidden_size": "64"}, ("hidden_size must be an integer, got a string",)),
+    ("config.json", lambda c: {**c, "num_hidden_layers": 0}, ("num_hidden_layers must be at least 1",)),
+    ("config.json", lambda c: {**c, "tie_word_embeddings": "no"}, ("tie_word_embeddings must be true or false",)),
+    ("config.json", lambda c: {**c, "rope_scaling": "yarn"}, ("rope_scaling must be an object",)),
+    ("generation_config.json", lambda c: {**c, "eos_token_id": "2"}, ("eos_token_id must be an array of integers",)),
+    ("generation_config.json", lambda c: "x", ("generation_config.json", "expected a JSON object, got a string")),
+])
+def test_a_config_with_a_mistyped_value_is_one_error_line(tiny_model, tmp_path, file, edit, fragments):
+    for f in tiny_model.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / file).read_text())
+    (tmp_path / file).write_text(json.dumps(edit(config)))
+    assert_one_line_error(qwenkit("run", "--model", str(tmp_path), "hi"), *fragments)
+
+
 def test_truncated_gguf(default_gguf, tmp_path):
     cut = tmp_path / "cut.gguf"
     with open(default_gguf, "rb") as src:

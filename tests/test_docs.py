@@ -137,7 +137,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_model_names_in_snippets_are_served():
     """A request's model name is the default server's, or a short name it loads (not 'qwen3')."""
-    served = {"Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"}
+    served = {"Qwen2.5-Coder-0.5B-Instruct-Q4_K_M", "default"}  # the alias of the served model
     for block in CODE:
         for name in re.findall(r'"model":\s*"([^"]+)"|model="([^"]+)"', block.code):
             name = next(n for n in name if n)

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from qwenkit.capabilities import detect_capabilities
@@ -27,10 +28,16 @@ from qwenkit.errors import QwenkitError
 from qwenkit.server import dashscope_protocol as ds
 from qwenkit.server import openai_protocol as oa
 from qwenkit.server import responses_protocol as rp
-from qwenkit.server.errors import APIError, bad_request, dashscope_error, openai_error, validation_message
-from qwenkit.server.limits import Guard, RequestSlots, is_dashscope_path
+from qwenkit.server.errors import (
+    APIError, bad_request, dashscope_error, openai_error, unparsable_body_message, validation_message,
+)
+from qwenkit.server.limits import (
+    Guard, PromptSizeCheck, RequestSlots, is_dashscope_path, prompt_texts, route_table,
+)
 from qwenkit.server.metrics import Metrics
+from qwenkit.server.openapi import install_openapi
 from qwenkit.server.response_store import ResponseStore
+from qwenkit.server.security import browser_guard
 
 
 @dataclass
@@ -49,23 +56,29 @@ class ServerConfig:
     mcp_config: str | None = None  # path of {"mcpServers": {...}} JSON: tools the web page may call
     chat_db: str | None = None  # SQLite file of the web page's conversations (default: in the qwenkit home)
     responses_db: str | None = None  # SQLite file of stored /v1/responses (default: in the qwenkit home)
+    # Host names answered beside the loopback names and bind_host ("*": any); see server/security.py.
+    allowed_hosts: list[str] | None = None
+    bind_host: str = "127.0.0.1"  # the address served on (`serve` sets it)
 
 
 DASHSCOPE_ROUTE = "/api/v1/services/aigc/text-generation/generation"
 
 
 def create_app(allm, config: ServerConfig | None = None) -> Any:
-    """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard."""
+    """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard
+    and the Host / Origin checks."""
     config = config or ServerConfig()
     names = list(config.served_model_names or [allm.llm.model_name])
     # "default" (what the CLI calls the served model) is accepted and listed as an alias.
     listed = names + [oa.DEFAULT_MODEL] * (oa.DEFAULT_MODEL not in names)
     slots = RequestSlots(config.max_running_requests, config.max_waiting_requests, config.retry_after_s)
     metrics = Metrics(allm, slots)
+    prompt_size = PromptSizeCheck(allm.tokenizer, allm.llm.max_model_len)
     started = int(time.time())
     app = FastAPI(title="qwenkit", version="0.1.0",
                   description="OpenAI- and DashScope-compatible API over a local Qwen model.")
     app.state.allm, app.state.slots, app.state.metrics = allm, slots, metrics
+    install_openapi(app, config)
 
     def token_decoder(wanted: bool):
         """id -> the token's own text, for logprobs (None when the request asked for none)."""
@@ -106,7 +119,15 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
 
     @app.exception_handler(405)
     async def on_bad_method(request: Request, error):
-        return error_response(request, APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+        allow = ", ".join(sorted(route_table(app).match(request.url.path)[1]))
+        return error_response(request, APIError(405, f"{request.method} is not allowed on {request.url.path} "
+                                                     f"(allowed: {allow})", headers={"Allow": allow}))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException):
+        # FastAPI's one 400 of its own: a body it cannot parse (not UTF-8, nested too deep).
+        message = unparsable_body_message(await request.body()) if error.status_code == 400 else str(error.detail)
+        return error_response(request, APIError(error.status_code, message, headers=error.headers))
 
     # -- generation --------------------------------------------------------------------
 
@@ -152,6 +173,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
         model = check_model(body.model)
         call = _as_400(oa.chat_call, body)
+        await asyncio.to_thread(prompt_size.check, prompt_texts(call.messages))
         request_id = "chatcmpl-" + secrets.token_hex(12)
         chunks = await open_chat(call, request_id)
         decode = token_decoder(call.params.logprobs)
@@ -184,6 +206,8 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     async def completions(body: oa.CompletionRequest, request: Request):
         model = check_model(body.model)
         call = _as_400(oa.completion_call, body)
+        if isinstance(call.prompt, str):
+            await asyncio.to_thread(prompt_size.check, [call.prompt])
         prompt_ids = call.prompt if isinstance(call.prompt, list) else _as_400(allm.tokenizer.encode, call.prompt)
         request_id = "cmpl-" + secrets.token_hex(12)
         await slots.acquire()
@@ -314,6 +338,7 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
         request.state.request_id = request_id
         check_model(body.model)
         call = _as_400(ds.generation_call, body)
+        await asyncio.to_thread(prompt_size.check, prompt_texts(call.chat.messages))
         chunks = await open_chat(call.chat, request_id)
         encoder = ds.GenerationEncoder(request_id, call.result_format, call.incremental_output,
                                        decode=token_decoder(call.chat.params.logprobs))
@@ -355,8 +380,8 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     if config.web:
         from qwenkit.server.web import mount_web
 
-        return mount_web(app, guarded, config)
-    return guarded
+        return browser_guard(mount_web(app, guarded, config), config)
+    return browser_guard(guarded, config)
 
 
 def _as_400(translate: Callable[[Any], Any], body: Any) -> Any:

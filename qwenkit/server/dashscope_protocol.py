@@ -18,45 +18,58 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.sampling import SamplingParams
 from qwenkit.engine.llm_engine import TokenOutput
-from qwenkit.server.openai_protocol import ChatCall, ChatMessage, Tool, chat_logprobs, normalize_messages
+from qwenkit.server.openai_protocol import (
+    ChatCall, ChatMessage, Count, NumChoices, Penalty, PositiveCount, ResponseFormat, Seed, StopString, TokenId, Tool,
+    ToolChoice, TopK, TopLogprobs, chat_logprobs, engine_response_format, engine_tool_choice, normalize_messages,
+)
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # the SDK adds fields of its own (user_agent...)
+    # extra: the SDK adds fields of its own (user_agent...); strict: as the published schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class GenerationInput(_Model):
-    messages: list[ChatMessage] | None = None
-    prompt: str | None = None
+    # One of the two (the schema says so too); messages win when both are given.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["messages"]}, {"required": ["prompt"]}]})
+    messages: list[ChatMessage] = Field(None, min_length=1)
+    prompt: str = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GenerationInput:
+        if self.messages is None and self.prompt is None:
+            raise ValueError("input.messages or input.prompt is required")
+        return self
 
 
 class GenerationParameters(_Model):
     result_format: Literal["text", "message"] = "text"
     incremental_output: bool = False
     enable_thinking: bool | None = None
-    thinking_budget: int | None = None
+    thinking_budget: Count | None = None
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | list[list[int]] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    n: int | None = 1
+    response_format: ResponseFormat | None = None
+    seed: Seed | None = None
+    # Strings, or token ids given as single-token lists ([[151645]]).
+    stop: StopString | list[StopString] | list[Annotated[list[TokenId], Field(min_length=1, max_length=1)]] | None = None
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: TopK | None = None
+    max_tokens: PositiveCount | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    n: NumChoices | None = 1
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     stream: bool | None = None
 
 
@@ -102,8 +115,8 @@ def generation_call(req: GenerationRequest) -> GenerationCall:
         "enable_thinking": True if p.enable_thinking is None else p.enable_thinking,
         "thinking_budget": p.thinking_budget,
         "tools": [t.model_dump(exclude_none=True) for t in p.tools] if p.tools else None,
-        "tool_choice": "auto" if p.tool_choice is None else p.tool_choice,
-        "response_format": p.response_format,
+        "tool_choice": engine_tool_choice(p.tool_choice),
+        "response_format": engine_response_format(p.response_format),
         "parallel_tool_calls": True if p.parallel_tool_calls is None else p.parallel_tool_calls,
     }
     return GenerationCall(ChatCall(messages, params, kwargs), p.result_format, p.incremental_output)

@@ -19,15 +19,44 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
-from qwenkit.sampling import SamplingParams
+from qwenkit.sampling import MAX_LOGIT_BIAS, MAX_N, MAX_PENALTY, MAX_TOP_LOGPROBS, SamplingParams
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: `true` is not the integer 1 nor `1.5` the integer... as the published schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# The bounds SamplingParams checks, stated here too so that the published schema is as
+# strict as the validation (an int32 bound on counts: 10^30 tokens is a mistake, not a wish).
+MAX_INT32 = 2**31 - 1
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(minimum: int, maximum: int) -> Any:
+    """An integer in [minimum, maximum] as JSON Schema counts them: 2.0 is one, true and
+    2.5 are not. (The schema is spelled out: pydantic cannot derive it through the
+    validator that takes 2.0.)"""
+    return Annotated[int, BeforeValidator(_integral), Field(ge=minimum, le=maximum),
+                     WithJsonSchema({"type": "integer", "minimum": minimum, "maximum": maximum})]
+
+
+Count = json_int(0, MAX_INT32)
+PositiveCount = json_int(1, MAX_INT32)
+TokenId = json_int(0, MAX_INT32)
+TopK = json_int(-1, MAX_INT32)
+Seed = json_int(-(2**63), 2**63 - 1)
+NumChoices = json_int(1, MAX_N)
+TopLogprobs = json_int(0, MAX_TOP_LOGPROBS)
+StopString = Annotated[str, Field(min_length=1)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 
 
 class StreamOptions(_Model):
@@ -53,21 +82,66 @@ class Tool(_Model):
     function: FunctionSpec
 
 
+class ToolChoiceFunction(_Model):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Model):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Model):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Model):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Model):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
+
+
+def engine_tool_choice(choice: ToolChoice | None) -> str | dict[str, Any]:
+    return "auto" if choice is None else choice if isinstance(choice, str) else choice.model_dump()
+
+
+def engine_response_format(response_format: BaseModel | None) -> dict[str, Any] | None:
+    return None if response_format is None else response_format.model_dump(by_alias=True, exclude_none=True)
+
+
 class _SamplingFields(_Model):
     model: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    n: int | None = Field(1, ge=1)
-    min_tokens: int = 0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # OpenAI's range
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: TopK | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                     Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    seed: Seed | None = None
+    n: NumChoices | None = 1
+    min_tokens: Count = 0
+    stop: StopString | list[StopString] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -75,25 +149,28 @@ class _SamplingFields(_Model):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: PositiveCount | None = None
+    max_completion_tokens: PositiveCount | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     enable_thinking: bool | None = None
-    thinking_budget: int | None = None
+    thinking_budget: Count | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None  # legacy API: how many top logprobs per token (0..5)
-    echo: bool = False
-    suffix: str | None = None
+    # One prompt: text, token ids, or a batch of one of either (several: 400).
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)])
+    max_tokens: PositiveCount | None = 16  # OpenAI's default for completions
+    logprobs: json_int(0, 5) | None = None  # legacy API: how many top logprobs per token
+    echo: Literal[False] = False  # not supported
+    suffix: Literal[""] | None = None  # not supported
 
 
 SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__) - {"_resolved"}
@@ -160,8 +237,8 @@ def chat_call(req: ChatCompletionRequest) -> ChatCall:
         "enable_thinking": True if enable_thinking is None else enable_thinking,
         "thinking_budget": thinking_budget,
         "tools": [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
-        "tool_choice": "auto" if req.tool_choice is None else req.tool_choice,
-        "response_format": req.response_format,
+        "tool_choice": engine_tool_choice(req.tool_choice),
+        "response_format": engine_response_format(req.response_format),
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
         **template_kwargs,
     }

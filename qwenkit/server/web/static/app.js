@@ -339,7 +339,7 @@ class AnswerView {
   /** A saved message, shown as it was. */
   static restore(message) {
     const view = new AnswerView();
-    const meta = message.meta || {};
+    const meta = storedMeta(message.meta);
     if (message.reasoning_content) {
       view.openThinking(false);
       view.thinking.text.append(message.reasoning_content);
@@ -472,6 +472,31 @@ function newChat() {
 }
 
 // -- sending ------------------------------------------------------------------------
+
+/**
+ * A saved answer's meta with only the fields of the expected types: the server checks
+ * them on write, but a file written before that (or by another program) must still open.
+ */
+function storedMeta(meta) {
+  const m = meta !== null && typeof meta === "object" ? meta : {};
+  const number = (x) => (typeof x === "number" && Number.isFinite(x) ? x : undefined);
+  const u = m.usage !== null && typeof m.usage === "object" ? m.usage : {};
+  const usage = number(u.prompt_tokens) !== undefined && number(u.completion_tokens) !== undefined
+    ? {
+      prompt_tokens: u.prompt_tokens,
+      completion_tokens: u.completion_tokens,
+      completion_tokens_details: { reasoning_tokens: number(u.completion_tokens_details?.reasoning_tokens) ?? 0 },
+    }
+    : undefined;
+  return {
+    elapsed_s: number(m.elapsed_s),
+    thinking_s: number(m.thinking_s),
+    tokens_per_s: number(m.tokens_per_s),
+    usage,
+    stopped: m.stopped === true,
+    error: typeof m.error === "string" ? m.error : undefined,
+  };
+}
 
 /** Stored messages -> what the model is sent (no reasoning: Qwen3 is not shown its past thinking). */
 function forModel(messages) {
