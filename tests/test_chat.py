@@ -6,9 +6,9 @@ emits a given text, which tests parsing and control apart from model quality.
 
 
 import pytest
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
-from qwenkit import LLM, SamplingParams
+from qwenkit import SamplingParams
 from qwenkit.chat.thinking import EARLY_STOP_TEXT
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -20,13 +20,6 @@ TOOLS = [{
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }]
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    return LLM(str(folder), dtype="float32", progress=False)
 
 
 def test_thinking_and_answer_are_apart(llm):
