@@ -8,6 +8,7 @@ from qwenkit.chat.output_parser import OutputParser
 from qwenkit.chat.thinking import (
     EARLY_STOP_TEXT,
     Phase,
+    Role,
     ThinkingBudget,
     ThinkingState,
     close_thinking,
@@ -212,3 +213,19 @@ def user(text):
 )
 def test_resolve_thinking_mode(messages, enable, expected):
     assert resolve_thinking_mode(messages, enable) is expected
+
+
+def test_the_parser_reads_the_roles_the_engine_recorded():
+    """The engine advances the state with each token it shows the control; the parser reads
+    those roles back, and advances past the token that ended the sequence itself (the
+    engine shows the control no such token)."""
+    state = ThinkingState(IDS, Phase.BEFORE_THINKING)
+    for token in (9, THINK, 1):
+        state.advance(token)
+    parser = OutputParser(state, parse_tool_calls=False)
+    for token, text in ((9, "\n"), (THINK, "<think>"), (1, "hmm"), (END_THINK, "</think>")):
+        parser.feed(token, text)
+    assert state.roles == [Role.ANSWER, Role.OPEN, Role.THINKING, Role.CLOSE] and state.phase is Phase.ANSWER
+    assert parser.finish("stop")[1].reasoning_content == "hmm"
+    with pytest.raises(ValueError, match="read before"):
+        state.role_at(6, 7)

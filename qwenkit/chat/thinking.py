@@ -139,8 +139,8 @@ class ThinkingState:
     * ANSWER: every token is answer text.
 
     ``num_thinking_tokens`` counts the THINKING tokens (not the markers), forced ones
-    included; ``num_reasoning_tokens`` counts the markers too (OpenAI's
-    ``reasoning_tokens``).
+    included. (The output parser counts OpenAI's ``reasoning_tokens``, markers included,
+    from the roles of the tokens the output holds.)
 
     One instance per sequence, owned by the sequence's control: the engine advances it
     with each token (:meth:`advance`); the output parser, on another thread and never
@@ -156,7 +156,6 @@ class ThinkingState:
         self.phase = phase
         self.roles: list[Role] = []  # of every token seen, in order (append-only)
         self.num_thinking_tokens = 0
-        self.num_reasoning_tokens = 0
 
     @classmethod
     def for_prompt(cls, prompt_token_ids: Sequence[int], ids: SpecialIds) -> ThinkingState:
@@ -166,8 +165,6 @@ class ThinkingState:
         """Take the next generated token (sampled or forced); return its role."""
         role = self._role(token_id)
         self.roles.append(role)
-        if role is not Role.ANSWER:
-            self.num_reasoning_tokens += 1
         if role is Role.THINKING:
             self.num_thinking_tokens += 1
         return role
