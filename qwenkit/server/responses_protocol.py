@@ -171,7 +171,7 @@ def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any
     if choice is None:
         return "auto"
     if isinstance(choice, str):
-        return choice  # auto / none / required; anything else: prepare_chat names it
+        return choice  # auto / none / required; anything else: ChatRequest names it
     if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise ValueError(f"tool_choice must be auto, none, required or {{'type': 'function', 'name': ...}}, got {choice}")
