@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from qwenkit.client.tools import Tool
 from qwenkit.errors import QwenkitError
+from qwenkit.paths import chat_db
 
 HELP = """commands:
   /think        answer with thinking (Qwen3 hybrid models)
@@ -233,12 +234,6 @@ def _thinking_note(model: Any):
     return note
 
 
-def default_chat_db() -> Path:
-    from qwenkit.default_model import qwenkit_home
-
-    return qwenkit_home() / "chat.sqlite3"
-
-
 def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     from qwenkit.client import ChatClient, MCPToolset, MessageChatMemoryAdvisor, SQLiteChatMemory
 
@@ -247,7 +242,7 @@ def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: Text
     if args.thinking_budget is not None and args.thinking_budget < 0:
         raise QwenkitError("--thinking-budget must be >= 0")
     style = _Style(out.isatty() and not os.environ.get("NO_COLOR"))
-    db = Path(args.db) if args.db else default_chat_db()
+    db = Path(args.db) if args.db else chat_db()
     db.parent.mkdir(parents=True, exist_ok=True)
     memory = SQLiteChatMemory(db, max_messages=args.max_history)
     if args.resume and args.resume not in memory.conversation_ids():

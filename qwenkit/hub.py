@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.capabilities import Capabilities, detect_capabilities
-from qwenkit.default_model import DEFAULT_MODEL_NAME, qwenkit_home
+from qwenkit.default_model import DEFAULT_MODEL_NAME
 from qwenkit.errors import ModelLoadError, QwenkitError
 from qwenkit.model_files import (
     ModelFiles,
@@ -30,6 +30,7 @@ from qwenkit.model_files import (
     resolve_repo_file,
 )
 from qwenkit.model_names import is_short_name, lookup, short_name_of
+from qwenkit.paths import models_dir
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def hub_cache() -> Path:
 def list_models() -> list[LocalModel]:
     """The default model (once assembled) and every checkpoint in the Hugging Face cache."""
     models = []
-    default = qwenkit_home() / "models" / f"{DEFAULT_MODEL_NAME}.gguf"
+    default = models_dir() / f"{DEFAULT_MODEL_NAME}.gguf"
     if default.is_file():
         marker = default.with_name(default.name + ".sha256")
         models.append(LocalModel("default", "qwenkit home", ModelFiles("gguf", default, DEFAULT_MODEL_NAME),
@@ -247,7 +248,7 @@ class _TemplateVocab:
     chat template (a GGUF without one gets the built-in Qwen3 template, as when loaded)."""
 
     def __init__(self, tokens: set[str], chat_template: str | None):
-        from qwenkit.chat_template import ChatTemplate, qwen3_template
+        from qwenkit.chat.template import ChatTemplate, qwen3_template
 
         self.tokens = tokens
         self.template = ChatTemplate(chat_template or qwen3_template())

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-from qwenkit.chat import ChatChunk, ChatStream, PreparedChat, prepare_chat
-from qwenkit.chat_types import ChatCompletion
+from qwenkit.chat.prepare import PreparedChat, prepare_chat
+from qwenkit.chat.request import ChatRequest, chat_request
+from qwenkit.chat.stream import ChatStream
+from qwenkit.chat.types import ChatChunk, ChatCompletion
 
 from qwenkit.distributed import ParallelConfig
 from qwenkit.engine.llm_engine import EngineArgs, LLMEngine, SequenceUpdate, TokenOutput
@@ -217,62 +219,44 @@ class LLM:
     @functools.cached_property
     def grammar_compiler(self):
         """Structured output for this model's vocabulary (built on first use)."""
-        from qwenkit.structured import GrammarCompiler
+        from qwenkit.chat.structured import GrammarCompiler
 
         # Every end-of-turn id: Qwen2.5 ends a tool-call turn with <|endoftext|>, not <|im_end|>.
         return GrammarCompiler(self.tokenizer, self.config.vocab_size,
                                eos_token_ids=self.generation_config.eos_token_ids or None)
 
-    def prepare_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
-                     **kwargs: Any) -> PreparedChat:
-        needs_grammar = kwargs.get("response_format") or kwargs.get("tool_choice", "auto") not in ("auto", "none")
-        return prepare_chat(
-            self.tokenizer, messages, sampling_params,
-            grammar_compiler=self.grammar_compiler if needs_grammar else None, **kwargs,
-        )
+    def prepare_chat(self, messages: list[dict[str, Any]] | ChatRequest,
+                     sampling_params: SamplingParams | None = None, **options: Any) -> PreparedChat:
+        """The engine inputs of a chat request (arguments as for `chat`)."""
+        request = chat_request(messages, sampling_params, **options)
+        return prepare_chat(self.tokenizer, request,
+                            grammar_compiler=self.grammar_compiler if request.needs_grammar else None)
 
-    def chat(
-        self,
-        messages: list[dict[str, Any]],
-        sampling_params: SamplingParams | None = None,
-        *,
-        enable_thinking: bool = True,
-        thinking_budget: int | None = None,
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: str | dict[str, Any] = "auto",
-        response_format: dict[str, Any] | None = None,
-        parallel_tool_calls: bool = True,
-        **template_kwargs: Any,
-    ) -> ChatCompletion:
+    def chat(self, messages: list[dict[str, Any]] | ChatRequest, sampling_params: SamplingParams | None = None,
+             **options: Any) -> ChatCompletion:
         """Answer a conversation: reasoning, content and tool calls apart, with usage.
 
-        enable_thinking: Qwen3's thinking mode (`/think` and `/no_think` in the latest
-        user turn switch it per turn). thinking_budget: the most thinking tokens before
-        the model is told to answer (0: no thinking); separate from max_tokens, which
-        counts every generated token. tools / tool_choice: OpenAI-style function tools;
+        Pass a `ChatRequest`, or the messages with its other fields as keywords:
+        enable_thinking (Qwen3's thinking mode; `/think` and `/no_think` in the latest user
+        turn switch it per turn), thinking_budget (the most thinking tokens before the
+        model is told to answer; 0: no thinking; separate from max_tokens, which counts
+        every generated token), tools / tool_choice (OpenAI-style function tools;
         "required" or a named function is enforced by constrained decoding, as is
-        response_format ({"type": "json_object"} or {"type": "json_schema", ...}).
-        parallel_tool_calls=False holds "required" to a single call (a named function
-        always gets exactly one).
+        response_format: {"type": "json_object"} or {"type": "json_schema", ...}),
+        parallel_tool_calls (False holds "required" to a single call; a named function
+        always gets exactly one), chat_template_kwargs. Any other keyword is a chat
+        template variable.
         With n > 1, the first choice is returned: use chat_stream for all of them."""
-        stream = ChatStream("", self.prepare_chat(
-            messages, sampling_params, enable_thinking=enable_thinking, thinking_budget=thinking_budget,
-            tools=tools, tool_choice=tool_choice, response_format=response_format,
-            parallel_tool_calls=parallel_tool_calls, **template_kwargs,
-        ))
+        stream = ChatStream("", self.prepare_chat(messages, sampling_params, **options))
         for _ in self._run_chat(stream):
             pass
         return stream.completions()[0]
 
-    def chat_stream(
-        self,
-        messages: list[dict[str, Any]],
-        sampling_params: SamplingParams | None = None,
-        **kwargs: Any,
-    ) -> Iterator[ChatChunk]:
+    def chat_stream(self, messages: list[dict[str, Any]] | ChatRequest,
+                    sampling_params: SamplingParams | None = None, **options: Any) -> Iterator[ChatChunk]:
         """Like `chat`, yielding `ChatChunk`s (deltas of reasoning_content, content and
         tool_calls) as tokens are produced; concatenated they equal `chat`'s result."""
-        stream = ChatStream("", self.prepare_chat(messages, sampling_params, **kwargs))
+        stream = ChatStream("", self.prepare_chat(messages, sampling_params, **options))
         yield from self._run_chat(stream)
 
     def _run_chat(self, stream: ChatStream) -> Iterator[ChatChunk]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from hub_cache import INSTRUCT_2507_TEMPLATE, QWEN25_TEMPLATE, QWQ_TEMPLATE, set_chat_template
 from serving import running_server
-from tiny import make_checkpoint, make_tokenizer
+from tiny import make_tokenizer
 
 from qwenkit.capabilities import Capabilities, detect_capabilities
 from qwenkit.cli import main
@@ -70,20 +70,23 @@ def test_notes():
 # -- reported --------------------------------------------------------------------------
 
 
+def with_template(tiny_checkpoints, tmp_path_factory, name: str, template: str) -> Path:
+    """A copy of the tiny Qwen2 checkpoint, with another chat template."""
+    folder = tmp_path_factory.mktemp("templated") / name
+    shutil.copytree(tiny_checkpoints("qwen2", max_len=1024), folder)
+    set_chat_template(folder, template)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def plain_model(tmp_path_factory) -> Path:
+def plain_model(tiny_checkpoints, tmp_path_factory) -> Path:
     """A tiny checkpoint with Qwen2.5's template: it cannot think."""
-    folder = tmp_path_factory.mktemp("qwen25")
-    make_checkpoint(folder, "qwen2", max_len=1024)
-    set_chat_template(folder, QWEN25_TEMPLATE)
-    return folder
+    return with_template(tiny_checkpoints, tmp_path_factory, "qwen25", QWEN25_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
-def thinking_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3")
-    return folder
+def thinking_model(tiny_checkpoints) -> Path:
+    return tiny_checkpoints("qwen3")
 
 
 def test_run_says_once_when_thinking_flags_do_nothing(plain_model, thinking_model, capsys):
@@ -136,12 +139,9 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def always_thinking_model(tmp_path_factory) -> Path:
+def always_thinking_model(tiny_checkpoints, tmp_path_factory) -> Path:
     """A tiny checkpoint with a QwQ-style template: it always thinks."""
-    folder = tmp_path_factory.mktemp("qwq")
-    make_checkpoint(folder, "qwen2", max_len=1024)
-    set_chat_template(folder, QWQ_TEMPLATE)
-    return folder
+    return with_template(tiny_checkpoints, tmp_path_factory, "qwq", QWQ_TEMPLATE)
 
 
 @pytest.mark.parametrize("kind", ["cannot think", "always thinks"])

@@ -6,10 +6,10 @@ emits a given text, which tests parsing and control apart from model quality.
 
 
 import pytest
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
-from qwenkit import LLM, SamplingParams
-from qwenkit.thinking_control import EARLY_STOP_TEXT
+from qwenkit import SamplingParams
+from qwenkit.chat.thinking import EARLY_STOP_TEXT
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [{
@@ -20,13 +20,6 @@ TOOLS = [{
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }]
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    return LLM(str(folder), dtype="float32", progress=False)
 
 
 def test_thinking_and_answer_are_apart(llm):
@@ -65,6 +58,17 @@ def test_thinking_budget_cuts_at_exactly_n_tokens(llm):
     assert out.content  # the model goes on to answer
     assert len(early) > 5
     assert "".join(c.delta.reasoning_content for c in stream) == out.reasoning_content
+
+
+def test_thinking_budget_counts_from_a_think_after_whitespace(llm):
+    """Output that starts "\\n<think>" is reasoning, and the budget caps it."""
+    thought = " ".join(f"step{i}" for i in range(40))
+    with scripted(llm, f"\n<think>\n{thought}\n</think>\n\nDone.") as (script,):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=200), thinking_budget=10)
+    think = script.index(llm.tokenizer.token_to_id("<think>"))
+    expected_thinking = llm.tokenizer.decode(script[think + 1 : think + 11])
+    assert out.reasoning_content == expected_thinking.strip("\n") + EARLY_STOP_TEXT.removesuffix("\n</think>\n\n")
+    assert out.content
 
 
 def test_thinking_budget_zero_means_no_thinking(llm):
@@ -221,9 +225,10 @@ def _history(arguments):
 
 
 def _prompt(tokenizer, messages):
-    from qwenkit.chat import prepare_chat
+    from qwenkit.chat.prepare import prepare_chat
+    from qwenkit.chat.request import ChatRequest
 
-    prepared = prepare_chat(tokenizer, messages, None, tools=TOOLS, enable_thinking=False)
+    prepared = prepare_chat(tokenizer, ChatRequest(messages, tools=TOOLS, enable_thinking=False))
     return tokenizer.decode(prepared.prompt_token_ids)
 
 

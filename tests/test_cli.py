@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_checkpoint
 
 from qwenkit.cli import main
 
@@ -17,10 +16,8 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3")
-    return folder
+def tiny_model(tiny_checkpoints) -> Path:
+    return tiny_checkpoints("qwen3")
 
 
 def qwenkit(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -10,12 +10,10 @@ import logging
 
 import pytest
 from pydantic import BaseModel
-from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
 pytest.importorskip("openai")
 
-from qwenkit import LLM, AsyncLLM  # noqa: E402
 from qwenkit.client import (  # noqa: E402
     Advisor, ChatClient, ChatOptions, InMemoryChatMemory, LocalChatModel, MessageChatMemoryAdvisor, OpenAIChatModel,
     ReasoningContentAdvisor, SafeGuardAdvisor, SimpleLoggerAdvisor, SQLiteChatMemory, tool,
@@ -32,33 +30,13 @@ NO_THINK = ChatOptions(temperature=0, max_tokens=300, enable_thinking=False)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def allm(checkpoint):
-    engine = AsyncLLM(str(checkpoint), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(allm):
-    with running_server(allm, ServerConfig(served_model_names=[MODEL], api_key=KEY)) as url:
-        yield f"{url}/v1"
+def server_config():
+    return ServerConfig(served_model_names=[MODEL], api_key=KEY)
 
 
 @pytest.fixture(scope="module")
 def remote(server):
-    return OpenAIChatModel(server, KEY, MODEL, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def llm(checkpoint):
-    return LLM(str(checkpoint), dtype="float32", progress=False)
+    return OpenAIChatModel(f"{server}/v1", KEY, MODEL, max_retries=0)
 
 
 WEATHER_CALLS = []

@@ -43,7 +43,6 @@ from pathlib import Path
 
 import pytest
 from hub_cache import add_folder
-from tiny import make_checkpoint
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -154,7 +153,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, default_gguf):
+def world(tmp_path_factory, default_gguf, tiny_checkpoint):
     """The environment every block runs in (see the module docstring)."""
     home = tmp_path_factory.mktemp("qwenkit-home")
     (home / "models").mkdir()
@@ -164,9 +163,7 @@ def world(tmp_path_factory, default_gguf):
     if kernels.is_dir():
         (home / "kernels").symlink_to(kernels)
     cache = tmp_path_factory.mktemp("hf-hub")
-    tiny = tmp_path_factory.mktemp("tiny") / "Qwen3-0.6B"
-    make_checkpoint(tiny, "qwen3", max_len=2048)
-    add_folder(cache, "Qwen/Qwen3-0.6B", tiny)
+    add_folder(cache, "Qwen/Qwen3-0.6B", tiny_checkpoint)
     curl_home = tmp_path_factory.mktemp("curl")
     (curl_home / ".curlrc").write_text("--fail-with-body\n--silent\n--show-error\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",

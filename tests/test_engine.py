@@ -2,7 +2,6 @@
 preemption never change a request's output; aborts give every block back."""
 
 import pytest
-from tiny import make_checkpoint
 
 from qwenkit import LLM, SamplingParams
 from qwenkit.engine import block_manager as bm_module
@@ -13,10 +12,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(path, "qwen3")
-    return str(path)
+def folder(tiny_checkpoints):
+    return str(tiny_checkpoints("qwen3"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import constants as hf_constants
 from hub_cache import COMMIT, add_folder, add_snapshot, write_tiny_gguf
-from tiny import SPECIAL_TOKENS, make_checkpoint
+from tiny import SPECIAL_TOKENS
 
 from qwenkit import model_names
 from qwenkit.cli import main
@@ -21,10 +21,8 @@ QWEN3_TOKENS = [f"t{i}" for i in range(40)] + SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen3(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-qwen3")
-    make_checkpoint(folder, "qwen3")
-    return folder
+def tiny_qwen3(tiny_checkpoints):
+    return tiny_checkpoints("qwen3")
 
 
 @pytest.fixture

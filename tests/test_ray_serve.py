@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tiny import make_checkpoint
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the `test` extra has it)")
 serve = pytest.importorskip("ray.serve")
@@ -40,9 +39,8 @@ def ray_processes(session_dir: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3")
+def cluster(tiny_checkpoints):
+    folder = tiny_checkpoints("qwen3")
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="qwenkit-test")
     session_dir = ray._private.worker._global_node.get_session_dir_path()

@@ -7,8 +7,7 @@ import json
 import pytest
 from pydantic import TypeAdapter
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import ChatDelta, ToolCallDelta, Usage
+from qwenkit.chat.types import ChatChunk, ChatDelta, ToolCallDelta, Usage
 from qwenkit.server import responses_protocol as rp
 from qwenkit.server.response_store import ResponseStore
 
@@ -28,10 +27,10 @@ def request(**fields):
 
 def test_string_input_and_instructions():
     call = rp.responses_call(request(instructions="Be brief.", temperature=0.5, max_output_tokens=7))
-    assert call.chat.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert call.request.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert call.conversation == [{"role": "user", "content": "hi"}]  # instructions are not carried over
-    assert (call.chat.params.temperature, call.chat.params.max_tokens) == (0.5, 7)
-    assert call.chat.kwargs["enable_thinking"] is True and call.chat.kwargs["tool_choice"] == "auto"
+    assert (call.request.sampling_params.temperature, call.request.sampling_params.max_tokens) == (0.5, 7)
+    assert call.request.enable_thinking is True and call.request.tool_choice == "auto"
 
 
 def test_items_become_chat_messages():
@@ -71,7 +70,7 @@ def test_a_call_without_a_message_before_it_is_its_own_assistant_turn():
 def test_previous_conversation_comes_first():
     previous = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     call = rp.responses_call(request(instructions="I.", input="c"), previous)
-    assert [m["content"] for m in call.chat.messages] == ["I.", "a", "b", "c"]
+    assert [m["content"] for m in call.request.messages] == ["I.", "a", "b", "c"]
     assert [m["content"] for m in call.conversation] == ["a", "b", "c"]
 
 
@@ -81,17 +80,17 @@ def test_tools_choice_format_and_reasoning():
         tools=[TOOL], tool_choice={"type": "function", "name": "get_weather"}, parallel_tool_calls=False,
         text={"format": {"type": "json_schema", "name": "out", "schema": schema, "strict": True}},
         reasoning={"effort": "none"}))
-    kwargs = call.chat.kwargs
-    assert kwargs["tools"] == [{"type": "function", "function": {
+    chat = call.request
+    assert chat.tools == [{"type": "function", "function": {
         "name": "get_weather", "parameters": TOOL["parameters"], "description": "Weather of a city"}}]
-    assert kwargs["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    assert kwargs["parallel_tool_calls"] is False
-    assert kwargs["response_format"] == {"type": "json_schema",
-                                         "json_schema": {"name": "out", "schema": schema, "strict": True}}
-    assert kwargs["enable_thinking"] is False
-    assert rp.responses_call(request(text={"format": {"type": "json_object"}})).chat.kwargs["response_format"] == {
+    assert chat.tool_choice == {"type": "function", "function": {"name": "get_weather"}}
+    assert chat.parallel_tool_calls is False
+    assert chat.response_format == {"type": "json_schema",
+                                    "json_schema": {"name": "out", "schema": schema, "strict": True}}
+    assert chat.enable_thinking is False
+    assert rp.responses_call(request(text={"format": {"type": "json_object"}})).request.response_format == {
         "type": "json_object"}
-    assert rp.responses_call(request(reasoning={"effort": "high"})).chat.kwargs["enable_thinking"] is True
+    assert rp.responses_call(request(reasoning={"effort": "high"})).request.enable_thinking is True
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -14,9 +14,7 @@ import sys
 import httpx
 import pytest
 from serving import running_server
-from tiny import make_checkpoint
 
-from qwenkit import AsyncLLM
 from qwenkit.server import ServerConfig, create_app
 
 KEY = "sk-hardening"
@@ -26,15 +24,6 @@ COMPLETIONS = "/v1/completions"
 DASHSCOPE = "/api/v1/services/aigc/text-generation/generation"
 USER = [{"role": "user", "content": "hi"}]
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def allm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    engine = AsyncLLM(str(folder), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

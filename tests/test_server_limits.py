@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tiny import make_checkpoint
 
 from qwenkit.server.errors import APIError
 from qwenkit.server.limits import PromptSizeCheck
@@ -31,10 +30,8 @@ PIECES = list("abcXYZ  \n\n\r\t'.,!?-_0123456789") + [
 
 
 @pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory) -> Tokenizer:
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3")
-    return Tokenizer.from_dir(folder)
+def tiny_tokenizer(tiny_checkpoints) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_checkpoints("qwen3"))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import json
 
 import httpx
 import pytest
-from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
 openai = pytest.importorskip("openai")
 dashscope = pytest.importorskip("dashscope")
@@ -25,7 +24,6 @@ from openai.types.responses import (  # noqa: E402
     ResponseTextDeltaEvent,
 )
 
-from qwenkit import AsyncLLM  # noqa: E402
 from qwenkit.server import ServerConfig  # noqa: E402
 
 MODEL = "tiny-qwen3"
@@ -45,19 +43,9 @@ JSON_CALL = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n`
 
 
 @pytest.fixture(scope="module")
-def allm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    engine = AsyncLLM(str(folder), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(allm, tmp_path_factory):
+def server_config(tmp_path_factory):
     db = tmp_path_factory.mktemp("responses") / "responses.sqlite3"
-    with running_server(allm, ServerConfig(served_model_names=[MODEL], web=False, responses_db=str(db))) as url:
-        yield url
+    return ServerConfig(served_model_names=[MODEL], web=False, responses_db=str(db))
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ no 422 (never sent), text/plain /metrics; and real answers validate against it."
 import httpx
 import jsonschema
 import pytest
-from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
-from qwenkit import AsyncLLM
 from qwenkit.server import ServerConfig
 
 MODEL = "tiny-qwen3"
@@ -15,20 +13,9 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def allm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    engine = AsyncLLM(str(folder), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(allm, tmp_path_factory):
-    config = ServerConfig(served_model_names=[MODEL], chat_db=str(tmp_path_factory.mktemp("db") / "c.sqlite3"),
-                          max_body_bytes=64 * 1024)
-    with running_server(allm, config) as url:
-        yield url
+def server_config(tmp_path_factory):
+    return ServerConfig(served_model_names=[MODEL], chat_db=str(tmp_path_factory.mktemp("db") / "c.sqlite3"),
+                        max_body_bytes=64 * 1024)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 
-from qwenkit.structured import GrammarCompiler, pack_bitmask, unpack_bitmask
+from qwenkit.chat.structured import GrammarCompiler, pack_bitmask, unpack_bitmask
 from qwenkit.tokenizer import Tokenizer
 from tiny import make_tokenizer
 

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
-from qwenkit import AsyncLLM
 from qwenkit.server import ServerConfig, create_app
 
 CHROMIUM = os.environ.get("QWENKIT_CHROMIUM", "/usr/bin/chromium")
@@ -35,26 +33,15 @@ TOOL_CALL = '<think>I should add them.</think>\n<tool_call>\n{"name": "add", "ar
 
 
 @pytest.fixture(scope="module")
-def allm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    engine = AsyncLLM(str(folder), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
 def chat_db(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("web") / "conversations.sqlite3"
 
 
 @pytest.fixture(scope="module")
-def server(allm, chat_db):
+def server_config(chat_db):
     mcp = chat_db.parent / "mcp.json"
     mcp.write_text(json.dumps({"mcpServers": {"echo": {"command": sys.executable, "args": [MCP_SERVER]}}}))
-    config = ServerConfig(served_model_names=[MODEL], api_key=KEY, chat_db=str(chat_db), mcp_config=str(mcp))
-    with running_server(allm, config) as url:
-        yield url
+    return ServerConfig(served_model_names=[MODEL], api_key=KEY, chat_db=str(chat_db), mcp_config=str(mcp))
 
 
 @pytest.fixture(scope="module")

@@ -39,9 +39,9 @@ def use_qwenkit_inductor_cache() -> None:
     """Keep inductor's compiled kernels and FX graph cache in the qwenkit home (unless
     TORCHINDUCTOR_CACHE_DIR is set), so they survive /tmp cleaning and are found next run."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from qwenkit.default_model import qwenkit_home
+        from qwenkit.paths import inductor_cache_dir
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(qwenkit_home() / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
 
 
 class CompiledDecode:

@@ -1,5 +1,6 @@
 """DashScope's text-generation API (``/api/v1/services/aigc/text-generation/generation``),
-translated to and from engine calls. Pure functions, no I/O.
+translated to and from engine calls. Pure functions, no I/O: a request becomes a `GenerationCall` (a typed `ChatRequest`), and
+`GenerationAnswer` writes the engine's chunks as events or a whole response.
 
 Request: ``{model, input: {messages | prompt}, parameters: {...}}``. Response:
 ``{output: {choices: [{finish_reason, message}]} | {text, finish_reason}, usage, request_id}``.
@@ -22,12 +23,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import Usage
-from qwenkit.sampling import SamplingParams
+from qwenkit.chat.request import ChatRequest
+from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.engine.llm_engine import TokenOutput
+from qwenkit.sampling import SamplingParams
+from qwenkit.server.errors import APIError, dashscope_error
 from qwenkit.server.openai_protocol import (
-    ChatCall, ChatMessage, Count, NumChoices, Penalty, PositiveCount, ResponseFormat, Seed, StopString, TokenId, Tool,
+    ChatMessage, Count, NumChoices, Penalty, PositiveCount, ResponseFormat, Seed, StopString, TokenId, Tool,
     ToolChoice, TopK, TopLogprobs, chat_logprobs, engine_response_format, engine_tool_choice, normalize_messages,
 )
 
@@ -80,9 +82,11 @@ class GenerationRequest(_Model):
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationCall:
-    chat: ChatCall
+    """A generation request: the engine's request, and how the answer is written."""
+
+    request: ChatRequest
     result_format: str
     incremental_output: bool
 
@@ -112,15 +116,16 @@ def generation_call(req: GenerationRequest) -> GenerationCall:
         stop_token_ids=stop_token_ids, logprobs=bool(p.logprobs),
         top_logprobs=0 if p.top_logprobs is None else p.top_logprobs,
     )
-    kwargs = {
-        "enable_thinking": True if p.enable_thinking is None else p.enable_thinking,
-        "thinking_budget": p.thinking_budget,
-        "tools": [t.model_dump(exclude_none=True) for t in p.tools] if p.tools else None,
-        "tool_choice": engine_tool_choice(p.tool_choice),
-        "response_format": engine_response_format(p.response_format),
-        "parallel_tool_calls": True if p.parallel_tool_calls is None else p.parallel_tool_calls,
-    }
-    return GenerationCall(ChatCall(messages, params, kwargs), p.result_format, p.incremental_output)
+    request = ChatRequest(
+        messages, params,
+        enable_thinking=True if p.enable_thinking is None else p.enable_thinking,
+        thinking_budget=p.thinking_budget,
+        tools=[t.model_dump(exclude_none=True) for t in p.tools] if p.tools else None,
+        tool_choice=engine_tool_choice(p.tool_choice),
+        parallel_tool_calls=True if p.parallel_tool_calls is None else p.parallel_tool_calls,
+        response_format=engine_response_format(p.response_format),
+    )
+    return GenerationCall(request, p.result_format, p.incremental_output)
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
@@ -222,6 +227,38 @@ class GenerationEncoder:
         elif not stream:
             body["usage"] = usage_dict(Usage(0, 0))
         return body
+
+
+class GenerationAnswer:
+    """A generation written as numbered DashScope events or as one response (see
+    `qwenkit.server.respond.Answer`)."""
+
+    def __init__(self, encoder: GenerationEncoder):
+        self.encoder = encoder
+        self.num_events = 0
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def events(self, chunk: ChatChunk) -> list[bytes]:
+        out = self.encoder.encode(chunk)
+        if out is None:
+            return []
+        self.num_events += 1
+        return [sse_event(self.num_events, out)]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        body = dashscope_error(error, self.encoder.request_id)
+        return [sse_event(self.num_events + 1, body, status=error.status)]
+
+    async def end(self) -> list[bytes]:
+        return []
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.encoder.encode(chunk)
+
+    async def whole(self) -> dict[str, Any]:
+        return self.encoder.response()
 
 
 def sse_event(number: int, data: dict[str, Any], *, status: int = 200) -> bytes:

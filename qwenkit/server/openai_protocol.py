@@ -1,8 +1,9 @@
 """OpenAI's chat completions and completions APIs, translated to and from engine calls.
 
 Pure functions and small state objects, no I/O: request JSON (validated by the pydantic
-models below) becomes a `ChatCall` / `CompletionCall`; the engine's `ChatChunk`s and
-`SequenceUpdate`s become response and stream-chunk dicts.
+models below) becomes a `ChatCall` (a typed `ChatRequest`) / `CompletionCall`; the
+engine's `ChatChunk`s and `SequenceUpdate`s become response and stream-chunk dicts, and
+`ChatAnswer` / `CompletionAnswer` write them as a stream or a whole response.
 
 Accepted beyond OpenAI's own fields (as vLLM accepts them): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
@@ -21,10 +22,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import Usage
+from qwenkit.chat.request import ChatRequest
+from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
 from qwenkit.sampling import MAX_LOGIT_BIAS, MAX_N, MAX_PENALTY, MAX_TOP_LOGPROBS, SamplingParams
+from qwenkit.server.errors import APIError, openai_error
 
 
 class _Model(BaseModel):
@@ -178,20 +180,11 @@ SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__) - {"_resolved"}
 REQUEST_FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRequest.model_fields)
 
 
-# Arguments the server itself passes on to the chat template or `prepare_chat`.
-RESERVED_TEMPLATE_KWARGS = frozenset({
-    "messages", "sampling_params", "tools", "tool_choice", "response_format", "parallel_tool_calls",
-    "grammar_compiler", "add_generation_prompt", "request_id", "tokenizer", "documents",
-})
-
-
-@dataclass
+@dataclass(frozen=True)
 class ChatCall:
-    """Arguments of `AsyncLLM.chat_stream` for one request."""
+    """A chat completion request: the engine's request, and whether a stream ends with usage."""
 
-    messages: list[dict[str, Any]]
-    params: SamplingParams
-    kwargs: dict[str, Any]
+    request: ChatRequest
     include_usage: bool = False
 
 
@@ -220,31 +213,25 @@ def chat_call(req: ChatCompletionRequest) -> ChatCall:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = _sampling(req, max_tokens=max_tokens, logprobs=bool(req.logprobs),
                        top_logprobs=0 if req.top_logprobs is None else req.top_logprobs)
+    # vLLM's clients switch thinking through chat_template_kwargs; the request's own fields win.
     template_kwargs = dict(req.chat_template_kwargs or {})
-    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs))
-    if reserved:
-        raise ValueError(f"chat_template_kwargs must not set {', '.join(reserved)}; use the request's own fields")
     enable_thinking = template_kwargs.pop("enable_thinking", None)
     thinking_budget = template_kwargs.pop("thinking_budget", None)
     if req.enable_thinking is not None:
         enable_thinking = req.enable_thinking
     if req.thinking_budget is not None:
         thinking_budget = req.thinking_budget
-    if enable_thinking is not None and not isinstance(enable_thinking, bool):
-        raise ValueError(f"enable_thinking must be true or false, got {enable_thinking!r}")
-    if thinking_budget is not None and (isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int)):
-        raise ValueError(f"thinking_budget must be an integer, got {thinking_budget!r}")
-    kwargs: dict[str, Any] = {
-        "enable_thinking": True if enable_thinking is None else enable_thinking,
-        "thinking_budget": thinking_budget,
-        "tools": [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
-        "tool_choice": engine_tool_choice(req.tool_choice),
-        "response_format": engine_response_format(req.response_format),
-        "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-        **template_kwargs,
-    }
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatCall(normalize_messages(req.messages), params, kwargs, include_usage)
+    request = ChatRequest(
+        normalize_messages(req.messages), params,
+        enable_thinking=True if enable_thinking is None else enable_thinking,
+        thinking_budget=thinking_budget,
+        tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+        tool_choice=engine_tool_choice(req.tool_choice),
+        parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        response_format=engine_response_format(req.response_format),
+        chat_template_kwargs=template_kwargs,
+    )
+    return ChatCall(request, bool(req.stream_options and req.stream_options.include_usage))
 
 
 def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -510,6 +497,63 @@ class CompletionEncoder:
         ]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
+
+
+class ChatAnswer:
+    """A chat completion written as `chat.completion.chunk` events or as one
+    `chat.completion` (see `qwenkit.server.respond.Answer`)."""
+
+    def __init__(self, request_id: str, model: str, *, include_usage: bool, decode: Any = None):
+        self.request_id, self.model = request_id, model
+        self.stream = ChatStreamEncoder(request_id, model, include_usage, decode=decode)
+        self.accumulator = ChatAccumulator(decode=decode)
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def events(self, chunk: ChatChunk) -> list[bytes]:
+        return [sse(out) for out in self.stream.encode(chunk)]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [sse(openai_error(error)), SSE_DONE]
+
+    async def end(self) -> list[bytes]:
+        return [SSE_DONE]
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.accumulator.add(chunk)
+
+    async def whole(self) -> dict[str, Any]:
+        return self.accumulator.response(id=self.request_id, model=self.model)
+
+
+class CompletionAnswer:
+    """A text completion written as `text_completion` events or as one response."""
+
+    def __init__(self, encoder: CompletionEncoder):
+        self.encoder = encoder
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def events(self, update: SequenceUpdate) -> list[bytes]:
+        out = self.encoder.add(update)
+        return [] if out is None else [sse(out)]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [sse(openai_error(error)), *self._last()]
+
+    async def end(self) -> list[bytes]:
+        return self._last()
+
+    def _last(self) -> list[bytes]:
+        return [*([sse(self.encoder.usage_chunk())] if self.encoder.include_usage else []), SSE_DONE]
+
+    def add(self, update: SequenceUpdate) -> None:
+        self.encoder.add(update)
+
+    async def whole(self) -> dict[str, Any]:
+        return self.encoder.response()
 
 
 DEFAULT_MODEL = "default"  # accepted for the served model, as `qwenkit run --model default` is

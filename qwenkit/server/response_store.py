@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qwenkit.paths import responses_db
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,
@@ -26,12 +28,6 @@ CREATE TABLE IF NOT EXISTS responses (
     conversation TEXT NOT NULL   -- chat messages through this response's output, JSON
 );
 """
-
-
-def default_responses_db() -> Path:
-    from qwenkit.default_model import qwenkit_home
-
-    return qwenkit_home() / "responses.sqlite3"
 
 
 class ResponseStore:
@@ -46,7 +42,7 @@ class ResponseStore:
     def _db(self):
         with self._lock:
             if not self._ready:
-                self.path = self.path or default_responses_db()
+                self.path = self.path or responses_db()
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             # A short-lived connection per call: opening a local SQLite file costs microseconds.
             db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)

@@ -2,8 +2,8 @@
 
 Pure functions and small state objects, no I/O, like `openai_protocol`: a request
 (validated by the pydantic models below) and the stored conversation it continues become
-a `ChatCall`; the engine's `ChatChunk`s become the typed stream events and the final
-``response`` object. Shapes follow the `openai` SDK's ``openai.types.responses`` models
+a `ResponsesCall` (a typed `ChatRequest`); the engine's `ChatChunk`s become the typed
+stream events and the final ``response`` object (`ResponsesAnswer` writes either). Shapes follow the `openai` SDK's ``openai.types.responses`` models
 (checked by tests/test_responses_protocol.py against SDK 3.54).
 
 What is translated:
@@ -32,14 +32,15 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import Usage
+from qwenkit.chat.request import ChatRequest
+from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.sampling import SamplingParams
-from qwenkit.server.openai_protocol import ChatCall
+from qwenkit.server.errors import APIError
 
 
 class _Model(BaseModel):
@@ -119,7 +120,7 @@ class ResponsesCall:
     (earlier turns and this input, without ``instructions``), which is stored with the
     response's output for a later ``previous_response_id``."""
 
-    chat: ChatCall
+    request: ChatRequest
     conversation: list[dict[str, Any]]
 
 
@@ -143,15 +144,16 @@ def responses_call(req: ResponsesRequest, previous: list[dict[str, Any]] | None 
     )
     effort = req.reasoning.effort if req.reasoning else None
     enable_thinking = req.enable_thinking if req.enable_thinking is not None else effort != "none"
-    kwargs: dict[str, Any] = {
-        "enable_thinking": enable_thinking,
-        "thinking_budget": req.thinking_budget,
-        "tools": [chat_tool(t, i) for i, t in enumerate(req.tools)] if req.tools else None,
-        "tool_choice": chat_tool_choice(req.tool_choice),
-        "response_format": response_format(req.text.format) if req.text else None,
-        "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-    }
-    return ResponsesCall(ChatCall(messages, params, kwargs), conversation)
+    request = ChatRequest(
+        messages, params,
+        enable_thinking=enable_thinking,
+        thinking_budget=req.thinking_budget,
+        tools=[chat_tool(t, i) for i, t in enumerate(req.tools)] if req.tools else None,
+        tool_choice=chat_tool_choice(req.tool_choice),
+        parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        response_format=response_format(req.text.format) if req.text else None,
+    )
+    return ResponsesCall(request, conversation)
 
 
 def chat_tool(tool: FunctionTool, index: int) -> dict[str, Any]:
@@ -169,7 +171,7 @@ def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any
     if choice is None:
         return "auto"
     if isinstance(choice, str):
-        return choice  # auto / none / required; anything else: prepare_chat names it
+        return choice  # auto / none / required; anything else: ChatRequest names it
     if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise ValueError(f"tool_choice must be auto, none, required or {{'type': 'function', 'name': ...}}, got {choice}")
@@ -514,6 +516,36 @@ class ResponseBuilder:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return event
+
+
+class ResponsesAnswer:
+    """A response written as typed events or as one ``response`` object (see
+    `qwenkit.server.respond.Answer`). ``save`` stores the finished response (and returns
+    it) before a stream tells the client it is complete, as the client may go on from it."""
+
+    def __init__(self, builder: ResponseBuilder, save: Callable[[], Awaitable[Response]]):
+        self.builder = builder
+        self.save = save
+
+    def start(self) -> list[bytes]:
+        return [sse(event) for event in self.builder.start()]
+
+    def events(self, chunk: ChatChunk) -> list[bytes]:
+        return [sse(event) for event in self.builder.add(chunk)]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [sse(self.builder.error_event(error.message, code=error.code, param=error.param))]
+
+    async def end(self) -> list[bytes]:
+        last = self.builder.finish()
+        await self.save()
+        return [sse(event) for event in last]
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.builder.add(chunk)
+
+    async def whole(self) -> Response:
+        return await self.save()
 
 
 def sse(event: dict[str, Any]) -> bytes:
