@@ -16,6 +16,7 @@ import pytest
 from serving import running_server
 
 from qwenkit.server import ServerConfig, create_app
+from qwenkit.server.limits import json_too_deep
 
 KEY = "sk-hardening"
 MODEL = "tiny-qwen3"
@@ -104,6 +105,23 @@ def test_an_unparsable_body_gets_the_protocol_error_shape(open_server, route, bo
     assert r.status_code == 400, r.text
     error = dashscope_error(r) if route == DASHSCOPE else openai_error(r)
     assert words in error["message"]
+
+
+def test_deep_json_is_refused_whatever_the_recursion_limit(open_server):
+    """torch.compile raises the process's recursion limit, under which Python's parser takes
+    1,000 levels; the server's own limit must not move with it."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        r = httpx.post(open_server + CHAT, content=b"[" * 1000 + b"]" * 1000, headers=JSON)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert r.status_code == 400 and "too deeply" in openai_error(r)["message"]
+    ok = {"messages": [{"role": "user", "content": "[" * 300 + "{" * 300}], "max_tokens": 1}  # brackets in a string
+    r = httpx.post(open_server + CHAT, json=ok)
+    assert r.status_code == 200, r.text
+    assert json_too_deep(b"[" * 257 + b"]" * 257) and not json_too_deep(b"[" * 256 + b"]" * 256)
+    assert not json_too_deep(b"[]" * 1000)
 
 
 def test_405_says_which_methods_are_allowed(open_server):

@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from starlette.routing import Mount, compile_path
 
 from qwenkit.server.errors import APIError, bad_request, dashscope_error, openai_error
@@ -20,6 +21,12 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/
 
 
 UNMATCHED_ROUTE = "unmatched"
+
+# Deeper JSON is refused before it is parsed: Python's parser recurses, and how deep it may
+# go depends on the process's recursion limit, which libraries raise (torch.compile does).
+MAX_JSON_DEPTH = 256
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def is_dashscope_path(path: str) -> bool:
@@ -144,7 +151,21 @@ class Guard:
                 return too_large, receive
             if not message.get("more_body", False):
                 break
-        return None, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+        body = b"".join(chunks)
+        if json_too_deep(body):
+            return APIError(400, f"the request body nests JSON too deeply (more than {MAX_JSON_DEPTH} levels "
+                                 "of objects and arrays)"), receive
+        return None, _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the objects and arrays of a JSON body nest deeper than `limit` (brackets
+    inside strings do not count)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # the common case, without a scan
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_A_BRACKET)
+    steps = np.where(np.isin(np.frombuffer(brackets, np.uint8), (ord("["), ord("{"))), 1, -1)
+    return steps.size > 0 and int(np.cumsum(steps).max()) > limit
 
 
 def _replay(messages: list[dict[str, Any]], receive):
