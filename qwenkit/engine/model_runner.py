@@ -88,8 +88,9 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        # Batch-invariant steps (CPU): every matmul on blocks of kernels.INVARIANT_ROWS rows, and
-        # every query token's attention by the decode kernel, over its own context.
+        # Batch-invariant steps (CPU, `kernels.batch_invariant`): matmuls that compute each row
+        # alike whatever the row count, and each query token's attention by the decode kernel
+        # over its own context (as the fused decode step computes it).
         self.deterministic = deterministic and device.type == "cpu"
         if device.type == "cpu":
             configure_threads()
@@ -118,7 +119,7 @@ class ModelRunner:
         else:
             from qwenkit.models.fused_decode import FusedDecode
 
-            self.fused = FusedDecode.build(model, self.kv_caches, padding_slot=num_slots if self.deterministic else None)
+            self.fused = FusedDecode.build(model, self.kv_caches)
 
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
         """Compute the step. Returns the positions in `batch` of the sequences whose
