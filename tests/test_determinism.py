@@ -57,7 +57,9 @@ def folder(tiny_checkpoints):
     return str(tiny_checkpoints("qwen3"))
 
 
-def test_alone_equals_any_batch_chunked_or_cached(folder):
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "qwen3_moe"])
+def test_alone_equals_any_batch_chunked_or_cached(tiny_checkpoints, arch):
+    folder = str(tiny_checkpoints(arch))
     ps = prompts(24)
     want = alone(LLM(folder, dtype="float32", progress=False, deterministic=True, enable_prefix_caching=False), ps)
     # Prefix caching on (runs after the first hit the shared prefix), and a 40-token step budget:
@@ -90,12 +92,12 @@ def test_matmuls_are_row_invariant_under_the_switch():
 
 @pytest.mark.slow
 def test_the_default_model_alone_equals_any_batch(default_gguf):
-    """The quantized default model: native int8 / Q5_0 matmuls and the fused C decode step,
-    whose groups of kernels.INVARIANT_ROWS rows match the module path's blocks."""
+    """The quantized default model: native int8 / Q5_0 matmuls (one path at every row count
+    under the switch) and the fused C decode step next to the module path."""
     llm = LLM(str(default_gguf), progress=False, deterministic=True, max_num_batched_tokens=64)
     tok = llm.tokenizer
     questions = ["Write a Python function that reverses a string.", "What is 2 + 2?", "Name three sorting algorithms.",
-                 "def fib(n):", "Explain recursion in one sentence.", "Say hi.", "What does `git rebase` do?"]
+                 "def fib(n):", "Say hi."]
     ps = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
           for q in questions]
     fresh = LLM(str(default_gguf), progress=False, deterministic=True, enable_prefix_caching=False)

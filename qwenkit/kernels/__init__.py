@@ -426,6 +426,8 @@ def fused_experts(
         return reference.grouped_experts(x, expert_ids, weights, gate_up_proj, down_proj, silu_and_mul=silu_and_mul)
     if torch.compiler.is_compiling():
         return _fused_experts_op(x, expert_ids, weights, gate_up_proj, down_proj)
+    if is_batch_invariant():
+        return reference.fused_experts(x, expert_ids, weights, gate_up_proj, down_proj, linear=linear)
     return reference.fused_experts(x, expert_ids, weights, gate_up_proj, down_proj)
 
 

@@ -115,9 +115,12 @@ def fused_experts(
     weights: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    *,
+    linear=F.linear,
 ) -> torch.Tensor:
     """The (token, choice) pairs sorted by expert, one SwiGLU matmul pair per active expert
-    on its contiguous rows, then each token's top_k rows summed with their weights.
+    on its contiguous rows (`linear`, F.linear's signature), then each token's top_k rows summed
+    with their weights.
 
     x: [T, hidden]; expert_ids, weights: [T, top_k]; gate_up_proj: [E, 2 * I, hidden] (gate rows
     first); down_proj: [E, hidden, I]. index_select/index_copy_ and a batched weighted sum, not
@@ -133,11 +136,16 @@ def fused_experts(
     start = 0
     for expert, n in enumerate(counts):
         if n:
-            gate_up = F.linear(xs[start : start + n], gate_up_proj[expert])
+            gate_up = linear(xs[start : start + n], gate_up_proj[expert])
             act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-            torch.mm(act, down_proj[expert].t(), out=ys[start : start + n])
+            if linear is F.linear:
+                torch.mm(act, down_proj[expert].t(), out=ys[start : start + n])
+            else:
+                ys[start : start + n] = linear(act, down_proj[expert])
             start += n
     per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
+    if linear is not F.linear:  # the weighted sum token by token alike, whatever the batch
+        return (weights.unsqueeze(-1) * per_choice).sum(1)
     return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
 
 
