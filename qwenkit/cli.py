@@ -110,6 +110,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-memory",
         help="memory for the paged KV cache, e.g. 4GiB (default: QWENKIT_KV_CACHE_MEMORY, else 2GiB)",
     )
+    p.add_argument(
+        "--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+        help="KV cache storage (default auto: float16 on a CPU computing in float32, else the compute dtype)",
+    )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
         "--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
@@ -134,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, seed=args.seed,
     )
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+              kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+              max_model_len=args.max_model_len,
               quantization=args.quantization, compile=args.compile)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
@@ -186,7 +191,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.prompt_tokens < 8 or args.decode_tokens < 2 or min(concurrency) < 1:
         raise QwenkitError("--prompt-tokens must be >= 8, --decode-tokens >= 2 and every concurrency >= 1")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+              kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+              max_model_len=args.max_model_len,
               quantization=args.quantization, compile=args.compile,
               max_num_seqs=max(32, max(concurrency)))
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
@@ -213,7 +219,8 @@ def _serve(args: argparse.Namespace) -> int:
         chat_db=args.chat_db,
     )
     allm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-                    kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                    kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+                    max_model_len=args.max_model_len,
                     quantization=args.quantization, compile=args.compile,
                     max_num_seqs=args.max_num_seqs)
     from qwenkit import kernels

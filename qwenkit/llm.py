@@ -113,6 +113,7 @@ class LLM:
         *,
         max_model_len: int | None = None,
         kv_cache_memory: int | str | None = None,
+        kv_cache_dtype: str | None = None,
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 1024,
         block_size: int = 16,
@@ -134,6 +135,7 @@ class LLM:
         args = EngineArgs(
             max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory,
+            kv_cache_dtype=kv_cache_dtype,
             block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,

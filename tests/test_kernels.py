@@ -107,6 +107,41 @@ def test_variant_attention_norm_rotary_against_reference(isa):
 
 
 @needs_compiler
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_variant_kv_cache_rounding_equals_torch(isa, dtype):
+    """What the fused step writes into a 16-bit cache is torch's .to(dtype), bit for bit: ties,
+    subnormals, overflow, infinities (NaN: any NaN)."""
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(4099, generator=g) * 10, torch.randn(1000, generator=g) * 1e-6,
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, float("inf"), -float("inf"),
+                                 2.0**-24, 2.0**-25, 3 * 2.0**-25, 2.0**-14, 1 + 2.0**-11, 1 + 3 * 2.0**-11,
+                                 1 + 2.0**-8, 1 + 3 * 2.0**-8, 3.0e38])])
+    assert torch.equal(lib.to_kv_dtype(x, dtype).view(torch.int16), x.to(dtype).view(torch.int16))
+    assert lib.to_kv_dtype(torch.tensor([float("nan")]), dtype).isnan().all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 36])  # 36: not a multiple of 8, the plain-C path
+def test_variant_attention_reads_16_bit_caches(isa, dtype, dim):
+    """A float16 / bfloat16 cache is widened exactly: the kernel equals the reference on it."""
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(2)
+    block_size, heads, kv_heads = 16, 18, 2  # 9 query heads a kv head: more than one group of 8
+    k_cache, v_cache = (torch.randn(20 * block_size, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    context_lens = torch.tensor([3, 33, 0], dtype=torch.int32)
+    block_tables = torch.randperm(20, generator=g)[:9].view(3, 3).to(torch.int32)
+    q = torch.randn(3, heads, dim, generator=g)
+    kwargs = dict(block_size=block_size, scale=dim**-0.5)
+    torch.testing.assert_close(lib.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, **kwargs),
+                               reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                                **kwargs), atol=1e-5, rtol=1e-4)
+
+
+@needs_compiler
 def test_struct_layouts_match_the_c_header(tmp_path):
     """Every field of the ctypes mirrors of csrc/decode_layers.h sits at the C offset, and each
     struct has the C size (a field missing on either side moves one or the other)."""

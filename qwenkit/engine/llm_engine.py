@@ -12,7 +12,7 @@ import torch
 
 from qwenkit.config import GenerationConfig
 from qwenkit.engine.block_manager import BlockManager
-from qwenkit.engine.model_runner import ModelRunner, kv_bytes_per_token
+from qwenkit.engine.model_runner import ModelRunner, kv_bytes_per_token, resolve_kv_cache_dtype
 from qwenkit.engine.sampler import Sampler, SamplingState
 from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
 from qwenkit.engine.sequence import Sequence
@@ -57,10 +57,13 @@ class SequenceUpdate:
 @dataclass(frozen=True)
 class EngineArgs:
     """Engine sizing. kv_cache_memory: bytes for the KV pool (env QWENKIT_KV_CACHE_MEMORY,
-    e.g. "4GiB"); default 2 GiB, never more than max_num_seqs full contexts."""
+    e.g. "4GiB"); default 2 GiB, never more than max_num_seqs full contexts. kv_cache_dtype:
+    "auto" (float16 on a CPU computing in float32, else the model's dtype), "float32",
+    "float16" or "bfloat16"."""
 
     max_model_len: int | None = None
     kv_cache_memory: int | str | None = None
+    kv_cache_dtype: str | None = None
     block_size: int = 16
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
@@ -97,7 +100,8 @@ class LLMEngine:
         memory = parse_memory(
             args.kv_cache_memory or os.environ.get("QWENKIT_KV_CACHE_MEMORY") or DEFAULT_KV_CACHE_MEMORY
         )
-        max_tokens = min(memory // kv_bytes_per_token(model), args.max_num_seqs * self.max_model_len)
+        kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, model.dtype, device)
+        max_tokens = min(memory // kv_bytes_per_token(model, kv_dtype), args.max_num_seqs * self.max_model_len)
         num_blocks = max_tokens // args.block_size
         if num_blocks < 2:
             raise QwenkitError(f"kv_cache_memory {memory} bytes holds fewer than 2 blocks of {args.block_size} tokens")
@@ -115,6 +119,7 @@ class LLMEngine:
             compile=bool(args.compile),
             max_model_len=self.max_model_len,
             max_num_seqs=args.max_num_seqs,
+            kv_dtype=kv_dtype,
         )
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}

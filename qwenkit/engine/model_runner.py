@@ -7,13 +7,27 @@ import torch
 
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.engine.threads import configure_threads
+from qwenkit.errors import QwenkitError
 from qwenkit.models import QwenForCausalLM
 from qwenkit.models.attention import AttentionMetadata, DecodeMetadata
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-def kv_bytes_per_token(model: QwenForCausalLM) -> int:
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype. "auto" (None): float16 where a CPU computes in float32 (half the
+    cache's bytes, widened in the attention kernel: no measurable cost, docs/decode.md), else the
+    model's dtype."""
+    if kv_cache_dtype in (None, "auto"):
+        return torch.float16 if device.type == "cpu" and model_dtype == torch.float32 else model_dtype
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise QwenkitError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose one of auto, {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[kv_cache_dtype]
+
+
+def kv_bytes_per_token(model: QwenForCausalLM, kv_dtype: torch.dtype | None = None) -> int:
     c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (kv_dtype or model.dtype).itemsize
 
 
 class ModelRunner:
@@ -31,16 +45,18 @@ class ModelRunner:
         compile: bool = False,
         max_model_len: int | None = None,
         max_num_seqs: int = 32,
+        kv_dtype: torch.dtype | None = None,
         progress: bool = True,
     ):
         self.model = model
+        self.kv_dtype = kv_dtype or model.dtype
         self.block_size = block_size
         self.device = device
         if device.type == "cpu":
             configure_threads()
         num_slots = num_blocks * block_size
         # One spare slot past the last block: padding rows of a compiled step write there.
-        self.kv_caches = model.allocate_kv_cache(num_slots + 1, device)
+        self.kv_caches = model.allocate_kv_cache(num_slots + 1, device, dtype=self.kv_dtype)
         self._block_offsets = torch.arange(block_size)
         self.compiled = None
         self.fused = None

@@ -90,9 +90,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Store a step's keys and values k, v [T, KVH, D] at cache rows `slot_mapping` [T]."""
-    reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store a step's keys and values k, v [T, KVH, D] at cache rows `slot_mapping` [T], in the
+    cache's dtype (a 16-bit cache rounds them to nearest even). Returns k, v as the cache now
+    holds them, in k's dtype: attention over the step's own keys must see what later steps read
+    back, or a prefix-cache hit and a chunked prefill would differ from a whole prefill."""
+    return reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_decode_attention(
@@ -112,7 +115,8 @@ def paged_decode_attention(
     sequence b is slot block_tables[b, l // block_size] * block_size + l % block_size.
     Returns [B, H, D]; a sequence with context length 0 gets zeros.
     """
-    if (lib := _native(q, k_cache, v_cache)) is not None:
+    if (k_cache.dtype in cpu.KV_DTYPES and v_cache.dtype == k_cache.dtype and k_cache.device.type == "cpu"
+            and (lib := _native(q)) is not None):
         return lib.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                           block_size=block_size, scale=scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
@@ -340,43 +344,52 @@ class DecodeLayers:
     def build(cls, layers: list[DecodeLayer], *, hidden: int, heads: int, kv_heads: int, head_dim: int,
               intermediate: int, eps: float, scale: float) -> DecodeLayers | None:
         """The fused layers, or None where they do not apply: a projection kind without a kernel,
-        parameters or caches that are not float32 on the CPU, native kernels off or not built."""
-        tensors = []
+        tensors not on the CPU, a cache dtype the kernel does not read, native kernels off or not
+        built. The arithmetic is float32 whatever the model's dtype: half-precision norms and
+        biases are copied to float32 once here; a 16-bit cache is read and written as such."""
+        lib = cpu.library()
+        if lib is None or not layers:
+            return None
+        kv_dtype = layers[0].k_cache.dtype
+        tensors, structs = [], []
         for layer in layers:
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
-            floats = [layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm, layer.k_cache, layer.v_cache,
-                      *(linear.bias for linear in linears)]
-            floats = [t for t in floats if t is not None]
-            if any(linear.kind not in cpu.FD_FORMATS for linear in linears) or _native(*floats) is None:
+            if (any(linear.kind not in cpu.FD_FORMATS for linear in linears) or kv_dtype not in cpu.KV_DTYPES
+                    or {layer.k_cache.dtype, layer.v_cache.dtype} != {kv_dtype}
+                    or any(t.device.type != "cpu" for t in (layer.k_cache, layer.v_cache, layer.qkv.weight))):
                 return None
-            tensors.extend(floats)
-        lib = cpu.library()
-        if lib is None:
-            return None
-        structs = [
-            cpu.FdLayer(*(cpu.FdLinear(cpu.FD_FORMATS[m.kind], m.weight.shape[0], m.in_features, _pointer(m.weight),
-                                       _pointer(m.scale), _pointer(m.bias))
-                          for m in (layer.qkv, layer.o, layer.gate_up, layer.down)),
-                        *map(_pointer, (layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm,
-                                        layer.k_cache, layer.v_cache)))
-            for layer in layers
-        ]
-        dims = cpu.FdDims(hidden, heads, kv_heads, head_dim, intermediate, eps, scale)
+
+            def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+                if t is None:
+                    return None
+                t = t.detach().to(torch.float32).contiguous()
+                tensors.append(t)
+                return t
+
+            structs.append(cpu.FdLayer(
+                *(cpu.FdLinear(cpu.FD_FORMATS[m.kind], m.weight.shape[0], m.in_features, _pointer(m.weight),
+                               _pointer(m.scale), _pointer(f32(m.bias))) for m in linears),
+                *map(_pointer, map(f32, (layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm))),
+                _pointer(layer.k_cache), _pointer(layer.v_cache)))
+            tensors.extend((layer.k_cache, layer.v_cache, *(m.weight for m in linears)))
+        dims = cpu.FdDims(hidden, heads, kv_heads, head_dim, intermediate, cpu.KV_DTYPES[kv_dtype], eps, scale)
         return cls((cpu.FdLayer * len(structs))(*structs), dims, lib, tensors)
 
     @staticmethod
     def applies(num_seqs: int) -> bool:
         """Whether the module path would also run the native kernels on `num_seqs` float32 rows
-        (`MAX_NATIVE_KERNEL_TOKENS`): then the fused step computes the same."""
+        (`MAX_NATIVE_KERNEL_TOKENS`): then the fused step computes what it would."""
         return num_seqs <= MAX_NATIVE_KERNEL_TOKENS
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, block_size: int, context_lens: torch.Tensor) -> torch.Tensor:
         """h [B, hidden] (the embeddings) through every layer; cos, sin [B, 1, D] as the model's
         rotary embedding gives them; slot_mapping [B], block_tables [B, max_blocks], context_lens
-        [B] as in a decode step's metadata. Returns the residual stream after the last layer."""
+        [B] as in a decode step's metadata. Returns the residual stream after the last layer,
+        float32."""
         h = h.to(torch.float32).contiguous()
-        self._lib.decode_layers(self._layers, self._dims, h, cos.contiguous(), sin.contiguous(),
+        cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+        self._lib.decode_layers(self._layers, self._dims, h, cos, sin,
                                 slot_mapping.to(torch.int64).contiguous(),
                                 block_tables.to(torch.int32).contiguous(), block_size,
                                 context_lens.to(torch.int32).contiguous())

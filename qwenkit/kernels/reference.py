@@ -33,13 +33,16 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """k, v [T, KVH, D] into the caches' rows `slot_mapping`, in the caches' dtype.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [T, KVH, D] into the caches' rows `slot_mapping`, in the caches' dtype; returns them
+    as the cache holds them, in k's dtype.
 
     index_copy_, not `cache[slots] = ...`: advanced indexing on a large cache was measured at
     milliseconds per call on CPU (torch 2.13)."""
-    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    stored_k, stored_v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.index_copy_(0, slot_mapping, stored_k)
+    v_cache.index_copy_(0, slot_mapping, stored_v)
+    return stored_k.to(k.dtype), stored_v.to(v.dtype)
 
 
 def paged_decode_attention(

@@ -99,7 +99,7 @@ def attention(
             block_size=d.block_size, scale=scale,
         )
         return out.view(num_tokens, num_heads * head_dim)
-    kernels.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    k, v = kernels.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     out = q.new_empty(num_tokens, num_heads, head_dim)
     start = 0
     for query_len, context_len, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
@@ -113,6 +113,7 @@ def attention(
             # at milliseconds per call on CPU (torch 2.13).
             ks, vs = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
         ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        ks, vs = ks.to(q.dtype), vs.to(q.dtype)  # from a 16-bit cache
         if query_len == 1:
             mask, is_causal = None, False
         elif query_len == context_len:
