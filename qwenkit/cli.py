@@ -116,8 +116,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
-        "--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
-        help="weight format in memory (default auto: GGUF weights stay quantized, safetensors as the dtype)",
+        "--quantization", choices=["auto", "gguf", "none", "int8", "int4"], default="auto",
+        help="weight format in memory (default auto: GGUF weights stay quantized, safetensors as the dtype; "
+             "gguf: every GGUF block type with a kernel kept as stored, the smallest)",
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step with torch.compile, in place of the fused C decode step "

@@ -104,10 +104,12 @@ def test_fused_step_of_a_bfloat16_model(tmp_path, arch, tie):
 
 @needs_kernels
 def test_fused_step_equals_module_step_gguf_q5_0(tmp_path):
-    """The Q4_K_M mix: Q5_0 projections kept as stored next to int8 ones."""
+    """The Q4_K_M mix: Q5_0, Q4_K and Q6_K projections kept as stored next to int8 ones."""
     path = write_gguf(tmp_path / "mixed.gguf", _tiny_gguf_model(), "qwen2", weight_type=_mixed_type)
-    llm = LLM(str(path), dtype="float32", progress=False)
+    llm = LLM(str(path), dtype="float32", quantization="gguf", progress=False)
+    mlp = llm.model.model.layers[0].mlp
     assert llm.model.model.layers[0].self_attn.o_proj.format == "gguf:Q5_0"
+    assert (mlp.gate_up_proj.format, mlp.down_proj.format) == ("gguf:Q4_K", "gguf:Q6_K")
     _compare_step(llm)
 
 

@@ -69,6 +69,37 @@ def test_variant_quantized_matmuls_against_dequantized(isa, rows):
     assert torch.equal(lib.gguf_dequantize(blocks, 160, "Q5_0"), w5)
 
 
+def _k_quant_blocks(type_name: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random valid `type_name` super-blocks for [n, k] (every bit pattern of values, scales and
+    mins; the fp16 super-block scales small) and gguf's dequantization of them."""
+    import numpy as np
+
+    tensor_type = gguf.GGMLQuantizationType[type_name]
+    values, size = gguf.GGML_QUANT_SIZES[tensor_type]
+    raw = np.random.default_rng(seed).integers(0, 256, (n * k // values, size), dtype=np.uint8)
+    for offset in {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[type_name]:
+        raw[:, offset : offset + 2] = np.full((len(raw), 1), 2e-4, np.float16).view(np.uint8)
+    raw = raw.reshape(n, -1)
+    return torch.from_numpy(raw), torch.from_numpy(dequantize(raw, tensor_type))
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_variant_k_quants_against_gguf(isa, type_name):
+    """K-quant blocks multiplied as stored equal the product with gguf's own dequantization,
+    within the activations' int8 rounding; dequantized exactly as gguf does; each row's result
+    the same alone or in a batch (1 to 37 rows: groups of 8 and the rest)."""
+    lib = _variant(isa)
+    blocks, w = _k_quant_blocks(type_name, 21, 512, seed=3)
+    assert torch.equal(lib.gguf_dequantize(blocks, 512, type_name), w)
+    for rows in (1, 3, 8, 13, 37):
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) * torch.linspace(0.1, 3, 512)
+        y = lib.gguf_linear(x, blocks, 512, type_name)
+        _assert_q8_close(y, x, w)
+        assert all(torch.equal(lib.gguf_linear(x[i : i + 1], blocks, 512, type_name)[0], y[i]) for i in range(rows))
+
+
 @needs_compiler
 @pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
 def test_variant_rows_do_not_depend_on_the_call(isa):

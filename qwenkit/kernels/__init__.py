@@ -56,6 +56,10 @@ __all__ = [
 # of rows at a time and run a GEMM in the activations' dtype.
 MAX_NATIVE_KERNEL_TOKENS = 1 << 30
 MAX_KERNEL_TOKENS = 16
+# The K-quant kernels decode every super-block for each group of 8 rows; from this many rows on
+# (prefill), dequantizing once and a float GEMM is faster (docs/quantization.md).
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+MAX_K_QUANT_KERNEL_TOKENS = 127
 
 
 def _native(*tensors: torch.Tensor) -> cpu.Library | None:
@@ -217,7 +221,8 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_na
 
 
 def _gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    if _native_rows(x) and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
+    decoding = type_name not in K_QUANTS or x.shape[0] <= MAX_K_QUANT_KERNEL_TOKENS
+    if _native_rows(x) and decoding and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
         return lib.gguf_linear(x, blocks, in_features, type_name).to(x.dtype)
     return _dequantized_gguf_linear(x, blocks, in_features, type_name)
 

@@ -27,7 +27,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
+# -fno-associative-math: fast math, but float sums are not reordered, so the kernels' operations
+# for one row are the same whatever the batch and inlining context (rows do not depend on the
+# batch; with reassociation the K-quant kernel's did).
+FLAGS = ["-O3", "-ffast-math", "-fno-associative-math", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
 # Widest first. x86-64-v3 is AVX2 + FMA + F16C + BMI2; x86-64-v4 adds AVX-512 F/BW/CD/DQ/VL.
 ISA_FLAGS = {
     "amx": ["-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mtune=native"],

@@ -43,7 +43,7 @@ DOT_PRODUCTS = {
     "generic": "plain C",
 }
 # GGUF block types the C kernels multiply as stored: (values, bytes) of one block.
-GGUF_BLOCKS = {"Q5_0": (32, 22)}
+GGUF_BLOCKS = {"Q5_0": (32, 22), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
 def native_kernels_enabled() -> bool:
@@ -83,7 +83,7 @@ class FdDims(ctypes.Structure):
                        kind=ctypes.c_int32) + _fields("eps", "scale", kind=ctypes.c_float)
 
 
-FD_FORMATS = {"int8": 0, "Q5_0": 1}  # csrc/decode_layers.h's FORMAT_*
+FD_FORMATS = {"int8": 0, "Q5_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4}  # csrc/decode_layers.h's FORMAT_*
 KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/kernels.h's KV_*
 
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float

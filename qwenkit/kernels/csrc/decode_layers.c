@@ -13,6 +13,9 @@ static int fd_matmul(const fd_linear *l, const float *x, float *y, int M) {
     switch (l->format) {
     case FORMAT_INT8: rc = int8_linear_q8(x, l->weight, l->scale, y, M, l->n, l->k); break;
     case FORMAT_Q5_0: rc = q5_0_linear_q8(x, l->weight, y, M, l->n, l->k); break;
+    case FORMAT_Q4_K: rc = q4_k_linear_q8(x, l->weight, y, M, l->n, l->k); break;
+    case FORMAT_Q5_K: rc = q5_k_linear_q8(x, l->weight, y, M, l->n, l->k); break;
+    case FORMAT_Q6_K: rc = q6_k_linear_q8(x, l->weight, y, M, l->n, l->k); break;
     }
     if (rc == 0 && l->bias)
         for (int m = 0; m < M; m++)

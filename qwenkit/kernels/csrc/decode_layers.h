@@ -5,7 +5,7 @@
 
 #include <stdint.h>
 
-enum { FORMAT_INT8 = 0, FORMAT_Q5_0 = 1 };
+enum { FORMAT_INT8 = 0, FORMAT_Q5_0 = 1, FORMAT_Q4_K = 2, FORMAT_Q5_K = 3, FORMAT_Q6_K = 4 };
 
 typedef struct {
     int32_t format, n, k;
