@@ -34,8 +34,12 @@ SPLIT = {"fused layers": (fused_decode.FusedDecode, "__call__"), "int8 matmuls":
          "gguf-block matmuls": (kernels, "gguf_linear"), "attention": (layers, "attention")}
 
 
+PROMPT_TOKENS = 32  # --prompt-tokens: the context each stream decodes after
+
+
 def _prompts(llm: LLM, n: int) -> list[list[int]]:
-    return [llm.tokenizer.encode(f"{i} def merge_sort(items): the quick brown fox jumps")[:32] for i in range(n)]
+    text = " def merge_sort(items): the quick brown fox jumps" * (PROMPT_TOKENS // 8 + 1)
+    return [llm.tokenizer.encode(f"{i}{text}")[:PROMPT_TOKENS] for i in range(n)]
 
 
 def _start(llm: LLM, streams: int, steps: int) -> None:
@@ -149,7 +153,10 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--kv-cache-dtypes", help="e.g. float32,float16: one engine each, steps alternating")
     parser.add_argument("--dtype", help="compute dtype (default: qwenkit's choice for this CPU)")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="context before the timed steps")
     args = parser.parse_args()
+    global PROMPT_TOKENS
+    PROMPT_TOKENS = args.prompt_tokens
     if args.kv_cache_dtypes:
         llms = {kv: LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=kv,
                         progress=False) for kv in args.kv_cache_dtypes.split(",")}
