@@ -7,7 +7,7 @@ the one-off tokenizer setup per model; compile time of a JSON schema (nested obj
 arrays, enums, integers) and of "any JSON object" (first compile, nothing cached); and the
 time to fill the next-token bitmask (int32 [ceil(V/32)]) at each step of a valid answer
 tokenized by the real tokenizer, plus the time to accept that token. The last block times
-qwenkit.structured end to end: GrammarMatcher.allowed_mask() returns bool [V].
+qwenkit.chat.structured end to end: GrammarMatcher.allowed_mask() returns bool [V].
 """
 
 from __future__ import annotations
@@ -228,12 +228,12 @@ def bench_backend(cls, tok, vocab_size, repeats):
 
 
 def bench_qwenkit(tok, vocab_size, repeats):
-    """End to end through qwenkit.structured: allowed_mask() is fill + padding AND + unpack."""
-    from qwenkit.structured import GrammarCompiler
+    """End to end through qwenkit.chat.structured: allowed_mask() is fill + padding AND + unpack."""
+    from qwenkit.chat.structured import GrammarCompiler
 
     t0 = time.perf_counter()
     compiler = GrammarCompiler(tok, vocab_size)
-    print(f"\n== qwenkit.structured (llguidance): GrammarCompiler() {_ms(time.perf_counter() - t0)}")
+    print(f"\n== qwenkit.chat.structured (llguidance): GrammarCompiler() {_ms(time.perf_counter() - t0)}")
     for label, build, answer in [
         ("json_schema", lambda: compiler.json_schema(SCHEMA), SCHEMA_ANSWER),
         ("json_object", compiler.json_object, OBJECT_ANSWER),

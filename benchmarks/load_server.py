@@ -11,6 +11,8 @@ Checks (exit status 1 if any fails):
   `choices[].delta`, one non-null finish_reason per choice, and the stream ends with
   `data: [DONE]`;
 - after a short settle wait the KV pool is back to full (`qwenkit_kv_blocks_in_use` 0);
+- (--hostile, on by default) 5,000 requests to random paths leave /metrics within 64 KB
+  of its size, and 100 refused 0.45-3.5 MB prompts leave the server's RSS within 10%;
 - SIGTERM stops the server.
 
     PYTHONPATH=. python benchmarks/load_server.py                  # tiny random model
@@ -245,6 +247,59 @@ async def kv_in_use_after_settle(base: str, settle: float) -> tuple[float | None
             await asyncio.sleep(0.2)
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hostile_phase(base: str, pid: int) -> tuple[list[str], list[str]]:
+    """5,000 keyless requests to random paths, then 100 prompts of 0.45-3.5 MB (all refused):
+    /metrics must stay small and the server's RSS within 10%. Returns (report lines, failures)."""
+    import random
+    import string
+
+    rng = random.Random(0)
+    report, failures, statuses = [], [], []
+    with httpx.Client(base_url=base, timeout=120) as client:
+        before = len(client.get("/metrics").content)
+        for i in range(5000):
+            path = rng.choice(("/v1/", "/api/", "/compatible-mode/", "/web/api/conversations/", "/")) + \
+                "".join(rng.choices(string.ascii_letters, k=12))
+            statuses.append(client.request("POST" if i % 3 == 0 else "GET", path).status_code)
+        after = len(client.get("/metrics").content)
+        report.append(f"/metrics after 5,000 random paths: {before} -> {after} bytes")
+        if after > before + 64 * 1024:
+            failures.append(f"/metrics grew from {before} to {after} bytes")
+        words = ["alpha", "beta", "gamma", "delta", "模型", "x1", "tool"]
+        prompts = [" ".join(rng.choice(words) for _ in range(n // 5)) for n in (3_500_000, 450_000)]
+        routes = [("/v1/chat/completions", lambda p: {"messages": [{"role": "user", "content": p}]}),
+                  ("/v1/completions", lambda p: {"prompt": p}),
+                  ("/api/v1/services/aigc/text-generation/generation", lambda p: {"input": {"prompt": p}})]
+        for i in range(6):  # warm up every route and both sizes
+            route, body = routes[i % 3]
+            statuses.append(client.post(route, json=body(prompts[i % 2])).status_code)
+        rss_before, begun = rss_mib(pid), time.perf_counter()
+        for i in range(100):
+            route, body = routes[i % 3]
+            r = client.post(route, json=body(prompts[i % 2]))
+            statuses.append(r.status_code)
+            if r.status_code != 400:
+                failures.append(f"a {len(prompts[i % 2])}-byte prompt answered {r.status_code}, not 400")
+                break
+        rss_after = rss_mib(pid)
+        report.append(f"RSS over 100 refused 0.45-3.5 MB prompts: {rss_before:.0f} -> {rss_after:.0f} MiB "
+                      f"({time.perf_counter() - begun:.1f} s)")
+        if rss_after > rss_before * 1.10:
+            failures.append(f"RSS grew from {rss_before:.0f} to {rss_after:.0f} MiB")
+    n5xx = sum(1 for status in statuses if status >= 500)
+    report.append(f"hostile requests: {len(statuses)}, 5xx: {n5xx}")
+    if n5xx:
+        failures.append(f"{n5xx} 5xx answers to hostile requests")
+    return report, failures
+
+
 def stop_server(proc: subprocess.Popen, timeout: float) -> tuple[bool, int | None]:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -266,6 +321,9 @@ def main() -> int:
     p.add_argument("--time-limit", type=float, default=300, help="seconds the load phase may take (default 300)")
     p.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for /health (default 300)")
     p.add_argument("--settle", type=float, default=5, help="seconds to wait for the KV pool to empty (default 5)")
+    p.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True,
+                   help="then 5,000 random paths (/metrics must stay small) and 100 oversized prompts "
+                        "(RSS within 10%%); reads the server's RSS from /proc (default: on)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-cache-memory", help="passed to `qwenkit serve`")
     p.add_argument("--max-num-seqs", type=int, help="passed to `qwenkit serve`")
@@ -299,9 +357,11 @@ def main() -> int:
             asyncio.run(warm_up(base))
             results, wall = asyncio.run(run_load(base, args))
             in_use, total_blocks, metrics_text = asyncio.run(kv_in_use_after_settle(base, args.settle))
+            hostile_report, hostile_failures = hostile_phase(base, proc.pid) if args.hostile else ([], [])
+            failures += hostile_failures
         except Exception as e:  # noqa: BLE001
             failures.append(f"{type(e).__name__}: {e}")
-            results, wall, in_use, total_blocks, metrics_text = [], 0.0, None, None, ""
+            results, wall, in_use, total_blocks, metrics_text, hostile_report = [], 0.0, None, None, "", []
         finally:
             stopped, code = stop_server(proc, timeout=30)
         if not stopped:
@@ -329,6 +389,8 @@ def main() -> int:
         print(f"tokens: {tokens} in {wall:.2f} s -> {tokens / wall if wall else 0:.1f} tok/s aggregate")
         print(f"KV blocks in use after settle: {in_use if in_use is None else int(in_use)} "
               f"of {total_blocks if total_blocks is None else int(total_blocks)}")
+        for line in hostile_report:
+            print(line)
         print(f"server stopped on SIGTERM: {'yes' if stopped else 'no'} (exit code {code}, "
               f"uvicorn 'Finished server process': {'yes' if graceful else 'no'})")
 

@@ -15,8 +15,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from qwenkit.chat import ChatChunk, ChatStream
-from qwenkit.chat_types import ChatCompletion
+from qwenkit.chat.request import ChatRequest, chat_request
+from qwenkit.chat.stream import ChatStream
+from qwenkit.chat.types import ChatChunk, ChatCompletion
 from qwenkit.engine.llm_engine import SequenceUpdate
 from qwenkit.llm import LLM
 from qwenkit.sampling import SamplingParams
@@ -113,29 +114,30 @@ class AsyncLLM:
                 self._call(lambda: self.llm.engine.abort(request_id))
 
     async def chat_stream(
-        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None, *,
-        request_id: str | None = None, **kwargs: Any,
+        self, messages: list[dict[str, Any]] | ChatRequest, sampling_params: SamplingParams | None = None, *,
+        request_id: str | None = None, **options: Any,
     ) -> AsyncIterator[ChatChunk]:
         """`LLM.chat_stream` for asyncio: reasoning / content / tool-call deltas as they come."""
-        prepared = await asyncio.to_thread(self.llm.prepare_chat, messages, sampling_params, **kwargs)
-        stream = ChatStream(request_id or self.llm.new_request_id(), prepared)
-        async for update in self.generate_stream(
-            prepared.prompt_token_ids, prepared.params, request_id=stream.request_id,
-            fallback=prepared.fallback, controls=prepared.controls,
-        ):
+        stream = await self._start_chat(chat_request(messages, sampling_params, **options), request_id)
+        async for update in self._updates(stream):
             yield stream.apply(update)
 
-    async def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
-                   **kwargs: Any) -> ChatCompletion:
+    async def chat(self, messages: list[dict[str, Any]] | ChatRequest, sampling_params: SamplingParams | None = None,
+                   **options: Any) -> ChatCompletion:
         """`LLM.chat` for asyncio. With n > 1, the first choice."""
-        prepared = await asyncio.to_thread(self.llm.prepare_chat, messages, sampling_params, **kwargs)
-        stream = ChatStream(self.llm.new_request_id(), prepared)
-        async for update in self.generate_stream(
-            prepared.prompt_token_ids, prepared.params, request_id=stream.request_id,
-            fallback=prepared.fallback, controls=prepared.controls,
-        ):
+        stream = await self._start_chat(chat_request(messages, sampling_params, **options), None)
+        async for update in self._updates(stream):
             stream.apply(update)
         return stream.completions()[0]
+
+    async def _start_chat(self, request: ChatRequest, request_id: str | None) -> ChatStream:
+        prepared = await asyncio.to_thread(self.llm.prepare_chat, request)  # renders and tokenizes: off the loop
+        return ChatStream(request_id or self.llm.new_request_id(), prepared)
+
+    def _updates(self, stream: ChatStream) -> AsyncIterator[SequenceUpdate]:
+        p = stream.prepared
+        return self.generate_stream(p.prompt_token_ids, p.params, request_id=stream.request_id,
+                                    fallback=p.fallback, controls=p.controls)
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request and free what it holds."""
@@ -150,3 +152,4 @@ class AsyncLLM:
         """Stop the engine thread (running requests are abandoned)."""
         self._closed = True
         self._thread.join(timeout=5)
+        self.llm.shutdown()

@@ -1,11 +1,18 @@
 """`qwenkit bench`: prefill and decode speed of the engine, time to first token with and
-without a prefix-cache hit, and peak memory."""
+without a prefix-cache hit, and peak memory.
+
+Every measurement runs `repeats` times and is reported as its median with min and max:
+on a shared or throttled CPU one short sample varies several-fold (single-stream decode
+read 0.6 to 43 tok/s over five one-sample runs on this project's busy 2-core machine),
+so a spread that wide says "measure again", where a single figure would mislead.
+"""
 
 from __future__ import annotations
 
 import resource
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from qwenkit import kernels
 from qwenkit.llm import LLM
@@ -19,31 +26,58 @@ _TEXT = (
 
 
 @dataclass
+class Measurement:
+    """One figure's runs."""
+
+    runs: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    def show(self, fmt: str) -> str:
+        """'12.3' for one run, '12.3 (min 11.0, max 13.1)' for several."""
+        if len(self.runs) == 1:
+            return format(self.median, fmt)
+        return f"{self.median:{fmt}} (min {min(self.runs):{fmt}}, max {max(self.runs):{fmt}})"
+
+    def as_dict(self) -> dict:
+        return {"median": self.median, "min": min(self.runs), "max": max(self.runs), "runs": self.runs}
+
+
+@dataclass
 class BenchResult:
     model: str
     dtype: str
     threads: int
+    repeats: int
     prompt_tokens: int
-    prefill_tok_s: float
-    ttft_uncached_s: float
-    ttft_cached_s: float
-    decode: list[dict] = field(default_factory=list)  # per concurrency: aggregate and per-stream tok/s
+    decode_tokens: int
+    prefill_tok_s: Measurement
+    ttft_uncached_s: Measurement
+    ttft_cached_s: Measurement
+    # per concurrency: {"concurrency", "aggregate_tok_s": Measurement, "per_stream_tok_s": Measurement}
+    decode: list[dict] = field(default_factory=list)
     peak_rss_mb: int = 0
     kernels: str = ""  # which kernel variants ran (qwenkit.kernels.summary)
 
     def table(self) -> str:
+        share = self.ttft_cached_s.median / self.ttft_uncached_s.median
+        runs = "1 run" if self.repeats == 1 else f"median of {self.repeats} runs (min, max)"
         lines = [
-            f"model {self.model}  dtype {self.dtype}  threads {self.threads}",
-            self.kernels,
-            f"prefill: {self.prefill_tok_s:.1f} tok/s ({self.prompt_tokens}-token prompt)",
-            f"time to first token: {self.ttft_uncached_s:.3f} s uncached, {self.ttft_cached_s:.3f} s with the "
-            f"prompt's prefix cached ({self.ttft_cached_s / self.ttft_uncached_s:.0%})",
-            "decode: concurrency  aggregate tok/s  per stream tok/s",
+            f"model {self.model}  dtype {self.dtype}  threads {self.threads}  each figure: {runs}",
+            f"prefill, {self.prompt_tokens}-token prompt: {self.prefill_tok_s.show('.1f')} tok/s",
+            f"time to first token, {self.prompt_tokens}-token prompt: {self.ttft_uncached_s.show('.3f')} s",
+            f"time to first token, same prompt prefix cached: {self.ttft_cached_s.show('.3f')} s "
+            f"({share:.0%} of the uncached time)",
+            f"decode, {self.decode_tokens} tokens per stream (tok/s):",
+            f"  {'streams':>7}  {'all streams together':<32}  per stream",
         ]
         for d in self.decode:
-            row = f"{d['concurrency']:>11}  {d['aggregate_tok_s']:>15.1f}  {d['per_stream_tok_s']:>16.1f}"
-            lines.append(" " * 8 + row)
-        lines.append(f"peak RSS: {self.peak_rss_mb} MB")
+            lines.append(f"  {d['concurrency']:>7}  {d['aggregate_tok_s'].show('.1f'):<32}  "
+                         f"{d['per_stream_tok_s'].show('.1f')}")
+        lines.append(self.kernels)
+        lines.append(f"peak memory (RSS): {self.peak_rss_mb} MB")
         return "\n".join(lines)
 
 
@@ -58,12 +92,13 @@ def _time_first_token(llm: LLM, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def _decode(llm: LLM, concurrency: int, decode_tokens: int) -> dict:
+def _decode(llm: LLM, concurrency: int, decode_tokens: int, salt: int) -> float:
+    """Aggregate decode tok/s of `concurrency` streams, timed once all have their first token."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
-    ids = [f"bench-{concurrency}-{i}" for i in range(concurrency)]
+    ids = [f"bench-{salt}-{concurrency}-{i}" for i in range(concurrency)]
     for i, request_id in enumerate(ids):
-        engine.add_request(request_id, _prompt(llm, 32, 1000 + 100 * concurrency + i), params)
+        engine.add_request(request_id, _prompt(llm, 32, salt + 100 * concurrency + i), params)
     started: set[tuple[str, int]] = set()
     while len(started) < concurrency:  # prefill until every stream has its first token
         started.update((u.request_id, u.index) for u in engine.step())
@@ -71,34 +106,57 @@ def _decode(llm: LLM, concurrency: int, decode_tokens: int) -> dict:
     generated = 0
     while engine.has_unfinished_requests():
         generated += sum(len(u.outputs) for u in engine.step())
-    elapsed = time.perf_counter() - start
-    aggregate = generated / elapsed
-    return {"concurrency": concurrency, "aggregate_tok_s": aggregate, "per_stream_tok_s": aggregate / concurrency}
+    return generated / (time.perf_counter() - start)
+
+
+def _time_to_first_tokens(llm: LLM, prompt_tokens: int, salt: int) -> tuple[float, float]:
+    """(uncached, cached): a new prompt, then the same long prefix with a new ending (all
+    but the last partial block comes from the prefix cache)."""
+    prompt = _prompt(llm, prompt_tokens, salt)
+    uncached = _time_first_token(llm, prompt)
+    cached = _time_first_token(llm, prompt[:-4] + _prompt(llm, 4, salt + 1))
+    return uncached, cached
 
 
 def run_bench(
-    llm: LLM, *, prompt_tokens: int = 512, decode_tokens: int = 64, concurrency: tuple[int, ...] = (1, 4, 8, 16)
+    llm: LLM, *, prompt_tokens: int = 512, decode_tokens: int = 64, concurrency: tuple[int, ...] = (1, 4, 8, 16),
+    repeats: int = 3,
 ) -> BenchResult:
     import torch
 
     llm.generate(_prompt(llm, 16, 0), SamplingParams(max_tokens=2))  # warm-up
-    uncached = _time_first_token(llm, _prompt(llm, prompt_tokens, 1))
-    # The same long prefix again with a new ending: all but the last partial block is cached.
-    cached_prompt = _prompt(llm, prompt_tokens, 1)[:-4] + _prompt(llm, 4, 2)
-    cached = _time_first_token(llm, cached_prompt)
+    # A new salt per run: each uncached prompt really is uncached.
+    ttfts = [_time_to_first_tokens(llm, prompt_tokens, 10 * run + 1) for run in range(repeats)]
+    decode = []
+    for c in concurrency:
+        aggregate = [_decode(llm, c, decode_tokens, 1000 * (run + 1)) for run in range(repeats)]
+        decode.append({"concurrency": c, "aggregate_tok_s": Measurement(aggregate),
+                       "per_stream_tok_s": Measurement([a / c for a in aggregate])})
     return BenchResult(
         model=llm.model_name,
         dtype=str(llm.dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),
+        repeats=repeats,
         prompt_tokens=prompt_tokens,
-        prefill_tok_s=prompt_tokens / uncached,
-        ttft_uncached_s=uncached,
-        ttft_cached_s=cached,
-        decode=[_decode(llm, c, decode_tokens) for c in concurrency],
+        decode_tokens=decode_tokens,
+        prefill_tok_s=Measurement([prompt_tokens / uncached for uncached, _ in ttfts]),
+        ttft_uncached_s=Measurement([uncached for uncached, _ in ttfts]),
+        ttft_cached_s=Measurement([cached for _, cached in ttfts]),
+        decode=decode,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         kernels=kernels.summary(llm.device),
     )
 
 
 def as_dict(result: BenchResult) -> dict:
-    return asdict(result)
+    """JSON-ready: each measurement as {"median", "min", "max", "runs"}."""
+    def plain(value):
+        if isinstance(value, Measurement):
+            return value.as_dict()
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {name: plain(getattr(result, name)) for name in result.__dataclass_fields__}

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from qwenkit.client.tools import Tool
 from qwenkit.errors import QwenkitError
+from qwenkit.paths import chat_db
 
 HELP = """commands:
   /think        answer with thinking (Qwen3 hybrid models)
@@ -41,12 +42,14 @@ class ChatSession:
     """The state of one `qwenkit chat` run: the client, the conversation, the switches."""
 
     def __init__(self, client: Any, memory: Any, *, conversation_id: str, enable_thinking: bool | None,
-                 thinking_budget: int | None, out: TextIO, style: _Style):
+                 thinking_budget: int | None, out: TextIO, style: _Style, thinking_note: Any = None):
         self.client, self.memory = client, memory
         self.conversation_id = conversation_id
         self.enable_thinking = enable_thinking
         self.thinking_budget = thinking_budget
         self.out, self.style = out, style
+        # (no_think, budget) -> why those options do nothing on this model, or None
+        self.thinking_note = thinking_note or (lambda **_: None)
 
     # -- commands ----------------------------------------------------------------------
 
@@ -58,17 +61,17 @@ class ChatSession:
             return False
         if name == "/think":
             self.enable_thinking = True
-            self.say("thinking on")
+            self.say(self.thinking_note(budget=True) or "thinking on")
         elif name == "/no_think":
             self.enable_thinking = False
-            self.say("thinking off")
+            self.say(self.thinking_note(no_think=True) or "thinking off")
         elif name == "/budget":
             if arg in ("off", "none", ""):
                 self.thinking_budget = None
-                self.say("thinking budget off")
+                self.say(self.thinking_note(budget=True) or "thinking budget off")
             elif arg.isdigit():
                 self.thinking_budget = int(arg)
-                self.say(f"thinking budget {self.thinking_budget} tokens")
+                self.say(self.thinking_note(budget=True) or f"thinking budget {self.thinking_budget} tokens")
             else:
                 self.say(f"/budget takes a number of tokens or 'off', not {arg!r}")
         elif name == "/new":
@@ -206,10 +209,30 @@ def _chat_model(args: argparse.Namespace) -> Any:
     return LocalChatModel(llm)
 
 
-def default_chat_db() -> Path:
-    from qwenkit.default_model import qwenkit_home
+def _thinking_note(model: Any):
+    """(no_think=, budget=) -> why those thinking options do nothing on `model`, or None:
+    from the local model's checkpoint, or from a remote endpoint's /v1/models capabilities."""
+    from qwenkit.capabilities import Capabilities, detect_capabilities
 
-    return qwenkit_home() / "chat.sqlite3"
+    llm = getattr(model, "llm", None)
+    if llm is not None:
+        llm = getattr(llm, "llm", llm)  # an AsyncLLM's LLM
+        caps, name = detect_capabilities(llm.tokenizer), llm.model_name
+    else:
+        try:
+            entry = next(m for m in model.client.models.list().data if m.id == model.model)
+            names = (entry.model_extra or {}).get("capabilities")
+        except Exception:  # noqa: BLE001 - an endpoint that does not say: assume nothing
+            names = None
+        if not isinstance(names, list):
+            return lambda **_: None
+        caps = Capabilities("thinking" in names, "hybrid_thinking" in names, "tools" in names)
+        name = model.model
+
+    def note(*, no_think: bool = False, budget: bool = False) -> str | None:
+        return caps.thinking_note(name, no_think=no_think, budget=budget)
+
+    return note
 
 
 def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
@@ -220,7 +243,7 @@ def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: Text
     if args.thinking_budget is not None and args.thinking_budget < 0:
         raise QwenkitError("--thinking-budget must be >= 0")
     style = _Style(out.isatty() and not os.environ.get("NO_COLOR"))
-    db = Path(args.db) if args.db else default_chat_db()
+    db = Path(args.db) if args.db else chat_db()
     db.parent.mkdir(parents=True, exist_ok=True)
     memory = SQLiteChatMemory(db, max_messages=args.max_history)
     if args.resume and args.resume not in memory.conversation_ids():
@@ -235,9 +258,14 @@ def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: Text
                 options[name] = getattr(args, name)
         client = ChatClient(_chat_model(args), default_system=args.system, default_options=options,
                             default_advisors=[MessageChatMemoryAdvisor(memory)], default_tools=tools)
+        model = client.model
+        note = _thinking_note(model)
         session = ChatSession(client, memory, conversation_id=args.resume or new_conversation_id(),
                               enable_thinking=False if args.no_think else None,
-                              thinking_budget=args.thinking_budget, out=out, style=style)
+                              thinking_budget=args.thinking_budget, out=out, style=style, thinking_note=note)
+        startup_note = note(no_think=args.no_think, budget=args.thinking_budget is not None)
+        if startup_note:
+            sys.stderr.write(f"qwenkit: {startup_note}\n")
         verb = "resumed" if args.resume else "new"
         session.say(f"{verb} conversation {session.conversation_id} (qwenkit chat --resume "
                     f"{session.conversation_id}); /help for commands"

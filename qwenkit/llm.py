@@ -10,10 +10,14 @@ from typing import Any
 
 import torch
 
-from qwenkit.chat import ChatChunk, ChatStream, PreparedChat, prepare_chat
-from qwenkit.chat_types import ChatCompletion
+from qwenkit.chat.prepare import PreparedChat, prepare_chat
+from qwenkit.chat.request import ChatRequest, chat_request
+from qwenkit.chat.stream import ChatStream
+from qwenkit.chat.types import ChatChunk, ChatCompletion
 
+from qwenkit.distributed import ParallelConfig
 from qwenkit.engine.llm_engine import EngineArgs, LLMEngine, SequenceUpdate, TokenOutput
+from qwenkit.engine.model_runner import ModelRunner
 from qwenkit.errors import QwenkitError
 from qwenkit.loader import load_model
 from qwenkit.model_files import resolve_model
@@ -102,7 +106,11 @@ class LLM:
     folder, a `.gguf` file, or a Hugging Face repo id. dtype: "float32", "bfloat16" or
     "float16" (default: bfloat16 where the hardware computes it natively, else float32).
     device: "cpu" or "cuda" (default: cuda when present). The keyword arguments size the
-    engine (see `EngineArgs`): the KV cache pool, the batch, the prefill chunk.
+    engine (see `EngineArgs`): the KV cache pool and its dtype, the batch, the prefill chunk.
+    tensor_parallel_size: split the model over this many processes (CUDA: one GPU each,
+    from `device` on; CPU: the cores shared), started here and stopped by `shutdown()`;
+    enable_expert_parallel: Qwen3-MoE experts dealt out whole to the ranks. One such model
+    per process (docs/scale.md).
     """
 
     def __init__(
@@ -114,19 +122,32 @@ class LLM:
         max_model_len: int | None = None,
         kv_cache_memory: int | str | None = None,
         kv_cache_dtype: str | None = None,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 1024,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         quantization: str | None = "auto",
         compile: bool | None = None,
+        enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
         progress: bool = True,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         files = resolve_model(model, progress=progress)
-        loaded = load_model(files, dtype=self.dtype, device=self.device, quantization=quantization,
-                            progress=progress)
+        parallel = ParallelConfig(tensor_parallel_size, enable_expert_parallel)
+        self.executor = None
+        if parallel.tensor_parallel_size > 1:
+            from qwenkit.distributed.executor import TensorParallelExecutor
+
+            self.executor = TensorParallelExecutor(files, dtype=self.dtype, device=self.device, parallel=parallel)
+        try:
+            loaded = load_model(files, dtype=self.dtype, device=self.device, quantization=quantization,
+                                progress=progress, tp=self.executor and self.executor.tp)
+        except BaseException:
+            self.shutdown()
+            raise
         self.model = loaded.model
         self.config = loaded.config
         self.generation_config = loaded.generation_config
@@ -141,10 +162,26 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             compile=compile,
+            enforce_eager=enforce_eager,
         )
-        self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device, args=args)
+        try:
+            self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device,
+                                    args=args, runner_factory=self.executor.make_runner if self.executor else ModelRunner)
+        except BaseException:
+            self.shutdown()
+            raise
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel model (a no-op otherwise)."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if a rank of a tensor-parallel model is gone."""
+        if self.executor is not None:
+            self.executor.check()
 
     def new_request_id(self) -> str:
         return f"req-{next(self._request_ids)}"
@@ -184,60 +221,44 @@ class LLM:
     @functools.cached_property
     def grammar_compiler(self):
         """Structured output for this model's vocabulary (built on first use)."""
-        from qwenkit.structured import GrammarCompiler
+        from qwenkit.chat.structured import GrammarCompiler
 
-        return GrammarCompiler(self.tokenizer, self.config.vocab_size)
+        # Every end-of-turn id: Qwen2.5 ends a tool-call turn with <|endoftext|>, not <|im_end|>.
+        return GrammarCompiler(self.tokenizer, self.config.vocab_size,
+                               eos_token_ids=self.generation_config.eos_token_ids or None)
 
-    def prepare_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
-                     **kwargs: Any) -> PreparedChat:
-        needs_grammar = kwargs.get("response_format") or kwargs.get("tool_choice", "auto") not in ("auto", "none")
-        return prepare_chat(
-            self.tokenizer, messages, sampling_params,
-            grammar_compiler=self.grammar_compiler if needs_grammar else None, **kwargs,
-        )
+    def prepare_chat(self, messages: list[dict[str, Any]] | ChatRequest,
+                     sampling_params: SamplingParams | None = None, **options: Any) -> PreparedChat:
+        """The engine inputs of a chat request (arguments as for `chat`)."""
+        request = chat_request(messages, sampling_params, **options)
+        return prepare_chat(self.tokenizer, request,
+                            grammar_compiler=self.grammar_compiler if request.needs_grammar else None)
 
-    def chat(
-        self,
-        messages: list[dict[str, Any]],
-        sampling_params: SamplingParams | None = None,
-        *,
-        enable_thinking: bool = True,
-        thinking_budget: int | None = None,
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: str | dict[str, Any] = "auto",
-        response_format: dict[str, Any] | None = None,
-        parallel_tool_calls: bool = True,
-        **template_kwargs: Any,
-    ) -> ChatCompletion:
+    def chat(self, messages: list[dict[str, Any]] | ChatRequest, sampling_params: SamplingParams | None = None,
+             **options: Any) -> ChatCompletion:
         """Answer a conversation: reasoning, content and tool calls apart, with usage.
 
-        enable_thinking: Qwen3's thinking mode (`/think` and `/no_think` in the latest
-        user turn switch it per turn). thinking_budget: the most thinking tokens before
-        the model is told to answer (0: no thinking); separate from max_tokens, which
-        counts every generated token. tools / tool_choice: OpenAI-style function tools;
+        Pass a `ChatRequest`, or the messages with its other fields as keywords:
+        enable_thinking (Qwen3's thinking mode; `/think` and `/no_think` in the latest user
+        turn switch it per turn), thinking_budget (the most thinking tokens before the
+        model is told to answer; 0: no thinking; separate from max_tokens, which counts
+        every generated token), tools / tool_choice (OpenAI-style function tools;
         "required" or a named function is enforced by constrained decoding, as is
-        response_format ({"type": "json_object"} or {"type": "json_schema", ...}).
-        parallel_tool_calls=False holds "required" to a single call (a named function
-        always gets exactly one).
+        response_format: {"type": "json_object"} or {"type": "json_schema", ...}),
+        parallel_tool_calls (False holds "required" to a single call; a named function
+        always gets exactly one), chat_template_kwargs. Any other keyword is a chat
+        template variable.
         With n > 1, the first choice is returned: use chat_stream for all of them."""
-        stream = ChatStream("", self.prepare_chat(
-            messages, sampling_params, enable_thinking=enable_thinking, thinking_budget=thinking_budget,
-            tools=tools, tool_choice=tool_choice, response_format=response_format,
-            parallel_tool_calls=parallel_tool_calls, **template_kwargs,
-        ))
+        stream = ChatStream("", self.prepare_chat(messages, sampling_params, **options))
         for _ in self._run_chat(stream):
             pass
         return stream.completions()[0]
 
-    def chat_stream(
-        self,
-        messages: list[dict[str, Any]],
-        sampling_params: SamplingParams | None = None,
-        **kwargs: Any,
-    ) -> Iterator[ChatChunk]:
+    def chat_stream(self, messages: list[dict[str, Any]] | ChatRequest,
+                    sampling_params: SamplingParams | None = None, **options: Any) -> Iterator[ChatChunk]:
         """Like `chat`, yielding `ChatChunk`s (deltas of reasoning_content, content and
         tool_calls) as tokens are produced; concatenated they equal `chat`'s result."""
-        stream = ChatStream("", self.prepare_chat(messages, sampling_params, **kwargs))
+        stream = ChatStream("", self.prepare_chat(messages, sampling_params, **options))
         yield from self._run_chat(stream)
 
     def _run_chat(self, stream: ChatStream) -> Iterator[ChatChunk]:

@@ -6,12 +6,10 @@ import json
 from dataclasses import replace
 
 import pytest
-from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
 pytest.importorskip("dashscope")
 
-from qwenkit import LLM, AsyncLLM  # noqa: E402
 from qwenkit.agent import (  # noqa: E402
     Agent, AgentResult, AnswerEvent, ThinkingEvent, ToolCallEvent, ToolResultEvent,
 )
@@ -37,33 +35,13 @@ ANSWER = "<think>\nDone.\n</think>\n\nIt is sunny in Paris, 69.8 F."
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def allm(checkpoint):
-    engine = AsyncLLM(str(checkpoint), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(allm):
-    with running_server(allm, ServerConfig(served_model_names=[MODEL], api_key=KEY)) as url:
-        yield f"{url}"
+def server_config():
+    return ServerConfig(served_model_names=[MODEL], api_key=KEY)
 
 
 @pytest.fixture(scope="module")
 def dashscope_model(server):
     return DashScopeChatModel(f"{server}/api/v1", KEY, MODEL)
-
-
-@pytest.fixture(scope="module")
-def llm(checkpoint):
-    return LLM(str(checkpoint), dtype="float32", progress=False)
 
 
 CALLS = []

@@ -3,20 +3,10 @@
 import asyncio
 
 import pytest
-from tiny import make_checkpoint
 
-from qwenkit import AsyncLLM, SamplingParams
+from qwenkit import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def allm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    engine = AsyncLLM(str(folder), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
 
 
 def conversation(i: int) -> list[dict]:

@@ -6,10 +6,10 @@ emits a given text, which tests parsing and control apart from model quality.
 
 
 import pytest
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
-from qwenkit import LLM, SamplingParams
-from qwenkit.thinking_control import EARLY_STOP_TEXT
+from qwenkit import SamplingParams
+from qwenkit.chat.thinking import EARLY_STOP_TEXT
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [{
@@ -20,13 +20,6 @@ TOOLS = [{
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }]
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    return LLM(str(folder), dtype="float32", progress=False)
 
 
 def test_thinking_and_answer_are_apart(llm):
@@ -65,6 +58,17 @@ def test_thinking_budget_cuts_at_exactly_n_tokens(llm):
     assert out.content  # the model goes on to answer
     assert len(early) > 5
     assert "".join(c.delta.reasoning_content for c in stream) == out.reasoning_content
+
+
+def test_thinking_budget_counts_from_a_think_after_whitespace(llm):
+    """Output that starts "\\n<think>" is reasoning, and the budget caps it."""
+    thought = " ".join(f"step{i}" for i in range(40))
+    with scripted(llm, f"\n<think>\n{thought}\n</think>\n\nDone.") as (script,):
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=200), thinking_budget=10)
+    think = script.index(llm.tokenizer.token_to_id("<think>"))
+    expected_thinking = llm.tokenizer.decode(script[think + 1 : think + 11])
+    assert out.reasoning_content == expected_thinking.strip("\n") + EARLY_STOP_TEXT.removesuffix("\n</think>\n\n")
+    assert out.content
 
 
 def test_thinking_budget_zero_means_no_thinking(llm):
@@ -192,3 +196,62 @@ def test_invalid_schema_is_a_value_error(llm):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
     with pytest.raises(ValueError, match="schema"):
         llm.chat(USER, response_format=fmt)
+
+
+def test_call_written_as_json_text_is_a_tool_call(llm):
+    """Small models write the call as bare JSON or a ```json fence instead of <tool_call>."""
+    for text in ('{"name": "get_weather", "arguments": {"city": "Paris"}}',
+                 '```json\n{\n  "name": "get_weather",\n  "arguments": {"city": "Paris"}\n}\n```'):
+        with scripted(llm, text):
+            out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=100), tools=TOOLS, enable_thinking=False)
+            chunks = list(llm.chat_stream(USER, SamplingParams(temperature=0, max_tokens=100), tools=TOOLS,
+                                          enable_thinking=False))
+        assert (out.content, out.finish_reason) == (None, "tool_calls")
+        assert [(c.name, c.arguments) for c in out.tool_calls] == [("get_weather", '{"city": "Paris"}')]
+        assert "".join(c.delta.content for c in chunks) == ""
+        assert [t.name for c in chunks for t in c.delta.tool_calls] == ["get_weather"]
+    with scripted(llm, '{"name": "get_weather", "arguments": {"city": "Paris"}}'):  # no tools offered: text
+        out = llm.chat(USER, SamplingParams(temperature=0, max_tokens=100), enable_thinking=False)
+    assert out.tool_calls == [] and out.content.startswith('{"name"')
+
+
+def _history(arguments):
+    return [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+
+
+def _prompt(tokenizer, messages):
+    from qwenkit.chat.prepare import prepare_chat
+    from qwenkit.chat.request import ChatRequest
+
+    prepared = prepare_chat(tokenizer, ChatRequest(messages, tools=TOOLS, enable_thinking=False))
+    return tokenizer.decode(prepared.prompt_token_ids)
+
+
+@pytest.mark.parametrize("template", ["bundled", "checkpoint"])
+def test_tool_call_arguments_reach_the_template_as_objects(llm, default_gguf, template):
+    """OpenAI clients send earlier calls' arguments as a JSON string; the template must see
+    the object (the Qwen2.5 template double-encoded the string, Qwen3's pasted it raw)."""
+    if template == "bundled":
+        tokenizer = llm.tokenizer
+    else:
+        from qwenkit.loader.gguf import GGUFCheckpoint
+        from qwenkit.tokenizer import Tokenizer
+
+        checkpoint = GGUFCheckpoint(default_gguf)
+        tokenizer = Tokenizer(checkpoint.tokenizer_backend(), chat_template=checkpoint.chat_template,
+                              **checkpoint.special_tokens())
+    as_object = _prompt(tokenizer, _history({"city": "Paris"}))
+    assert '"arguments": {"city": "Paris"}' in as_object
+    assert _prompt(tokenizer, _history('{"city":"Paris"}')) == as_object
+
+
+def test_bad_tool_call_arguments_name_the_field(llm):
+    for bad in ("{not json", "[1, 2]", '"Paris"'):
+        with pytest.raises(ValueError, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments"):
+            llm.chat(_history(bad), SamplingParams(max_tokens=1), tools=TOOLS)
+    assert "get_weather" in _prompt(llm.tokenizer, _history(""))  # a blank string is {}

@@ -11,13 +11,10 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
-from qwenkit.async_llm import AsyncLLM
 from qwenkit.chat_cli import ChatSession, _Style
 from qwenkit.cli import _parser, main
-from qwenkit.server import ServerConfig
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -27,21 +24,6 @@ CALL_ECHO = '<tool_call>\n{"name": "echo", "arguments": {"text": "pineapple"}}\n
 ANSWER = "<think>the tool answered</think>It said pineapple."
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)  # room for three tools' schemas
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    allm = AsyncLLM(str(checkpoint), progress=False)
-    with running_server(allm, ServerConfig()) as url:
-        yield allm, url
-    allm.shutdown()
-
-
 def spawn(*args: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm"}
     env.pop("NO_COLOR", None)
@@ -49,8 +31,8 @@ def spawn(*args: str):
                          timeout=120, dimensions=(40, 200))
 
 
-def test_chat_in_a_terminal_with_a_tool_then_resumed(server, tmp_path):
-    allm, url = server
+def test_chat_in_a_terminal_with_a_tool_then_resumed(allm, server, tmp_path):
+    url = server
     mcp = tmp_path / "mcp.json"
     mcp.write_text(json.dumps({"mcpServers": {"echo": {"command": sys.executable, "args": [ECHO_SERVER]}}}))
     db = str(tmp_path / "chat.sqlite3")
@@ -85,10 +67,10 @@ def test_chat_in_a_terminal_with_a_tool_then_resumed(server, tmp_path):
     assert child.exitstatus == 0
 
 
-def test_chat_on_the_local_model_from_standard_input(checkpoint, tmp_path, monkeypatch, capsys):
+def test_chat_on_the_local_model_from_standard_input(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     db = tmp_path / "chat.sqlite3"
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/budget 7\n/no_think\n/history\n"))
-    assert main(["chat", "--model", str(checkpoint), "--db", str(db), "--max-tokens", "4",
+    assert main(["chat", "--model", str(tiny_checkpoint), "--db", str(db), "--max-tokens", "4",
                  "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     conversation = re.search(r"new conversation (\w+)", out).group(1)

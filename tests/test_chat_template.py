@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qwenkit.chat_template import ChatTemplate, qwen3_template
+from qwenkit.chat.template import ChatTemplate, qwen3_template
 from qwenkit.errors import QwenkitError
 
 WEATHER_TOOL = {

@@ -10,12 +10,10 @@ import logging
 
 import pytest
 from pydantic import BaseModel
-from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
 pytest.importorskip("openai")
 
-from qwenkit import LLM, AsyncLLM  # noqa: E402
 from qwenkit.client import (  # noqa: E402
     Advisor, ChatClient, ChatOptions, InMemoryChatMemory, LocalChatModel, MessageChatMemoryAdvisor, OpenAIChatModel,
     ReasoningContentAdvisor, SafeGuardAdvisor, SimpleLoggerAdvisor, SQLiteChatMemory, tool,
@@ -32,33 +30,13 @@ NO_THINK = ChatOptions(temperature=0, max_tokens=300, enable_thinking=False)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def allm(checkpoint):
-    engine = AsyncLLM(str(checkpoint), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(allm):
-    with running_server(allm, ServerConfig(served_model_names=[MODEL], api_key=KEY)) as url:
-        yield f"{url}/v1"
+def server_config():
+    return ServerConfig(served_model_names=[MODEL], api_key=KEY)
 
 
 @pytest.fixture(scope="module")
 def remote(server):
-    return OpenAIChatModel(server, KEY, MODEL, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def llm(checkpoint):
-    return LLM(str(checkpoint), dtype="float32", progress=False)
+    return OpenAIChatModel(f"{server}/v1", KEY, MODEL, max_retries=0)
 
 
 WEATHER_CALLS = []
@@ -122,13 +100,30 @@ def test_tool_loop_runs_several_calls_and_returns_errors_to_the_model(remote, al
     assert response.usage.prompt_tokens > 0
 
 
+def call_for(city: str) -> str:
+    return f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+
+
 def test_tool_rounds_are_bounded(remote, allm):
     WEATHER_CALLS.clear()
     client = ChatClient(remote, default_options=NO_THINK, default_tools=[get_weather], max_tool_rounds=2)
-    with scripted(allm, CALL_PARIS):  # the model asks for the tool every time
+    with scripted(allm, call_for("Paris"), call_for("Rome"), call_for("Oslo")):  # a new call every time
         response = client.prompt("Weather?").call().chat_response()
-    assert WEATHER_CALLS == ["Paris", "Paris"]
+    assert WEATHER_CALLS == ["Paris", "Rome"]
     assert response.finish_reason == "tool_calls" and response.tool_calls[0].name == "get_weather"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_repeated_call_gets_one_more_call_without_tools(remote, allm, streamed):
+    """The model asks again for the call it already made (small models loop so): the tool is
+    not run twice; the model is asked once more, without tools, and answers."""
+    WEATHER_CALLS.clear()
+    client = ChatClient(remote, default_options=NO_THINK, default_tools=[get_weather])
+    with scripted(allm, CALL_PARIS, call_for("Paris").replace('"city": "Paris"', '"city":"Paris"'), "Sunny."):
+        request = client.prompt("Weather in Paris?")
+        content = "".join(request.stream().content()) if streamed else request.call().content()
+    assert WEATHER_CALLS == ["Paris"]
+    assert content.endswith("Sunny.")
 
 
 def test_tool_loop_streams(remote, allm):

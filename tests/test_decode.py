@@ -76,18 +76,16 @@ def test_unwritten_slots_do_not_leak_into_attention(impl, dtype):
     torch.testing.assert_close(got.float(), expected, **tol)
 
 
-def test_bfloat16_batched_decode_follows_float32(tmp_path):
+def test_bfloat16_batched_decode_follows_float32(tiny_checkpoints):
     """Two prompts of different lengths decoded together in bfloat16 (the torch path, as on
     CUDA) start with the float32 greedy tokens; a NaN from an unwritten slot gave token 0."""
-    from tiny import make_checkpoint
-
     from qwenkit import LLM, SamplingParams
 
-    make_checkpoint(tmp_path, "qwen3")
+    folder = tiny_checkpoints("qwen3")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = ["Hello there, quick brown fox", "Hi"]
     runs = {
-        dtype: [o.token_ids for o in LLM(str(tmp_path), dtype=dtype, progress=False).generate(prompts, params)]
+        dtype: [o.token_ids for o in LLM(str(folder), dtype=dtype, progress=False).generate(prompts, params)]
         for dtype in ("float32", "bfloat16")
     }
     assert [t[:4] for t in runs["bfloat16"]] == [t[:4] for t in runs["float32"]]
@@ -96,6 +94,7 @@ def test_bfloat16_batched_decode_follows_float32(tmp_path):
 GREEDY_PARAMS = dict(temperature=0, max_tokens=10, ignore_eos=True)
 
 
+@pytest.mark.slow  # torch.compile: minutes on two cores
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe"])
 def test_compiled_decode_gives_the_eager_tokens(tmp_path, arch, monkeypatch):
     from tiny import make_checkpoint

@@ -17,9 +17,9 @@ from qwenkit.default_model import (
     DEFAULT_MODEL_SIZE,
     DefaultModelMissing,
     default_model_path,
-    qwenkit_home,
 )
 from qwenkit.errors import ModelLoadError
+from qwenkit.paths import qwenkit_home
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ META = torch.device("meta")
 def meta_model(arch: str):
     config = ModelConfig.from_hf(reference_config(arch, 300).to_dict())
     with META:
-        return MODEL_REGISTRY[config.model_type](config, dtype=torch.float32)
+        return MODEL_REGISTRY[config.model_type](config, dtype=torch.bfloat16)
 
 
 def sequence(num_tokens: int, *, computed: int, block_size: int, first_block: int) -> Sequence:
@@ -31,12 +31,10 @@ def sequence(num_tokens: int, *, computed: int, block_size: int, first_block: in
     return seq
 
 
-@pytest.mark.parametrize("arch", [
-    *(a for a in ARCHS if a != "qwen3_moe"),
-    # The expert loop reads its routing back to the host (bincount().tolist()).
-    pytest.param("qwen3_moe", marks=pytest.mark.xfail(strict=True, reason="MoE syncs with the host")),
-])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_steps_run_on_the_models_device(arch):
+    # bfloat16: where MoE experts run as grouped GEMMs off the CPU. A meta tensor cannot be
+    # read back, so this also proves the step never syncs with the host (CUDA graphs need that).
     model = meta_model(arch)
     runner = ModelRunner(model, num_blocks=16, block_size=4, device=META, progress=False)
     assert all(k.device == META and v.device == META for k, v in runner.kv_caches)

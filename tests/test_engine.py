@@ -2,7 +2,6 @@
 preemption never change a request's output; aborts give every block back."""
 
 import pytest
-from tiny import make_checkpoint
 
 from qwenkit import LLM, SamplingParams
 from qwenkit.engine import block_manager as bm_module
@@ -13,10 +12,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(path, "qwen3")
-    return str(path)
+def folder(tiny_checkpoints):
+    return str(tiny_checkpoints("qwen3"))
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +95,19 @@ def test_kv_cache_dtype_choice(folder):
     assert bf16.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
     with pytest.raises(QwenkitError, match="unknown kv_cache_dtype 'int8'; choose one of auto, float32, float16"):
         LLM(folder, dtype="float32", progress=False, kv_cache_dtype="int8")
+
+
+def test_kv_cache_dtype_on_cuda_stays_the_models_unless_asked():
+    """The 16-bit default is the CPU's (its C attention kernel widens the rows); CUDA keeps the
+    model's dtype, as the Triton kernels read it."""
+    import torch
+
+    from qwenkit.engine.model_runner import resolve_kv_cache_dtype
+
+    cuda = torch.device("cuda")
+    assert resolve_kv_cache_dtype("auto", torch.float32, cuda) == torch.float32
+    assert resolve_kv_cache_dtype(None, torch.bfloat16, cuda) == torch.bfloat16
+    assert resolve_kv_cache_dtype("float16", torch.bfloat16, cuda) == torch.float16
 
 
 def test_chunked_prefill_equals_whole(folder, llm):

@@ -9,10 +9,8 @@ from qwenkit.errors import ContextLengthError
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen3(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3")
-    return LLM(str(folder), dtype="float32", progress=False)
+def tiny_qwen3(tiny_checkpoints):
+    return LLM(str(tiny_checkpoints("qwen3")), dtype="float32", progress=False)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -143,16 +143,11 @@ def test_stdio_subprocess_is_shut_down():
 # -- end to end: ChatClient over the in-process engine ------------------------------
 
 
-def test_chat_client_calls_mcp_tool_and_model_reads_result(stdio_toolset, tmp_path):
-    pytest.importorskip("torch")
+def test_chat_client_calls_mcp_tool_and_model_reads_result(stdio_toolset, llm):
     from tiny import scripted
-    from tiny import make_checkpoint
 
-    from qwenkit import LLM
     from qwenkit.client import LocalChatModel
 
-    make_checkpoint(tmp_path, "qwen3", max_len=2048)
-    llm = LLM(str(tmp_path), dtype="float32", progress=False)
     model = LocalChatModel(llm)
     seen, original = [], model.call
 

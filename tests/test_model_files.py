@@ -147,15 +147,15 @@ def test_missing_path(spec):
 @pytest.mark.parametrize("spec", ["foo", "", "owner/", "a b/c"])
 def test_unknown_model(spec):
     assert _message(spec) == (
-        f"unknown model {spec!r}: pass 'default', a folder, a .gguf file, "
+        f"unknown model {spec!r}: pass 'default', a short name (qwen3:8b), a folder, a .gguf file, "
         "or a Hugging Face repo id (owner/name)"
     )
 
 
 def test_repo_offline_not_cached(offline):
     message = _message(REPO_ID)
-    assert "not in the local Hugging Face cache" in message
-    assert "HF_HUB_OFFLINE" in message and f"hf download {REPO_ID}" in message
+    assert "is not on this machine" in message
+    assert "HF_HUB_OFFLINE" in message and f"qwenkit pull {REPO_ID}" in message
 
 
 def test_repo_offline_from_cache(offline, tmp_path):
@@ -218,11 +218,11 @@ def test_repo_unreachable(error, monkeypatch):
     _fake_snapshot_download(monkeypatch, error)
     message = _message(REPO_ID)
     assert message.startswith(f"cannot download {REPO_ID} from Hugging Face (offline?")
-    assert f"hf download {REPO_ID}" in message and "HF_HUB_OFFLINE=1" in message
+    assert f"qwenkit pull {REPO_ID}" in message and "HF_HUB_OFFLINE=1" in message
 
 
 def test_gguf_only_repo(tmp_path, monkeypatch):
     (tmp_path / "snap").mkdir()
     _fake_snapshot_download(monkeypatch, tmp_path / "snap")
     message = _message("Qwen/Qwen3-0.6B-GGUF")
-    assert "has no config.json" in message and "FILE.gguf" in message
+    assert "has no config.json" in message and "qwenkit pull Qwen/Qwen3-0.6B-GGUF FILE.gguf" in message

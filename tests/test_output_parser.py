@@ -5,17 +5,26 @@ import sys
 
 import pytest
 
-from qwenkit.chat_types import ChatDelta, ToolCall, ToolCallDelta, Usage
-from qwenkit.output_parser import OutputParser, SpecialIds, parse_tool_call, starts_in_thinking
+from qwenkit.chat.types import ChatDelta, ToolCall, ToolCallDelta, Usage
+from qwenkit.chat.markers import SpecialIds
+from qwenkit.chat.output_parser import OutputParser, parse_tool_call
+from qwenkit.chat.thinking import Phase, ThinkingState, initial_phase
 
-THINK, END_THINK, CALL, END_CALL = 100, 101, 102, 103
-IDS = SpecialIds(think_start=THINK, think_end=END_THINK, tool_call_start=CALL, tool_call_end=END_CALL)
+THINK, END_THINK, CALL, END_CALL, TURN = 100, 101, 102, 103, 104
+TEXT, SPACE = 1, 2  # any ordinary token id; any whitespace-only one
+IDS = SpecialIds(think_start=THINK, think_end=END_THINK, tool_call_start=CALL, tool_call_end=END_CALL,
+                 turn_start=TURN, whitespace=frozenset({SPACE}))
 MARKERS = {THINK: "<think>", END_THINK: "</think>", CALL: "<tool_call>", END_CALL: "</tool_call>"}
-TEXT = 1  # any ordinary token id
 
 
 def T(text):
-    return (TEXT, text)
+    return (SPACE if text.isspace() else TEXT, text)
+
+
+def parser_for(ids=IDS, *, starts=False, tools=False, names=frozenset()):
+    """A parser on a fresh thinking state: ``starts``, the prompt opened thinking."""
+    state = ThinkingState.for_prompt([TURN, THINK] if starts else [TURN], ids)
+    return OutputParser(state, parse_tool_calls=tools, tool_names=frozenset(names))
 
 
 def M(token_id):
@@ -26,9 +35,10 @@ WEATHER = '\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}
 WEATHER_ARGS = '{"city": "Paris", "unit": "c"}'
 
 
-def run(steps, *, starts=False, tools=True, finish="stop", ids=IDS):
-    """Feed all steps; return (streamed, parts) where streamed is the concatenated deltas."""
-    parser = OutputParser(ids, starts_in_thinking=starts, parse_tool_calls=tools)
+def run(steps, *, starts=False, tools=True, finish="stop", ids=IDS, names=frozenset()):
+    """Feed all steps; return (streamed, parts) where streamed is the concatenated deltas.
+    ``names``: the offered functions, for calls written as text."""
+    parser = parser_for(ids, starts=starts, tools=tools, names=names)
     deltas = [parser.feed(token_id, text) for token_id, text in steps]
     last, parts = parser.finish(finish)
     deltas.append(last)
@@ -105,20 +115,27 @@ def test_never_closed_thinking_is_all_reasoning_and_no_content():
 
 
 def test_thinking_off_prefilled_prompt_is_all_content():
-    # enable_thinking=False: the prompt ends in "<think>\n\n</think>\n\n"
-    prompt = [5, 6, THINK, 7, END_THINK, 7]
-    assert not starts_in_thinking(prompt, IDS)
-    _, parts = run([T("Hi"), T("!")], starts=starts_in_thinking(prompt, IDS))
-    assert summary(parts) == (None, "Hi!", [], "stop")
+    # enable_thinking=False: the prompt ends in "<think>\n\n</think>\n\n"; a <think> after it is text
+    prompt = [TURN, 5, TURN, 6, THINK, 7, END_THINK, 7]
+    assert initial_phase(prompt, IDS) is Phase.ANSWER
+    parser = OutputParser(ThinkingState.for_prompt(prompt, IDS), parse_tool_calls=False)
+    for token_id, text in [T("Hi"), M(THINK), T("!")]:
+        parser.feed(token_id, text)
+    assert summary(parser.finish("stop")[1]) == (None, "Hi<think>!", [], "stop")
+
+
+def test_initial_phase_reads_the_generation_turn():
+    assert initial_phase([TURN, 5, THINK, 7], IDS) is Phase.THINKING  # QwQ's prompt
+    assert initial_phase([THINK], IDS) is Phase.THINKING
+    assert initial_phase([TURN, 5, TURN, 6], IDS) is Phase.BEFORE_THINKING  # Qwen3, thinking on
+    assert initial_phase([TURN, THINK, 5, END_THINK, 6, TURN, 7], IDS) is Phase.BEFORE_THINKING  # history
+    assert initial_phase([TURN, 6, THINK, END_THINK], IDS) is Phase.ANSWER  # thinking off
+    assert initial_phase([THINK, 5, END_THINK, 6], SpecialIds(think_start=THINK, think_end=END_THINK)) \
+        is Phase.ANSWER  # no turn marker: the whole prompt is the turn
+    assert initial_phase([5, THINK], SpecialIds()) is Phase.ANSWER  # no think tokens
 
 
 def test_prompt_that_opens_thinking():
-    prompt = [5, THINK, 7]
-    assert starts_in_thinking(prompt, IDS)
-    assert starts_in_thinking([THINK], IDS)
-    assert not starts_in_thinking([THINK, 5, END_THINK, 6], IDS)
-    assert not starts_in_thinking([5, 6], IDS)
-    assert not starts_in_thinking([5, THINK], SpecialIds())
     _, parts = run([T("\nhmm\n"), M(END_THINK), T("\n\nok")], starts=True)
     assert summary(parts) == ("hmm", "ok", [], "stop")
 
@@ -161,12 +178,12 @@ def test_model_without_think_tokens():
     ids = SpecialIds(tool_call_start=CALL, tool_call_end=END_CALL)
     _, parts = run([(THINK, "<think>"), T("x"), (END_THINK, "</think>")], ids=ids)
     assert summary(parts) == (None, "<think>x</think>", [], "stop")
-    _, parts = run([T("x")], ids=ids, starts=True)  # no think tokens: cannot start in thinking
+    _, parts = run([T("x")], ids=ids, starts=True)  # no think tokens: the prompt cannot open thinking
     assert summary(parts) == (None, "x", [], "stop")
 
 
 def test_trailing_newlines_held_while_streaming():
-    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=False)
+    parser = parser_for()
     assert parser.feed(TEXT, "a\n").content == "a"
     assert parser.feed(TEXT, "\n").content == ""
     assert parser.feed(TEXT, "b").content == "\n\nb"
@@ -177,7 +194,7 @@ def test_trailing_newlines_held_while_streaming():
 
 
 def test_leading_reasoning_newlines_not_streamed():
-    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=False)
+    parser = parser_for()
     assert not parser.feed(THINK, "<think>")
     assert not parser.feed(TEXT, "\n")
     assert parser.feed(TEXT, "x\n").reasoning_content == "x"
@@ -187,7 +204,7 @@ def test_leading_reasoning_newlines_not_streamed():
 
 
 def test_feed_after_finish_is_an_error():
-    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=False)
+    parser = parser_for()
     parser.finish("stop")
     with pytest.raises(RuntimeError):
         parser.feed(TEXT, "x")
@@ -214,7 +231,7 @@ def test_only_tool_calls_gives_none_content():
 
 def test_two_tool_calls_streamed_with_indices():
     second = '\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n'
-    parser = OutputParser(IDS, starts_in_thinking=False, parse_tool_calls=True)
+    parser = parser_for(tools=True)
     deltas = [parser.feed(CALL, "<tool_call>")]
     deltas += [parser.feed(TEXT, piece) for piece in (WEATHER[:10], WEATHER[10:])]
     closing = parser.feed(END_CALL, "</tool_call>")
@@ -293,6 +310,7 @@ def test_length_with_tool_calls_stays_length():
         ('{"name": "f", "arguments": "{\\"a\\": 1}"}', ("f", '{"a": 1}')),
         ('{"name": "f", "arguments": [1]}', None),
         ('{"name": "f", "arguments": "nope"}', None),
+        ('{"name": "f", "parameters": {"a": 1}}', ("f", '{"a": 1}')),
         ('{"arguments": {}}', None),
         ('{"name": 3, "arguments": {}}', None),
         ("[1, 2]", None),
@@ -304,10 +322,126 @@ def test_parse_tool_call(text, expected):
     assert parse_tool_call(text) == expected
 
 
+# ---- tool calls written as text (no markers) ------------------------------------------
+
+NAMES = frozenset({"get_weather", "t"})
+BARE = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+PRETTY = '{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris",\n    "unit": "c"\n  }\n}'
+
+
+@pytest.mark.parametrize("text", [
+    BARE, PRETTY, "```json\n" + PRETTY + "\n```", "```\n" + BARE + "\n```\n", "  " + BARE + "\n",
+    "```JSON\n" + BARE + "\n```",
+    '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}',
+])
+def test_call_written_as_json_text_is_a_tool_call(text):
+    """What the default model writes instead of <tool_call> blocks (bare, fenced, pretty)."""
+    streamed, parts = run([T(text)], names=NAMES)
+    assert summary(parts) == (None, None, [("get_weather", WEATHER_ARGS)], "tool_calls")
+    assert_consistent(streamed, parts)
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "get_time", "arguments": {}}',  # not an offered function
+    '{"name": "get_weather", "arguments": "{}"}',  # arguments not an object
+    '{"name": "get_weather"}',  # no arguments
+    '{"name": "get_weather", "arguments": {}, "id": 1}',  # another key
+    'Call it like this: {"name": "get_weather", "arguments": {}}',  # not at a line start
+    '```python\n{"name": "get_weather", "arguments": {}}\n```',  # a fence of code
+    '```json\n{"name": "get_weather", "arguments": {}}\nmore\n```',  # more than the object
+    '{"name": "get_weather", "arguments": {}',  # never closed
+    "{\n  int x = 1;\n}",  # code
+    '[{"name": "get_weather", "arguments": {}}]',
+])
+def test_other_json_text_is_content(text):
+    streamed, parts = run([T(text)], names=NAMES)
+    assert summary(parts) == (None, text.strip(), [], "stop")
+    assert_consistent(streamed, parts)
+
+
+def test_text_calls_need_offered_tools_and_come_after_thinking():
+    _, parts = run([T(BARE)], names=frozenset())
+    assert summary(parts) == (None, BARE, [], "stop")
+    _, parts = run([T(BARE)], tools=False, names=NAMES)
+    assert summary(parts) == (None, BARE, [], "stop")
+    _, parts = run([M(THINK), T(BARE), M(END_THINK), T("ok")], names=NAMES)
+    assert summary(parts) == (BARE, "ok", [], "stop")
+
+
+def test_text_around_json_calls():
+    text = "Let me check.\n" + BARE + "\n```json\n" + '{"name": "t", "arguments": {"q": 1}}' + "\n```\n\nDone."
+    streamed, parts = run([T(text)], names=NAMES)
+    assert summary(parts) == (None, "Let me check.\nDone.", [("get_weather", WEATHER_ARGS), ("t", '{"q": 1}')],
+                              "tool_calls")
+    assert_consistent(streamed, parts)
+
+
+def test_a_candidate_call_is_held_back_then_released_or_called():
+    parser = parser_for(tools=True, names=NAMES)
+    deltas = [parser.feed(TEXT, char) for char in BARE]
+    assert not any(d.content for d in deltas)  # nothing of the call leaks as content
+    assert [d.tool_calls[0].name for d in deltas if d.tool_calls] == ["get_weather"]
+    assert deltas[-1].tool_calls  # streamed the moment the object closed
+    parser = parser_for(tools=True, names=NAMES)
+    assert parser.feed(TEXT, "{").content == ""
+    assert parser.feed(TEXT, "\n  int").content == "{\n  int"  # released once it cannot be JSON
+    parser = parser_for(tools=True, names=NAMES)
+    assert parser.feed(TEXT, "```").content == ""
+    assert parser.feed(TEXT, "python\n").content == "```python"  # another fence: text at once
+    assert parser.feed(TEXT, '{"a": 1}').content == '\n{"a": 1}'  # JSON inside it is text too
+
+
+def test_json_that_is_no_call_is_released_at_its_first_key():
+    """An ordinary JSON answer streams at once, not when its object closes."""
+    parser = parser_for(tools=True, names=NAMES)
+    assert parser.feed(TEXT, '{\n  "answ').content == ""
+    assert parser.feed(TEXT, 'er": ').content == '{\n  "answer":'  # (the trailing space is held)
+    parser = parser_for(tools=True, names=NAMES)
+    assert parser.feed(TEXT, '```json\n{"city": ').content == '```json\n{"city":'
+    assert parser.feed(TEXT, '"Paris"}\n```\n{"x"').content == ' "Paris"}\n```\n{"x"'
+
+
+def test_text_call_then_marker_call():
+    streamed, parts = run([T(BARE + "\n"), M(CALL), T(WEATHER), M(END_CALL)], names=NAMES)
+    assert [c.name for c in parts.tool_calls] == ["get_weather", "get_weather"]
+    assert parts.content is None
+    assert_consistent(streamed, parts)
+
+
+TEXT_CASES = [
+    ([T("Sure.\n"), T(PRETTY), T("\n")], (None, "Sure.", [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T("```json\n" + BARE + "\n```")], (None, None, [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T("<tools>\n" + '{"type": "function", "function": {"name": "get_weather"}}' + "\n</tools>\n\n"), T(BARE)],
+     (None, '<tools>\n{"type": "function", "function": {"name": "get_weather"}}\n</tools>',
+      [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T('```python\nx = {"a": "}"}\n```\n' + BARE)], (None, '```python\nx = {"a": "}"}\n```',
+                                                      [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T('{"name": "t", "arguments": {"s": "a \\" } {"}}')], (None, None, [("t", '{"s": "a \\" } {"}')], "tool_calls")),
+    ([T("{\n  int x;\n}\n")], (None, "{\n  int x;\n}\n", [], "stop")),
+    ([T('```json\n{"name": "t", "arguments": {}}\n\n  ```  \nok')], (None, "ok", [("t", "{}")], "tool_calls")),
+    ([T('```json\n{"name": "t", "arguments": {}}\n```more\n```\n' + BARE)],
+     (None, '```json\n{"name": "t", "arguments": {}}\n```more\n```', [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    ([T('```\n{"name": "t", "arguments": {}}'), T("\n``")], (None, None, [("t", "{}")], "tool_calls")),
+    ([T('{"name": "t", "arguments": {"s": "}"}}x\n{"b": 1}')],
+     (None, 'x\n{"b": 1}', [("t", '{"s": "}"}')], "tool_calls")),
+]
+
+
+@pytest.mark.parametrize("case", range(len(TEXT_CASES)))
+def test_text_calls_under_random_splits(case):
+    steps, expected = TEXT_CASES[case]
+    rng = random.Random(case)
+    for trial in range(200):
+        tokens = steps if trial == 0 else random_split(steps, rng)
+        streamed, parts = run(tokens, names=NAMES)
+        assert summary(parts) == expected, tokens
+        assert_consistent(streamed, parts)
+
+
 # ---- streaming == final, under any token split ---------------------------------------
 
 CASES = [
-    # (steps as logical pieces, starts_in_thinking, parse_tool_calls, finish, expected summary)
+    # (steps as logical pieces, the prompt opened thinking, parse_tool_calls, finish, expected summary)
     ([M(THINK), T("\nI think.\n\nMore.\n"), M(END_THINK), T("\n\nThe answer\n\nis 4.")], False, True, "stop",
      ("I think.\n\nMore.", "The answer\n\nis 4.", [], "stop")),
     ([T("\nhmm 思考\n"), M(END_THINK), T("\n\n你好，世界 🌍")], True, False, "stop",
@@ -336,16 +470,16 @@ def random_split(steps, rng):
     piece back ("") so that its text arrives with the next token, markers included."""
     tokens = []
     for token_id, text in steps:
-        if token_id != TEXT:
+        if token_id not in (TEXT, SPACE):
             tokens.append((token_id, text))
             continue
         cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(0, 4)))) if len(text) > 1 else []
         bounds = [0, *cuts, len(text)]
-        tokens += [(TEXT, text[a:b]) for a, b in zip(bounds, bounds[1:])]
+        tokens += [T(text[a:b]) for a, b in zip(bounds, bounds[1:])]
     out, held = [], ""
     for i, (token_id, text) in enumerate(tokens):
         text = held + text
-        if token_id == TEXT and i + 1 < len(tokens) and rng.random() < 0.3:
+        if token_id in (TEXT, SPACE) and i + 1 < len(tokens) and rng.random() < 0.3:
             out.append((token_id, ""))
             held = text
         else:
@@ -369,7 +503,7 @@ def test_streaming_equals_final_under_random_splits(case):
 def test_random_outputs_streaming_equals_final():
     """Random token soup: whatever the parser decides, the stream adds up to the result."""
     rng = random.Random(1234)
-    vocab = ["a", " b", "\n", "\n\n", " ", "{", '"name": "f"', '"arguments": {}', "}", ",", "é", ""]
+    vocab = ["a", " b", "\n", "\n\n", " ", "{", '"name": "f"', '"arguments": {}', "}", ",", "é", "", "```", "json"]
     for _ in range(2000):
         steps = []
         for _ in range(rng.randint(0, 25)):
@@ -378,7 +512,7 @@ def test_random_outputs_streaming_equals_final():
             else:
                 steps.append(T(rng.choice(vocab)))
         streamed, parts = run(steps, starts=rng.random() < 0.3, tools=rng.random() < 0.7,
-                              finish=rng.choice(["stop", "length"]))
+                              finish=rng.choice(["stop", "length"]), names={"f"} if rng.random() < 0.5 else ())
         assert_consistent(streamed, parts)
         if parts.content is not None:
             assert parts.content == parts.content.lstrip("\n")
@@ -410,7 +544,7 @@ def test_with_real_tokenizer_and_detokenizer():
     output = ("<think>\nLe temps à Paris? 天气 🌤️\n</think>\n\nJe vérifie.\n<tool_call>\n"
               '{"name": "get_weather", "arguments": {"city": "Paris", "note": "été ☀"}}\n</tool_call>')
     token_ids = tok.encode(output)
-    parser = OutputParser(ids, starts_in_thinking=False, parse_tool_calls=True)
+    parser = OutputParser(ThinkingState.for_prompt([], ids), parse_tool_calls=True)
     detok = IncrementalDetokenizer(tok)
     deltas = [parser.feed(t, detok.add(t)) for t in token_ids]
     assert detok.flush() == ""
@@ -449,6 +583,6 @@ def test_parts_to_completion():
 def test_no_torch_imported():
     import subprocess
 
-    code = ("import sys, qwenkit.output_parser, qwenkit.thinking_control, qwenkit.chat_types;"
+    code = ("import sys, qwenkit.chat.output_parser, qwenkit.chat.thinking, qwenkit.chat.types;"
             " print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -11,12 +11,11 @@ import time
 import httpx
 import pytest
 from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
 openai = pytest.importorskip("openai")
 dashscope = pytest.importorskip("dashscope")
 
-from qwenkit import AsyncLLM  # noqa: E402
 from qwenkit.server import ServerConfig  # noqa: E402
 
 KEY = "sk-test-key"
@@ -35,20 +34,9 @@ TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}
 
 
 @pytest.fixture(scope="module")
-def allm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    engine = AsyncLLM(str(folder), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(allm):
-    config = ServerConfig(served_model_names=[MODEL], api_key=KEY, max_body_bytes=64 * 1024,
-                          max_running_requests=4, max_waiting_requests=2)
-    with running_server(allm, config) as url:
-        yield url
+def server_config():
+    return ServerConfig(served_model_names=[MODEL], api_key=KEY, max_body_bytes=64 * 1024,
+                        max_running_requests=4, max_waiting_requests=2)
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +214,7 @@ def test_chat_logprobs(client, server):
 
 
 def test_models_and_health(client, server):
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, "default"]  # "default": an alias
     assert httpx.get(f"{server}/health").json()["status"] == "ok"  # no key needed
 
 

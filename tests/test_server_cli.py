@@ -9,20 +9,18 @@ import threading
 import time
 
 import pytest
-from tiny import make_checkpoint
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 
-def test_serve_checks_the_key_and_drains_on_sigterm(tmp_path):
-    make_checkpoint(tmp_path / "m", "qwen3", max_len=2048)
+def test_serve_checks_the_key_and_drains_on_sigterm(tiny_checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "QWENKIT_API_KEY": "k-123"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwenkit", "serve", "--model", str(tmp_path / "m"), "--dtype", "float32",
+        [sys.executable, "-m", "qwenkit", "serve", "--model", str(tiny_checkpoint), "--dtype", "float32",
          "--port", str(port), "--served-model-name", "tiny", "--drain-timeout", "30"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -7,8 +7,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from qwenkit.chat import ChatChunk  # noqa: E402
-from qwenkit.chat_types import ChatDelta, ToolCallDelta, Usage  # noqa: E402
+from qwenkit.chat.types import ChatChunk, ChatDelta, ToolCallDelta, Usage  # noqa: E402
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput  # noqa: E402
 from qwenkit.errors import ContextLengthError  # noqa: E402
 from qwenkit.server import dashscope_protocol as ds  # noqa: E402
@@ -32,9 +31,9 @@ def chunk(index=0, *, reasoning="", content="", tools=(), finish=None, usage=Non
 
 def test_chat_call_defaults():
     call = oa.chat_call(chat_request())
-    assert call.messages == USER
-    assert call.params.max_tokens is None  # until the context ends
-    assert call.kwargs["enable_thinking"] is True and call.kwargs["tool_choice"] == "auto"
+    assert call.request.messages == USER
+    assert call.request.sampling_params.max_tokens is None  # until the context ends
+    assert call.request.enable_thinking is True and call.request.tool_choice == "auto"
     assert not call.include_usage
 
 
@@ -44,15 +43,16 @@ def test_chat_call_options():
         stop="END", chat_template_kwargs={"enable_thinking": False, "thinking_budget": 9, "custom": 1},
         stream_options={"include_usage": True}, response_format={"type": "json_object"},
     ))
-    p = call.params
+    p = call.request.sampling_params
     assert (p.max_tokens, p.top_k, p.min_p, p.repetition_penalty, p.seed, p.n, p.stop) == (
         7, 5, 0.1, 1.1, 3, 2, ("END",))
-    assert call.kwargs["enable_thinking"] is False and call.kwargs["thinking_budget"] == 9
-    assert call.kwargs["custom"] == 1 and call.kwargs["response_format"] == {"type": "json_object"}
+    assert call.request.enable_thinking is False and call.request.thinking_budget == 9
+    assert call.request.chat_template_kwargs == {"custom": 1}
+    assert call.request.response_format == {"type": "json_object"}
     assert call.include_usage
     # Top-level fields win over chat_template_kwargs.
     call = oa.chat_call(chat_request(enable_thinking=True, chat_template_kwargs={"enable_thinking": False}))
-    assert call.kwargs["enable_thinking"] is True
+    assert call.request.enable_thinking is True
 
 
 def test_messages_are_normalized():
@@ -63,7 +63,7 @@ def test_messages_are_normalized():
                                                                "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c", "content": "42"},
     ])
-    messages = oa.chat_call(req).messages
+    messages = oa.chat_call(req).request.messages
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
     assert messages[1]["content"] == "ab" and messages[2]["content"] == ""
     assert messages[2]["tool_calls"][0]["function"]["name"] == "f" and messages[3]["tool_call_id"] == "c"
@@ -139,9 +139,9 @@ def test_completion_encoder_logprobs():
 
 
 def test_chat_logprobs_request_and_shapes():
-    params = oa.chat_call(chat_request(logprobs=True, top_logprobs=2)).params
+    params = oa.chat_call(chat_request(logprobs=True, top_logprobs=2)).request.sampling_params
     assert params.logprobs and params.top_logprobs == 2
-    assert not oa.chat_call(chat_request()).params.logprobs
+    assert not oa.chat_call(chat_request()).request.sampling_params.logprobs
     decode = oa.token_decoder(lambda ids: {1: "é", 2: "b", 3: "c"}[ids[0]])
     tokens = [TokenOutput(1, "é", -0.25, [(1, -0.25), (2, -2.0)]), TokenOutput(3, "", None, None)]
     lp_chunk = ChatChunk(0, ChatDelta("", "é", []), logprobs=tokens)
@@ -169,7 +169,7 @@ def test_chat_logprobs_request_and_shapes():
     req = ds.GenerationRequest.model_validate({"input": {"prompt": "hi"}, "parameters": {
         "result_format": "message", "logprobs": True, "top_logprobs": 2}})
     call = ds.generation_call(req)
-    assert call.chat.params.logprobs and call.chat.params.top_logprobs == 2
+    assert call.request.sampling_params.logprobs and call.request.sampling_params.top_logprobs == 2
     with pytest.raises(ValueError, match="result_format"):
         ds.generation_call(ds.GenerationRequest.model_validate(
             {"input": {"prompt": "hi"}, "parameters": {"logprobs": True}}))
@@ -191,9 +191,9 @@ def test_generation_call():
         "stop": [[7]], "user_agent": "sdk",
     }})
     call = ds.generation_call(req)
-    assert call.chat.messages == USER and call.result_format == "message" and call.incremental_output
-    assert call.chat.params.stop_token_ids == (7,) and call.chat.params.top_k == 4
-    assert call.chat.kwargs["enable_thinking"] is False
+    assert call.request.messages == USER and call.result_format == "message" and call.incremental_output
+    assert call.request.sampling_params.stop_token_ids == (7,) and call.request.sampling_params.top_k == 4
+    assert call.request.enable_thinking is False
     with pytest.raises(ValueError, match="n > 1"):
         ds.generation_call(ds.GenerationRequest.model_validate(
             {"input": {"prompt": "hi"}, "parameters": {"n": 2}}))

@@ -8,13 +8,12 @@ strings; every token it picks is still chosen by the grammar's mask.
 from __future__ import annotations
 
 import json
-import time
 
 import jsonschema
 import pytest
 import torch
 
-from qwenkit.structured import GrammarCompiler, pack_bitmask, unpack_bitmask
+from qwenkit.chat.structured import GrammarCompiler, pack_bitmask, unpack_bitmask
 from qwenkit.tokenizer import Tokenizer
 from tiny import make_tokenizer
 
@@ -192,7 +191,25 @@ def test_tool_call_markers_are_the_single_tokens(compiler):
         assert matcher.accept(token_id)
     assert matcher.allowed_mask().nonzero().flatten().tolist() == [tokenizer.token_to_id("</tool_call>")]
     assert matcher.accept(tokenizer.token_to_id("</tool_call>"))
+    newline = tokenizer.encode("\n")
+    assert set(matcher.allowed_mask().nonzero().flatten().tolist()) == {*newline, *compiler.eos_token_ids}
+    assert matcher.accept(newline[0])
     assert matcher.is_terminated()
+
+
+@pytest.mark.parametrize("kwargs, more_calls", [({}, True), ({"parallel": False}, False),
+                                                ({"name": "add"}, False)])
+def test_tool_calls_may_end_after_the_newline_qwen_writes(qwen_compiler, kwargs, more_calls):
+    """Qwen ends a tool-call turn with "</tool_call>\\n" and then end-of-turn: the grammar
+    must allow the end there (it used to force another <tool_call>, so `required` never
+    stopped), and allow another call only when parallel calls are."""
+    tokenizer = qwen_compiler.tokenizer
+    matcher = qwen_compiler.tool_calls(TOOLS, **kwargs).matcher()
+    for token_id in tokenizer.encode('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'):
+        assert matcher.accept(token_id)
+    allowed = set(matcher.allowed_mask().nonzero().flatten().tolist())
+    call = tokenizer.token_to_id("<tool_call>")
+    assert allowed == {*qwen_compiler.eos_token_ids, *([call] if more_calls else [])}
 
 
 def test_accept_rejects_disallowed_token_and_keeps_state(tiny_compiler):
@@ -264,9 +281,8 @@ def test_bad_tools_are_value_errors(tiny_compiler):
 def test_compiled_grammars_are_cached(tiny_compiler):
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
     first = tiny_compiler.json_schema(schema)
-    t0 = time.perf_counter()
     again = tiny_compiler.json_schema(json.loads(json.dumps(schema)))  # equal, not the same dict
-    assert again is first and time.perf_counter() - t0 < 1e-3
+    assert again is first
     assert tiny_compiler.json_object() is tiny_compiler.json_object()
     assert tiny_compiler.tool_calls(TOOLS) is tiny_compiler.tool_calls(TOOLS)
     assert tiny_compiler.tool_calls(TOOLS, name="add") is not tiny_compiler.tool_calls(TOOLS)
@@ -316,13 +332,10 @@ def test_pack_unpack_round_trip():
     assert torch.equal(unpack_bitmask(pack_bitmask(mask), 1000), mask)
 
 
-def test_qwen_mask_is_fast(qwen_compiler):
-    """Loose bound (shared CI machines): a JSON step's mask is ~0.1 ms here, unpacking included."""
+def test_qwen_mask_allows_each_token_of_a_valid_document(qwen_compiler):
+    """On Qwen's real vocabulary (its speed, ~0.1 ms a step, is measured in
+    benchmarks/grammar_backends.py, not here: timings fail on loaded CI machines)."""
     matcher = qwen_compiler.json_schema(SCHEMA).matcher()
-    times = []
     for token_id in qwen_compiler.tokenizer.encode('{"name": "Ada", "age": 36, "role": "admin", "address": {"city": "'):
-        t0 = time.perf_counter()
-        matcher.allowed_mask()
-        times.append(time.perf_counter() - t0)
+        assert matcher.allowed_mask()[token_id]
         assert matcher.accept(token_id)
-    assert sorted(times)[len(times) // 2] < 0.01

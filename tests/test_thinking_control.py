@@ -1,31 +1,44 @@
-"""Thinking on or off (hard and soft switch) and the thinking budget."""
+"""Thinking on or off (hard and soft switch) and the thinking budget, read from the
+sequence's thinking state."""
 
 import pytest
 
-from qwenkit.output_parser import OutputParser, SpecialIds
-from qwenkit.thinking_control import (
+from qwenkit.chat.markers import SpecialIds
+from qwenkit.chat.output_parser import OutputParser
+from qwenkit.chat.thinking import (
     EARLY_STOP_TEXT,
+    Phase,
+    Role,
     ThinkingBudget,
+    ThinkingState,
+    close_thinking,
     early_stop_token_ids,
     effective_enable_thinking,
     resolve_thinking_mode,
 )
 
-THINK, END_THINK = 100, 101
+THINK, END_THINK, TURN = 100, 101, 104
+IDS = SpecialIds(think_start=THINK, think_end=END_THINK, turn_start=TURN, whitespace=frozenset({9}))
 STOP_IDS = [50, 51, END_THINK, 52]  # stands for the tokenized EARLY_STOP_TEXT
 TEXTS = {THINK: "<think>", END_THINK: "</think>", 50: "\n\nConsidering...", 51: " now.\n", 52: "\n\n"}
 
 
 def budget(n, *, starts=False):
-    return ThinkingBudget(n, think_start_id=THINK, think_end_id=END_THINK, early_stop_token_ids=STOP_IDS,
-                          starts_in_thinking=starts)
+    state = ThinkingState(IDS, Phase.THINKING if starts else Phase.BEFORE_THINKING)
+    return ThinkingBudget(n, state, STOP_IDS)
+
+
+def feed(b, token):
+    """What the sequence's control does with each token: advance the state, ask the budget."""
+    b.state.advance(token)
+    return b.after_token()
 
 
 def generate(b, model_tokens, *, max_tokens=100):
     """A fake engine: the model would write `model_tokens` (then stop); forced tokens
     replace sampling. Returns every token appended, in order."""
     model = iter(model_tokens)
-    out, forced = [], list(b.on_start())
+    out, forced = [], []
     while len(out) < max_tokens:
         if forced:
             token = forced.pop(0)
@@ -34,21 +47,20 @@ def generate(b, model_tokens, *, max_tokens=100):
             if token is None:
                 break
         out.append(token)
-        forced += b.on_token(token)
+        forced += feed(b, token)
     return out
 
 
 def test_budget_cuts_at_exactly_n_thinking_tokens():
     b = budget(3)
-    assert b.on_start() == []
-    assert b.on_token(THINK) == []  # the opening <think> is not counted
-    assert b.on_token(1) == [] and b.on_token(2) == []
-    assert b.num_thinking_tokens == 2 and b.is_thinking
-    assert b.on_token(3) == STOP_IDS
-    assert b.is_triggered and not b.is_thinking and b.num_thinking_tokens == 3
-    # forced tokens fed back (or not) change nothing; nothing is forced again
-    assert [b.on_token(t) for t in STOP_IDS + [4, 5, THINK, 6]] == [[]] * 8
-    assert b.num_thinking_tokens == 3
+    assert feed(b, THINK) == []  # the opening <think> is not counted
+    assert feed(b, 1) == [] and feed(b, 2) == []
+    assert b.state.num_thinking_tokens == 2 and b.state.phase is Phase.THINKING
+    assert feed(b, 3) == STOP_IDS
+    assert b.is_triggered and b.state.num_thinking_tokens == 3
+    # the forced tokens close thinking; nothing is forced again
+    assert [feed(b, t) for t in STOP_IDS + [4, 5, THINK, 6]] == [[]] * 8
+    assert b.state.phase is Phase.ANSWER and b.state.num_thinking_tokens == 3 + 2  # 50, 51 were thinking
 
 
 def test_engine_loop_forces_ids_right_after_budget():
@@ -60,24 +72,29 @@ def test_budget_not_triggered_when_thinking_ends_before():
     b = budget(5)
     out = generate(b, [THINK, 1, 2, 3, 4, END_THINK, 7, 8, 9, 10, 11])
     assert out == [THINK, 1, 2, 3, 4, END_THINK, 7, 8, 9, 10, 11]
-    assert not b.is_triggered and b.num_thinking_tokens == 4
+    assert not b.is_triggered and b.state.num_thinking_tokens == 4
 
 
 def test_budget_when_prompt_opened_thinking():
     b = budget(2, starts=True)
-    assert b.is_thinking
     out = generate(b, [1, 2, 3, END_THINK, 7])
     assert out == [1, 2, *STOP_IDS, 3, END_THINK, 7]
+
+
+def test_budget_counts_from_a_think_after_whitespace():
+    assert generate(budget(2), [9, 9, THINK, 1, 2, 3, END_THINK]) == [9, 9, THINK, 1, 2, *STOP_IDS, 3, END_THINK]
+    assert generate(budget(0), [9, THINK, 1]) == [9, THINK, *STOP_IDS, 1]
 
 
 def test_budget_zero():
     assert effective_enable_thinking(True, 0) is False
     # thinking off in the template: the model does not open <think>, nothing is forced
     assert generate(budget(0), [7, 8]) == [7, 8]
-    # if it opens anyway, the early stop comes at once
+    # if it opens anyway (a template that ignores enable_thinking), the early stop comes at once
     assert generate(budget(0), [THINK, 1, END_THINK, 7]) == [THINK, *STOP_IDS, 1, END_THINK, 7]
-    # a prompt that opened thinking (QwQ): forced before the first sampled token
-    assert generate(budget(0, starts=True), [1, END_THINK, 7]) == [*STOP_IDS, 1, END_THINK, 7]
+    # a prompt that opened thinking (QwQ): closed in the prompt, before the first token
+    assert close_thinking([TURN, 5, TURN, THINK, 6], IDS, _FakeTokenizer()) == [TURN, 5, TURN, THINK, 6, *STOP_IDS]
+    assert close_thinking([TURN, 5, TURN, 6], IDS, _FakeTokenizer()) == [TURN, 5, TURN, 6]
 
 
 def test_think_later_in_the_answer_does_not_start_the_budget():
@@ -91,19 +108,13 @@ def test_max_tokens_counts_forced_tokens_too():
     assert out == [THINK, 1, 2, *STOP_IDS[:2]]  # cut inside the forced text: finish "length"
 
 
-def test_budget_without_think_tokens_is_inert():
-    b = ThinkingBudget(1, think_start_id=None, think_end_id=None, early_stop_token_ids=[], starts_in_thinking=True)
-    assert b.on_start() == [] and [b.on_token(t) for t in (1, 2, 3)] == [[], [], []]
-
-
-def test_budget_validation():
+def test_budget_needs_think_tokens():
     with pytest.raises(ValueError):
-        budget(-1)
+        ThinkingBudget(3, ThinkingState(IDS, Phase.BEFORE_THINKING), early_stop_token_ids=[50, 51])
     with pytest.raises(ValueError):
-        ThinkingBudget(3, think_start_id=THINK, think_end_id=END_THINK, early_stop_token_ids=[50, 51],
-                       starts_in_thinking=False)
+        ThinkingBudget(1, ThinkingState(SpecialIds(), Phase.ANSWER), early_stop_token_ids=[])
     with pytest.raises(ValueError):
-        effective_enable_thinking(True, -2)
+        ThinkingState(SpecialIds(), Phase.BEFORE_THINKING)  # no think tokens: no thinking
 
 
 def test_effective_enable_thinking():
@@ -114,12 +125,12 @@ def test_effective_enable_thinking():
 
 
 def test_budget_with_output_parser():
-    """The forced text lands in the reasoning; the answer follows it."""
-    ids = SpecialIds(think_start=THINK, think_end=END_THINK)
+    """The parser reads the budget's own thinking state: the forced text lands in the
+    reasoning, and the answer follows it."""
     b = budget(2)
     out = generate(b, [THINK, 1, 2, 3, END_THINK, 7])
     texts = {**TEXTS, 1: "\nI ", 2: "wonder", 3: " more", 7: "Answer."}
-    parser = OutputParser(ids, starts_in_thinking=False, parse_tool_calls=False)
+    parser = OutputParser(b.state, parse_tool_calls=False)
     for t in out:
         parser.feed(t, texts[t])
     _, parts = parser.finish("stop")
@@ -145,8 +156,6 @@ def test_early_stop_ids_from_tokenizer():
     assert early_stop_token_ids(_FakeTokenizer()) == STOP_IDS
     with pytest.raises(ValueError):
         early_stop_token_ids(_FakeTokenizer(has_think=False))
-    b = ThinkingBudget.for_tokenizer(1, _FakeTokenizer(), starts_in_thinking=False)
-    assert (b.on_token(THINK), b.on_token(9)) == ([], STOP_IDS)
 
 
 def test_early_stop_text_is_the_qwen_wording():
@@ -204,3 +213,19 @@ def user(text):
 )
 def test_resolve_thinking_mode(messages, enable, expected):
     assert resolve_thinking_mode(messages, enable) is expected
+
+
+def test_the_parser_reads_the_roles_the_engine_recorded():
+    """The engine advances the state with each token it shows the control; the parser reads
+    those roles back, and advances past the token that ended the sequence itself (the
+    engine shows the control no such token)."""
+    state = ThinkingState(IDS, Phase.BEFORE_THINKING)
+    for token in (9, THINK, 1):
+        state.advance(token)
+    parser = OutputParser(state, parse_tool_calls=False)
+    for token, text in ((9, "\n"), (THINK, "<think>"), (1, "hmm"), (END_THINK, "</think>")):
+        parser.feed(token, text)
+    assert state.roles == [Role.ANSWER, Role.OPEN, Role.THINKING, Role.CLOSE] and state.phase is Phase.ANSWER
+    assert parser.finish("stop")[1].reasoning_content == "hmm"
+    with pytest.raises(ValueError, match="read before"):
+        state.role_at(6, 7)

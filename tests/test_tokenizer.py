@@ -11,7 +11,7 @@ import json
 import pytest
 import tokenizers
 
-from qwenkit.chat_template import qwen3_template
+from qwenkit.chat.template import qwen3_template
 from qwenkit.errors import ModelLoadError
 from qwenkit.tokenizer import IncrementalDetokenizer, Tokenizer
 

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving import running_server
-from tiny import make_checkpoint, scripted
+from tiny import scripted
 
-from qwenkit import AsyncLLM
 from qwenkit.server import ServerConfig, create_app
 
 CHROMIUM = os.environ.get("QWENKIT_CHROMIUM", "/usr/bin/chromium")
@@ -35,23 +33,15 @@ TOOL_CALL = '<think>I should add them.</think>\n<tool_call>\n{"name": "add", "ar
 
 
 @pytest.fixture(scope="module")
-def allm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3")
-    make_checkpoint(folder, "qwen3", max_len=2048)
-    engine = AsyncLLM(str(folder), dtype="float32", progress=False)
-    yield engine
-    engine.shutdown()
+def chat_db(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("web") / "conversations.sqlite3"
 
 
 @pytest.fixture(scope="module")
-def server(allm, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("web")
-    mcp = folder / "mcp.json"
+def server_config(chat_db):
+    mcp = chat_db.parent / "mcp.json"
     mcp.write_text(json.dumps({"mcpServers": {"echo": {"command": sys.executable, "args": [MCP_SERVER]}}}))
-    config = ServerConfig(served_model_names=[MODEL], api_key=KEY, chat_db=str(folder / "conversations.sqlite3"),
-                          mcp_config=str(mcp))
-    with running_server(allm, config) as url:
-        yield url
+    return ServerConfig(served_model_names=[MODEL], api_key=KEY, chat_db=str(chat_db), mcp_config=str(mcp))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +107,7 @@ def test_page_and_its_files_are_open_the_api_needs_the_key(server):
 def test_no_web_serves_no_page(allm):
     from starlette.testclient import TestClient
 
-    client = TestClient(create_app(allm, ServerConfig(web=False)))
+    client = TestClient(create_app(allm, ServerConfig(web=False)), base_url="http://127.0.0.1")
     assert client.get("/").status_code == 404
     assert client.get("/web/static/app.js").status_code == 404
     assert client.get("/web/api/conversations").status_code == 404
@@ -163,6 +153,12 @@ def test_conversation_api(api):
     ("delete", "/web/api/conversations/conv_missing", None, 404, "conv_missing"),
     ("get", "/web/api/conversations/conv_missing", None, 404, "conv_missing"),
     ("post", "/web/api/conversations", {"title": 5}, 400, "title"),
+    ("post", "/web/api/conversations/{cid}/messages",
+     {"messages": [{"role": "assistant", "content": "x", "meta": {"tokens_per_s": "fast"}}]}, 400,
+     "messages.0.meta.tokens_per_s"),
+    ("post", "/web/api/conversations/{cid}/messages",
+     {"messages": [{"role": "assistant", "content": "x", "meta": {"usage": {"prompt_tokens": "9"}}}]}, 400,
+     "messages.0.meta.usage.prompt_tokens"),
     ("post", "/web/api/tools/nope", {"arguments": "{}"}, 404, "nope"),
     ("post", "/web/api/tools/add", {"arguments": 3}, 400, "arguments"),
 ])
@@ -206,7 +202,8 @@ def test_mcp_config_errors(allm, tmp_path):
     # A server that cannot start leaves the page without tools (and says why); the chat goes on.
     config = tmp_path / "mcp.json"
     config.write_text(json.dumps({"mcpServers": {"gone": {"command": str(tmp_path / "no-such-program")}}}))
-    client = TestClient(create_app(allm, ServerConfig(mcp_config=str(config), chat_db=str(tmp_path / "c.db"))))
+    client = TestClient(create_app(allm, ServerConfig(mcp_config=str(config), chat_db=str(tmp_path / "c.db"))),
+                        base_url="http://127.0.0.1")
     tools = client.get("/web/api/tools").json()
     assert tools["data"] == [] and "gone" in tools["error"]
     assert client.post("/web/api/tools/add", json={"arguments": {}}).status_code == 404
@@ -401,6 +398,29 @@ def test_conversations_persist_across_reload_rename_and_delete(page, allm):
     item.wait_for(state="detached")
     expect(page.locator("#chat-title")).to_have_text("New chat")
     assert page.locator("article.msg").count() == 0
+
+
+def test_a_conversation_with_a_malformed_stored_meta_still_opens(browser, server, api, chat_db):
+    """The server checks an answer's meta on write; one stored before that (or by another
+    program) must not make its conversation impossible to open."""
+    from qwenkit.server.web.conversations import ConversationStore
+
+    cid = api.post("/web/api/conversations", json={"title": "Old file"}).json()["id"]
+    bad_meta = {"tokens_per_s": "fast", "thinking_s": "long", "usage": {"prompt_tokens": "9", "completion_tokens": {}},
+                "error": 5, "elapsed_s": [1]}
+    store = ConversationStore(chat_db)
+    store.append(cid, [{"role": "user", "content": "Hello there"},
+                       {"role": "assistant", "content": "General Kenobi.", "reasoning_content": "hm", "meta": bad_meta}])
+    store.close()
+    page = open_page(browser, server)
+    page.goto(f"{server}/#{cid}")
+    page.reload()  # opened at start, from the address
+    page.wait_for_selector("body[data-ready]")
+    page.locator("article.assistant .content", has_text="General Kenobi.").wait_for()
+    assert page.locator("article.user").inner_text() == "Hello there"
+    assert page.locator("[role=alert]").count() == 0
+    assert page.errors == []
+    page.context.close()
 
 
 def test_model_output_is_never_html(page, allm):

@@ -8,7 +8,10 @@
 
 The model call at the centre of the advisor chain runs the tool loop: call the model,
 run the tools it asks for (several per round; an exception is the tool's result), call
-it again with the results, up to `max_tool_rounds` rounds.
+it again with the results, up to `max_tool_rounds` rounds. A model that asks again for
+calls it already made this turn, with the same arguments (small models loop so: the
+default 0.5B one calls `get_weather` again after every result), gets one more call without
+tools instead, so it answers from the results it has.
 """
 
 from __future__ import annotations
@@ -165,6 +168,16 @@ class _Run:
         return bool(response.tool_calls and self.request.tools and round < self.client.max_tool_rounds)
 
     @staticmethod
+    def _repeats(response: ChatResponse, made: set) -> bool:
+        """Whether every call of `response` was made this turn already (then `made` is not
+        changed); else the calls are added to `made`."""
+        keys = {_call_key(c) for c in response.tool_calls}
+        if keys <= made:
+            return True
+        made |= keys
+        return False
+
+    @staticmethod
     def _finish(response: ChatResponse, turn: list[Message], usage) -> ChatResponse:
         turn.append(response.to_message())
         return response.replace(messages=turn, usage=usage)
@@ -176,11 +189,15 @@ class _Run:
         if request.response is not None:
             return self.after(request.response)
         prompt, turn, usage = request.prompt_messages(), [], None
+        tools, made = self.tool_schemas(), set()
         for round in range(self.client.max_tool_rounds + 1):
-            response = self.client.model.call(prompt + turn, request.options, tools=self.tool_schemas())
+            response = self.client.model.call(prompt + turn, request.options, tools=tools)
             usage = add_usage(usage, response.usage)
-            if not self._more_rounds(response, round):
+            if tools is None or not self._more_rounds(response, round):
                 break
+            if self._repeats(response, made):  # nothing new: one more call, without tools
+                tools = None
+                continue
             turn += [response.to_message()] + self._results(response)
         return self.after(self._finish(response, turn, usage))
 
@@ -189,11 +206,15 @@ class _Run:
         if request.response is not None:
             return self.after(request.response)
         prompt, turn, usage = request.prompt_messages(), [], None
+        tools, made = self.tool_schemas(), set()
         for round in range(self.client.max_tool_rounds + 1):
-            response = await self.client.model.acall(prompt + turn, request.options, tools=self.tool_schemas())
+            response = await self.client.model.acall(prompt + turn, request.options, tools=tools)
             usage = add_usage(usage, response.usage)
-            if not self._more_rounds(response, round):
+            if tools is None or not self._more_rounds(response, round):
                 break
+            if self._repeats(response, made):  # nothing new: one more call, without tools
+                tools = None
+                continue
             turn += [response.to_message()] + await self._aresults(response)
         return self.after(self._finish(response, turn, usage))
 
@@ -206,15 +227,19 @@ class _Run:
             yield ChatResponseChunk(content=response.content or "", finish_reason=response.finish_reason)
             return
         prompt, turn, usage = request.prompt_messages(), [], None
+        tools, made = self.tool_schemas(), set()
         for round in range(self.client.max_tool_rounds + 1):
             acc = ResponseAccumulator()
-            for chunk in self.client.model.stream(prompt + turn, request.options, tools=self.tool_schemas()):
+            for chunk in self.client.model.stream(prompt + turn, request.options, tools=tools):
                 acc.add(chunk)
                 yield self.adapt(chunk)
             response = acc.response()
             usage = add_usage(usage, response.usage)
-            if not self._more_rounds(response, round):
+            if tools is None or not self._more_rounds(response, round):
                 break
+            if self._repeats(response, made):  # nothing new: one more call, without tools
+                tools = None
+                continue
             turn += [response.to_message()] + self._results(response)
         self.after(self._finish(response, turn, usage))
 
@@ -225,17 +250,30 @@ class _Run:
             yield ChatResponseChunk(content=response.content or "", finish_reason=response.finish_reason)
             return
         prompt, turn, usage = request.prompt_messages(), [], None
+        tools, made = self.tool_schemas(), set()
         for round in range(self.client.max_tool_rounds + 1):
             acc = ResponseAccumulator()
-            async for chunk in self.client.model.astream(prompt + turn, request.options, tools=self.tool_schemas()):
+            async for chunk in self.client.model.astream(prompt + turn, request.options, tools=tools):
                 acc.add(chunk)
                 yield self.adapt(chunk)
             response = acc.response()
             usage = add_usage(usage, response.usage)
-            if not self._more_rounds(response, round):
+            if tools is None or not self._more_rounds(response, round):
                 break
+            if self._repeats(response, made):  # nothing new: one more call, without tools
+                tools = None
+                continue
             turn += [response.to_message()] + await self._aresults(response)
         self.after(self._finish(response, turn, usage))
+
+
+def _call_key(call) -> tuple[str, Any]:
+    """A tool call's name and arguments, compared as JSON values (not as text)."""
+    try:
+        arguments = json.dumps(json.loads(call.arguments or "{}"), sort_keys=True)
+    except ValueError:
+        arguments = call.arguments
+    return call.name, arguments
 
 
 def response_format_for(entity: Any) -> dict[str, Any]:

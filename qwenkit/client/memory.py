@@ -8,10 +8,12 @@ cut so that the window starts at a user message. Assistant turns keep their
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +123,27 @@ class SQLiteChatMemory(ChatMemory):
                 self._connections.append(db)
         return db
 
-    def add(self, conversation_id: str, messages: list[Message]) -> None:
-        rows = [(conversation_id, json.dumps(m, ensure_ascii=False)) for m in messages]
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE: it holds the file's write lock from the
+        start) on this thread's connection. `add` and `clear` called inside it, and what the
+        caller writes with the connection, commit together or not at all."""
         db = self._connect()
+        if db.in_transaction:  # nested: the outer transaction commits
+            yield db
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO messages (conversation_id, message) VALUES (?, ?)", rows)
+            yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def add(self, conversation_id: str, messages: list[Message]) -> None:
+        rows = [(conversation_id, json.dumps(m, ensure_ascii=False)) for m in messages]
+        with self.transaction() as db:
+            db.executemany("INSERT INTO messages (conversation_id, message) VALUES (?, ?)", rows)
 
     def get(self, conversation_id: str, last_n: int | None = None) -> list[Message]:
         n = last_n if last_n is not None else self.max_messages
@@ -144,7 +157,8 @@ class SQLiteChatMemory(ChatMemory):
         return self._window([json.loads(r[0]) for r in rows], last_n)
 
     def clear(self, conversation_id: str) -> None:
-        self._connect().execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+        with self.transaction() as db:
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
 
     def conversation_ids(self) -> list[str]:
         rows = self._connect().execute(

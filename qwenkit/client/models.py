@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from qwenkit.chat_types import new_tool_call_id
+from qwenkit.chat.types import new_tool_call_id
 from qwenkit.client.types import (
     ChatOptions, ChatResponse, ChatResponseChunk, Message, ToolCall, ToolCallDelta, Usage,
 )

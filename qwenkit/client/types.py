@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from qwenkit.chat_types import ToolCall, ToolCallDelta, Usage
+from qwenkit.chat.types import ToolCall, ToolCallDelta, Usage
 
 __all__ = ["ChatOptions", "ChatResponse", "ChatResponseChunk", "ToolCall", "ToolCallDelta", "Usage",
            "ResponseAccumulator", "add_usage", "strip_reasoning"]
@@ -130,7 +130,7 @@ class ResponseAccumulator:
         self.usage = chunk.usage or self.usage
 
     def response(self) -> ChatResponse:
-        from qwenkit.chat_types import new_tool_call_id
+        from qwenkit.chat.types import new_tool_call_id
 
         calls = [ToolCall(id or new_tool_call_id(), name or "", "".join(args))
                  for _, (id, name, args) in sorted(self.calls.items())]

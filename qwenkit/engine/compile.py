@@ -4,7 +4,8 @@ A decode step has static shapes once its batch is padded to a bucket (1, 2, 4, .
 `max_num_seqs`) and its block tables to the longest context, so each bucket is one
 inductor graph of the whole stack after the embedding: the norms, RoPE, SiLU-and-mul and
 residual adds fuse into a few C++ loops around the matmuls; attention is the opaque
-`qwenkit::decode_attention` op, which writes the cache and reads it in place. Padding rows
+`qwenkit::write_kv_cache` and `qwenkit::paged_decode_attention` ops, which write the cache and
+read it in place. Padding rows
 have context length 0 and write their keys to a spare slot past the last block.
 
 Every bucket is compiled at start-up (a progress line on stderr), so no request waits on
@@ -38,9 +39,9 @@ def use_qwenkit_inductor_cache() -> None:
     """Keep inductor's compiled kernels and FX graph cache in the qwenkit home (unless
     TORCHINDUCTOR_CACHE_DIR is set), so they survive /tmp cleaning and are found next run."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from qwenkit.default_model import qwenkit_home
+        from qwenkit.paths import inductor_cache_dir
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(qwenkit_home() / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
 
 
 class CompiledDecode:

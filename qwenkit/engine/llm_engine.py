@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -56,19 +57,45 @@ class SequenceUpdate:
 
 @dataclass(frozen=True)
 class EngineArgs:
-    """Engine sizing. kv_cache_memory: bytes for the KV pool (env QWENKIT_KV_CACHE_MEMORY,
-    e.g. "4GiB"); default 2 GiB, never more than max_num_seqs full contexts. kv_cache_dtype:
-    "auto" (float16 on a CPU computing in float32, else the model's dtype), "float32",
-    "float16" or "bfloat16"."""
+    """Engine sizing; None picks the device's default (`resolved`).
+
+    kv_cache_memory: bytes for the KV pool (env QWENKIT_KV_CACHE_MEMORY, e.g. "4GiB");
+    default 2 GiB on CPU, and on CUDA what is free once the weights are loaded, less 10% of
+    the card and room for a step's activations (vLLM's gpu_memory_utilization=0.9); never
+    more than max_num_seqs full contexts. max_num_seqs: 32 on CPU, 256 on CUDA.
+    max_num_batched_tokens (a step's token budget, the prefill chunk): 1024 on CPU, 8192
+    on CUDA. enforce_eager: no CUDA graphs. kv_cache_dtype: "auto" (float16 on a CPU
+    computing in float32, else the model's dtype: on CUDA the cache stays the model's dtype
+    unless asked), "float32", "float16" or "bfloat16"."""
 
     max_model_len: int | None = None
     kv_cache_memory: int | str | None = None
     kv_cache_dtype: str | None = None
     block_size: int = 16
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 1024
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     compile: bool | None = None  # torch.compile the decode step (None: the default, off)
+    enforce_eager: bool = False
+
+    def resolved(self, device: torch.device) -> "EngineArgs":
+        cuda = device.type == "cuda"
+        return dataclasses.replace(
+            self,
+            max_num_seqs=self.max_num_seqs or (256 if cuda else 32),
+            max_num_batched_tokens=self.max_num_batched_tokens or (8192 if cuda else 1024),
+        )
+
+
+def cuda_kv_cache_memory(model: QwenForCausalLM, device: torch.device, args: EngineArgs) -> int:
+    """Bytes for the KV pool on a CUDA device: free memory, less 10% of the card and an
+    estimate of the largest step's activations and logits."""
+    free, total = torch.cuda.mem_get_info(device)
+    c, itemsize = model.config, model.dtype.itemsize
+    width = 4 * c.hidden_size + 4 * max(c.intermediate_size, c.moe_intermediate_size * c.num_experts_per_tok)
+    activations = args.max_num_batched_tokens * width * itemsize * 2
+    logits = args.max_num_seqs * c.vocab_size * 4 * 4  # the logits, the sampler's copies
+    return max(0, free - total // 10 - activations - logits - (512 << 20))
 
 
 @dataclass
@@ -90,17 +117,22 @@ class LLMEngine:
         *,
         device: torch.device,
         args: EngineArgs = EngineArgs(),
+        runner_factory: Callable[..., ModelRunner] = ModelRunner,
     ):
+        """runner_factory(model, **sizes): the ModelRunner (a tensor-parallel group's rank 0
+        passes one that runs each step on every rank)."""
         self.model = model
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.device = device
         c = model.config
+        args = args.resolved(device)
         self.max_model_len = min(args.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
-        memory = parse_memory(
-            args.kv_cache_memory or os.environ.get("QWENKIT_KV_CACHE_MEMORY") or DEFAULT_KV_CACHE_MEMORY
-        )
         kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, model.dtype, device)
+        memory = args.kv_cache_memory or os.environ.get("QWENKIT_KV_CACHE_MEMORY")
+        if memory is None:
+            memory = cuda_kv_cache_memory(model, device, args) if device.type == "cuda" else DEFAULT_KV_CACHE_MEMORY
+        memory = parse_memory(memory)
         max_tokens = min(memory // kv_bytes_per_token(model, kv_dtype), args.max_num_seqs * self.max_model_len)
         num_blocks = max_tokens // args.block_size
         if num_blocks < 2:
@@ -111,12 +143,13 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
         )
-        self.runner = ModelRunner(
+        self.runner = runner_factory(
             model,
             num_blocks=num_blocks,
             block_size=args.block_size,
             device=device,
             compile=bool(args.compile),
+            enforce_eager=args.enforce_eager,
             max_model_len=self.max_model_len,
             max_num_seqs=args.max_num_seqs,
             kv_dtype=kv_dtype,

@@ -3,23 +3,30 @@ attention metadata, and returns the logits of the sequences that sample a token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from qwenkit import kernels
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.engine.threads import configure_threads
 from qwenkit.errors import QwenkitError
+from qwenkit.kernels import cuda as cuda_kernels
 from qwenkit.models import QwenForCausalLM
-from qwenkit.models.attention import AttentionMetadata, DecodeMetadata
+from qwenkit.models.attention import AttentionMetadata, DecodeMetadata, PagedPrefillMetadata
+from qwenkit.models.layers import SparseMoeBlock
 
 KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype. "auto" (None): float16 where a CPU computes in float32 (half the
-    cache's bytes, widened in the attention kernel: no measurable cost, docs/decode.md), else the
-    model's dtype."""
+    cache's bytes, widened in the C attention kernel: no measurable cost, docs/decode.md), else
+    the model's dtype: on CUDA, and on a CPU standing in for one (Triton's interpreter, tests),
+    the cache stays the model's dtype unless asked."""
     if kv_cache_dtype in (None, "auto"):
-        return torch.float16 if device.type == "cpu" and model_dtype == torch.float32 else model_dtype
+        cpu_kernels = device.type == "cpu" and not cuda_kernels.enabled(device)
+        return torch.float16 if cpu_kernels and model_dtype == torch.float32 else model_dtype
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise QwenkitError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose one of auto, {', '.join(KV_CACHE_DTYPES)}")
     return KV_CACHE_DTYPES[kv_cache_dtype]
@@ -27,13 +34,57 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype,
 
 def kv_bytes_per_token(model: QwenForCausalLM, kv_dtype: torch.dtype | None = None) -> int:
     c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (kv_dtype or model.dtype).itemsize
+    return 2 * c.num_hidden_layers * model.num_kv_heads * c.head_dim * (kv_dtype or model.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """A scheduled step as plain data, per sequence: the tokens it computes, the position of
+    the first, its block table, and whether it samples after the step (its tokens are then
+    all computed). No engine objects: a tensor-parallel worker runs it as the driver does."""
+
+    token_ids: list[list[int]]
+    starts: list[int]
+    block_tables: list[list[int]]
+    samples: list[bool]
+
+    @classmethod
+    def from_batch(cls, batch: list[ScheduledSequence]) -> "StepInput":
+        token_ids, starts, tables, samples = [], [], [], []
+        for s in batch:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_tokens
+            token_ids.append(seq.token_ids[start:end])
+            starts.append(start)
+            tables.append(seq.block_table)
+            samples.append(end == len(seq.token_ids))
+        return cls(token_ids, starts, tables, samples)
+
+    @property
+    def sample_rows(self) -> list[int]:
+        return [i for i, samples in enumerate(self.samples) if samples]
+
+
+def cuda_graphs_apply(model: QwenForCausalLM, device: torch.device) -> bool:
+    """Whether a decode step of `model` can be captured as a CUDA graph: on CUDA, unless an
+    MoE layer would read its routing back to the host (float32 experts)."""
+    if device.type != "cuda":
+        return False
+    moe_syncs = kernels.moe_syncs_with_host(model.dtype, device)
+    return all(
+        not getattr(m, "syncs_with_host", False) and not (isinstance(m, SparseMoeBlock) and moe_syncs)
+        for m in model.modules()
+    )
 
 
 class ModelRunner:
-    """compile: run decode steps through `CompiledDecode` (warmed up here), which needs
-    max_model_len and max_num_seqs to size its buckets. Otherwise decode steps run through
-    `FusedDecode` where it applies (float32 on CPU with native-kernel weights), else eagerly."""
+    """Decode steps (one token per sequence) take the fastest path that applies:
+    - on CUDA, `CUDAGraphDecode` (graphs captured here per batch bucket) unless
+      enforce_eager;
+    - compile: `CompiledDecode` (torch.compile, warmed up here);
+    - on CPU, `FusedDecode` where it applies (float32 with native-kernel weights);
+    - else the model's modules, eagerly. Both graph paths need max_model_len and
+    max_num_seqs to size their buffers."""
 
     def __init__(
         self,
@@ -43,6 +94,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         compile: bool = False,
+        enforce_eager: bool = False,
         max_model_len: int | None = None,
         max_num_seqs: int = 32,
         kv_dtype: torch.dtype | None = None,
@@ -58,56 +110,70 @@ class ModelRunner:
         # One spare slot past the last block: padding rows of a compiled step write there.
         self.kv_caches = model.allocate_kv_cache(num_slots + 1, device, dtype=self.kv_dtype)
         self._block_offsets = torch.arange(block_size)
+        # Prefill attention reads the paged cache in place (no per-sequence gathers).
+        self.paged_prefill = cuda_kernels.enabled(device)
         self.compiled = None
         self.fused = None
-        if not compile:
+        self.graphs = None
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=-(-max_model_len // block_size),
+                     block_size=block_size, padding_slot=num_slots, device=device)
+        if compile:
+            from qwenkit.engine.compile import CompiledDecode
+
+            self.compiled = CompiledDecode(model, self.kv_caches, **sizes)
+            self.compiled.warm_up(progress=progress)
+        elif not enforce_eager and cuda_graphs_apply(model, device):
+            from qwenkit.engine.cuda_graph import CUDAGraphDecode
+
+            self.graphs = CUDAGraphDecode(model, self.kv_caches, **sizes)
+            self.graphs.capture_graphs(progress=progress)
+        else:
             from qwenkit.models.fused_decode import FusedDecode
 
             self.fused = FusedDecode.build(model, self.kv_caches)
-        else:
-            from qwenkit.engine.compile import CompiledDecode
 
-            max_model_len = max_model_len or model.config.max_position_embeddings
-            self.compiled = CompiledDecode(
-                model,
-                self.kv_caches,
-                max_num_seqs=max_num_seqs,
-                max_blocks_per_seq=-(-max_model_len // block_size),
-                block_size=block_size,
-                padding_slot=num_slots,
-                device=device,
-            )
-            self.compiled.warm_up(progress=progress)
-
-    @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
         """Compute the step. Returns the positions in `batch` of the sequences whose
         tokens are now all computed (they sample next) and their float32 logits [N, vocab]."""
-        if all(s.num_tokens == 1 for s in batch):
-            return self._run_decode(batch)
+        return self.execute(StepInput.from_batch(batch))
+
+    @torch.inference_mode()
+    def execute(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
+        """`run` on a step given as plain data (what a tensor-parallel worker receives)."""
+        if all(len(ids) == 1 for ids in step.token_ids):
+            return self._run_decode(step)
         input_ids, positions, slot_mapping, context_slots = [], [], [], []
-        query_lens, context_lens, sample_rows, sample_at = [], [], [], []
+        query_lens, context_lens, sample_at = [], [], []
         offset = 0
-        for i, s in enumerate(batch):
-            seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
+        for ids, start, table, samples in zip(step.token_ids, step.starts, step.block_tables, step.samples):
+            n = len(ids)
             end = start + n
-            slots = self._slots(seq.block_table, end)
-            input_ids.extend(seq.token_ids[start:end])
+            slots = self._slots(table, end)
+            input_ids.extend(ids)
             positions.append(torch.arange(start, end))
             slot_mapping.append(slots[start:end])
             context_slots.append(slots)
             query_lens.append(n)
             context_lens.append(end)
             offset += n
-            if end == len(seq.token_ids):
-                sample_rows.append(i)
+            if samples:
                 sample_at.append(offset - 1)
-        meta = AttentionMetadata(
-            query_lens=tuple(query_lens),
-            context_lens=tuple(context_lens),
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
-            context_slots=tuple(s.to(self.device) for s in context_slots),
-        )
+        sample_rows = step.sample_rows
+        if self.paged_prefill:
+            meta = AttentionMetadata(
+                query_lens=tuple(query_lens),
+                context_lens=tuple(context_lens),
+                slot_mapping=torch.cat(slot_mapping).to(self.device),
+                paged_prefill=self._paged_prefill_metadata(step.block_tables, query_lens, context_lens),
+            )
+        else:
+            meta = AttentionMetadata(
+                query_lens=tuple(query_lens),
+                context_lens=tuple(context_lens),
+                slot_mapping=torch.cat(slot_mapping).to(self.device),
+                context_slots=tuple(s.to(self.device) for s in context_slots),
+            )
         hidden = self.model(
             torch.tensor(input_ids, device=self.device), torch.cat(positions).to(self.device), self.kv_caches, meta
         )
@@ -115,28 +181,29 @@ class ModelRunner:
             return [], None
         return sample_rows, self.model.compute_logits(hidden[torch.tensor(sample_at, device=self.device)])
 
-    def _run_decode(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
+    def _run_decode(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
         """One token per sequence: plain lists, one tensor per field, no per-sequence tensors."""
-        input_ids, positions, block_tables, sample_rows = [], [], [], []
-        for i, s in enumerate(batch):
-            seq = s.seq
-            pos = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            block_tables.append(seq.block_table)
-            if pos + 1 == len(seq.token_ids):
-                sample_rows.append(i)
-        if self.compiled is not None and len(batch) <= self.compiled.buckets[-1]:
+        input_ids = [ids[0] for ids in step.token_ids]
+        positions, block_tables, sample_rows = step.starts, step.block_tables, step.sample_rows
+        num_seqs = len(input_ids)
+        if self.graphs is not None and num_seqs <= self.graphs.buckets[-1]:
+            logits = self.graphs(input_ids, positions, block_tables)
+            if not sample_rows:
+                return [], None
+            if len(sample_rows) < num_seqs:
+                logits = logits[torch.tensor(sample_rows, device=self.device)]
+            return sample_rows, logits
+        if self.compiled is not None and num_seqs <= self.compiled.buckets[-1]:
             hidden = self.compiled(input_ids, positions, block_tables)
         else:
             ids, positions_t, meta = self._decode_inputs(input_ids, positions, block_tables)
-            if self.fused is not None and self.fused.applies(len(batch)):
+            if self.fused is not None and self.fused.applies(num_seqs):
                 hidden = self.fused(ids, positions_t, meta)
             else:
                 hidden = self.model(ids, positions_t, self.kv_caches, meta)
         if not sample_rows:
             return [], None
-        if len(sample_rows) < len(batch):
+        if len(sample_rows) < num_seqs:
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
         return sample_rows, self.model.compute_logits(hidden)
 
@@ -162,6 +229,22 @@ class ModelRunner:
             ),
         )
         return torch.tensor(input_ids, device=device), positions_t, meta
+
+    def _paged_prefill_metadata(
+        self, tables: list[list[int]], query_lens: list[int], context_lens: list[int]
+    ) -> PagedPrefillMetadata:
+        width = max(len(t) for t in tables)
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        ints = dict(dtype=torch.int32, device=self.device)
+        return PagedPrefillMetadata(
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], **ints),
+            query_start_loc=torch.tensor(starts, **ints),
+            context_lens=torch.tensor(context_lens, **ints),
+            max_query_len=max(query_lens),
+            block_size=self.block_size,
+        )
 
     def _slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Cache slots of positions 0..num_tokens-1 of a sequence."""

@@ -41,6 +41,9 @@ class SamplingState:
 
     params: SamplingParams  # resolved: no None left
     # Seeded from params.seed, else from a fresh random seed: every row has its own stream.
+    # On the CPU whatever the device: a row's one draw a step is a few nanoseconds there,
+    # where a CUDA generator would launch a kernel per row; a seed gives the same stream
+    # on every device.
     generator: torch.Generator
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)  # the engine appends each token
@@ -59,7 +62,7 @@ class SamplingState:
         unset = [name for name in _RESOLVED_FIELDS if getattr(params, name) is None]
         if unset:
             raise ValueError(f"SamplingParams must be resolved first (.resolved()); unset: {', '.join(unset)}")
-        generator = torch.Generator(device=device)
+        generator = torch.Generator()
         if params.seed is None:
             generator.seed()
         else:
@@ -305,9 +308,7 @@ def _draw(
         probs.masked_fill_(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
 
     # One uniform number from each row's own generator: the batch-independence guarantee.
-    u = torch.stack([
-        torch.rand((), generator=s.generator, device=s.generator.device, dtype=torch.float64) for s in states
-    ]).to(device)
+    u = torch.stack([torch.rand((), generator=s.generator, dtype=torch.float64) for s in states]).to(device)
     pos = _inverse_cdf(probs, u)
     return (pos if ids is None else ids.gather(-1, pos))[:, 0]
 

@@ -6,15 +6,16 @@ device and dtype, so model code never asks what it runs on:
 - **CPU**: C kernels (`csrc/`, built once per CPU and source hash by `build`, called through
   the ctypes bindings of `cpu`), compiled for the widest instruction set the CPU has (AVX2,
   AVX-512 VNNI, AMX; `cpu.selected_isa`), where the dtype and layout are ones they take;
-- **CUDA**: (issue #13) the Triton kernels of `kernels/cuda/` plug in where a function tests
-  `device.type == "cuda"`;
+- **CUDA**: the Triton kernels of `kernels/cuda/` (attention over the paged cache in place,
+  fused norms, the QK-norm + rotary + cache-write prologue, SwiGLU), and MoE as grouped GEMMs
+  with no host sync (`cuda.applies(tensor)` decides; it never imports Triton on a CPU run);
 - everywhere else, and where no kernel applies (no C compiler, `QWENKIT_NATIVE_KERNELS=0`):
   the torch code of `reference`, which the tests also hold every kernel against.
 
 Under `torch.compile` the kernels whose work dynamo cannot trace (a ctypes call, a loop over
 the experts a routing picked, a cache written in place) are torch custom ops with fake
-implementations (`qwenkit::int8_linear`, `qwenkit::gguf_linear`, `qwenkit::decode_attention`,
-`qwenkit::fused_experts`); the elementwise ones (norms, rotary) trace their torch code, which
+implementations (`qwenkit::int8_linear`, `qwenkit::gguf_linear`, `qwenkit::write_kv_cache`,
+`qwenkit::paged_decode_attention`, `qwenkit::fused_experts`); the elementwise ones (norms, rotary) trace their torch code, which
 inductor fuses. Eager calls go to the kernels directly: calling a Python custom op adds
 ~170 us of dispatch per call (measured here on a 64x64 int8 matmul: 243 against 70 us), more
 than a decode-time kernel itself. `describe()` names what runs (`qwenkit bench` and the
@@ -38,13 +39,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenkit.kernels import cpu, reference
+from qwenkit.kernels import cpu, cuda, reference
 from qwenkit.kernels.cpu import GGUF_BLOCKS, gguf_row_bytes
 
 __all__ = [
-    "GGUF_BLOCKS", "DecodeLayer", "DecodeLayers", "DecodeLinear", "decode_attention", "describe",
-    "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_row_bytes", "has_gguf_kernel", "int4_linear",
-    "int8_linear", "paged_decode_attention", "rms_norm", "rotary", "write_kv_cache",
+    "GGUF_BLOCKS", "DecodeLayer", "DecodeLayers", "DecodeLinear", "add_rms_norm", "describe", "fused_experts",
+    "gguf_dequantize", "gguf_linear", "gguf_row_bytes", "has_gguf_kernel", "int4_linear", "int8_linear",
+    "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope_cache",
+    "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
 ]
 
 # Row limits of the quantized matmuls on CPU. The native kernels take calls of any size with
@@ -62,6 +64,12 @@ K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 MAX_K_QUANT_KERNEL_TOKENS = 127
 
 
+def _cache_holds(cache: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the KV cache stores x's dtype: the Triton kernels take one dtype; a cache asked in
+    another (`kv_cache_dtype`) runs the torch code, which converts."""
+    return cache.dtype == x.dtype
+
+
 def _native(*tensors: torch.Tensor) -> cpu.Library | None:
     """The CPU library where every tensor is float32 on the CPU, else None."""
     if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
@@ -74,10 +82,68 @@ def _native(*tensors: torch.Tensor) -> cpu.Library | None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, in float32, cast back before the weight (as transformers)."""
+    if cuda.applies(x):
+        from qwenkit.kernels.cuda import fused
+
+        return fused.rms_norm(x, weight, eps)
     if (not torch.compiler.is_compiling() and x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous()
             and (lib := _native(x, weight)) is not None):
         return lib.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual): a sub-layer's residual add fused into the next
+    norm; the sum is rounded to the dtype first, as `residual + x` then the norm does."""
+    if cuda.applies(x):
+        from qwenkit.kernels.cuda import fused
+
+        return fused.add_rms_norm(x, residual, weight, eps)
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I]."""
+    if cuda.applies(x):
+        from qwenkit.kernels.cuda import fused
+
+        return fused.silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def qk_norm_rope_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """An attention layer's prologue: split the fused projection qkv [T, (H + 2 KVH) D], apply
+    Qwen3's per-head RMSNorm to q and k (weights q_norm, k_norm [D], or None), rotate both
+    (cos, sin [T, 1, D]), write k and v into the cache rows slot_mapping [T]. Returns q
+    [T, H, D]. One kernel on CUDA."""
+    if cuda.applies(qkv) and _cache_holds(kv_cache[0], qkv):
+        from qwenkit.kernels.cuda import fused
+
+        return fused.qk_norm_rope_cache(qkv, cos, sin, kv_cache, slot_mapping, num_heads=num_heads,
+                                        num_kv_heads=num_kv_heads, head_dim=head_dim, q_norm=q_norm,
+                                        k_norm=k_norm, eps=eps)
+    q, k, v = reference.split_qkv(qkv, num_heads, num_kv_heads, head_dim)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+    write_kv_cache(k, v, *kv_cache, slot_mapping)
+    return q
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -94,12 +160,22 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> None:
     """Store a step's keys and values k, v [T, KVH, D] at cache rows `slot_mapping` [T], in the
-    cache's dtype (a 16-bit cache rounds them to nearest even). Returns k, v as the cache now
-    holds them, in k's dtype: attention over the step's own keys must see what later steps read
-    back, or a prefix-cache hit and a chunked prefill would differ from a whole prefill."""
-    return reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    cache's dtype (a 16-bit cache rounds them to nearest even; attention reads every key back
+    from the cache, the step's own too, so a prefix-cache hit equals a miss). Under
+    torch.compile an opaque op that writes in place (the graph never copies the cache)."""
+    if torch.compiler.is_compiling():
+        _write_kv_cache_op(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+@torch.library.custom_op("qwenkit::write_kv_cache", mutates_args=("k_cache", "v_cache"))
+def _write_kv_cache_op(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_decode_attention(
@@ -117,8 +193,21 @@ def paged_decode_attention(
     q: [B, H, D]; k_cache, v_cache: [num_slots, KVH, D]; block_tables: [B, max_blocks] int32
     (entries past a sequence's blocks are ignored); context_lens: [B] int32. Position l of
     sequence b is slot block_tables[b, l // block_size] * block_size + l % block_size.
-    Returns [B, H, D]; a sequence with context length 0 gets zeros.
+    Returns [B, H, D]; a sequence with context length 0 gets zeros. Under torch.compile an
+    opaque op (a native kernel is not traced).
     """
+    if cuda.applies(q) and _cache_holds(k_cache, q):
+        from qwenkit.kernels.cuda import attention
+
+        return attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                block_size=block_size, scale=scale)
+    if torch.compiler.is_compiling():
+        return _paged_decode_attention_op(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    return _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size=block_size,
+                                   scale=scale)
+
+
+def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, block_size, scale):
     if (k_cache.dtype in cpu.KV_DTYPES and v_cache.dtype == k_cache.dtype and k_cache.device.type == "cpu"
             and (lib := _native(q)) is not None):
         return lib.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
@@ -127,51 +216,48 @@ def paged_decode_attention(
                                             block_size=block_size, scale=scale)
 
 
-def decode_attention(
+@torch.library.custom_op("qwenkit::paged_decode_attention", mutates_args=())
+def _paged_decode_attention_op(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
     block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    return _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size=block_size,
+                                   scale=scale)
+
+
+@_paged_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale):
+    return torch.empty_like(q)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     *,
+    max_query_len: int,
     block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """A decode step's attention: its keys and values k, v [B, KVH, D] written at `slot_mapping`,
-    then `paged_decode_attention`. Under torch.compile one opaque op that writes the cache in
-    place (the graph neither copies the cache nor traces the kernel)."""
-    if torch.compiler.is_compiling():
-        return _decode_attention_op(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,
-                                    block_size, scale)
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
-    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size=block_size,
-                                  scale=scale)
+    """Causal attention of packed variable-length queries against the paged cache, read in
+    place: q [T, H, D], sequence b's queries at rows query_start_loc[b] .. query_start_loc[b + 1]
+    - 1 and positions context_lens[b] - query_len .. context_lens[b] - 1, every key and value
+    (theirs included) already in the cache. Returns [T, H, D]."""
+    if cuda.applies(q) and _cache_holds(k_cache, q):
+        from qwenkit.kernels.cuda import attention
 
-
-@torch.library.custom_op("qwenkit::decode_attention", mutates_args=("k_cache", "v_cache"))
-def _decode_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> torch.Tensor:
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
-    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size=block_size,
-                                  scale=scale)
-
-
-@_decode_attention_op.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, block_size, scale):
-    return torch.empty_like(q)
+        return attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                                                 max_query_len=max_query_len, block_size=block_size, scale=scale)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                                             max_query_len=max_query_len, block_size=block_size, scale=scale)
 
 
 # -- quantized matmuls -------------------------------------------------------------------------
@@ -273,10 +359,26 @@ def fused_experts(
 
     x: [T, hidden]; expert_ids, weights: [T, top_k]; gate_up_proj: [E, 2 * I, hidden] (gate
     rows first); down_proj: [E, hidden, I]. Under torch.compile an opaque op: the loop over the
-    experts in use depends on the routing."""
+    experts in use depends on the routing. Off the CPU in bfloat16: grouped GEMMs, no host sync
+    (`moe_syncs_with_host`)."""
+    if _grouped_experts_apply(x):
+        return reference.grouped_experts(x, expert_ids, weights, gate_up_proj, down_proj, silu_and_mul=silu_and_mul)
     if torch.compiler.is_compiling():
         return _fused_experts_op(x, expert_ids, weights, gate_up_proj, down_proj)
     return reference.fused_experts(x, expert_ids, weights, gate_up_proj, down_proj)
+
+
+def _grouped_experts_apply(x: torch.Tensor) -> bool:
+    """Where torch._grouped_mm runs: off the CPU, bfloat16, Hopper or newer on CUDA."""
+    if x.device.type == "cpu" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def moe_syncs_with_host(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `fused_experts` reads the routing back to the host there (then no CUDA graph
+    can hold an MoE step)."""
+    return not _grouped_experts_apply(torch.empty(0, dtype=dtype, device=device))
 
 
 @torch.library.custom_op("qwenkit::fused_experts", mutates_args=())
@@ -406,9 +508,19 @@ class DecodeLayers:
 
 def describe(device: torch.device | str = "cpu") -> dict[str, str]:
     """Which implementation each kernel runs on `device` (on CPU: float32 activations)."""
-    if torch.device(device).type != "cpu":
-        # device.type == "cuda": the CUDA kernels of kernels/cuda/ report themselves here (issue #13).
-        return {"kernels": "torch"}
+    device = torch.device(device)
+    if device.type != "cpu":
+        if not cuda.enabled(device):
+            return {"kernels": "torch"}
+        grouped = not moe_syncs_with_host(torch.bfloat16, device)
+        return {
+            "attention": "Triton: paged decode and varlen prefill, the cache read in place",
+            "qk_norm, rotary, cache write": "Triton (one kernel a layer)",
+            "rms_norm (+ residual add), silu_and_mul": "Triton",
+            "fused_experts": "grouped GEMM (torch._grouped_mm), no host sync" if grouped
+            else "torch (loop over the experts in use)",
+            "matmuls": "cuBLAS",
+        }
     lib = cpu.library()
     if lib is None:
         return {
@@ -437,7 +549,9 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
 def summary(device: torch.device | str = "cpu") -> str:
     """One line for start-up messages: the kernels `device` runs."""
     if torch.device(device).type != "cpu":
-        return f"{torch.device(device).type} kernels: {describe(device)['kernels']}"
+        if not cuda.enabled(torch.device(device)):
+            return f"{torch.device(device).type} kernels: torch"
+        return f"{torch.device(device).type} kernels: Triton (paged attention, fused norms and prologue), cuBLAS"
     lib = cpu.library()
     if lib is None:
         return "CPU kernels: torch code (native kernels off or not built)"

@@ -33,16 +33,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v [T, KVH, D] into the caches' rows `slot_mapping`, in the caches' dtype; returns them
-    as the cache holds them, in k's dtype.
+) -> None:
+    """k, v [T, KVH, D] into the caches' rows `slot_mapping`, in the caches' dtype.
 
     index_copy_, not `cache[slots] = ...`: advanced indexing on a large cache was measured at
     milliseconds per call on CPU (torch 2.13)."""
-    stored_k, stored_v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-    k_cache.index_copy_(0, slot_mapping, stored_k)
-    v_cache.index_copy_(0, slot_mapping, stored_v)
-    return stored_k.to(k.dtype), stored_v.to(v.dtype)
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_decode_attention(
@@ -140,5 +137,76 @@ def fused_experts(
             act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
             torch.mm(act, down_proj[expert].t(), out=ys[start : start + n])
             start += n
+    per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
+    return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2 * I] (gate, then up) -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """A fused q/k/v projection's output [T, (H + 2 KVH) D] as q [T, H, D], k, v [T, KVH, D] (views)."""
+    num_tokens = qkv.shape[0]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
+            v.view(num_tokens, num_kv_heads, head_dim))
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    max_query_len: int,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Per sequence: its context's keys and values gathered through its block table, one causal
+    SDPA (query i at position context_len - query_len + i). Shapes as
+    `qwenkit.kernels.paged_prefill_attention`."""
+    out = torch.empty_like(q)
+    starts, lens = query_start_loc.tolist(), context_lens.tolist()
+    for b, context_len in enumerate(lens):
+        start, end = starts[b], starts[b + 1]
+        positions = torch.arange(context_len, device=q.device)
+        slots = block_tables[b].long()[positions // block_size] * block_size + positions % block_size
+        keys, values = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+        query_len = end - start
+        mask = positions[None, :] <= torch.arange(query_len, device=q.device)[:, None] + context_len - query_len
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1),
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    silu_and_mul=silu_and_mul,
+) -> torch.Tensor:
+    """`fused_experts` without reading the routing back to the host: the (token, choice) pairs
+    sorted by expert on the device, each expert's row range found by a binary search, and both
+    matmuls one grouped GEMM each over all experts (`torch._grouped_mm`; an expert with no rows
+    costs nothing). Shapes stay fixed whatever the routing, so a CUDA graph can hold it."""
+    num_tokens, top_k = expert_ids.shape
+    num_experts = gate_up_proj.shape[0]
+    sorted_ids, order = expert_ids.flatten().sort(stable=True)
+    # offs[e]: one past the last row of expert e among the sorted pairs.
+    offs = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=x.device), right=True).to(torch.int32)
+    xs = x.index_select(0, order // top_k)
+    act = silu_and_mul(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs))
+    ys = torch._grouped_mm(act, down_proj.transpose(1, 2), offs=offs)
     per_choice = torch.empty_like(ys).index_copy_(0, order, ys).view(num_tokens, top_k, -1)
     return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)

@@ -6,6 +6,7 @@ import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -18,6 +19,9 @@ from qwenkit.model_files import ModelFiles
 from qwenkit.models import MODEL_REGISTRY, QwenForCausalLM
 from qwenkit.models.quant import quantize_modules
 from qwenkit.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from qwenkit.distributed import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +42,15 @@ def load_model(
     device: torch.device,
     quantization: str | None = "auto",
     progress: bool = True,
+    tp: "TensorParallel | None" = None,
 ) -> LoadedModel:
     """Build the model for `files`, fill its weights and load its tokenizer.
 
     quantization: "auto" (on CPU, GGUF weights stay quantized; safetensors load as `dtype`),
-    "none" (everything as `dtype`), "int8" or "int4" (weight-only quantized as they load).
-    See qwenkit/loader/quantization.py and docs/quantization.md.
+    "gguf" (as auto, with the K-quants kept as stored too), "none" (everything as `dtype`),
+    "int8" or "int4" (weight-only quantized as they load).
+    See qwenkit/loader/quantization.py and docs/quantization.md. tp: this process's rank of
+    a tensor-parallel group; the model is built with its shards only (float weights).
     """
     quantization = check_quantization(quantization)
     if files.format == "gguf":
@@ -70,11 +77,18 @@ def load_model(
         raise ModelLoadError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
         )
-    with torch.device(device):
-        # Parameters are torch.empty: those the swap replaces are never written, so never resident.
-        model = MODEL_REGISTRY[config.model_type](config, dtype=dtype)
-        formats = plan_quantization(model, quantization, tensor_types=tensor_types, device=device)
-        quantize_modules(model, formats)
+    if tp is not None and tp.size > 1:
+        from qwenkit.distributed.tensor_parallel import build_sharded
+
+        if quantization not in ("auto", "none"):
+            raise ModelLoadError(f"--quantization {quantization} is not supported with tensor parallelism yet")
+        model, formats = build_sharded(MODEL_REGISTRY[config.model_type], config, dtype=dtype, device=device, tp=tp), {}
+    else:
+        with torch.device(device):
+            # Parameters are torch.empty: those the swap replaces are never written, so never resident.
+            model = MODEL_REGISTRY[config.model_type](config, dtype=dtype)
+            formats = plan_quantization(model, quantization, tensor_types=tensor_types, device=device)
+            quantize_modules(model, formats)
     if formats:
         logger.info("quantized %s", ", ".join(f"{n} {f}" for f, n in sorted(Counter(formats.values()).items())))
     # Lazy tensors let a quantized parameter read a block of rows at a time.

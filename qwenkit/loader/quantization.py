@@ -2,8 +2,8 @@
 
 quantization="auto": on CPU, GGUF matrices stay quantized, in the format `GGUF_AUTO_FORMATS`
 gives their storage type; "gguf": the same, but every type with a native kernel kept as
-stored (`GGUF_STORED_FORMATS`: the K-quants too), the smallest in memory; float-stored tensors, safetensors checkpoints, and any checkpoint
-on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
+stored (`GGUF_STORED_FORMATS`: the K-quants too), the smallest in memory. Float-stored
+tensors, safetensors checkpoints, and any checkpoint on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
 where a shape does not fit int4), the embedding and lm_head in int8, as llama.cpp keeps the
 output matrix at higher precision. "none": all floats. The MoE router and the experts stay
 float (see docs/quantization.md).

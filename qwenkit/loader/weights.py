@@ -51,7 +51,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | L
                 _return_freed_memory()
                 continue
             tensor = materialize(tensor).to(param.device)
-            if shard is None:
+            if shard is None and not getattr(param, "tp_sharded", False):
                 if tuple(param.shape) != tuple(tensor.shape):
                     raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
                 param.data.copy_(tensor)

@@ -29,6 +29,19 @@ class DecodeMetadata:
 
 
 @dataclass(frozen=True)
+class PagedPrefillMetadata:
+    """A step with prompt tokens, for kernels that read the paged cache in place (CUDA):
+    sequence b's queries are rows query_start_loc[b]..query_start_loc[b + 1] - 1 of the
+    step, at the last positions of its context_lens[b] tokens."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    max_query_len: int
+    block_size: int
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Where the tokens of one forward step come from and where their KV goes.
 
@@ -46,16 +59,25 @@ class AttentionMetadata:
     # Empty when `decode` is set.
     context_slots: tuple[torch.Tensor | slice, ...] = ()
     decode: DecodeMetadata | None = None
+    # Set by the runner where the kernels read the paged cache in place (CUDA).
+    paged_prefill: PagedPrefillMetadata | None = None
 
     @classmethod
-    def contiguous(cls, *, start: int, num_tokens: int) -> "AttentionMetadata":
+    def contiguous(cls, *, start: int, num_tokens: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
         """One sequence whose cache slots are its positions: tokens start..start+num_tokens-1."""
         end = start + num_tokens
         return cls(
             query_lens=(num_tokens,),
             context_lens=(end,),
-            slot_mapping=torch.arange(start, end),
+            slot_mapping=torch.arange(start, end, device=device),
             context_slots=(slice(0, end),),
+            paged_prefill=PagedPrefillMetadata(  # blocks of one slot: block p is slot p
+                block_tables=torch.arange(end, dtype=torch.int32, device=device)[None],
+                query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+                context_lens=torch.tensor([end], dtype=torch.int32, device=device),
+                max_query_len=num_tokens,
+                block_size=1,
+            ),
         )
 
     @property
@@ -78,42 +100,45 @@ def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torc
 
 def attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     kv_cache: tuple[torch.Tensor, torch.Tensor],
     meta: AttentionMetadata,
     *,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention for a flattened step.
+    """Causal attention for a flattened step whose keys and values are already in the cache.
 
-    q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (the step's new keys).
-    Returns [T, num_heads * head_dim].
+    q: [T, num_heads, head_dim]. Returns [T, num_heads * head_dim].
     """
     k_cache, v_cache = kv_cache
     num_tokens, num_heads, head_dim = q.shape
-    d = meta.decode
+    d, p = meta.decode, meta.paged_prefill
     if d is not None:
-        out = kernels.decode_attention(
-            q, k, v, k_cache, v_cache, meta.slot_mapping, d.block_tables, d.context_lens,
-            block_size=d.block_size, scale=scale,
+        out = kernels.paged_decode_attention(
+            q, k_cache, v_cache, d.block_tables, d.context_lens, block_size=d.block_size, scale=scale
         )
-        return out.view(num_tokens, num_heads * head_dim)
-    k, v = kernels.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-    out = q.new_empty(num_tokens, num_heads, head_dim)
+    elif p is not None:
+        out = kernels.paged_prefill_attention(
+            q, k_cache, v_cache, p.block_tables, p.query_start_loc, p.context_lens,
+            max_query_len=p.max_query_len, block_size=p.block_size, scale=scale,
+        )
+    else:
+        out = _attention_per_sequence(q, k_cache, v_cache, meta, scale=scale)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def _attention_per_sequence(q, k_cache, v_cache, meta: AttentionMetadata, *, scale: float) -> torch.Tensor:
+    """One SDPA per sequence over its context's cache rows (`context_slots`)."""
+    out = torch.empty_like(q)
     start = 0
     for query_len, context_len, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
         qs = q[start : start + query_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-        if query_len == context_len:  # nothing cached before: the step's own keys are the context
-            ks, vs = k[start : start + query_len], v[start : start + query_len]
-        elif isinstance(slots, slice):
+        if isinstance(slots, slice):
             ks, vs = k_cache[slots], v_cache[slots]
         else:
             # index_select, not `cache[slots]`: advanced indexing on a large cache was measured
             # at milliseconds per call on CPU (torch 2.13).
             ks, vs = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
-        ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        ks, vs = ks.to(q.dtype), vs.to(q.dtype)  # from a 16-bit cache
+        ks, vs = ks.to(q.dtype).transpose(0, 1).unsqueeze(0), vs.to(q.dtype).transpose(0, 1).unsqueeze(0)
         if query_len == 1:
             mask, is_causal = None, False
         elif query_len == context_len:
@@ -125,4 +150,4 @@ def attention(
         )
         out[start : start + query_len] = o[0].transpose(0, 1)
         start += query_len
-    return out.view(num_tokens, num_heads * head_dim)
+    return out

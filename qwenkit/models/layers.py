@@ -45,8 +45,14 @@ class RMSNorm(nn.Module):
         self.weight = _empty(size, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x); with `residual`, (RMSNorm(x + residual), x + residual): the previous
+        sub-layer's residual add fused in front, one kernel where there is one."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Linear(nn.Module):
@@ -144,7 +150,8 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Ten
 
 class RotaryEmbedding(nn.Module):
     """NEOX-style rotary embedding (the halves of each head rotate together). Computed once
-    per step for all layers: `forward` gives the cos and sin tables, `apply_rotary` rotates."""
+    per step for all layers: `forward` gives the cos and sin tables; the attention prologue
+    (`kernels.qk_norm_rope_cache`) rotates."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, *, dtype: torch.dtype):
         super().__init__()
@@ -159,14 +166,6 @@ class RotaryEmbedding(nn.Module):
         cos = (emb.cos() * self.scale).to(self.dtype)[:, None, :]
         sin = (emb.sin() * self.scale).to(self.dtype)[:, None, :]
         return cos, sin
-
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, H, D]; k: [T, KVH, D]; rope: `RotaryEmbedding(positions)`."""
-    cos, sin = rope
-    return kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
 
 
 class Attention(nn.Module):
@@ -198,18 +197,14 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
-            dim=-1,
+        q = kernels.qk_norm_rope_cache(
+            self.qkv_proj(x), rope[0], rope[1], kv_cache, meta.slot_mapping,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            q_norm=None if self.q_norm is None else self.q_norm.weight,
+            k_norm=None if self.k_norm is None else self.k_norm.weight,
+            eps=0.0 if self.q_norm is None else self.q_norm.eps,
         )
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, rope)
-        return self.o_proj(attention(q, k, v, kv_cache, meta, scale=self.scale))
+        return self.o_proj(attention(q, kv_cache, meta, scale=self.scale))
 
 
 class MLP(nn.Module):
@@ -223,8 +218,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, [hidden_size], bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class FusedExperts(nn.Module):
@@ -298,9 +292,16 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it): the next layer,
+        or the final norm, adds them (fused into its norm where a kernel does both)."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, rope, kv_cache, meta), residual)
+        return self.mlp(x), residual
 
 
 class QwenModel(nn.Module):
@@ -331,9 +332,10 @@ class QwenModel(nn.Module):
     ) -> torch.Tensor:
         """Everything after the embedding: what a compiled decode step traces."""
         rope = self.rotary_emb(positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, rope, kv_cache, meta)
-        return self.norm(h)
+            h, residual = layer(h, rope, kv_cache, meta, residual)
+        return self.norm(h, residual)[0]
 
 
 class QwenForCausalLM(nn.Module):
@@ -379,6 +381,11 @@ class QwenForCausalLM(nn.Module):
             return self.model.embed_tokens.attend(hidden).float()
         return self.lm_head(hidden).float()
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this process holds (all of them, or its tensor-parallel share)."""
+        return self.model.layers[0].self_attn.num_kv_heads
+
     def allocate_kv_cache(
         self, num_slots: int, device: torch.device | None = None, *, dtype: torch.dtype | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -388,7 +395,7 @@ class QwenForCausalLM(nn.Module):
         c = self.config
         device = device or next(self.parameters()).device
         dtype = dtype or self.dtype
-        shape = (num_slots, c.num_key_value_heads, c.head_dim)
+        shape = (num_slots, self.num_kv_heads, c.head_dim)
         return [
             (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(c.num_hidden_layers)

@@ -1,82 +1,60 @@
-"""The ASGI app: thin handlers over `AsyncLLM` and the protocol modules.
+"""The ASGI app: one router per protocol over `AsyncLLM`, errors in each protocol's shape.
 
-Each handler validates the body (pydantic), asks its protocol module for the engine call,
-takes a request slot, starts the generation and hands the engine's chunks back to the
-protocol module to encode. A stream's first chunk is awaited before the response starts,
-so a request the engine refuses (a prompt longer than the context, a bad schema) still
-gets a plain 400 rather than a stream that breaks.
+`create_app` builds the shared `ServerContext` (engine, served names, request slots,
+metrics), includes the routers (OpenAI, Responses, DashScope, operations; the web page's
+when it is on), answers every error as its route's protocol writes errors, and wraps the
+app in the API-key / body-size guard and the Host / Origin checks. The handlers live in
+:mod:`qwenkit.server.routes`; they translate with the protocol modules and answer through
+:func:`qwenkit.server.respond.respond`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.responses import Response
+from starlette.exceptions import HTTPException
 
-from qwenkit.chat import ChatChunk
-from qwenkit.errors import QwenkitError
-from qwenkit.server import dashscope_protocol as ds
-from qwenkit.server import openai_protocol as oa
-from qwenkit.server.errors import APIError, bad_request, dashscope_error, openai_error, validation_message
-from qwenkit.server.limits import Guard, RequestSlots, is_dashscope_path
-from qwenkit.server.metrics import Metrics
+from qwenkit.server.config import ServerConfig
+from qwenkit.server.errors import APIError, dashscope_error, openai_error, unparsable_body_message, validation_message
+from qwenkit.server.limits import Guard, is_dashscope_path, route_table
+from qwenkit.server.openapi import install_openapi
+from qwenkit.server.routes.context import ServerContext
+from qwenkit.server.routes.dashscope_api import dashscope_router
+from qwenkit.server.routes.openai_api import openai_router
+from qwenkit.server.routes.operations import operations_router
+from qwenkit.server.routes.responses_api import responses_router
+from qwenkit.server.security import browser_guard
 
-
-@dataclass
-class ServerConfig:
-    """How the server answers. served_model_names: the names clients may ask for (default:
-    the model's own name); the first is the one responses report."""
-
-    served_model_names: list[str] | None = None
-    api_key: str | None = None
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_running_requests: int = 64
-    max_waiting_requests: int = 256
-    retry_after_s: int = 1
-    request_timeout_s: float | None = None  # a generation running longer is aborted (504)
-    web: bool = True  # the chat page at /
-    mcp_config: str | None = None  # path of {"mcpServers": {...}} JSON: tools the web page may call
-    chat_db: str | None = None  # SQLite file of the web page's conversations (default: in the qwenkit home)
-
-
-DASHSCOPE_ROUTE = "/api/v1/services/aigc/text-generation/generation"
+__all__ = ["ServerConfig", "create_app"]
 
 
 def create_app(allm, config: ServerConfig | None = None) -> Any:
-    """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard."""
+    """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard
+    and the Host / Origin checks."""
     config = config or ServerConfig()
-    names = list(config.served_model_names or [allm.llm.model_name])
-    slots = RequestSlots(config.max_running_requests, config.max_waiting_requests, config.retry_after_s)
-    metrics = Metrics(allm, slots)
-    started = int(time.time())
+    ctx = ServerContext.create(allm, config)
     app = FastAPI(title="qwenkit", version="0.1.0",
                   description="OpenAI- and DashScope-compatible API over a local Qwen model.")
-    app.state.allm, app.state.slots, app.state.metrics = allm, slots, metrics
+    install_openapi(app, config)
+    _answer_errors(app)
+    for router in (openai_router(ctx), responses_router(ctx), dashscope_router(ctx), operations_router(ctx)):
+        app.include_router(router)
+    guarded = Guard(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                    on_response=ctx.metrics.response)
+    if config.web:
+        from qwenkit.server.web import mount_web
 
-    def token_decoder(wanted: bool):
-        """id -> the token's own text, for logprobs (None when the request asked for none)."""
-        return oa.token_decoder(allm.llm.tokenizer.decode) if wanted else None
+        return browser_guard(mount_web(app, guarded, config), config)
+    return browser_guard(guarded, config)
 
-    def check_model(name: str | None) -> str:
-        if name is not None and name not in names:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves {', '.join(names)}.",
-                           param="model", code="model_not_found")
-        return names[0]
 
-    def check_deadline(begun: float) -> None:
-        if config.request_timeout_s is not None and time.perf_counter() - begun > config.request_timeout_s:
-            raise APIError(504, f"the request ran past the server's {config.request_timeout_s:g} s timeout",
-                           code="timeout")
-
-    # -- errors ------------------------------------------------------------------------
+def _answer_errors(app: FastAPI) -> None:
+    """Every error as the route's protocol writes them: DashScope's shape on its paths,
+    OpenAI's elsewhere."""
 
     def error_response(request: Request, error: APIError) -> JSONResponse:
         if is_dashscope_path(request.url.path):
@@ -100,246 +78,12 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
 
     @app.exception_handler(405)
     async def on_bad_method(request: Request, error):
-        return error_response(request, APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+        allow = ", ".join(sorted(route_table(app).match(request.url.path)[1]))
+        return error_response(request, APIError(405, f"{request.method} is not allowed on {request.url.path} "
+                                                     f"(allowed: {allow})", headers={"Allow": allow}))
 
-    # -- generation --------------------------------------------------------------------
-
-    async def first_item(stream: AsyncIterator[Any]) -> Any:
-        """A generation's first item, taken in a request slot: if the engine refuses the
-        request, the slot is released and the refusal is a 400."""
-        try:
-            return await stream.__anext__()
-        except BaseException as e:
-            slots.release()
-            await stream.aclose()
-            if isinstance(e, (ValueError, QwenkitError)):
-                raise bad_request(e, oa.REQUEST_FIELDS) from e
-            raise
-
-    async def open_chat(call: oa.ChatCall, request_id: str) -> AsyncIterator[ChatChunk]:
-        """Start a chat generation in a request slot; returns its chunks once the first is here."""
-        await slots.acquire()
-        begun = time.perf_counter()
-        chunks = allm.chat_stream(call.messages, call.params, request_id=request_id, **call.kwargs)
-        first = await first_item(chunks)
-        metrics.first_token(time.perf_counter() - begun)
-
-        async def rest() -> AsyncIterator[ChatChunk]:
-            try:
-                yield first
-                async for chunk in chunks:
-                    check_deadline(begun)
-                    if chunk.usage is not None:
-                        metrics.usage(chunk.usage)
-                    yield chunk
-                if first.usage is not None:
-                    metrics.usage(first.usage)
-            finally:
-                await chunks.aclose()
-                slots.release()
-                metrics.latency(time.perf_counter() - begun)
-
-        return rest()
-
-    # -- OpenAI ------------------------------------------------------------------------
-
-    async def chat_completions(body: oa.ChatCompletionRequest, request: Request):
-        model = check_model(body.model)
-        call = _as_400(oa.chat_call, body)
-        request_id = "chatcmpl-" + secrets.token_hex(12)
-        chunks = await open_chat(call, request_id)
-        decode = token_decoder(call.params.logprobs)
-        if body.stream:
-            encoder = oa.ChatStreamEncoder(request_id, model, call.include_usage, decode=decode)
-
-            async def events() -> AsyncIterator[bytes]:
-                try:
-                    async for chunk in chunks:
-                        for out in encoder.encode(chunk):
-                            yield oa.sse(out)
-                except (ValueError, QwenkitError, APIError) as e:
-                    yield oa.sse(openai_error(e if isinstance(e, APIError) else bad_request(e)))
-                yield oa.SSE_DONE
-
-            return EventStream(events(), chunks.aclose)
-        accumulator = oa.ChatAccumulator(decode=decode)
-
-        async def gather() -> None:
-            async for chunk in chunks:
-                accumulator.add(chunk)
-
-        await _unless_disconnected(request, gather(), chunks.aclose)
-        return accumulator.response(id=request_id, model=model)
-
-    app.post("/v1/chat/completions", summary="OpenAI chat completions")(chat_completions)
-    app.post("/compatible-mode/v1/chat/completions", summary="DashScope's OpenAI-compatible chat")(chat_completions)
-
-    @app.post("/v1/completions", summary="OpenAI (legacy) text completions")
-    async def completions(body: oa.CompletionRequest, request: Request):
-        model = check_model(body.model)
-        call = _as_400(oa.completion_call, body)
-        prompt_ids = call.prompt if isinstance(call.prompt, list) else _as_400(allm.tokenizer.encode, call.prompt)
-        request_id = "cmpl-" + secrets.token_hex(12)
-        await slots.acquire()
-        begun = time.perf_counter()
-        updates = allm.generate_stream(prompt_ids, call.params, request_id=request_id)
-        first = await first_item(updates)
-        metrics.first_token(time.perf_counter() - begun)
-        decode = (lambda i: allm.tokenizer.decode([i])) if call.params.logprobs else None
-        encoder = oa.CompletionEncoder(request_id, model, decode, call.include_usage)
-
-        async def all_updates():
-            try:
-                yield first
-                async for update in updates:
-                    check_deadline(begun)
-                    yield update
-            finally:
-                await updates.aclose()
-                slots.release()
-                metrics.latency(time.perf_counter() - begun)
-                metrics.tokens(prompt=encoder.num_prompt_tokens, generated=encoder.num_generated,
-                               cached=encoder.num_cached_tokens)
-
-        if body.stream:
-            async def events() -> AsyncIterator[bytes]:
-                try:
-                    async for update in all_updates():
-                        out = encoder.add(update)
-                        if out is not None:
-                            yield oa.sse(out)
-                except APIError as e:
-                    yield oa.sse(openai_error(e))
-                if call.include_usage:
-                    yield oa.sse(encoder.usage_chunk())
-                yield oa.SSE_DONE
-
-            return EventStream(events(), updates.aclose)
-
-        async def gather() -> None:
-            async for update in all_updates():
-                encoder.add(update)
-
-        await _unless_disconnected(request, gather(), updates.aclose)
-        return encoder.response()
-
-    async def models():
-        return oa.models_response(names, max_model_len=allm.llm.max_model_len, created=started)
-
-    app.get("/v1/models", summary="The served models")(models)
-    app.get("/compatible-mode/v1/models", summary="The served models (DashScope path)")(models)
-
-    # -- DashScope ---------------------------------------------------------------------
-
-    @app.post(DASHSCOPE_ROUTE, summary="DashScope text generation")
-    async def generation(body: ds.GenerationRequest, request: Request):
-        request_id = secrets.token_hex(16)
-        request.state.request_id = request_id
-        check_model(body.model)
-        call = _as_400(ds.generation_call, body)
-        chunks = await open_chat(call.chat, request_id)
-        encoder = ds.GenerationEncoder(request_id, call.result_format, call.incremental_output,
-                                       decode=token_decoder(call.chat.params.logprobs))
-        stream = request.headers.get("x-dashscope-sse", "").lower() == "enable" or body.parameters.stream
-        if stream:
-            async def events() -> AsyncIterator[bytes]:
-                number = 0
-                try:
-                    async for chunk in chunks:
-                        out = encoder.encode(chunk)
-                        if out is not None:
-                            number += 1
-                            yield ds.sse_event(number, out)
-                except (ValueError, QwenkitError, APIError) as e:
-                    error = e if isinstance(e, APIError) else bad_request(e)
-                    yield ds.sse_event(number + 1, dashscope_error(error, request_id), status=error.status)
-
-            return EventStream(events(), chunks.aclose)
-
-        async def gather() -> None:
-            async for chunk in chunks:
-                encoder.encode(chunk)
-
-        await _unless_disconnected(request, gather(), chunks.aclose)
-        return encoder.response()
-
-    # -- operations --------------------------------------------------------------------
-
-    @app.get("/health", summary="Liveness: 200 while the engine runs")
-    async def health():
-        return {"status": "ok", "model": names[0]}
-
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def prometheus_metrics():
-        data, content_type = metrics.render()
-        return Response(data, media_type=content_type)
-
-    guarded = Guard(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes, on_response=metrics.response)
-    if config.web:
-        from qwenkit.server.web import mount_web
-
-        return mount_web(app, guarded, config)
-    return guarded
-
-
-def _as_400(translate: Callable[[Any], Any], body: Any) -> Any:
-    try:
-        return translate(body)
-    except (ValueError, QwenkitError) as e:
-        raise bad_request(e, oa.REQUEST_FIELDS) from e
-
-
-async def _wait_disconnect(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[None], close: Callable[[], Awaitable[None]]) -> None:
-    """Run `work`; a client that goes away meanwhile cancels it (which aborts its generation)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (task, watcher):
-            t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-        await close()
-    if task.cancelled():
-        raise APIError(499, "the client closed the request")
-    task.result()  # re-raise what went wrong
-
-
-class EventStream(Response):
-    """A text/event-stream response that notices a client leaving even between events
-    (during a long prefill) and then closes the generation, which frees its KV blocks."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[bytes], close: Callable[[], Awaitable[None]]):
-        self.status_code = 200
-        self.background = None
-        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                            (b"x-accel-buffering", b"no")]
-        self.events = events
-        self.close = close
-
-    async def __call__(self, scope, receive, send) -> None:
-        async def stream() -> None:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for data in self.events:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        task = asyncio.ensure_future(stream())
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (task, watcher):
-                t.cancel()
-            await asyncio.gather(task, watcher, return_exceptions=True)
-            await self.events.aclose()
-            await self.close()
-        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), OSError):
-            raise task.exception()
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException):
+        # FastAPI's one 400 of its own: a body it cannot parse (not UTF-8, nested too deep).
+        message = unparsable_body_message(await request.body()) if error.status_code == 400 else str(error.detail)
+        return error_response(request, APIError(error.status_code, message, headers=error.headers))

@@ -1,5 +1,6 @@
 """DashScope's text-generation API (``/api/v1/services/aigc/text-generation/generation``),
-translated to and from engine calls. Pure functions, no I/O.
+translated to and from engine calls. Pure functions, no I/O: a request becomes a `GenerationCall` (a typed `ChatRequest`), and
+`GenerationAnswer` writes the engine's chunks as events or a whole response.
 
 Request: ``{model, input: {messages | prompt}, parameters: {...}}``. Response:
 ``{output: {choices: [{finish_reason, message}]} | {text, finish_reason}, usage, request_id}``.
@@ -18,46 +19,60 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import Usage
-from qwenkit.sampling import SamplingParams
+from qwenkit.chat.request import ChatRequest
+from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.engine.llm_engine import TokenOutput
-from qwenkit.server.openai_protocol import ChatCall, ChatMessage, Tool, chat_logprobs, normalize_messages
+from qwenkit.sampling import SamplingParams
+from qwenkit.server.errors import APIError, dashscope_error
+from qwenkit.server.openai_protocol import (
+    ChatMessage, Count, NumChoices, Penalty, PositiveCount, ResponseFormat, Seed, StopString, TokenId, Tool,
+    ToolChoice, TopK, TopLogprobs, chat_logprobs, engine_response_format, engine_tool_choice, normalize_messages,
+)
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # the SDK adds fields of its own (user_agent...)
+    # extra: the SDK adds fields of its own (user_agent...); strict: as the published schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class GenerationInput(_Model):
-    messages: list[ChatMessage] | None = None
-    prompt: str | None = None
+    # One of the two (the schema says so too); messages win when both are given.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["messages"]}, {"required": ["prompt"]}]})
+    messages: list[ChatMessage] = Field(None, min_length=1)
+    prompt: str = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GenerationInput:
+        if self.messages is None and self.prompt is None:
+            raise ValueError("input.messages or input.prompt is required")
+        return self
 
 
 class GenerationParameters(_Model):
     result_format: Literal["text", "message"] = "text"
     incremental_output: bool = False
     enable_thinking: bool | None = None
-    thinking_budget: int | None = None
+    thinking_budget: Count | None = None
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | list[list[int]] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    n: int | None = 1
+    response_format: ResponseFormat | None = None
+    seed: Seed | None = None
+    # Strings, or token ids given as single-token lists ([[151645]]).
+    stop: StopString | list[StopString] | list[Annotated[list[TokenId], Field(min_length=1, max_length=1)]] | None = None
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: TopK | None = None
+    max_tokens: PositiveCount | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    n: NumChoices | None = 1
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     stream: bool | None = None
 
 
@@ -67,9 +82,11 @@ class GenerationRequest(_Model):
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationCall:
-    chat: ChatCall
+    """A generation request: the engine's request, and how the answer is written."""
+
+    request: ChatRequest
     result_format: str
     incremental_output: bool
 
@@ -99,15 +116,16 @@ def generation_call(req: GenerationRequest) -> GenerationCall:
         stop_token_ids=stop_token_ids, logprobs=bool(p.logprobs),
         top_logprobs=0 if p.top_logprobs is None else p.top_logprobs,
     )
-    kwargs = {
-        "enable_thinking": True if p.enable_thinking is None else p.enable_thinking,
-        "thinking_budget": p.thinking_budget,
-        "tools": [t.model_dump(exclude_none=True) for t in p.tools] if p.tools else None,
-        "tool_choice": "auto" if p.tool_choice is None else p.tool_choice,
-        "response_format": p.response_format,
-        "parallel_tool_calls": True if p.parallel_tool_calls is None else p.parallel_tool_calls,
-    }
-    return GenerationCall(ChatCall(messages, params, kwargs), p.result_format, p.incremental_output)
+    request = ChatRequest(
+        messages, params,
+        enable_thinking=True if p.enable_thinking is None else p.enable_thinking,
+        thinking_budget=p.thinking_budget,
+        tools=[t.model_dump(exclude_none=True) for t in p.tools] if p.tools else None,
+        tool_choice=engine_tool_choice(p.tool_choice),
+        parallel_tool_calls=True if p.parallel_tool_calls is None else p.parallel_tool_calls,
+        response_format=engine_response_format(p.response_format),
+    )
+    return GenerationCall(request, p.result_format, p.incremental_output)
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
@@ -209,6 +227,38 @@ class GenerationEncoder:
         elif not stream:
             body["usage"] = usage_dict(Usage(0, 0))
         return body
+
+
+class GenerationAnswer:
+    """A generation written as numbered DashScope events or as one response (see
+    `qwenkit.server.respond.Answer`)."""
+
+    def __init__(self, encoder: GenerationEncoder):
+        self.encoder = encoder
+        self.num_events = 0
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def events(self, chunk: ChatChunk) -> list[bytes]:
+        out = self.encoder.encode(chunk)
+        if out is None:
+            return []
+        self.num_events += 1
+        return [sse_event(self.num_events, out)]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        body = dashscope_error(error, self.encoder.request_id)
+        return [sse_event(self.num_events + 1, body, status=error.status)]
+
+    async def end(self) -> list[bytes]:
+        return []
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.encoder.encode(chunk)
+
+    async def whole(self) -> dict[str, Any]:
+        return self.encoder.response()
 
 
 def sse_event(number: int, data: dict[str, Any], *, status: int = 200) -> bytes:

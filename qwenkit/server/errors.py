@@ -6,18 +6,21 @@ into OpenAI's ``{"error": {...}}`` or DashScope's ``{"code", "message", "request
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 # OpenAI's error `type` and DashScope's `code` for each status this server answers with.
 _OPENAI_TYPES = {
-    400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-    413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error", 504: "server_error",
+    400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    421: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error", 504: "server_error",
 }
 _DASHSCOPE_CODES = {
-    400: "InvalidParameter", 401: "InvalidApiKey", 404: "ModelNotFound", 413: "RequestTooLarge",
-    429: "Throttling", 503: "ServiceUnavailable", 504: "RequestTimeOut",
+    400: "InvalidParameter", 401: "InvalidApiKey", 403: "AccessDenied", 404: "ModelNotFound",
+    405: "MethodNotAllowed", 413: "RequestTooLarge", 421: "InvalidHost", 429: "Throttling",
+    503: "ServiceUnavailable", 504: "RequestTimeOut",
 }
 _PARAM = re.compile(r"^(?:the )?([a-z_][a-z0-9_.\[\]]*)\b")
 
@@ -32,8 +35,33 @@ class APIError(Exception):
     code: str | None = None
     headers: dict[str, str] | None = None
 
+    def __post_init__(self) -> None:
+        # A message may quote the request ("the model `\ud800`..."): it must still encode.
+        self.message = printable(self.message)
+        self.param = None if self.param is None else printable(self.param)
+
     def __str__(self) -> str:
         return self.message
+
+
+def printable(text: str) -> str:
+    """`text` with what UTF-8 cannot hold (JSON's lone surrogates) written as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unparsable_body_message(body: bytes) -> str:
+    """Why a request body that FastAPI could not parse is refused (a 400)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"the request body is not UTF-8 (byte {e.start} is {body[e.start:e.start + 1]!r}): send JSON as UTF-8"
+    try:
+        json.loads(text)
+    except RecursionError:
+        return "the request body nests JSON too deeply (objects and arrays more than a few hundred levels deep)"
+    except ValueError as e:
+        return f"the request body is not valid JSON: {e}"
+    return "the request body cannot be read as JSON"
 
 
 def bad_request(error: Exception, known_params: frozenset[str] = frozenset()) -> APIError:
@@ -53,22 +81,38 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('msg', '')}", None
-    # pydantic names the union member that failed ("str", "list[...]", "function-after[...]"): drop it.
+        reason = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+        where = f" at character {loc[0]}" if loc else ""
+        return f"the request body is not valid JSON: {reason}{where}", None
     if not loc and first.get("type") == "missing":
         return "the request body is required (a JSON object)", None
     if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
         return "the request body must be a JSON object (send it with Content-Type: application/json)", None
-    param = ".".join(p for p in loc if not (p.startswith(("list[", "function-")) or p in ("str", "int", "float")))
-    message = first.get("msg", "invalid value")
-    if param:
-        message = f"{param}: {message}"
-    if first.get("type") == "missing" and param:
+    # A value that fits no member of a union fails once per member: report the member it
+    # got furthest into (`prompt.0` for a list that holds a bool).
+    chosen = max(errors, key=lambda e: len(_field_path(e)))
+    path = _field_path(chosen)
+    param = ".".join(path)
+    message = chosen.get("msg", "invalid value")
+    if chosen.get("type") == "string_unicode":
+        message = "the text is not valid Unicode (it holds a lone surrogate)"
+    if chosen.get("type") == "missing" and param:
         message = f"{param} is required"
+    elif param:
+        message = f"{param}: {message}"
     extra = len(errors) - 1
     if extra:
         message += f" (and {extra} more error{'s' if extra > 1 else ''})"
     return message, param or None
+
+
+def _field_path(error: dict[str, Any]) -> list[str]:
+    """An error's location without "body" and without the names pydantic gives union members
+    ("str", "list[int]", "constrained-str", "literal['auto']", a model's class name)."""
+    return [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
+
+
+_UNION_TAG = re.compile(r"^(?:str|int|float|bool|[A-Z][A-Za-z]+|[a-z-]+\[.*\]|[a-z]+-[a-z-]+)$")
 
 
 def openai_error(error: APIError) -> dict[str, Any]:

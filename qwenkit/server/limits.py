@@ -5,22 +5,77 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
+import secrets
+import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from qwenkit.server.errors import APIError, dashscope_error, openai_error
+import numpy as np
+from starlette.routing import Mount, compile_path
+
+from qwenkit.server.errors import APIError, bad_request, dashscope_error, openai_error
 
 # Paths anyone may read: probes and the API description.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+UNMATCHED_ROUTE = "unmatched"
+
+# Deeper JSON is refused before it is parsed: Python's parser recurses, and how deep it may
+# go depends on the process's recursion limit, which libraries raise (torch.compile does).
+MAX_JSON_DEPTH = 256
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def is_dashscope_path(path: str) -> bool:
     return path.startswith("/api/")
 
 
+class RouteTable:
+    """The app's route templates and their methods, matched against raw paths: metrics label
+    a request by its template (or "unmatched"), so random paths cannot grow the label set,
+    and a 405 lists the methods the path has. Built on first use, once every route exists,
+    from the OpenAPI paths (routers included with prefixes are flattened there) and the
+    app's own routes and mounts (the page, the static files, the docs)."""
+
+    def __init__(self, app):
+        self.app = app
+        self._routes: list[tuple[re.Pattern[str], str, frozenset[str]]] | None = None
+
+    def _load(self) -> list[tuple[re.Pattern[str], str, frozenset[str]]]:
+        methods: dict[str, set[str]] = {}
+        for path, operations in self.app.openapi().get("paths", {}).items():
+            methods.setdefault(path, set()).update(m.upper() for m in operations)
+        mounts = []
+        for route in self.app.routes:
+            if isinstance(route, Mount):
+                mounts.append((compile_path(route.path.rstrip("/") + "/{path:path}")[0], route.path, frozenset()))
+            elif isinstance(getattr(route, "path", None), str):
+                methods.setdefault(route.path, set()).update(getattr(route, "methods", None) or ())
+        return [(compile_path(path)[0], path, frozenset(m)) for path, m in methods.items()] + mounts
+
+    def match(self, path: str) -> tuple[str, frozenset[str]]:
+        """(the template, its methods) of the route at `path`; ("unmatched", {}) for none."""
+        if self._routes is None:
+            self._routes = self._load()
+        for regex, template, methods in self._routes:
+            if regex.match(path):
+                return template, methods
+        return UNMATCHED_ROUTE, frozenset()
+
+
+def route_table(app) -> RouteTable:
+    """The `RouteTable` of a FastAPI app (one per app)."""
+    if getattr(app.state, "route_table", None) is None:
+        app.state.route_table = RouteTable(app)
+    return app.state.route_table
+
+
 async def send_error(send, path: str, error: APIError) -> None:
     """Answer with `error` in the shape of the route's protocol."""
-    body = dashscope_error(error, "") if is_dashscope_path(path) else openai_error(error)
+    body = dashscope_error(error, secrets.token_hex(16)) if is_dashscope_path(path) else openai_error(error)
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
@@ -39,6 +94,7 @@ class Guard:
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.on_response = on_response
+        self.routes = route_table(app)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -60,7 +116,7 @@ class Guard:
             await self.app(scope, receive, send_recording)
         finally:
             if self.on_response is not None:
-                self.on_response(path, status[0])
+                self.on_response(self.routes.match(path)[0], status[0])
 
     def _check_key(self, scope) -> APIError | None:
         if self.api_key is None:
@@ -95,7 +151,21 @@ class Guard:
                 return too_large, receive
             if not message.get("more_body", False):
                 break
-        return None, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+        body = b"".join(chunks)
+        if json_too_deep(body):
+            return APIError(400, f"the request body nests JSON too deeply (more than {MAX_JSON_DEPTH} levels "
+                                 "of objects and arrays)"), receive
+        return None, _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the objects and arrays of a JSON body nest deeper than `limit` (brackets
+    inside strings do not count)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # the common case, without a scan
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_A_BRACKET)
+    steps = np.where(np.isin(np.frombuffer(brackets, np.uint8), (ord("["), ord("{"))), 1, -1)
+    return steps.size > 0 and int(np.cumsum(steps).max()) > limit
 
 
 def _replay(messages: list[dict[str, Any]], receive):
@@ -133,3 +203,122 @@ class RequestSlots:
     def release(self) -> None:
         self.num_running -= 1
         self._semaphore.release()
+
+
+class PromptSizeCheck:
+    """Refuses a prompt that cannot fit the context *before* the engine tokenizes it whole.
+
+    Tokenizing a 4 MB body costs ~330 MB that the allocator keeps afterwards; a server that
+    tokenized every oversized prompt before refusing it grew by gigabytes. So a large
+    prompt is checked first, in bounded memory:
+
+    1. bytes: no token is longer than the vocabulary's longest (128 bytes for Qwen), so a
+       text of more than `max_model_len * longest` bytes cannot fit;
+    2. tokens, counted in windows of `window` characters and stopped as soon as the count
+       passes the context. Windows end where the Qwen pre-tokenizer must split anyway
+       (after a newline; between a letter or digit and a character that is neither, not
+       a combining mark, where NFC changes nothing, outside any special token), so the
+       pieces' counts add up to the whole text's (tests/test_server_limits.py checks it on
+       random text); a window without such a place counts as its bytes' lower bound.
+
+    Only prompts past `min_checked_bytes` are checked; the engine's own exact check (after
+    tokenizing, in little memory for small prompts) does the rest.
+    """
+
+    # A text inside the chat template may share a token or two with the template text beside it.
+    EDGE_TOKENS = 4
+
+    def __init__(self, tokenizer, max_model_len: int, *, min_checked_bytes: int = 64 * 1024, window: int = 16 * 1024):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.min_checked_bytes = min_checked_bytes
+        self.window = window
+        self._max_token_bytes: int | None = None
+        self._special = None
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for (its decoded text's UTF-8 length, which is never
+        less; computed once, on the first large prompt)."""
+        if self._max_token_bytes is None:
+            backend = self.tokenizer.backend
+            vocab = backend.get_vocab(with_added_tokens=True)
+            if backend.decoder is not None:
+                self._max_token_bytes = max(len(backend.decoder.decode([t]).encode("utf-8", "surrogatepass"))
+                                            for t in vocab)
+            else:
+                self._max_token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in vocab)
+        return self._max_token_bytes
+
+    def check(self, texts: list[str]) -> None:
+        """Raise a 400 (context_length_exceeded) if `texts`, all part of one prompt, cannot fit."""
+        sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+        total = sum(sizes)
+        if total <= self.min_checked_bytes:
+            return
+        if total > self.max_model_len * self.max_token_bytes:
+            raise self._too_long(f"the prompt is {total} bytes, more than a {self.max_model_len}-token context can "
+                                 f"hold (a token is at most {self.max_token_bytes} bytes)")
+        count = 0
+        for text, size in zip(texts, sizes):
+            if size:
+                try:
+                    at_least = self.count_at_least(text, self.max_model_len - count + self.EDGE_TOKENS)
+                except ValueError as e:  # text the tokenizer refuses (a lone surrogate)
+                    raise bad_request(e) from e
+                count += max(0, at_least - self.EDGE_TOKENS)
+            if count >= self.max_model_len:
+                raise self._too_long(f"the prompt is at least {count} tokens, but the model's context is "
+                                     f"{self.max_model_len} tokens (and at least one must be left to generate)")
+
+    def count_at_least(self, text: str, stop_after: int) -> int:
+        """A lower bound of len(tokenizer.encode(text)), exact when it is at most `stop_after`."""
+        count, start, exact = 0, 0, True  # exact: `start` is a place the pre-tokenizer splits
+        while start < len(text) and count <= stop_after:
+            end = min(len(text), start + self.window)
+            cuts = self._cuts(text, start, end) + ([end] if end == len(text) else [])
+            if not cuts:  # no safe place: count by bytes, minus the tokens that may cross either edge
+                count += max(0, -(-self._bytes(text[start:end]) // self.max_token_bytes) - 2)
+                start, exact = end, False
+            elif not exact:
+                count += max(0, -(-self._bytes(text[start:cuts[0]]) // self.max_token_bytes) - 1)
+                start, exact = cuts[0], True
+            else:
+                count += len(self.tokenizer.encode(text[start:cuts[-1]]))
+                start = cuts[-1]
+        return count
+
+    _CANDIDATES = re.compile(r"(?<=[\r\n])(?=\S)|(?<=[^\W_])(?=[\W_])")
+
+    def _cuts(self, text: str, start: int, end: int) -> list[int]:
+        """Places in text(start, end) where the Qwen pre-tokenizer splits whatever surrounds them."""
+        specials = [(m.start(), m.end()) for m in self._special_tokens().finditer(text, max(0, start - 64), end + 64)]
+        cuts = []
+        for m in self._CANDIDATES.finditer(text, start + 1, end):
+            i = m.start()
+            # The tokenizer normalizes (NFC) before it splits: neither side may change there.
+            if i > start and not unicodedata.category(text[i]).startswith("M") and \
+                    unicodedata.is_normalized("NFC", text[i - 1:i + 1]) and not any(a < i < b for a, b in specials):
+                cuts.append(i)
+        return cuts
+
+    def _special_tokens(self) -> re.Pattern[str]:
+        if self._special is None:
+            added = sorted(self.tokenizer.backend.get_added_tokens_decoder().values(), key=lambda t: -len(t.content))
+            self._special = re.compile("|".join(re.escape(t.content) for t in added) or "(?!)")
+        return self._special
+
+    @staticmethod
+    def _bytes(text: str) -> int:
+        return len(text.encode("utf-8", "surrogatepass"))
+
+    @staticmethod
+    def _too_long(message: str) -> APIError:
+        return APIError(400, message, code="context_length_exceeded")
+
+
+def prompt_texts(messages: list[dict[str, Any]]) -> list[str]:
+    """The texts of a chat that reach its prompt whole: system, user and tool contents (an
+    assistant turn's may be cut by the template, so it is not counted)."""
+    return [m["content"] for m in messages
+            if m.get("role") in ("system", "user", "tool") and isinstance(m.get("content"), str)]

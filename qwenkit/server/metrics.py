@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from qwenkit.chat_types import Usage
+from qwenkit.chat.types import Usage
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -39,8 +39,9 @@ class Metrics:
         prompt = self.prompt_tokens._value.get()
         return self.cached_tokens._value.get() / prompt if prompt else 0.0
 
-    def response(self, path: str, status: int) -> None:
-        route = path if path.startswith(("/v1/", "/api/", "/compatible-mode/", "/health", "/metrics")) else "other"
+    def response(self, route: str, status: int) -> None:
+        """Count a response. `route` is a route template or "unmatched", never a raw path: the
+        label set stays bounded whatever paths clients send."""
         self.requests.labels(route, str(status)).inc()
 
     def first_token(self, seconds: float) -> None:

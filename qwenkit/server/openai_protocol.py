@@ -1,13 +1,16 @@
 """OpenAI's chat completions and completions APIs, translated to and from engine calls.
 
 Pure functions and small state objects, no I/O: request JSON (validated by the pydantic
-models below) becomes a `ChatCall` / `CompletionCall`; the engine's `ChatChunk`s and
-`SequenceUpdate`s become response and stream-chunk dicts.
+models below) becomes a `ChatCall` (a typed `ChatRequest`) / `CompletionCall`; the
+engine's `ChatChunk`s and `SequenceUpdate`s become response and stream-chunk dicts, and
+`ChatAnswer` / `CompletionAnswer` write them as a stream or a whole response.
 
 Accepted beyond OpenAI's own fields (as vLLM accepts them): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
 ``enable_thinking``, ``thinking_budget`` and ``chat_template_kwargs``. Unknown fields are
 ignored, as OpenAI-compatible servers do for the fields SDKs add (``user``, ``store``...).
+OpenAI's own ranges hold (``temperature`` 0-2, ``top_p`` 0-1, penalties -2..2, ``n`` >= 1,
+``top_logprobs`` 0-20, ``logit_bias`` -100..100): a value outside is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -15,18 +18,48 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from qwenkit.chat import ChatChunk
-from qwenkit.chat_types import Usage
+from qwenkit.chat.request import ChatRequest
+from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
-from qwenkit.sampling import SamplingParams
+from qwenkit.sampling import MAX_LOGIT_BIAS, MAX_N, MAX_PENALTY, MAX_TOP_LOGPROBS, SamplingParams
+from qwenkit.server.errors import APIError, openai_error
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: `true` is not the integer 1 nor `1.5` the integer... as the published schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# The bounds SamplingParams checks, stated here too so that the published schema is as
+# strict as the validation (an int32 bound on counts: 10^30 tokens is a mistake, not a wish).
+MAX_INT32 = 2**31 - 1
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(minimum: int, maximum: int) -> Any:
+    """An integer in [minimum, maximum] as JSON Schema counts them: 2.0 is one, true and
+    2.5 are not. (The schema is spelled out: pydantic cannot derive it through the
+    validator that takes 2.0.)"""
+    return Annotated[int, BeforeValidator(_integral), Field(ge=minimum, le=maximum),
+                     WithJsonSchema({"type": "integer", "minimum": minimum, "maximum": maximum})]
+
+
+Count = json_int(0, MAX_INT32)
+PositiveCount = json_int(1, MAX_INT32)
+TokenId = json_int(0, MAX_INT32)
+TopK = json_int(-1, MAX_INT32)
+Seed = json_int(-(2**63), 2**63 - 1)
+NumChoices = json_int(1, MAX_N)
+TopLogprobs = json_int(0, MAX_TOP_LOGPROBS)
+StopString = Annotated[str, Field(min_length=1)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 
 
 class StreamOptions(_Model):
@@ -52,21 +85,66 @@ class Tool(_Model):
     function: FunctionSpec
 
 
+class ToolChoiceFunction(_Model):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Model):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Model):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Model):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Model):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
+
+
+def engine_tool_choice(choice: ToolChoice | None) -> str | dict[str, Any]:
+    return "auto" if choice is None else choice if isinstance(choice, str) else choice.model_dump()
+
+
+def engine_response_format(response_format: BaseModel | None) -> dict[str, Any] | None:
+    return None if response_format is None else response_format.model_dump(by_alias=True, exclude_none=True)
+
+
 class _SamplingFields(_Model):
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    n: int | None = 1
-    min_tokens: int = 0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # OpenAI's range
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: TopK | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                     Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    seed: Seed | None = None
+    n: NumChoices | None = 1
+    min_tokens: Count = 0
+    stop: StopString | list[StopString] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -74,45 +152,39 @@ class _SamplingFields(_Model):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: PositiveCount | None = None
+    max_completion_tokens: PositiveCount | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     enable_thinking: bool | None = None
-    thinking_budget: int | None = None
+    thinking_budget: Count | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None  # legacy API: how many top logprobs per token (0..5)
-    echo: bool = False
-    suffix: str | None = None
+    # One prompt: text, token ids, or a batch of one of either (several: 400).
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)])
+    max_tokens: PositiveCount | None = 16  # OpenAI's default for completions
+    logprobs: json_int(0, 5) | None = None  # legacy API: how many top logprobs per token
+    echo: Literal[False] = False  # not supported
+    suffix: Literal[""] | None = None  # not supported
 
 
 SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__) - {"_resolved"}
 REQUEST_FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRequest.model_fields)
 
 
-# Arguments the server itself passes on to the chat template or `prepare_chat`.
-RESERVED_TEMPLATE_KWARGS = frozenset({
-    "messages", "sampling_params", "tools", "tool_choice", "response_format", "parallel_tool_calls",
-    "grammar_compiler", "add_generation_prompt", "request_id", "tokenizer", "documents",
-})
-
-
-@dataclass
+@dataclass(frozen=True)
 class ChatCall:
-    """Arguments of `AsyncLLM.chat_stream` for one request."""
+    """A chat completion request: the engine's request, and whether a stream ends with usage."""
 
-    messages: list[dict[str, Any]]
-    params: SamplingParams
-    kwargs: dict[str, Any]
+    request: ChatRequest
     include_usage: bool = False
 
 
@@ -141,31 +213,25 @@ def chat_call(req: ChatCompletionRequest) -> ChatCall:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = _sampling(req, max_tokens=max_tokens, logprobs=bool(req.logprobs),
                        top_logprobs=0 if req.top_logprobs is None else req.top_logprobs)
+    # vLLM's clients switch thinking through chat_template_kwargs; the request's own fields win.
     template_kwargs = dict(req.chat_template_kwargs or {})
-    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs))
-    if reserved:
-        raise ValueError(f"chat_template_kwargs must not set {', '.join(reserved)}; use the request's own fields")
     enable_thinking = template_kwargs.pop("enable_thinking", None)
     thinking_budget = template_kwargs.pop("thinking_budget", None)
     if req.enable_thinking is not None:
         enable_thinking = req.enable_thinking
     if req.thinking_budget is not None:
         thinking_budget = req.thinking_budget
-    if enable_thinking is not None and not isinstance(enable_thinking, bool):
-        raise ValueError(f"enable_thinking must be true or false, got {enable_thinking!r}")
-    if thinking_budget is not None and (isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int)):
-        raise ValueError(f"thinking_budget must be an integer, got {thinking_budget!r}")
-    kwargs: dict[str, Any] = {
-        "enable_thinking": True if enable_thinking is None else enable_thinking,
-        "thinking_budget": thinking_budget,
-        "tools": [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
-        "tool_choice": "auto" if req.tool_choice is None else req.tool_choice,
-        "response_format": req.response_format,
-        "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-        **template_kwargs,
-    }
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatCall(normalize_messages(req.messages), params, kwargs, include_usage)
+    request = ChatRequest(
+        normalize_messages(req.messages), params,
+        enable_thinking=True if enable_thinking is None else enable_thinking,
+        thinking_budget=thinking_budget,
+        tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+        tool_choice=engine_tool_choice(req.tool_choice),
+        parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        response_format=engine_response_format(req.response_format),
+        chat_template_kwargs=template_kwargs,
+    )
+    return ChatCall(request, bool(req.stream_options and req.stream_options.include_usage))
 
 
 def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -433,8 +499,92 @@ class CompletionEncoder:
                 "choices": choices, "usage": self.usage()}
 
 
-def models_response(names: list[str], *, max_model_len: int, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "qwenkit", "max_model_len": max_model_len}
-        for name in names
-    ]}
+class ChatAnswer:
+    """A chat completion written as `chat.completion.chunk` events or as one
+    `chat.completion` (see `qwenkit.server.respond.Answer`)."""
+
+    def __init__(self, request_id: str, model: str, *, include_usage: bool, decode: Any = None):
+        self.request_id, self.model = request_id, model
+        self.stream = ChatStreamEncoder(request_id, model, include_usage, decode=decode)
+        self.accumulator = ChatAccumulator(decode=decode)
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def events(self, chunk: ChatChunk) -> list[bytes]:
+        return [sse(out) for out in self.stream.encode(chunk)]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [sse(openai_error(error)), SSE_DONE]
+
+    async def end(self) -> list[bytes]:
+        return [SSE_DONE]
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.accumulator.add(chunk)
+
+    async def whole(self) -> dict[str, Any]:
+        return self.accumulator.response(id=self.request_id, model=self.model)
+
+
+class CompletionAnswer:
+    """A text completion written as `text_completion` events or as one response."""
+
+    def __init__(self, encoder: CompletionEncoder):
+        self.encoder = encoder
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def events(self, update: SequenceUpdate) -> list[bytes]:
+        out = self.encoder.add(update)
+        return [] if out is None else [sse(out)]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [sse(openai_error(error)), *self._last()]
+
+    async def end(self) -> list[bytes]:
+        return self._last()
+
+    def _last(self) -> list[bytes]:
+        return [*([sse(self.encoder.usage_chunk())] if self.encoder.include_usage else []), SSE_DONE]
+
+    def add(self, update: SequenceUpdate) -> None:
+        self.encoder.add(update)
+
+    async def whole(self) -> dict[str, Any]:
+        return self.encoder.response()
+
+
+DEFAULT_MODEL = "default"  # accepted for the served model, as `qwenkit run --model default` is
+
+
+class ModelCard(_Model):
+    """One entry of ``/v1/models``; ``root`` is the served model an alias stands for."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "qwenkit"
+    root: str
+    max_model_len: int
+    # What the model can do ("completion", "thinking", "hybrid_thinking", "tools"; see
+    # qwenkit.capabilities), as Ollama reports them.
+    capabilities: list[str]
+
+
+class ModelList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def model_card(name: str, *, served: str, max_model_len: int, created: int,
+               capabilities: list[str] | None = None) -> ModelCard:
+    return ModelCard(id=name, created=created, root=served, max_model_len=max_model_len,
+                     capabilities=capabilities or ["completion"])
+
+
+def models_response(names: list[str], *, served: str, max_model_len: int, created: int,
+                    capabilities: list[str] | None = None) -> ModelList:
+    return ModelList(data=[model_card(n, served=served, max_model_len=max_model_len, created=created,
+                                      capabilities=capabilities) for n in names])

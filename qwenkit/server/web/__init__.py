@@ -19,11 +19,12 @@ from fastapi import FastAPI
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
+from qwenkit.paths import web_chat_db
 from qwenkit.server.limits import Guard
 from qwenkit.server.web.api import LazyStore, api_router
 from qwenkit.server.web.toolbox import Toolbox
 
-__all__ = ["mount_web", "default_chat_db", "STATIC_DIR"]
+__all__ = ["mount_web", "STATIC_DIR"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/web/static/"
@@ -38,12 +39,6 @@ _PAGE_HEADERS = {
     "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
 }
-
-
-def default_chat_db() -> Path:
-    from qwenkit.default_model import qwenkit_home
-
-    return qwenkit_home() / "conversations.sqlite3"
 
 
 def is_page_path(path: str) -> bool:
@@ -63,7 +58,7 @@ def mount_web(app: FastAPI, guarded: Guard, config: Any) -> Any:
     """Add the page and its API to `app` (built by `create_app`); returns the ASGI app to
     serve: the page's paths through an open guard, all else through `guarded` (the API key)."""
     toolbox = Toolbox(config.mcp_config) if config.mcp_config else None
-    store = LazyStore(Path(config.chat_db).expanduser() if config.chat_db else default_chat_db())
+    store = LazyStore(Path(config.chat_db).expanduser() if config.chat_db else web_chat_db())
     app.include_router(api_router(store, toolbox))
 
     async def page():

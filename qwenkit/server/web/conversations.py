@@ -11,12 +11,11 @@ import contextlib
 import json
 import secrets
 import sqlite3
-import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from qwenkit.client.memory import SQLiteChatMemory
 
@@ -51,6 +50,40 @@ class ToolCallItem(_Strict):
     function: ToolCallFunction
 
 
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# A token count: an integer as JSON Schema counts them (2.0 is one, true and 2.5 are not).
+TokenCount = Annotated[int, BeforeValidator(_integral), Field(ge=0, le=2**63 - 1),
+                       WithJsonSchema({"type": "integer", "minimum": 0, "maximum": 2**63 - 1})]
+
+
+class StoredUsage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # OpenAI's usage object, as the stream sent it
+    prompt_tokens: TokenCount
+    completion_tokens: TokenCount
+    total_tokens: TokenCount | None = None
+    completion_tokens_details: dict[str, TokenCount | None] | None = None
+    prompt_tokens_details: dict[str, TokenCount | None] | None = None
+
+
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class StoredMeta(_Strict):
+    """What the page shows under an answer. Typed on write: one bad value stored here once
+    made its conversation impossible to open."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    elapsed_s: Seconds | None = None
+    thinking_s: Seconds | None = None
+    tokens_per_s: Seconds | None = None
+    usage: StoredUsage | None = None
+    stopped: bool | None = None
+    error: str | None = None
+
+
 class StoredMessage(_Strict):
     """One message of a turn as the page saves it: OpenAI's chat fields, the reasoning,
     and `meta` (usage, timings, whether the user stopped it) that is shown, never sent
@@ -62,11 +95,16 @@ class StoredMessage(_Strict):
     tool_calls: list[ToolCallItem] | None = None
     tool_call_id: str | None = None
     name: str | None = None
-    meta: dict[str, Any] | None = None
+    meta: StoredMeta | None = None
+
+
+# What `clean_title` accepts, as the published schema can say it: not blank (the pattern is
+# checked by clean_title, which says so in words), at most 200 characters.
+Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS, json_schema_extra={"pattern": r"\S"})]
 
 
 class NewConversation(_Strict):
-    title: str | None = None
+    title: Title | None = None
 
     @field_validator("title")
     @classmethod
@@ -75,7 +113,7 @@ class NewConversation(_Strict):
 
 
 class Rename(_Strict):
-    title: str
+    title: Title
 
     @field_validator("title")
     @classmethod
@@ -127,22 +165,26 @@ class ConversationNotFound(KeyError):
 
 
 class ConversationStore:
-    """Conversations of the web page in the SQLite file at `path` (created with its folder)."""
+    """Conversations of the web page in the SQLite file at `path` (created with its folder).
+
+    A delete removes the conversation and its messages, and an append checks that the
+    conversation exists and writes the turn, each in one transaction: a process killed
+    midway, or a delete racing an append from another process, leaves no message behind
+    that belongs to no conversation."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.memory = SQLiteChatMemory(self.path, max_messages=None)
-        self._lock = threading.Lock()  # one writer at a time in this process; SQLite locks across processes
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        with self.memory.transaction() as db:
+            db.execute(_SCHEMA)
 
     @contextlib.contextmanager
     def _db(self):
-        # A short-lived connection per call: handlers run on a thread pool, and opening
-        # a local SQLite file costs microseconds.
+        # Reads: a short-lived connection per call (handlers run on a thread pool, and
+        # opening a local SQLite file costs microseconds). Writes go through
+        # `memory.transaction()`, so that messages and conversations change together.
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.row_factory = sqlite3.Row
         try:
             yield db
         finally:
@@ -151,23 +193,20 @@ class ConversationStore:
     def list(self) -> list[dict[str, Any]]:
         """Every conversation, the latest updated first."""
         with self._db() as db:
-            rows = db.execute("SELECT * FROM web_conversations ORDER BY updated_at DESC, rowid DESC").fetchall()
-        return [_summary(r) for r in rows]
+            rows = db.execute(f"SELECT {_COLUMNS} FROM web_conversations ORDER BY updated_at DESC, rowid DESC")
+            return [_summary(r) for r in rows.fetchall()]
 
     def create(self, title: str | None = None) -> dict[str, Any]:
         now = time.time()
         conversation_id = "conv_" + secrets.token_hex(8)
-        with self._lock, self._db() as db:
+        with self.memory.transaction() as db:
             db.execute("INSERT INTO web_conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
                        (conversation_id, title, now, now))
-        return self.summary(conversation_id)
+        return _summary((conversation_id, title, now, now))
 
     def summary(self, conversation_id: str) -> dict[str, Any]:
         with self._db() as db:
-            row = db.execute("SELECT * FROM web_conversations WHERE id = ?", (conversation_id,)).fetchone()
-        if row is None:
-            raise ConversationNotFound(conversation_id)
-        return _summary(row)
+            return _summary(_row(db, conversation_id))
 
     def get(self, conversation_id: str) -> dict[str, Any]:
         """The conversation with all its messages."""
@@ -176,33 +215,47 @@ class ConversationStore:
         return out
 
     def rename(self, conversation_id: str, title: str) -> dict[str, Any]:
-        with self._lock, self._db() as db:
-            found = db.execute("UPDATE web_conversations SET title = ? WHERE id = ?", (title, conversation_id))
-        if found.rowcount == 0:
-            raise ConversationNotFound(conversation_id)
-        return self.summary(conversation_id)
+        with self.memory.transaction() as db:
+            db.execute("UPDATE web_conversations SET title = ? WHERE id = ?", (title, conversation_id))
+            return _summary(_row(db, conversation_id))
 
     def delete(self, conversation_id: str) -> None:
-        with self._lock, self._db() as db:
+        with self.memory.transaction() as db:
             found = db.execute("DELETE FROM web_conversations WHERE id = ?", (conversation_id,))
-        if found.rowcount == 0:
-            raise ConversationNotFound(conversation_id)
-        self.memory.clear(conversation_id)
+            if found.rowcount == 0:
+                raise ConversationNotFound(conversation_id)
+            self.memory.clear(conversation_id)
 
     def append(self, conversation_id: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """Add a turn; an untitled conversation takes its title from the first user message."""
-        with self._lock:
-            self.summary(conversation_id)  # 404 before writing anything
+        with self.memory.transaction() as db:
+            db.execute("UPDATE web_conversations SET title = COALESCE(title, ?), updated_at = ? WHERE id = ?",
+                       (auto_title(messages), time.time(), conversation_id))
+            summary = _summary(_row(db, conversation_id))  # ConversationNotFound rolls back: nothing written
             self.memory.add(conversation_id, messages)
-            with self._db() as db:
-                db.execute("UPDATE web_conversations SET title = COALESCE(title, ?), updated_at = ? WHERE id = ?",
-                           (auto_title(messages), time.time(), conversation_id))
-        return self.summary(conversation_id)
+        return summary
+
+    def orphan_message_count(self) -> int:
+        """Messages whose conversation is gone: none, unless something else writes the file."""
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM messages "
+                              "WHERE conversation_id NOT IN (SELECT id FROM web_conversations)").fetchone()[0]
 
     def close(self) -> None:
         self.memory.close()
 
 
-def _summary(row: sqlite3.Row) -> dict[str, Any]:
-    return {"id": row["id"], "object": "conversation", "title": row["title"],
-            "created_at": int(row["created_at"]), "updated_at": int(row["updated_at"])}
+_COLUMNS = "id, title, created_at, updated_at"
+
+
+def _row(db: sqlite3.Connection, conversation_id: str) -> tuple:
+    row = db.execute(f"SELECT {_COLUMNS} FROM web_conversations WHERE id = ?", (conversation_id,)).fetchone()
+    if row is None:
+        raise ConversationNotFound(conversation_id)
+    return row
+
+
+def _summary(row: tuple) -> dict[str, Any]:
+    conversation_id, title, created_at, updated_at = row
+    return {"id": conversation_id, "object": "conversation", "title": title,
+            "created_at": int(created_at), "updated_at": int(updated_at)}

@@ -21,6 +21,9 @@ const state = {
   tools: [], // OpenAI tool schemas of the server's MCP tools
   generation: null, // AbortController of the running answer
   settings: loadSettings(),
+  // What the loaded model can do (its /v1/models "capabilities"): thinking at all, switched on and off.
+  canThink: true,
+  thinkSwitch: true,
 };
 
 // -- settings -----------------------------------------------------------------------
@@ -46,7 +49,9 @@ function saveSettings() {
   localStorage.setItem(SETTINGS_STORAGE, JSON.stringify(state.settings));
 }
 
-const modeName = () => (state.settings.think ? "thinking" : "plain");
+/** Whether answers think: the switch, where the model has one; a model that cannot never does. */
+const thinking = () => state.canThink && (state.settings.think || !state.thinkSwitch);
+const modeName = () => (thinking() ? "thinking" : "plain");
 
 function budgetLabel(index) {
   const n = BUDGETS[index];
@@ -56,12 +61,13 @@ function budgetLabel(index) {
 function showSettings() {
   const s = state.settings;
   const mode = s[modeName()];
-  $("think").checked = s.think;
+  $("think").checked = thinking();
+  $("think").disabled = !state.canThink || !state.thinkSwitch;
   $("budget").value = s.budget;
-  $("budget").disabled = !s.think;
+  $("budget").disabled = !thinking();
   $("budget-value").textContent = budgetLabel(s.budget);
   $("budget").setAttribute("aria-valuetext", s.budget === 0 ? "off, no limit" : `${BUDGETS[s.budget]} tokens`);
-  $("settings-mode").textContent = s.think ? "thinking" : "non-thinking";
+  $("settings-mode").textContent = thinking() ? "thinking" : "non-thinking";
   $("temperature").value = mode.temperature;
   $("top_p").value = mode.top_p;
   $("top_k").value = mode.top_k;
@@ -112,10 +118,10 @@ function requestBody(messages) {
   const s = state.settings;
   const mode = s[modeName()];
   const body = {
-    messages, stream: true, stream_options: { include_usage: true }, enable_thinking: s.think,
+    messages, stream: true, stream_options: { include_usage: true }, enable_thinking: thinking(),
     temperature: mode.temperature, top_p: mode.top_p, top_k: mode.top_k,
   };
-  if (s.think && BUDGETS[s.budget] > 0) body.thinking_budget = BUDGETS[s.budget];
+  if (thinking() && BUDGETS[s.budget] > 0) body.thinking_budget = BUDGETS[s.budget];
   if (s.max_tokens) body.max_tokens = s.max_tokens;
   if (s.useTools && state.tools.length) body.tools = state.tools;
   return body;
@@ -333,7 +339,7 @@ class AnswerView {
   /** A saved message, shown as it was. */
   static restore(message) {
     const view = new AnswerView();
-    const meta = message.meta || {};
+    const meta = storedMeta(message.meta);
     if (message.reasoning_content) {
       view.openThinking(false);
       view.thinking.text.append(message.reasoning_content);
@@ -466,6 +472,31 @@ function newChat() {
 }
 
 // -- sending ------------------------------------------------------------------------
+
+/**
+ * A saved answer's meta with only the fields of the expected types: the server checks
+ * them on write, but a file written before that (or by another program) must still open.
+ */
+function storedMeta(meta) {
+  const m = meta !== null && typeof meta === "object" ? meta : {};
+  const number = (x) => (typeof x === "number" && Number.isFinite(x) ? x : undefined);
+  const u = m.usage !== null && typeof m.usage === "object" ? m.usage : {};
+  const usage = number(u.prompt_tokens) !== undefined && number(u.completion_tokens) !== undefined
+    ? {
+      prompt_tokens: u.prompt_tokens,
+      completion_tokens: u.completion_tokens,
+      completion_tokens_details: { reasoning_tokens: number(u.completion_tokens_details?.reasoning_tokens) ?? 0 },
+    }
+    : undefined;
+  return {
+    elapsed_s: number(m.elapsed_s),
+    thinking_s: number(m.thinking_s),
+    tokens_per_s: number(m.tokens_per_s),
+    usage,
+    stopped: m.stopped === true,
+    error: typeof m.error === "string" ? m.error : undefined,
+  };
+}
 
 /** Stored messages -> what the model is sent (no reasoning: Qwen3 is not shown its past thinking). */
 function forModel(messages) {
@@ -686,7 +717,9 @@ function bindUI() {
 async function loadServerInfo() {
   try {
     const models = await call("/v1/models");
-    $("model-name").textContent = models.data?.[0]?.id ?? "";
+    const model = models.data?.[0];
+    $("model-name").textContent = model?.id ?? "";
+    showCapabilities(model);
   } catch { /* shown by the other calls */ }
   try {
     const tools = await call("/web/api/tools");
@@ -695,6 +728,19 @@ async function loadServerInfo() {
     $("tools-count").textContent = tools.error ? "(unavailable)" : `(${tools.data.length})`;
     if (tools.error) $("tools-toggle").title = tools.error;
   } catch { /* no tools */ }
+}
+
+/** Disable the thinking controls the loaded model ignores, and say why in one line. */
+function showCapabilities(model) {
+  const capabilities = model?.capabilities;
+  if (!Array.isArray(capabilities)) return; // a server that does not say: keep every control
+  state.canThink = capabilities.includes("thinking");
+  state.thinkSwitch = capabilities.includes("hybrid_thinking");
+  const note = !state.canThink ? `${model.id} cannot think: thinking and its budget are off.`
+    : !state.thinkSwitch ? `${model.id} always thinks: the budget caps it.` : "";
+  $("think-note").textContent = note;
+  $("think-note").hidden = !note;
+  showSettings();
 }
 
 async function start() {

@@ -154,7 +154,8 @@ class GrammarCompiler:
 
         ``name`` None (tool_choice "required"): calls to any of ``tools`` — one or more,
         separated by "\\n", when ``parallel``, else exactly one; a named function: exactly
-        one call to it.
+        one call to it. The turn may end after any complete call, or after the "\\n" that
+        follows it (where Qwen models end their turn): another call is never forced.
         """
         functions = _functions(tools)
         if name is not None and name not in functions:
@@ -198,8 +199,10 @@ class GrammarCompiler:
         ]
         envelope = calls[0] if len(calls) == 1 else {"anyOf": calls}
         envelope = {**envelope, "x-guidance": _JSON_OPTIONS}
+        # NEWLINE?: Qwen ends a turn with "</tool_call>\n"; read as a separator, that "\n"
+        # forced another <tool_call> and `required` never stopped.
         lark = (
-            f"start: {'call (NEWLINE call)*' if several else 'call'}\n"
+            f"start: {'call (NEWLINE call)*' if several else 'call'} NEWLINE?\n"
             f'call: <[{start}]> NEWLINE %json {json.dumps(envelope)} NEWLINE <[{end}]>\n'
             'NEWLINE: "\\n"\n'
         )

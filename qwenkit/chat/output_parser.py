@@ -8,8 +8,9 @@ Qwen3 writes::
 decision is made on token ids, never by searching the decoded text (which a model can
 spell out in its answer). Decisions, all documented on :class:`OutputParser`:
 
-* Only a `<think>` before any answer text opens thinking (or the prompt already opened
-  it: :func:`starts_in_thinking`); a later `<think>` is answer text.
+* Where thinking is, the sequence's :class:`~qwenkit.chat.thinking.ThinkingState` says
+  (the same one the thinking budget and the grammar gate read): a `<think>` after only
+  whitespace opens it, or the prompt already did; a later `<think>` is answer text.
 * Newlines that frame the reasoning and those that lead the answer are dropped, as the
   chat template drops them from history; trailing newlines are held back while streaming
   until it is known whether more text follows.
@@ -17,6 +18,8 @@ spell out in its answer). Decisions, all documented on :class:`OutputParser`:
   is streamed as one :class:`ToolCallDelta` (id, name and the whole arguments) when its
   `</tool_call>` arrives: until then the block could still turn out malformed, and a
   malformed block is answer text, not a call. Streamed and final results agree exactly.
+* Calls written as plain JSON, without the markers (small models do), are found in the
+  answer text by :mod:`qwenkit.chat.text_tool_calls`, which holds back what may become a call.
 
 No torch.
 """
@@ -24,65 +27,13 @@ No torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from qwenkit.chat_types import ChatCompletion, ChatDelta, ToolCall, ToolCallDelta, Usage, new_tool_call_id
-
-THINK_START = "<think>"
-THINK_END = "</think>"
-TOOL_CALL_START = "<tool_call>"
-TOOL_CALL_END = "</tool_call>"
-
-
-class _TokenLookup(Protocol):
-    def token_to_id(self, token: str) -> int | None: ...
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """The marker token ids of a vocabulary; None where it has no such token (Qwen2.5 has
-    no think tokens)."""
-
-    think_start: int | None = None
-    think_end: int | None = None
-    tool_call_start: int | None = None
-    tool_call_end: int | None = None
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: _TokenLookup) -> SpecialIds:
-        return cls(
-            think_start=tokenizer.token_to_id(THINK_START),
-            think_end=tokenizer.token_to_id(THINK_END),
-            tool_call_start=tokenizer.token_to_id(TOOL_CALL_START),
-            tool_call_end=tokenizer.token_to_id(TOOL_CALL_END),
-        )
-
-    @property
-    def has_thinking(self) -> bool:
-        return self.think_start is not None and self.think_end is not None
-
-    @property
-    def has_tool_calls(self) -> bool:
-        return self.tool_call_start is not None and self.tool_call_end is not None
-
-
-def starts_in_thinking(prompt_token_ids: Sequence[int], ids: SpecialIds) -> bool:
-    """Whether the prompt ends inside an unclosed `<think>` (QwQ-style templates pre-fill
-    `<think>\\n`), so the output begins with reasoning and has only `</think>`.
-
-    Qwen3's template with ``enable_thinking=False`` pre-fills a closed `<think>\\n\\n</think>`:
-    that is not inside thinking.
-    """
-    if not ids.has_thinking:
-        return False
-    for token_id in reversed(prompt_token_ids):
-        if token_id == ids.think_end:
-            return False
-        if token_id == ids.think_start:
-            return True
-    return False
+from qwenkit.chat.markers import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START, SpecialIds
+from qwenkit.chat.text_tool_calls import TextToolCall, TextToolCallScanner
+from qwenkit.chat.thinking import Role, ThinkingState
+from qwenkit.chat.types import ChatCompletion, ChatDelta, ToolCall, ToolCallDelta, Usage, new_tool_call_id
 
 
 @dataclass
@@ -114,9 +65,6 @@ class ChatCompletionParts:
         )
 
 
-_CONTENT, _THINKING, _TOOL_CALL = "content", "thinking", "tool_call"
-
-
 class OutputParser:
     """Splits one request's generated tokens into reasoning, content and tool calls.
 
@@ -128,23 +76,30 @@ class OutputParser:
 
     Rules:
 
-    * **Thinking** opens with a `<think>` token before any non-whitespace content (the
-      whitespace before it is dropped), or from the first token when
-      ``starts_in_thinking``. It opens at most once; `</think>` closes it. While thinking,
-      every token is reasoning text, tool-call markers included. Leading newlines of the
-      reasoning and the newlines before `</think>` are dropped; if thinking never closes,
-      all of it is reasoning (trailing newlines dropped) and the content is None.
+    * **Thinking** is where ``thinking`` (the sequence's state, see
+      :class:`~qwenkit.chat.thinking.ThinkingState`) says it is: a `<think>` after only
+      whitespace (the whitespace is dropped), or from the first token when the prompt
+      opened it, until `</think>`. While thinking, every token is reasoning text, tool-call
+      markers included. Leading newlines of the reasoning and the newlines before
+      `</think>` are dropped; if thinking never closes, all of it is reasoning (trailing
+      newlines dropped) and the content is None.
     * **Content**: leading newlines are dropped; trailing whitespace is held back while
       streaming and flushed at :meth:`finish`, unless only whitespace followed the last
       tool call.
     * **Tool calls** (only with ``parse_tool_calls`` and a vocabulary that has the
       markers): a `<tool_call>` ... `</tool_call>` block in the content must hold a JSON
-      object ``{"name": str, "arguments": object}`` (``arguments`` may also be a string
-      holding a JSON object, or missing for ``{}``). A call is streamed as one
+      object ``{"name": str, "arguments": object}`` (``parameters`` for ``arguments`` is
+      accepted too; ``arguments`` may also be a string holding a JSON object, or missing
+      for ``{}``). A call is streamed as one
       :class:`ToolCallDelta` carrying id, name and the whole ``arguments``, compact
       ``json.dumps(arguments, ensure_ascii=False)``, when its block closes. A block that
       does not parse, or never closes, is content text (markers included). Whitespace
       around calls is dropped.
+    * **Calls written as text** (only with ``parse_tool_calls`` and ``tool_names``, the
+      offered functions): a bare JSON object or a ```json fence starting a line of the
+      content, ``{"name": <offered>, "arguments"|"parameters": object}``, is a call
+      (:mod:`qwenkit.chat.text_tool_calls` has the exact rules); its text is held back until
+      that is decided, and released as content when it is not a call.
     * **Marker text never leaks**: a marker token that acts as a marker contributes only
       the text the detokenizer held back before it.
     * ``reasoning_tokens``: every token from the opening `<think>` through the closing
@@ -153,12 +108,14 @@ class OutputParser:
       engine forces inside thinking (a thinking budget's early stop) are included.
     """
 
-    def __init__(self, tokenizer_ids: SpecialIds, *, starts_in_thinking: bool, parse_tool_calls: bool):
-        self.ids = tokenizer_ids
-        self.parse_tool_calls = parse_tool_calls and tokenizer_ids.has_tool_calls
-        in_thinking = starts_in_thinking and tokenizer_ids.think_end is not None
-        self._mode = _THINKING if in_thinking else _CONTENT
-        self._thinking_seen = in_thinking  # thinking opens at most once
+    def __init__(self, thinking: ThinkingState, *, parse_tool_calls: bool, tool_names: frozenset[str] = frozenset()):
+        self.thinking = thinking
+        self.ids: SpecialIds = thinking.ids
+        self.parse_tool_calls = parse_tool_calls and self.ids.has_tool_calls
+        # Finds calls written as JSON text in the content; None: content is only text.
+        self._text_calls = TextToolCallScanner(tool_names) if parse_tool_calls and tool_names else None
+        self._num_tokens = 0  # fed so far: the index of the next token in the sequence's output
+        self._in_tool_call = False
         self.reasoning_tokens = 0
         self.tool_calls: list[ToolCall] = []
         self._reasoning: list[str] = []
@@ -179,43 +136,35 @@ class OutputParser:
         """The content streamed so far."""
         return "".join(self._content)
 
-    @property
-    def in_thinking(self) -> bool:
-        return self._mode == _THINKING
-
     def feed(self, token_id: int, text: str) -> ChatDelta:
         """One generated token and the text it completed; returns what to stream now."""
         if self._finished:
             raise RuntimeError("OutputParser.feed after finish")
         delta = ChatDelta()
-        ids = self.ids
-        if self._mode == _THINKING:
+        role = self.thinking.role_at(self._num_tokens, token_id)
+        self._num_tokens += 1
+        if role is not Role.ANSWER:
             self.reasoning_tokens += 1
-            if token_id == ids.think_end:
-                self._add_reasoning(_before_marker(text, THINK_END), delta)
-                self._held_newlines = ""
-                self._mode = _CONTENT
-            else:
-                self._add_reasoning(text, delta)
-        elif self._mode == _TOOL_CALL:
-            if token_id == ids.tool_call_end:
+        if role is Role.THINKING:
+            self._add_reasoning(text, delta)
+        elif role is Role.CLOSE:
+            self._add_reasoning(_before_marker(text, THINK_END), delta)
+            self._held_newlines = ""
+        elif role is Role.OPEN:  # only whitespace came before: dropped
+            self._add_content(_before_marker(text, THINK_START), delta)
+            self._flush_text_calls(delta)
+            self._held_space = ""
+        elif self._in_tool_call:
+            if token_id == self.ids.tool_call_end:
                 self._block.append(_before_marker(text, TOOL_CALL_END))
                 self._close_tool_call(delta)
             else:
                 self._block.append(text)
-        elif token_id == ids.think_start and ids.think_end is not None and not self._thinking_seen:
-            self._add_content(_before_marker(text, THINK_START), delta)
-            if self._content or self.tool_calls:
-                self._add_content(THINK_START, delta)  # too late: answer text
-            else:
-                self._held_space = ""
-                self._thinking_seen = True
-                self._mode = _THINKING
-                self.reasoning_tokens += 1
-        elif token_id == ids.tool_call_start and self.parse_tool_calls:
+        elif token_id == self.ids.tool_call_start and self.parse_tool_calls:
             self._add_content(_before_marker(text, TOOL_CALL_START), delta)
+            self._flush_text_calls(delta)
             self._block = []
-            self._mode = _TOOL_CALL
+            self._in_tool_call = True
         else:
             self._add_content(text, delta)
         return delta
@@ -230,9 +179,10 @@ class OutputParser:
             raise RuntimeError("OutputParser.finish called twice")
         self._finished = True
         delta = ChatDelta()
-        if self._mode == _TOOL_CALL:  # never closed: its text is content
-            self._mode = _CONTENT
+        if self._in_tool_call:  # never closed: its text is content
+            self._in_tool_call = False
             self._add_content(TOOL_CALL_START + "".join(self._block), delta)
+        self._flush_text_calls(delta)
         self._held_newlines = ""
         if self._content and not self._after_tool_call and self._held_space:
             self._emit_content(self._held_space, delta)
@@ -261,6 +211,23 @@ class OutputParser:
             delta.reasoning_content += shown
 
     def _add_content(self, text: str, delta: ChatDelta) -> None:
+        if self._text_calls is None:
+            self._add_text(text, delta)
+        else:
+            self._add_pieces(self._text_calls.feed(text), delta)
+
+    def _flush_text_calls(self, delta: ChatDelta) -> None:
+        if self._text_calls is not None:
+            self._add_pieces(self._text_calls.flush(), delta)
+
+    def _add_pieces(self, pieces: list[str | TextToolCall], delta: ChatDelta) -> None:
+        for piece in pieces:
+            if isinstance(piece, TextToolCall):
+                self._add_tool_call(piece.name, piece.arguments, delta)
+            else:
+                self._add_text(piece, delta)
+
+    def _add_text(self, text: str, delta: ChatDelta) -> None:
         if not text:
             return
         text = self._held_space + text
@@ -280,12 +247,14 @@ class OutputParser:
     def _close_tool_call(self, delta: ChatDelta) -> None:
         raw = "".join(self._block)
         self._block = []
-        self._mode = _CONTENT
+        self._in_tool_call = False
         parsed = parse_tool_call(raw)
         if parsed is None:
             self._add_content(TOOL_CALL_START + raw + TOOL_CALL_END, delta)
             return
-        name, arguments = parsed
+        self._add_tool_call(*parsed, delta)
+
+    def _add_tool_call(self, name: str, arguments: str, delta: ChatDelta) -> None:
         call = ToolCall(id=new_tool_call_id(), name=name, arguments=arguments)
         delta.tool_calls.append(ToolCallDelta(index=len(self.tool_calls), id=call.id, name=name, arguments=arguments))
         self.tool_calls.append(call)
@@ -295,7 +264,7 @@ class OutputParser:
 
 def parse_tool_call(text: str) -> tuple[str, str] | None:
     """``(name, arguments JSON)`` from the text inside a `<tool_call>` block, or None when
-    it is not ``{"name": str, "arguments": object}``."""
+    it is not ``{"name": str, "arguments": object}`` (or ``"parameters"``)."""
     try:
         obj = json.loads(text)
     except ValueError:
@@ -305,7 +274,7 @@ def parse_tool_call(text: str) -> tuple[str, str] | None:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         return None
-    arguments: Any = obj.get("arguments", {})
+    arguments: Any = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):  # some fine-tunes write the arguments as a JSON string
         try:
             arguments = json.loads(arguments)

@@ -1,4 +1,4 @@
-"""What a chat request returns: the final completion and the deltas of a stream.
+"""What a chat request returns: the final completion, and the chunks of a stream.
 
 Plain dataclasses shaped after OpenAI's chat completion objects, so the server's
 protocol modules only rename and nest fields. No torch.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qwenkit.engine.llm_engine import TokenOutput
 
 FINISH_REASONS = ("stop", "length", "tool_calls")
 
@@ -113,3 +116,18 @@ class ChatCompletion:
     finish_reason: str
     usage: Usage
     request_id: str = ""
+
+
+@dataclass
+class ChatChunk:
+    """One piece of a streamed chat answer. The last chunk of each of the n choices has
+    its finish_reason; the request's last chunk also carries the usage. When the request
+    asked for logprobs, `logprobs` holds this piece's generated tokens (reasoning and
+    tool-call tokens included; a token the server forced, such as the close of thinking at
+    the thinking budget, has logprob None); otherwise it is None."""
+
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    logprobs: list[TokenOutput] | None = None
