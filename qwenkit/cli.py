@@ -170,6 +170,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "that quantized CPU models otherwise take (default: off)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at start")
+    p.add_argument("--deterministic", action="store_true",
+                   help="on the CPU, a request's tokens do not depend on the rest of the batch, prompt "
+                        "chunking or prefix-cache hits (batch-invariant kernels; slower: docs/determinism.md)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many GPUs (or CPU processes); see docs/scale.md")
     p.add_argument("--enable-expert-parallel", action="store_true",
@@ -181,7 +184,8 @@ def _llm_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 kv_cache_dtype=args.kv_cache_dtype,
                 max_model_len=args.max_model_len, quantization=args.quantization, compile=args.compile,
-                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                enforce_eager=args.enforce_eager, deterministic=args.deterministic,
+                tensor_parallel_size=args.tensor_parallel_size,
                 enable_expert_parallel=args.enable_expert_parallel)
 
 

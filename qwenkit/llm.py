@@ -129,6 +129,7 @@ class LLM:
         quantization: str | None = "auto",
         compile: bool | None = None,
         enforce_eager: bool = False,
+        deterministic: bool = False,
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
         progress: bool = True,
@@ -163,6 +164,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             compile=compile,
             enforce_eager=enforce_eager,
+            deterministic=deterministic,
         )
         try:
             self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device,

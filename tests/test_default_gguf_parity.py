@@ -75,5 +75,21 @@ def test_quantized_load_agrees_with_float(default_gguf):
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     want_tokens = float_llm.generate(prompt, params)[0].token_ids
     got_tokens = llm.generate(prompt, params)[0].token_ids
-    agreement = next((i for i, (a, b) in enumerate(zip(want_tokens, got_tokens)) if a != b), len(want_tokens))
-    assert agreement >= 16, (agreement, want_tokens, got_tokens)
+    # Greedy answers part at the first near-tie (this prompt has one at token 3: 0.02 apart in
+    # float): each choice the quantized model makes, on the float answer's path, is the float
+    # model's wherever the float model's two best tokens are more than 0.25 apart.
+    ids = llm.tokenizer.encode(prompt)
+    with torch.inference_mode():
+        along = []
+        for model in (float_llm.model, llm.model):
+            path = ids + list(want_tokens)
+            kv = model.allocate_kv_cache(len(path))
+            meta = AttentionMetadata.contiguous(start=0, num_tokens=len(path))
+            along.append(model.compute_logits(model(torch.tensor(path), torch.arange(len(path)), kv, meta))[len(ids) - 1:-1])
+    want, got = along
+    top2 = want.topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.25
+    assert clear.sum() >= 24 and (got.argmax(-1) == want.argmax(-1))[clear].all()
+    # The decode path (bfloat16 activations): the quantized answer leaves the float one at a near-tie or not at all.
+    parted = next((i for i, (a, b) in enumerate(zip(want_tokens, got_tokens)) if a != b), None)
+    assert parted is None or not clear[parted], (parted, want_tokens, got_tokens)

@@ -47,6 +47,7 @@ class _RunnerSizes:
     block_size: int
     compile: bool
     enforce_eager: bool
+    deterministic: bool
     max_model_len: int | None
     max_num_seqs: int
     kv_dtype: torch.dtype | None

@@ -64,9 +64,11 @@ class EngineArgs:
     the card and room for a step's activations (vLLM's gpu_memory_utilization=0.9); never
     more than max_num_seqs full contexts. max_num_seqs: 32 on CPU, 256 on CUDA.
     max_num_batched_tokens (a step's token budget, the prefill chunk): 1024 on CPU, 8192
-    on CUDA. enforce_eager: no CUDA graphs. kv_cache_dtype: "auto" (float16 on a CPU
-    computing in float32, else the model's dtype: on CUDA the cache stays the model's dtype
-    unless asked), "float32", "float16" or "bfloat16"."""
+    on CUDA. enforce_eager: no CUDA graphs. deterministic (CPU): a request's tokens do not
+    depend on what else is in the batch, how its prompt is chunked or whether its prefix was
+    cached (batch-invariant kernels, docs/determinism.md); off by default, it costs speed.
+    kv_cache_dtype: "auto" (float16 on a CPU computing in float32, else the model's dtype: on
+    CUDA the cache stays the model's dtype unless asked), "float32", "float16" or "bfloat16"."""
 
     max_model_len: int | None = None
     kv_cache_memory: int | str | None = None
@@ -77,6 +79,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     compile: bool | None = None  # torch.compile the decode step (None: the default, off)
     enforce_eager: bool = False
+    deterministic: bool = False
 
     def resolved(self, device: torch.device) -> "EngineArgs":
         cuda = device.type == "cuda"
@@ -150,6 +153,7 @@ class LLMEngine:
             device=device,
             compile=bool(args.compile),
             enforce_eager=args.enforce_eager,
+            deterministic=args.deterministic,
             max_model_len=self.max_model_len,
             max_num_seqs=args.max_num_seqs,
             kv_dtype=kv_dtype,

@@ -3,6 +3,7 @@ attention metadata, and returns the logits of the sequences that sample a token.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +100,15 @@ class ModelRunner:
         max_num_seqs: int = 32,
         kv_dtype: torch.dtype | None = None,
         progress: bool = True,
+        deterministic: bool = False,
     ):
         self.model = model
         self.kv_dtype = kv_dtype or model.dtype
         self.block_size = block_size
         self.device = device
+        # Batch-invariant steps (CPU): every matmul on blocks of kernels.INVARIANT_ROWS rows, and
+        # every query token's attention by the decode kernel, over its own context.
+        self.deterministic = deterministic and device.type == "cpu"
         if device.type == "cpu":
             configure_threads()
         num_slots = num_blocks * block_size
@@ -118,7 +123,7 @@ class ModelRunner:
         max_model_len = max_model_len or model.config.max_position_embeddings
         sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=-(-max_model_len // block_size),
                      block_size=block_size, padding_slot=num_slots, device=device)
-        if compile:
+        if compile and not self.deterministic:
             from qwenkit.engine.compile import CompiledDecode
 
             self.compiled = CompiledDecode(model, self.kv_caches, **sizes)
@@ -131,7 +136,7 @@ class ModelRunner:
         else:
             from qwenkit.models.fused_decode import FusedDecode
 
-            self.fused = FusedDecode.build(model, self.kv_caches)
+            self.fused = FusedDecode.build(model, self.kv_caches, padding_slot=num_slots if self.deterministic else None)
 
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
         """Compute the step. Returns the positions in `batch` of the sequences whose
@@ -141,6 +146,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
         """`run` on a step given as plain data (what a tensor-parallel worker receives)."""
+        with kernels.batch_invariant(self.deterministic):
+            return self._execute(step)
+
+    def _execute(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
         if all(len(ids) == 1 for ids in step.token_ids):
             return self._run_decode(step)
         input_ids, positions, slot_mapping, context_slots = [], [], [], []
@@ -160,7 +169,14 @@ class ModelRunner:
             if samples:
                 sample_at.append(offset - 1)
         sample_rows = step.sample_rows
-        if self.paged_prefill:
+        if self.deterministic:
+            # Each query token as a one-token "sequence" of its own context: the decode kernel's
+            # numbers for it, whatever the step's split into chunks or its cached prefix.
+            positions_t = torch.cat(positions)
+            rows = [i for i, n in enumerate(query_lens) for _ in range(n)]
+            _, _, meta = self._decode_inputs(input_ids, positions_t.tolist(), [step.block_tables[i] for i in rows])
+            meta = dataclasses.replace(meta, query_lens=tuple(query_lens), context_lens=tuple(context_lens))
+        elif self.paged_prefill:
             meta = AttentionMetadata(
                 query_lens=tuple(query_lens),
                 context_lens=tuple(context_lens),

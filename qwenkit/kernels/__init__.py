@@ -33,7 +33,10 @@ take raw pointers and need nothing from libtorch.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +46,9 @@ from qwenkit.kernels import cpu, cuda, reference
 from qwenkit.kernels.cpu import GGUF_BLOCKS, gguf_row_bytes
 
 __all__ = [
-    "GGUF_BLOCKS", "DecodeLayer", "DecodeLayers", "DecodeLinear", "add_rms_norm", "describe", "fused_experts",
-    "gguf_dequantize", "gguf_linear", "gguf_row_bytes", "has_gguf_kernel", "int4_linear", "int8_linear",
+    "GGUF_BLOCKS", "INVARIANT_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear", "add_rms_norm",
+    "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_row_bytes",
+    "has_gguf_kernel", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
     "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope_cache",
     "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
 ]
@@ -77,6 +81,54 @@ def _native(*tensors: torch.Tensor) -> cpu.Library | None:
     return None
 
 
+# -- batch invariance --------------------------------------------------------------------------
+#
+# A matmul library picks its blocking, vector kernel and thread split from the shape, so a row's
+# numbers depend on how many rows came with it (measured with torch 2.13's CPU GEMM: a row of a
+# 1-, 2-, 3-, 5-, 6-, 7- or 9-row call differs from the same row in a 300-row call; the native
+# Q5_0 kernel unpacks the weights from 16 rows on). Under `batch_invariant()` every CPU matmul
+# is called on blocks of exactly INVARIANT_ROWS rows (the last one zero-padded): a block's shape
+# never changes, and no GEMM mixes its rows, so each row's numbers are those of the row alone.
+# With attention per query token (the runner's deterministic steps) and row-wise norms, a token
+# is computed alike alone, in any batch, chunked or not, and with or without a prefix-cache hit.
+
+INVARIANT_ROWS = 8
+_batch_invariant = contextvars.ContextVar("qwenkit_batch_invariant", default=False)
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True) -> Iterator[None]:
+    """Within the block, CPU matmuls compute each row as it would be computed alone."""
+    token = _batch_invariant.set(enabled)
+    try:
+        yield
+    finally:
+        _batch_invariant.reset(token)
+
+
+def is_batch_invariant() -> bool:
+    return _batch_invariant.get()
+
+
+def _in_row_blocks(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """matmul(x), called on blocks of exactly INVARIANT_ROWS rows of x when batch invariance is
+    on (CPU, eager), else on x whole."""
+    # is_compiling first: dynamo folds it, and cannot trace ContextVar.get (compiled steps are never invariant).
+    if torch.compiler.is_compiling() or not _batch_invariant.get() or x.device.type != "cpu" or x.dim() != 2:
+        return matmul(x)
+    rows = x.shape[0]
+    padded = -(-rows // INVARIANT_ROWS) * INVARIANT_ROWS
+    if padded != rows:
+        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+    x = x.contiguous()
+    return torch.cat([matmul(x[i : i + INVARIANT_ROWS]) for i in range(0, padded, INVARIANT_ROWS)])[:rows]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear of float weights; row by row alike under `batch_invariant()`."""
+    return _in_row_blocks(lambda rows: F.linear(rows, weight, bias), x)
+
+
 # -- norms and rotary --------------------------------------------------------------------------
 
 
@@ -86,9 +138,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from qwenkit.kernels.cuda import fused
 
         return fused.rms_norm(x, weight, eps)
-    if (not torch.compiler.is_compiling() and x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous()
-            and (lib := _native(x, weight)) is not None):
-        return lib.rms_norm(x, weight, eps)
+    if not torch.compiler.is_compiling() and weight.is_contiguous() and (lib := _native(x, weight)) is not None:
+        if x.dim() == 2 and x.stride(1) == 1:
+            return lib.rms_norm(x, weight, eps)
+        # Qwen3's per-head norms ([T, heads, D]): as rows of D, the numbers the fused decode step gets.
+        return lib.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
     return reference.rms_norm(x, weight, eps)
 
 
@@ -111,6 +165,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from qwenkit.kernels.cuda import fused
 
         return fused.silu_and_mul(x)
+    if not torch.compiler.is_compiling() and x.dim() == 2 and (lib := _native(x)) is not None:
+        return lib.silu_and_mul(x.contiguous())
     return reference.silu_and_mul(x)
 
 
@@ -273,7 +329,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T, in x's dtype."""
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         return _int8_linear_op(x, weight, scale)
-    return _int8_linear(x, weight, scale)
+    return _in_row_blocks(lambda rows: _int8_linear(rows, weight, scale), x)
 
 
 def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -303,7 +359,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_na
     dequantized a block of rows at a time and multiplied in x's dtype."""
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         return _gguf_linear_op(x, blocks, in_features, type_name)
-    return _gguf_linear(x, blocks, in_features, type_name)
+    return _in_row_blocks(lambda rows: _gguf_linear(rows, blocks, in_features, type_name), x)
 
 
 def _gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
@@ -342,7 +398,7 @@ def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> t
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ w^T with w packed by torch's `_convert_weight_to_int4pack_for_cpu`, in x's dtype
     (torch's own CPU kernel: the packed layout is torch's)."""
-    return reference.int4_linear(x, packed, scales_and_zeros)
+    return _in_row_blocks(lambda rows: reference.int4_linear(rows, packed, scales_and_zeros), x)
 
 
 # -- mixture of experts ------------------------------------------------------------------------

@@ -89,6 +89,7 @@ KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/kern
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
     "rms_norm_f32": (None, [_P, _I64, _P, _P, _I, _I, _F]),
+    "silu_and_mul_f32": (None, [_P, _P, _I, _I]),
     "rope_neox_f32": (None, [_P, _I64, _P, _P, _P, _I, _I, _I]),
     "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F, _I]),
     "int8_linear_q8": (_I, [_P] * 4 + [_I] * 3),
@@ -116,6 +117,13 @@ class Library:
         y = torch.empty(x.shape, dtype=torch.float32)
         self._lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
         return y
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x float32 [T, 2 * I] contiguous (gate, then up) -> silu(gate) * up [T, I]."""
+        t, width = x.shape
+        out = torch.empty(t, width // 2, dtype=torch.float32)
+        self._lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), t, width // 2)
+        return out
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x float32 [T, heads, D] (heads contiguous within a token), cos / sin [T, 1, D] contiguous."""

@@ -65,11 +65,7 @@ int decode_layers(const fd_layer *layers, int num_layers, const fd_dims *d, floa
         for (int64_t i = 0; i < (int64_t)M * hidden; i++) h[i] += tmp[i];
         rms_norm_f32(h, hidden, L->post_norm, x, M, hidden, d->eps);
         if ((rc = fd_matmul(&L->gate_up, x, gate_up, M))) break;
-        for (int m = 0; m < M; m++) {
-            const float *g = gate_up + (int64_t)m * 2 * I, *u = g + I;
-            float *a = act + (int64_t)m * I;
-            for (int i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-        }
+        silu_and_mul_f32(gate_up, act, M, I);
         if ((rc = fd_matmul(&L->down, act, tmp, M))) break;
         for (int64_t i = 0; i < (int64_t)M * hidden; i++) h[i] += tmp[i];
     }

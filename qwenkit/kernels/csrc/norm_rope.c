@@ -17,6 +17,18 @@ void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *y, in
     }
 }
 
+/* SwiGLU's activation: out[t] = silu(gate[t]) * up[t], x rows [gate (I floats), up (I floats)]. The
+   module path and the fused decode step both call this, so a token's numbers do not depend on
+   which of them computed it. */
+void silu_and_mul_f32(const float *x, float *out, int T, int I) {
+#pragma omp parallel for if (T >= 16)
+    for (int t = 0; t < T; t++) {
+        const float *g = x + (int64_t)t * 2 * I, *u = g + I;
+        float *o = out + (int64_t)t * I;
+        for (int i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
 /* out[t, h] = x[t, h] * cos[t] + rotate_half(x[t, h]) * sin[t], with rotate_half(x) = (-x[D/2:],
    x[:D/2]). x: [T, heads, D] with token stride x_stride (heads D apart); cos, sin: [T, D]; out:
    [T, heads, D] contiguous. */
