@@ -348,7 +348,8 @@ def _serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or _served_names(args.model, allm.llm.model_name)
     config = dataclasses.replace(config, served_model_names=names)
     running = (f"{str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}, "
-               f"{kernels.summary(allm.llm.device)}")
+               f"{kernels.summary(allm.llm.device)}"
+               f"{'; deterministic (batch-invariant steps)' if allm.llm.engine.runner.deterministic else ''}")
 
     def ready(port: int) -> None:
         for line in serve_banner(config, host=args.host, port=port, capabilities=_capability_names(allm.llm),

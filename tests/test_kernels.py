@@ -101,6 +101,18 @@ def test_variant_k_quants_against_gguf(isa, type_name):
 
 
 @needs_compiler
+def test_k_quant_rows_do_not_depend_on_the_call_under_batch_invariance():
+    """From MAX_K_QUANT_KERNEL_TOKENS rows the K-quants are dequantized for a GEMM, whose rows
+    depend on the row count; under batch_invariant() (--deterministic) the kernel takes them all."""
+    blocks, _ = _k_quant_blocks("Q4_K", 21, 512, seed=5)
+    x = torch.randn(kernels.MAX_K_QUANT_KERNEL_TOKENS + 23, 512, generator=torch.Generator().manual_seed(1))
+    with kernels.batch_invariant():
+        together = kernels.gguf_linear(x, blocks, 512, "Q4_K")
+        assert all(torch.equal(kernels.gguf_linear(x[i : i + 1], blocks, 512, "Q4_K")[0], together[i])
+                   for i in range(0, len(x), 7))
+
+
+@needs_compiler
 @pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
 def test_variant_rows_do_not_depend_on_the_call(isa):
     """Below 16 rows each activation row's result is bit for bit the same alone or with others
@@ -114,6 +126,27 @@ def test_variant_rows_do_not_depend_on_the_call(isa):
     for fn in (lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16)), lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")):
         together = fn(x)
         assert all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(len(x)))
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+def test_variant_rows_do_not_depend_on_the_call_when_row_invariant(isa):
+    """Under set_row_invariant (--deterministic) at any row count too: 37 rows would otherwise
+    take AMX tiles (int8, Q5_0) or unpack the Q5_0 weights first; without it, they differ."""
+    lib = _variant(isa)
+    w = _weights(21, 416)
+    q, scale = quantize_int8(w)
+    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    x = torch.randn(37, 416, generator=torch.Generator().manual_seed(9))
+    q5_0 = lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")  # noqa: E731
+    assert not torch.equal(q5_0(x)[:1], q5_0(x[:1]))  # what the switch changes
+    lib.set_row_invariant(True)
+    try:
+        for fn in (lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16)), q5_0):
+            together = fn(x)
+            assert all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(len(x)))
+    finally:
+        lib.set_row_invariant(False)
 
 
 @needs_compiler
@@ -135,6 +168,8 @@ def test_variant_attention_norm_rotary_against_reference(isa):
     angles = torch.rand(5, 1, dim // 2, generator=g) * 6
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     torch.testing.assert_close(lib.rotary(q, cos, sin), reference.rotary(q, cos, sin), atol=1e-6, rtol=1e-5)
+    gate_up = torch.randn(5, 2 * 48, generator=g) * 4
+    torch.testing.assert_close(lib.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=1e-6, rtol=1e-5)
 
 
 @needs_compiler

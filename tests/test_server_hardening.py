@@ -124,6 +124,18 @@ def test_deep_json_is_refused_whatever_the_recursion_limit(open_server):
     assert not json_too_deep(b"[]" * 1000)
 
 
+def test_an_oversized_prompt_is_refused_before_tokenizing_on_every_route(open_server):
+    """Refused by the byte bound (its message), not after the whole text was tokenized."""
+    text = "word " * 100_000
+    for route, body in [(CHAT, {"messages": [{"role": "user", "content": text}]}),
+                        ("/v1/responses", {"input": text}),
+                        ("/v1/responses", {"input": [{"role": "user", "content": text}]})]:
+        r = httpx.post(open_server + route, json=body)
+        assert r.status_code == 400, (route, r.text)
+        error = openai_error(r)
+        assert error["code"] == "context_length_exceeded" and "bytes, more than" in error["message"], (route, error)
+
+
 def test_405_says_which_methods_are_allowed(open_server):
     r = httpx.get(open_server + CHAT)
     assert r.status_code == 405 and r.headers["allow"] == "POST"

@@ -106,8 +106,9 @@ class ModelRunner:
         self.kv_dtype = kv_dtype or model.dtype
         self.block_size = block_size
         self.device = device
-        # Batch-invariant steps (CPU): every matmul on blocks of kernels.INVARIANT_ROWS rows, and
-        # every query token's attention by the decode kernel, over its own context.
+        # Batch-invariant steps (CPU, `kernels.batch_invariant`): matmuls that compute each row
+        # alike whatever the row count, and each query token's attention by the decode kernel
+        # over its own context (as the fused decode step computes it).
         self.deterministic = deterministic and device.type == "cpu"
         if device.type == "cpu":
             configure_threads()
@@ -136,7 +137,11 @@ class ModelRunner:
         else:
             from qwenkit.models.fused_decode import FusedDecode
 
-            self.fused = FusedDecode.build(model, self.kv_caches, padding_slot=num_slots if self.deterministic else None)
+            # Deterministic steps need the fused step's numbers to be the module path's (which a
+            # prefix-cache miss or a preempted token's recompute takes); a half-precision module
+            # path rounds between operations, the fused step (float32 throughout) does not.
+            if not (self.deterministic and model.dtype != torch.float32):
+                self.fused = FusedDecode.build(model, self.kv_caches)
 
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
         """Compute the step. Returns the positions in `batch` of the sequences whose

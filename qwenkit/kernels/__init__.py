@@ -86,9 +86,11 @@ def _native(*tensors: torch.Tensor) -> cpu.Library | None:
 # A matmul library picks its blocking, vector kernel and thread split from the shape, so a row's
 # numbers depend on how many rows came with it (measured with torch 2.13's CPU GEMM: a row of a
 # 1-, 2-, 3-, 5-, 6-, 7- or 9-row call differs from the same row in a 300-row call; the native
-# Q5_0 kernel unpacks the weights from 16 rows on). Under `batch_invariant()` every CPU matmul
-# is called on blocks of exactly INVARIANT_ROWS rows (the last one zero-padded): a block's shape
-# never changes, and no GEMM mixes its rows, so each row's numbers are those of the row alone.
+# Q5_0 kernel unpacks the weights from 16 rows on). Under `batch_invariant()` the native int8,
+# Q5_0 and K-quant kernels (float32 activations) take one path for every row count
+# (`cpu.Library.set_row_invariant`, `NATIVE_ROW_INVARIANT`), and every other CPU matmul is called on blocks of exactly
+# INVARIANT_ROWS rows (the last one zero-padded): a block's shape never changes, and no GEMM
+# mixes its rows, so each row's numbers are those of the row alone.
 # With attention per query token (the runner's deterministic steps) and row-wise norms, a token
 # is computed alike alone, in any batch, chunked or not, and with or without a prefix-cache hit.
 
@@ -100,9 +102,14 @@ _batch_invariant = contextvars.ContextVar("qwenkit_batch_invariant", default=Fal
 def batch_invariant(enabled: bool = True) -> Iterator[None]:
     """Within the block, CPU matmuls compute each row as it would be computed alone."""
     token = _batch_invariant.set(enabled)
+    lib = cpu.library() if enabled else None
+    if lib is not None:
+        lib.set_row_invariant(True)
     try:
         yield
     finally:
+        if lib is not None:
+            lib.set_row_invariant(False)
         _batch_invariant.reset(token)
 
 
@@ -110,11 +117,13 @@ def is_batch_invariant() -> bool:
     return _batch_invariant.get()
 
 
-def _in_row_blocks(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _in_row_blocks(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
+                   invariant: bool = False) -> torch.Tensor:
     """matmul(x), called on blocks of exactly INVARIANT_ROWS rows of x when batch invariance is
-    on (CPU, eager), else on x whole."""
+    on (CPU, eager), else (or where the matmul is `invariant` at any row count) on x whole."""
     # is_compiling first: dynamo folds it, and cannot trace ContextVar.get (compiled steps are never invariant).
-    if torch.compiler.is_compiling() or not _batch_invariant.get() or x.device.type != "cpu" or x.dim() != 2:
+    if (torch.compiler.is_compiling() or invariant or not _batch_invariant.get() or x.device.type != "cpu"
+            or x.dim() != 2):
         return matmul(x)
     rows = x.shape[0]
     padded = -(-rows // INVARIANT_ROWS) * INVARIANT_ROWS
@@ -319,6 +328,17 @@ def paged_prefill_attention(
 # -- quantized matmuls -------------------------------------------------------------------------
 
 
+# GGUF types whose native kernel computes each row alike at any row count under
+# `batch_invariant()`: Q5_0 through `set_row_invariant` (as the int8 kernel does); the K-quants'
+# kernel has one path for every row count and then takes every call (no dequantized prefill).
+NATIVE_ROW_INVARIANT = frozenset({"Q5_0", *K_QUANTS})
+
+
+def _native_any_rows(x: torch.Tensor) -> bool:
+    """Whether the native quantized kernels take x's rows whatever their count (float32 on CPU)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu.library() is not None
+
+
 def _native_rows(x: torch.Tensor) -> bool:
     """Whether a CPU call of x's rows goes to the native kernels (see MAX_NATIVE_KERNEL_TOKENS)."""
     limit = MAX_NATIVE_KERNEL_TOKENS if x.dtype == torch.float32 else MAX_KERNEL_TOKENS
@@ -329,7 +349,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T, in x's dtype."""
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         return _int8_linear_op(x, weight, scale)
-    return _in_row_blocks(lambda rows: _int8_linear(rows, weight, scale), x)
+    return _in_row_blocks(lambda rows: _int8_linear(rows, weight, scale), x, invariant=_native_any_rows(x))
 
 
 def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -359,11 +379,12 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_na
     dequantized a block of rows at a time and multiplied in x's dtype."""
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         return _gguf_linear_op(x, blocks, in_features, type_name)
-    return _in_row_blocks(lambda rows: _gguf_linear(rows, blocks, in_features, type_name), x)
+    return _in_row_blocks(lambda rows: _gguf_linear(rows, blocks, in_features, type_name), x,
+                          invariant=type_name in NATIVE_ROW_INVARIANT and _native_any_rows(x))
 
 
 def _gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    decoding = type_name not in K_QUANTS or x.shape[0] <= MAX_K_QUANT_KERNEL_TOKENS
+    decoding = type_name not in K_QUANTS or x.shape[0] <= MAX_K_QUANT_KERNEL_TOKENS or _batch_invariant.get()
     if _native_rows(x) and decoding and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
         return lib.gguf_linear(x, blocks, in_features, type_name).to(x.dtype)
     return _dequantized_gguf_linear(x, blocks, in_features, type_name)

@@ -90,6 +90,7 @@ _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
     "rms_norm_f32": (None, [_P, _I64, _P, _P, _I, _I, _F]),
     "silu_and_mul_f32": (None, [_P, _P, _I, _I]),
+    "qk_set_row_invariant": (None, [_I]),
     "rope_neox_f32": (None, [_P, _I64, _P, _P, _P, _I, _I, _I]),
     "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F, _I]),
     "int8_linear_q8": (_I, [_P] * 4 + [_I] * 3),
@@ -117,6 +118,10 @@ class Library:
         y = torch.empty(x.shape, dtype=torch.float32)
         self._lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
         return y
+
+    def set_row_invariant(self, on: bool) -> None:
+        """While on, the int8 and Q5_0 matmuls compute each row alike whatever the row count."""
+        self._lib.qk_set_row_invariant(int(on))
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """x float32 [T, 2 * I] contiguous (gate, then up) -> silu(gate) * up [T, I]."""

@@ -43,22 +43,13 @@ def _linear(module) -> kernels.DecodeLinear | None:
 class FusedDecode:
     """Decode steps of `model` through `kernels.DecodeLayers`; built by `build`, which says whether it applies."""
 
-    def __init__(self, model: QwenForCausalLM, layers: kernels.DecodeLayers, padding_slot: int | None = None):
+    def __init__(self, model: QwenForCausalLM, layers: kernels.DecodeLayers):
         self.model = model
         self._layers = layers
-        self._padding_slot = padding_slot
 
     @classmethod
-    def build(cls, model: QwenForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], *,
-              padding_slot: int | None = None) -> FusedDecode | None:
-        """The fused path for this model and cache, or None where it does not apply (see the module
-        doc). With a `padding_slot` (a cache slot no sequence owns) the step is batch-invariant: the
-        sequences go through in groups of exactly `kernels.INVARIANT_ROWS`, padded with rows that
-        write there, so each matmul has the shape the module path's deterministic blocks have."""
-        if padding_slot is not None and model.dtype != torch.float32:
-            # Batch invariance needs the numbers of the module path, which a recomputed (preempted)
-            # token takes; in half precision that path rounds between operations, this one does not.
-            return None
+    def build(cls, model: QwenForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> FusedDecode | None:
+        """The fused path for this model and cache, or None where it does not apply (see the module doc)."""
         c = model.config
         layers = []
         for layer, (k_cache, v_cache) in zip(model.model.layers, kv_caches):
@@ -76,7 +67,7 @@ class FusedDecode:
             layers, hidden=c.hidden_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
             head_dim=c.head_dim, intermediate=c.intermediate_size, eps=c.rms_norm_eps,
             scale=model.model.layers[0].self_attn.scale)
-        return None if fused is None else cls(model, fused, padding_slot)
+        return None if fused is None else cls(model, fused)
 
     @staticmethod
     def applies(num_seqs: int) -> bool:
@@ -90,20 +81,7 @@ class FusedDecode:
         positions [num_seqs] and the step's decode metadata, as the module path takes them."""
         d = meta.decode
         inner = self.model.model
-        if self._padding_slot is None:
-            cos, sin = inner.rotary_emb(positions)
-            h = self._layers(inner.embed_tokens(input_ids), cos, sin, meta.slot_mapping, d.block_tables,
-                             d.block_size, d.context_lens)
-            return inner.norm(h.to(self.model.dtype))
-        rows, n = input_ids.shape[0], kernels.INVARIANT_ROWS
-        pad = -rows % n
-        pad_to = lambda t, value: torch.cat([t, t.new_full((pad, *t.shape[1:]), value)])  # noqa: E731
-        # Padding rows: token 0 at position 0, written to the padding slot, with no context (zeros).
-        ids, pos, slots = pad_to(input_ids, 0), pad_to(positions, 0), pad_to(meta.slot_mapping, self._padding_slot)
-        tables, lens = pad_to(d.block_tables, 0), pad_to(d.context_lens, 0)
-        cos, sin = inner.rotary_emb(pos)
-        h = inner.embed_tokens(ids)
-        out = torch.cat([self._layers(h[i : i + n], cos[i : i + n], sin[i : i + n], slots[i : i + n],
-                                      tables[i : i + n], d.block_size, lens[i : i + n])
-                         for i in range(0, rows + pad, n)])
-        return inner.norm(out[:rows].to(self.model.dtype))
+        cos, sin = inner.rotary_emb(positions)
+        h = self._layers(inner.embed_tokens(input_ids), cos, sin, meta.slot_mapping, d.block_tables,
+                         d.block_size, d.context_lens)
+        return inner.norm(h.to(self.model.dtype))

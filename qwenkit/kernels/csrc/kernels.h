@@ -165,6 +165,7 @@ static inline void kv_store(void *cache, int64_t index, int kv_dtype, const floa
 }
 
 /* norm_rope.c */
+void qk_set_row_invariant(int on);
 void silu_and_mul_f32(const float *x, float *out, int T, int I);
 void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *y, int T, int H, float eps);
 void rope_neox_f32(const float *x, int64_t x_stride, const float *cos, const float *sin, float *out, int T,

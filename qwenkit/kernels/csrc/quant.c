@@ -24,6 +24,14 @@
 static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *scale, float *y, int M, int N, int K);
 #endif
 
+/* While set (qk_set_row_invariant), the matmuls below take one path whatever the number of
+   activation rows M (no AMX tiles, no Q5_0 unpacking from Q5_0_UNPACK_ROWS rows on): each row's
+   result is then the same alone or among any others (--deterministic). The paths left are the
+   tile kernels, which keep one order of operations per (activation row, weight row). */
+static int row_invariant = 0;
+
+void qk_set_row_invariant(int on) { row_invariant = on; }
+
 /* x[K] -> xq[K] int8 and xs[ceil(K / QK)]: xs[j] = max |x| over block j / 127 (the last block
    may be short). */
 void quantize_row_q8(const float *x, int K, int8_t *xq, float *xs) {
@@ -127,7 +135,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
    Returns 0, or -1 when out of memory. */
 int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float *y, int M, int N, int K) {
 #ifdef QK_AMX
-    if (M >= AMX_MIN_ROWS && K % QK == 0) return amx_linear(x, w, 0, scale, y, M, N, K);
+    if (M >= AMX_MIN_ROWS && K % QK == 0 && !row_invariant) return amx_linear(x, w, 0, scale, y, M, N, K);
 #endif
     const int nb = (K + QK - 1) / QK;
     int8_t *xq = malloc((size_t)M * K);
@@ -385,7 +393,7 @@ static void q5_0_unpack_row(const uint8_t *blocks, int nb, int8_t *values, float
    multiple of 32. Returns 0, or -1 when out of memory. */
 int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K) {
 #ifdef QK_AMX
-    if (M >= AMX_MIN_ROWS) return amx_linear(x, w, 1, NULL, y, M, N, K);
+    if (M >= AMX_MIN_ROWS && !row_invariant) return amx_linear(x, w, 1, NULL, y, M, N, K);
 #endif
     const int nb = K / QK;
     const int64_t row = (int64_t)nb * Q5_0_BYTES;
@@ -401,7 +409,7 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
             c[(int64_t)m * nb + j] = 16.f * xs[(int64_t)m * nb + j] * (float)sum;
         }
     }
-    if (M >= Q5_0_UNPACK_ROWS) {
+    if (M >= Q5_0_UNPACK_ROWS && !row_invariant) {
         /* Many rows (prefill): each group of 4 weight rows is unpacked once to int8 values and
            per-block scales, then multiplied into every activation row by the int8 tile. */
         int failed = 0;

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from qwenkit.server import responses_protocol as rp
 from qwenkit.server.errors import APIError
+from qwenkit.server.limits import prompt_texts
 from qwenkit.server.respond import respond
 from qwenkit.server.response_store import ResponseStore
 from qwenkit.server.routes.context import ServerContext, as_400
@@ -31,6 +32,7 @@ def responses_router(ctx: ServerContext) -> APIRouter:
                 raise APIError(404, f"previous_response_id {body.previous_response_id!r} is not a stored response",
                                param="previous_response_id", code="previous_response_not_found")
         call = as_400(rp.responses_call, body, previous)
+        await ctx.check_prompt(prompt_texts(call.request.messages))
         builder = rp.ResponseBuilder(rp.new_id("resp"), model, body)
         chunks = await ctx.open_chat(call.request, builder.id)
 
