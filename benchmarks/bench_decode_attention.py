@@ -46,7 +46,12 @@ def main() -> None:
     k_cache = torch.randn(num_blocks * block_size, args.kv_heads, args.head_dim, generator=g)
     v_cache = torch.randn(num_blocks * block_size, args.kv_heads, args.head_dim, generator=g)
     scale = args.head_dim**-0.5
-    impls = {"native": paged_decode_attention, "reference": reference.paged_decode_attention,
+    def cache_in(dtype):
+        caches = (k_cache.to(dtype), v_cache.to(dtype))
+        return lambda q, k, v, *rest, **kw: paged_decode_attention(q, *caches, *rest, **kw)
+
+    impls = {"native": paged_decode_attention, "native f16": cache_in(torch.float16),
+             "native bf16": cache_in(torch.bfloat16), "reference": reference.paged_decode_attention,
              "loop": per_sequence_loop}
     print(f"threads {torch.get_num_threads()}, heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}")
     print(f"{'seqs':>4}  {'context':>7}  " + "  ".join(f"{name + ' us':>12}" for name in impls))

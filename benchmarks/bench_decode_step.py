@@ -3,6 +3,7 @@
     python benchmarks/bench_decode_step.py [--model /work/cache/default.gguf] [--streams 1,8] [--steps 20]
     python benchmarks/bench_decode_step.py --compile [--streams 1,8]
     python benchmarks/bench_decode_step.py --fused [--streams 1,8]
+    python benchmarks/bench_decode_step.py --kv-cache-dtypes float32,float16 [--streams 1,8]
 
 Default: per stream count, the median step (wall ms, tok/s) and a CPU-time split of the
 step: timing wrappers around the fused decode layers (one C call for all layers, where it
@@ -15,6 +16,8 @@ compute); with more threads the wrappers see only the calling thread's share.
 --compile: builds the engine with compile=True (prints the warm-up time), then runs decode
 steps alternately through the compiled graphs and eagerly, in one process.
 --fused: decode steps alternately through the fused C layers and the torch modules.
+--kv-cache-dtypes A,B: one engine per KV cache dtype in the same process, decode steps
+alternately on each (the same prompts); --dtype picks the compute dtype.
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ SPLIT = {"fused layers": (fused_decode.FusedDecode, "__call__"), "int8 matmuls":
          "gguf-block matmuls": (kernels, "gguf_linear"), "attention": (layers, "attention")}
 
 
+PROMPT_TOKENS = 32  # --prompt-tokens: the context each stream decodes after
+
+
 def _prompts(llm: LLM, n: int) -> list[list[int]]:
-    return [llm.tokenizer.encode(f"{i} def merge_sort(items): the quick brown fox jumps")[:32] for i in range(n)]
+    text = " def merge_sort(items): the quick brown fox jumps" * (PROMPT_TOKENS // 8 + 1)
+    return [llm.tokenizer.encode(f"{i}{text}")[:PROMPT_TOKENS] for i in range(n)]
 
 
 def _start(llm: LLM, streams: int, steps: int) -> None:
@@ -114,6 +121,28 @@ def alternating(llm: LLM, streams: int, steps: int, path: str) -> dict:
     }
 
 
+def alternating_engines(llms: dict[str, LLM], streams: int, steps: int) -> dict:
+    """Decode steps alternately on each engine of `llms` (same prompts on each)."""
+    for llm in llms.values():
+        _start(llm, streams, steps)
+    times = {name: [] for name in llms}
+    try:
+        for _ in range(steps):
+            for name, llm in llms.items():
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                llm.engine.step()
+                times[name].append((time.perf_counter() - start, time.thread_time() - start_cpu))
+    finally:
+        for llm in llms.values():
+            _finish(llm)
+    return {"streams": streams} | {
+        name: {"wall_ms": round(statistics.median(w for w, _ in t) * 1e3, 1),
+               "min_ms": round(min(w for w, _ in t) * 1e3, 1),
+               "cpu_ms": round(statistics.median(c for _, c in t) * 1e3, 1)}
+        for name, t in times.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="/work/cache/default.gguf")
@@ -122,9 +151,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fused", action="store_true")
+    parser.add_argument("--kv-cache-dtypes", help="e.g. float32,float16: one engine each, steps alternating")
+    parser.add_argument("--dtype", help="compute dtype (default: qwenkit's choice for this CPU)")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="context before the timed steps")
     args = parser.parse_args()
+    global PROMPT_TOKENS
+    PROMPT_TOKENS = args.prompt_tokens
+    if args.kv_cache_dtypes:
+        llms = {kv: LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=kv,
+                        progress=False) for kv in args.kv_cache_dtypes.split(",")}
+        for streams in (int(s) for s in args.streams.split(",")):
+            print(json.dumps(alternating_engines(llms, streams, args.steps)), flush=True)
+        return
     start = time.perf_counter()
-    llm = LLM(args.model, quantization=args.quantization, compile=args.compile, progress=False)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, compile=args.compile, progress=False)
     print(json.dumps({"load_s": round(time.perf_counter() - start, 1)}), flush=True)
     for streams in (int(s) for s in args.streams.split(",")):
         if args.compile or args.fused:

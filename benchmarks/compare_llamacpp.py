@@ -6,13 +6,23 @@ Figures, each as medians over `--repeats` runs with the ratio qwenkit / llama.cp
 single-stream decode tok/s, prefill tok/s (a `--prompt-tokens` prompt), aggregate decode
 tok/s at `--streams` concurrent streams (and each engine's N-stream / 1-stream scaling),
 peak RSS; once per engine: greedy agreement (tokens until the first divergence) on the
-chat prompts of bench_core.py, and perplexity on a fixed text.
+chat prompts of bench_core.py, perplexity on a fixed text, and a batch workload.
+
+The batch workload is the serving case: `--batch-prompts` code questions (chat-templated),
+each answered greedily to its end of turn or `--batch-tokens`, wall time for all of them.
+qwenkit takes them all at once (one request each, its pool sized to hold every sequence, so
+nothing is preempted); llama.cpp answers them one at a time, as a single-stream server does.
+The figure is llama.cpp's seconds / qwenkit's (the engine issue's target: >= 2.5x).
 
 Every run is its own subprocess, alternating qwenkit, llama.cpp, qwenkit, ..., so that
 peak RSS and thread pools are each engine's own. The speed runs and the quality run
 (greedy, perplexity: full-vocabulary logits for every token) are separate processes, so
 the quality run's logits do not inflate the speed runs' RSS. The prompts are tokenized
 once, by qwenkit's tokenizer, and both engines get the same ids.
+
+The report names what ran on each side: the CPU's instruction-set flags, qwenkit's kernel
+variants (`qwenkit.kernels.describe()`: the ISA its C kernels were built for, which path each
+kernel takes) and llama.cpp's build (`llama_print_system_info()`).
 
 The qwenkit side is `qwenkit bench`'s own measurement (`qwenkit.bench`): prefill is the
 time to the first token of an uncached prompt; decode is timed after every stream has its
@@ -51,6 +61,27 @@ from pathlib import Path
 
 from bench_core import PROMPTS as GREEDY_PROMPTS  # the chat prompts bench_core's greedy agreement uses
 from bench_core import _agreement as agreement
+
+# The batch workload: code tasks of different lengths, answered greedily to the end of the
+# turn (or --batch-tokens); qwenkit takes them all at once, llama.cpp one at a time.
+BATCH_TASKS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces.",
+    "Write a Python function that merges two sorted lists into one sorted list without using sort().",
+    "Implement binary search over a sorted list of integers; return the index or -1.",
+    "Write a function that counts the words in a text file and returns the ten most common with their counts.",
+    "Write a Python class for a stack with push, pop, peek and is_empty, raising IndexError on an empty pop.",
+    "Write a function that flattens an arbitrarily nested list of integers.",
+    "Write a function that returns all prime numbers below n using the sieve of Eratosthenes.",
+    "Write a function that parses a CSV line with quoted fields (commas inside quotes) into a list of strings.",
+    "Write a function that rotates an n x n matrix by 90 degrees clockwise in place.",
+    "Write a function that returns the longest common prefix of a list of strings.",
+    "Write a Python generator that yields the lines of a file in reverse order without reading it all at once.",
+    "Write a function that validates an IPv4 address string.",
+    "Write a function that converts a Roman numeral to an integer.",
+    "Write an LRU cache class with get and put in O(1), using OrderedDict.",
+    "Write a function that computes the edit distance between two strings.",
+]
 
 # Perplexity text: prose and code, written for this benchmark (fixed, so runs compare).
 PERPLEXITY_TEXT = '''\
@@ -139,6 +170,7 @@ def build_workload(model_path: Path, args: argparse.Namespace) -> dict:
     from types import SimpleNamespace
 
     from qwenkit.bench import _prompt
+    from qwenkit.kernels.cpu import cpu_flags
     from qwenkit.loader.gguf import GGUFCheckpoint
     from qwenkit.tokenizer import Tokenizer
 
@@ -161,11 +193,18 @@ def build_workload(model_path: Path, args: argparse.Namespace) -> dict:
         "greedy_tokens": args.greedy_tokens,
         "dtype": args.dtype,
         "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "kv_unified": args.kv_unified,
+        "cpu_flags": " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "bmi2")))),
         "warmup_ids": _prompt(holder, 16, 0),
         "prefill_ids": _prompt(holder, args.prompt_tokens, 1),
         "decode_prompts": {str(c): p for c, p in decode_prompts.items()},
         "greedy_prompts": [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in chat],
+        "batch_prompts": [tokenizer.apply_chat_template([{"role": "user", "content": f"{task} (#{i})"}],
+                                                        add_generation_prompt=True, tokenize=True)
+                          for i, task in enumerate((BATCH_TASKS * (args.batch_prompts // len(BATCH_TASKS) + 1))
+                                                   [: args.batch_prompts])],
+        "batch_tokens": args.batch_tokens,
         "perplexity_ids": tokenizer.encode(PERPLEXITY_TEXT),
     }
 
@@ -192,20 +231,26 @@ def main() -> None:
     parser.add_argument("--greedy-tokens", type=int, default=64, help="greedy tokens per agreement prompt")
     parser.add_argument("--ctx", type=int, default=2048, help="KV cache tokens of each engine")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="qwenkit's compute dtype")
-    parser.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
+    parser.add_argument("--quantization", choices=["auto", "gguf", "none", "int8", "int4"], default="auto",
                         help="qwenkit's weight format in memory (as `qwenkit bench --quantization`)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                        help="qwenkit's KV cache storage (as `qwenkit bench --kv-cache-dtype`)")
     parser.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=True,
                         help="llama.cpp: one KV buffer shared by the sequences (default), or --ctx per sequence")
     parser.add_argument("--no-quality", action="store_true", help="skip greedy agreement and perplexity")
+    parser.add_argument("--batch-prompts", type=int, default=16,
+                        help="batch workload: this many code prompts (0: skip), qwenkit all at once, llama.cpp one "
+                             "at a time")
+    parser.add_argument("--batch-tokens", type=int, default=128, help="batch workload: most new tokens per prompt")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", choices=["qwenkit", "llamacpp"], help=argparse.SUPPRESS)
-    parser.add_argument("--task", choices=["speed", "quality"], help=argparse.SUPPRESS)
+    parser.add_argument("--task", choices=["speed", "quality", "batch"], help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         workload = json.loads(Path(args.workload).read_text())
         worker = {"qwenkit": QwenkitWorker, "llamacpp": LlamaCppWorker}[args.worker](workload)
-        print(json.dumps(worker.speed() if args.task == "speed" else worker.quality()))
+        print(json.dumps(getattr(worker, args.task)()))
         return
 
     import torch
@@ -229,6 +274,7 @@ def main() -> None:
         args.streams * (32 + args.decode_tokens),
         max(map(len, workload["greedy_prompts"])) + args.greedy_tokens,
         len(workload["perplexity_ids"]),
+        max(map(len, workload["batch_prompts"]), default=0) + args.batch_tokens,
     )
     if args.ctx < needed:
         raise SystemExit(f"--ctx {args.ctx} is too small for this workload: it needs {needed} tokens")
@@ -244,6 +290,10 @@ def main() -> None:
             for engine in ("qwenkit", "llamacpp"):
                 print(f"quality: {engine} ...", file=sys.stderr, flush=True)
                 results[engine]["quality"] = run_worker(engine, "quality", f.name, args.threads)
+        if args.batch_prompts:
+            for engine in ("qwenkit", "llamacpp"):
+                print(f"batch workload: {engine} ...", file=sys.stderr, flush=True)
+                results[engine]["batch"] = run_worker(engine, "batch", f.name, args.threads)
     finally:
         os.unlink(f.name)
     summary = summarize(workload, results)
@@ -270,13 +320,21 @@ def summarize(workload: dict, results: dict) -> dict:
         "decode_tokens": workload["decode_tokens"],
         "streams": workload["streams"],
         "ctx": workload["ctx"],
-        "qwenkit": {k: q["speed"][0][k] for k in ("dtype", "quantization", "torch", "kv_cache_bytes")},
+        "qwenkit": {k: q["speed"][0][k] for k in ("dtype", "kv_cache_dtype", "quantization", "torch", "kv_cache_bytes",
+                                                    "kernels", "fused_decode")},
+        "cpu_flags": workload["cpu_flags"],
         "llamacpp": {k: l["speed"][0][k] for k in ("version", "system_info", "kv_unified", "n_batch",
                                                      "kv_cache_bytes")},
         "figures": figures,
         # The engine issue's memory target: peak RSS <= 1.3 x the GGUF file + the KV cache.
         "qwenkit_rss_target_mb": (1.3 * workload["gguf_bytes"] + kv_qwenkit) / 2**20,
     }
+    if "batch" in q:
+        summary["batch"] = {
+            "prompts": len(workload["batch_prompts"]), "max_tokens": workload["batch_tokens"],
+            "qwenkit": q["batch"], "llamacpp": l["batch"],
+            "speedup": l["batch"]["seconds"] / q["batch"]["seconds"],
+        }
     if "quality" in q:
         summary["greedy"] = {
             "tokens": workload["greedy_tokens"],
@@ -296,7 +354,10 @@ def report(s: dict) -> str:
     lines = [
         f"model {s['model']} ({s['gguf_mb']:.0f} MiB GGUF), {s['threads']} threads, "
         f"medians of {s['repeats']} alternating runs each",
-        f"qwenkit: torch {qk['torch']}, dtype {qk['dtype']}, quantization {qk['quantization']}",
+        f"CPU flags: {s['cpu_flags']}",
+        f"qwenkit: torch {qk['torch']}, dtype {qk['dtype']}, KV cache {qk['kv_cache_dtype']}, quantization "
+        f"{qk['quantization']}, fused decode step {'on' if qk['fused_decode'] else 'off'}",
+        "qwenkit kernels: " + "; ".join(f"{name} {variant}" for name, variant in qk["kernels"].items()),
         f"llama.cpp: llama-cpp-python {lc['version']}, n_batch {lc['n_batch']}, "
         f"kv_unified {lc['kv_unified']}; {lc['system_info']}",
         "",
@@ -321,13 +382,22 @@ def report(s: dict) -> str:
         p = s["perplexity"]
         name = f"perplexity ({p['tokens']}-token text)"
         lines.append(f"{name:<44}{p['qwenkit']:>10.3f}{p['llamacpp']:>11.3f}{p['qwenkit'] / p['llamacpp']:>19.3f}")
+    if "batch" in s:
+        b = s["batch"]
+        name = f"batch: {b['prompts']} prompts, <= {b['max_tokens']} tokens (s)"
+        lines.append(f"{name:<44}{b['qwenkit']['seconds']:>10.1f}{b['llamacpp']['seconds']:>11.1f}"
+                     f"{b['qwenkit']['seconds'] / b['llamacpp']['seconds']:>19.2f}")
+        lines.append(f"  qwenkit all at once {b['qwenkit']['tokens']} tokens, llama.cpp one at a time "
+                     f"{b['llamacpp']['tokens']}: qwenkit {b['speedup']:.2f}x faster (target >= 2.5x)")
     lines.append("")
     load = s["load_average"]
     lines.append(f"load average (1 min) {load['before']:.2f} before, {load['after']:.2f} after"
                  + ("  -- NOISY: other processes shared the cores" if max(load.values()) > 0.5 else ""))
     target = s["qwenkit_rss_target_mb"]
     rss = f["peak_rss_mb"]["qwenkit"]
-    lines.append(f"qwenkit peak RSS {rss:.0f} MiB against the target 1.3 x GGUF + KV cache = {target:.0f} MiB: "
+    ratio = rss / f["peak_rss_mb"]["llamacpp"]
+    lines.append(f"qwenkit peak RSS {rss:.0f} MiB: {ratio:.2f}x llama.cpp's process (target <= 1.25x: "
+                 f"{'met' if ratio <= 1.25 else 'NOT met'}); 1.3 x GGUF + KV cache = {target:.0f} MiB: "
                  f"{'met' if rss <= target else 'NOT met'}")
     if "greedy" in s:
         g = s["greedy"]
@@ -355,27 +425,32 @@ class QwenkitWorker:
         torch.set_num_threads(workload["threads"])
         self.w = workload
 
-    def _load(self):
+    def _load(self, kv_tokens: int, max_num_seqs: int):
+        """qwenkit's LLM with a pool of `kv_tokens`; also its load seconds and the pool's bytes."""
         import torch
 
+        from qwenkit.engine.model_runner import resolve_kv_cache_dtype
         from qwenkit.llm import LLM, resolve_dtype
 
         w = self.w
         dtype = resolve_dtype(w["dtype"], torch.device("cpu"))
-        kv_bytes = w["ctx"] * w["kv_elements_per_token"] * dtype.itemsize
+        kv_dtype = resolve_kv_cache_dtype(w["kv_cache_dtype"], dtype, torch.device("cpu"))
+        kv_bytes = kv_tokens * w["kv_elements_per_token"] * kv_dtype.itemsize
         start = time.perf_counter()
         llm = LLM(w["model"], dtype=dtype, device="cpu", quantization=w["quantization"], progress=False,
-                  kv_cache_memory=kv_bytes, max_model_len=w["ctx"], max_num_seqs=max(8, w["streams"]))
+                  kv_cache_memory=kv_bytes, kv_cache_dtype=w["kv_cache_dtype"], max_model_len=w["ctx"],
+                  max_num_seqs=max_num_seqs)
         return llm, time.perf_counter() - start, kv_bytes
 
     def speed(self) -> dict:
         import torch
 
+        from qwenkit import kernels
         from qwenkit.bench import _decode, _time_first_token
         from qwenkit.sampling import SamplingParams
 
         w = self.w
-        llm, load_s, kv_bytes = self._load()
+        llm, load_s, kv_bytes = self._load(w["ctx"], max(8, w["streams"]))
         llm.generate(w["warmup_ids"], SamplingParams(max_tokens=2))  # as run_bench warms up
         prefill_s = _time_first_token(llm, w["prefill_ids"])
         decode_1 = _decode(llm, 1, w["decode_tokens"])["aggregate_tok_s"]
@@ -388,9 +463,27 @@ class QwenkitWorker:
             "peak_rss_mb": _peak_rss_mb(),
             "kv_cache_bytes": llm.engine.num_kv_tokens * kv_bytes // w["ctx"],
             "dtype": str(llm.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(llm.engine.runner.kv_dtype).removeprefix("torch."),
             "quantization": w["quantization"],
             "torch": torch.__version__,
+            "kernels": kernels.describe(),
+            "fused_decode": llm.engine.runner.fused is not None,
         }
+
+    def batch(self) -> dict:
+        """The batch workload: every prompt at once, greedy to the end of the turn or the limit."""
+        from qwenkit.sampling import SamplingParams
+
+        w = self.w
+        # The pool holds every prompt with all its new tokens, so nothing waits or is preempted.
+        kv_tokens = sum(len(p) + w["batch_tokens"] for p in w["batch_prompts"])
+        llm, _, _ = self._load(kv_tokens, len(w["batch_prompts"]))
+        llm.generate(w["warmup_ids"], SamplingParams(max_tokens=2))
+        params = SamplingParams(temperature=0, max_tokens=w["batch_tokens"], repetition_penalty=1.0)
+        start = time.perf_counter()
+        outputs = llm.generate(w["batch_prompts"], params)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "tokens": sum(len(o.token_ids) for o in outputs)}
 
     def quality(self) -> dict:
         import torch
@@ -400,7 +493,7 @@ class QwenkitWorker:
         from qwenkit.sampling import SamplingParams
 
         w = self.w
-        llm, _, _ = self._load()
+        llm, _, _ = self._load(w["ctx"], max(8, w["streams"]))
         params = SamplingParams(temperature=0, max_tokens=w["greedy_tokens"], ignore_eos=True, repetition_penalty=1.0)
         greedy = [out.token_ids for out in llm.generate(w["greedy_prompts"], params)]
         # Perplexity: the whole text in one forward pass, logits in slices (the full
@@ -452,7 +545,7 @@ class LlamaCppWorker:
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.n_batch = L.llama_n_batch(self.ctx)
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        self.batch = L.llama_batch_init(self.n_batch, 0, workload["streams"])
+        self.llama_batch = L.llama_batch_init(self.n_batch, 0, workload["streams"])
         self.memory = L.llama_get_memory(self.ctx)
 
     def _silence_logs(self) -> None:
@@ -468,7 +561,7 @@ class LlamaCppWorker:
 
     def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (token, position, sequence id, wants logits) entries."""
-        b = self.batch
+        b = self.llama_batch
         for i, (token, pos, seq, logits) in enumerate(tokens):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
             b.seq_id[i][0] = seq
@@ -528,6 +621,25 @@ class LlamaCppWorker:
             "kv_unified": w["kv_unified"],
             "n_batch": self.n_batch,
         }
+
+    def batch(self) -> dict:
+        """The batch workload one prompt at a time (llama.cpp's single-stream path), greedy to an
+        end-of-generation token or the limit."""
+        L, w = self.L, self.w
+        vocab = L.llama_model_get_vocab(self.model)
+        self._clear()
+        self._prefill(w["warmup_ids"])
+        start, tokens = time.perf_counter(), 0
+        for prompt in w["batch_prompts"]:
+            self._clear()
+            token = self._prefill(prompt)
+            for n in range(w["batch_tokens"]):
+                tokens += 1
+                if L.llama_vocab_is_eog(vocab, token) or n + 1 == w["batch_tokens"]:
+                    break
+                self._decode([(token, len(prompt) + n, 0, True)])
+                token = int(self._logits(-1).argmax())
+        return {"seconds": time.perf_counter() - start, "tokens": tokens}
 
     def quality(self) -> dict:
         import numpy as np

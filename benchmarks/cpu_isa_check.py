@@ -10,8 +10,8 @@ every variant (a variant the CPU cannot run must still compile), then for each v
   float64 product with the dequantized weight, within the bound of the activations' int8
   rounding; rows that must not depend on the rest of the batch (< 16 rows); paged decode
   attention, RMSNorm and rotary against `qwenkit.kernels.reference`;
-- speed: milliseconds per call of the int8 and Q5_0 matmuls on the default model's shapes and
-  a Qwen3-8B-sized one, at 1 row (decode, memory-bound), 8 rows (8 streams) and 128 rows
+- speed: milliseconds per call of the int8, Q5_0 and K-quant (Q4_K, Q6_K; where K is whole
+  super-blocks, up to 16 rows) matmuls on the default model's shapes and a Qwen3-8B-sized one, at 1 row (decode, memory-bound), 8 rows (8 streams) and 128 rows
   (prefill), next to torch's own paths for the same product (float32 GEMM on dequantized
   weights, and bfloat16 where the CPU has AVX512-BF16 / AMX-BF16: the prefill path of a
   bfloat16 model); and paged decode attention at 1,024 tokens of context.
@@ -63,6 +63,21 @@ def _q5_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(blocks), torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q5_0))
 
 
+def _k_quant(type_name: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random valid K-quant super-blocks for [n, k] (small fp16 scales) and gguf's dequantization."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    tensor_type = GGMLQuantizationType[type_name]
+    values, size = GGML_QUANT_SIZES[tensor_type]
+    raw = np.random.default_rng(seed).integers(0, 256, (n * k // values, size), dtype=np.uint8)
+    for offset in {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[type_name]:
+        raw[:, offset : offset + 2] = np.full((len(raw), 1), 2e-4 / max(1, k // 1024), np.float16).view(np.uint8)
+    raw = raw.reshape(n, -1)
+    return torch.from_numpy(raw), torch.from_numpy(dequantize(raw, tensor_type))
+
+
 def _q8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x rounded to int8 in blocks of 32 moves each x_k by at most amax(block) / 254; + float32 rounding."""
     k = x.shape[1]
@@ -98,6 +113,17 @@ def check(lib: cpu.Library) -> list[str]:
                 expect(all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(rows)),
                        f"{name} matmul, {rows} rows: a row's result depends on the other rows")
     expect(torch.equal(lib.gguf_dequantize(blocks, 416, "Q5_0"), w5), "Q5_0 dequantization differs from gguf's")
+    for type_name in ("Q4_K", "Q5_K", "Q6_K"):
+        kblocks, wk = _k_quant(type_name, 21, 512, 3)
+        expect(torch.equal(lib.gguf_dequantize(kblocks, 512, type_name), wk),
+               f"{type_name} dequantization differs from gguf's")
+        for rows in (1, 3, 8, 13):
+            x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+            y = lib.gguf_linear(x, kblocks, 512, type_name)
+            error = (y.double() - x.double() @ wk.double().T).abs()
+            expect(bool(torch.all(error <= _q8_bound(x, wk))), f"{type_name} matmul, {rows} rows: outside the bound")
+            expect(all(torch.equal(lib.gguf_linear(x[i : i + 1], kblocks, 512, type_name)[0], y[i])
+                       for i in range(rows)), f"{type_name} matmul, {rows} rows: depends on the other rows")
 
     g = torch.Generator().manual_seed(0)
     block_size, heads, kv_heads, dim = 16, 14, 2, 64
@@ -139,6 +165,7 @@ def speed(libs: dict[str, cpu.Library], budget: float) -> list[dict]:
         w = _weights(n, k, 1)
         q, scale = _quantize_int8(w)
         blocks, w5 = _q5_0(w)
+        k_quants = {t: _k_quant(t, n, k, 2)[0] for t in ("Q4_K", "Q6_K")} if k % 256 == 0 else {}
         w8 = (q.float() * scale.float()[:, None]).contiguous()
         w8_half = w8.to(torch.bfloat16)
         for m in ROWS:
@@ -149,6 +176,9 @@ def speed(libs: dict[str, cpu.Library], budget: float) -> list[dict]:
                     continue
                 row[f"int8 {isa}"] = _clock(lambda: lib.int8_linear(x, q, scale), budget)
                 row[f"Q5_0 {isa}"] = _clock(lambda: lib.gguf_linear(x, blocks, k, "Q5_0"), budget)
+                for type_name, kblocks in k_quants.items():
+                    if m <= 16:  # the kernel's range; prefill dequantizes (qwenkit.kernels)
+                        row[f"{type_name} {isa}"] = _clock(lambda: lib.gguf_linear(x, kblocks, k, type_name), budget)
             row["torch float32 GEMM"] = _clock(lambda: torch.nn.functional.linear(x, w8), budget)
             if half:
                 xh = x.to(torch.bfloat16)

@@ -203,7 +203,8 @@ def _chat_model(args: argparse.Namespace) -> Any:
     from qwenkit.llm import LLM
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+              kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+              max_model_len=args.max_model_len,
               quantization=args.quantization, compile=args.compile)
     return LocalChatModel(llm)
 

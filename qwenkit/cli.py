@@ -155,10 +155,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-memory",
         help="memory for the paged KV cache, e.g. 4GiB (default: QWENKIT_KV_CACHE_MEMORY, else 2GiB)",
     )
+    p.add_argument(
+        "--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+        help="KV cache storage (default auto: float16 on a CPU computing in float32, else the compute dtype)",
+    )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
-        "--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
-        help="weight format in memory (default auto: GGUF weights stay quantized, safetensors as the dtype)",
+        "--quantization", choices=["auto", "gguf", "none", "int8", "int4"], default="auto",
+        help="weight format in memory (default auto: GGUF weights stay quantized, safetensors as the dtype; "
+             "gguf: every GGUF block type with a kernel kept as stored, the smallest)",
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step with torch.compile, in place of the fused C decode step "
@@ -177,6 +182,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _llm_kwargs(args: argparse.Namespace) -> dict:
     """The `LLM` arguments the model options give (not the model itself)."""
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                kv_cache_dtype=args.kv_cache_dtype,
                 max_model_len=args.max_model_len, quantization=args.quantization, compile=args.compile,
                 enforce_eager=args.enforce_eager, deterministic=args.deterministic,
                 tensor_parallel_size=args.tensor_parallel_size,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from qwenkit.errors import ModelLoadError
 from qwenkit.paths import models_dir
-from qwenkit.paths import qwenkit_home as qwenkit_home  # kernels/build.py still imports it from here
 
 DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"
 DEFAULT_MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"

@@ -106,7 +106,7 @@ class LLM:
     folder, a `.gguf` file, or a Hugging Face repo id. dtype: "float32", "bfloat16" or
     "float16" (default: bfloat16 where the hardware computes it natively, else float32).
     device: "cpu" or "cuda" (default: cuda when present). The keyword arguments size the
-    engine (see `EngineArgs`): the KV cache pool, the batch, the prefill chunk.
+    engine (see `EngineArgs`): the KV cache pool and its dtype, the batch, the prefill chunk.
     tensor_parallel_size: split the model over this many processes (CUDA: one GPU each,
     from `device` on; CPU: the cores shared), started here and stopped by `shutdown()`;
     enable_expert_parallel: Qwen3-MoE experts dealt out whole to the ranks. One such model
@@ -121,6 +121,7 @@ class LLM:
         *,
         max_model_len: int | None = None,
         kv_cache_memory: int | str | None = None,
+        kv_cache_dtype: str | None = None,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         block_size: int = 16,
@@ -156,6 +157,7 @@ class LLM:
         args = EngineArgs(
             max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory,
+            kv_cache_dtype=kv_cache_dtype,
             block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,

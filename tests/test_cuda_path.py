@@ -31,7 +31,9 @@ def prompts() -> list[list[int]]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter stands in for a GPU; test_gpu.py runs there")
 def test_triton_kernels_match_the_torch_path(folder, monkeypatch):
-    reference = LLM(folder, dtype="float32", progress=False)
+    # The Triton path keeps the model's dtype in the cache; the torch path's default (float16
+    # on a float32 CPU) would differ from it by the cache's rounding.
+    reference = LLM(folder, dtype="float32", kv_cache_dtype="float32", progress=False)
     expected = [reference.generate(p, PARAMS)[0] for p in prompts()]
     monkeypatch.setattr(cuda_kernels, "RUN_ON_CPU", True)
     llm = LLM(folder, dtype="float32", progress=False)
@@ -45,6 +47,23 @@ def test_triton_kernels_match_the_torch_path(folder, monkeypatch):
         assert got == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter stands in for a GPU; test_gpu.py runs there")
+def test_a_cache_of_another_dtype_runs_the_torch_attention(folder, monkeypatch):
+    """The Triton kernels take the cache in the activations' dtype; a cache asked in another
+    (`kv_cache_dtype`) runs the torch code instead, and gives what the CPU path gives."""
+    reference = LLM(folder, dtype="float32", kv_cache_dtype="float16", progress=False)
+    expected = reference.generate(prompts(), PARAMS)
+    monkeypatch.setattr(cuda_kernels, "RUN_ON_CPU", True)
+    llm = LLM(folder, dtype="float32", kv_cache_dtype="float16", progress=False)
+    assert llm.engine.runner.kv_caches[0][0].dtype == torch.float16
+    outs = llm.generate(prompts(), PARAMS)
+    for out, ref in zip(outs, expected):
+        assert out.token_ids == ref.token_ids
+        got = [t.logprob for t in out.outputs[0].logprobs]
+        want = [t.logprob for t in ref.outputs[0].logprobs]
+        assert got == pytest.approx(want, abs=1e-3)
+
+
 def test_graph_buckets():
     assert graph_buckets(1) == (1,)
     assert graph_buckets(40) == (1, 2, 4, 8, 16, 32, 40)
@@ -52,7 +71,9 @@ def test_graph_buckets():
 
 
 def test_graph_buffers_pad_to_buckets_and_match_the_eager_step(folder):
-    llm = LLM(folder, dtype="float32", progress=False, max_num_seqs=8)
+    # A float32 cache: the graph step's 4-row matmuls may round differently from the eager
+    # step's 3 rows, and a 16-bit cache could turn that into a one-ulp different key.
+    llm = LLM(folder, dtype="float32", kv_cache_dtype="float32", progress=False, max_num_seqs=8)
     engine = llm.engine
     for i, p in enumerate(prompts()):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=20, ignore_eos=True))

@@ -64,6 +64,57 @@ def test_prefix_cache_hit_equals_miss(folder):
     assert again.token_ids == uncached.generate(shared, GREEDY)[0].token_ids
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
+def test_prefix_cache_hit_equals_miss_with_a_16_bit_cache(folder, kv_cache_dtype):
+    """With a 16-bit cache, a prompt's own keys are rounded as the cache holds them before it
+    attends to them: a hit (the prefix read back from the cache) and a miss (all keys computed in
+    the step) give the same logprobs up to float32 summation order, not the cache's rounding
+    (without it: 4e-4 in float16, 4e-3 in bfloat16)."""
+    shared = list(range(10, 74))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=True, top_logprobs=5)
+    cached = LLM(folder, dtype="float32", progress=False, kv_cache_dtype=kv_cache_dtype)
+    uncached = LLM(folder, dtype="float32", progress=False, kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
+    cached.generate(shared + [5, 6], params)
+    hit = cached.generate(shared + [7, 8, 9], params)[0]
+    miss = uncached.generate(shared + [7, 8, 9], params)[0]
+    assert hit.num_cached_tokens == 64 and hit.token_ids == miss.token_ids
+    for a, b in zip(hit.outputs[0].logprobs, miss.outputs[0].logprobs):
+        assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a.top_logprobs, b.top_logprobs)) < 2e-5
+
+
+def test_kv_cache_dtype_choice(folder):
+    """auto: float16 on a CPU computing in float32 (twice the tokens in the same memory), else
+    the model's dtype; a name it does not know is refused, naming the choices."""
+    import torch
+
+    from qwenkit.errors import QwenkitError
+
+    memory = 1 << 20
+    half = LLM(folder, dtype="float32", progress=False, kv_cache_memory=memory)
+    full = LLM(folder, dtype="float32", progress=False, kv_cache_memory=memory, kv_cache_dtype="float32")
+    assert half.engine.runner.kv_caches[0][0].dtype == torch.float16
+    assert full.engine.runner.kv_caches[0][0].dtype == torch.float32
+    assert abs(half.engine.num_kv_tokens - 2 * full.engine.num_kv_tokens) <= 16  # whole blocks of 16
+    bf16 = LLM(folder, dtype="bfloat16", progress=False, kv_cache_memory=memory)
+    assert bf16.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    with pytest.raises(QwenkitError, match="unknown kv_cache_dtype 'int8'; choose one of auto, float32, float16"):
+        LLM(folder, dtype="float32", progress=False, kv_cache_dtype="int8")
+
+
+def test_kv_cache_dtype_on_cuda_stays_the_models_unless_asked():
+    """The 16-bit default is the CPU's (its C attention kernel widens the rows); CUDA keeps the
+    model's dtype, as the Triton kernels read it."""
+    import torch
+
+    from qwenkit.engine.model_runner import resolve_kv_cache_dtype
+
+    cuda = torch.device("cuda")
+    assert resolve_kv_cache_dtype("auto", torch.float32, cuda) == torch.float32
+    assert resolve_kv_cache_dtype(None, torch.bfloat16, cuda) == torch.bfloat16
+    assert resolve_kv_cache_dtype("float16", torch.bfloat16, cuda) == torch.float16
+
+
 def test_chunked_prefill_equals_whole(folder, llm):
     chunked = LLM(folder, dtype="float32", progress=False, max_num_batched_tokens=8)
     ps = prompts(5)
@@ -92,7 +143,7 @@ def test_preemption_keeps_outputs(folder, llm):
 def small_bytes_per_token(llm) -> int:
     from qwenkit.engine.model_runner import kv_bytes_per_token
 
-    return kv_bytes_per_token(llm.model)
+    return kv_bytes_per_token(llm.model, llm.engine.runner.kv_dtype)
 
 
 def test_aborts_free_every_block(llm):

@@ -61,18 +61,55 @@ def _compare_step(llm: LLM) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16"])  # float16: the CPU default
 @pytest.mark.parametrize("arch,tie", [("qwen2", False), ("qwen3", True)])  # qkv bias; QK-norm
-def test_fused_step_equals_module_step_int8(tmp_path, arch, tie):
+def test_fused_step_equals_module_step_int8(tmp_path, arch, tie, kv_cache_dtype):
     make_checkpoint(tmp_path, arch, tie=tie)
-    _compare_step(LLM(str(tmp_path), dtype="float32", quantization="int8", progress=False))
+    llm = LLM(str(tmp_path), dtype="float32", quantization="int8", kv_cache_dtype=kv_cache_dtype, progress=False)
+    assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, kv_cache_dtype)
+    _compare_step(llm)
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch,tie", [("qwen2", False), ("qwen3", True)])
+def test_fused_step_of_a_bfloat16_model(tmp_path, arch, tie):
+    """A bfloat16 model (the default on AVX512-BF16 / AMX CPUs) decodes through the fused step,
+    in float32 over its bfloat16 cache. Against the float32 module path on the same weights and
+    cache, it is no further off than the bfloat16 module path is (which rounds to bfloat16
+    between operations; on these chaotic random models that is ~2% of the spread)."""
+    make_checkpoint(tmp_path, arch, tie=tie)
+    half = LLM(str(tmp_path), dtype="bfloat16", quantization="int8", progress=False)
+    full = LLM(str(tmp_path), dtype="float32", quantization="int8", kv_cache_dtype="bfloat16", progress=False)
+    runner, reference = half.engine.runner, full.engine.runner
+    assert runner.fused is not None and runner.kv_dtype == torch.bfloat16
+    seqs = _decoding(half)
+    step = ([s.token_ids[s.num_computed_tokens] for s in seqs], [s.num_computed_tokens for s in seqs],
+            [list(s.block_table) for s in seqs])
+    with torch.inference_mode():
+        halves = dict(half.model.named_parameters())
+        for name, p in full.model.named_parameters():
+            if p.is_floating_point():
+                p.copy_(halves[name].float())
+        for (k, v), (rk, rv) in zip(runner.kv_caches, reference.kv_caches):
+            rk.copy_(k)
+            rv.copy_(v)
+        want = full.model(*reference._decode_inputs(*step)[:2], reference.kv_caches, reference._decode_inputs(*step)[2])
+        fused = runner.fused(*runner._decode_inputs(*step)).float()
+        ids, positions, meta = runner._decode_inputs(*step)
+        module = runner.model(ids, positions, runner.kv_caches, meta).float()
+    fused_error = ((fused - want).abs() / want.std()).mean().item()
+    module_error = ((module - want).abs() / want.std()).mean().item()
+    assert fused_error < 0.05 and fused_error <= 1.2 * module_error, (fused_error, module_error)
 
 
 @needs_kernels
 def test_fused_step_equals_module_step_gguf_q5_0(tmp_path):
-    """The Q4_K_M mix: Q5_0 projections kept as stored next to int8 ones."""
+    """The Q4_K_M mix: Q5_0, Q4_K and Q6_K projections kept as stored next to int8 ones."""
     path = write_gguf(tmp_path / "mixed.gguf", _tiny_gguf_model(), "qwen2", weight_type=_mixed_type)
-    llm = LLM(str(path), dtype="float32", progress=False)
+    llm = LLM(str(path), dtype="float32", quantization="gguf", progress=False)
+    mlp = llm.model.model.layers[0].mlp
     assert llm.model.model.layers[0].self_attn.o_proj.format == "gguf:Q5_0"
+    assert (mlp.gate_up_proj.format, mlp.down_proj.format) == ("gguf:Q4_K", "gguf:Q6_K")
     _compare_step(llm)
 
 
@@ -103,7 +140,7 @@ def test_fused_decode_applies_only_where_every_matmul_has_a_kernel(tmp_path, mon
     assert LLM(str(tmp_path / "dense"), quantization="int4", **kwargs).engine.runner.fused is None  # torch's kernel
     assert LLM(str(tmp_path / "moe"), quantization="int8", **kwargs).engine.runner.fused is None  # experts
     bf16 = LLM(str(tmp_path / "dense"), dtype="bfloat16", quantization="int8", progress=False)
-    assert bf16.engine.runner.fused is None
+    assert bf16.engine.runner.fused is not None  # computes in float32 over the bfloat16 cache
     monkeypatch.setattr(cpu, "library", lambda: None)  # no compiler, or QWENKIT_NATIVE_KERNELS=0
     assert LLM(str(tmp_path / "dense"), quantization="int8", **kwargs).engine.runner.fused is None
 

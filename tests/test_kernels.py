@@ -69,6 +69,49 @@ def test_variant_quantized_matmuls_against_dequantized(isa, rows):
     assert torch.equal(lib.gguf_dequantize(blocks, 160, "Q5_0"), w5)
 
 
+def _k_quant_blocks(type_name: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random valid `type_name` super-blocks for [n, k] (every bit pattern of values, scales and
+    mins; the fp16 super-block scales small) and gguf's dequantization of them."""
+    import numpy as np
+
+    tensor_type = gguf.GGMLQuantizationType[type_name]
+    values, size = gguf.GGML_QUANT_SIZES[tensor_type]
+    raw = np.random.default_rng(seed).integers(0, 256, (n * k // values, size), dtype=np.uint8)
+    for offset in {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[type_name]:
+        raw[:, offset : offset + 2] = np.full((len(raw), 1), 2e-4, np.float16).view(np.uint8)
+    raw = raw.reshape(n, -1)
+    return torch.from_numpy(raw), torch.from_numpy(dequantize(raw, tensor_type))
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_variant_k_quants_against_gguf(isa, type_name):
+    """K-quant blocks multiplied as stored equal the product with gguf's own dequantization,
+    within the activations' int8 rounding; dequantized exactly as gguf does; each row's result
+    the same alone or in a batch (1 to 37 rows: groups of 8 and the rest)."""
+    lib = _variant(isa)
+    blocks, w = _k_quant_blocks(type_name, 21, 512, seed=3)
+    assert torch.equal(lib.gguf_dequantize(blocks, 512, type_name), w)
+    for rows in (1, 3, 8, 13, 37):
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) * torch.linspace(0.1, 3, 512)
+        y = lib.gguf_linear(x, blocks, 512, type_name)
+        _assert_q8_close(y, x, w)
+        assert all(torch.equal(lib.gguf_linear(x[i : i + 1], blocks, 512, type_name)[0], y[i]) for i in range(rows))
+
+
+@needs_compiler
+def test_k_quant_rows_do_not_depend_on_the_call_under_batch_invariance():
+    """From MAX_K_QUANT_KERNEL_TOKENS rows the K-quants are dequantized for a GEMM, whose rows
+    depend on the row count; under batch_invariant() (--deterministic) the kernel takes them all."""
+    blocks, _ = _k_quant_blocks("Q4_K", 21, 512, seed=5)
+    x = torch.randn(kernels.MAX_K_QUANT_KERNEL_TOKENS + 23, 512, generator=torch.Generator().manual_seed(1))
+    with kernels.batch_invariant():
+        together = kernels.gguf_linear(x, blocks, 512, "Q4_K")
+        assert all(torch.equal(kernels.gguf_linear(x[i : i + 1], blocks, 512, "Q4_K")[0], together[i])
+                   for i in range(0, len(x), 7))
+
+
 @needs_compiler
 @pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
 def test_variant_rows_do_not_depend_on_the_call(isa):
@@ -127,6 +170,41 @@ def test_variant_attention_norm_rotary_against_reference(isa):
     torch.testing.assert_close(lib.rotary(q, cos, sin), reference.rotary(q, cos, sin), atol=1e-6, rtol=1e-5)
     gate_up = torch.randn(5, 2 * 48, generator=g) * 4
     torch.testing.assert_close(lib.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=1e-6, rtol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_variant_kv_cache_rounding_equals_torch(isa, dtype):
+    """What the fused step writes into a 16-bit cache is torch's .to(dtype), bit for bit: ties,
+    subnormals, overflow, infinities (NaN: any NaN)."""
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(4099, generator=g) * 10, torch.randn(1000, generator=g) * 1e-6,
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, float("inf"), -float("inf"),
+                                 2.0**-24, 2.0**-25, 3 * 2.0**-25, 2.0**-14, 1 + 2.0**-11, 1 + 3 * 2.0**-11,
+                                 1 + 2.0**-8, 1 + 3 * 2.0**-8, 3.0e38])])
+    assert torch.equal(lib.to_kv_dtype(x, dtype).view(torch.int16), x.to(dtype).view(torch.int16))
+    assert lib.to_kv_dtype(torch.tensor([float("nan")]), dtype).isnan().all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 36])  # 36: not a multiple of 8, the plain-C path
+def test_variant_attention_reads_16_bit_caches(isa, dtype, dim):
+    """A float16 / bfloat16 cache is widened exactly: the kernel equals the reference on it."""
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(2)
+    block_size, heads, kv_heads = 16, 18, 2  # 9 query heads a kv head: more than one group of 8
+    k_cache, v_cache = (torch.randn(20 * block_size, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    context_lens = torch.tensor([3, 33, 0], dtype=torch.int32)
+    block_tables = torch.randperm(20, generator=g)[:9].view(3, 3).to(torch.int32)
+    q = torch.randn(3, heads, dim, generator=g)
+    kwargs = dict(block_size=block_size, scale=dim**-0.5)
+    torch.testing.assert_close(lib.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, **kwargs),
+                               reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                                **kwargs), atol=1e-5, rtol=1e-4)
 
 
 @needs_compiler

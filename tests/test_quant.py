@@ -142,6 +142,23 @@ def test_native_q5_0_linear_against_gguf(rows, n, k, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("rows", [3, kernels.MAX_K_QUANT_KERNEL_TOKENS + 1])
+def test_k_quant_linear_decodes_small_calls_and_dequantizes_prefill(rows):
+    """K-quant blocks: the native kernel below MAX_K_QUANT_KERNEL_TOKENS rows (the int8 rounding
+    of the activations), then gguf-exact dequantization and a float32 GEMM (float32 rounding)."""
+    from test_kernels import _k_quant_blocks
+
+    blocks, w = _k_quant_blocks("Q4_K", 40, 512, seed=4)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(1))
+    y = kernels.gguf_linear(x, blocks, 512, "Q4_K")
+    if rows <= kernels.MAX_K_QUANT_KERNEL_TOKENS:
+        error = (y.double() - x.double() @ w.double().T).abs()
+        assert torch.all(error <= _q8_bound(x, w)) and (error > 1e-5 * _terms(x, w)).any()
+    else:
+        _assert_matmul_close(y, x, w, F32_BOUND)
+
+
+@needs_native
 @pytest.mark.parametrize("rows", [3, 9, 13])
 def test_native_kernel_rows_do_not_depend_on_the_call(rows):
     """Below the unpacking threshold each activation row's result is bit for bit the same alone
@@ -424,6 +441,32 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native):
     assert torch.equal(v_rows, quant.quantize_int8(stored["model.layers.0.self_attn.v_proj.weight"])[0])
 
 
+@needs_native
+def test_gguf_quantization_keeps_k_quants_as_stored(monkeypatch, mixed_gguf):
+    """--quantization gguf: the K-quant matrices too stay in the file's blocks (the smallest
+    in memory), computing the file's values (fake-quantized: nothing requantized there)."""
+    from qwenkit.loader.gguf import GGUFTensor, _read_header
+
+    llm = LLM(str(mixed_gguf), dtype="float32", quantization="gguf", progress=False)
+    formats = _module_formats(llm.model)
+    assert formats["model.layers.1.mlp.gate_up_proj"] == "gguf:Q4_K"
+    assert formats["model.layers.1.mlp.down_proj"] == "gguf:Q6_K"
+    assert formats["model.layers.1.self_attn.o_proj"] == "gguf:Q5_0"
+    assert formats["model.layers.1.self_attn.qkv_proj"] == "int8"  # Q5_0 + Q5_0 + Q8_0: one format, int8
+    _, infos = _read_header(mixed_gguf)
+    down = llm.model.model.layers[0].mlp.down_proj
+    assert torch.equal(down.weight, GGUFTensor(mixed_gguf, infos["blk.0.ffn_down.weight"]).read_raw(0, 256))
+    _check_against_fake_quantized(monkeypatch, llm, _fake_quantized(mixed_gguf, formats))
+    auto = sum(p.numel() * p.element_size() for p in LLM(str(mixed_gguf), dtype="float32", progress=False).model.parameters())
+    assert sum(p.numel() * p.element_size() for p in llm.model.parameters()) < auto
+
+
+def test_gguf_quantization_needs_a_gguf_checkpoint(tmp_path):
+    make_checkpoint(tmp_path, "qwen3")
+    with pytest.raises(ModelLoadError, match="quantization 'gguf' keeps GGUF blocks as stored: it needs a .gguf"):
+        LLM(str(tmp_path), dtype="float32", quantization="gguf", progress=False)
+
+
 def test_gguf_int4_takes_q4_k_exactly(monkeypatch, mixed_gguf):
     llm = LLM(str(mixed_gguf), dtype="float32", quantization="int4", progress=False)
     formats = _module_formats(llm.model)
@@ -477,7 +520,7 @@ def test_quantized_load_reports_missing_tensors(tmp_path):
 
 def test_bad_quantization_choice(tmp_path):
     make_checkpoint(tmp_path, "qwen3")
-    with pytest.raises(QwenkitError, match="unknown quantization 'int3'; choose one of auto, none, int8, int4"):
+    with pytest.raises(QwenkitError, match="unknown quantization 'int3'; choose one of auto, gguf, none, int8, int4"):
         LLM(str(tmp_path), quantization="int3", progress=False)
     model = load_model(resolve_model(str(tmp_path), progress=False), dtype=torch.float32, device=torch.device("cpu"),
                        quantization="none", progress=False).model

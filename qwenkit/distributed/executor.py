@@ -50,6 +50,7 @@ class _RunnerSizes:
     deterministic: bool
     max_model_len: int | None
     max_num_seqs: int
+    kv_dtype: torch.dtype | None
 
 
 def _free_port() -> int:

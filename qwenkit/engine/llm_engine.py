@@ -13,7 +13,7 @@ import torch
 
 from qwenkit.config import GenerationConfig
 from qwenkit.engine.block_manager import BlockManager
-from qwenkit.engine.model_runner import ModelRunner, kv_bytes_per_token
+from qwenkit.engine.model_runner import ModelRunner, kv_bytes_per_token, resolve_kv_cache_dtype
 from qwenkit.engine.sampler import Sampler, SamplingState
 from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
 from qwenkit.engine.sequence import Sequence
@@ -66,10 +66,13 @@ class EngineArgs:
     max_num_batched_tokens (a step's token budget, the prefill chunk): 1024 on CPU, 8192
     on CUDA. enforce_eager: no CUDA graphs. deterministic (CPU): a request's tokens do not
     depend on what else is in the batch, how its prompt is chunked or whether its prefix was
-    cached (batch-invariant kernels, docs/determinism.md); off by default, it costs speed."""
+    cached (batch-invariant kernels, docs/determinism.md); off by default, it costs speed.
+    kv_cache_dtype: "auto" (float16 on a CPU computing in float32, else the model's dtype: on
+    CUDA the cache stays the model's dtype unless asked), "float32", "float16" or "bfloat16"."""
 
     max_model_len: int | None = None
     kv_cache_memory: int | str | None = None
+    kv_cache_dtype: str | None = None
     block_size: int = 16
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -128,11 +131,12 @@ class LLMEngine:
         c = model.config
         args = args.resolved(device)
         self.max_model_len = min(args.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, model.dtype, device)
         memory = args.kv_cache_memory or os.environ.get("QWENKIT_KV_CACHE_MEMORY")
         if memory is None:
             memory = cuda_kv_cache_memory(model, device, args) if device.type == "cuda" else DEFAULT_KV_CACHE_MEMORY
         memory = parse_memory(memory)
-        max_tokens = min(memory // kv_bytes_per_token(model), args.max_num_seqs * self.max_model_len)
+        max_tokens = min(memory // kv_bytes_per_token(model, kv_dtype), args.max_num_seqs * self.max_model_len)
         num_blocks = max_tokens // args.block_size
         if num_blocks < 2:
             raise QwenkitError(f"kv_cache_memory {memory} bytes holds fewer than 2 blocks of {args.block_size} tokens")
@@ -152,6 +156,7 @@ class LLMEngine:
             deterministic=args.deterministic,
             max_model_len=self.max_model_len,
             max_num_seqs=args.max_num_seqs,
+            kv_dtype=kv_dtype,
         )
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}

@@ -8,18 +8,34 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenkit import kernels
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.engine.threads import configure_threads
-from qwenkit import kernels
+from qwenkit.errors import QwenkitError
 from qwenkit.kernels import cuda as cuda_kernels
 from qwenkit.models import QwenForCausalLM
 from qwenkit.models.attention import AttentionMetadata, DecodeMetadata, PagedPrefillMetadata
 from qwenkit.models.layers import SparseMoeBlock
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-def kv_bytes_per_token(model: QwenForCausalLM) -> int:
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype. "auto" (None): float16 where a CPU computes in float32 (half the
+    cache's bytes, widened in the C attention kernel: no measurable cost, docs/decode.md), else
+    the model's dtype: on CUDA, and on a CPU standing in for one (Triton's interpreter, tests),
+    the cache stays the model's dtype unless asked."""
+    if kv_cache_dtype in (None, "auto"):
+        cpu_kernels = device.type == "cpu" and not cuda_kernels.enabled(device)
+        return torch.float16 if cpu_kernels and model_dtype == torch.float32 else model_dtype
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise QwenkitError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose one of auto, {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[kv_cache_dtype]
+
+
+def kv_bytes_per_token(model: QwenForCausalLM, kv_dtype: torch.dtype | None = None) -> int:
     c = model.config
-    return 2 * c.num_hidden_layers * model.num_kv_heads * c.head_dim * model.dtype.itemsize
+    return 2 * c.num_hidden_layers * model.num_kv_heads * c.head_dim * (kv_dtype or model.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -82,10 +98,12 @@ class ModelRunner:
         enforce_eager: bool = False,
         max_model_len: int | None = None,
         max_num_seqs: int = 32,
+        kv_dtype: torch.dtype | None = None,
         progress: bool = True,
         deterministic: bool = False,
     ):
         self.model = model
+        self.kv_dtype = kv_dtype or model.dtype
         self.block_size = block_size
         self.device = device
         # Batch-invariant steps (CPU, `kernels.batch_invariant`): matmuls that compute each row
@@ -96,7 +114,7 @@ class ModelRunner:
             configure_threads()
         num_slots = num_blocks * block_size
         # One spare slot past the last block: padding rows of a compiled step write there.
-        self.kv_caches = model.allocate_kv_cache(num_slots + 1, device)
+        self.kv_caches = model.allocate_kv_cache(num_slots + 1, device, dtype=self.kv_dtype)
         self._block_offsets = torch.arange(block_size)
         # Prefill attention reads the paged cache in place (no per-sequence gathers).
         self.paged_prefill = cuda_kernels.enabled(device)
@@ -119,7 +137,11 @@ class ModelRunner:
         else:
             from qwenkit.models.fused_decode import FusedDecode
 
-            self.fused = FusedDecode.build(model, self.kv_caches)
+            # Deterministic steps need the fused step's numbers to be the module path's (which a
+            # prefix-cache miss or a preempted token's recompute takes); a half-precision module
+            # path rounds between operations, the fused step (float32 throughout) does not.
+            if not (self.deterministic and model.dtype != torch.float32):
+                self.fused = FusedDecode.build(model, self.kv_caches)
 
     def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
         """Compute the step. Returns the positions in `batch` of the sequences whose

@@ -62,6 +62,16 @@ __all__ = [
 # of rows at a time and run a GEMM in the activations' dtype.
 MAX_NATIVE_KERNEL_TOKENS = 1 << 30
 MAX_KERNEL_TOKENS = 16
+# The K-quant kernels decode every super-block for each group of 8 rows; from this many rows on
+# (prefill), dequantizing once and a float GEMM is faster (docs/quantization.md).
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+MAX_K_QUANT_KERNEL_TOKENS = 127
+
+
+def _cache_holds(cache: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the KV cache stores x's dtype: the Triton kernels take one dtype; a cache asked in
+    another (`kv_cache_dtype`) runs the torch code, which converts."""
+    return cache.dtype == x.dtype
 
 
 def _native(*tensors: torch.Tensor) -> cpu.Library | None:
@@ -76,9 +86,9 @@ def _native(*tensors: torch.Tensor) -> cpu.Library | None:
 # A matmul library picks its blocking, vector kernel and thread split from the shape, so a row's
 # numbers depend on how many rows came with it (measured with torch 2.13's CPU GEMM: a row of a
 # 1-, 2-, 3-, 5-, 6-, 7- or 9-row call differs from the same row in a 300-row call; the native
-# Q5_0 kernel unpacks the weights from 16 rows on). Under `batch_invariant()` the native int8
-# and Q5_0 kernels (float32 activations) take one path for every row count
-# (`cpu.Library.set_row_invariant`), and every other CPU matmul is called on blocks of exactly
+# Q5_0 kernel unpacks the weights from 16 rows on). Under `batch_invariant()` the native int8,
+# Q5_0 and K-quant kernels (float32 activations) take one path for every row count
+# (`cpu.Library.set_row_invariant`, `NATIVE_ROW_INVARIANT`), and every other CPU matmul is called on blocks of exactly
 # INVARIANT_ROWS rows (the last one zero-padded): a block's shape never changes, and no GEMM
 # mixes its rows, so each row's numbers are those of the row alone.
 # With attention per query token (the runner's deterministic steps) and row-wise norms, a token
@@ -187,7 +197,7 @@ def qk_norm_rope_cache(
     Qwen3's per-head RMSNorm to q and k (weights q_norm, k_norm [D], or None), rotate both
     (cos, sin [T, 1, D]), write k and v into the cache rows slot_mapping [T]. Returns q
     [T, H, D]. One kernel on CUDA."""
-    if cuda.applies(qkv):
+    if cuda.applies(qkv) and _cache_holds(kv_cache[0], qkv):
         from qwenkit.kernels.cuda import fused
 
         return fused.qk_norm_rope_cache(qkv, cos, sin, kv_cache, slot_mapping, num_heads=num_heads,
@@ -216,7 +226,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store a step's keys and values k, v [T, KVH, D] at cache rows `slot_mapping` [T]. Under
+    """Store a step's keys and values k, v [T, KVH, D] at cache rows `slot_mapping` [T], in the
+    cache's dtype (a 16-bit cache rounds them to nearest even; attention reads every key back
+    from the cache, the step's own too, so a prefix-cache hit equals a miss). Under
     torch.compile an opaque op that writes in place (the graph never copies the cache)."""
     if torch.compiler.is_compiling():
         _write_kv_cache_op(k, v, k_cache, v_cache, slot_mapping)
@@ -249,7 +261,7 @@ def paged_decode_attention(
     Returns [B, H, D]; a sequence with context length 0 gets zeros. Under torch.compile an
     opaque op (a native kernel is not traced).
     """
-    if cuda.applies(q):
+    if cuda.applies(q) and _cache_holds(k_cache, q):
         from qwenkit.kernels.cuda import attention
 
         return attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
@@ -261,7 +273,8 @@ def paged_decode_attention(
 
 
 def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, block_size, scale):
-    if (lib := _native(q, k_cache, v_cache)) is not None:
+    if (k_cache.dtype in cpu.KV_DTYPES and v_cache.dtype == k_cache.dtype and k_cache.device.type == "cpu"
+            and (lib := _native(q)) is not None):
         return lib.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                           block_size=block_size, scale=scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
@@ -303,7 +316,7 @@ def paged_prefill_attention(
     place: q [T, H, D], sequence b's queries at rows query_start_loc[b] .. query_start_loc[b + 1]
     - 1 and positions context_lens[b] - query_len .. context_lens[b] - 1, every key and value
     (theirs included) already in the cache. Returns [T, H, D]."""
-    if cuda.applies(q):
+    if cuda.applies(q) and _cache_holds(k_cache, q):
         from qwenkit.kernels.cuda import attention
 
         return attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
@@ -315,8 +328,10 @@ def paged_prefill_attention(
 # -- quantized matmuls -------------------------------------------------------------------------
 
 
-# GGUF types whose native kernel honours `set_row_invariant` (as the int8 kernel does).
-NATIVE_ROW_INVARIANT = frozenset({"Q5_0"})
+# GGUF types whose native kernel computes each row alike at any row count under
+# `batch_invariant()`: Q5_0 through `set_row_invariant` (as the int8 kernel does); the K-quants'
+# kernel has one path for every row count and then takes every call (no dequantized prefill).
+NATIVE_ROW_INVARIANT = frozenset({"Q5_0", *K_QUANTS})
 
 
 def _native_any_rows(x: torch.Tensor) -> bool:
@@ -369,7 +384,8 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_na
 
 
 def _gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    if _native_rows(x) and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
+    decoding = type_name not in K_QUANTS or x.shape[0] <= MAX_K_QUANT_KERNEL_TOKENS or _batch_invariant.get()
+    if _native_rows(x) and decoding and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
         return lib.gguf_linear(x, blocks, in_features, type_name).to(x.dtype)
     return _dequantized_gguf_linear(x, blocks, in_features, type_name)
 
@@ -514,43 +530,52 @@ class DecodeLayers:
     def build(cls, layers: list[DecodeLayer], *, hidden: int, heads: int, kv_heads: int, head_dim: int,
               intermediate: int, eps: float, scale: float) -> DecodeLayers | None:
         """The fused layers, or None where they do not apply: a projection kind without a kernel,
-        parameters or caches that are not float32 on the CPU, native kernels off or not built."""
-        tensors = []
+        tensors not on the CPU, a cache dtype the kernel does not read, native kernels off or not
+        built. The arithmetic is float32 whatever the model's dtype: half-precision norms and
+        biases are copied to float32 once here; a 16-bit cache is read and written as such."""
+        lib = cpu.library()
+        if lib is None or not layers:
+            return None
+        kv_dtype = layers[0].k_cache.dtype
+        tensors, structs = [], []
         for layer in layers:
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
-            floats = [layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm, layer.k_cache, layer.v_cache,
-                      *(linear.bias for linear in linears)]
-            floats = [t for t in floats if t is not None]
-            if any(linear.kind not in cpu.FD_FORMATS for linear in linears) or _native(*floats) is None:
+            if (any(linear.kind not in cpu.FD_FORMATS for linear in linears) or kv_dtype not in cpu.KV_DTYPES
+                    or {layer.k_cache.dtype, layer.v_cache.dtype} != {kv_dtype}
+                    or any(t.device.type != "cpu" for t in (layer.k_cache, layer.v_cache, layer.qkv.weight))):
                 return None
-            tensors.extend(floats)
-        lib = cpu.library()
-        if lib is None:
-            return None
-        structs = [
-            cpu.FdLayer(*(cpu.FdLinear(cpu.FD_FORMATS[m.kind], m.weight.shape[0], m.in_features, _pointer(m.weight),
-                                       _pointer(m.scale), _pointer(m.bias))
-                          for m in (layer.qkv, layer.o, layer.gate_up, layer.down)),
-                        *map(_pointer, (layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm,
-                                        layer.k_cache, layer.v_cache)))
-            for layer in layers
-        ]
-        dims = cpu.FdDims(hidden, heads, kv_heads, head_dim, intermediate, eps, scale)
+
+            def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+                if t is None:
+                    return None
+                t = t.detach().to(torch.float32).contiguous()
+                tensors.append(t)
+                return t
+
+            structs.append(cpu.FdLayer(
+                *(cpu.FdLinear(cpu.FD_FORMATS[m.kind], m.weight.shape[0], m.in_features, _pointer(m.weight),
+                               _pointer(m.scale), _pointer(f32(m.bias))) for m in linears),
+                *map(_pointer, map(f32, (layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm))),
+                _pointer(layer.k_cache), _pointer(layer.v_cache)))
+            tensors.extend((layer.k_cache, layer.v_cache, *(m.weight for m in linears)))
+        dims = cpu.FdDims(hidden, heads, kv_heads, head_dim, intermediate, cpu.KV_DTYPES[kv_dtype], eps, scale)
         return cls((cpu.FdLayer * len(structs))(*structs), dims, lib, tensors)
 
     @staticmethod
     def applies(num_seqs: int) -> bool:
         """Whether the module path would also run the native kernels on `num_seqs` float32 rows
-        (`MAX_NATIVE_KERNEL_TOKENS`): then the fused step computes the same."""
+        (`MAX_NATIVE_KERNEL_TOKENS`): then the fused step computes what it would."""
         return num_seqs <= MAX_NATIVE_KERNEL_TOKENS
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, block_size: int, context_lens: torch.Tensor) -> torch.Tensor:
         """h [B, hidden] (the embeddings) through every layer; cos, sin [B, 1, D] as the model's
         rotary embedding gives them; slot_mapping [B], block_tables [B, max_blocks], context_lens
-        [B] as in a decode step's metadata. Returns the residual stream after the last layer."""
+        [B] as in a decode step's metadata. Returns the residual stream after the last layer,
+        float32."""
         h = h.to(torch.float32).contiguous()
-        self._lib.decode_layers(self._layers, self._dims, h, cos.contiguous(), sin.contiguous(),
+        cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+        self._lib.decode_layers(self._layers, self._dims, h, cos, sin,
                                 slot_mapping.to(torch.int64).contiguous(),
                                 block_tables.to(torch.int32).contiguous(), block_size,
                                 context_lens.to(torch.int32).contiguous())

@@ -1,7 +1,7 @@
 """Compiles the C kernels of csrc/ into one shared library per CPU instruction-set variant.
 
 `build(isa)` compiles every csrc/*.c with the system C compiler (`$CC`, else gcc, else cc) and
-the flags of `ISA_FLAGS[isa]` into `<qwenkit home>/kernels/qwenkit_<isa>_<hash>.so`, unless it
+the flags of `ISA_FLAGS[isa]` into `paths.kernels_dir()/qwenkit_<isa>_<hash>.so`, unless it
 is there already: the hash covers the sources and headers, the flags, the compiler and the CPU's
 feature flags, so a changed source, compiler or CPU builds anew and several processes can share
 the folder (the library is written under a temporary name and renamed into place). A build
@@ -24,16 +24,20 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from qwenkit import paths
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 # -ffast-math's parts, not the flag: with -ffast-math (or -funsafe-math-optimizations) on the
 # link line, gcc links crtfastmath.o, whose constructor sets the CPU's flush-to-zero bits for the
 # whole process when the library loads; Python then reads 5e-324 as 0.0 (found by schemathesis
-# through the server's JSON parsing).
-FLAGS = ["-O3", "-fno-math-errno", "-fno-signed-zeros", "-fno-trapping-math", "-fassociative-math",
-         "-freciprocal-math", "-ffinite-math-only", "-fno-rounding-math", "-fcx-limited-range",
-         "-fexcess-precision=fast", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
+# through the server's JSON parsing). And no -fassociative-math: float sums are not reordered, so
+# the kernels' operations for one row are the same whatever the batch and inlining context (rows
+# do not depend on the batch; with reassociation the K-quant kernel's did).
+FLAGS = ["-O3", "-fno-math-errno", "-fno-signed-zeros", "-fno-trapping-math", "-freciprocal-math",
+         "-ffinite-math-only", "-fno-rounding-math", "-fcx-limited-range", "-fexcess-precision=fast",
+         "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
 # Widest first. x86-64-v3 is AVX2 + FMA + F16C + BMI2; x86-64-v4 adds AVX-512 F/BW/CD/DQ/VL.
 ISA_FLAGS = {
     "amx": ["-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mtune=native"],
@@ -66,13 +70,11 @@ def sources() -> list[Path]:
 
 
 def build(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False) -> Path:
-    """The path of the `isa` library, compiled into `folder` (default: `<qwenkit home>/kernels`)
+    """The path of the `isa` library, compiled into `folder` (default: `paths.kernels_dir()`)
     unless it is there already. `extra_flags`: more compiler flags (tests: -Werror);
     `emulated`: the `EMULATED_ISA_FLAGS` build of `isa` (tests)."""
     if folder is None:
-        from qwenkit.default_model import qwenkit_home
-
-        folder = qwenkit_home() / "kernels"
+        folder = paths.kernels_dir()
     cc = compiler()
     flags = [*FLAGS, *(EMULATED_ISA_FLAGS if emulated else ISA_FLAGS)[isa], *extra_flags]
     digest = hashlib.sha256()

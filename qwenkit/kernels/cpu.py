@@ -43,7 +43,7 @@ DOT_PRODUCTS = {
     "generic": "plain C",
 }
 # GGUF block types the C kernels multiply as stored: (values, bytes) of one block.
-GGUF_BLOCKS = {"Q5_0": (32, 22)}
+GGUF_BLOCKS = {"Q5_0": (32, 22), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
 def native_kernels_enabled() -> bool:
@@ -79,11 +79,12 @@ class FdLayer(ctypes.Structure):
 
 
 class FdDims(ctypes.Structure):
-    _fields_ = _fields("hidden", "heads", "kv_heads", "head_dim", "intermediate", kind=ctypes.c_int32) + _fields(
-        "eps", "scale", kind=ctypes.c_float)
+    _fields_ = _fields("hidden", "heads", "kv_heads", "head_dim", "intermediate", "kv_dtype",
+                       kind=ctypes.c_int32) + _fields("eps", "scale", kind=ctypes.c_float)
 
 
-FD_FORMATS = {"int8": 0, "Q5_0": 1}  # csrc/decode_layers.h's FORMAT_*
+FD_FORMATS = {"int8": 0, "Q5_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4}  # csrc/decode_layers.h's FORMAT_*
+KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/kernels.h's KV_*
 
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
@@ -91,12 +92,13 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "silu_and_mul_f32": (None, [_P, _P, _I, _I]),
     "qk_set_row_invariant": (None, [_I]),
     "rope_neox_f32": (None, [_P, _I64, _P, _P, _P, _I, _I, _I]),
-    "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F]),
+    "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F, _I]),
     "int8_linear_q8": (_I, [_P] * 4 + [_I] * 3),
-    "q5_0_linear_q8": (_I, [_P] * 3 + [_I] * 3),
-    "q5_0_dequantize": (None, [_P] * 2 + [_I] * 2),
+    **{f"{t.lower()}_linear_q8": (_I, [_P] * 3 + [_I] * 3) for t in GGUF_BLOCKS},
+    **{f"{t.lower()}_dequantize": (None, [_P] * 2 + [_I] * 2) for t in GGUF_BLOCKS},
     "decode_layers": (_I, [_P, _I, _P, _P, _I] + [_P] * 4 + [_I] * 2 + [_P]),
     "qk_amx_init": (_I, []),
+    "kv_store_rows": (None, [_P, _P, _I, _I]),
 }
 
 
@@ -137,7 +139,8 @@ class Library:
 
     def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, *, block_size: int,
                                scale: float) -> torch.Tensor:
-        """Shapes as `qwenkit.kernels.paged_decode_attention`; float32 q and cache, int32 tables."""
+        """Shapes as `qwenkit.kernels.paged_decode_attention`; float32 q, a cache of a dtype in
+        KV_DTYPES, int32 tables."""
         q = q.contiguous()
         block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
         if q.dtype != torch.float32 or block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
@@ -148,7 +151,15 @@ class Library:
         out = torch.empty_like(q)
         self._lib.paged_decode_attention_f32(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-            out.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim, block_size, block_tables.shape[1], scale)
+            out.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim, block_size, block_tables.shape[1], scale,
+            KV_DTYPES[k_cache.dtype])
+        return out
+
+    def to_kv_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """float32 x converted as the fused decode step writes a `dtype` cache (tests)."""
+        x = x.to(torch.float32).contiguous()
+        out = torch.empty(x.shape, dtype=dtype)
+        self._lib.kv_store_rows(x.data_ptr(), out.data_ptr(), x.numel(), KV_DTYPES[dtype])
         return out
 
     def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def load_model(
     """Build the model for `files`, fill its weights and load its tokenizer.
 
     quantization: "auto" (on CPU, GGUF weights stay quantized; safetensors load as `dtype`),
-    "none" (everything as `dtype`), "int8" or "int4" (weight-only quantized as they load).
+    "gguf" (as auto, with the K-quants kept as stored too), "none" (everything as `dtype`),
+    "int8" or "int4" (weight-only quantized as they load).
     See qwenkit/loader/quantization.py and docs/quantization.md. tp: this process's rank of
     a tensor-parallel group; the model is built with its shards only (float weights).
     """

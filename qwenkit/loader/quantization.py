@@ -1,8 +1,9 @@
 """Which modules a load quantizes, and to which in-memory format (qwenkit/models/quant.py).
 
 quantization="auto": on CPU, GGUF matrices stay quantized, in the format `GGUF_AUTO_FORMATS`
-gives their storage type; float-stored tensors, safetensors checkpoints, and any checkpoint
-on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
+gives their storage type; "gguf": the same, but every type with a native kernel kept as
+stored (`GGUF_STORED_FORMATS`: the K-quants too), the smallest in memory. Float-stored
+tensors, safetensors checkpoints, and any checkpoint on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
 where a shape does not fit int4), the embedding and lm_head in int8, as llama.cpp keeps the
 output matrix at higher precision. "none": all floats. The MoE router and the experts stay
 float (see docs/quantization.md).
@@ -20,16 +21,16 @@ from qwenkit import kernels
 from qwenkit.errors import ModelLoadError
 from qwenkit.loader.weights import _target
 from qwenkit.models.layers import Embedding, Linear
-from qwenkit.models.quant import GGUF, GGUF_LINEAR_FORMATS, INT4, INT4_GROUP_SIZE, INT8, Q5_0
+from qwenkit.models.quant import GGUF, GGUF_LINEAR_FORMATS, INT4, INT4_GROUP_SIZE, INT8, Q4_K, Q5_0, Q5_K, Q6_K
 
-QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
+QUANTIZATION_CHOICES = ("auto", "gguf", "none", "int8", "int4")
 
 # GGUF storage type -> in-memory format under "auto", chosen by measured speed and accuracy
 # (docs/quantization.md). Q5_0 (most of a small Qwen's Q4_K_M file) stays in its blocks where
 # the native kernel runs: it reads 5.5 bits a value. The others become int8 per output row (8
-# bits a value against the file's 4.5 to 8.5): Q4_K / Q6_K kernels reading the blocks as stored
-# were measured compute-bound here (docs/quantization.md); Q4_K could be int4 exactly but
-# measures slower.
+# bits a value against the file's 4.5 to 8.5): the K-quant kernels reading the blocks as stored
+# measured ~2x the int8 kernel's time on the AVX2 CPU here, at 1 and 8 rows (decoding their
+# 6-bit scales and mins costs more than the bytes they save); "gguf" keeps them as stored.
 GGUF_AUTO_FORMATS = {
     T.Q8_0: INT8,
     T.Q6_K: INT8,
@@ -38,6 +39,7 @@ GGUF_AUTO_FORMATS = {
     T.Q4_K: INT8,
     T.Q4_0: INT8,
 }
+GGUF_STORED_FORMATS = {**GGUF_AUTO_FORMATS, T.Q6_K: Q6_K, T.Q5_K: Q5_K, T.Q4_K: Q4_K}
 
 
 def check_quantization(quantization: str | None) -> str:
@@ -62,10 +64,13 @@ def plan_quantization(
     quantization = check_quantization(quantization)
     if quantization == "int4" and device.type != "cpu":
         raise ModelLoadError("quantization 'int4' runs on CPU only (torch's int4 CPU kernel); use int8 or none")
-    if quantization == "none" or (quantization == "auto" and (tensor_types is None or device.type != "cpu")):
+    if quantization == "gguf" and tensor_types is None:
+        raise ModelLoadError("quantization 'gguf' keeps GGUF blocks as stored: it needs a .gguf checkpoint")
+    from_gguf = quantization in ("auto", "gguf")
+    if quantization == "none" or (from_gguf and (tensor_types is None or device.type != "cpu")):
         return {}
     modules = dict(model.named_modules())
-    if quantization != "auto":
+    if not from_gguf:
         formats = {}
         for name, module in modules.items():
             if type(module) is Embedding or name == "lm_head":
@@ -80,9 +85,10 @@ def plan_quantization(
         target = _target(model, params, hf_name)
         if target is not None and target[0].endswith(".weight"):
             stored.setdefault(target[0].removesuffix(".weight"), set()).add(tensor_type)
+    table = GGUF_STORED_FORMATS if quantization == "gguf" else GGUF_AUTO_FORMATS
     formats = {}
     for name, types in stored.items():
-        wanted = {GGUF_AUTO_FORMATS.get(t) for t in types} - {None}
+        wanted = {table.get(t) for t in types} - {None}
         module = modules.get(name)
         if not wanted:
             continue  # stored as floats

@@ -9,10 +9,16 @@ dispatch, none of it arithmetic. Here the whole stack after the embedding is
 module path calls one at a time, so the numbers are those of the module path up to float
 summation order.
 
-It applies where every matmul of every layer has a native kernel: float32 activations on
-CPU, dense MLPs (not MoE), each projection an int8 or GGUF Q5_0 `QuantLinear`, and the
-kernels built. `FusedDecode.build` returns None otherwise and the runner keeps the module
-path. `QWENKIT_NATIVE_KERNELS=0` turns it off with the other kernels.
+It applies where every matmul of every layer has a native kernel: a CPU model with dense MLPs
+(not MoE), each projection an int8 or GGUF (Q5_0, Q4_K, Q5_K, Q6_K) `QuantLinear`, and the
+kernels built. `FusedDecode.build` returns None otherwise and the runner keeps the module path.
+`QWENKIT_NATIVE_KERNELS=0` turns it off with the other kernels.
+
+Whatever the model's dtype, the fused step computes in float32 (the quantized matmuls take
+float32 activations anyway): a bfloat16 model (the default where the CPU has AVX512-BF16 or
+AMX) decodes through it too, next to its bfloat16 prefill on the CPU's matrix units, reading
+and writing its bfloat16 KV cache. Its rows then differ from the bfloat16 module path's by that
+path's roundings to bfloat16 between operations (tests/test_fused_decode.py bounds it).
 """
 
 from __future__ import annotations
@@ -44,8 +50,6 @@ class FusedDecode:
     @classmethod
     def build(cls, model: QwenForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> FusedDecode | None:
         """The fused path for this model and cache, or None where it does not apply (see the module doc)."""
-        if model.dtype != torch.float32:
-            return None
         c = model.config
         layers = []
         for layer, (k_cache, v_cache) in zip(model.model.layers, kv_caches):
@@ -80,4 +84,4 @@ class FusedDecode:
         cos, sin = inner.rotary_emb(positions)
         h = self._layers(inner.embed_tokens(input_ids), cos, sin, meta.slot_mapping, d.block_tables,
                          d.block_size, d.context_lens)
-        return inner.norm(h)
+        return inner.norm(h.to(self.model.dtype))

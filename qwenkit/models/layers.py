@@ -387,14 +387,16 @@ class QwenForCausalLM(nn.Module):
         return self.model.layers[0].self_attn.num_kv_heads
 
     def allocate_kv_cache(
-        self, num_slots: int, device: torch.device | None = None
+        self, num_slots: int, device: torch.device | None = None, *, dtype: torch.dtype | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (key, value) pair of `[num_slots, num_kv_heads, head_dim]` tensors per layer,
-        on `device` (default: the model's; a tensor made without a device lands on the CPU)."""
+        on `device` (default: the model's; a tensor made without a device lands on the CPU), of
+        `dtype` (default: the model's; the attention kernels convert a 16-bit cache)."""
         c = self.config
         device = device or next(self.parameters()).device
+        dtype = dtype or self.dtype
         shape = (num_slots, self.num_kv_heads, c.head_dim)
         return [
-            (torch.empty(shape, dtype=self.dtype, device=device), torch.empty(shape, dtype=self.dtype, device=device))
+            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(c.num_hidden_layers)
         ]

@@ -13,9 +13,10 @@ Formats:
   along k, bfloat16 scale and zero: what torch's `_weight_int4pack_mm_for_cpu` computes.
   GGUF Q4_K (q * d*sc - dmin*m per 32 values) maps onto it up to the bfloat16 rounding of
   scale and zero; floats are quantized from each group's min and max.
-- ``gguf:Q5_0`` (linears stored so in a GGUF, under "auto" where the native kernels run): the
-  file's blocks as stored, 5.5 bits a value, multiplied by the native kernel
-  (`kernels.GGUF_BLOCKS` lists the GGUF types with a kernel).
+- ``gguf:Q5_0``, ``gguf:Q4_K``, ``gguf:Q5_K``, ``gguf:Q6_K`` (linears stored so in a GGUF,
+  under "auto" where the native kernels run): the file's blocks as stored (5.5, 4.5, 5.5 and
+  6.56 bits a value), multiplied by the native kernels (`kernels.GGUF_BLOCKS` lists the GGUF
+  types with a kernel).
 - ``gguf:<type>`` (embeddings only): the GGUF blocks as stored; the rows a step gathers are
   dequantized by `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
 
@@ -38,6 +39,7 @@ from qwenkit.models.layers import Embedding, Linear
 
 INT8, INT4, GGUF = "int8", "int4", "gguf"
 Q5_0 = "gguf:Q5_0"  # a linear kept in GGUF Q5_0 blocks, run by the native kernel
+Q4_K, Q5_K, Q6_K = "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K"  # the same for GGUF K-quants
 GGUF_LINEAR_FORMATS = tuple(f"{GGUF}:{type_name}" for type_name in kernels.GGUF_BLOCKS)
 INT4_GROUP_SIZE = kernels.reference.INT4_GROUP_SIZE
 # Rows are quantized in blocks of about this many values (4 MiB of float32).

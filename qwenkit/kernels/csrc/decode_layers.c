@@ -9,8 +9,14 @@
 #include "kernels.h"
 
 static int fd_matmul(const fd_linear *l, const float *x, float *y, int M) {
-    const int rc = l->format == FORMAT_INT8 ? int8_linear_q8(x, l->weight, l->scale, y, M, l->n, l->k)
-                                            : q5_0_linear_q8(x, l->weight, y, M, l->n, l->k);
+    int rc = -1;
+    switch (l->format) {
+    case FORMAT_INT8: rc = int8_linear_q8(x, l->weight, l->scale, y, M, l->n, l->k); break;
+    case FORMAT_Q5_0: rc = q5_0_linear_q8(x, l->weight, y, M, l->n, l->k); break;
+    case FORMAT_Q4_K: rc = q4_k_linear_q8(x, l->weight, y, M, l->n, l->k); break;
+    case FORMAT_Q5_K: rc = q5_k_linear_q8(x, l->weight, y, M, l->n, l->k); break;
+    case FORMAT_Q6_K: rc = q6_k_linear_q8(x, l->weight, y, M, l->n, l->k); break;
+    }
     if (rc == 0 && l->bias)
         for (int m = 0; m < M; m++)
             for (int i = 0; i < l->n; i++) y[(int64_t)m * l->n + i] += l->bias[i];
@@ -50,11 +56,11 @@ int decode_layers(const fd_layer *layers, int num_layers, const fd_dims *d, floa
         rope_neox_f32(q, q_stride, cos, sin, qr, M, H, D);
         rope_neox_f32(k, k_stride, cos, sin, kr, M, KVH, D);
         for (int t = 0; t < M; t++) {
-            memcpy(L->k_cache + slots[t] * kv_n, kr + (int64_t)t * kv_n, sizeof(float) * kv_n);
-            memcpy(L->v_cache + slots[t] * kv_n, qkv + (int64_t)t * qkv_n + (H + KVH) * D, sizeof(float) * kv_n);
+            kv_store(L->k_cache, slots[t] * kv_n, d->kv_dtype, kr + (int64_t)t * kv_n, kv_n);
+            kv_store(L->v_cache, slots[t] * kv_n, d->kv_dtype, qkv + (int64_t)t * qkv_n + (H + KVH) * D, kv_n);
         }
         paged_decode_attention_f32(qr, L->k_cache, L->v_cache, block_tables, context_lens, attn, M, H, KVH, D,
-                                   block_size, max_blocks, d->scale);
+                                   block_size, max_blocks, d->scale, d->kv_dtype);
         if ((rc = fd_matmul(&L->o, attn, tmp, M))) break;
         for (int64_t i = 0; i < (int64_t)M * hidden; i++) h[i] += tmp[i];
         rms_norm_f32(h, hidden, L->post_norm, x, M, hidden, d->eps);

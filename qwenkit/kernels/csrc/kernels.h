@@ -6,6 +6,7 @@
 #ifndef QWENKIT_KERNELS_H
 #define QWENKIT_KERNELS_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -98,6 +99,71 @@ static inline __m512 pair_ps(float a, float b) {
 }
 #endif
 
+/* KV cache element types (qwenkit/kernels/cpu.py KV_DTYPES): rows are converted to float32 as
+   they are read and rounded to nearest-even as they are written, as torch's .to() does. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch gives it */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+static inline uint16_t f32_to_f16(float f) {
+#if defined(__F16C__) && !defined(QK_NO_SIMD)
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    const uint32_t abs = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) return sign | 0x7e00;      /* NaN */
+    if (abs >= 0x477ff000u) return sign | 0x7c00;     /* rounds past 65504: infinity */
+    if (abs < 0x38800000u) {                          /* below 2^-14: a subnormal half, or zero */
+        float magnitude;
+        memcpy(&magnitude, &abs, sizeof magnitude);
+        return sign | (uint16_t)lrintf(magnitude * 16777216.f); /* in units of 2^-24, to nearest even */
+    }
+    const uint32_t mant_odd = (abs >> 13) & 1;
+    return sign | (uint16_t)((abs - 0x38000000u + 0xfffu + mant_odd) >> 13);
+#endif
+}
+
+/* Row `index` (in elements) of a cache of kv_dtype, as n float32 values: the row itself for a
+   float32 cache, else converted into tmp. */
+static inline const float *kv_row(const void *cache, int64_t index, int kv_dtype, int n, float *tmp) {
+    if (kv_dtype == KV_F32) return (const float *)cache + index;
+    const uint16_t *h = (const uint16_t *)cache + index;
+    int i = 0;
+#ifdef QK_AVX2
+    if (kv_dtype == KV_F16)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(tmp + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    else
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(tmp + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i))), 16)));
+#endif
+    for (; i < n; i++) tmp[i] = kv_dtype == KV_F16 ? f16_to_f32(h[i]) : bf16_to_f32(h[i]);
+    return tmp;
+}
+
+/* n float32 values into row `index` (in elements) of a cache of kv_dtype. */
+static inline void kv_store(void *cache, int64_t index, int kv_dtype, const float *x, int n) {
+    if (kv_dtype == KV_F32) {
+        memcpy((float *)cache + index, x, sizeof(float) * n);
+        return;
+    }
+    uint16_t *h = (uint16_t *)cache + index;
+    int i = 0;
+#ifdef QK_AVX2
+    if (kv_dtype == KV_F16)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) h[i] = kv_dtype == KV_F16 ? f32_to_f16(x[i]) : f32_to_bf16(x[i]);
+}
+
 /* norm_rope.c */
 void qk_set_row_invariant(int on);
 void silu_and_mul_f32(const float *x, float *out, int T, int I);
@@ -106,13 +172,19 @@ void rope_neox_f32(const float *x, int64_t x_stride, const float *cos, const flo
                    int heads, int D);
 
 /* attention.c */
-void paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
+void paged_decode_attention_f32(const float *q, const void *k_cache, const void *v_cache,
                                 const int32_t *block_tables, const int32_t *context_lens, float *out, int B, int H,
-                                int KVH, int D, int block_size, int max_blocks, float scale);
+                                int KVH, int D, int block_size, int max_blocks, float scale, int kv_dtype);
 
 /* quant.c */
+void quantize_row_q8(const float *x, int K, int8_t *xq, float *xs);
 int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float *y, int M, int N, int K);
 int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
 void q5_0_dequantize(const uint8_t *w, float *out, int N, int K);
+
+/* kquant.c */
+int q4_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
+int q5_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
+int q6_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
 
 #endif

@@ -34,7 +34,7 @@ void qk_set_row_invariant(int on) { row_invariant = on; }
 
 /* x[K] -> xq[K] int8 and xs[ceil(K / QK)]: xs[j] = max |x| over block j / 127 (the last block
    may be short). */
-static void quantize_row(const float *x, int K, int8_t *xq, float *xs) {
+void quantize_row_q8(const float *x, int K, int8_t *xq, float *xs) {
     for (int j = 0; j * QK < K; j++) {
         const float *b = x + j * QK;
         const int n = K - j * QK < QK ? K - j * QK : QK;
@@ -142,7 +142,7 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
     float *xs = malloc(sizeof(float) * (size_t)M * nb);
     if (!xq || !xs) { free(xq); free(xs); return -1; }
     #pragma omp parallel for if (M > 8)
-    for (int m = 0; m < M; m++) quantize_row(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
+    for (int m = 0; m < M; m++) quantize_row_q8(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
     const int blocks = (N + 3) / 4;
     #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
@@ -402,7 +402,7 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
     if (!xq || !xs || !c) { free(xq); free(xs); free(c); return -1; }
     #pragma omp parallel for if (M > 8)
     for (int m = 0; m < M; m++) {
-        quantize_row(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
+        quantize_row_q8(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
         for (int j = 0; j < nb; j++) {
             int32_t sum = 0;
             for (int i = 0; i < QK; i++) sum += xq[(int64_t)m * K + j * QK + i];
@@ -575,7 +575,7 @@ static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *s
     float *xs = calloc((size_t)Mp * nb, sizeof(float));
     if (!xq || !xs) { free(xq); free(xs); return -1; }
 #pragma omp parallel for
-    for (int m = 0; m < M; m++) quantize_row(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
+    for (int m = 0; m < M; m++) quantize_row_q8(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
     int failed = 0;
 #pragma omp parallel
     {
