@@ -4,6 +4,7 @@ attention metadata, and returns the logits of the sequences that sample a token.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype,
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise QwenkitError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose one of auto, {', '.join(KV_CACHE_DTYPES)}")
     return KV_CACHE_DTYPES[kv_cache_dtype]
+
+logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(model: QwenForCausalLM, kv_dtype: torch.dtype | None = None) -> int:
@@ -110,6 +113,9 @@ class ModelRunner:
         # alike whatever the row count, and each query token's attention by the decode kernel
         # over its own context (as the fused decode step computes it).
         self.deterministic = deterministic and device.type == "cpu"
+        if deterministic and not self.deterministic:
+            logger.warning("deterministic steps are a CPU feature: on %s, a request's tokens may still depend on "
+                           "the rest of its batch (docs/determinism.md)", device.type)
         if device.type == "cpu":
             configure_threads()
         num_slots = num_blocks * block_size
