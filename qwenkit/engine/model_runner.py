@@ -18,6 +18,8 @@ from qwenkit.models import QwenForCausalLM
 from qwenkit.models.attention import AttentionMetadata, DecodeMetadata, PagedPrefillMetadata
 from qwenkit.models.layers import SparseMoeBlock
 
+logger = logging.getLogger(__name__)
+
 KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -32,9 +34,6 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype,
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise QwenkitError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose one of auto, {', '.join(KV_CACHE_DTYPES)}")
     return KV_CACHE_DTYPES[kv_cache_dtype]
-
-logger = logging.getLogger(__name__)
-
 
 def kv_bytes_per_token(model: QwenForCausalLM, kv_dtype: torch.dtype | None = None) -> int:
     c = model.config
