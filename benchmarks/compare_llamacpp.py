@@ -453,8 +453,8 @@ class QwenkitWorker:
         llm, load_s, kv_bytes = self._load(w["ctx"], max(8, w["streams"]))
         llm.generate(w["warmup_ids"], SamplingParams(max_tokens=2))  # as run_bench warms up
         prefill_s = _time_first_token(llm, w["prefill_ids"])
-        decode_1 = _decode(llm, 1, w["decode_tokens"])["aggregate_tok_s"]
-        decode_n = _decode(llm, w["streams"], w["decode_tokens"])["aggregate_tok_s"]
+        decode_1 = _decode(llm, 1, w["decode_tokens"], salt=1)
+        decode_n = _decode(llm, w["streams"], w["decode_tokens"], salt=2)
         return {
             "load_s": load_s,
             "prefill_tok_s": len(w["prefill_ids"]) / prefill_s,
