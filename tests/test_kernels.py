@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import subprocess
+from pathlib import Path
 
 import gguf
 import pytest
@@ -210,16 +211,12 @@ def test_variant_attention_reads_16_bit_caches(isa, dtype, dim):
 @needs_compiler
 def test_struct_layouts_match_the_c_header(tmp_path):
     """Every field of the ctypes mirrors of csrc/decode_layers.h sits at the C offset, and each
-    struct has the C size (a field missing on either side moves one or the other)."""
+    struct has the C size (a field missing on either side moves one or the other), as
+    tests/csrc/struct_layout.c, compiled against the header, prints them."""
     structs = {"fd_linear": cpu.FdLinear, "fd_layer": cpu.FdLayer, "fd_dims": cpu.FdDims}
-    lines = [f'printf("{c} %zu\\n", sizeof({c}));' for c in structs]
-    lines += [f'printf("{c}.{f} %zu\\n", offsetof({c}, {f}));' for c, s in structs.items() for f, _ in s._fields_]
-    lines += [f'printf("FORMAT_{k.upper()} %d\\n", FORMAT_{k.upper()});' for k in cpu.FD_FORMATS]
-    source = tmp_path / "layout.c"
-    source.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "decode_layers.h"\nint main(void) {\n'
-                      + "\n".join(lines) + "\nreturn 0;\n}\n")
-    subprocess.run([build.compiler(), "-Wall", "-Wextra", "-Werror", "-I", str(build.CSRC), str(source), "-o",
-                    str(tmp_path / "layout")], check=True)
+    subprocess.run([build.compiler(), "-Wall", "-Wextra", "-Werror", "-I", str(build.CSRC),
+                    str(Path(__file__).parent / "csrc" / "struct_layout.c"), "-o", str(tmp_path / "layout")],
+                   check=True)
     c_view = dict(line.split() for line in subprocess.run([str(tmp_path / "layout")], capture_output=True,
                                                          text=True, check=True).stdout.splitlines())
     python_view = {c: str(ctypes.sizeof(s)) for c, s in structs.items()}
