@@ -3,7 +3,6 @@ attention metadata, and returns the logits of the sequences that sample a token.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -179,13 +178,17 @@ class ModelRunner:
             if samples:
                 sample_at.append(offset - 1)
         sample_rows = step.sample_rows
+        positions_t = torch.cat(positions)
         if self.deterministic:
             # Each query token as a one-token "sequence" of its own context: the decode kernel's
             # numbers for it, whatever the step's split into chunks or its cached prefix.
-            positions_t = torch.cat(positions)
             rows = [i for i, n in enumerate(query_lens) for _ in range(n)]
-            _, _, meta = self._decode_inputs(input_ids, positions_t.tolist(), [step.block_tables[i] for i in rows])
-            meta = dataclasses.replace(meta, query_lens=tuple(query_lens), context_lens=tuple(context_lens))
+            meta = AttentionMetadata(
+                query_lens=tuple(query_lens),
+                context_lens=tuple(context_lens),
+                slot_mapping=torch.cat(slot_mapping).to(self.device),
+                decode=self._decode_metadata(positions_t.to(self.device), [step.block_tables[i] for i in rows]),
+            )
         elif self.paged_prefill:
             meta = AttentionMetadata(
                 query_lens=tuple(query_lens),
@@ -201,7 +204,7 @@ class ModelRunner:
                 context_slots=tuple(s.to(self.device) for s in context_slots),
             )
         hidden = self.model(
-            torch.tensor(input_ids, device=self.device), torch.cat(positions).to(self.device), self.kv_caches, meta
+            torch.tensor(input_ids, device=self.device), positions_t.to(self.device), self.kv_caches, meta
         )
         if not sample_rows:
             return [], None
@@ -238,7 +241,6 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token ids, positions and attention metadata of a decode step (the eager and fused paths)."""
         bs, device = self.block_size, self.device
-        max_blocks = max(len(table) for table in block_tables)
         positions_t = torch.tensor(positions, device=device)
         meta = AttentionMetadata(
             query_lens=(1,) * len(input_ids),
@@ -246,15 +248,20 @@ class ModelRunner:
             slot_mapping=torch.tensor(
                 [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)], device=device
             ),
-            decode=DecodeMetadata(
-                block_tables=torch.tensor(
-                    [t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32, device=device
-                ),
-                context_lens=(positions_t + 1).to(torch.int32),
-                block_size=bs,
-            ),
+            decode=self._decode_metadata(positions_t, block_tables),
         )
         return torch.tensor(input_ids, device=device), positions_t, meta
+
+    def _decode_metadata(self, positions: torch.Tensor, block_tables: list[list[int]]) -> DecodeMetadata:
+        """Row i: one query token at positions[i] (on the device), over the blocks of block_tables[i]."""
+        max_blocks = max(len(table) for table in block_tables)
+        return DecodeMetadata(
+            block_tables=torch.tensor(
+                [t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32, device=self.device
+            ),
+            context_lens=(positions + 1).to(torch.int32),
+            block_size=self.block_size,
+        )
 
     def _paged_prefill_metadata(
         self, tables: list[list[int]], query_lens: list[int], context_lens: list[int]
