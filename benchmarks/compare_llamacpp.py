@@ -10,9 +10,12 @@ chat prompts of bench_core.py, perplexity on a fixed text, and a batch workload.
 
 The batch workload is the serving case: `--batch-prompts` code questions (chat-templated),
 each answered greedily to its end of turn or `--batch-tokens`, wall time for all of them.
-qwenkit takes them all at once (one request each, its pool sized to hold every sequence, so
-nothing is preempted); llama.cpp answers them one at a time, as a single-stream server does.
-The figure is llama.cpp's seconds / qwenkit's (the engine issue's target: >= 2.5x).
+qwenkit gets them all at once, one request each, and runs up to its default max_num_seqs (32 on
+CPU; `--batch-seqs`) at a time, its pool sized to hold every sequence, so nothing is
+preempted; llama.cpp answers them one at a time, as a single-stream server does. The tasks
+are benchmarks/data/code_tasks.txt: 164 (HumanEval's count), the full workload being
+`--batch-prompts 164 --batch-tokens 512`. The figure is llama.cpp's seconds / qwenkit's (the
+engine issue's target: >= 2.5x on the full workload).
 
 Every run is its own subprocess, alternating qwenkit, llama.cpp, qwenkit, ..., so that
 peak RSS and thread pools are each engine's own. The speed runs and the quality run
@@ -62,26 +65,10 @@ from pathlib import Path
 from bench_core import PROMPTS as GREEDY_PROMPTS  # the chat prompts bench_core's greedy agreement uses
 from bench_core import _agreement as agreement
 
-# The batch workload: code tasks of different lengths, answered greedily to the end of the
-# turn (or --batch-tokens); qwenkit takes them all at once, llama.cpp one at a time.
-BATCH_TASKS = [
-    "Write a Python function that returns the n-th Fibonacci number.",
-    "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces.",
-    "Write a Python function that merges two sorted lists into one sorted list without using sort().",
-    "Implement binary search over a sorted list of integers; return the index or -1.",
-    "Write a function that counts the words in a text file and returns the ten most common with their counts.",
-    "Write a Python class for a stack with push, pop, peek and is_empty, raising IndexError on an empty pop.",
-    "Write a function that flattens an arbitrarily nested list of integers.",
-    "Write a function that returns all prime numbers below n using the sieve of Eratosthenes.",
-    "Write a function that parses a CSV line with quoted fields (commas inside quotes) into a list of strings.",
-    "Write a function that rotates an n x n matrix by 90 degrees clockwise in place.",
-    "Write a function that returns the longest common prefix of a list of strings.",
-    "Write a Python generator that yields the lines of a file in reverse order without reading it all at once.",
-    "Write a function that validates an IPv4 address string.",
-    "Write a function that converts a Roman numeral to an integer.",
-    "Write an LRU cache class with get and put in O(1), using OrderedDict.",
-    "Write a function that computes the edit distance between two strings.",
-]
+# The batch workload: 164 code tasks of different kinds (HumanEval's count), answered greedily
+# to the end of the turn (or --batch-tokens); qwenkit takes them all at once, llama.cpp one at a
+# time. More prompts than tasks repeat them, each with its own number.
+BATCH_TASKS = (Path(__file__).parent / "data" / "code_tasks.txt").read_text().splitlines()
 
 # Perplexity text: prose and code, written for this benchmark (fixed, so runs compare).
 PERPLEXITY_TEXT = '''\
@@ -200,13 +187,19 @@ def build_workload(model_path: Path, args: argparse.Namespace) -> dict:
         "prefill_ids": _prompt(holder, args.prompt_tokens, 1),
         "decode_prompts": {str(c): p for c, p in decode_prompts.items()},
         "greedy_prompts": [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in chat],
-        "batch_prompts": [tokenizer.apply_chat_template([{"role": "user", "content": f"{task} (#{i})"}],
+        "batch_prompts": [tokenizer.apply_chat_template([{"role": "user", "content": task}],
                                                         add_generation_prompt=True, tokenize=True)
-                          for i, task in enumerate((BATCH_TASKS * (args.batch_prompts // len(BATCH_TASKS) + 1))
-                                                   [: args.batch_prompts])],
+                          for task in batch_tasks(args.batch_prompts)],
         "batch_tokens": args.batch_tokens,
+        "batch_seqs": args.batch_seqs,
         "perplexity_ids": tokenizer.encode(PERPLEXITY_TEXT),
     }
+
+
+def batch_tasks(count: int) -> list[str]:
+    """The first `count` tasks; past the list's end, the tasks again, numbered."""
+    return [BATCH_TASKS[i] if i < len(BATCH_TASKS) else f"{BATCH_TASKS[i % len(BATCH_TASKS)]} (#{i})"
+            for i in range(count)]
 
 
 def run_worker(engine: str, task: str, workload_path: str, threads: int) -> dict:
@@ -242,6 +235,8 @@ def main() -> None:
                         help="batch workload: this many code prompts (0: skip), qwenkit all at once, llama.cpp one "
                              "at a time")
     parser.add_argument("--batch-tokens", type=int, default=128, help="batch workload: most new tokens per prompt")
+    parser.add_argument("--batch-seqs", type=int,
+                        help="batch workload: qwenkit's max_num_seqs (default: the engine's, 32 on CPU)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", choices=["qwenkit", "llamacpp"], help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=["speed", "quality", "batch"], help=argparse.SUPPRESS)
@@ -387,7 +382,8 @@ def report(s: dict) -> str:
         name = f"batch: {b['prompts']} prompts, <= {b['max_tokens']} tokens (s)"
         lines.append(f"{name:<44}{b['qwenkit']['seconds']:>10.1f}{b['llamacpp']['seconds']:>11.1f}"
                      f"{b['qwenkit']['seconds'] / b['llamacpp']['seconds']:>19.2f}")
-        lines.append(f"  qwenkit all at once {b['qwenkit']['tokens']} tokens, llama.cpp one at a time "
+        lines.append(f"  qwenkit all submitted at once, {b['qwenkit']['max_num_seqs']} running at a time: "
+                     f"{b['qwenkit']['tokens']} tokens; llama.cpp one at a time "
                      f"{b['llamacpp']['tokens']}: qwenkit {b['speedup']:.2f}x faster (target >= 2.5x)")
     lines.append("")
     load = s["load_average"]
@@ -425,8 +421,9 @@ class QwenkitWorker:
         torch.set_num_threads(workload["threads"])
         self.w = workload
 
-    def _load(self, kv_tokens: int, max_num_seqs: int):
-        """qwenkit's LLM with a pool of `kv_tokens`; also its load seconds and the pool's bytes."""
+    def _load(self, kv_tokens: int, max_num_seqs: int | None):
+        """qwenkit's LLM with a pool of `kv_tokens` (max_num_seqs None: the engine's default);
+        also its load seconds and the pool's bytes."""
         import torch
 
         from qwenkit.engine.model_runner import resolve_kv_cache_dtype
@@ -477,13 +474,14 @@ class QwenkitWorker:
         w = self.w
         # The pool holds every prompt with all its new tokens, so nothing waits or is preempted.
         kv_tokens = sum(len(p) + w["batch_tokens"] for p in w["batch_prompts"])
-        llm, _, _ = self._load(kv_tokens, len(w["batch_prompts"]))
+        llm, _, _ = self._load(kv_tokens, w["batch_seqs"])
         llm.generate(w["warmup_ids"], SamplingParams(max_tokens=2))
         params = SamplingParams(temperature=0, max_tokens=w["batch_tokens"], repetition_penalty=1.0)
         start = time.perf_counter()
         outputs = llm.generate(w["batch_prompts"], params)
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "tokens": sum(len(o.token_ids) for o in outputs)}
+        return {"seconds": seconds, "tokens": sum(len(o.token_ids) for o in outputs),
+                "max_num_seqs": llm.engine.scheduler.max_num_seqs}
 
     def quality(self) -> dict:
         import torch

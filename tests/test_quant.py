@@ -15,6 +15,8 @@ Error bounds, with S = sum_k |x_k| |w_nk| (the size of the dot product's terms):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import pytest
 import torch
@@ -268,6 +270,26 @@ def test_gguf_embedding_is_exact(tmp_path, type_name):
     embedding.weight.weight_loader(embedding.weight, tensor, None)
     ids = torch.tensor([5, 0, 39, 5])
     assert torch.equal(embedding(ids), tensor.read_rows(0, 40)[ids])
+
+
+def test_gguf_embedding_maps_the_file(tmp_path):
+    """The table is a private map of the file's bytes, not a copy: only the rows a step gathers
+    become resident (as llama.cpp's mapped token embedding), and a write stays in the process."""
+    tensor = _gguf_tensor(tmp_path, "Q5_0", (40, 256))
+    embedding = GGUFEmbedding(40, 256, "Q5_0", dtype=torch.float32)
+    embedding.weight.weight_loader(embedding.weight, tensor, None)
+    address = embedding.weight.data_ptr()
+    mapped_from = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, stop = (int(a, 16) for a in fields[0].split("-"))
+        if start <= address < stop and len(fields) == 6:
+            mapped_from.add(Path(fields[5]).resolve())
+    assert mapped_from == {tensor.path.resolve()}
+    assert torch.equal(embedding.weight, tensor.read_raw(0, 40))
+    before = tensor.path.read_bytes()
+    embedding.weight.data[0, 0] ^= 0xFF  # copy-on-write: this page becomes the process's own
+    assert tensor.path.read_bytes() == before
 
 
 def test_q4_k_into_int4_exactly(tmp_path):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from qwenkit import kernels
+from qwenkit.engine.host_memory import return_large_buffers
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.engine.threads import configure_threads
 from qwenkit.errors import QwenkitError
@@ -116,6 +117,7 @@ class ModelRunner:
                            "the rest of its batch (docs/determinism.md)", device.type)
         if device.type == "cpu":
             configure_threads()
+            return_large_buffers()
         num_slots = num_blocks * block_size
         # One spare slot past the last block: padding rows of a compiled step write there.
         self.kv_caches = model.allocate_kv_cache(num_slots + 1, device, dtype=self.kv_dtype)

@@ -356,6 +356,14 @@ class GGUFTensor:
                           offset=self.info.start + start * self._row_bytes)
         return torch.from_numpy(raw.reshape(stop - start, self._row_bytes))
 
+    def map_raw(self) -> torch.Tensor:
+        """All rows as stored, uint8 [rows, bytes per row], as a view of the file rather than
+        a copy: a private (copy-on-write) memory map, so only the pages a reader touches
+        become resident. For a tensor read a few rows at a time (the token embedding)."""
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="c", offset=self.info.start,
+                           shape=(self.shape[0], self._row_bytes))
+        return torch.from_numpy(mapped)
+
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) dequantized to float32."""
         raw = self.read_raw(start, stop).numpy()

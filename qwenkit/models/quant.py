@@ -17,8 +17,9 @@ Formats:
   under "auto" where the native kernels run): the file's blocks as stored (5.5, 4.5, 5.5 and
   6.56 bits a value), multiplied by the native kernels (`kernels.GGUF_BLOCKS` lists the GGUF
   types with a kernel).
-- ``gguf:<type>`` (embeddings only): the GGUF blocks as stored; the rows a step gathers are
-  dequantized by `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
+- ``gguf:<type>`` (embeddings only): the GGUF blocks as stored, mapped from the file (only
+  the pages of rows gathered become resident); the rows a step gathers are dequantized by
+  `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
 
 The matmuls themselves (which kernel runs for which device, dtype and number of rows) are
 `qwenkit.kernels`' `int8_linear`, `gguf_linear` and `int4_linear`; see docs/quantization.md.
@@ -51,7 +52,8 @@ class LazyTensor(Protocol):
 
     Where the checkpoint stores 4-bit groups of 32 with a scale and a min, `stores_int4` is
     true and `read_int4(start, stop)` gives (q uint8, scale, min), w = q * scale + min. GGUF
-    tensors also have `ggml_type` and `read_raw(start, stop)`: uint8 rows of blocks.
+    tensors also have `ggml_type`, `read_raw(start, stop)` (uint8 rows of blocks) and
+    `map_raw()` (all of them, mapped from the file).
     """
 
     shape: tuple[int, ...]
@@ -282,6 +284,11 @@ class GGUFEmbedding(nn.Module):
         _check_shape(tensor, (param.shape[0], self.embedding_dim))
         if getattr(tensor, "ggml_type", None) != self.ggml_type:
             raise ValueError(f"expected {self.ggml_type.name} blocks, got {getattr(tensor, 'ggml_type', 'floats')}")
+        if hasattr(tensor, "map_raw") and param.device.type == "cpu":
+            # A step gathers a few rows: mapped, only the pages of the rows it touched are resident
+            # (as llama.cpp's mapped token embedding), not the whole table.
+            param.data = tensor.map_raw()
+            return {None}
         step = max(1, _BLOCK_VALUES // param.shape[1])
         for start in range(0, param.shape[0], step):
             raw = tensor.read_raw(start, min(param.shape[0], start + step))

@@ -1,0 +1,62 @@
+"""The benchmark scripts still run against the code they measure (their figures are not
+checked here: speed belongs to the benchmarks, docs/benchmarks.md).
+
+benchmarks/compare_llamacpp.py once failed only when someone ran it, after a signature in
+`qwenkit.bench` changed: its qwenkit side runs here in small, on the default model. The
+llama.cpp side needs llama-cpp-python built from source, not a test dependency.
+"""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+LLAMACPP_PERPLEXITY = 8.771  # llama.cpp's on the script's text and this model (docs/benchmarks.md)
+
+
+@pytest.fixture(scope="module")
+def compare_llamacpp(monkeypatch_module):
+    monkeypatch_module.syspath_prepend(str(BENCHMARKS))
+    import compare_llamacpp
+
+    return compare_llamacpp
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_compare_llamacpp_qwenkit_side(compare_llamacpp, default_gguf):
+    c = compare_llamacpp
+    assert len(c.BATCH_TASKS) == len(set(c.BATCH_TASKS)) == 164
+    args = Namespace(threads=2, ctx=1024, streams=2, decode_tokens=4, greedy_tokens=4, dtype=None,
+                     quantization="auto", kv_cache_dtype="auto", kv_unified=True, prompt_tokens=48,
+                     batch_prompts=3, batch_tokens=6, batch_seqs=2)
+    workload = c.build_workload(default_gguf, args)
+    assert len(workload["prefill_ids"]) == 48 and len(workload["batch_prompts"]) == 3
+    worker = c.QwenkitWorker(workload)
+
+    speed = worker.speed()
+    for key in ("prefill_tok_s", "decode_1_tok_s", "decode_n_tok_s", "peak_rss_mb", "load_s"):
+        assert speed[key] > 0, key
+    assert speed["kernels"] and speed["kv_cache_bytes"] > 0
+
+    batch = worker.batch()
+    assert batch["max_num_seqs"] == 2 and 3 <= batch["tokens"] <= 3 * 6
+
+    quality = worker.quality()
+    assert [len(g) for g in quality["greedy"]] == [4] * len(c.GREEDY_PROMPTS)
+    # The same weights as llama.cpp on the same text: the script's perplexity agrees with it.
+    assert quality["perplexity"] == pytest.approx(LLAMACPP_PERPLEXITY, rel=0.02)
+
+
+def test_batch_tasks_repeat_numbered_past_the_list(compare_llamacpp):
+    tasks = compare_llamacpp.batch_tasks(166)
+    assert tasks[:164] == compare_llamacpp.BATCH_TASKS
+    assert tasks[164] == f"{tasks[0]} (#164)" and len(set(tasks)) == 166
