@@ -10,7 +10,10 @@ measured on the default model (2-core AVX2 EPYC), peak RSS 891 MiB after one 1,0
 prefill against 801 MiB with the threshold fixed, and 731 MiB once `malloc_trim` gave the
 heap's free pages back. A fixed threshold turns the adjustment off, so buffers of 1 MiB and
 more are always mapped and unmapped. Decode speed measured the same with it (1 and 8
-streams, alternating in one process): its buffers are smaller, or few per step.
+streams, alternating in one process): its buffers are smaller, or few per step. The engine
+sets it once the weights are loaded: loading with it took ~1 s longer (the loader's 4 MiB
+row blocks faulted in afresh each time) for the same peak, as the loader trims the heap
+after every tensor anyway.
 
 `MALLOC_MMAP_THRESHOLD_` in the environment (glibc's own variable) takes precedence.
 """

@@ -12,7 +12,6 @@ import torch
 from tqdm import tqdm
 
 from qwenkit.config import GenerationConfig, ModelConfig, read_json
-from qwenkit.engine.host_memory import return_large_buffers
 from qwenkit.errors import ModelLoadError
 from qwenkit.loader.quantization import check_quantization, plan_quantization
 from qwenkit.loader.weights import load_weights
@@ -54,8 +53,6 @@ def load_model(
     a tensor-parallel group; the model is built with its shards only (float weights).
     """
     quantization = check_quantization(quantization)
-    if device.type == "cpu":
-        return_large_buffers()  # the load's row blocks, then every step's activations
     if files.format == "gguf":
         from qwenkit.loader.gguf import GGUFCheckpoint
 
