@@ -8,7 +8,6 @@ llama.cpp side needs llama-cpp-python built from source, not a test dependency.
 
 from __future__ import annotations
 
-import sys
 from argparse import Namespace
 from pathlib import Path
 
