@@ -54,6 +54,16 @@ def test_compare_llamacpp_qwenkit_side(compare_llamacpp, default_gguf):
     # The same weights as llama.cpp on the same text: the script's perplexity agrees with it.
     assert quality["perplexity"] == pytest.approx(LLAMACPP_PERPLEXITY, rel=0.02)
 
+    # The report, with these results standing in for llama.cpp's too: every ratio is 1.
+    stand_in = {**speed, "version": "-", "system_info": "-", "kv_unified": True, "n_batch": 2048}
+    results = {"qwenkit": {"speed": [speed], "batch": batch, "quality": quality},
+               "llamacpp": {"speed": [stand_in], "batch": batch, "quality": quality}}
+    summary = c.summarize(workload, results)
+    summary["load_average"] = {"before": 0.0, "after": 0.0}
+    text = c.report(summary)
+    assert "issue #16's targets for an" in text and "decode, 1 stream: 1.000x (target >= " in text
+    assert "batch workload (smaller than the target workload" in text
+
 
 def test_batch_tasks_repeat_numbered_past_the_list(compare_llamacpp):
     tasks = compare_llamacpp.batch_tasks(166)
