@@ -1,4 +1,4 @@
-"""Large host buffers go back to the operating system when freed.
+"""Freed host memory goes back to the operating system (glibc's malloc; a no-op elsewhere).
 
 glibc's malloc serves a request of 128 KiB or more with a memory map of its own and unmaps
 it on free, but the first time it frees such a buffer it raises that threshold to the
@@ -16,11 +16,15 @@ row blocks faulted in afresh each time) for the same peak, as the loader trims t
 after every tensor anyway.
 
 `MALLOC_MMAP_THRESHOLD_` in the environment (glibc's own variable) takes precedence.
+
+`return_freed_memory` (`malloc_trim`) gives back the heap's free pages at once: the loader
+calls it after each tensor.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -30,18 +34,37 @@ LARGE_BUFFER_BYTES = 1 << 20
 _configured = False
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library, where it is glibc (`mallopt`, `malloc_trim`)."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
+
+
 def return_large_buffers() -> bool:
     """Fix glibc's mmap threshold at `LARGE_BUFFER_BYTES` for this process, once. False
     where it does not apply: not glibc, or the environment already sets the threshold."""
     global _configured
     if _configured:
         return True
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _configured = mallopt(M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES) == 1
+    _configured = libc.mallopt(M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES) == 1
     return _configured
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system now (`malloc_trim`); a no-op without glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

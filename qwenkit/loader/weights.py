@@ -11,13 +11,13 @@ parameter must have been filled and every tensor used, else ModelLoadError names
 
 from __future__ import annotations
 
-import ctypes
 import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from qwenkit.engine.host_memory import return_freed_memory
 from qwenkit.errors import ModelLoadError
 from qwenkit.models.quant import LazyTensor, materialize
 
@@ -48,7 +48,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | L
         try:
             if getattr(param, "reads_lazily", False):  # quantized: reads and converts a block of rows at a time
                 filled[name] |= param.weight_loader(param, tensor, shard)
-                _return_freed_memory()
+                # glibc keeps the freed blocks of the dequantization temporaries (a few MB each)
+                # for reuse; their scattered remains added ~25 MB to a quantized load's peak RSS.
+                return_freed_memory()
                 continue
             tensor = materialize(tensor).to(param.device)
             if shard is None and not getattr(param, "tp_sharded", False):
@@ -67,25 +69,6 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | L
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ModelLoadError(f"checkpoint is missing tensors for: {', '.join(missing[:5])}{more}")
-
-
-def _return_freed_memory() -> None:
-    """Give the heap's free pages back to the system. glibc keeps the freed blocks of the
-    dequantization temporaries (a few MB each) for reuse, and their scattered remains add
-    ~25 MB to a quantized load's peak RSS; malloc_trim releases them. No-op elsewhere."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(None)
-    except (OSError, TypeError):  # TypeError: Windows has no process-wide handle
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()
 
 
 def _target(model: nn.Module, params: dict[str, nn.Parameter], hf_name: str) -> tuple[str, object] | None:
