@@ -1,6 +1,6 @@
 """Where a decode step's time goes, and compiled against eager decode steps.
 
-    python benchmarks/bench_decode_step.py [--model /work/cache/default.gguf] [--streams 1,8] [--steps 20]
+    python benchmarks/bench_decode_step.py [--model default] [--streams 1,8] [--steps 20]
     python benchmarks/bench_decode_step.py --compile [--streams 1,8]
     python benchmarks/bench_decode_step.py --fused [--streams 1,8]
     python benchmarks/bench_decode_step.py --kv-cache-dtypes float32,float16 [--streams 1,8]
@@ -113,6 +113,11 @@ def alternating(llm: LLM, streams: int, steps: int, path: str) -> dict:
     finally:
         setattr(runner, path, kept)
         _finish(llm)
+    return _step_times(streams, times)
+
+
+def _step_times(streams: int, times: dict[str, list[tuple[float, float]]]) -> dict:
+    """{name: [(wall s, CPU s) per step]} -> median wall, min wall and median CPU ms per name."""
     return {"streams": streams} | {
         name: {"wall_ms": round(statistics.median(w for w, _ in t) * 1e3, 1),
                "min_ms": round(min(w for w, _ in t) * 1e3, 1),
@@ -135,17 +140,12 @@ def alternating_engines(llms: dict[str, LLM], streams: int, steps: int) -> dict:
     finally:
         for llm in llms.values():
             _finish(llm)
-    return {"streams": streams} | {
-        name: {"wall_ms": round(statistics.median(w for w, _ in t) * 1e3, 1),
-               "min_ms": round(min(w for w, _ in t) * 1e3, 1),
-               "cpu_ms": round(statistics.median(c for _, c in t) * 1e3, 1)}
-        for name, t in times.items()
-    }
+    return _step_times(streams, times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="/work/cache/default.gguf")
+    parser.add_argument("--model", default="default", help="as `qwenkit run --model` (default: the embedded model)")
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--streams", default="1,8")
     parser.add_argument("--steps", type=int, default=20)
