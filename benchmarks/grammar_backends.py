@@ -1,6 +1,6 @@
 """Which constrained-decoding library is fastest on the real Qwen vocabulary (151,936 ids)?
 
-    python benchmarks/grammar_backends.py [--gguf /work/cache/default.gguf] [--repeats 3]
+    python benchmarks/grammar_backends.py [--gguf default] [--repeats 3]
 
 For each of llguidance, xgrammar and outlines-core (whichever are installed) it reports:
 the one-off tokenizer setup per model; compile time of a JSON schema (nested objects,
@@ -62,7 +62,9 @@ def load_tokenizer(gguf: str):
     from qwenkit.loader.gguf import GGUFCheckpoint
     from qwenkit.tokenizer import Tokenizer
 
-    ck = GGUFCheckpoint(gguf)
+    from qwenkit.model_files import resolve_model
+
+    ck = GGUFCheckpoint(resolve_model(gguf, progress=False).path)
     tok = Tokenizer(ck.tokenizer_backend(), chat_template=ck.chat_template, **ck.special_tokens())
     return tok, int(ck.hf_config()["vocab_size"])
 
@@ -262,7 +264,7 @@ def bench_qwenkit(tok, vocab_size, repeats):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", default="/work/cache/default.gguf")
+    parser.add_argument("--gguf", default="default", help="a .gguf file, or 'default' (the embedded model)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default="llguidance,xgrammar,outlines-core")
     args = parser.parse_args()
