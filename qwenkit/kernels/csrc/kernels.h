@@ -88,11 +88,6 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 
 #ifdef QK_AVX512
-static inline float hsum512(__m512 v) { /* the sum of the 16 lanes */
-    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-}
-
 /* a in lanes 0-7, b in lanes 8-15: the scales of two consecutive blocks of 32 values. */
 static inline __m512 pair_ps(float a, float b) {
     return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);

@@ -193,21 +193,10 @@ static inline __m256i q5_0_unsigned(const uint8_t *block) {
 }
 #endif
 
-#ifdef QK_AVX512
-/* The AVX-512 Q5_0 paths take two blocks (64 values) per instruction, block j in lanes 0-7 of
-   each product and block j + 1 in lanes 8-15; where a row has an odd number of blocks the last
-   pair is one block and zeros (`two` = 0). q5_0_tile and q5_0_row_x8 keep the same order of
-   operations per (activation row, weight row), so a row's result does not depend on its tile. */
-static inline __m512i q5_0_unsigned_pair(const uint8_t *block, int two) {
-    const __m512i first = _mm512_inserti64x4(_mm512_setzero_si512(), q5_0_unsigned(block), 0);
-    return two ? _mm512_inserti64x4(first, q5_0_unsigned(block + Q5_0_BYTES), 1) : first;
-}
-
-static inline __m512i load_pair_i8(const int8_t *p, int two) {
-    return two ? _mm512_loadu_si512((const void *)p)
-               : _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i *)p), 0);
-}
-#endif
+/* Q5_0 takes the 256-bit code below in the AVX-512 variants too (its dot products then VNNI's
+   vpdpbusd on 256 bits): two blocks per 512-bit instruction measured slower on the one AVX-512
+   machine measured, an AMX Xeon (2 threads; docs/benchmarks.md: the 0.5B model's shapes at 1 and
+   8 rows, 1.1-1.8x the time of the AVX2 variant). */
 
 /* out[m][r] for nr (<= 2) weight rows and mr (<= 4) activation rows:
    sum_j d[r][j] xs[m][j] (u[r] . xq[m] over block j) - sum_j d[r][j] c[m][j], c = 16 xs sum(xq). */
@@ -216,40 +205,7 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
                                                             float out[4][2]) {
     const int nb = K / QK;
     const int64_t row = (int64_t)nb * Q5_0_BYTES;
-#if defined(QK_AVX512)
-    float corr[4][2] = {{0.f}};
-    __m512 acc[4][2];
-    for (int m = 0; m < 4; m++)
-        for (int r = 0; r < 2; r++) acc[m][r] = _mm512_setzero_ps();
-    for (int j = 0; j < nb; j += 2) {
-        const int two = j + 1 < nb;
-        __m512i u[2];
-        float d[2][2];
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *block = w + r * row + (int64_t)j * Q5_0_BYTES;
-            _mm_prefetch((const char *)(block + 2 * PREFETCH_ROWS * row), _MM_HINT_T0);
-            uint16_t h[2] = {0, 0};
-            memcpy(&h[0], block, sizeof h[0]);
-            if (two) memcpy(&h[1], block + Q5_0_BYTES, sizeof h[1]);
-            d[r][0] = f16_to_f32(h[0]);
-            d[r][1] = f16_to_f32(h[1]);
-            u[r] = q5_0_unsigned_pair(block, two);
-        }
-        for (int m = 0; m < mr; m++) {
-            const __m512i xv = load_pair_i8(xq + (int64_t)m * K + j * QK, two);
-            const float sx0 = xs[m * nb + j], sx1 = two ? xs[m * nb + j + 1] : 0.f;
-            const float cx0 = c[m * nb + j], cx1 = two ? c[m * nb + j + 1] : 0.f;
-            for (int r = 0; r < nr; r++) {
-                const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u[r], xv));
-                acc[m][r] = _mm512_fmadd_ps(p, pair_ps(d[r][0] * sx0, d[r][1] * sx1), acc[m][r]);
-                corr[m][r] = fmaf(d[r][0], cx0, corr[m][r]);
-                if (two) corr[m][r] = fmaf(d[r][1], cx1, corr[m][r]);
-            }
-        }
-    }
-    for (int m = 0; m < mr; m++)
-        for (int r = 0; r < nr; r++) out[m][r] = hsum512(acc[m][r]) - corr[m][r];
-#elif defined(QK_AVX2)
+#if defined(QK_AVX2)
     float corr[4][2] = {{0.f}};
     __m256 acc[4][2];
     for (int m = 0; m < 4; m++)
@@ -315,35 +271,6 @@ static void q5_0_row_x8(const int8_t *xq, const float *xs8, const float *c8, con
                         float out[8]) {
     const int nb = K / QK;
     __m256 corr = _mm256_setzero_ps();
-#ifdef QK_AVX512
-    __m512 acc[8];
-    for (int m = 0; m < 8; m++) acc[m] = _mm512_setzero_ps();
-    for (int j = 0; j < nb; j += 2) {
-        const int two = j + 1 < nb;
-        const uint8_t *block = w + (int64_t)j * Q5_0_BYTES;
-        _mm_prefetch((const char *)(block + 2 * PREFETCH_ROWS * (int64_t)nb * Q5_0_BYTES), _MM_HINT_T0);
-        uint16_t h[2] = {0, 0};
-        memcpy(&h[0], block, sizeof h[0]);
-        if (two) memcpy(&h[1], block + Q5_0_BYTES, sizeof h[1]);
-        const float d0 = f16_to_f32(h[0]), d1 = f16_to_f32(h[1]);
-        const __m512i u = q5_0_unsigned_pair(block, two);
-        /* lanes 0-7: d0 * xs of the 8 rows at block j; lanes 8-15: d1 * theirs at block j + 1 */
-        const __m512 xs_pair = two ? _mm512_loadu_ps(xs8 + 8 * j)
-                                   : _mm512_insertf32x8(_mm512_setzero_ps(), _mm256_loadu_ps(xs8 + 8 * j), 0);
-        const __m512 dsx = _mm512_mul_ps(pair_ps(d0, d1), xs_pair);
-        corr = _mm256_fmadd_ps(_mm256_set1_ps(d0), _mm256_loadu_ps(c8 + 8 * j), corr);
-        if (two) corr = _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_loadu_ps(c8 + 8 * j + 8), corr);
-        for (int m = 0; m < 8; m++) {
-            const __m512i xv = load_pair_i8(xq + (int64_t)m * K + j * QK, two);
-            const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv));
-            const __m512i lane = _mm512_inserti64x4(_mm512_set1_epi32(m), _mm256_set1_epi32(8 + m), 1);
-            acc[m] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(lane, dsx), acc[m]);
-        }
-    }
-    float c[8];
-    _mm256_storeu_ps(c, corr);
-    for (int m = 0; m < 8; m++) out[m] = hsum512(acc[m]) - c[m];
-#else
     __m256 acc[8];
     for (int m = 0; m < 8; m++) acc[m] = _mm256_setzero_ps();
     for (int j = 0; j < nb; j++) {
@@ -364,7 +291,6 @@ static void q5_0_row_x8(const int8_t *xq, const float *xs8, const float *c8, con
     float c[8];
     _mm256_storeu_ps(c, corr);
     for (int m = 0; m < 8; m++) out[m] = hsum(acc[m]) - c[m];
-#endif
 }
 #endif
 
