@@ -52,12 +52,13 @@ def _assert_matmul_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, boun
     assert torch.all(error <= bound * _terms(x, w) + 1e-12), (error / _terms(x, w)).max().item()
 
 
-def _q8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The native kernels' bound: x rounded to int8 in blocks of 32 along k moves each x_k by at
-    most amax(|x| over its block) / 254; plus float32 rounding."""
+def _q8_bound(x: torch.Tensor, w: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """The native kernels' bound: x rounded to int8 in blocks of `block` along k (32; the
+    K-quant kernels: 256, a super-block, as llama.cpp's Q8_K) moves each x_k by at most
+    amax(|x| over its block) / 254; plus float32 rounding."""
     k = x.shape[1]
-    amax = torch.stack([b.abs().amax(dim=1) for b in x.double().split(32, dim=1)], dim=1)
-    step = amax.repeat_interleave(32, dim=1)[:, :k] / 254
+    amax = torch.stack([b.abs().amax(dim=1) for b in x.double().split(block, dim=1)], dim=1)
+    step = amax.repeat_interleave(block, dim=1)[:, :k] / 254
     return step @ w.double().abs().T + F32_BOUND * _terms(x, w)
 
 
@@ -144,20 +145,20 @@ def test_native_q5_0_linear_against_gguf(rows, n, k, monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [3, kernels.MAX_K_QUANT_KERNEL_TOKENS + 1])
-def test_k_quant_linear_decodes_small_calls_and_dequantizes_prefill(rows):
-    """K-quant blocks: the native kernel below MAX_K_QUANT_KERNEL_TOKENS rows (the int8 rounding
-    of the activations), then gguf-exact dequantization and a float32 GEMM (float32 rounding)."""
+@pytest.mark.parametrize("rows", [3, 150])
+def test_k_quant_linear_takes_the_kernel_at_every_row_count(rows, monkeypatch):
+    """K-quant blocks: the native kernel for decode and prefill-sized calls alike (the int8
+    rounding of the activations, in blocks of 256); without it, gguf-exact dequantization and a
+    float32 GEMM (float32 rounding)."""
     from test_kernels import _k_quant_blocks
 
     blocks, w = _k_quant_blocks("Q4_K", 40, 512, seed=4)
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(1))
     y = kernels.gguf_linear(x, blocks, 512, "Q4_K")
-    if rows <= kernels.MAX_K_QUANT_KERNEL_TOKENS:
-        error = (y.double() - x.double() @ w.double().T).abs()
-        assert torch.all(error <= _q8_bound(x, w)) and (error > 1e-5 * _terms(x, w)).any()
-    else:
-        _assert_matmul_close(y, x, w, F32_BOUND)
+    error = (y.double() - x.double() @ w.double().T).abs()
+    assert torch.all(error <= _q8_bound(x, w, 256)) and (error > 1e-5 * _terms(x, w)).any()
+    monkeypatch.setattr(kernels, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    _assert_matmul_close(kernels.gguf_linear(x, blocks, 512, "Q4_K"), x, w, F32_BOUND)
 
 
 @needs_native
@@ -442,31 +443,32 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native):
     assert formats["model.embed_tokens"] == "gguf:Q5_0"  # untied: kept as stored
     assert formats["lm_head"] == "int8"
     assert formats["model.layers.1.self_attn.qkv_proj"] == "int8"  # Q5_0 + Q5_0 + Q8_0
-    assert formats["model.layers.1.mlp.gate_up_proj"] == "int8"  # Q4_K, see GGUF_AUTO_FORMATS
-    assert formats["model.layers.1.mlp.down_proj"] == "int8"  # Q6_K
-    # All Q5_0: kept as stored where the native kernel runs.
+    # Q4_K, Q6_K and Q5_0 matrices: kept as stored where the native kernel runs, else int8.
+    assert formats["model.layers.1.mlp.gate_up_proj"] == ("gguf:Q4_K" if native else "int8")
+    assert formats["model.layers.1.mlp.down_proj"] == ("gguf:Q6_K" if native else "int8")
     assert formats["model.layers.1.self_attn.o_proj"] == ("gguf:Q5_0" if native else "int8")
     _check_against_fake_quantized(monkeypatch, llm, _fake_quantized(mixed_gguf, formats))
 
-    # Each int8 matrix is the int8 quantization of the file's dequantized values.
     stored = dict(GGUFCheckpoint(mixed_gguf).iter_weights())
-    q, scale = quant.quantize_int8(stored["model.layers.0.mlp.down_proj.weight"])
     down = llm.model.model.layers[0].mlp.down_proj
-    assert torch.equal(down.weight, q) and torch.equal(down.scale.float(), scale)
-    if native:  # and a Q5_0 matrix holds the file's bytes
+    if native:  # a matrix kept as stored holds the file's bytes
         from qwenkit.loader.gguf import GGUFTensor, _read_header
 
         _, infos = _read_header(mixed_gguf)
         o_proj = llm.model.model.layers[0].self_attn.o_proj
         assert torch.equal(o_proj.weight, GGUFTensor(mixed_gguf, infos["blk.0.attn_output.weight"]).read_raw(0, 256))
+        assert torch.equal(down.weight, GGUFTensor(mixed_gguf, infos["blk.0.ffn_down.weight"]).read_raw(0, 256))
+    else:  # an int8 matrix is the int8 quantization of the file's dequantized values
+        q, scale = quant.quantize_int8(stored["model.layers.0.mlp.down_proj.weight"])
+        assert torch.equal(down.weight, q) and torch.equal(down.scale.float(), scale)
     v_rows = llm.model.model.layers[0].self_attn.qkv_proj.weight[256 + 128 :]
     assert torch.equal(v_rows, quant.quantize_int8(stored["model.layers.0.self_attn.v_proj.weight"])[0])
 
 
 @needs_native
 def test_gguf_quantization_keeps_k_quants_as_stored(monkeypatch, mixed_gguf):
-    """--quantization gguf: the K-quant matrices too stay in the file's blocks (the smallest
-    in memory), computing the file's values (fake-quantized: nothing requantized there)."""
+    """--quantization gguf: the K-quant matrices stay in the file's blocks, as under auto,
+    computing the file's values (fake-quantized: nothing requantized there)."""
     from qwenkit.loader.gguf import GGUFTensor, _read_header
 
     llm = LLM(str(mixed_gguf), dtype="float32", quantization="gguf", progress=False)
@@ -479,8 +481,7 @@ def test_gguf_quantization_keeps_k_quants_as_stored(monkeypatch, mixed_gguf):
     down = llm.model.model.layers[0].mlp.down_proj
     assert torch.equal(down.weight, GGUFTensor(mixed_gguf, infos["blk.0.ffn_down.weight"]).read_raw(0, 256))
     _check_against_fake_quantized(monkeypatch, llm, _fake_quantized(mixed_gguf, formats))
-    auto = sum(p.numel() * p.element_size() for p in LLM(str(mixed_gguf), dtype="float32", progress=False).model.parameters())
-    assert sum(p.numel() * p.element_size() for p in llm.model.parameters()) < auto
+    assert _module_formats(LLM(str(mixed_gguf), dtype="float32", progress=False).model) == formats  # auto
 
 
 def test_gguf_quantization_needs_a_gguf_checkpoint(tmp_path):

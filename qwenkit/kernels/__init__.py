@@ -62,10 +62,6 @@ __all__ = [
 # of rows at a time and run a GEMM in the activations' dtype.
 MAX_NATIVE_KERNEL_TOKENS = 1 << 30
 MAX_KERNEL_TOKENS = 16
-# The K-quant kernels decode every super-block for each group of 8 rows; from this many rows on
-# (prefill), dequantizing once and a float GEMM is faster (docs/quantization.md).
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
-MAX_K_QUANT_KERNEL_TOKENS = 127
 
 
 def _cache_holds(cache: torch.Tensor, x: torch.Tensor) -> bool:
@@ -330,7 +326,9 @@ def paged_prefill_attention(
 
 # GGUF types whose native kernel computes each row alike at any row count under
 # `batch_invariant()`: Q5_0 through `set_row_invariant` (as the int8 kernel does); the K-quants'
-# kernel has one path for every row count and then takes every call (no dequantized prefill).
+# kernel has one path for every row count (prefill too: it beats dequantizing for a float GEMM
+# at 128 and 512 rows, docs/quantization.md).
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 NATIVE_ROW_INVARIANT = frozenset({"Q5_0", *K_QUANTS})
 
 
@@ -384,8 +382,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_na
 
 
 def _gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    decoding = type_name not in K_QUANTS or x.shape[0] <= MAX_K_QUANT_KERNEL_TOKENS or _batch_invariant.get()
-    if _native_rows(x) and decoding and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
+    if _native_rows(x) and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
         return lib.gguf_linear(x, blocks, in_features, type_name).to(x.dtype)
     return _dequantized_gguf_linear(x, blocks, in_features, type_name)
 

@@ -26,20 +26,20 @@ from qwenkit.models.quant import GGUF, GGUF_LINEAR_FORMATS, INT4, INT4_GROUP_SIZ
 QUANTIZATION_CHOICES = ("auto", "gguf", "none", "int8", "int4")
 
 # GGUF storage type -> in-memory format under "auto", chosen by measured speed and accuracy
-# (docs/quantization.md). Q5_0 (most of a small Qwen's Q4_K_M file) stays in its blocks where
-# the native kernel runs: it reads 5.5 bits a value. The others become int8 per output row (8
-# bits a value against the file's 4.5 to 8.5): the K-quant kernels reading the blocks as stored
-# measured ~2x the int8 kernel's time on the AVX2 CPU here, at 1 and 8 rows (decoding their
-# 6-bit scales and mins costs more than the bytes they save); "gguf" keeps them as stored.
+# (docs/quantization.md). Q5_0 and the K-quants stay in their blocks where the native kernel runs
+# (else int8): the kernels reading them as stored decode, batch and prefill as fast as the int8
+# kernel on the requantized matrix (the default model, AVX2), in 4.5 to 6.6 bits a value
+# against 8. Q8_0 and Q4_0, which have no kernel of their own, become int8 per output row.
 GGUF_AUTO_FORMATS = {
     T.Q8_0: INT8,
-    T.Q6_K: INT8,
-    T.Q5_K: INT8,
-    T.Q5_0: Q5_0,  # kept as stored where the native kernel runs, else int8
-    T.Q4_K: INT8,
+    T.Q6_K: Q6_K,
+    T.Q5_K: Q5_K,
+    T.Q5_0: Q5_0,
+    T.Q4_K: Q4_K,
     T.Q4_0: INT8,
 }
-GGUF_STORED_FORMATS = {**GGUF_AUTO_FORMATS, T.Q6_K: Q6_K, T.Q5_K: Q5_K, T.Q4_K: Q4_K}
+# "gguf": every type with a kernel kept as stored, and an error for a non-GGUF checkpoint.
+GGUF_STORED_FORMATS = GGUF_AUTO_FORMATS
 
 
 def check_quantization(quantization: str | None) -> str:

@@ -2,18 +2,19 @@
 
    A super-block of 256 values is 8 blocks of 32, each with its own scale (Q6_K: one per 16
    values) and, for Q4_K / Q5_K, a min: w = d sc u - dmin m (u the 4 or 5 unsigned bits), Q6_K
-   w = d sc (u - 32). The activations are quantized to int8 in blocks of 32 as for the other
-   matmuls (quant.c), which line up with the weights' blocks, so each block's product is an
-   integer dot product of unsigned weights and signed activations (dot_u8s8), scaled per block
-   (per 16 values for Q6_K: lanes 0-3 and 4-7 of the product), and the mins come off as
-   min * xs * sum(xq), per half block.
+   w = d sc (u - 32), sc and m small integers. As llama.cpp does for these types (its Q8_K), the
+   activations are quantized to int8 per super-block (one float scale per 256 values), so that a
+   super-block's product is integer arithmetic: per block, the byte products of unsigned weights
+   and signed activations summed in pairs (maddubs), times the block's integer scale and summed
+   in pairs again (madd), added up in int32 over the 8 blocks; the mins (Q6_K: the offset 32)
+   are the integer dot product of the scales with the activations' sums per 16 values. One
+   conversion and one fmadd per super-block then take d (dmin) times the activations' scale.
 
    Each super-block of a weight row is decoded once, in registers, for up to 8 activation rows
    (kq_rows), which get the same operations in the same order whatever their number, so a row's
-   result does not depend on the batch. The same path runs for any number of rows (the fused
-   decode step); prefill-sized calls from Python dequantize instead (kq_dequantize, exact) and
-   run a float GEMM (qwenkit/kernels/__init__.py). Plain C takes the same arithmetic without
-   AVX2. */
+   result does not depend on the batch; the same path runs for any number of rows (decode and
+   prefill). kq_dequantize gives the exact float weights where no kernel runs. Plain C takes the
+   same arithmetic without AVX2. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -21,10 +22,15 @@
 
 #define QK_K 256
 #ifndef KQ_STEP
-#define KQ_STEP(mr) ((mr) <= 2 ? 4 : (mr) <= 4 ? 2 : 1) /* weight rows at a time, for mr activation rows */
+#define KQ_STEP(mr) ((mr) == 1 ? 4 : (mr) == 2 ? 2 : 1) /* weight rows at a time, for mr activation rows */
 #endif
-#ifndef KQ_PREFETCH
-#define KQ_PREFETCH 4 /* super-blocks ahead */
+#ifndef KQ_ROWS
+#define KQ_ROWS 8 /* activation rows at a time: a super-block decoded once for up to 8 rows */
+#endif
+#ifndef KQ_PREFETCH_ROWS
+/* the same super-block this many weight rows on (the next panels), as quant.c's PREFETCH_ROWS:
+   measured ~1.5x faster on weights from memory than prefetching super-blocks ahead in the row */
+#define KQ_PREFETCH_ROWS 8
 #endif
 enum { KQ_Q4_K = 0, KQ_Q5_K = 1, KQ_Q6_K = 2 };
 static const int KQ_BYTES[3] = {144, 176, 210};
@@ -143,16 +149,24 @@ static void kq_decode_avx2(int type, const uint8_t *b, kq_block *out) {
 #define KQ_DECODE kq_decode
 #endif
 
-/* Per activation row: xq [K] int8 and xs [K / 32] as for every matmul, and half[K / 16]: xs of the
-   block times the sum of xq over each half block (what the mins and Q6_K's offset multiply). */
-static void kq_activations(const float *x, int K, int8_t *xq, float *xs, float *half) {
-    quantize_row_q8(x, K, xq, xs);
-    for (int j = 0; j < K / QK; j++)
-        for (int s = 0; s < 2; s++) {
-            int32_t sum = 0;
-            for (int i = 0; i < 16; i++) sum += xq[j * QK + 16 * s + i];
-            half[2 * j + s] = xs[j] * (float)sum;
+/* Per activation row, as llama.cpp's Q8_K: x [K] rounded to int8 in blocks of 256 (a super-block;
+   xd: max |x| over it / 127), and bs16 [K / 16]: the sums of the int8 values over each 16, what
+   the mins and Q6_K's offset of 32 multiply. */
+static void kq_activations(const float *x, int K, int8_t *xq, float *xd, int16_t *bs16) {
+    for (int sb = 0; sb < K / QK_K; sb++) {
+        const float *b = x + sb * QK_K;
+        int8_t *q = xq + sb * QK_K;
+        float amax = 0.f;
+        for (int i = 0; i < QK_K; i++) amax = fmaxf(amax, fabsf(b[i]));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        xd[sb] = amax / 127.f;
+        for (int i = 0; i < QK_K; i++) q[i] = (int8_t)lrintf(b[i] * inv);
+        for (int g = 0; g < QK_K / 16; g++) {
+            int sum = 0;
+            for (int i = 0; i < 16; i++) sum += q[16 * g + i];
+            bs16[sb * (QK_K / 16) + g] = (int16_t)sum;
         }
+    }
 }
 
 #ifdef QK_AVX2
@@ -200,135 +214,161 @@ static inline void kq_scale_bytes(const uint8_t *packed, uint8_t out[16]) {
     memcpy(out, u, 16);
 }
 
-static inline __m256 bytes_to_ps(const void *bytes8, int is_signed) { /* 8 bytes -> 8 floats */
-    const __m128i b = _mm_loadl_epi64((const __m128i *)bytes8);
-    return _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+/* Block j's scale vector from kq_rows' `scales`: 16 int16, all the block's scale (Q4_K / Q5_K), or
+   lanes 0-7 the scale of its values 0-15 and 8-15 that of 16-31 (Q6_K; maddubs' lanes 0-7 are
+   values 0-15). */
+static inline __attribute__((always_inline)) __m256i kq_scale(int type, const __m256i scales[2], int j) {
+    if (type != KQ_Q6_K) return _mm256_permutevar8x32_epi32(scales[0], _mm256_set1_epi32(j));
+    /* scale 2j: element (2j % 4) + 4 (j >= 4) of scales[(j / 2) % 2]; 2j + 1 the next */
+    const int e = 2 * j % 4 + 4 * (j >= 4);
+    return _mm256_permutevar8x32_epi32(scales[j / 2 % 2], _mm256_setr_epi32(e, e, e, e, e + 1, e + 1, e + 1, e + 1));
 }
 
-/* nr weight rows (row r's super-blocks at w + r * row_bytes) against mr activation rows (nr * mr
-   <= 8): out[m][r]. Each super-block is decoded once for the mr rows, in registers; the nr weight
-   rows are independent chains of operations (one row alone would wait on its own fmadds). Every
-   (activation row, weight row) pair gets the same operations in the same order whatever nr and mr
-   are, so a row's result does not depend on the batch. Per super-block and pair, the 8 blocks'
-   weight scales are multiplied by the row's 8 activation scales in one vector op (Q6_K: two, a
-   scale per half block), and each block takes its lanes with a permute. */
+/* nr weight rows (row r's super-blocks at w + r * row_bytes) against mr activation rows (4 x 1,
+   2 x 2, or 1 x up to 8): out[m][r], the arithmetic of the file's head comment. A super-block is
+   decoded once for the mr rows, in registers. Every (activation row, weight row) pair gets the
+   same operations in the same order whatever nr and mr are, so a row's result does not depend on
+   the batch. */
 static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_t *w, int64_t row_bytes,
-                                                          const int8_t *xq, const float *xs, const float *half,
+                                                          const int8_t *xq, const float *xd, const int16_t *bs16,
                                                           int K, int nr, int mr, float out[8][4]) {
-    const int nb = K / QK, nsb = K / QK_K;
-    __m256 acc[8][4][2], corr[8][4]; /* two chains of fmadds per pair: even and odd blocks */
+    const int nsb = K / QK_K;
+    __m256 acc[8][4];
     for (int m = 0; m < mr; m++)
-        for (int r = 0; r < nr; r++) acc[m][r][0] = acc[m][r][1] = corr[m][r] = _mm256_setzero_ps();
+        for (int r = 0; r < nr; r++) acc[m][r] = _mm256_setzero_ps();
     for (int sb = 0; sb < nsb; sb++) {
         for (int r = 0; r < nr; r++) {
             const uint8_t *b = w + r * row_bytes + (int64_t)sb * KQ_BYTES[type];
-            for (int line = 0; line < KQ_BYTES[type]; line += 64) /* every cache line, a few blocks ahead */
-                _mm_prefetch((const char *)(b + KQ_PREFETCH * KQ_BYTES[type] + line), _MM_HINT_T0);
-            /* scale[0..1]: per block j (Q4_K / Q5_K: lane j of scale[0]) or per half (Q6_K: lanes
-               2 (j % 4) + s of scale[j / 4]); off[0..1]: per half block, what its activation sum
-               is taken by */
-            __m256 scale[2], off[2];
+            for (int line = 0; line < KQ_BYTES[type]; line += 64) /* every cache line, rows ahead */
+                _mm_prefetch((const char *)(b + KQ_PREFETCH_ROWS * row_bytes + line), _MM_HINT_T0);
+            /* The blocks' scales as int16, each twice in a 32-bit lane, so that one permute gives
+               block j its scale vector (kq_scale): Q4_K / Q5_K scales[0] lane j the scale of block
+               j; Q6_K the 16 scales (one per 16 values) in scales[0] (lanes 0-3: 0-3, 4-7: 8-11)
+               and scales[1] (4-7, 12-15). `offsets` is what multiplies the activations' sums per 16
+               (Q4_K / Q5_K: each block's min twice; Q6_K: the scales). */
+            __m256i scales[2], offsets;
+            float d, dmin = 0.f;
             if (type == KQ_Q6_K) {
                 uint16_t h;
                 memcpy(&h, b + 208, sizeof h);
-                const __m256 d = _mm256_set1_ps(f16_to_f32(h)), d32 = _mm256_set1_ps(32.f * f16_to_f32(h));
-                for (int t = 0; t < 2; t++) {
-                    const __m256 sc = bytes_to_ps(b + 192 + 8 * t, 1);
-                    scale[t] = _mm256_mul_ps(d, sc);
-                    off[t] = _mm256_mul_ps(d32, sc);
-                }
+                d = f16_to_f32(h);
+                offsets = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+                scales[0] = _mm256_unpacklo_epi16(offsets, offsets);
+                scales[1] = _mm256_unpackhi_epi16(offsets, offsets);
             } else {
                 uint16_t h[2];
                 uint8_t sm[16];
                 memcpy(h, b, sizeof h);
+                d = f16_to_f32(h[0]);
+                dmin = f16_to_f32(h[1]);
                 kq_scale_bytes(b + 4, sm);
-                scale[0] = scale[1] = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(h[0])), bytes_to_ps(sm, 0));
-                const __m256 mins = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(h[1])), bytes_to_ps(sm + 8, 0));
-                /* per half block: each block's min twice */
-                off[0] = _mm256_permutevar8x32_ps(mins, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-                off[1] = _mm256_permutevar8x32_ps(mins, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+                const __m128i both = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
+                scales[0] = _mm256_setr_m128i(_mm_unpacklo_epi16(both, both), _mm_unpackhi_epi16(both, both));
+                const __m128i mins = _mm_loadl_epi64((const __m128i *)(sm + 8));
+                offsets = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
             }
-            __m256 sx[8][2]; /* per activation row: the scales above times its activation scales */
+            __m256i sum[8]; /* per activation row: int32 lanes of this super-block's dot product */
             for (int m = 0; m < mr; m++) {
-                const float *hm = half + (int64_t)m * 2 * nb + 16 * sb;
-                corr[m][r] = _mm256_fmadd_ps(off[0], _mm256_loadu_ps(hm), corr[m][r]);
-                corr[m][r] = _mm256_fmadd_ps(off[1], _mm256_loadu_ps(hm + 8), corr[m][r]);
-                const __m256 xs8 = _mm256_loadu_ps(xs + (int64_t)m * nb + 8 * sb);
+                const __m256i corr = _mm256_madd_epi16(
+                    offsets, _mm256_loadu_si256((const __m256i *)(bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16))));
+                const float dx = xd[(int64_t)m * nsb + sb];
                 if (type == KQ_Q6_K) {
-                    sx[m][0] = _mm256_mul_ps(scale[0], _mm256_permutevar8x32_ps(xs8, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
-                    sx[m][1] = _mm256_mul_ps(scale[1], _mm256_permutevar8x32_ps(xs8, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+                    sum[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 5));
                 } else {
-                    sx[m][0] = sx[m][1] = _mm256_mul_ps(scale[0], xs8);
+                    sum[m] = _mm256_setzero_si256();
+                    acc[m][r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(dmin * dx), acc[m][r]);
                 }
             }
             for (int p = 0, j0 = 0; j0 < 8; p++) {
                 __m256i u[4];
                 const int n = kq_unsigned(type, b, p, u);
                 for (int t = 0; t < n; t++) {
-                    const int jj = j0 + t, j = 8 * sb + jj;
-                    /* lanes 0-3 of a block's product are values 0-15 (its low half), 4-7 the high half */
-                    const int lo = 2 * (jj % 4), hi = lo + 1;
-                    const __m256i lanes = type == KQ_Q6_K ? _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi)
-                                                          : _mm256_set1_epi32(jj);
+                    const int j = j0 + t;
+                    const __m256i sv = kq_scale(type, scales, j);
                     for (int m = 0; m < mr; m++) {
-                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j * QK));
-                        const __m256 prod = _mm256_cvtepi32_ps(dot_u8s8(u[t], xv));
-                        const __m256 sc = _mm256_permutevar8x32_ps(sx[m][jj / 4], lanes);
-                        acc[m][r][jj & 1] = _mm256_fmadd_ps(prod, sc, acc[m][r][jj & 1]);
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + sb * QK_K + j * QK));
+                        /* u <= 63, |x| <= 127: a pair's sum fits int16 */
+                        sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(u[t], xv), sv));
                     }
                 }
                 j0 += n;
             }
+            for (int m = 0; m < mr; m++)
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(d * xd[(int64_t)m * nsb + sb]),
+                                            acc[m][r]);
         }
     }
     for (int m = 0; m < mr; m++)
-        for (int r = 0; r < nr; r++) out[m][r] = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) - hsum(corr[m][r]);
+        for (int r = 0; r < nr; r++) out[m][r] = hsum(acc[m][r]);
 }
 #else
-/* kq_rows in plain C. */
-static void kq_rows(int type, const uint8_t *w, int64_t row_bytes, const int8_t *xq, const float *xs,
-                    const float *half, int K, int nr, int mr, float out[8][4]) {
-    const int nb = K / QK, nsb = K / QK_K;
+/* kq_rows in plain C: the same integer sums per super-block. */
+static void kq_rows(int type, const uint8_t *w, int64_t row_bytes, const int8_t *xq, const float *xd,
+                    const int16_t *bs16, int K, int nr, int mr, float out[8][4]) {
+    const int nsb = K / QK_K;
     kq_block blk;
     for (int m = 0; m < mr; m++)
         for (int r = 0; r < nr; r++) out[m][r] = 0.f;
     for (int r = 0; r < nr; r++)
         for (int sb = 0; sb < nsb; sb++) {
-            kq_decode(type, w + r * row_bytes + (int64_t)sb * KQ_BYTES[type], &blk);
-            for (int m = 0; m < mr; m++)
-                for (int jj = 0; jj < 8; jj++) {
-                    const int j = 8 * sb + jj;
-                    const int8_t *a = xq + (int64_t)m * K + j * QK;
-                    int32_t dot[2] = {0, 0};
-                    for (int i = 0; i < QK; i++) dot[i / 16] += (int32_t)blk.u[jj][i] * a[i];
-                    for (int s = 0; s < 2; s++)
-                        out[m][r] += blk.scale[jj][s] * xs[(int64_t)m * nb + j] * (float)dot[s] -
-                                     blk.off[jj][s] * half[(int64_t)m * 2 * nb + 2 * j + s];
+            const uint8_t *b = w + r * row_bytes + (int64_t)sb * KQ_BYTES[type];
+            kq_decode(type, b, &blk); /* the unsigned values */
+            int scale[16], offset[16]; /* per 16 values */
+            float d, dmin = 0.f;
+            uint16_t h[2];
+            memcpy(h, type == KQ_Q6_K ? b + 208 : b, type == KQ_Q6_K ? 2 : 4);
+            d = f16_to_f32(h[0]);
+            if (type == KQ_Q6_K) {
+                for (int g = 0; g < 16; g++) scale[g] = offset[g] = ((const int8_t *)(b + 192))[g];
+            } else {
+                dmin = f16_to_f32(h[1]);
+                for (int j = 0; j < 8; j++) {
+                    int sc, mn;
+                    scale_min_k4(j, b + 4, &sc, &mn);
+                    scale[2 * j] = scale[2 * j + 1] = sc;
+                    offset[2 * j] = offset[2 * j + 1] = mn;
                 }
+            }
+            for (int m = 0; m < mr; m++) {
+                const int8_t *a = xq + (int64_t)m * K + sb * QK_K;
+                const int16_t *bs = bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16);
+                int32_t sum = 0, corr = 0;
+                for (int g = 0; g < 16; g++) {
+                    int32_t dot = 0;
+                    for (int i = 0; i < 16; i++) dot += (int32_t)blk.u[g / 2][16 * (g % 2) + i] * a[16 * g + i];
+                    sum += scale[g] * dot;
+                    corr += offset[g] * bs[g];
+                }
+                const float dx = xd[(int64_t)m * nsb + sb];
+                if (type == KQ_Q6_K) out[m][r] += d * dx * (float)(sum - 32 * corr);
+                else out[m][r] += d * dx * (float)sum - dmin * dx * (float)corr;
+            }
         }
 }
 #endif
 
-/* Weight rows 4 n4 .. 4 n4 + 3 against all M activation rows. */
-static inline __attribute__((always_inline)) void kq_panel(int type, int n4, const int8_t *xq, const float *xs,
-                                                           const float *half, const uint8_t *w, float *y, int M,
+/* Weight rows 4 n4 .. 4 n4 + 3 against all M activation rows, KQ_ROWS at a time: tiles of 4 x 1,
+   2 x 2 or 1 x 3..8 (weight x activation rows). */
+static inline __attribute__((always_inline)) void kq_panel(int type, int n4, const int8_t *xq, const float *xd,
+                                                           const int16_t *bs16, const uint8_t *w, float *y, int M,
                                                            int N, int K) {
-    const int nb = K / QK;
-    const int64_t row_bytes = (int64_t)(K / QK_K) * KQ_BYTES[type];
-    for (int m0 = 0; m0 < M; m0 += 8) {
-        const int mr = M - m0 < 8 ? M - m0 : 8, step = KQ_STEP(mr);
+    const int nsb = K / QK_K;
+    const int64_t row_bytes = (int64_t)nsb * KQ_BYTES[type];
+    for (int m0 = 0; m0 < M; m0 += KQ_ROWS) {
+        const int mr = M - m0 < KQ_ROWS ? M - m0 : KQ_ROWS, step = KQ_STEP(mr);
         const int8_t *xqm = xq + (int64_t)m0 * K;
-        const float *xsm = xs + (int64_t)m0 * nb, *hm = half + (int64_t)m0 * 2 * nb;
+        const float *xdm = xd + (int64_t)m0 * nsb;
+        const int16_t *bsm = bs16 + (int64_t)m0 * nsb * (QK_K / 16);
         for (int n0 = 4 * n4; n0 < 4 * n4 + 4 && n0 < N; n0 += step) {
             const int nr = N - n0 < step ? N - n0 : step;
             const uint8_t *wn = w + n0 * row_bytes;
             float out[8][4];
             /* constant shapes: the accumulators stay in registers */
-            if (nr == 4 && mr == 1) kq_rows(type, wn, row_bytes, xqm, xsm, hm, K, 4, 1, out);
-            else if (nr == 4 && mr == 2) kq_rows(type, wn, row_bytes, xqm, xsm, hm, K, 4, 2, out);
-            else if (nr == 2 && mr == 4) kq_rows(type, wn, row_bytes, xqm, xsm, hm, K, 2, 4, out);
-            else if (nr == 1 && mr == 8) kq_rows(type, wn, row_bytes, xqm, xsm, hm, K, 1, 8, out);
-            else kq_rows(type, wn, row_bytes, xqm, xsm, hm, K, nr, mr, out);
+            if (nr == 4 && mr == 1) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, 4, 1, out);
+            else if (nr == 2 && mr == 2) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, 2, 2, out);
+            else if (nr == 1 && mr == 4) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, 1, 4, out);
+            else if (nr == 1 && mr == 8) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, 1, 8, out);
+            else kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, nr, mr, out);
             for (int m = 0; m < mr; m++)
                 for (int r = 0; r < nr; r++) y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r];
         }
@@ -338,23 +378,25 @@ static inline __attribute__((always_inline)) void kq_panel(int type, int n4, con
 /* y[m, n] = sum_k x[m, k] w[n, k], w as K-quant super-blocks of `type` ([N, K / 256] blocks, rows
    contiguous). K a multiple of 256. Returns 0, or -1 when out of memory. */
 static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M, int N, int K) {
-    const int nb = K / QK;
+    const int nsb = K / QK_K;
     int8_t *xq = malloc((size_t)M * K);
-    float *xs = malloc(sizeof(float) * (size_t)M * nb), *half = malloc(sizeof(float) * (size_t)M * 2 * nb);
-    if (!xq || !xs || !half) { free(xq); free(xs); free(half); return -1; }
+    float *xd = malloc(sizeof(float) * (size_t)M * nsb);
+    int16_t *bs16 = malloc(sizeof(int16_t) * (size_t)M * nsb * (QK_K / 16));
+    if (!xq || !xd || !bs16) { free(xq); free(xd); free(bs16); return -1; }
 #pragma omp parallel for if (M > 8)
     for (int m = 0; m < M; m++)
-        kq_activations(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb, half + (int64_t)m * 2 * nb);
+        kq_activations(x + (int64_t)m * K, K, xq + (int64_t)m * K, xd + (int64_t)m * nsb,
+                       bs16 + (int64_t)m * nsb * (QK_K / 16));
 #pragma omp parallel for schedule(static)
     for (int n4 = 0; n4 < (N + 3) / 4; n4++)
         switch (type) { /* a constant type in each: the decoding specialised, its loops unrolled */
-        case KQ_Q4_K: kq_panel(KQ_Q4_K, n4, xq, xs, half, w, y, M, N, K); break;
-        case KQ_Q5_K: kq_panel(KQ_Q5_K, n4, xq, xs, half, w, y, M, N, K); break;
-        default: kq_panel(KQ_Q6_K, n4, xq, xs, half, w, y, M, N, K); break;
+        case KQ_Q4_K: kq_panel(KQ_Q4_K, n4, xq, xd, bs16, w, y, M, N, K); break;
+        case KQ_Q5_K: kq_panel(KQ_Q5_K, n4, xq, xd, bs16, w, y, M, N, K); break;
+        default: kq_panel(KQ_Q6_K, n4, xq, xd, bs16, w, y, M, N, K); break;
         }
     free(xq);
-    free(xs);
-    free(half);
+    free(xd);
+    free(bs16);
     return 0;
 }
 
