@@ -26,20 +26,21 @@ from qwenkit.models.quant import GGUF, GGUF_LINEAR_FORMATS, INT4, INT4_GROUP_SIZ
 QUANTIZATION_CHOICES = ("auto", "gguf", "none", "int8", "int4")
 
 # GGUF storage type -> in-memory format under "auto", chosen by measured speed and accuracy
-# (docs/quantization.md). Q5_0 and the K-quants stay in their blocks where the native kernel runs
-# (else int8): the kernels reading them as stored decode, batch and prefill as fast as the int8
-# kernel on the requantized matrix (the default model, AVX2), in 4.5 to 6.6 bits a value
-# against 8. Q8_0 and Q4_0, which have no kernel of their own, become int8 per output row.
+# (docs/quantization.md). Q5_0 (most of a small Qwen's Q4_K_M file) stays in its blocks where
+# the native kernel runs: it reads 5.5 bits a value. The others become int8 per output row (8
+# bits a value against the file's 4.5 to 8.5): on the default model (AVX2 EPYC, 2 threads) the
+# K-quant kernels reading the blocks as stored matched int8 at prefill and 8 streams but decoded
+# one stream ~7% slower (33.9 against 31.5 tok/s, alternating in one process); "gguf" keeps
+# them as stored, the smallest in memory.
 GGUF_AUTO_FORMATS = {
     T.Q8_0: INT8,
-    T.Q6_K: Q6_K,
-    T.Q5_K: Q5_K,
-    T.Q5_0: Q5_0,
-    T.Q4_K: Q4_K,
+    T.Q6_K: INT8,
+    T.Q5_K: INT8,
+    T.Q5_0: Q5_0,  # kept as stored where the native kernel runs, else int8
+    T.Q4_K: INT8,
     T.Q4_0: INT8,
 }
-# "gguf": every type with a kernel kept as stored, and an error for a non-GGUF checkpoint.
-GGUF_STORED_FORMATS = GGUF_AUTO_FORMATS
+GGUF_STORED_FORMATS = {**GGUF_AUTO_FORMATS, T.Q6_K: Q6_K, T.Q5_K: Q5_K, T.Q4_K: Q4_K}
 
 
 def check_quantization(quantization: str | None) -> str:
