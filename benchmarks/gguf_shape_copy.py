@@ -5,10 +5,11 @@
 Keeps the file's header verbatim (metadata, tokenizer, tensor table, alignment) and every
 tensor's type and shape, but fills each tensor with its own first rows repeated (as many whole
 rows as fit in `--period-bytes`, at least one), then compresses the file with xz. The repeats
-compress away: the embedded default model (491 MB) becomes a few MB, which a machine with no
-network can take along and unpack with `python -m lzma`-free stdlib code:
+compress away: the embedded default model (491 MB) becomes 12 MiB, which a machine with no
+network can take along and unpack with the standard library:
 
-    python -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" IN.xz OUT.gguf
+    python -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+        IN.xz OUT.gguf
 
 Every kernel reads the same bytes per token as on the real model, so speed and memory
 figures carry over; the weights are real blocks, so activations keep real magnitudes. What

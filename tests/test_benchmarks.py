@@ -69,3 +69,39 @@ def test_batch_tasks_repeat_numbered_past_the_list(compare_llamacpp):
     tasks = compare_llamacpp.batch_tasks(166)
     assert tasks[:164] == compare_llamacpp.BATCH_TASKS
     assert tasks[164] == f"{tasks[0]} (#164)" and len(set(tasks)) == 166
+
+
+def test_gguf_shape_copy_keeps_the_layout_and_repeats_first_rows(monkeypatch, tmp_path):
+    """benchmarks/gguf_shape_copy.py: the stand-in has the file's header byte for byte and
+    every tensor's type, shape and offset, each tensor's bytes its first rows repeated; it
+    compresses to a fraction of the file."""
+    import lzma
+
+    import gguf
+    from test_quant import _mixed_type, _tiny_gguf_model
+    from test_gguf import write_gguf
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gguf_shape_copy
+
+    src = write_gguf(tmp_path / "mixed.gguf", _tiny_gguf_model(), "qwen2", weight_type=_mixed_type)
+    packed, copy = tmp_path / "shape.gguf.xz", tmp_path / "shape.gguf"
+    gguf_shape_copy.shape_copy(src, packed, period_bytes=1024)
+    copy.write_bytes(lzma.decompress(packed.read_bytes()))
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(copy)
+    assert copy.stat().st_size == src.stat().st_size
+    assert a.data[: a.data_offset].tobytes() == b.data[: b.data_offset].tobytes()
+    assert packed.stat().st_size < src.stat().st_size / 4
+    changed = 0
+    for ta, tb in zip(a.tensors, b.tensors):
+        layout = (ta.name, ta.tensor_type, list(ta.shape), ta.data_offset)
+        assert layout == (tb.name, tb.tensor_type, list(tb.shape), tb.data_offset)
+        raw_a = a.data[ta.data_offset : ta.data_offset + ta.n_bytes].tobytes()
+        raw_b = b.data[tb.data_offset : tb.data_offset + tb.n_bytes].tobytes()
+        rows = int(ta.shape[1]) if len(ta.shape) > 1 else 1
+        row_bytes = ta.n_bytes // rows
+        period = max(1, 1024 // row_bytes) * row_bytes if rows > 1 else ta.n_bytes
+        assert raw_b[:period] == raw_a[:period]
+        assert all(raw_b[i : i + period] == raw_b[: min(period, ta.n_bytes - i)] for i in range(0, ta.n_bytes, period))
+        changed += raw_b != raw_a
+    assert changed  # the larger tensors really were replaced
