@@ -177,14 +177,14 @@ static inline __attribute__((always_inline)) int kq_unsigned(int type, const uin
     if (type == KQ_Q6_K) {
         const uint8_t *ql = b + 64 * p, *qh = b + 128 + 32 * p;
         const __m256i a = _mm256_loadu_si256((const __m256i *)ql), c = _mm256_loadu_si256((const __m256i *)(ql + 32));
-        const __m256i hb = _mm256_loadu_si256((const __m256i *)qh), low2 = _mm256_set1_epi8(3);
-        u[0] = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
-        u[1] = _mm256_or_si256(_mm256_and_si256(c, low4),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
-        u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
+        /* bits 2t, 2t + 1 of each high byte moved to bits 4-5 (one shift fewer than shifting down,
+           masking and shifting up) */
+        const __m256i hb = _mm256_loadu_si256((const __m256i *)qh), bits45 = _mm256_set1_epi8(0x30);
+        u[0] = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), bits45));
+        u[1] = _mm256_or_si256(_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), bits45));
+        u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(hb, bits45));
         u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), low4),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+                               _mm256_and_si256(_mm256_srli_epi16(hb, 2), bits45));
         return 4;
     }
     const __m256i q = _mm256_loadu_si256((const __m256i *)(b + (type == KQ_Q5_K ? 48 : 16) + 32 * p));
