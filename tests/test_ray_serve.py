@@ -56,8 +56,10 @@ def cluster(tiny_checkpoints):
     assert not ray_processes(session_dir), "Ray processes outlived ray.shutdown()"
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[str, list[dict]]:
-    """One streamed chat completion: (the replica that answered, the chunks before [DONE])."""
+async def stream_chat(client: httpx.AsyncClient, url: str, model: str, max_tokens: int,
+                      started: asyncio.Queue | None = None) -> tuple[str, list[dict]]:
+    """One streamed chat completion: (the replica that answered, the chunks before [DONE]).
+    `started` gets the replica's id once the first chunk has come."""
     body = {"model": model, "messages": [{"role": "user", "content": "Count to ten."}], "stream": True,
             "max_tokens": max_tokens, "ignore_eos": True}
     chunks = []
@@ -68,6 +70,8 @@ async def stream_chat(client: httpx.AsyncClient, url: str, model: str, max_token
                 return response.headers[REPLICA_HEADER], chunks
             if line.startswith("data: "):
                 chunks.append(json.loads(line[6:]))
+                if started is not None and len(chunks) == 1:
+                    started.put_nowait(response.headers[REPLICA_HEADER])
     raise ConnectionError(f"stream ended without [DONE] after {len(chunks)} chunks")
 
 
@@ -88,21 +92,26 @@ def test_a_killed_replica_fails_its_streams_and_is_replaced(cluster):
     url, model = cluster
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
     assert len(replicas) == 2
-    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
 
     async def main():
         async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=30)) as client:
-            streams = [asyncio.create_task(stream_chat(client, url, model, 400)) for _ in range(8)]
-            await asyncio.sleep(3)
-            ray.kill(victim, no_restart=True)
-            return await asyncio.gather(*streams, return_exceptions=True)
+            started: asyncio.Queue = asyncio.Queue()
+            streams = [asyncio.create_task(stream_chat(client, url, model, 400, started)) for _ in range(8)]
+            # Once every stream is under way, kill a replica that serves one of them (a fixed
+            # sleep raced the streams' end on a fast machine, and the router may favour one replica).
+            serving = [await asyncio.wait_for(started.get(), 60) for _ in streams]
+            victim_id = serving[0]
+            (victim,) = [a for a in replicas if victim_id in a["name"]]
+            ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+            return victim_id, serving.count(victim_id), await asyncio.gather(*streams, return_exceptions=True)
 
     start = time.time()
-    results = asyncio.run(main())
+    victim_id, on_victim, results = asyncio.run(main())
     assert time.time() - start < 120  # every stream ended: none hung
     failed = [r for r in results if isinstance(r, Exception)]
-    assert failed, "no stream was on the killed replica"
+    assert failed, f"none of the {on_victim} streams on the killed replica failed"
     assert all(isinstance(e, (httpx.HTTPError, ConnectionError, AssertionError)) for e in failed), failed
+    assert all(replica != victim_id for replica, _ in (r for r in results if not isinstance(r, Exception)))
     # Serve starts a new replica; new requests are answered meanwhile and after.
     deadline = time.time() + 180
     while time.time() < deadline:
