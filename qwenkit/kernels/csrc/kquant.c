@@ -27,11 +27,6 @@
 #ifndef KQ_ROWS
 #define KQ_ROWS 8 /* activation rows at a time: a super-block decoded once for up to 8 rows */
 #endif
-#ifndef KQ_PREFETCH_ROWS
-/* the same super-block this many weight rows on (the next panels), as quant.c's PREFETCH_ROWS:
-   measured ~1.5x faster on weights from memory than prefetching super-blocks ahead in the row */
-#define KQ_PREFETCH_ROWS 8
-#endif
 enum { KQ_Q4_K = 0, KQ_Q5_K = 1, KQ_Q6_K = 2 };
 static const int KQ_BYTES[3] = {144, 176, 210};
 
@@ -237,10 +232,9 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
     for (int m = 0; m < mr; m++)
         for (int r = 0; r < nr; r++) acc[m][r] = _mm256_setzero_ps();
     for (int sb = 0; sb < nsb; sb++) {
+        prefetch_ahead(w, (int64_t)sb * KQ_BYTES[type] * nr, KQ_BYTES[type] * nr);
         for (int r = 0; r < nr; r++) {
             const uint8_t *b = w + r * row_bytes + (int64_t)sb * KQ_BYTES[type];
-            for (int line = 0; line < KQ_BYTES[type]; line += 64) /* every cache line, rows ahead */
-                _mm_prefetch((const char *)(b + KQ_PREFETCH_ROWS * row_bytes + line), _MM_HINT_T0);
             /* The blocks' scales as int16, each twice in a 32-bit lane, so that one permute gives
                block j its scale vector (kq_scale): Q4_K / Q5_K scales[0] lane j the scale of block
                j; Q6_K the 16 scales (one per 16 values) in scales[0] (lanes 0-3: 0-3, 4-7: 8-11)

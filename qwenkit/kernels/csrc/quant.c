@@ -15,10 +15,6 @@
 
 #include "kernels.h"
 
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 8
-#endif
-
 #ifdef QK_AMX
 #define AMX_MIN_ROWS 16 /* from a full tile of activation rows on, the matmuls run on AMX tiles */
 static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *scale, float *y, int M, int N, int K);
@@ -79,9 +75,9 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
     for (; j0 + 2 <= K / QK; j0 += 2) {
         __m512 sx[2];
         for (int m = 0; m < mr; m++) sx[m] = pair_ps(xs[m * nb + j0], xs[m * nb + j0 + 1]);
+        prefetch_ahead(w, (int64_t)j0 * QK * nr, 2 * QK * nr);
         for (int r = 0; r < nr; r++) {
             const int8_t *wp = w + (int64_t)r * K + j0 * QK;
-            _mm_prefetch((const char *)(wp + PREFETCH_ROWS * (int64_t)K), _MM_HINT_T0);
             const __m512i wv = _mm512_loadu_si512((const void *)wp);
             const __mmask64 negative = _mm512_movepi8_mask(wv);
             const __m512i wabs = _mm512_abs_epi8(wv);
@@ -104,9 +100,9 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
     for (; j0 < K / QK; j0++) {
         __m256 sx[2];
         for (int m = 0; m < mr; m++) sx[m] = _mm256_set1_ps(xs[m * nb + j0]);
+        prefetch_ahead(w, (int64_t)j0 * QK * nr, QK * nr);
         for (int r = 0; r < nr; r++) {
             const int8_t *wp = w + (int64_t)r * K + j0 * QK;
-            _mm_prefetch((const char *)(wp + PREFETCH_ROWS * (int64_t)K), _MM_HINT_T0);
             const __m256i wv = _mm256_loadu_si256((const __m256i *)wp);
             const __m256i wabs = _mm256_sign_epi8(wv, wv);
             const __m256 dw = wd ? _mm256_set1_ps(wd[r * nb + j0]) : _mm256_setzero_ps();
@@ -213,9 +209,9 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
     for (int j = 0; j < nb; j++) {
         __m256i u[2];
         float d[2];
+        prefetch_ahead(w, (int64_t)j * Q5_0_BYTES * nr, Q5_0_BYTES * nr);
         for (int r = 0; r < nr; r++) {
             const uint8_t *block = w + r * row + (int64_t)j * Q5_0_BYTES;
-            _mm_prefetch((const char *)(block + 2 * PREFETCH_ROWS * row), _MM_HINT_T0);
             uint16_t h;
             memcpy(&h, block, sizeof h);
             d[r] = f16_to_f32(h);
@@ -275,7 +271,7 @@ static void q5_0_row_x8(const int8_t *xq, const float *xs8, const float *c8, con
     for (int m = 0; m < 8; m++) acc[m] = _mm256_setzero_ps();
     for (int j = 0; j < nb; j++) {
         const uint8_t *block = w + (int64_t)j * Q5_0_BYTES;
-        _mm_prefetch((const char *)(block + 2 * PREFETCH_ROWS * (int64_t)nb * Q5_0_BYTES), _MM_HINT_T0);
+        prefetch_ahead(w, (int64_t)j * Q5_0_BYTES, Q5_0_BYTES);
         uint16_t h;
         memcpy(&h, block, sizeof h);
         const __m256 d = _mm256_set1_ps(f16_to_f32(h));
