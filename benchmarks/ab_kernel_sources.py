@@ -4,7 +4,7 @@ alternating: what a kernel change is worth on the whole model, free of the drift
     git archive <rev> qwenkit/kernels/csrc | tar -x -C /tmp/old
     python benchmarks/ab_kernel_sources.py --other /tmp/old/qwenkit/kernels/csrc [--streams 1] [--prefill 0]
 
-Both libraries are built for this CPU's selected variant (the other into a folder of its own).
+Both libraries are built for this CPU's selected variant (each named by a hash of its sources).
 Each round runs --steps decode steps of --streams sequences (the fused layers and the lm_head,
 as the engine's decode step computes them, the sampler left out) on each library in turn, after
 a prompt of --context tokens; --prefill N times a prompt of N tokens instead. Prints each
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,12 +26,12 @@ from qwenkit.kernels import build, cpu
 def load_other(sources: Path, isa: str, extra_flags: tuple[str, ...]) -> cpu.Library:
     saved, build.CSRC = build.CSRC, sources
     try:
-        return cpu.load(isa, Path(tempfile.mkdtemp(prefix="qwenkit-ab-")), extra_flags=extra_flags)
+        return cpu.load(isa, extra_flags=extra_flags)  # named by its sources' hash: no clash with this one
     finally:
         build.CSRC = saved
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--other", type=Path, required=True, help="a csrc folder of another version")
     parser.add_argument("--other-flags", default="", help="extra compiler flags for the other build (-DNAME=value)")
@@ -43,7 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--prefill", type=int, default=0, help="time prompts of this many tokens instead")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     llm = LLM(args.model, device="cpu", quantization=args.quantization)
     this = cpu.library()

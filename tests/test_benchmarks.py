@@ -105,3 +105,21 @@ def test_gguf_shape_copy_keeps_the_layout_and_repeats_first_rows(monkeypatch, tm
         assert all(raw_b[i : i + period] == raw_b[: min(period, ta.n_bytes - i)] for i in range(0, ta.n_bytes, period))
         changed += raw_b != raw_a
     assert changed  # the larger tensors really were replaced
+
+
+def test_ab_kernel_sources_runs_both_libraries(monkeypatch, default_gguf, capsys):
+    """benchmarks/ab_kernel_sources.py reaches into the runner's decode path: it still runs (here
+    this checkout's sources against themselves, the build cached by their hash)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ab_kernel_sources
+
+    from qwenkit.kernels import build, cpu
+
+    if cpu.library() is None:
+        pytest.skip("native CPU kernels off or not built here")
+    library = cpu.library
+    ab_kernel_sources.main(["--other", str(build.CSRC), "--model", str(default_gguf), "--context", "16",
+                            "--steps", "2", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "decode step, 1 stream(s)" in out and "other / this:" in out
+    assert cpu.library is library  # put back
