@@ -20,15 +20,7 @@ from pathlib import Path
 
 from qwenkit import LLM
 from qwenkit.engine.model_runner import StepInput
-from qwenkit.kernels import build, cpu
-
-
-def load_other(sources: Path, isa: str, extra_flags: tuple[str, ...]) -> cpu.Library:
-    saved, build.CSRC = build.CSRC, sources
-    try:
-        return cpu.load(isa, extra_flags=extra_flags)  # named by its sources' hash: no clash with this one
-    finally:
-        build.CSRC = saved
+from qwenkit.kernels import cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     this = cpu.library()
     if this is None:
         raise SystemExit("the native CPU kernels are off or could not be built")
-    other = load_other(args.other, this.isa, tuple(args.other_flags.split()))
+    other = cpu.load(this.isa, extra_flags=tuple(args.other_flags.split()), csrc=args.other)  # named by its sources' hash
     runner = llm.engine.runner
     if runner.fused is None and not args.prefill:
         raise SystemExit("the fused decode step does not apply to this model")

@@ -65,20 +65,22 @@ def compiler() -> str:
     return found
 
 
-def sources() -> list[Path]:
-    return sorted(CSRC.glob("*.c"))
+def sources(csrc: Path = CSRC) -> list[Path]:
+    return sorted(csrc.glob("*.c"))
 
 
-def build(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False) -> Path:
+def build(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False,
+          csrc: Path = CSRC) -> Path:
     """The path of the `isa` library, compiled into `folder` (default: `paths.kernels_dir()`)
     unless it is there already. `extra_flags`: more compiler flags (tests: -Werror);
-    `emulated`: the `EMULATED_ISA_FLAGS` build of `isa` (tests)."""
+    `emulated`: the `EMULATED_ISA_FLAGS` build of `isa` (tests); `csrc`: another version of the
+    sources (benchmarks/ab_kernel_sources.py; the hash keeps its library apart)."""
     if folder is None:
         folder = paths.kernels_dir()
     cc = compiler()
     flags = [*FLAGS, *(EMULATED_ISA_FLAGS if emulated else ISA_FLAGS)[isa], *extra_flags]
     digest = hashlib.sha256()
-    for path in sorted(CSRC.iterdir()):
+    for path in sorted(csrc.iterdir()):
         if path.suffix in (".c", ".h"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update("\0".join([*flags, cc, platform.machine(), _cpu_flags()]).encode())
@@ -89,7 +91,7 @@ def build(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] 
     logger.info("building the %s CPU kernels with %s (once; kept in %s)", isa, cc, folder)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / target.name
-        command = [cc, *flags, *map(str, sources()), "-I", str(CSRC), "-o", str(out), "-lm"]
+        command = [cc, *flags, *map(str, sources(csrc)), "-I", str(csrc), "-o", str(out), "-lm"]
         try:
             subprocess.run(command, check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as e:

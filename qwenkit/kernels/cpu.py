@@ -225,10 +225,12 @@ def _blocks(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Ten
     return blocks.contiguous()
 
 
-def load(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False) -> Library:
+def load(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False,
+         csrc: Path = build.CSRC) -> Library:
     """Build (once) and load the `isa` variant (`emulated`: its build for an AVX2 CPU, tests
-    only); raises build.BuildError or OSError, or TileStateRefused."""
-    lib = Library(build.build(isa, folder, extra_flags=extra_flags, emulated=emulated), isa)
+    only; `csrc`: another version of the sources, benchmarks); raises build.BuildError or
+    OSError, or TileStateRefused."""
+    lib = Library(build.build(isa, folder, extra_flags=extra_flags, emulated=emulated, csrc=csrc), isa)
     if lib._lib.qk_amx_init():
         raise TileStateRefused("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
     return lib
