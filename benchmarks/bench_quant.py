@@ -230,6 +230,7 @@ def matmul_timings(ms: list[int], rounds: int) -> list[dict]:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize as gguf_quantize
 
+    from qwenkit import kernels
     from qwenkit.kernels import cpu
     from qwenkit.models import quant
 
@@ -248,7 +249,7 @@ def matmul_timings(ms: list[int], rounds: int) -> list[dict]:
         s8 = s8.to(torch.bfloat16)
         layer4 = quant.QuantLinear(k, [n], bias=False, dtype=torch.float32, format=quant.INT4)
         layer4.weight.weight_loader(layer4.weight, w, None)
-        q5 = torch.from_numpy(gguf_quantize(w.numpy(), GGMLQuantizationType.Q5_0))
+        q5 = kernels.gguf_pack(torch.from_numpy(gguf_quantize(w.numpy(), GGMLQuantizationType.Q5_0)), k, "Q5_0")
         for m in ms:
             if name == "lm_head" and m > 64:
                 continue  # the engine computes logits for sampled rows only

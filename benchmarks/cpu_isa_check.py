@@ -55,12 +55,15 @@ def _quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _q5_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(blocks uint8 [N, K / 32 * 22], gguf's dequantization float32 [N, K])."""
+    """(blocks uint8 [N, K / 32 * 22] in the kernels' layout, gguf's dequantization float32 [N, K])."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
+    from qwenkit.kernels import reference
+
     blocks = quantize(w.numpy(), GGMLQuantizationType.Q5_0)
-    return torch.from_numpy(blocks), torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q5_0))
+    packed = reference.gguf_pack(torch.from_numpy(blocks), w.shape[1], "Q5_0")
+    return packed, torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q5_0))
 
 
 def _k_quant(type_name: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,18 +57,38 @@ def _assert_q8_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, block: i
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 16, 37])
 def test_variant_quantized_matmuls_against_dequantized(isa, rows):
     """int8 and Q5_0 (decoded in registers below 16 rows, unpacked first from 16 on) against the
-    float product with the dequantized weight; tails of rows, of output rows and of k."""
+    float product with the dequantized weight; tails of rows, of output rows and of k (13 blocks
+    of 32: one regrouped group of 8 Q5_0 blocks, then 5 as stored)."""
     lib = _variant(isa)
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 160, generator=g) * torch.linspace(0.1, 3, 160)
-    w = _weights(37, 160)
+    x = torch.randn(rows, 416, generator=g) * torch.linspace(0.1, 3, 416)
+    w = _weights(37, 416)
     q, scale = quantize_int8(w)
     _assert_q8_close(lib.int8_linear(x, q, scale.to(torch.bfloat16)), x, q.double() * scale.double()[:, None])
     blocks = quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)
     w5 = torch.from_numpy(dequantize(blocks, gguf.GGMLQuantizationType.Q5_0))
-    blocks = torch.from_numpy(blocks)
-    _assert_q8_close(lib.gguf_linear(x, blocks, 160, "Q5_0"), x, w5)
-    assert torch.equal(lib.gguf_dequantize(blocks, 160, "Q5_0"), w5)
+    packed = lib.gguf_pack(torch.from_numpy(blocks), 416, "Q5_0")
+    _assert_q8_close(lib.gguf_linear(x, packed, 416, "Q5_0"), x, w5)
+    assert torch.equal(lib.gguf_dequantize(packed, 416, "Q5_0"), w5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("k", [64, 256, 416, 896])
+def test_q5_0_regrouping(k):
+    """The kernels' Q5_0 rows (`gguf_pack`): the C code and the torch reference regroup alike, the
+    reference puts the file's bytes back, and rows without a whole group of 8 blocks stay as
+    stored; what the layout means is checked by dequantizing it (gguf's values, above)."""
+    lib = cpu.library()
+    blocks = torch.from_numpy(quantize(_weights(9, k).numpy(), gguf.GGMLQuantizationType.Q5_0))
+    packed = lib.gguf_pack(blocks, k, "Q5_0")
+    assert packed.shape == blocks.shape and packed.dtype == torch.uint8
+    assert torch.equal(packed, reference.gguf_pack(blocks, k, "Q5_0"))
+    assert torch.equal(reference.q5_0_unpack(packed, k), blocks)
+    assert torch.equal(packed, blocks) == (k < 256)
+    assert torch.equal(reference.gguf_dequantize(packed, k, "Q5_0"),
+                       torch.from_numpy(dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q5_0)))
+    k_quant, _ = _k_quant_blocks("Q4_K", 3, 256, seed=1)
+    assert lib.gguf_pack(k_quant, 256, "Q4_K") is k_quant  # the K-quants are taken as stored
 
 
 def _k_quant_blocks(type_name: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +143,7 @@ def test_variant_rows_do_not_depend_on_the_call(isa):
     lib = _variant(isa)
     w = _weights(21, 416)
     q, scale = quantize_int8(w)
-    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    blocks = lib.gguf_pack(torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)), 416, "Q5_0")
     x = torch.randn(13, 416, generator=torch.Generator().manual_seed(9))
     for fn in (lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16)), lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")):
         together = fn(x)
@@ -138,7 +158,7 @@ def test_variant_rows_do_not_depend_on_the_call_when_row_invariant(isa):
     lib = _variant(isa)
     w = _weights(21, 416)
     q, scale = quantize_int8(w)
-    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    blocks = lib.gguf_pack(torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)), 416, "Q5_0")
     x = torch.randn(37, 416, generator=torch.Generator().manual_seed(9))
     q5_0 = lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")  # noqa: E731
     assert not torch.equal(q5_0(x)[:1], q5_0(x[:1]))  # what the switch changes
@@ -253,6 +273,8 @@ def test_without_native_kernels_every_kernel_runs_torch_code(monkeypatch):
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(3, 64, generator=g), torch.randn(64, generator=g)
     assert torch.equal(kernels.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
-    blocks = torch.from_numpy(quantize(torch.randn(8, 64, generator=g).numpy(), gguf.GGMLQuantizationType.Q5_0))
-    assert torch.equal(kernels.gguf_dequantize(blocks, 64, "Q5_0"), reference.gguf_dequantize(blocks, 64, "Q5_0"))
+    blocks = torch.from_numpy(quantize(torch.randn(8, 256, generator=g).numpy(), gguf.GGMLQuantizationType.Q5_0))
+    assert torch.equal(kernels.gguf_pack(blocks, 256, "Q5_0"), reference.gguf_pack(blocks, 256, "Q5_0"))
+    blocks = kernels.gguf_pack(blocks, 256, "Q5_0")
+    assert torch.equal(kernels.gguf_dequantize(blocks, 256, "Q5_0"), reference.gguf_dequantize(blocks, 256, "Q5_0"))
     assert not kernels.has_gguf_kernel("Q5_0")

@@ -124,16 +124,17 @@ def test_native_int8_linear_against_dequantized(rows, n, k):
 @pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (2, 9, 896), (3, 9, 96), (4, 2, 32), (9, 130, 256), (12, 5, 96),
                                       (21, 7, 64)])
 def test_native_q5_0_linear_against_gguf(rows, n, k, monkeypatch):
-    """GGUF Q5_0 blocks multiplied as stored equal the product with gguf's own dequantization,
-    within the activations' int8 rounding: read block by block (< 16 rows, 8 rows at a time then
-    the rest, the tails of rows and of n) and unpacked to int8 first (>= 16 rows)."""
+    """GGUF Q5_0 blocks (regrouped for the kernels by gguf_pack) multiplied in place equal the
+    product with gguf's own dequantization, within the activations' int8 rounding: read block by
+    block (< 16 rows, 8 rows at a time then the rest, the tails of rows and of n; k of 896: 3
+    regrouped groups and 4 blocks as stored) and unpacked to int8 first (>= 16 rows)."""
     from gguf.quants import dequantize, quantize
 
     q5 = gguf.GGMLQuantizationType.Q5_0
     blocks = quantize(_weights(max(n, 4), k)[:n].numpy(), q5)
     w = torch.from_numpy(dequantize(blocks, q5))
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, k)
-    blocks = torch.from_numpy(blocks)
+    blocks = kernels.gguf_pack(torch.from_numpy(blocks), k, "Q5_0")
     y = kernels.gguf_linear(x, blocks, k, "Q5_0")
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     error = (y.double() - x.double() @ w.double().T).abs()
@@ -170,7 +171,7 @@ def test_native_kernel_rows_do_not_depend_on_the_call(rows):
 
     w = _weights(37, 896)
     x = torch.randn(rows, 896, generator=torch.Generator().manual_seed(6))
-    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    blocks = kernels.gguf_pack(torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)), 896, "Q5_0")
     q, scale = quant.quantize_int8(w)
     lib = cpu.library()
     for fn in (lambda t: lib.gguf_linear(t, blocks, 896, "Q5_0"), lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16))):
@@ -182,7 +183,7 @@ def test_native_kernel_rows_do_not_depend_on_the_call(rows):
 def test_native_kernels_plain_c_build_equals_simd(tmp_path):
     """The plain C code (CPUs without AVX2: the source built with QK_NO_SIMD) computes what the
     AVX2 code does, up to float summation order."""
-    from gguf.quants import quantize
+    from gguf.quants import dequantize, quantize
 
     plain, lib = cpu.load("generic", tmp_path), cpu.library()
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
@@ -190,10 +191,14 @@ def test_native_kernels_plain_c_build_equals_simd(tmp_path):
     q, scale = quant.quantize_int8(w)
     scale = scale.to(torch.bfloat16)
     torch.testing.assert_close(plain.int8_linear(x, q, scale), lib.int8_linear(x, q, scale), atol=1e-5, rtol=1e-5)
-    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
-    for rows in (5, 17):  # decoded in registers; unpacked first
-        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
-        torch.testing.assert_close(plain.gguf_linear(x, blocks, 96, "Q5_0"), lib.gguf_linear(x, blocks, 96, "Q5_0"),
+    stored = quantize(_weights(7, 416).numpy(), gguf.GGMLQuantizationType.Q5_0)  # 13 blocks: a group of 8, 5 more
+    blocks = lib.gguf_pack(torch.from_numpy(stored), 416, "Q5_0")
+    assert torch.equal(plain.gguf_pack(torch.from_numpy(stored), 416, "Q5_0"), blocks)
+    assert torch.equal(plain.gguf_dequantize(blocks, 416, "Q5_0"),
+                       torch.from_numpy(dequantize(stored, gguf.GGMLQuantizationType.Q5_0)))
+    for rows in (5, 8, 17):  # decoded in registers (tiles; 8 rows at once); unpacked first
+        x = torch.randn(rows, 416, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(plain.gguf_linear(x, blocks, 416, "Q5_0"), lib.gguf_linear(x, blocks, 416, "Q5_0"),
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -211,7 +216,7 @@ def test_native_int8_linear_in_bfloat16_and_compiled():
     torch.testing.assert_close(compiled(x), want * 2)
     from gguf.quants import quantize
 
-    blocks = torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0))
+    blocks = kernels.gguf_pack(torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)), 96, "Q5_0")
     compiled = torch.compile(lambda t: kernels.gguf_linear(t, blocks, 96, "Q5_0") * 2, fullgraph=True,
                              backend="eager")
     torch.testing.assert_close(compiled(x), kernels.gguf_linear(x, blocks, 96, "Q5_0") * 2)
@@ -454,12 +459,13 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native):
     q, scale = quant.quantize_int8(stored["model.layers.0.mlp.down_proj.weight"])
     down = llm.model.model.layers[0].mlp.down_proj
     assert torch.equal(down.weight, q) and torch.equal(down.scale.float(), scale)
-    if native:  # and a Q5_0 matrix holds the file's bytes
+    if native:  # and a Q5_0 matrix holds the file's bytes, regrouped for the kernels
         from qwenkit.loader.gguf import GGUFTensor, _read_header
 
         _, infos = _read_header(mixed_gguf)
         o_proj = llm.model.model.layers[0].self_attn.o_proj
-        assert torch.equal(o_proj.weight, GGUFTensor(mixed_gguf, infos["blk.0.attn_output.weight"]).read_raw(0, 256))
+        raw = GGUFTensor(mixed_gguf, infos["blk.0.attn_output.weight"]).read_raw(0, 256)
+        assert torch.equal(o_proj.weight, kernels.gguf_pack(raw, 256, "Q5_0")) and not torch.equal(o_proj.weight, raw)
     v_rows = llm.model.model.layers[0].self_attn.qkv_proj.weight[256 + 128 :]
     assert torch.equal(v_rows, quant.quantize_int8(stored["model.layers.0.self_attn.v_proj.weight"])[0])
 

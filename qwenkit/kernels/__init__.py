@@ -47,7 +47,7 @@ from qwenkit.kernels.cpu import GGUF_BLOCKS, gguf_row_bytes
 
 __all__ = [
     "GGUF_BLOCKS", "INVARIANT_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear", "add_rms_norm",
-    "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_row_bytes",
+    "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_pack", "gguf_row_bytes",
     "has_gguf_kernel", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
     "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope_cache",
     "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
@@ -367,13 +367,13 @@ def _(x, weight, scale):
 
 
 def has_gguf_kernel(type_name: str) -> bool:
-    """Whether GGUF `type_name` blocks are multiplied as stored here (a native kernel runs)."""
+    """Whether GGUF `type_name` blocks are multiplied as they are here (a native kernel runs)."""
     return type_name in GGUF_BLOCKS and cpu.library() is not None
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    """x [T, K] @ w^T with w as GGUF blocks of `type_name` (uint8 [N, bytes per row]), in x's
-    dtype: the native kernel on CPU; elsewhere (and past the row limit) the blocks are
+    """x [T, K] @ w^T with w as GGUF rows of `type_name` in the kernels' layout (`gguf_pack`;
+    uint8 [N, bytes per row]), in x's dtype: the native kernel on CPU; elsewhere (and past the row limit) the blocks are
     dequantized a block of rows at a time and multiplied in x's dtype."""
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         return _gguf_linear_op(x, blocks, in_features, type_name)
@@ -406,8 +406,18 @@ def _(x, blocks, in_features, type_name):
     return x.new_empty(x.shape[0], blocks.shape[0])
 
 
+def gguf_pack(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    """A file's GGUF rows of `type_name` (uint8 [N, bytes per row]) -> the layout `gguf_linear` and
+    `gguf_dequantize` take, the same size: Q5_0 with each group of 8 blocks' scales, nibbles and
+    high bits together (csrc/quant.c), the K-quants as stored."""
+    if blocks.device.type == "cpu" and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
+        return lib.gguf_pack(blocks, in_features, type_name)
+    return reference.gguf_pack(blocks, in_features, type_name)
+
+
 def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, in_features] on the CPU."""
+    """GGUF rows of `type_name` in the kernels' layout (`gguf_pack`; uint8 [N, bytes per row]) ->
+    float32 [N, in_features] on the CPU."""
     if blocks.device.type == "cpu" and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
         return lib.gguf_dequantize(blocks, in_features, type_name)
     return reference.gguf_dequantize(blocks, in_features, type_name)
@@ -613,7 +623,7 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
     return {
         "cpu_isa": lib.isa,
         "int8_linear": f"{native}: {cpu.DOT_PRODUCTS[lib.isa]}",
-        "gguf_linear": f"{native}: {', '.join(GGUF_BLOCKS)} as stored",
+        "gguf_linear": f"{native}: {', '.join(GGUF_BLOCKS)} in their blocks (Q5_0 regrouped)",
         "decode_attention": f"{native} (paged, in place)",
         "rms_norm, rotary": native,
         "decode_layers": f"{native} (one call per decode step)",

@@ -42,7 +42,8 @@ DOT_PRODUCTS = {
     "avx2": "vpmaddubsw + vpmaddwd",
     "generic": "plain C",
 }
-# GGUF block types the C kernels multiply as stored: (values, bytes) of one block.
+# GGUF block types the C kernels multiply (the K-quants as stored, Q5_0 regrouped at load by
+# `gguf_pack`, the same size): (values, bytes) of one block.
 GGUF_BLOCKS = {"Q5_0": (32, 22), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
@@ -96,6 +97,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "int8_linear_q8": (_I, [_P] * 4 + [_I] * 3),
     **{f"{t.lower()}_linear_q8": (_I, [_P] * 3 + [_I] * 3) for t in GGUF_BLOCKS},
     **{f"{t.lower()}_dequantize": (None, [_P] * 2 + [_I] * 2) for t in GGUF_BLOCKS},
+    "q5_0_pack": (None, [_P] * 2 + [_I] * 2),
     "decode_layers": (_I, [_P, _I, _P, _P, _I] + [_P] * 4 + [_I] * 2 + [_P]),
     "qk_amx_init": (_I, []),
     "kv_store_rows": (None, [_P, _P, _I, _I]),
@@ -174,7 +176,8 @@ class Library:
         return y
 
     def gguf_linear(self, x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-        """x [M, K] @ w^T, w as GGUF blocks of `type_name` (uint8 [N, bytes per row]); float32 [M, N]."""
+        """x [M, K] @ w^T, w as GGUF rows of `type_name` in the kernels' layout (`gguf_pack`; uint8
+        [N, bytes per row]); float32 [M, N]."""
         blocks, x = _blocks(blocks, in_features, type_name), _activations(x, in_features, "gguf_linear")
         y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
         fn = getattr(self._lib, f"{type_name.lower()}_linear_q8")
@@ -182,8 +185,18 @@ class Library:
             raise MemoryError(f"gguf_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
         return y
 
+    def gguf_pack(self, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+        """A file's GGUF rows of `type_name` -> the layout the kernels below take (Q5_0 regrouped,
+        csrc/quant.c; the K-quants as stored)."""
+        blocks = _blocks(blocks, in_features, type_name)
+        if type_name != "Q5_0":
+            return blocks
+        out = torch.empty_like(blocks)
+        self._lib.q5_0_pack(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
+        return out
+
     def gguf_dequantize(self, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-        """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, in_features]."""
+        """GGUF rows of `type_name` in the kernels' layout (uint8 [N, bytes per row]) -> float32 [N, in_features]."""
         blocks = _blocks(blocks, in_features, type_name)
         out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
         getattr(self._lib, f"{type_name.lower()}_dequantize")(blocks.data_ptr(), out.data_ptr(), blocks.shape[0],

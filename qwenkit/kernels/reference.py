@@ -94,11 +94,61 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, m
     return out
 
 
+# Q5_0 rows as the kernels take them (csrc/quant.c): each whole group of 8 blocks (22 bytes each)
+# regrouped into 8 fp16 scales, 4 x 32 bytes of nibbles (block 2p low, 2p + 1 high) and 32 bytes
+# of high bits (bit b of byte i: value i of block b); the last blocks of a row as stored.
+Q5_0_GROUP = 8
+
+
+def _q5_0_split(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stored Q5_0 blocks uint8 [..., 22] -> scale bytes [..., 2], nibbles and high bits [..., 32]."""
+    qs = blocks[..., 6:].to(torch.int32)
+    qh = sum(blocks[..., 2 + i].to(torch.int64) << (8 * i) for i in range(4))
+    nibbles = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+    bits = (qh[..., None] >> torch.arange(32, device=blocks.device)) & 1
+    return blocks[..., :2], nibbles, bits.to(torch.int32)
+
+
+def q5_0_pack(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    """A file's Q5_0 rows (uint8 [N, in_features / 32 * 22]) -> the kernels' layout, the same size."""
+    n, nb = blocks.shape[0], in_features // 32
+    grouped = nb // Q5_0_GROUP * Q5_0_GROUP
+    groups = blocks[:, : grouped * 22].reshape(n, -1, Q5_0_GROUP, 22)
+    scales, nibbles, bits = _q5_0_split(groups)
+    pairs = nibbles[:, :, 0::2] | nibbles[:, :, 1::2] << 4
+    planes = (bits << torch.arange(Q5_0_GROUP, device=blocks.device)[:, None]).sum(dim=2)
+    packed = torch.cat([scales.flatten(2), pairs.flatten(2).to(torch.uint8), planes.to(torch.uint8)], dim=2)
+    return torch.cat([packed.flatten(1), blocks[:, grouped * 22 :]], dim=1)
+
+
+def q5_0_unpack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of `q5_0_pack`: the kernels' Q5_0 rows -> the file's blocks."""
+    n, nb = packed.shape[0], in_features // 32
+    grouped = nb // Q5_0_GROUP * Q5_0_GROUP
+    groups = packed[:, : grouped * 22].reshape(n, -1, Q5_0_GROUP * 22).to(torch.int64)
+    pairs = groups[:, :, 16:144].reshape(n, -1, 4, 1, 32)
+    nibbles = torch.cat([pairs & 0x0F, pairs >> 4], dim=3).flatten(2, 3)  # [n, g, 8, 32]
+    bits = (groups[:, :, None, 144:] >> torch.arange(Q5_0_GROUP, device=packed.device)[:, None]) & 1
+    qs = nibbles[..., :16] | nibbles[..., 16:] << 4
+    qh = (bits << torch.arange(32, device=packed.device)).sum(dim=-1, keepdim=True)
+    qh_bytes = (qh >> torch.tensor([0, 8, 16, 24], device=packed.device)) & 0xFF
+    stored = torch.cat([groups[:, :, :16].reshape(n, -1, Q5_0_GROUP, 2), qh_bytes, qs], dim=-1).to(torch.uint8)
+    return torch.cat([stored.flatten(1), packed[:, grouped * 22 :]], dim=1)
+
+
+def gguf_pack(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+    """A file's GGUF rows of `type_name` -> the layout the kernels take (`qwenkit.kernels.gguf_pack`)."""
+    return q5_0_pack(blocks, in_features) if type_name == "Q5_0" else blocks
+
+
 def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    """GGUF blocks of `type_name` (uint8 [N, bytes per row]) -> float32 [N, in_features], by gguf's own code."""
+    """GGUF rows of `type_name` in the kernels' layout (uint8 [N, bytes per row]) -> float32
+    [N, in_features], by gguf's own code."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    if type_name == "Q5_0":
+        blocks = q5_0_unpack(blocks, in_features)
     values = dequantize(blocks.cpu().numpy(), GGMLQuantizationType[type_name])
     return torch.from_numpy(values).view(blocks.shape[0], in_features)
 

@@ -152,8 +152,9 @@ class QuantLinear(Linear):
 
     int8: weight int8 [N, K], scale bfloat16 [N]. int4: weight is torch's packed uint8 and
     scales_and_zeros bfloat16 [K / 32, N, 2]; shards are gathered unpacked and packed once
-    the last one is in. GGUF formats ("gguf:Q5_0", ...): weight is the file's blocks as stored,
-    uint8 [N, bytes per row] (every shard must be stored in that type). The bias stays in the
+    the last one is in. GGUF formats ("gguf:Q5_0", ...): weight is the file's blocks in the
+    kernels' layout (`kernels.gguf_pack`: Q5_0 regrouped, the K-quants as stored), uint8 [N, bytes
+    per row] (every shard must be stored in that type). The bias stays in the
     model's dtype.
     """
 
@@ -208,7 +209,8 @@ class QuantLinear(Linear):
             step = max(1, _BLOCK_VALUES // in_features)
             for start in range(0, tensor.shape[0], step):
                 raw = tensor.read_raw(start, min(tensor.shape[0], start + step))
-                param.data[first + start : first + start + raw.shape[0]] = raw
+                param.data[first + start : first + start + raw.shape[0]] = kernels.gguf_pack(raw, in_features,
+                                                                                             self.ggml_type)
             return {shard}
         if self._unpacked is None:
             self._unpacked = torch.empty(param.shape[0], in_features, dtype=torch.uint8)

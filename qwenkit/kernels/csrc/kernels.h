@@ -75,6 +75,15 @@ static inline float hsum(__m256 v) { /* the sum of the 8 lanes */
     return _mm_cvtss_f32(s);
 }
 
+/* *p in every lane by one load (vbroadcastss from memory, no shuffle). In asm because compilers
+   turn a broadcast of a value just stored into lane shuffles, the port the 8-row kernels are
+   short of (docs/decode.md). */
+static inline __m256 broadcast_load(const float *p) {
+    __m256 v;
+    __asm__("vbroadcastss %1, %0" : "=x"(v) : "m"(*p));
+    return v;
+}
+
 /* Unsigned bytes u times signed bytes s, groups of four summed into 8 int32 lanes. AVX-512 VNNI:
    one vpdpbusd; AVX2: vpmaddubsw (pairs into int16, saturating) then vpmaddwd. The callers keep
    every pair below 2^15 (u <= 127 with |s| <= 127), so both give the same integers. */
@@ -189,6 +198,7 @@ void paged_decode_attention_f32(const float *q, const void *k_cache, const void 
 void quantize_row_q8(const float *x, int K, int8_t *xq, float *xs);
 int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float *y, int M, int N, int K);
 int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
+void q5_0_pack(const uint8_t *stored, uint8_t *out, int N, int K);
 void q5_0_dequantize(const uint8_t *w, float *out, int N, int K);
 
 /* kquant.c */
