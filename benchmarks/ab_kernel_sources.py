@@ -4,7 +4,9 @@ alternating: what a kernel change is worth on the whole model, free of the drift
     git archive <rev> qwenkit/kernels/csrc | tar -x -C /tmp/old
     python benchmarks/ab_kernel_sources.py --other /tmp/old/qwenkit/kernels/csrc [--streams 1] [--prefill 0]
 
-Both libraries are built for this CPU's selected variant (each named by a hash of its sources).
+Both libraries are built for this CPU's selected variant (each named by a hash of its sources),
+and both run on the one model this checkout loaded: the other version must take the same weight
+layouts (for Q5_0, regrouped at load since a903d1a; an older one lacks `q5_0_pack` and fails to load).
 Each round runs --steps decode steps of --streams sequences (the fused layers and the lm_head,
 as the engine's decode step computes them, the sampler left out) on each library in turn, after
 a prompt of --context tokens; --prefill N times a prompt of N tokens instead. Prints each
@@ -35,12 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--prefill", type=int, default=0, help="time prompts of this many tokens instead")
     args = parser.parse_args(argv)
+    if not (args.other / "kernels.h").is_file():
+        parser.error(f"--other {args.other}: not a kernels source folder (no kernels.h)")
 
     llm = LLM(args.model, device="cpu", quantization=args.quantization)
     this = cpu.library()
     if this is None:
         raise SystemExit("the native CPU kernels are off or could not be built")
-    other = cpu.load(this.isa, extra_flags=tuple(args.other_flags.split()), csrc=args.other)  # named by its sources' hash
+    try:
+        other = cpu.load(this.isa, extra_flags=tuple(args.other_flags.split()), csrc=args.other)  # named by its sources' hash
+    except AttributeError as e:  # ctypes: an entry point this checkout calls is missing there
+        raise SystemExit(f"{args.other}: {e}; it predates this checkout's kernel entry points or layouts") from None
     runner = llm.engine.runner
     if runner.fused is None and not args.prefill:
         raise SystemExit("the fused decode step does not apply to this model")

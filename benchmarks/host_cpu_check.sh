@@ -14,6 +14,7 @@
 #                         -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON; ~20 MB, ~8 minutes on 2 cores)
 #   CARRY/csrc_old/       (optional) another version of the kernels, to A/B against these on whole
 #                         decode steps: git archive REV qwenkit/kernels/csrc | tar -x --strip-components=3 -C CARRY/csrc_old
+#                         (REV at or after a903d1a: both must read Q5_0 regrouped, as the model loads)
 # Results land in $OUT (the device tool's folder; /tmp/host_cpu_check here). Stages run in
 # order of value and each is cut to what is left of LIMIT seconds, so the call ends in time.
 set -u
