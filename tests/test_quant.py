@@ -278,6 +278,22 @@ def test_gguf_embedding_is_exact(tmp_path, type_name):
     assert torch.equal(embedding(ids), tensor.read_rows(0, 40)[ids])
 
 
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16"])
+@pytest.mark.parametrize("native", [True, False])
+def test_gguf_tensor_rows_are_ggufs_dequantization(tmp_path, type_name, native, monkeypatch):
+    """A lazy GGUF tensor's rows, whatever decodes them (the K-quants: the C kernels where they
+    run), are gguf's own dequantization of the file's bytes, bit for bit."""
+    if native and not kernels.has_gguf_kernel("Q4_K"):
+        pytest.skip("no native kernels here")
+    if not native:
+        monkeypatch.setattr(cpu, "library", lambda: None)
+    tensor = _gguf_tensor(tmp_path, type_name, (40, 512))
+    raw = tensor.read_raw(0, 40).numpy()
+    want = torch.from_numpy(gguf.quants.dequantize(raw, tensor.ggml_type)).view(40, 512)
+    assert torch.equal(tensor.read_rows(0, 40), want)
+    assert torch.equal(tensor.read_rows(3, 9), want[3:9])
+
+
 def test_gguf_embedding_maps_the_file(tmp_path):
     """The table is a private map of the file's bytes, not a copy: only the rows a step gathers
     become resident (as llama.cpp's mapped token embedding), and a write stays in the process."""
