@@ -373,8 +373,8 @@ def has_gguf_kernel(type_name: str) -> bool:
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
     """x [T, K] @ w^T with w as GGUF rows of `type_name` in the kernels' layout (`gguf_pack`;
-    uint8 [N, bytes per row]), in x's dtype: the native kernel on CPU; elsewhere (and past the row limit) the blocks are
-    dequantized a block of rows at a time and multiplied in x's dtype."""
+    uint8 [N, bytes per row]), in x's dtype: the native kernel on CPU; elsewhere (and past the
+    row limit) the blocks are dequantized a block of rows at a time and multiplied in x's dtype."""
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         return _gguf_linear_op(x, blocks, in_features, type_name)
     return _in_row_blocks(lambda rows: _gguf_linear(rows, blocks, in_features, type_name), x,

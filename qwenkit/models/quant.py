@@ -154,8 +154,7 @@ class QuantLinear(Linear):
     scales_and_zeros bfloat16 [K / 32, N, 2]; shards are gathered unpacked and packed once
     the last one is in. GGUF formats ("gguf:Q5_0", ...): weight is the file's blocks in the
     kernels' layout (`kernels.gguf_pack`: Q5_0 regrouped, the K-quants as stored), uint8 [N, bytes
-    per row] (every shard must be stored in that type). The bias stays in the
-    model's dtype.
+    per row] (every shard must be stored in that type). The bias stays in the model's dtype.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, dtype: torch.dtype,
