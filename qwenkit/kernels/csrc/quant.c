@@ -175,6 +175,8 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
 
 #define Q5_0_BYTES 22
 #define Q5_0_GROUP 8
+#define Q5_0_PAIRS 16   /* where a group's nibble pairs start (after its 8 scales) */
+#define Q5_0_PLANES 144 /* where its high-bit planes start (after 4 x 32 bytes of pairs) */
 #ifndef Q5_0_UNPACK_ROWS
 #define Q5_0_UNPACK_ROWS 16  /* from this many activation rows on, unpack the weights first */
 #endif
@@ -197,8 +199,8 @@ void q5_0_pack(const uint8_t *stored, uint8_t *out, int N, int K) {
                 memcpy(group + 2 * b, block, 2);
                 for (int i = 0; i < QK; i++) {
                     const int nibble = i < 16 ? block[6 + i] & 0x0f : block[6 + i - 16] >> 4;
-                    group[16 + 32 * (b / 2) + i] |= (uint8_t)(nibble << (4 * (b & 1)));
-                    group[144 + i] |= (uint8_t)(((qh >> i) & 1) << b);
+                    group[Q5_0_PAIRS + 32 * (b / 2) + i] |= (uint8_t)(nibble << (4 * (b & 1)));
+                    group[Q5_0_PLANES + i] |= (uint8_t)(((qh >> i) & 1) << b);
                 }
             }
         }
@@ -216,8 +218,8 @@ static float q5_0_block(const uint8_t *row, int nb, int j, uint8_t u[QK]) {
         const int b = j % Q5_0_GROUP;
         memcpy(&h, group + 2 * b, sizeof h);
         for (int i = 0; i < QK; i++) {
-            const uint8_t pair = group[16 + 32 * (b / 2) + i];
-            u[i] = (uint8_t)(((b & 1 ? pair >> 4 : pair) & 0x0f) | (((group[144 + i] >> b) & 1) << 4));
+            const uint8_t pair = group[Q5_0_PAIRS + 32 * (b / 2) + i];
+            u[i] = (uint8_t)(((b & 1 ? pair >> 4 : pair) & 0x0f) | (((group[Q5_0_PLANES + i] >> b) & 1) << 4));
         }
     } else {
         const uint8_t *block = row + (int64_t)j * Q5_0_BYTES;
@@ -253,7 +255,7 @@ static inline __m256i q5_0_unsigned(const uint8_t *block) {
    planes: the group's 32 bytes of high bits. */
 static inline __attribute__((always_inline)) __m256i q5_0_group_unsigned(const uint8_t *group, __m256i planes,
                                                                          int b) {
-    const __m256i pair = _mm256_loadu_si256((const __m256i *)(group + 16 + 32 * (b / 2)));
+    const __m256i pair = _mm256_loadu_si256((const __m256i *)(group + Q5_0_PAIRS + 32 * (b / 2)));
     const __m256i nibbles = b & 1 ? _mm256_srli_epi16(pair, 4) : pair;
     const __m256i high = b < 4 ? _mm256_slli_epi16(planes, 4 - b) : _mm256_srli_epi16(planes, b - 4);
     return _mm256_or_si256(_mm256_and_si256(nibbles, _mm256_set1_epi8(0x0f)),
@@ -294,7 +296,7 @@ static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, co
         for (int r = 0; r < nr; r++) {
             group[r] = w + r * row + (int64_t)j * Q5_0_BYTES;
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)group[r]));
-            planes[r] = _mm256_loadu_si256((const __m256i *)(group[r] + 144));
+            planes[r] = _mm256_loadu_si256((const __m256i *)(group[r] + Q5_0_PLANES));
             for (int m = 0; m < mr; m++) _mm256_storeu_ps(dsx[m][r], _mm256_mul_ps(d, _mm256_loadu_ps(xs + m * nb + j)));
         }
         #pragma GCC unroll 8
@@ -372,7 +374,7 @@ static void q5_0_row_x8(const int8_t *xq, const float *xs8, const float *c, cons
         const uint8_t *group = w + (int64_t)j * Q5_0_BYTES;
         prefetch_ahead(w, (int64_t)j * Q5_0_BYTES, Q5_0_GROUP * Q5_0_BYTES);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)group));
-        const __m256i planes = _mm256_loadu_si256((const __m256i *)(group + 144));
+        const __m256i planes = _mm256_loadu_si256((const __m256i *)(group + Q5_0_PLANES));
         #pragma GCC unroll 8
         for (int b = 0; b < Q5_0_GROUP; b++) {
             const __m256i u = q5_0_group_unsigned(group, planes, b);
@@ -411,7 +413,7 @@ static void q5_0_unpack_row(const uint8_t *row, int nb, int8_t *values, float *s
     const __m256i sixteen = _mm256_set1_epi8(16);
     for (int j = 0; j < grouped; j += Q5_0_GROUP) {
         const uint8_t *group = row + (int64_t)j * Q5_0_BYTES;
-        const __m256i planes = _mm256_loadu_si256((const __m256i *)(group + 144));
+        const __m256i planes = _mm256_loadu_si256((const __m256i *)(group + Q5_0_PLANES));
         _mm256_storeu_ps(scales + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)group)));
         #pragma GCC unroll 8
         for (int b = 0; b < Q5_0_GROUP; b++)
