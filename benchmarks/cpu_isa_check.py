@@ -11,7 +11,8 @@ every variant (a variant the CPU cannot run must still compile), then for each v
   rounding; rows that must not depend on the rest of the batch (< 16 rows); paged decode
   attention, RMSNorm and rotary against `qwenkit.kernels.reference`;
 - speed: milliseconds per call of the int8, Q5_0 and K-quant (Q4_K, Q6_K; where K is whole
-  super-blocks, up to 16 rows) matmuls on the default model's shapes and a Qwen3-8B-sized one, at 1 row (decode, memory-bound), 8 rows (8 streams) and 128 rows
+  super-blocks) matmuls on the default model's shapes and a Qwen3-8B-sized one, at 1 row (decode,
+  memory-bound), 8 rows (8 streams), 32 rows and 128 rows
   (prefill), next to torch's own paths for the same product (float32 GEMM on dequantized
   weights, and bfloat16 where the CPU has AVX512-BF16 / AMX-BF16: the prefill path of a
   bfloat16 model); and paged decode attention at 1,024 tokens of context.
@@ -40,7 +41,7 @@ SHAPES = {  # name: (N, K)
     "0.5B down 896x4864": (896, 4864),
     "8B o_proj 4096x4096": (4096, 4096),
 }
-ROWS = (1, 8, 128)
+ROWS = (1, 8, 32, 128)
 
 
 def _weights(n: int, k: int, seed: int) -> torch.Tensor:
@@ -180,8 +181,7 @@ def speed(libs: dict[str, cpu.Library], budget: float) -> list[dict]:
                 row[f"int8 {isa}"] = _clock(lambda: lib.int8_linear(x, q, scale), budget)
                 row[f"Q5_0 {isa}"] = _clock(lambda: lib.gguf_linear(x, blocks, k, "Q5_0"), budget)
                 for type_name, kblocks in k_quants.items():
-                    if m <= 16:  # the kernel's range; prefill dequantizes (qwenkit.kernels)
-                        row[f"{type_name} {isa}"] = _clock(lambda: lib.gguf_linear(x, kblocks, k, type_name), budget)
+                    row[f"{type_name} {isa}"] = _clock(lambda: lib.gguf_linear(x, kblocks, k, type_name), budget)
             row["torch float32 GEMM"] = _clock(lambda: torch.nn.functional.linear(x, w8), budget)
             if half:
                 xh = x.to(torch.bfloat16)

@@ -108,18 +108,21 @@ def _k_quant_blocks(type_name: str, n: int, k: int, seed: int) -> tuple[torch.Te
 @needs_compiler
 @pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
-def test_variant_k_quants_against_gguf(isa, type_name):
+@pytest.mark.parametrize("k", [512, 1280])
+def test_variant_k_quants_against_gguf(isa, type_name, k):
     """K-quant blocks multiplied as stored equal the product with gguf's own dequantization,
-    within the activations' int8 rounding (blocks of 256); dequantized exactly as gguf does; each row's result
-    the same alone or in a batch (1 to 37 rows: groups of 8 and the rest)."""
+    within the activations' int8 rounding (blocks of 256); dequantized exactly as gguf does; each
+    row's result the same alone or in a batch: 1 to 31 rows decoded in registers 8, 4, 2 and 1 at a
+    time, from 24 on unpacked in panels of 8 weight rows, 4 super-blocks at a time (21 weight rows:
+    a panel's tail; k = 1280: a chunk's tail)."""
     lib = _variant(isa)
-    blocks, w = _k_quant_blocks(type_name, 21, 512, seed=3)
-    assert torch.equal(lib.gguf_dequantize(blocks, 512, type_name), w)
-    for rows in (1, 3, 8, 13, 37):
-        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) * torch.linspace(0.1, 3, 512)
-        y = lib.gguf_linear(x, blocks, 512, type_name)
+    blocks, w = _k_quant_blocks(type_name, 21, k, seed=3)
+    assert torch.equal(lib.gguf_dequantize(blocks, k, type_name), w)
+    for rows in (1, 3, 7, 8, 13, 24, 37):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * torch.linspace(0.1, 3, k)
+        y = lib.gguf_linear(x, blocks, k, type_name)
         _assert_q8_close(y, x, w, block=256)
-        assert all(torch.equal(lib.gguf_linear(x[i : i + 1], blocks, 512, type_name)[0], y[i]) for i in range(rows))
+        assert all(torch.equal(lib.gguf_linear(x[i : i + 1], blocks, k, type_name)[0], y[i]) for i in range(rows))
 
 
 @needs_compiler

@@ -10,11 +10,13 @@
    are the integer dot product of the scales with the activations' sums per 16 values. One
    conversion and one fmadd per super-block then take d (dmin) times the activations' scale.
 
-   Each super-block of a weight row is decoded once, in registers, for up to 8 activation rows
-   (kq_rows), which get the same operations in the same order whatever their number, so a row's
-   result does not depend on the batch; the same path runs for any number of rows (decode and
-   prefill). kq_dequantize gives the exact float weights where no kernel runs. Plain C takes the
-   same arithmetic without AVX2. */
+   Below KQ_UNPACK_ROWS activation rows (decode) each super-block of a weight row is decoded once,
+   in registers, for up to 8 of them (kq_rows); from there on (prefill) the weight rows are
+   unpacked a few super-blocks at a time into a buffer that every activation row then passes over
+   (kq_tile). Both give every (activation row, weight row) pair the same operations in the same
+   order whatever the number of rows, so a row's result does not depend on the batch.
+   kq_dequantize gives the exact float weights where no kernel runs. Plain C takes the same
+   arithmetic without AVX2. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -23,6 +25,21 @@
 #define QK_K 256
 #ifndef KQ_STEP
 #define KQ_STEP(mr) ((mr) == 1 ? 4 : (mr) == 2 ? 2 : 1) /* weight rows at a time, for mr activation rows */
+#endif
+#ifndef KQ_UNPACK_ROWS
+#define KQ_UNPACK_ROWS 24 /* from this many activation rows on, weight rows are unpacked first (kq_tile) */
+#endif
+/* The int8 activations' row stride: 64 bytes more than K. With K a multiple of 4096 (hidden sizes
+   1024 .. 8192 often are), the 8 rows a 1 x 8 tile reads at one offset would otherwise fall in one
+   set of the L1 cache (8 ways), along with the weights: 1.2-1.3x the time at 8 rows. */
+#ifndef KQ_X_STRIDE
+#define KQ_X_STRIDE(K) ((K) + 64)
+#endif
+#ifndef KQ_PANEL
+#define KQ_PANEL 8 /* weight rows unpacked together (kq_panel_unpacked), a multiple of 4 */
+#endif
+#ifndef KQ_CHUNK
+#define KQ_CHUNK 4 /* super-blocks of a panel unpacked at a time (kq_panel_unpacked) */
 #endif
 #ifndef KQ_ROWS
 #define KQ_ROWS 8 /* activation rows at a time: a super-block decoded once for up to 8 rows */
@@ -219,6 +236,43 @@ static inline __attribute__((always_inline)) __m256i kq_scale(int type, const __
     return _mm256_permutevar8x32_epi32(scales[j / 2 % 2], _mm256_setr_epi32(e, e, e, e, e + 1, e + 1, e + 1, e + 1));
 }
 
+/* Super-block b's scales and offsets as kq_rows and kq_tile take them: the blocks' scales as
+   int16, each twice in a 32-bit lane, so that one permute gives block j its scale vector (kq_scale):
+   Q4_K / Q5_K scales[0] lane j the scale of block j; Q6_K the 16 scales (one per 16 values) in
+   scales[0] (lanes 0-3: 0-3, 4-7: 8-11) and scales[1] (4-7, 12-15). `offsets` is what multiplies the
+   activations' sums per 16 (Q4_K / Q5_K: each block's min twice; Q6_K: the scales); d and dmin
+   (Q6_K: 0) the super-block's float scales. */
+static inline __attribute__((always_inline)) void kq_scales(int type, const uint8_t *b, __m256i scales[2],
+                                                            __m256i *offsets, float *d, float *dmin) {
+    if (type == KQ_Q6_K) {
+        uint16_t h;
+        memcpy(&h, b + 208, sizeof h);
+        *d = f16_to_f32(h);
+        *dmin = 0.f;
+        *offsets = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        scales[0] = _mm256_unpacklo_epi16(*offsets, *offsets);
+        scales[1] = _mm256_unpackhi_epi16(*offsets, *offsets);
+        return;
+    }
+    uint16_t h[2];
+    uint8_t sm[16];
+    memcpy(h, b, sizeof h);
+    *d = f16_to_f32(h[0]);
+    *dmin = f16_to_f32(h[1]);
+    kq_scale_bytes(b + 4, sm);
+    const __m128i both = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
+    scales[0] = _mm256_setr_m128i(_mm_unpacklo_epi16(both, both), _mm_unpackhi_epi16(both, both));
+    const __m128i mins = _mm_loadl_epi64((const __m128i *)(sm + 8));
+    scales[1] = _mm256_setzero_si256();
+    *offsets = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+}
+
+/* v, in a register, as it is at this point. Two things gcc does otherwise, each of which made these
+   kernels 1.1-1.3x slower: it takes the integer sums of a super-block apart (integer addition
+   being associative), computes all of its products first and spills them to the stack; and it
+   reads a loaded vector again from memory at each use (kq_tile: 21 loads a step where 10 do). */
+#define KQ_IN_REGISTER(v) __asm__("" : "+v"(v))
+
 /* nr weight rows (row r's super-blocks at w + r * row_bytes) against mr activation rows (4 x 1,
    2 x 2, or 1 x up to 8): out[m][r], the arithmetic of the file's head comment. A super-block is
    decoded once for the mr rows, in registers. Every (activation row, weight row) pair gets the
@@ -235,32 +289,9 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
         prefetch_ahead(w, (int64_t)sb * KQ_BYTES[type] * nr, KQ_BYTES[type] * nr);
         for (int r = 0; r < nr; r++) {
             const uint8_t *b = w + r * row_bytes + (int64_t)sb * KQ_BYTES[type];
-            /* The blocks' scales as int16, each twice in a 32-bit lane, so that one permute gives
-               block j its scale vector (kq_scale): Q4_K / Q5_K scales[0] lane j the scale of block
-               j; Q6_K the 16 scales (one per 16 values) in scales[0] (lanes 0-3: 0-3, 4-7: 8-11)
-               and scales[1] (4-7, 12-15). `offsets` is what multiplies the activations' sums per 16
-               (Q4_K / Q5_K: each block's min twice; Q6_K: the scales). */
             __m256i scales[2], offsets;
-            float d, dmin = 0.f;
-            if (type == KQ_Q6_K) {
-                uint16_t h;
-                memcpy(&h, b + 208, sizeof h);
-                d = f16_to_f32(h);
-                offsets = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
-                scales[0] = _mm256_unpacklo_epi16(offsets, offsets);
-                scales[1] = _mm256_unpackhi_epi16(offsets, offsets);
-            } else {
-                uint16_t h[2];
-                uint8_t sm[16];
-                memcpy(h, b, sizeof h);
-                d = f16_to_f32(h[0]);
-                dmin = f16_to_f32(h[1]);
-                kq_scale_bytes(b + 4, sm);
-                const __m128i both = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
-                scales[0] = _mm256_setr_m128i(_mm_unpacklo_epi16(both, both), _mm_unpackhi_epi16(both, both));
-                const __m128i mins = _mm_loadl_epi64((const __m128i *)(sm + 8));
-                offsets = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
-            }
+            float d, dmin;
+            kq_scales(type, b, scales, &offsets, &d, &dmin);
             __m256i sum[8]; /* per activation row: int32 lanes of this super-block's dot product */
             for (int m = 0; m < mr; m++) {
                 const __m256i corr = _mm256_madd_epi16(
@@ -280,9 +311,10 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
                     const int j = j0 + t;
                     const __m256i sv = kq_scale(type, scales, j);
                     for (int m = 0; m < mr; m++) {
-                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + sb * QK_K + j * QK));
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * KQ_X_STRIDE(K) + sb * QK_K + j * QK));
                         /* u <= 63, |x| <= 127: a pair's sum fits int16 */
                         sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(u[t], xv), sv));
+                        KQ_IN_REGISTER(sum[m]);
                     }
                 }
                 j0 += n;
@@ -294,6 +326,121 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
     }
     for (int m = 0; m < mr; m++)
         for (int r = 0; r < nr; r++) out[m][r] = hsum(acc[m][r]);
+}
+
+/* One super-block of a weight row decoded once for many activation rows (kq_tile): its unsigned
+   values, each block's scale vector (kq_scale), the offsets' vector, d and dmin. 576 bytes where
+   the file has 144-210: only a few are unpacked at a time (kq_panel_unpacked), into a buffer that
+   stays in the L1 cache. */
+typedef struct {
+    __m256i u[8], scale[8], offsets;
+    float d, dmin;
+} kq_unpacked;
+
+static inline __attribute__((always_inline)) void kq_unpack(int type, const uint8_t *b, kq_unpacked *out) {
+    __m256i scales[2];
+    kq_scales(type, b, scales, &out->offsets, &out->d, &out->dmin);
+    for (int p = 0, j0 = 0; j0 < 8; p++) {
+        const int n = kq_unsigned(type, b, p, out->u + j0);
+        for (int t = 0; t < n; t++) out->scale[j0 + t] = kq_scale(type, scales, j0 + t);
+        j0 += n;
+    }
+}
+
+/* kq_rows on unpacked super-blocks sb0 .. sb1 - 1 (row r's super-block sb at w[r * KQ_CHUNK + sb -
+   sb0]), nr <= 4 weight rows against mr <= 2 activation rows, into the accumulators acc[m][r]: each
+   activation block is loaded once for 4 weight rows where kq_rows loads it once for each, and
+   nothing is decoded. The same integer sums and the same float operations in the same order as
+   kq_rows, so either gives a row the same bits. */
+static inline __attribute__((always_inline)) void kq_tile(int type, const kq_unpacked *w, const int8_t *xq,
+                                                          int64_t x_stride, const float *xd, const int16_t *bs16,
+                                                          int nsb, int sb0, int sb1, int nr, int mr,
+                                                          __m256 acc[2][4]) {
+    for (int sb = sb0; sb < sb1; sb++) {
+        __m256i sum[2][4];
+        for (int m = 0; m < mr; m++) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16)));
+            const float dx = xd[(int64_t)m * nsb + sb];
+            for (int r = 0; r < nr; r++) {
+                const kq_unpacked *b = w + r * KQ_CHUNK + sb - sb0;
+                const __m256i corr = _mm256_madd_epi16(b->offsets, bs);
+                if (type == KQ_Q6_K) {
+                    sum[m][r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 5));
+                } else {
+                    sum[m][r] = _mm256_setzero_si256();
+                    acc[m][r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(b->dmin * dx), acc[m][r]);
+                }
+            }
+        }
+        /* unrolled (gcc does not by itself): 1.1-1.2x */
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            __m256i xv[2];
+            for (int m = 0; m < mr; m++) {
+                xv[m] = _mm256_loadu_si256((const __m256i *)(xq + m * x_stride + (sb - sb0) * QK_K + j * QK));
+                KQ_IN_REGISTER(xv[m]);
+            }
+            for (int r = 0; r < nr; r++) {
+                const kq_unpacked *b = w + r * KQ_CHUNK + sb - sb0;
+                __m256i u = b->u[j], sv = b->scale[j];
+                KQ_IN_REGISTER(u);
+                KQ_IN_REGISTER(sv);
+                for (int m = 0; m < mr; m++) {
+                    sum[m][r] = _mm256_add_epi32(sum[m][r], _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv[m]), sv));
+                    KQ_IN_REGISTER(sum[m][r]);
+                }
+            }
+        }
+        for (int m = 0; m < mr; m++)
+            for (int r = 0; r < nr; r++)
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][r]),
+                                            _mm256_set1_ps(w[r * KQ_CHUNK + sb - sb0].d * xd[(int64_t)m * nsb + sb]),
+                                            acc[m][r]);
+    }
+}
+
+/* Weight rows KQ_PANEL p .. KQ_PANEL (p + 1) - 1 against all M activation rows, KQ_CHUNK
+   super-blocks at a time: each chunk of the panel's rows is unpacked into buf (KQ_PANEL x KQ_CHUNK
+   super-blocks, 18 KiB: it stays in the L1 cache while every activation row passes over it), then
+   each pair of activation rows goes through the panel 4 weight rows at a time (the pair's
+   activations come from L2 once and from L1 after), the accumulators waiting in acc
+   ([KQ_PANEL / 4][M / 2 rounded up][2][4]) between chunks. xc: the int8 activations chunk by
+   chunk (chunk c at xc + M * c * KQ_CHUNK * 256, its rows contiguous), so that a pass over all
+   rows reads memory in order. */
+static inline __attribute__((always_inline)) void kq_panel_unpacked(int type, int p, const int8_t *xc,
+                                                                    const float *xd, const int16_t *bs16,
+                                                                    const uint8_t *w, kq_unpacked *buf,
+                                                                    __m256 (*acc)[2][4], float *y, int M, int N,
+                                                                    int K) {
+    const int nsb = K / QK_K, n0 = KQ_PANEL * p, rows = N - n0 < KQ_PANEL ? N - n0 : KQ_PANEL;
+    const int pairs = (M + 1) / 2;
+    const int64_t row_bytes = (int64_t)nsb * KQ_BYTES[type];
+    for (int i = 0; i < (rows + 3) / 4 * pairs; i++)
+        for (int m = 0; m < 2; m++)
+            for (int r = 0; r < 4; r++) acc[i][m][r] = _mm256_setzero_ps();
+    for (int sb0 = 0; sb0 < nsb; sb0 += KQ_CHUNK) {
+        const int sb1 = nsb - sb0 < KQ_CHUNK ? nsb : sb0 + KQ_CHUNK;
+        const int64_t x_stride = (int64_t)(sb1 - sb0) * QK_K;
+        for (int r = 0; r < rows; r++)
+            for (int sb = sb0; sb < sb1; sb++)
+                kq_unpack(type, w + (n0 + r) * row_bytes + (int64_t)sb * KQ_BYTES[type], buf + r * KQ_CHUNK + sb - sb0);
+        for (int m0 = 0; m0 < M; m0 += 2) {
+            const int mr = M - m0 < 2 ? M - m0 : 2;
+            const int8_t *xm = xc + (int64_t)M * sb0 * QK_K + m0 * x_stride;
+            const float *xdm = xd + (int64_t)m0 * nsb;
+            const int16_t *bsm = bs16 + (int64_t)m0 * nsb * (QK_K / 16);
+            for (int r0 = 0; r0 < rows; r0 += 4) {
+                const int nr = rows - r0 < 4 ? rows - r0 : 4;
+                const kq_unpacked *wr = buf + r0 * KQ_CHUNK;
+                __m256(*a)[4] = acc[r0 / 4 * pairs + m0 / 2];
+                if (nr == 4 && mr == 2) kq_tile(type, wr, xm, x_stride, xdm, bsm, nsb, sb0, sb1, 4, 2, a);
+                else if (nr == 4) kq_tile(type, wr, xm, x_stride, xdm, bsm, nsb, sb0, sb1, 4, 1, a);
+                else kq_tile(type, wr, xm, x_stride, xdm, bsm, nsb, sb0, sb1, nr, mr, a);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < rows; r++) y[(int64_t)m * N + n0 + r] = hsum(acc[r / 4 * pairs + m / 2][m % 2][r % 4]);
 }
 #else
 /* kq_rows in plain C: the same integer sums per super-block. */
@@ -324,7 +471,7 @@ static void kq_rows(int type, const uint8_t *w, int64_t row_bytes, const int8_t 
                 }
             }
             for (int m = 0; m < mr; m++) {
-                const int8_t *a = xq + (int64_t)m * K + sb * QK_K;
+                const int8_t *a = xq + (int64_t)m * KQ_X_STRIDE(K) + sb * QK_K;
                 const int16_t *bs = bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16);
                 int32_t sum = 0, corr = 0;
                 for (int g = 0; g < 16; g++) {
@@ -341,16 +488,19 @@ static void kq_rows(int type, const uint8_t *w, int64_t row_bytes, const int8_t 
 }
 #endif
 
-/* Weight rows 4 n4 .. 4 n4 + 3 against all M activation rows, KQ_ROWS at a time: tiles of 4 x 1,
-   2 x 2 or 1 x 3..8 (weight x activation rows). */
+/* Weight rows 4 n4 .. 4 n4 + 3 against all M activation rows: tiles of 4 x 1, 2 x 2, 1 x 4 or 1 x 8
+   (weight x activation rows). */
 static inline __attribute__((always_inline)) void kq_panel(int type, int n4, const int8_t *xq, const float *xd,
                                                            const int16_t *bs16, const uint8_t *w, float *y, int M,
                                                            int N, int K) {
     const int nsb = K / QK_K;
     const int64_t row_bytes = (int64_t)nsb * KQ_BYTES[type];
-    for (int m0 = 0; m0 < M; m0 += KQ_ROWS) {
-        const int mr = M - m0 < KQ_ROWS ? M - m0 : KQ_ROWS, step = KQ_STEP(mr);
-        const int8_t *xqm = xq + (int64_t)m0 * K;
+    for (int m0 = 0, mr; m0 < M; m0 += mr) {
+        /* 8, 4, 2 or 1 rows at a time (M = 7: 4 + 2 + 1): shapes the compiler keeps in registers,
+           where 1 x 3 .. 1 x 7 took twice the time of 1 x 8 */
+        for (mr = KQ_ROWS; mr > M - m0;) mr /= 2;
+        const int step = KQ_STEP(mr);
+        const int8_t *xqm = xq + (int64_t)m0 * KQ_X_STRIDE(K);
         const float *xdm = xd + (int64_t)m0 * nsb;
         const int16_t *bsm = bs16 + (int64_t)m0 * nsb * (QK_K / 16);
         for (int n0 = 4 * n4; n0 < 4 * n4 + 4 && n0 < N; n0 += step) {
@@ -373,14 +523,50 @@ static inline __attribute__((always_inline)) void kq_panel(int type, int n4, con
    contiguous). K a multiple of 256. Returns 0, or -1 when out of memory. */
 static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M, int N, int K) {
     const int nsb = K / QK_K;
-    int8_t *xq = malloc((size_t)M * K);
+    int8_t *xq = malloc((size_t)M * KQ_X_STRIDE(K));
     float *xd = malloc(sizeof(float) * (size_t)M * nsb);
     int16_t *bs16 = malloc(sizeof(int16_t) * (size_t)M * nsb * (QK_K / 16));
     if (!xq || !xd || !bs16) { free(xq); free(xd); free(bs16); return -1; }
 #pragma omp parallel for if (M > 8)
     for (int m = 0; m < M; m++)
-        kq_activations(x + (int64_t)m * K, K, xq + (int64_t)m * K, xd + (int64_t)m * nsb,
+        kq_activations(x + (int64_t)m * K, K, xq + (int64_t)m * KQ_X_STRIDE(K), xd + (int64_t)m * nsb,
                        bs16 + (int64_t)m * nsb * (QK_K / 16));
+#ifdef QK_AVX2
+    if (M >= KQ_UNPACK_ROWS) {
+        int8_t *xc = malloc((size_t)M * K); /* xq chunk by chunk (kq_panel_unpacked) */
+        int failed = !xc;
+        for (int sb0 = 0; xc && sb0 < nsb; sb0 += KQ_CHUNK) {
+            const int width = (nsb - sb0 < KQ_CHUNK ? nsb - sb0 : KQ_CHUNK) * QK_K;
+            for (int m = 0; m < M; m++)
+                memcpy(xc + (int64_t)M * sb0 * QK_K + (int64_t)m * width, xq + (int64_t)m * KQ_X_STRIDE(K) + sb0 * QK_K, width);
+        }
+#pragma omp parallel
+        {
+            kq_unpacked *buf = aligned_alloc(32, sizeof(kq_unpacked) * KQ_PANEL * KQ_CHUNK);
+            __m256(*acc)[2][4] = aligned_alloc(32, sizeof(__m256[2][4]) * (KQ_PANEL / 4) * (size_t)((M + 1) / 2));
+            if (!buf || !acc || !xc) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int p = 0; p < (N + KQ_PANEL - 1) / KQ_PANEL; p++) {
+                if (!buf || !acc || !xc) continue;
+                switch (type) {
+                case KQ_Q4_K: kq_panel_unpacked(KQ_Q4_K, p, xc, xd, bs16, w, buf, acc, y, M, N, K); break;
+                case KQ_Q5_K: kq_panel_unpacked(KQ_Q5_K, p, xc, xd, bs16, w, buf, acc, y, M, N, K); break;
+                default: kq_panel_unpacked(KQ_Q6_K, p, xc, xd, bs16, w, buf, acc, y, M, N, K); break;
+                }
+            }
+            free(buf);
+            free(acc);
+        }
+        free(xc);
+        free(xq);
+        free(xd);
+        free(bs16);
+        return failed ? -1 : 0;
+    }
+#endif
 #pragma omp parallel for schedule(static)
     for (int n4 = 0; n4 < (N + 3) / 4; n4++)
         switch (type) { /* a constant type in each: the decoding specialised, its loops unrolled */
