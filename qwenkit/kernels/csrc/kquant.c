@@ -6,9 +6,11 @@
    activations are quantized to int8 per super-block (one float scale per 256 values), so that a
    super-block's product is integer arithmetic: per block, the byte products of unsigned weights
    and signed activations summed in pairs (maddubs), times the block's integer scale and summed
-   in pairs again (madd), added up in int32 over the 8 blocks; the mins (Q6_K: the offset 32)
-   are the integer dot product of the scales with the activations' sums per 16 values. One
-   conversion and one fmadd per super-block then take d (dmin) times the activations' scale.
+   in pairs again (madd), added up in int32 over the 8 blocks; Q6_K's offset of 32 comes off as
+   the integer dot product of its scales with the activations' sums per 16 values. One
+   conversion and one fmadd per super-block then take d times the activations' scale. The Q4_K /
+   Q5_K mins take one more fmadd: the 8 blocks' dmin m times the activations' sums per block
+   (times their scale), in float.
 
    Below KQ_UNPACK_ROWS activation rows (decode) each super-block of a weight row is decoded once,
    in registers, for up to 8 of them (kq_rows); from there on (prefill) the weight rows are
@@ -162,9 +164,10 @@ static void kq_decode_avx2(int type, const uint8_t *b, kq_block *out) {
 #endif
 
 /* Per activation row, as llama.cpp's Q8_K: x [K] rounded to int8 in blocks of 256 (a super-block;
-   xd: max |x| over it / 127), and bs16 [K / 16]: the sums of the int8 values over each 16, what
-   the mins and Q6_K's offset of 32 multiply. */
-static void kq_activations(const float *x, int K, int8_t *xq, float *xd, int16_t *bs16) {
+   xd: max |x| over it / 127), bs16 [K / 16]: the sums of the int8 values over each 16, what Q6_K's
+   offset of 32 multiplies, and xb [K / 32]: the sums over each 32 times xd, what the Q4_K / Q5_K
+   mins (times dmin) multiply. */
+static void kq_activations(const float *x, int K, int8_t *xq, float *xd, int16_t *bs16, float *xb) {
     for (int sb = 0; sb < K / QK_K; sb++) {
         const float *b = x + sb * QK_K;
         int8_t *q = xq + sb * QK_K;
@@ -178,6 +181,8 @@ static void kq_activations(const float *x, int K, int8_t *xq, float *xd, int16_t
             for (int i = 0; i < 16; i++) sum += q[16 * g + i];
             bs16[sb * (QK_K / 16) + g] = (int16_t)sum;
         }
+        for (int j = 0; j < QK_K / QK; j++)
+            xb[sb * (QK_K / QK) + j] = xd[sb] * (float)(bs16[sb * (QK_K / 16) + 2 * j] + bs16[sb * (QK_K / 16) + 2 * j + 1]);
     }
 }
 
@@ -236,20 +241,21 @@ static inline __attribute__((always_inline)) __m256i kq_scale(int type, const __
     return _mm256_permutevar8x32_epi32(scales[j / 2 % 2], _mm256_setr_epi32(e, e, e, e, e + 1, e + 1, e + 1, e + 1));
 }
 
-/* Super-block b's scales and offsets as kq_rows and kq_tile take them: the blocks' scales as
-   int16, each twice in a 32-bit lane, so that one permute gives block j its scale vector (kq_scale):
-   Q4_K / Q5_K scales[0] lane j the scale of block j; Q6_K the 16 scales (one per 16 values) in
-   scales[0] (lanes 0-3: 0-3, 4-7: 8-11) and scales[1] (4-7, 12-15). `offsets` is what multiplies the
-   activations' sums per 16 (Q4_K / Q5_K: each block's min twice; Q6_K: the scales); d and dmin
-   (Q6_K: 0) the super-block's float scales. */
+/* Super-block b's scales as kq_rows and kq_tile take them: the blocks' scales as int16, each twice
+   in a 32-bit lane, so that one permute gives block j its scale vector (kq_scale): Q4_K / Q5_K
+   scales[0] lane j the scale of block j; Q6_K the 16 scales (one per 16 values) in scales[0]
+   (lanes 0-3: 0-3, 4-7: 8-11) and scales[1] (4-7, 12-15). What the activations' sums multiply:
+   Q6_K `offsets`, its 16 scales as int16 (times the sums per 16, and 32); Q4_K / Q5_K `mins`, lane
+   j dmin times block j's min (times kq_activations' xb; exact: a 6-bit integer times an fp16).
+   d the super-block's float scale. */
 static inline __attribute__((always_inline)) void kq_scales(int type, const uint8_t *b, __m256i scales[2],
-                                                            __m256i *offsets, float *d, float *dmin) {
+                                                            __m256i *offsets, __m256 *mins, float *d) {
     if (type == KQ_Q6_K) {
         uint16_t h;
         memcpy(&h, b + 208, sizeof h);
         *d = f16_to_f32(h);
-        *dmin = 0.f;
         *offsets = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        *mins = _mm256_setzero_ps();
         scales[0] = _mm256_unpacklo_epi16(*offsets, *offsets);
         scales[1] = _mm256_unpackhi_epi16(*offsets, *offsets);
         return;
@@ -258,13 +264,13 @@ static inline __attribute__((always_inline)) void kq_scales(int type, const uint
     uint8_t sm[16];
     memcpy(h, b, sizeof h);
     *d = f16_to_f32(h[0]);
-    *dmin = f16_to_f32(h[1]);
     kq_scale_bytes(b + 4, sm);
     const __m128i both = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
     scales[0] = _mm256_setr_m128i(_mm_unpacklo_epi16(both, both), _mm_unpackhi_epi16(both, both));
-    const __m128i mins = _mm_loadl_epi64((const __m128i *)(sm + 8));
     scales[1] = _mm256_setzero_si256();
-    *offsets = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+    *offsets = _mm256_setzero_si256();
+    *mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 8)))),
+                          _mm256_set1_ps(f16_to_f32(h[1])));
 }
 
 /* v, in a register, as it is at this point. Two things gcc does otherwise, each of which made these
@@ -280,7 +286,7 @@ static inline __attribute__((always_inline)) void kq_scales(int type, const uint
    the batch. */
 static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_t *w, int64_t row_bytes,
                                                           const int8_t *xq, const float *xd, const int16_t *bs16,
-                                                          int K, int nr, int mr, float out[8][4]) {
+                                                          const float *xb, int K, int nr, int mr, float out[8][4]) {
     const int nsb = K / QK_K;
     __m256 acc[8][4];
     for (int m = 0; m < mr; m++)
@@ -290,18 +296,19 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
         for (int r = 0; r < nr; r++) {
             const uint8_t *b = w + r * row_bytes + (int64_t)sb * KQ_BYTES[type];
             __m256i scales[2], offsets;
-            float d, dmin;
-            kq_scales(type, b, scales, &offsets, &d, &dmin);
+            __m256 mins;
+            float d;
+            kq_scales(type, b, scales, &offsets, &mins, &d);
             __m256i sum[8]; /* per activation row: int32 lanes of this super-block's dot product */
             for (int m = 0; m < mr; m++) {
-                const __m256i corr = _mm256_madd_epi16(
-                    offsets, _mm256_loadu_si256((const __m256i *)(bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16))));
-                const float dx = xd[(int64_t)m * nsb + sb];
                 if (type == KQ_Q6_K) {
+                    const __m256i corr = _mm256_madd_epi16(
+                        offsets, _mm256_loadu_si256((const __m256i *)(bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16))));
                     sum[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 5));
                 } else {
                     sum[m] = _mm256_setzero_si256();
-                    acc[m][r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(dmin * dx), acc[m][r]);
+                    acc[m][r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xb + ((int64_t)m * nsb + sb) * (QK_K / QK)),
+                                                 acc[m][r]);
                 }
             }
             for (int p = 0, j0 = 0; j0 < 8; p++) {
@@ -329,17 +336,18 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
 }
 
 /* One super-block of a weight row decoded once for many activation rows (kq_tile): its unsigned
-   values, each block's scale vector (kq_scale), the offsets' vector, d and dmin. 576 bytes where
+   values, each block's scale vector (kq_scale), kq_scales' offsets and mins, and d. 608 bytes where
    the file has 144-210: only a few are unpacked at a time (kq_panel_unpacked), into a buffer that
    stays in the L1 cache. */
 typedef struct {
     __m256i u[8], scale[8], offsets;
-    float d, dmin;
+    __m256 mins;
+    float d;
 } kq_unpacked;
 
 static inline __attribute__((always_inline)) void kq_unpack(int type, const uint8_t *b, kq_unpacked *out) {
     __m256i scales[2];
-    kq_scales(type, b, scales, &out->offsets, &out->d, &out->dmin);
+    kq_scales(type, b, scales, &out->offsets, &out->mins, &out->d);
     for (int p = 0, j0 = 0; j0 < 8; p++) {
         const int n = kq_unsigned(type, b, p, out->u + j0);
         for (int t = 0; t < n; t++) out->scale[j0 + t] = kq_scale(type, scales, j0 + t);
@@ -354,21 +362,21 @@ static inline __attribute__((always_inline)) void kq_unpack(int type, const uint
    kq_rows, so either gives a row the same bits. */
 static inline __attribute__((always_inline)) void kq_tile(int type, const kq_unpacked *w, const int8_t *xq,
                                                           int64_t x_stride, const float *xd, const int16_t *bs16,
-                                                          int nsb, int sb0, int sb1, int nr, int mr,
+                                                          const float *xb, int nsb, int sb0, int sb1, int nr, int mr,
                                                           __m256 acc[2][4]) {
     for (int sb = sb0; sb < sb1; sb++) {
         __m256i sum[2][4];
         for (int m = 0; m < mr; m++) {
             const __m256i bs = _mm256_loadu_si256((const __m256i *)(bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16)));
-            const float dx = xd[(int64_t)m * nsb + sb];
+            const __m256 sums = _mm256_loadu_ps(xb + ((int64_t)m * nsb + sb) * (QK_K / QK));
             for (int r = 0; r < nr; r++) {
                 const kq_unpacked *b = w + r * KQ_CHUNK + sb - sb0;
-                const __m256i corr = _mm256_madd_epi16(b->offsets, bs);
                 if (type == KQ_Q6_K) {
+                    const __m256i corr = _mm256_madd_epi16(b->offsets, bs);
                     sum[m][r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 5));
                 } else {
                     sum[m][r] = _mm256_setzero_si256();
-                    acc[m][r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(b->dmin * dx), acc[m][r]);
+                    acc[m][r] = _mm256_fnmadd_ps(b->mins, sums, acc[m][r]);
                 }
             }
         }
@@ -409,7 +417,8 @@ static inline __attribute__((always_inline)) void kq_tile(int type, const kq_unp
    rows reads memory in order. */
 static inline __attribute__((always_inline)) void kq_panel_unpacked(int type, int p, const int8_t *xc,
                                                                     const float *xd, const int16_t *bs16,
-                                                                    const uint8_t *w, kq_unpacked *buf,
+                                                                    const float *xb, const uint8_t *w,
+                                                                    kq_unpacked *buf,
                                                                     __m256 (*acc)[2][4], float *y, int M, int N,
                                                                     int K) {
     const int nsb = K / QK_K, n0 = KQ_PANEL * p, rows = N - n0 < KQ_PANEL ? N - n0 : KQ_PANEL;
@@ -429,13 +438,14 @@ static inline __attribute__((always_inline)) void kq_panel_unpacked(int type, in
             const int8_t *xm = xc + (int64_t)M * sb0 * QK_K + m0 * x_stride;
             const float *xdm = xd + (int64_t)m0 * nsb;
             const int16_t *bsm = bs16 + (int64_t)m0 * nsb * (QK_K / 16);
+            const float *xbm = xb + (int64_t)m0 * nsb * (QK_K / QK);
             for (int r0 = 0; r0 < rows; r0 += 4) {
                 const int nr = rows - r0 < 4 ? rows - r0 : 4;
                 const kq_unpacked *wr = buf + r0 * KQ_CHUNK;
                 __m256(*a)[4] = acc[r0 / 4 * pairs + m0 / 2];
-                if (nr == 4 && mr == 2) kq_tile(type, wr, xm, x_stride, xdm, bsm, nsb, sb0, sb1, 4, 2, a);
-                else if (nr == 4) kq_tile(type, wr, xm, x_stride, xdm, bsm, nsb, sb0, sb1, 4, 1, a);
-                else kq_tile(type, wr, xm, x_stride, xdm, bsm, nsb, sb0, sb1, nr, mr, a);
+                if (nr == 4 && mr == 2) kq_tile(type, wr, xm, x_stride, xdm, bsm, xbm, nsb, sb0, sb1, 4, 2, a);
+                else if (nr == 4) kq_tile(type, wr, xm, x_stride, xdm, bsm, xbm, nsb, sb0, sb1, 4, 1, a);
+                else kq_tile(type, wr, xm, x_stride, xdm, bsm, xbm, nsb, sb0, sb1, nr, mr, a);
             }
         }
     }
@@ -445,7 +455,8 @@ static inline __attribute__((always_inline)) void kq_panel_unpacked(int type, in
 #else
 /* kq_rows in plain C: the same integer sums per super-block. */
 static void kq_rows(int type, const uint8_t *w, int64_t row_bytes, const int8_t *xq, const float *xd,
-                    const int16_t *bs16, int K, int nr, int mr, float out[8][4]) {
+                    const int16_t *bs16, const float *xb, int K, int nr, int mr, float out[8][4]) {
+    (void)xb; /* the mins in integers here */
     const int nsb = K / QK_K;
     kq_block blk;
     for (int m = 0; m < mr; m++)
@@ -491,8 +502,8 @@ static void kq_rows(int type, const uint8_t *w, int64_t row_bytes, const int8_t 
 /* Weight rows 4 n4 .. 4 n4 + 3 against all M activation rows: tiles of 4 x 1, 2 x 2, 1 x 4 or 1 x 8
    (weight x activation rows). */
 static inline __attribute__((always_inline)) void kq_panel(int type, int n4, const int8_t *xq, const float *xd,
-                                                           const int16_t *bs16, const uint8_t *w, float *y, int M,
-                                                           int N, int K) {
+                                                           const int16_t *bs16, const float *xb, const uint8_t *w,
+                                                           float *y, int M, int N, int K) {
     const int nsb = K / QK_K;
     const int64_t row_bytes = (int64_t)nsb * KQ_BYTES[type];
     for (int m0 = 0, mr; m0 < M; m0 += mr) {
@@ -503,16 +514,17 @@ static inline __attribute__((always_inline)) void kq_panel(int type, int n4, con
         const int8_t *xqm = xq + (int64_t)m0 * KQ_X_STRIDE(K);
         const float *xdm = xd + (int64_t)m0 * nsb;
         const int16_t *bsm = bs16 + (int64_t)m0 * nsb * (QK_K / 16);
+        const float *xbm = xb + (int64_t)m0 * nsb * (QK_K / QK);
         for (int n0 = 4 * n4; n0 < 4 * n4 + 4 && n0 < N; n0 += step) {
             const int nr = N - n0 < step ? N - n0 : step;
             const uint8_t *wn = w + n0 * row_bytes;
             float out[8][4];
             /* constant shapes: the accumulators stay in registers */
-            if (nr == 4 && mr == 1) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, 4, 1, out);
-            else if (nr == 2 && mr == 2) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, 2, 2, out);
-            else if (nr == 1 && mr == 4) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, 1, 4, out);
-            else if (nr == 1 && mr == 8) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, 1, 8, out);
-            else kq_rows(type, wn, row_bytes, xqm, xdm, bsm, K, nr, mr, out);
+            if (nr == 4 && mr == 1) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 4, 1, out);
+            else if (nr == 2 && mr == 2) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 2, 2, out);
+            else if (nr == 1 && mr == 4) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 1, 4, out);
+            else if (nr == 1 && mr == 8) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 1, 8, out);
+            else kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, nr, mr, out);
             for (int m = 0; m < mr; m++)
                 for (int r = 0; r < nr; r++) y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r];
         }
@@ -526,11 +538,12 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
     int8_t *xq = malloc((size_t)M * KQ_X_STRIDE(K));
     float *xd = malloc(sizeof(float) * (size_t)M * nsb);
     int16_t *bs16 = malloc(sizeof(int16_t) * (size_t)M * nsb * (QK_K / 16));
-    if (!xq || !xd || !bs16) { free(xq); free(xd); free(bs16); return -1; }
+    float *xb = malloc(sizeof(float) * (size_t)M * nsb * (QK_K / QK));
+    if (!xq || !xd || !bs16 || !xb) { free(xq); free(xd); free(bs16); free(xb); return -1; }
 #pragma omp parallel for if (M > 8)
     for (int m = 0; m < M; m++)
         kq_activations(x + (int64_t)m * K, K, xq + (int64_t)m * KQ_X_STRIDE(K), xd + (int64_t)m * nsb,
-                       bs16 + (int64_t)m * nsb * (QK_K / 16));
+                       bs16 + (int64_t)m * nsb * (QK_K / 16), xb + (int64_t)m * nsb * (QK_K / QK));
 #ifdef QK_AVX2
     if (M >= KQ_UNPACK_ROWS) {
         int8_t *xc = malloc((size_t)M * K); /* xq chunk by chunk (kq_panel_unpacked) */
@@ -552,9 +565,9 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
             for (int p = 0; p < (N + KQ_PANEL - 1) / KQ_PANEL; p++) {
                 if (!buf || !acc || !xc) continue;
                 switch (type) {
-                case KQ_Q4_K: kq_panel_unpacked(KQ_Q4_K, p, xc, xd, bs16, w, buf, acc, y, M, N, K); break;
-                case KQ_Q5_K: kq_panel_unpacked(KQ_Q5_K, p, xc, xd, bs16, w, buf, acc, y, M, N, K); break;
-                default: kq_panel_unpacked(KQ_Q6_K, p, xc, xd, bs16, w, buf, acc, y, M, N, K); break;
+                case KQ_Q4_K: kq_panel_unpacked(KQ_Q4_K, p, xc, xd, bs16, xb, w, buf, acc, y, M, N, K); break;
+                case KQ_Q5_K: kq_panel_unpacked(KQ_Q5_K, p, xc, xd, bs16, xb, w, buf, acc, y, M, N, K); break;
+                default: kq_panel_unpacked(KQ_Q6_K, p, xc, xd, bs16, xb, w, buf, acc, y, M, N, K); break;
                 }
             }
             free(buf);
@@ -564,19 +577,21 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
         free(xq);
         free(xd);
         free(bs16);
+        free(xb);
         return failed ? -1 : 0;
     }
 #endif
 #pragma omp parallel for schedule(static)
     for (int n4 = 0; n4 < (N + 3) / 4; n4++)
         switch (type) { /* a constant type in each: the decoding specialised, its loops unrolled */
-        case KQ_Q4_K: kq_panel(KQ_Q4_K, n4, xq, xd, bs16, w, y, M, N, K); break;
-        case KQ_Q5_K: kq_panel(KQ_Q5_K, n4, xq, xd, bs16, w, y, M, N, K); break;
-        default: kq_panel(KQ_Q6_K, n4, xq, xd, bs16, w, y, M, N, K); break;
+        case KQ_Q4_K: kq_panel(KQ_Q4_K, n4, xq, xd, bs16, xb, w, y, M, N, K); break;
+        case KQ_Q5_K: kq_panel(KQ_Q5_K, n4, xq, xd, bs16, xb, w, y, M, N, K); break;
+        default: kq_panel(KQ_Q6_K, n4, xq, xd, bs16, xb, w, y, M, N, K); break;
         }
     free(xq);
     free(xd);
     free(bs16);
+    free(xb);
     return 0;
 }
 
