@@ -406,9 +406,9 @@ def compare(model: str, variants: list[str], *, bf16: bool, rounds: int, accurac
 
 
 def _auto_formats() -> dict:
-    from qwenkit.loader.quantization import GGUF_AUTO_FORMATS
+    from qwenkit.loader.quantization import gguf_auto_formats
 
-    return GGUF_AUTO_FORMATS
+    return gguf_auto_formats()
 
 
 def _q4_k():

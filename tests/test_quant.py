@@ -27,7 +27,7 @@ from qwenkit import LLM, SamplingParams
 from qwenkit.errors import ModelLoadError, QwenkitError
 from qwenkit.loader import load_model
 from qwenkit.loader.gguf import GGUFCheckpoint
-from qwenkit.loader.quantization import plan_quantization
+from qwenkit.loader.quantization import K_QUANTS_STORED_ISAS, plan_quantization
 from qwenkit.model_files import resolve_model
 from qwenkit import kernels
 from qwenkit.kernels import cpu, reference
@@ -454,31 +454,42 @@ def mixed_gguf(tmp_path_factory):
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-kernels", "torch-only"])
-def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native):
+@pytest.mark.parametrize("isa", ["avx2", "avx512_vnni"])
+def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native, isa):
+    """quantization="auto": Q5_0 as stored where the native kernel runs; the K-quants as stored
+    where the kernels' variant is one measured for it (avx2), else int8, as is every type without
+    a kernel here (`isa`: the variant the plan takes this CPU to run; the kernels run are this
+    CPU's own)."""
     if native and cpu.library() is None:
         pytest.skip("no C compiler: the native kernels are not built")
     if not native:  # as on a machine without a C compiler
         monkeypatch.setattr(cpu, "library", lambda: None)
+    monkeypatch.setattr(cpu, "selected_isa", lambda: isa)
     llm = LLM(str(mixed_gguf), dtype="float32", progress=False)  # quantization="auto"
     formats = _module_formats(llm.model)
+    k_quants_stored = native and isa in K_QUANTS_STORED_ISAS
     assert formats["model.embed_tokens"] == "gguf:Q5_0"  # untied: kept as stored
     assert formats["lm_head"] == "int8"
     assert formats["model.layers.1.self_attn.qkv_proj"] == "int8"  # Q5_0 + Q5_0 + Q8_0
-    assert formats["model.layers.1.mlp.gate_up_proj"] == "int8"  # Q4_K, see GGUF_AUTO_FORMATS
-    assert formats["model.layers.1.mlp.down_proj"] == "int8"  # Q6_K
+    assert formats["model.layers.1.mlp.gate_up_proj"] == ("gguf:Q4_K" if k_quants_stored else "int8")
+    assert formats["model.layers.1.mlp.down_proj"] == ("gguf:Q6_K" if k_quants_stored else "int8")
     # All Q5_0: kept as stored where the native kernel runs.
     assert formats["model.layers.1.self_attn.o_proj"] == ("gguf:Q5_0" if native else "int8")
     _check_against_fake_quantized(monkeypatch, llm, _fake_quantized(mixed_gguf, formats))
 
-    # Each int8 matrix is the int8 quantization of the file's dequantized values.
-    stored = dict(GGUFCheckpoint(mixed_gguf).iter_weights())
-    q, scale = quant.quantize_int8(stored["model.layers.0.mlp.down_proj.weight"])
-    down = llm.model.model.layers[0].mlp.down_proj
-    assert torch.equal(down.weight, q) and torch.equal(down.scale.float(), scale)
-    if native:  # and a Q5_0 matrix holds the file's bytes, regrouped for the kernels
-        from qwenkit.loader.gguf import GGUFTensor, _read_header
+    # Each int8 matrix is the int8 quantization of the file's dequantized values; a K-quant one
+    # as stored holds the file's bytes.
+    from qwenkit.loader.gguf import GGUFTensor, _read_header
 
-        _, infos = _read_header(mixed_gguf)
+    _, infos = _read_header(mixed_gguf)
+    stored = dict(GGUFCheckpoint(mixed_gguf).iter_weights())
+    down = llm.model.model.layers[0].mlp.down_proj
+    if k_quants_stored:
+        assert torch.equal(down.weight, GGUFTensor(mixed_gguf, infos["blk.0.ffn_down.weight"]).read_raw(0, 256))
+    else:
+        q, scale = quant.quantize_int8(stored["model.layers.0.mlp.down_proj.weight"])
+        assert torch.equal(down.weight, q) and torch.equal(down.scale.float(), scale)
+    if native:  # and a Q5_0 matrix holds the file's bytes, regrouped for the kernels
         o_proj = llm.model.model.layers[0].self_attn.o_proj
         raw = GGUFTensor(mixed_gguf, infos["blk.0.attn_output.weight"]).read_raw(0, 256)
         assert torch.equal(o_proj.weight, kernels.gguf_pack(raw, 256, "Q5_0")) and not torch.equal(o_proj.weight, raw)
@@ -488,10 +499,12 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native):
 
 @needs_native
 def test_gguf_quantization_keeps_k_quants_as_stored(monkeypatch, mixed_gguf):
-    """--quantization gguf: the K-quant matrices too stay in the file's blocks (the smallest
-    in memory), computing the file's values (fake-quantized: nothing requantized there)."""
+    """--quantization gguf: the K-quant matrices too stay in the file's blocks whatever the
+    kernels' variant (the smallest in memory: smaller than "auto" where that requantizes them),
+    computing the file's values (fake-quantized: nothing requantized there)."""
     from qwenkit.loader.gguf import GGUFTensor, _read_header
 
+    monkeypatch.setattr(cpu, "selected_isa", lambda: "avx512_vnni")  # "auto" makes the K-quants int8
     llm = LLM(str(mixed_gguf), dtype="float32", quantization="gguf", progress=False)
     formats = _module_formats(llm.model)
     assert formats["model.layers.1.mlp.gate_up_proj"] == "gguf:Q4_K"

@@ -1,8 +1,9 @@
 """Which modules a load quantizes, and to which in-memory format (qwenkit/models/quant.py).
 
-quantization="auto": on CPU, GGUF matrices stay quantized, in the format `GGUF_AUTO_FORMATS`
-gives their storage type; "gguf": the same, but every type with a native kernel kept as
-stored (`GGUF_STORED_FORMATS`: the K-quants too), the smallest in memory. Float-stored
+quantization="auto": on CPU, GGUF matrices stay quantized, in the format `gguf_auto_formats()`
+gives their storage type (the K-quants as stored where their kernels were measured at least as
+fast as int8, else int8); "gguf": every type with a native kernel kept as stored
+(`GGUF_STORED_FORMATS`: the K-quants too, whatever the CPU), the smallest in memory. Float-stored
 tensors, safetensors checkpoints, and any checkpoint on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
 where a shape does not fit int4), the embedding and lm_head in int8, as llama.cpp keeps the
 output matrix at higher precision. "none": all floats. The MoE router and the experts stay
@@ -27,12 +28,10 @@ QUANTIZATION_CHOICES = ("auto", "gguf", "none", "int8", "int4")
 
 # GGUF storage type -> in-memory format under "auto", chosen by measured speed and accuracy
 # (docs/quantization.md). Q5_0 (most of a small Qwen's Q4_K_M file) stays in its blocks where
-# the native kernel runs: it reads 5.5 bits a value. The others become int8 per output row (8
-# bits a value against the file's 4.5 to 8.5). The K-quant kernels reading the blocks as stored
-# are level with int8 on the whole default model (AVX2 EPYC, 2 threads, alternating in one
-# process) but, per matrix, faster at one row and slower from 8 rows on and at prefill (0.72-0.77x
-# at 4096 x 4096): int8 keeps batches and long prompts fast. "gguf" keeps them as stored, the
-# smallest in memory.
+# the native kernel runs: it reads 5.5 bits a value. Q8_0 and Q4_0 become int8 per output row.
+# The K-quants (Q4_K, Q5_K, Q6_K: most of a larger Qwen's file) stay as stored where their
+# kernels were measured at least as fast as int8 (`gguf_auto_formats`), else int8 (8 bits a value
+# against the file's 4.5 to 6.6).
 GGUF_AUTO_FORMATS = {
     T.Q8_0: INT8,
     T.Q6_K: INT8,
@@ -42,6 +41,21 @@ GGUF_AUTO_FORMATS = {
     T.Q4_0: INT8,
 }
 GGUF_STORED_FORMATS = {**GGUF_AUTO_FORMATS, T.Q6_K: Q6_K, T.Q5_K: Q5_K, T.Q4_K: Q4_K}
+
+# The kernel variants (qwenkit.kernels.cpu) whose K-quant kernels are at least as fast as int8's
+# at every row count, measured: on the AVX2 EPYC, K-quants as stored against int8 on a Qwen3-0.6B
+# of Q4_K_M's layout (benchmarks/kquant_formats.py), prefill 1.20x, one stream 1.07x, 8 streams
+# 1.11x, with 26% less memory for the weights. On AVX-512 the int8 kernel has vpdpbusd and
+# (AMX) tiles that the K-quant kernels lack, and nothing was measured there: int8 stays.
+K_QUANTS_STORED_ISAS = ("avx2",)
+
+
+def gguf_auto_formats() -> dict[T, str]:
+    """GGUF storage type -> in-memory format under "auto" on this machine: `GGUF_AUTO_FORMATS`,
+    the K-quants as stored where the selected kernel variant is one of `K_QUANTS_STORED_ISAS`."""
+    if kernels.cpu.selected_isa() in K_QUANTS_STORED_ISAS:
+        return GGUF_STORED_FORMATS
+    return GGUF_AUTO_FORMATS
 
 
 def check_quantization(quantization: str | None) -> str:
@@ -87,7 +101,7 @@ def plan_quantization(
         target = _target(model, params, hf_name)
         if target is not None and target[0].endswith(".weight"):
             stored.setdefault(target[0].removesuffix(".weight"), set()).add(tensor_type)
-    table = GGUF_STORED_FORMATS if quantization == "gguf" else GGUF_AUTO_FORMATS
+    table = GGUF_STORED_FORMATS if quantization == "gguf" else gguf_auto_formats()
     formats = {}
     for name, types in stored.items():
         wanted = {table.get(t) for t in types} - {None}
