@@ -1,6 +1,8 @@
 """K-quant matrices kept as stored against requantized to int8, on a K-quant-heavy model.
 
     PYTHONPATH=. python benchmarks/kquant_formats.py [--shape 0.6b|1.7b|4b] [--rounds 5] [--keep FILE]
+    PYTHONPATH=. python benchmarks/kquant_formats.py --model default   # a GGUF at hand instead
+    PYTHONPATH=. python benchmarks/kquant_formats.py --matmuls         # per matrix, no model
 
 The default model is mostly Q5_0 (its 896-wide rows do not fit K-quants' 256-value
 super-blocks), so it says little about how a Qwen GGUF whose matrices are Q4_K / Q6_K runs. No
@@ -16,6 +18,10 @@ and once as `--quantization auto` where that requantizes them to int8 (on CPUs o
 `K_QUANTS_STORED_ISAS`), and alternates `qwenkit bench`'s
 measurements between them: prefill tok/s of a 512-token prompt, decode tok/s of 1 and of 8
 streams. Prints each round and the medians, and the resident size of each copy of the weights.
+
+`--matmuls` times single matmuls instead: int8, Q4_K and Q6_K on Qwen shapes at 1, 8, 32 and 128
+activation rows, the calls alternating and each matrix one of 8 copies taken in turn (so that
+its weights come from memory, as in a forward pass), microseconds per call, min and median.
 """
 
 from __future__ import annotations
@@ -109,6 +115,46 @@ def write_q4_k_m(path: Path, shape: str, tokenizer_source: Path) -> Path:
     return path
 
 
+MATMUL_SHAPES = {  # name: (N, K)
+    "0.5B down 896x4864": (896, 4864),
+    "0.6B gate_up 6144x1024": (6144, 1024),
+    "0.6B down 1024x3072": (1024, 3072),
+    "8B o_proj 4096x4096": (4096, 4096),
+}
+
+
+def time_matmuls(rounds: int) -> None:
+    import torch
+
+    from qwenkit import kernels
+    from qwenkit.models.quant import quantize_int8
+
+    copies, rng = 8, np.random.default_rng(1)
+    print("us per call, min / median; ratio: median against int8's", flush=True)
+    for shape, (n, k) in MATMUL_SHAPES.items():
+        q, scale = quantize_int8(torch.randn(n, k) * 0.05)
+        weights = {"int8": [(q.clone(), scale.to(torch.bfloat16)) for _ in range(copies)]}
+        for name in ("Q4_K", "Q6_K"):
+            tensor_type = gguf.GGMLQuantizationType[name]
+            weights[name] = [torch.from_numpy(_blocks(n, k, tensor_type, rng)) for _ in range(copies)]
+        for rows in (1, 8, 32, 128):
+            x = torch.randn(rows, k)
+            times: dict[str, list[float]] = {name: [] for name in weights}
+            for i in range(max(rounds, 2560 // rows)):
+                for name, copies_ in weights.items():
+                    w = copies_[i % copies]
+                    start = time.perf_counter()
+                    if name == "int8":
+                        kernels.int8_linear(x, *w)
+                    else:
+                        kernels.gguf_linear(x, w, k, name)
+                    times[name].append((time.perf_counter() - start) * 1e6)
+            medians = {name: statistics.median(t) for name, t in times.items()}
+            print(f"  {shape} rows {rows}: " + "  ".join(
+                f"{name} {min(t):.0f} / {medians[name]:.0f} ({medians[name] / medians['int8']:.2f})"
+                for name, t in times.items()), flush=True)
+
+
 def _weights_mib(llm) -> float:
     import torch
 
@@ -126,7 +172,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--keep", type=Path, help="write the GGUF here (and reuse it if it is there)")
+    parser.add_argument("--model", help="time this GGUF (a path, or 'default') instead of writing one")
+    parser.add_argument("--matmuls", action="store_true", help="time single matmuls instead (see above)")
     args = parser.parse_args()
+    if args.matmuls:
+        time_matmuls(args.rounds)
+        return 0
 
     from qwenkit.bench import _decode, _prompt, _time_first_token
     from qwenkit.default_model import default_model_path
@@ -136,7 +187,9 @@ def main() -> int:
 
     folder = tempfile.TemporaryDirectory()
     path = args.keep or Path(folder.name) / f"qwen3-{args.shape}-q4_k_m-layout.gguf"
-    if not path.exists():
+    if args.model:
+        path = default_model_path() if args.model == "default" else Path(args.model)
+    elif not path.exists():
         start = time.perf_counter()
         write_q4_k_m(path, args.shape, default_model_path())
         print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s")

@@ -1,8 +1,8 @@
 """Which modules a load quantizes, and to which in-memory format (qwenkit/models/quant.py).
 
 quantization="auto": on CPU, GGUF matrices stay quantized, in the format `gguf_auto_formats()`
-gives their storage type (the K-quants as stored where their kernels were measured at least as
-fast as int8, else int8); "gguf": every type with a native kernel kept as stored
+gives their storage type (the K-quants as stored where their kernels were measured level with
+int8 or faster, else int8); "gguf": every type with a native kernel kept as stored
 (`GGUF_STORED_FORMATS`: the K-quants too, whatever the CPU), the smallest in memory. Float-stored
 tensors, safetensors checkpoints, and any checkpoint on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
 where a shape does not fit int4), the embedding and lm_head in int8, as llama.cpp keeps the
@@ -30,8 +30,8 @@ QUANTIZATION_CHOICES = ("auto", "gguf", "none", "int8", "int4")
 # (docs/quantization.md). Q5_0 (most of a small Qwen's Q4_K_M file) stays in its blocks where
 # the native kernel runs: it reads 5.5 bits a value. Q8_0 and Q4_0 become int8 per output row.
 # The K-quants (Q4_K, Q5_K, Q6_K: most of a larger Qwen's file) stay as stored where their
-# kernels were measured at least as fast as int8 (`gguf_auto_formats`), else int8 (8 bits a value
-# against the file's 4.5 to 6.6).
+# kernels were measured level with int8 or faster (`gguf_auto_formats`), else int8 (8 bits a
+# value against the file's 4.5 to 6.6).
 GGUF_AUTO_FORMATS = {
     T.Q8_0: INT8,
     T.Q6_K: INT8,
@@ -42,11 +42,12 @@ GGUF_AUTO_FORMATS = {
 }
 GGUF_STORED_FORMATS = {**GGUF_AUTO_FORMATS, T.Q6_K: Q6_K, T.Q5_K: Q5_K, T.Q4_K: Q4_K}
 
-# The kernel variants (qwenkit.kernels.cpu) whose K-quant kernels are at least as fast as int8's
-# at every row count, measured: on the AVX2 EPYC, K-quants as stored against int8 on a Qwen3-0.6B
-# of Q4_K_M's layout (benchmarks/kquant_formats.py), prefill 1.20x, one stream 1.07x, 8 streams
-# 1.11x, with 26% less memory for the weights. On AVX-512 the int8 kernel has vpdpbusd and
-# (AMX) tiles that the K-quant kernels lack, and nothing was measured there: int8 stays.
+# The kernel variants (qwenkit.kernels.cpu) whose K-quant kernels were measured level with int8's
+# or faster: on the AVX2 EPYC per matrix Q4_K 0.76-1.06x int8's time, Q6_K 0.83-1.10x, and on a
+# Qwen3-0.6B of Q4_K_M's layout (benchmarks/kquant_formats.py) prefill 1.20x as fast, one stream
+# 1.07x, 8 streams 1.11x, with 26% less memory for the weights. On AVX-512 the int8 kernel has
+# vpdpbusd and (AMX) tiles that the K-quant kernels lack, and nothing was measured there: int8
+# stays.
 K_QUANTS_STORED_ISAS = ("avx2",)
 
 
