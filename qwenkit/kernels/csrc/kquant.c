@@ -31,9 +31,10 @@
 #ifndef KQ_UNPACK_ROWS
 #define KQ_UNPACK_ROWS 24 /* from this many activation rows on, weight rows are unpacked first (kq_tile) */
 #endif
-/* The int8 activations' row stride: 64 bytes more than K. With K a multiple of 4096 (hidden sizes
-   1024 .. 8192 often are), the 8 rows a 1 x 8 tile reads at one offset would otherwise fall in one
-   set of the L1 cache (8 ways), along with the weights: 1.2-1.3x the time at 8 rows. */
+/* The int8 activations' row stride: 64 bytes more than K. With K a multiple of 1024 (model widths
+   often are), rows a 1 x 8 tile reads at one offset would otherwise fall in one set of the L1
+   cache (8 ways; all 8 rows where K is a multiple of 4096), along with the weights: 1.2-1.3x the
+   time at 8 rows, K = 4096. */
 #ifndef KQ_X_STRIDE
 #define KQ_X_STRIDE(K) ((K) + 64)
 #endif
