@@ -280,6 +280,23 @@ static inline __attribute__((always_inline)) void kq_scales(int type, const uint
    reads a loaded vector again from memory at each use (kq_tile: 21 loads a step where 10 do). */
 #define KQ_IN_REGISTER(v) __asm__("" : "+v"(v))
 
+/* The two ends of a super-block for one (activation row, weight row) pair, shared by kq_rows and
+   kq_tile so that they give a row the same bits. Start: the int32 sum begins at Q6_K's offset
+   term (-32 times its scales against the activations' sums per 16, bs), or at zero with the Q4_K /
+   Q5_K mins taken off the accumulator (kq_scales' mins against xb's 8 sums, sums). End: the sum
+   times d and the activations' scale dx into the accumulator. */
+static inline __attribute__((always_inline)) __m256i kq_start(int type, __m256i offsets, __m256 mins, __m256i bs,
+                                                              __m256 sums, __m256 *acc) {
+    if (type == KQ_Q6_K)
+        return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(offsets, bs), 5));
+    *acc = _mm256_fnmadd_ps(mins, sums, *acc);
+    return _mm256_setzero_si256();
+}
+
+static inline __attribute__((always_inline)) __m256 kq_end(__m256i sum, float d, float dx, __m256 acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * dx), acc);
+}
+
 /* nr weight rows (row r's super-blocks at w + r * row_bytes) against mr activation rows (4 x 1,
    2 x 2, or 1 x up to 8): out[m][r], the arithmetic of the file's head comment. A super-block is
    decoded once for the mr rows, in registers. Every (activation row, weight row) pair gets the
@@ -301,17 +318,10 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
             float d;
             kq_scales(type, b, scales, &offsets, &mins, &d);
             __m256i sum[8]; /* per activation row: int32 lanes of this super-block's dot product */
-            for (int m = 0; m < mr; m++) {
-                if (type == KQ_Q6_K) {
-                    const __m256i corr = _mm256_madd_epi16(
-                        offsets, _mm256_loadu_si256((const __m256i *)(bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16))));
-                    sum[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 5));
-                } else {
-                    sum[m] = _mm256_setzero_si256();
-                    acc[m][r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xb + ((int64_t)m * nsb + sb) * (QK_K / QK)),
-                                                 acc[m][r]);
-                }
-            }
+            for (int m = 0; m < mr; m++)
+                sum[m] = kq_start(type, offsets, mins,
+                                  _mm256_loadu_si256((const __m256i *)(bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16))),
+                                  _mm256_loadu_ps(xb + ((int64_t)m * nsb + sb) * (QK_K / QK)), &acc[m][r]);
             for (int p = 0, j0 = 0; j0 < 8; p++) {
                 __m256i u[4];
                 const int n = kq_unsigned(type, b, p, u);
@@ -327,9 +337,7 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
                 }
                 j0 += n;
             }
-            for (int m = 0; m < mr; m++)
-                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(d * xd[(int64_t)m * nsb + sb]),
-                                            acc[m][r]);
+            for (int m = 0; m < mr; m++) acc[m][r] = kq_end(sum[m], d, xd[(int64_t)m * nsb + sb], acc[m][r]);
         }
     }
     for (int m = 0; m < mr; m++)
@@ -372,13 +380,7 @@ static inline __attribute__((always_inline)) void kq_tile(int type, const kq_unp
             const __m256 sums = _mm256_loadu_ps(xb + ((int64_t)m * nsb + sb) * (QK_K / QK));
             for (int r = 0; r < nr; r++) {
                 const kq_unpacked *b = w + r * KQ_CHUNK + sb - sb0;
-                if (type == KQ_Q6_K) {
-                    const __m256i corr = _mm256_madd_epi16(b->offsets, bs);
-                    sum[m][r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 5));
-                } else {
-                    sum[m][r] = _mm256_setzero_si256();
-                    acc[m][r] = _mm256_fnmadd_ps(b->mins, sums, acc[m][r]);
-                }
+                sum[m][r] = kq_start(type, b->offsets, b->mins, bs, sums, &acc[m][r]);
             }
         }
         /* unrolled (gcc does not by itself): 1.1-1.2x */
@@ -402,9 +404,7 @@ static inline __attribute__((always_inline)) void kq_tile(int type, const kq_unp
         }
         for (int m = 0; m < mr; m++)
             for (int r = 0; r < nr; r++)
-                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][r]),
-                                            _mm256_set1_ps(w[r * KQ_CHUNK + sb - sb0].d * xd[(int64_t)m * nsb + sb]),
-                                            acc[m][r]);
+                acc[m][r] = kq_end(sum[m][r], w[r * KQ_CHUNK + sb - sb0].d, xd[(int64_t)m * nsb + sb], acc[m][r]);
     }
 }
 
