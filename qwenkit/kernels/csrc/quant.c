@@ -6,10 +6,10 @@
    multiply-adds in two instructions), summed in float per block. Each weight is read once per
    call and used for every activation row (tiles of 4 weight rows x 2 activation rows for int8;
    Q5_0 decodes blocks in registers below Q5_0_UNPACK_ROWS rows, for 8 activation rows at a time
-   and then tiles of 2 weight x 4 activation rows, and above it unpacks four weight rows to int8
-   once and runs the int8 tile). Below that threshold a row's result does not depend on the other
-   rows of the call. OpenMP over blocks of output rows. Without AVX2 the same arithmetic runs as
-   plain C. */
+   and then tiles of 2 weight x 4 activation rows, and above it unpacks panels of 8 weight rows,
+   a vector lane a row, and runs q5_0_panel_tile over them). Below that threshold a row's result
+   does not depend on the other rows of the call. OpenMP over blocks of output rows. Without
+   AVX2 the same arithmetic runs as plain C. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -42,23 +42,22 @@ void quantize_row_q8(const float *x, int K, int8_t *xq, float *xs) {
     }
 }
 
-/* sum_j xs[j] (wd[j]) * (xq . w over block j), blocks from j0 on, in plain C; wd may be NULL. */
-static float dot_tail(const int8_t *xq, const float *xs, const int8_t *w, const float *wd, int K, int j0) {
+/* sum_j xs[j] * (xq . w over block j), blocks from j0 on, in plain C. */
+static float dot_tail(const int8_t *xq, const float *xs, const int8_t *w, int K, int j0) {
     float total = 0.f;
     for (int j = j0; j * QK < K; j++) {
         int32_t dot = 0;
         for (int k = j * QK; k < K && k < (j + 1) * QK; k++) dot += (int32_t)xq[k] * w[k];
-        total += xs[j] * (wd ? wd[j] : 1.f) * (float)dot;
+        total += xs[j] * (float)dot;
     }
     return total;
 }
 
-/* out[m][r] = sum_j xs[m][j] (wd[r][j]) * sum_{k in block j} xq[m][k] * w[r][k], for nr weight
-   rows and mr activation rows; wd (per-block weight scales, [nr, K / QK]) may be NULL, and is
-   only taken with K a multiple of QK. Constant nr, mr (the always-inlined 4 x 2 case) keep the
-   accumulators in registers. */
+/* out[m][r] = sum_j xs[m][j] * sum_{k in block j} xq[m][k] * w[r][k], for nr weight rows and mr
+   activation rows. Constant nr, mr (the always-inlined 4 x 2 case) keep the accumulators in
+   registers. */
 static inline __attribute__((always_inline)) void tile(const int8_t *xq, const float *xs, const int8_t *w,
-                                                       const float *wd, int K, int nr, int mr, float out[2][4]) {
+                                                       int K, int nr, int mr, float out[2][4]) {
     const int nb = (K + QK - 1) / QK;  /* scales per activation row */
     int j0 = 0;                         /* the blocks before j0 are done in vector code */
     for (int m = 0; m < 2; m++)
@@ -81,13 +80,11 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
             const __m512i wv = _mm512_loadu_si512((const void *)wp);
             const __mmask64 negative = _mm512_movepi8_mask(wv);
             const __m512i wabs = _mm512_abs_epi8(wv);
-            const __m512 dw = wd ? pair_ps(wd[r * nb + j0], wd[r * nb + j0 + 1]) : _mm512_setzero_ps();
             for (int m = 0; m < mr; m++) {
                 const __m512i xv = _mm512_loadu_si512((const void *)(xq + (int64_t)m * K + j0 * QK));
                 /* |w| * (x with w's sign), four products a lane */
                 const __m512i signed_x = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
-                __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, signed_x));
-                if (wd) p = _mm512_mul_ps(p, dw);
+                const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, signed_x));
                 acc2[m][r] = _mm512_fmadd_ps(p, sx[m], acc2[m][r]);
             }
         }
@@ -105,12 +102,10 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
             const int8_t *wp = w + (int64_t)r * K + j0 * QK;
             const __m256i wv = _mm256_loadu_si256((const __m256i *)wp);
             const __m256i wabs = _mm256_sign_epi8(wv, wv);
-            const __m256 dw = wd ? _mm256_set1_ps(wd[r * nb + j0]) : _mm256_setzero_ps();
             for (int m = 0; m < mr; m++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j0 * QK));
                 /* |w| * (x with w's sign): unsigned x signed bytes (pairs at most 2 * 127 * 127) */
-                __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(xv, wv)));
-                if (wd) p = _mm256_mul_ps(p, dw);
+                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(xv, wv)));
                 acc[m][r] = _mm256_fmadd_ps(p, sx[m], acc[m][r]);
             }
         }
@@ -123,7 +118,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xq, const f
     if (j0 * QK < K)
         for (int m = 0; m < mr; m++)
             for (int r = 0; r < nr; r++)
-                out[m][r] += dot_tail(xq + (int64_t)m * K, xs + m * nb, w + (int64_t)r * K, wd ? wd + r * nb : NULL, K, j0);
+                out[m][r] += dot_tail(xq + (int64_t)m * K, xs + m * nb, w + (int64_t)r * K, K, j0);
 }
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], the activations quantized to int8 in blocks of QK.
@@ -149,9 +144,9 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
             const int8_t *xqm = xq + (int64_t)m0 * K;
             const float *xsm = xs + (int64_t)m0 * nb;
             float out[2][4];
-            if (nr == 4 && mr == 2) tile(xqm, xsm, wb, NULL, K, 4, 2, out);
-            else if (nr == 4) tile(xqm, xsm, wb, NULL, K, 4, 1, out);
-            else tile(xqm, xsm, wb, NULL, K, nr, mr, out);
+            if (nr == 4 && mr == 2) tile(xqm, xsm, wb, K, 4, 2, out);
+            else if (nr == 4) tile(xqm, xsm, wb, K, 4, 1, out);
+            else tile(xqm, xsm, wb, K, nr, mr, out);
             for (int m = 0; m < mr; m++)
                 for (int r = 0; r < nr; r++)
                     y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r] * bf16_to_f32(scale[n0 + r]);
@@ -436,6 +431,161 @@ static void q5_0_unpack_row(const uint8_t *row, int nb, int8_t *values, float *s
 #endif
 }
 
+/* ---- Q5_0 from Q5_0_UNPACK_ROWS activation rows on (prefill): panels of Q5_0_PANEL = 8 weight
+   rows, unpacked once per call so that a vector lane is a weight row. Per block j of a panel:
+   8 vectors of 32 bytes, vector g holding the unsigned values u = nibble + 16 * bit of k = 4g .. 4g+3
+   for each of the 8 rows in turn (byte 4r + i: row r, k = 4g + i), then the 8 rows' scales.
+   Against such a vector, 4 bytes of an activation row broadcast to every lane give each lane
+   (row) its own 4 products: one vpmaddubsw makes 32 useful products where the per-row tiles'
+   one per row and block also needs a vpmaddwd, a conversion and two float operations. Here
+   the sums stay integer for the whole block (int16 over half a block, pairs of at most
+   2 * 31 * 127, four summed < 2^15; then int32), and a block's float work (convert, scale,
+   accumulate) is one instruction each for 8 rows. Lanes are rows, so there is no horizontal
+   sum at the end either. */
+#define Q5_0_PANEL 8
+#ifndef Q5_0_MT
+#define Q5_0_MT 3 /* activation rows a tile (<= 4; 2 and 4 measured 0-5% slower) */
+#endif
+
+#ifdef QK_AVX2
+/* v[r] (8 dwords each) -> v[g] holding dword g of every v[r], lane r. */
+static inline __attribute__((always_inline)) void transpose_8x8_epi32(__m256i v[8]) {
+    __m256i t[8], s[8];
+    for (int h = 0; h < 2; h++) {
+        __m256i *a = v + 4 * h, *u = t + 4 * h, *o = s + 4 * h;
+        u[0] = _mm256_unpacklo_epi32(a[0], a[1]);
+        u[1] = _mm256_unpackhi_epi32(a[0], a[1]);
+        u[2] = _mm256_unpacklo_epi32(a[2], a[3]);
+        u[3] = _mm256_unpackhi_epi32(a[2], a[3]);
+        o[0] = _mm256_unpacklo_epi64(u[0], u[2]); /* dwords 0 | 4 of rows 4h .. 4h+3 */
+        o[1] = _mm256_unpackhi_epi64(u[0], u[2]); /* 1 | 5 */
+        o[2] = _mm256_unpacklo_epi64(u[1], u[3]); /* 2 | 6 */
+        o[3] = _mm256_unpackhi_epi64(u[1], u[3]); /* 3 | 7 */
+    }
+    for (int g = 0; g < 4; g++) {
+        v[g] = _mm256_permute2x128_si256(s[g], s[4 + g], 0x20);
+        v[g + 4] = _mm256_permute2x128_si256(s[g], s[4 + g], 0x31);
+    }
+}
+#endif
+
+/* Rows w[0 .. nr) (regrouped, nb blocks each) -> panel [nb][8][32] bytes, scales [nb][8]; the
+   lanes of rows past nr are zero (they then add nothing). */
+static void q5_0_unpack_panel(const uint8_t *w, int nr, int nb, uint8_t *panel, float *scales) {
+    const int64_t row = (int64_t)nb * Q5_0_BYTES;
+#ifdef QK_AVX2
+    const int grouped = nb / Q5_0_GROUP * Q5_0_GROUP;
+    for (int j = 0; j < grouped; j += Q5_0_GROUP) {
+        __m256i d[Q5_0_PANEL]; /* the rows' 8 scales (floats), then the blocks' */
+        for (int r = 0; r < Q5_0_PANEL; r++)
+            d[r] = r < nr ? _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * row + (int64_t)j * Q5_0_BYTES))))
+                          : _mm256_setzero_si256();
+        transpose_8x8_epi32(d);
+        #pragma GCC unroll 8
+        for (int b = 0; b < Q5_0_GROUP; b++) {
+            __m256i u[Q5_0_PANEL];
+            for (int r = 0; r < Q5_0_PANEL; r++) {
+                const uint8_t *group = w + r * row + (int64_t)j * Q5_0_BYTES;
+                u[r] = r < nr ? q5_0_group_unsigned(group, _mm256_loadu_si256((const __m256i *)(group + Q5_0_PLANES)), b)
+                              : _mm256_setzero_si256();
+            }
+            transpose_8x8_epi32(u);
+            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(panel + (int64_t)(j + b) * 256 + 32 * g), u[g]);
+            _mm256_storeu_si256((__m256i *)(scales + (j + b) * Q5_0_PANEL), d[b]);
+        }
+    }
+    for (int j = grouped; j < nb; j++) { /* the blocks kept as stored */
+        __m256i u[Q5_0_PANEL];
+        for (int r = 0; r < Q5_0_PANEL; r++) {
+            u[r] = _mm256_setzero_si256();
+            scales[j * Q5_0_PANEL + r] = 0.f;
+            if (r >= nr) continue;
+            const uint8_t *block = w + r * row + (int64_t)j * Q5_0_BYTES;
+            uint16_t h;
+            memcpy(&h, block, sizeof h);
+            u[r] = q5_0_unsigned(block);
+            scales[j * Q5_0_PANEL + r] = f16_to_f32(h);
+        }
+        transpose_8x8_epi32(u);
+        for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(panel + (int64_t)j * 256 + 32 * g), u[g]);
+    }
+#else
+    memset(panel, 0, (size_t)nb * 256);
+    for (int j = 0; j < nb; j++)
+        for (int r = 0; r < Q5_0_PANEL; r++) {
+            uint8_t u[QK];
+            scales[j * Q5_0_PANEL + r] = r < nr ? q5_0_block(w + r * row, nb, j, u) : 0.f;
+            if (r < nr)
+                for (int k = 0; k < QK; k++) panel[(int64_t)j * 256 + 32 * (k / 4) + 4 * r + k % 4] = u[k];
+        }
+#endif
+}
+
+/* out[m][r] = sum_j d[r][j] xs[m][j] (u[r] . xq[m] - 16 sum(xq[m]) over block j), for the 8
+   rows of an unpacked panel and mr (<= 4) activation rows; xsum: 16 sum(xq) per (row, block).
+   The block's integer sum is exact; then one float multiply and one FMA per block, in order. */
+static inline __attribute__((always_inline)) void q5_0_panel_tile(const uint8_t *panel, const float *scales,
+                                                                  const int8_t *xq, const float *xs,
+                                                                  const int32_t *xsum, int K, int mr,
+                                                                  float out[][Q5_0_PANEL]) {
+    const int nb = K / QK;
+#ifdef QK_AVX2
+    __m256 acc[4];
+    for (int m = 0; m < 4; m++) acc[m] = _mm256_setzero_ps();
+    for (int j = 0; j < nb; j++) {
+        const uint8_t *p = panel + (int64_t)j * 256;
+        __m256i sum[4];
+#ifdef QK_AVX512
+        for (int m = 0; m < mr; m++) sum[m] = _mm256_setzero_si256();
+        #pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * g));
+            for (int m = 0; m < mr; m++) {
+                int32_t x4;
+                memcpy(&x4, xq + (int64_t)m * K + j * QK + 4 * g, sizeof x4);
+                sum[m] = _mm256_dpbusd_epi32(sum[m], v, _mm256_set1_epi32(x4));
+            }
+        }
+#else
+        __m256i pairs[4];
+        for (int m = 0; m < mr; m++) sum[m] = pairs[m] = _mm256_setzero_si256();
+        #pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * g));
+            for (int m = 0; m < mr; m++) {
+                int32_t x4;
+                memcpy(&x4, xq + (int64_t)m * K + j * QK + 4 * g, sizeof x4);
+                pairs[m] = _mm256_add_epi16(pairs[m], _mm256_maddubs_epi16(v, _mm256_set1_epi32(x4)));
+            }
+            if (g % 4 == 3) /* four pair sums at most 4 * 2 * 31 * 127 < 2^15: then into int32 */
+                for (int m = 0; m < mr; m++) {
+                    sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pairs[m], _mm256_set1_epi16(1)));
+                    pairs[m] = _mm256_setzero_si256();
+                }
+        }
+#endif
+        const __m256 d = _mm256_loadu_ps(scales + j * Q5_0_PANEL);
+        for (int m = 0; m < mr; m++) {
+            const __m256i s = _mm256_sub_epi32(sum[m], _mm256_set1_epi32(xsum[m * nb + j]));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, broadcast_load(xs + m * nb + j)), acc[m]);
+        }
+    }
+    for (int m = 0; m < mr; m++) _mm256_storeu_ps(out[m], acc[m]);
+#else
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < Q5_0_PANEL; r++) {
+            float total = 0.f;
+            for (int j = 0; j < nb; j++) {
+                int32_t s = -xsum[m * nb + j];
+                for (int k = 0; k < QK; k++)
+                    s += panel[(int64_t)j * 256 + 32 * (k / 4) + 4 * r + k % 4] * xq[(int64_t)m * K + j * QK + k];
+                total = fmaf((float)s, scales[j * Q5_0_PANEL + r] * xs[m * nb + j], total);
+            }
+            out[m][r] = total;
+        }
+#endif
+}
+
 /* y[m, n] = sum_k x[m, k] * w[n, k], w as regrouped Q5_0 rows ([N, K / 32] blocks, q5_0_pack),
    the activations quantized to int8 in blocks of QK (aligned with the weight blocks). K a
    multiple of 32. Returns 0, or -1 when out of memory. */
@@ -446,51 +596,59 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
     const int nb = K / QK;
     const int64_t row = (int64_t)nb * Q5_0_BYTES;
     int8_t *xq = malloc((size_t)M * K);
-    float *xs = malloc(sizeof(float) * (size_t)M * nb), *c = malloc(sizeof(float) * (size_t)M * nb);
-    if (!xq || !xs || !c) { free(xq); free(xs); free(c); return -1; }
+    float *xs = malloc(sizeof(float) * (size_t)M * nb);
+    int32_t *sums = malloc(sizeof(int32_t) * (size_t)M * nb); /* 16 sum(xq) per (row, block): the -16 of w = (u - 16) d */
+    if (!xq || !xs || !sums) { free(xq); free(xs); free(sums); return -1; }
     #pragma omp parallel for if (M > 8)
     for (int m = 0; m < M; m++) {
         quantize_row_q8(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
         for (int j = 0; j < nb; j++) {
             int32_t sum = 0;
             for (int i = 0; i < QK; i++) sum += xq[(int64_t)m * K + j * QK + i];
-            c[(int64_t)m * nb + j] = 16.f * xs[(int64_t)m * nb + j] * (float)sum;
+            sums[(int64_t)m * nb + j] = 16 * sum;
         }
     }
     if (M >= Q5_0_UNPACK_ROWS && !row_invariant) {
-        /* Many rows (prefill): each group of 4 weight rows is unpacked once to int8 values and
-           per-block scales, then multiplied into every activation row by the int8 tile. */
+        /* Many rows (prefill): each panel of 8 weight rows unpacked once, then every activation
+           row against it, Q5_0_MT at a time (q5_0_panel_tile). */
         int failed = 0;
         #pragma omp parallel
         {
-            int8_t *wq = malloc((size_t)4 * K);
-            float *wd = malloc(sizeof(float) * 4 * nb);
-            if (!wq || !wd) {
+            uint8_t *panel = malloc((size_t)nb * 256);
+            float *scales = malloc(sizeof(float) * Q5_0_PANEL * nb);
+            if (!panel || !scales) {
                 #pragma omp atomic write
                 failed = 1;
             }
             #pragma omp for schedule(static)
-            for (int b = 0; b < (N + 3) / 4; b++) {
-                if (!wq || !wd) continue;
-                const int n0 = b * 4, nr = N - n0 < 4 ? N - n0 : 4;
-                for (int r = 0; r < nr; r++) q5_0_unpack_row(w + (n0 + r) * row, nb, wq + (int64_t)r * K, wd + r * nb);
-                for (int m0 = 0; m0 < M; m0 += 2) {
-                    const int mr = M - m0 < 2 ? M - m0 : 2;
-                    float out[2][4];
-                    if (nr == 4 && mr == 2) tile(xq + (int64_t)m0 * K, xs + (int64_t)m0 * nb, wq, wd, K, 4, 2, out);
-                    else tile(xq + (int64_t)m0 * K, xs + (int64_t)m0 * nb, wq, wd, K, nr, mr, out);
-                    for (int m = 0; m < mr; m++)
-                        for (int r = 0; r < nr; r++) y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r];
+            for (int b = 0; b < (N + Q5_0_PANEL - 1) / Q5_0_PANEL; b++) {
+                if (!panel || !scales) continue;
+                const int n0 = b * Q5_0_PANEL, nr = N - n0 < Q5_0_PANEL ? N - n0 : Q5_0_PANEL;
+                q5_0_unpack_panel(w + n0 * row, nr, nb, panel, scales);
+                for (int m0 = 0; m0 < M; m0 += Q5_0_MT) {
+                    const int mr = M - m0 < Q5_0_MT ? M - m0 : Q5_0_MT;
+                    const int8_t *xqm = xq + (int64_t)m0 * K;
+                    const float *xsm = xs + (int64_t)m0 * nb;
+                    const int32_t *sm = sums + (int64_t)m0 * nb;
+                    float out[Q5_0_MT][Q5_0_PANEL];
+                    if (mr == Q5_0_MT) q5_0_panel_tile(panel, scales, xqm, xsm, sm, K, Q5_0_MT, out);
+                    else q5_0_panel_tile(panel, scales, xqm, xsm, sm, K, mr, out);
+                    for (int m = 0; m < mr; m++) memcpy(y + (int64_t)(m0 + m) * N + n0, out[m], sizeof(float) * nr);
                 }
             }
-            free(wq);
-            free(wd);
+            free(panel);
+            free(scales);
         }
         free(xq);
         free(xs);
-        free(c);
+        free(sums);
         return failed ? -1 : 0;
     }
+    /* Fewer rows (decode): the corrections as floats, c = 16 xs sum(xq) per (row, block). */
+    float *c = malloc(sizeof(float) * (size_t)M * nb);
+    if (!c) { free(xq); free(xs); free(sums); return -1; }
+    for (int64_t i = 0; i < (int64_t)M * nb; i++) c[i] = xs[i] * (float)sums[i];
+    free(sums);
     int m8 = 0;  /* rows [0, m8) go 8 at a time through q5_0_row_x8 */
     float *xs8 = NULL;
 #ifdef QK_AVX2
