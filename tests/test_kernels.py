@@ -56,9 +56,10 @@ def _assert_q8_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, block: i
 @pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 16, 37])
 def test_variant_quantized_matmuls_against_dequantized(isa, rows):
-    """int8 and Q5_0 (decoded in registers below 16 rows, unpacked to panels of 8 rows from 16 on) against the
-    float product with the dequantized weight; tails of rows, of output rows and of k (13 blocks
-    of 32: one regrouped group of 8 Q5_0 blocks, then 5 as stored)."""
+    """int8 and Q5_0 (decoded in registers below 16 rows, unpacked to panels of 8 rows from 16 on)
+    against the float product with the dequantized weight; tails of rows (a tile of 3 at 16 and
+    37), of output rows (37: a panel of 5) and of k (13 blocks of 32: one regrouped group of 8
+    Q5_0 blocks, then 5 as stored)."""
     lib = _variant(isa)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 416, generator=g) * torch.linspace(0.1, 3, 416)
