@@ -82,12 +82,11 @@ def _native(*tensors: torch.Tensor) -> cpu.Library | None:
 # A matmul library picks its blocking, vector kernel and thread split from the shape, so a row's
 # numbers depend on how many rows came with it (measured with torch 2.13's CPU GEMM: a row of a
 # 1-, 2-, 3-, 5-, 6-, 7- or 9-row call differs from the same row in a 300-row call; the native
-# Q5_0 kernel unpacks the weights from 16 rows on). Under `batch_invariant()` the native int8 and
-# Q5_0 kernels (float32 activations) take one path for every row count
-# (`cpu.Library.set_row_invariant`), the K-quant kernels' two paths agree bit for bit anyway
-# (`NATIVE_ROW_INVARIANT`), and every other CPU matmul is called on blocks of exactly
-# INVARIANT_ROWS rows (the last one zero-padded): a block's shape never changes, and no GEMM
-# mixes its rows, so each row's numbers are those of the row alone.
+# Q5_0 and K-quant kernels unpack the weights from 16 rows on). Under `batch_invariant()` the
+# native int8, Q5_0 and K-quant kernels (float32 activations) take one path for every row count
+# (`cpu.Library.set_row_invariant`, `NATIVE_ROW_INVARIANT`), and every other CPU matmul is called
+# on blocks of exactly INVARIANT_ROWS rows (the last one zero-padded): a block's shape never
+# changes, and no GEMM mixes its rows, so each row's numbers are those of the row alone.
 # With attention per query token (the runner's deterministic steps) and row-wise norms, a token
 # is computed alike alone, in any batch, chunked or not, and with or without a prefix-cache hit.
 
@@ -326,9 +325,8 @@ def paged_prefill_attention(
 
 
 # GGUF types whose native kernel computes each row alike at any row count under
-# `batch_invariant()`: Q5_0 through `set_row_invariant` (as the int8 kernel does); the K-quants'
-# kernel always does (its decode and prefill paths give a row the same bits; prefill through it
-# beats dequantizing for a float GEMM, docs/quantization.md).
+# `batch_invariant()`, through `set_row_invariant` (as the int8 kernel does: their decode paths at
+# every row count; prefill through them beats dequantizing for a float GEMM, docs/quantization.md).
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 NATIVE_ROW_INVARIANT = frozenset({"Q5_0", *K_QUANTS})
 

@@ -94,6 +94,27 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
+
+/* v[r] (8 dwords each) -> v[g] holding dword g of every v[r] in lane r: 8 rows of weights turned
+   into vectors of a lane a row (the Q5_0 and K-quant prefill panels). */
+static inline __attribute__((always_inline)) void transpose_8x8_epi32(__m256i v[8]) {
+    __m256i t[8], s[8];
+    for (int h = 0; h < 2; h++) {
+        __m256i *a = v + 4 * h, *u = t + 4 * h, *o = s + 4 * h;
+        u[0] = _mm256_unpacklo_epi32(a[0], a[1]);
+        u[1] = _mm256_unpackhi_epi32(a[0], a[1]);
+        u[2] = _mm256_unpacklo_epi32(a[2], a[3]);
+        u[3] = _mm256_unpackhi_epi32(a[2], a[3]);
+        o[0] = _mm256_unpacklo_epi64(u[0], u[2]); /* dwords 0 | 4 of rows 4h .. 4h+3 */
+        o[1] = _mm256_unpackhi_epi64(u[0], u[2]); /* 1 | 5 */
+        o[2] = _mm256_unpacklo_epi64(u[1], u[3]); /* 2 | 6 */
+        o[3] = _mm256_unpackhi_epi64(u[1], u[3]); /* 3 | 7 */
+    }
+    for (int g = 0; g < 4; g++) {
+        v[g] = _mm256_permute2x128_si256(s[g], s[4 + g], 0x20);
+        v[g + 4] = _mm256_permute2x128_si256(s[g], s[4 + g], 0x31);
+    }
+}
 #endif
 
 #ifdef QK_AVX512
@@ -183,7 +204,6 @@ static inline void kv_store(void *cache, int64_t index, int kv_dtype, const floa
 }
 
 /* norm_rope.c */
-void qk_set_row_invariant(int on);
 void silu_and_mul_f32(const float *x, float *out, int T, int I);
 void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *y, int T, int H, float eps);
 void rope_neox_f32(const float *x, int64_t x_stride, const float *cos, const float *sin, float *out, int T,
@@ -195,6 +215,8 @@ void paged_decode_attention_f32(const float *q, const void *k_cache, const void 
                                 int KVH, int D, int block_size, int max_blocks, float scale, int kv_dtype);
 
 /* quant.c */
+void qk_set_row_invariant(int on);
+int qk_row_invariant(void); /* set: every matmul takes its decode path whatever the row count */
 void quantize_row_q8(const float *x, int K, int8_t *xq, float *xs);
 int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float *y, int M, int N, int K);
 int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);

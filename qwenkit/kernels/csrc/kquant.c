@@ -13,10 +13,12 @@
    (times their scale), in float.
 
    Below KQ_UNPACK_ROWS activation rows (decode) each super-block of a weight row is decoded once,
-   in registers, for up to 8 of them (kq_rows); from there on (prefill) the weight rows are
-   unpacked a few super-blocks at a time into a buffer that every activation row then passes over
-   (kq_tile). Both give every (activation row, weight row) pair the same operations in the same
-   order whatever the number of rows, so a row's result does not depend on the batch.
+   in registers, for up to 8 of them (kq_rows), every (activation row, weight row) pair getting
+   the same operations in the same order whatever the number of rows, so a row's result does not
+   depend on the batch. From there on (prefill) panels of 8 weight rows are unpacked once, a
+   vector lane a row, and every activation row passes over them (kq_lanes_tile): the same integer
+   sums per super-block, other float roundings; under qk_row_invariant (--deterministic) kq_rows
+   takes every row count.
    kq_dequantize gives the exact float weights where no kernel runs. Plain C takes the same
    arithmetic without AVX2. */
 #include <math.h>
@@ -29,7 +31,7 @@
 #define KQ_STEP(mr) ((mr) == 1 ? 4 : (mr) == 2 ? 2 : 1) /* weight rows at a time, for mr activation rows */
 #endif
 #ifndef KQ_UNPACK_ROWS
-#define KQ_UNPACK_ROWS 24 /* from this many activation rows on, weight rows are unpacked first (kq_tile) */
+#define KQ_UNPACK_ROWS 16 /* from this many activation rows on, panels of weight rows are unpacked first */
 #endif
 /* The int8 activations' row stride: 64 bytes more than K. With K a multiple of 1024 (model widths
    often are), rows a 1 x 8 tile reads at one offset would otherwise fall in one set of the L1
@@ -37,12 +39,6 @@
    time at 8 rows, K = 4096. */
 #ifndef KQ_X_STRIDE
 #define KQ_X_STRIDE(K) ((K) + 64)
-#endif
-#ifndef KQ_PANEL
-#define KQ_PANEL 8 /* weight rows unpacked together (kq_panel_unpacked), a multiple of 4 */
-#endif
-#ifndef KQ_CHUNK
-#define KQ_CHUNK 4 /* super-blocks of a panel unpacked at a time (kq_panel_unpacked) */
 #endif
 #ifndef KQ_ROWS
 #define KQ_ROWS 8 /* activation rows at a time: a super-block decoded once for up to 8 rows */
@@ -242,7 +238,7 @@ static inline __attribute__((always_inline)) __m256i kq_scale(int type, const __
     return _mm256_permutevar8x32_epi32(scales[j / 2 % 2], _mm256_setr_epi32(e, e, e, e, e + 1, e + 1, e + 1, e + 1));
 }
 
-/* Super-block b's scales as kq_rows and kq_tile take them: the blocks' scales as int16, each twice
+/* Super-block b's scales as kq_rows takes them: the blocks' scales as int16, each twice
    in a 32-bit lane, so that one permute gives block j its scale vector (kq_scale): Q4_K / Q5_K
    scales[0] lane j the scale of block j; Q6_K the 16 scales (one per 16 values) in scales[0]
    (lanes 0-3: 0-3, 4-7: 8-11) and scales[1] (4-7, 12-15). What the activations' sums multiply:
@@ -274,17 +270,15 @@ static inline __attribute__((always_inline)) void kq_scales(int type, const uint
                           _mm256_set1_ps(f16_to_f32(h[1])));
 }
 
-/* v, in a register, as it is at this point. Two things gcc does otherwise, each of which made these
-   kernels 1.1-1.3x slower: it takes the integer sums of a super-block apart (integer addition
-   being associative), computes all of its products first and spills them to the stack; and it
-   reads a loaded vector again from memory at each use (kq_tile: 21 loads a step where 10 do). */
+/* v, in a register, as it is at this point. gcc otherwise takes the integer sums of a super-block
+   apart (integer addition being associative), computes all of its products first and spills them
+   to the stack: 1.1-1.3x slower. */
 #define KQ_IN_REGISTER(v) __asm__("" : "+v"(v))
 
-/* The two ends of a super-block for one (activation row, weight row) pair, shared by kq_rows and
-   kq_tile so that they give a row the same bits. Start: the int32 sum begins at Q6_K's offset
-   term (-32 times its scales against the activations' sums per 16, bs), or at zero with the Q4_K /
-   Q5_K mins taken off the accumulator (kq_scales' mins against xb's 8 sums, sums). End: the sum
-   times d and the activations' scale dx into the accumulator. */
+/* The two ends of a super-block for one (activation row, weight row) pair in kq_rows. Start: the
+   int32 sum begins at Q6_K's offset term (-32 times its scales against the activations' sums per
+   16, bs), or at zero with the Q4_K / Q5_K mins taken off the accumulator (kq_scales' mins against
+   xb's 8 sums, sums). End: the sum times d and the activations' scale dx into the accumulator. */
 static inline __attribute__((always_inline)) __m256i kq_start(int type, __m256i offsets, __m256 mins, __m256i bs,
                                                               __m256 sums, __m256 *acc) {
     if (type == KQ_Q6_K)
@@ -344,114 +338,154 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
         for (int r = 0; r < nr; r++) out[m][r] = hsum(acc[m][r]);
 }
 
-/* One super-block of a weight row decoded once for many activation rows (kq_tile): its unsigned
-   values, each block's scale vector (kq_scale), kq_scales' offsets and mins, and d. 608 bytes where
-   the file has 144-210: only a few are unpacked at a time (kq_panel_unpacked), into a buffer that
-   stays in the L1 cache. */
+/* ---- From KQ_UNPACK_ROWS activation rows on (prefill): panels of 8 weight rows unpacked once per
+   call so that a vector lane is a weight row, as Q5_0's prefill path does (quant.c): 4 bytes of an
+   activation row broadcast to every lane give each row its own 4 products, one vpmaddubsw 32
+   products for 8 rows. The pairs stay int16 for as long as they cannot overflow (Q4_K: a block of
+   32 values, pairs <= 2 * 15 * 127; Q5_K: half a block, <= 2 * 31 * 127; Q6_K: 8 values, <= 2 * 63
+   * 127), then one vpmaddwd multiplies them by the rows' scales (a lane pair a row) into int32. A
+   super-block's mins (Q4_K / Q5_K) or offset of 32 (Q6_K) are integer dot products too, of the
+   rows' mins or scales with the activations' sums per 32 or 16 values, so a super-block's sum is
+   exact; then one conversion and one FMA per super-block for the 8 rows (two with the mins), and
+   no horizontal sums. One super-block of a panel, unpacked: 2.8 KiB. */
 typedef struct {
-    __m256i u[8], scale[8], offsets;
-    __m256 mins;
-    float d;
-} kq_unpacked;
+    __m256i v[64];      /* v[g]: the unsigned values at k = 4g .. 4g+3, bytes 4r .. 4r+3 those of row r */
+    __m256i scale[16];  /* Q4_K / Q5_K scale[j] the scale of block j, Q6_K scale[g] that of values 16g..16g+15;
+                           int16, lanes 2r and 2r + 1 row r's */
+    __m256i offsets[8]; /* int16 pairs, lanes 2r, 2r + 1 row r's: Q4_K / Q5_K [i < 4] the mins of blocks
+                           2i, 2i + 1; Q6_K [i] its scales 2i, 2i + 1 (the offset of 32 times each scale) */
+    __m256 d, dmin;     /* the rows' super-block scales */
+} kq_lanes;
 
-static inline __attribute__((always_inline)) void kq_unpack(int type, const uint8_t *b, kq_unpacked *out) {
-    __m256i scales[2];
-    kq_scales(type, b, scales, &out->offsets, &out->mins, &out->d);
-    for (int p = 0, j0 = 0; j0 < 8; p++) {
-        const int n = kq_unsigned(type, b, p, out->u + j0);
-        for (int t = 0; t < n; t++) out->scale[j0 + t] = kq_scale(type, scales, j0 + t);
-        j0 += n;
-    }
-}
+#ifndef KQ_MT
+#define KQ_MT 3 /* activation rows a tile (kq_lanes_tile) */
+#endif
 
-/* kq_rows on unpacked super-blocks sb0 .. sb1 - 1 (row r's super-block sb at w[r * KQ_CHUNK + sb -
-   sb0]), nr <= 4 weight rows against mr <= 2 activation rows, into the accumulators acc[m][r]: each
-   activation block is loaded once for 4 weight rows where kq_rows loads it once for each, and
-   nothing is decoded. The same integer sums and the same float operations in the same order as
-   kq_rows, so either gives a row the same bits. */
-static inline __attribute__((always_inline)) void kq_tile(int type, const kq_unpacked *w, const int8_t *xq,
-                                                          int64_t x_stride, const float *xd, const int16_t *bs16,
-                                                          const float *xb, int nsb, int sb0, int sb1, int nr, int mr,
-                                                          __m256 acc[2][4]) {
-    for (int sb = sb0; sb < sb1; sb++) {
-        __m256i sum[2][4];
-        for (int m = 0; m < mr; m++) {
-            const __m256i bs = _mm256_loadu_si256((const __m256i *)(bs16 + ((int64_t)m * nsb + sb) * (QK_K / 16)));
-            const __m256 sums = _mm256_loadu_ps(xb + ((int64_t)m * nsb + sb) * (QK_K / QK));
-            for (int r = 0; r < nr; r++) {
-                const kq_unpacked *b = w + r * KQ_CHUNK + sb - sb0;
-                sum[m][r] = kq_start(type, b->offsets, b->mins, bs, sums, &acc[m][r]);
+/* Super-block sb of weight rows w[0 .. nr) (nr <= 8; the lanes past nr zero) -> out. */
+static inline __attribute__((always_inline)) void kq_unpack_lanes(int type, const uint8_t *w, int64_t row_bytes,
+                                                                  int nr, int sb, kq_lanes *out) {
+    __m256i u[8][8]; /* [row][block of 32] */
+    int16_t *scale = (int16_t *)out->scale, *offsets = (int16_t *)out->offsets;
+    float d[8], dmin[8];
+    for (int r = 0; r < 8; r++) {
+        if (r >= nr) {
+            for (int j = 0; j < 8; j++) u[r][j] = _mm256_setzero_si256();
+            for (int g = 0; g < 16; g++) scale[16 * g + 2 * r] = scale[16 * g + 2 * r + 1] = 0;
+            for (int i = 0; i < 8; i++) offsets[16 * i + 2 * r] = offsets[16 * i + 2 * r + 1] = 0;
+            d[r] = dmin[r] = 0.f;
+            continue;
+        }
+        const uint8_t *b = w + r * row_bytes + (int64_t)sb * KQ_BYTES[type];
+        for (int p = 0, j0 = 0; j0 < 8; p++) j0 += kq_unsigned(type, b, p, u[r] + j0);
+        if (type == KQ_Q6_K) {
+            const int8_t *sc = (const int8_t *)(b + 192);
+            uint16_t h;
+            memcpy(&h, b + 208, sizeof h);
+            d[r] = f16_to_f32(h);
+            dmin[r] = 0.f;
+            for (int g = 0; g < 16; g++) scale[16 * g + 2 * r] = scale[16 * g + 2 * r + 1] = sc[g];
+            for (int i = 0; i < 8; i++) {
+                offsets[16 * i + 2 * r] = sc[2 * i];
+                offsets[16 * i + 2 * r + 1] = sc[2 * i + 1];
+            }
+        } else {
+            uint16_t h[2];
+            uint8_t sm[16];
+            memcpy(h, b, sizeof h);
+            d[r] = f16_to_f32(h[0]);
+            dmin[r] = f16_to_f32(h[1]);
+            kq_scale_bytes(b + 4, sm);
+            for (int j = 0; j < 8; j++) scale[16 * j + 2 * r] = scale[16 * j + 2 * r + 1] = sm[j];
+            for (int i = 0; i < 4; i++) {
+                offsets[16 * i + 2 * r] = sm[8 + 2 * i];
+                offsets[16 * i + 2 * r + 1] = sm[8 + 2 * i + 1];
             }
         }
-        /* unrolled (gcc does not by itself): 1.1-1.2x */
-#pragma GCC unroll 8
+    }
+    for (int j = 0; j < 8; j++) {
+        __m256i t[8];
+        for (int r = 0; r < 8; r++) t[r] = u[r][j];
+        transpose_8x8_epi32(t);
+        for (int g = 0; g < 8; g++) out->v[8 * j + g] = t[g];
+    }
+    out->d = _mm256_loadu_ps(d);
+    out->dmin = _mm256_loadu_ps(dmin);
+}
+
+/* out[m][r] for the 8 rows of an unpacked panel (nsb super-blocks) and mr (<= 4) activation rows:
+   xq rows x_stride apart, xd their scales per super-block, bs their int16 sums per 16 values
+   (Q6_K; kq_activations' bs16) or per 32 (Q4_K / Q5_K), nsb * 16 or nsb * 8 a row. */
+static inline __attribute__((always_inline)) void kq_lanes_tile(int type, const kq_lanes *w, const int8_t *xq,
+                                                                int64_t x_stride, const float *xd, const int16_t *bs,
+                                                                int nsb, int mr, float out[][8]) {
+    const int run = type == KQ_Q6_K ? 2 : type == KQ_Q5_K ? 4 : 8; /* vectors summed in int16 */
+    const int per_bs = type == KQ_Q6_K ? 16 : 8, pairs_bs = type == KQ_Q6_K ? 8 : 4;
+    __m256 acc[4];
+    for (int m = 0; m < mr; m++) acc[m] = _mm256_setzero_ps();
+    for (int sb = 0; sb < nsb; sb++) {
+        const kq_lanes *l = w + sb;
+        __m256i sum[4], pairs[4];
+        for (int m = 0; m < mr; m++) sum[m] = pairs[m] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
-            __m256i xv[2];
-            for (int m = 0; m < mr; m++) {
-                xv[m] = _mm256_loadu_si256((const __m256i *)(xq + m * x_stride + (sb - sb0) * QK_K + j * QK));
-                KQ_IN_REGISTER(xv[m]);
-            }
-            for (int r = 0; r < nr; r++) {
-                const kq_unpacked *b = w + r * KQ_CHUNK + sb - sb0;
-                __m256i u = b->u[j], sv = b->scale[j];
-                KQ_IN_REGISTER(u);
-                KQ_IN_REGISTER(sv);
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {
+                const int g = 8 * j + t;
+                const __m256i v = l->v[g];
                 for (int m = 0; m < mr; m++) {
-                    sum[m][r] = _mm256_add_epi32(sum[m][r], _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv[m]), sv));
-                    KQ_IN_REGISTER(sum[m][r]);
+                    int32_t x4;
+                    memcpy(&x4, xq + m * x_stride + sb * QK_K + 4 * g, sizeof x4);
+                    pairs[m] = _mm256_add_epi16(pairs[m], _mm256_maddubs_epi16(v, _mm256_set1_epi32(x4)));
+                }
+                if ((t + 1) % run == 0) {
+                    const __m256i sv = l->scale[type == KQ_Q6_K ? 2 * j + t / 4 : j];
+                    for (int m = 0; m < mr; m++) {
+                        sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pairs[m], sv));
+                        pairs[m] = _mm256_setzero_si256();
+                        KQ_IN_REGISTER(sum[m]);
+                    }
                 }
             }
         }
-        for (int m = 0; m < mr; m++)
-            for (int r = 0; r < nr; r++)
-                acc[m][r] = kq_end(sum[m][r], w[r * KQ_CHUNK + sb - sb0].d, xd[(int64_t)m * nsb + sb], acc[m][r]);
-    }
-}
-
-/* Weight rows KQ_PANEL p .. KQ_PANEL (p + 1) - 1 against all M activation rows, KQ_CHUNK
-   super-blocks at a time: each chunk of the panel's rows is unpacked into buf (KQ_PANEL x KQ_CHUNK
-   super-blocks, 18 KiB: it stays in the L1 cache while every activation row passes over it), then
-   each pair of activation rows goes through the panel 4 weight rows at a time (the pair's
-   activations come from L2 once and from L1 after), the accumulators waiting in acc
-   ([KQ_PANEL / 4][M / 2 rounded up][2][4]) between chunks. xc: the int8 activations chunk by
-   chunk (chunk c at xc + M * c * KQ_CHUNK * 256, its rows contiguous), so that a pass over all
-   rows reads memory in order. */
-static inline __attribute__((always_inline)) void kq_panel_unpacked(int type, int p, const int8_t *xc,
-                                                                    const float *xd, const int16_t *bs16,
-                                                                    const float *xb, const uint8_t *w,
-                                                                    kq_unpacked *buf,
-                                                                    __m256 (*acc)[2][4], float *y, int M, int N,
-                                                                    int K) {
-    const int nsb = K / QK_K, n0 = KQ_PANEL * p, rows = N - n0 < KQ_PANEL ? N - n0 : KQ_PANEL;
-    const int pairs = (M + 1) / 2;
-    const int64_t row_bytes = (int64_t)nsb * KQ_BYTES[type];
-    for (int i = 0; i < (rows + 3) / 4 * pairs; i++)
-        for (int m = 0; m < 2; m++)
-            for (int r = 0; r < 4; r++) acc[i][m][r] = _mm256_setzero_ps();
-    for (int sb0 = 0; sb0 < nsb; sb0 += KQ_CHUNK) {
-        const int sb1 = nsb - sb0 < KQ_CHUNK ? nsb : sb0 + KQ_CHUNK;
-        const int64_t x_stride = (int64_t)(sb1 - sb0) * QK_K;
-        for (int r = 0; r < rows; r++)
-            for (int sb = sb0; sb < sb1; sb++)
-                kq_unpack(type, w + (n0 + r) * row_bytes + (int64_t)sb * KQ_BYTES[type], buf + r * KQ_CHUNK + sb - sb0);
-        for (int m0 = 0; m0 < M; m0 += 2) {
-            const int mr = M - m0 < 2 ? M - m0 : 2;
-            const int8_t *xm = xc + (int64_t)M * sb0 * QK_K + m0 * x_stride;
-            const float *xdm = xd + (int64_t)m0 * nsb;
-            const int16_t *bsm = bs16 + (int64_t)m0 * nsb * (QK_K / 16);
-            const float *xbm = xb + (int64_t)m0 * nsb * (QK_K / QK);
-            for (int r0 = 0; r0 < rows; r0 += 4) {
-                const int nr = rows - r0 < 4 ? rows - r0 : 4;
-                const kq_unpacked *wr = buf + r0 * KQ_CHUNK;
-                __m256(*a)[4] = acc[r0 / 4 * pairs + m0 / 2];
-                if (nr == 4 && mr == 2) kq_tile(type, wr, xm, x_stride, xdm, bsm, xbm, nsb, sb0, sb1, 4, 2, a);
-                else if (nr == 4) kq_tile(type, wr, xm, x_stride, xdm, bsm, xbm, nsb, sb0, sb1, 4, 1, a);
-                else kq_tile(type, wr, xm, x_stride, xdm, bsm, xbm, nsb, sb0, sb1, nr, mr, a);
+        for (int m = 0; m < mr; m++) {
+            const int16_t *bsm = bs + ((int64_t)m * nsb + sb) * per_bs;
+            __m256i o = _mm256_setzero_si256();
+            for (int i = 0; i < pairs_bs; i++) {
+                int32_t pair;
+                memcpy(&pair, bsm + 2 * i, sizeof pair);
+                o = _mm256_add_epi32(o, _mm256_madd_epi16(l->offsets[i], _mm256_set1_epi32(pair)));
+            }
+            const __m256 dx = broadcast_load(xd + (int64_t)m * nsb + sb);
+            if (type == KQ_Q6_K) {
+                const __m256i s = _mm256_sub_epi32(sum[m], _mm256_slli_epi32(o, 5));
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(l->d, dx), acc[m]);
+            } else {
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_mul_ps(l->d, dx), acc[m]);
+                acc[m] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(o), _mm256_mul_ps(l->dmin, dx), acc[m]);
             }
         }
     }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < rows; r++) y[(int64_t)m * N + n0 + r] = hsum(acc[r / 4 * pairs + m / 2][m % 2][r % 4]);
+    for (int m = 0; m < mr; m++) _mm256_storeu_ps(out[m], acc[m]);
+}
+
+/* Weight rows 8p .. 8p + 7 against all M activation rows: the panel unpacked into buf (nsb x 2.8
+   KiB; unpacking a few super-blocks at a time to keep them in the L1 cache measured no faster),
+   then KQ_MT activation rows at a time over it. */
+static inline __attribute__((always_inline)) void kq_panel_lanes(int type, int p, const int8_t *xq, const float *xd,
+                                                                 const int16_t *bs, const uint8_t *w, kq_lanes *buf,
+                                                                 float *y, int M, int N, int K) {
+    const int nsb = K / QK_K, n0 = 8 * p, nr = N - n0 < 8 ? N - n0 : 8, per_bs = type == KQ_Q6_K ? 16 : 8;
+    const int64_t row_bytes = (int64_t)nsb * KQ_BYTES[type], x_stride = KQ_X_STRIDE(K);
+    for (int sb = 0; sb < nsb; sb++) kq_unpack_lanes(type, w + n0 * row_bytes, row_bytes, nr, sb, buf + sb);
+    for (int m0 = 0; m0 < M; m0 += KQ_MT) {
+        const int mr = M - m0 < KQ_MT ? M - m0 : KQ_MT;
+        const int8_t *xm = xq + m0 * x_stride;
+        const float *xdm = xd + (int64_t)m0 * nsb;
+        const int16_t *bsm = bs + (int64_t)m0 * nsb * per_bs;
+        float out[KQ_MT][8];
+        if (mr == KQ_MT) kq_lanes_tile(type, buf, xm, x_stride, xdm, bsm, nsb, KQ_MT, out);
+        else kq_lanes_tile(type, buf, xm, x_stride, xdm, bsm, nsb, mr, out);
+        for (int m = 0; m < mr; m++) memcpy(y + (int64_t)(m0 + m) * N + n0, out[m], sizeof(float) * nr);
+    }
 }
 #else
 /* kq_rows in plain C: the same integer sums per super-block. */
@@ -546,35 +580,32 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
         kq_activations(x + (int64_t)m * K, K, xq + (int64_t)m * KQ_X_STRIDE(K), xd + (int64_t)m * nsb,
                        bs16 + (int64_t)m * nsb * (QK_K / 16), xb + (int64_t)m * nsb * (QK_K / QK));
 #ifdef QK_AVX2
-    if (M >= KQ_UNPACK_ROWS) {
-        int8_t *xc = malloc((size_t)M * K); /* xq chunk by chunk (kq_panel_unpacked) */
-        int failed = !xc;
-        for (int sb0 = 0; xc && sb0 < nsb; sb0 += KQ_CHUNK) {
-            const int width = (nsb - sb0 < KQ_CHUNK ? nsb - sb0 : KQ_CHUNK) * QK_K;
-            for (int m = 0; m < M; m++)
-                memcpy(xc + (int64_t)M * sb0 * QK_K + (int64_t)m * width, xq + (int64_t)m * KQ_X_STRIDE(K) + sb0 * QK_K, width);
+    if (M >= KQ_UNPACK_ROWS && !qk_row_invariant()) {
+        int16_t *bs = bs16; /* Q6_K: the sums per 16; Q4_K / Q5_K: per 32 */
+        if (type != KQ_Q6_K) {
+            bs = malloc(sizeof(int16_t) * (size_t)M * nsb * 8);
+            for (int64_t i = 0; bs && i < (int64_t)M * nsb * 8; i++) bs[i] = (int16_t)(bs16[2 * i] + bs16[2 * i + 1]);
         }
+        int failed = !bs;
 #pragma omp parallel
         {
-            kq_unpacked *buf = aligned_alloc(32, sizeof(kq_unpacked) * KQ_PANEL * KQ_CHUNK);
-            __m256(*acc)[2][4] = aligned_alloc(32, sizeof(__m256[2][4]) * (KQ_PANEL / 4) * (size_t)((M + 1) / 2));
-            if (!buf || !acc || !xc) {
+            kq_lanes *buf = aligned_alloc(32, sizeof(kq_lanes) * (size_t)nsb);
+            if (!buf || !bs) {
 #pragma omp atomic write
                 failed = 1;
             }
 #pragma omp for schedule(static)
-            for (int p = 0; p < (N + KQ_PANEL - 1) / KQ_PANEL; p++) {
-                if (!buf || !acc || !xc) continue;
+            for (int p = 0; p < (N + 7) / 8; p++) {
+                if (!buf || !bs) continue;
                 switch (type) {
-                case KQ_Q4_K: kq_panel_unpacked(KQ_Q4_K, p, xc, xd, bs16, xb, w, buf, acc, y, M, N, K); break;
-                case KQ_Q5_K: kq_panel_unpacked(KQ_Q5_K, p, xc, xd, bs16, xb, w, buf, acc, y, M, N, K); break;
-                default: kq_panel_unpacked(KQ_Q6_K, p, xc, xd, bs16, xb, w, buf, acc, y, M, N, K); break;
+                case KQ_Q4_K: kq_panel_lanes(KQ_Q4_K, p, xq, xd, bs, w, buf, y, M, N, K); break;
+                case KQ_Q5_K: kq_panel_lanes(KQ_Q5_K, p, xq, xd, bs, w, buf, y, M, N, K); break;
+                default: kq_panel_lanes(KQ_Q6_K, p, xq, xd, bs, w, buf, y, M, N, K); break;
                 }
             }
             free(buf);
-            free(acc);
         }
-        free(xc);
+        if (bs != bs16) free(bs);
         free(xq);
         free(xd);
         free(bs16);

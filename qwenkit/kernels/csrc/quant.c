@@ -27,6 +27,7 @@ static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *s
 static int row_invariant = 0;
 
 void qk_set_row_invariant(int on) { row_invariant = on; }
+int qk_row_invariant(void) { return row_invariant; }
 
 /* x[K] -> xq[K] int8 and xs[ceil(K / QK)]: xs[j] = max |x| over block j / 127 (the last block
    may be short). */
@@ -447,27 +448,6 @@ static void q5_0_unpack_row(const uint8_t *row, int nb, int8_t *values, float *s
 #define Q5_0_MT 3 /* activation rows a tile (<= 4; 2 and 4 measured 0-5% slower) */
 #endif
 
-#ifdef QK_AVX2
-/* v[r] (8 dwords each) -> v[g] holding dword g of every v[r], lane r. */
-static inline __attribute__((always_inline)) void transpose_8x8_epi32(__m256i v[8]) {
-    __m256i t[8], s[8];
-    for (int h = 0; h < 2; h++) {
-        __m256i *a = v + 4 * h, *u = t + 4 * h, *o = s + 4 * h;
-        u[0] = _mm256_unpacklo_epi32(a[0], a[1]);
-        u[1] = _mm256_unpackhi_epi32(a[0], a[1]);
-        u[2] = _mm256_unpacklo_epi32(a[2], a[3]);
-        u[3] = _mm256_unpackhi_epi32(a[2], a[3]);
-        o[0] = _mm256_unpacklo_epi64(u[0], u[2]); /* dwords 0 | 4 of rows 4h .. 4h+3 */
-        o[1] = _mm256_unpackhi_epi64(u[0], u[2]); /* 1 | 5 */
-        o[2] = _mm256_unpacklo_epi64(u[1], u[3]); /* 2 | 6 */
-        o[3] = _mm256_unpackhi_epi64(u[1], u[3]); /* 3 | 7 */
-    }
-    for (int g = 0; g < 4; g++) {
-        v[g] = _mm256_permute2x128_si256(s[g], s[4 + g], 0x20);
-        v[g + 4] = _mm256_permute2x128_si256(s[g], s[4 + g], 0x31);
-    }
-}
-#endif
 
 /* Rows w[0 .. nr) (regrouped, nb blocks each) -> panel [nb][8][32] bytes, scales [nb][8]; the
    lanes of rows past nr are zero (they then add nothing). */
