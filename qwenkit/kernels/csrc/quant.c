@@ -4,12 +4,12 @@
    As llama.cpp does, the activations are first quantized to int8 in blocks of 32 values (QK, one
    float scale each); the products are integer dot products (AVX2 `maddubs` + `madd`: 32
    multiply-adds in two instructions), summed in float per block. Each weight is read once per
-   call and used for every activation row (tiles of 4 weight rows x 2 activation rows for int8;
-   Q5_0 decodes blocks in registers below Q5_0_UNPACK_ROWS rows, for 8 activation rows at a time
-   and then tiles of 2 weight x 4 activation rows, and above it unpacks panels of 8 weight rows,
-   a vector lane a row, and runs q5_0_panel_tile over them). Below that threshold a row's result
-   does not depend on the other rows of the call. OpenMP over blocks of output rows. Without
-   AVX2 the same arithmetic runs as plain C. */
+   call and used for every activation row: int8 in tiles of 4 weight rows x 2 activation rows;
+   Q5_0 below UNPACK_ROWS rows (decode) decoded in registers, for 8 activation rows at a time and
+   then tiles of 2 weight x 4 activation rows, and from UNPACK_ROWS rows on (prefill) in panels
+   of 8 weight rows unpacked once per call, a vector lane a row (q5_0_panel_tile), which sum in
+   another order. Below that threshold a row's result does not depend on the other rows of the
+   call. OpenMP over blocks of output rows. Without AVX2 the same arithmetic runs as plain C. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -20,8 +20,15 @@
 static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *scale, float *y, int M, int N, int K);
 #endif
 
+#ifndef UNPACK_ROWS
+#define UNPACK_ROWS 16 /* from this many activation rows on, Q5_0 panels are unpacked first */
+#endif
+#ifndef PANEL_MT
+#define PANEL_MT 3 /* activation rows a tile of the Q5_0 panels (<= 4; 2 and 4 measured 0-5% slower) */
+#endif
+
 /* While set (qk_set_row_invariant), the matmuls below take one path whatever the number of
-   activation rows M (no AMX tiles, no Q5_0 unpacking from Q5_0_UNPACK_ROWS rows on): each row's
+   activation rows M (no AMX tiles, no Q5_0 panels from UNPACK_ROWS rows on): each row's
    result is then the same alone or among any others (--deterministic). The paths left are the
    tile kernels, which keep one order of operations per (activation row, weight row). */
 static int row_invariant = 0;
@@ -173,9 +180,6 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
 #define Q5_0_GROUP 8
 #define Q5_0_PAIRS 16   /* where a group's nibble pairs start (after its 8 scales) */
 #define Q5_0_PLANES 144 /* where its high-bit planes start (after 4 x 32 bytes of pairs) */
-#ifndef Q5_0_UNPACK_ROWS
-#define Q5_0_UNPACK_ROWS 16  /* from this many activation rows on, unpack the weights first */
-#endif
 
 /* Rows of a file's Q5_0 blocks [N, K / 32] -> the kernels' layout, into out (not overlapping). */
 void q5_0_pack(const uint8_t *stored, uint8_t *out, int N, int K) {
@@ -432,7 +436,7 @@ static void q5_0_unpack_row(const uint8_t *row, int nb, int8_t *values, float *s
 #endif
 }
 
-/* ---- Q5_0 from Q5_0_UNPACK_ROWS activation rows on (prefill): panels of Q5_0_PANEL = 8 weight
+/* ---- Q5_0 from UNPACK_ROWS activation rows on (prefill): panels of Q5_0_PANEL = 8 weight
    rows, unpacked once per call so that a vector lane is a weight row. Per block j of a panel:
    8 vectors of 32 bytes, vector g holding the unsigned values u = nibble + 16 * bit of k = 4g .. 4g+3
    for each of the 8 rows in turn (byte 4r + i: row r, k = 4g + i), then the 8 rows' scales.
@@ -444,9 +448,6 @@ static void q5_0_unpack_row(const uint8_t *row, int nb, int8_t *values, float *s
    accumulate) is one instruction each for 8 rows. Lanes are rows, so there is no horizontal
    sum at the end either. */
 #define Q5_0_PANEL 8
-#ifndef Q5_0_MT
-#define Q5_0_MT 3 /* activation rows a tile (<= 4; 2 and 4 measured 0-5% slower) */
-#endif
 
 
 /* Rows w[0 .. nr) (regrouped, nb blocks each) -> panel [nb][8][32] bytes, scales [nb][8]; the
@@ -536,6 +537,7 @@ static inline __attribute__((always_inline)) void q5_0_panel_tile(const uint8_t 
                 int32_t x4;
                 memcpy(&x4, xq + (int64_t)m * K + j * QK + 4 * g, sizeof x4);
                 pairs[m] = _mm256_add_epi16(pairs[m], _mm256_maddubs_epi16(v, _mm256_set1_epi32(x4)));
+                IN_REGISTER(pairs[m]);
             }
             if (g % 4 == 3) /* four pair sums at most 4 * 2 * 31 * 127 < 2^15: then into int32 */
                 for (int m = 0; m < mr; m++) {
@@ -588,9 +590,9 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
             sums[(int64_t)m * nb + j] = 16 * sum;
         }
     }
-    if (M >= Q5_0_UNPACK_ROWS && !row_invariant) {
+    if (M >= UNPACK_ROWS && !row_invariant) {
         /* Many rows (prefill): each panel of 8 weight rows unpacked once, then every activation
-           row against it, Q5_0_MT at a time (q5_0_panel_tile). */
+           row against it, PANEL_MT at a time (q5_0_panel_tile). */
         int failed = 0;
         #pragma omp parallel
         {
@@ -605,13 +607,13 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
                 if (!panel || !scales) continue;
                 const int n0 = b * Q5_0_PANEL, nr = N - n0 < Q5_0_PANEL ? N - n0 : Q5_0_PANEL;
                 q5_0_unpack_panel(w + n0 * row, nr, nb, panel, scales);
-                for (int m0 = 0; m0 < M; m0 += Q5_0_MT) {
-                    const int mr = M - m0 < Q5_0_MT ? M - m0 : Q5_0_MT;
+                for (int m0 = 0; m0 < M; m0 += PANEL_MT) {
+                    const int mr = M - m0 < PANEL_MT ? M - m0 : PANEL_MT;
                     const int8_t *xqm = xq + (int64_t)m0 * K;
                     const float *xsm = xs + (int64_t)m0 * nb;
                     const int32_t *sm = sums + (int64_t)m0 * nb;
-                    float out[Q5_0_MT][Q5_0_PANEL];
-                    if (mr == Q5_0_MT) q5_0_panel_tile(panel, scales, xqm, xsm, sm, K, Q5_0_MT, out);
+                    float out[PANEL_MT][Q5_0_PANEL];
+                    if (mr == PANEL_MT) q5_0_panel_tile(panel, scales, xqm, xsm, sm, K, PANEL_MT, out);
                     else q5_0_panel_tile(panel, scales, xqm, xsm, sm, K, mr, out);
                     for (int m = 0; m < mr; m++) memcpy(y + (int64_t)(m0 + m) * N + n0, out[m], sizeof(float) * nr);
                 }
