@@ -92,6 +92,24 @@ def test_q5_0_regrouping(k):
     assert lib.gguf_pack(k_quant, 256, "Q4_K") is k_quant  # the K-quants are taken as stored
 
 
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+def test_variant_q8_0_dequantized_as_gguf_does(isa):
+    """The loader's Q8_0 dequantization (Q8_0 matrices become int8) is gguf's, bit for bit: every
+    int8 value, scales of both signs, and a short row (one block)."""
+    import numpy as np
+
+    lib = _variant(isa)
+    raw = np.random.default_rng(4).integers(0, 256, (7 * 13, 34), dtype=np.uint8)
+    raw[:, 0:2] = (np.random.default_rng(5).standard_normal((len(raw), 1)) * 1e-2).astype(np.float16).view(np.uint8)
+    raw[0, 2:] = np.arange(-128, 128, 8, dtype=np.int8).view(np.uint8)
+    expected = torch.from_numpy(dequantize(raw.reshape(7, -1), gguf.GGMLQuantizationType.Q8_0))
+    assert torch.equal(lib.q8_0_dequantize(torch.from_numpy(raw.reshape(7, -1)), 416), expected)
+    assert torch.equal(kernels.q8_0_dequantize(torch.from_numpy(raw[:1].copy()), 32), expected[:1, :32])
+    with pytest.raises(TypeError, match="Q8_0 blocks"):
+        lib.q8_0_dequantize(torch.from_numpy(raw.reshape(7, -1)), 448)
+
+
 def _k_quant_blocks(type_name: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random valid `type_name` super-blocks for [n, k] (every bit pattern of values, scales and
     mins; the fp16 super-block scales small) and gguf's dequantization of them."""

@@ -98,6 +98,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     **{f"{t.lower()}_linear_q8": (_I, [_P] * 3 + [_I] * 3) for t in GGUF_BLOCKS},
     **{f"{t.lower()}_dequantize": (None, [_P] * 2 + [_I] * 2) for t in GGUF_BLOCKS},
     "q5_0_pack": (None, [_P] * 2 + [_I] * 2),
+    "q8_0_dequantize": (None, [_P] * 2 + [_I] * 2),
     "decode_layers": (_I, [_P, _I, _P, _P, _I] + [_P] * 4 + [_I] * 2 + [_P]),
     "qk_amx_init": (_I, []),
     "kv_store_rows": (None, [_P, _P, _I, _I]),
@@ -201,6 +202,17 @@ class Library:
         out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
         getattr(self._lib, f"{type_name.lower()}_dequantize")(blocks.data_ptr(), out.data_ptr(), blocks.shape[0],
                                                                 in_features)
+        return out
+
+    def q8_0_dequantize(self, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+        """GGUF Q8_0 rows (uint8 [N, 34 per 32 values]) -> float32 [N, in_features], bit for bit
+        gguf's dequantization (the loader's, for Q8_0 matrices requantized to int8)."""
+        if in_features % 32 or blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != in_features // 32 * 34:
+            raise TypeError(f"expected uint8 Q8_0 blocks [N, {in_features // 32 * 34}], got {blocks.dtype} "
+                            f"{list(blocks.shape)}")
+        blocks = blocks.contiguous()
+        out = torch.empty(blocks.shape[0], in_features, dtype=torch.float32)
+        self._lib.q8_0_dequantize(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
         return out
 
     def decode_layers(self, layers: ctypes.Array, dims: FdDims, h: torch.Tensor, cos: torch.Tensor,

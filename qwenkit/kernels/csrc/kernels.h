@@ -227,6 +227,7 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
 int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
 void q5_0_pack(const uint8_t *stored, uint8_t *out, int N, int K);
 void q5_0_dequantize(const uint8_t *w, float *out, int N, int K);
+void q8_0_dequantize(const uint8_t *w, float *out, int N, int K);
 
 /* kquant.c */
 int q4_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);

@@ -697,6 +697,24 @@ void q5_0_dequantize(const uint8_t *w, float *out, int N, int K) {
     }
 }
 
+/* Rows of GGUF Q8_0 blocks (34 bytes per 32 values: an fp16 scale d, then 32 int8 q) -> float32
+   [N, K], w = q d in float32 as gguf's numpy code computes it. Loading only (Q8_0 matrices
+   become int8 with one scale a row): 10x and more faster than that code. */
+void q8_0_dequantize(const uint8_t *w, float *out, int N, int K) {
+    const int nb = K / QK;
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int j = 0; j < nb; j++) {
+            const uint8_t *block = w + ((int64_t)n * nb + j) * 34;
+            uint16_t h;
+            memcpy(&h, block, sizeof h);
+            const float d = f16_to_f32(h);
+            const int8_t *q = (const int8_t *)(block + 2);
+            float *o = out + (int64_t)n * K + j * QK;
+            for (int i = 0; i < QK; i++) o[i] = (float)q[i] * d;
+        }
+}
+
 /* ---- AMX-INT8 (Sapphire Rapids and later): many activation rows against panels of 32 weight
    rows. Per block of 32 values, one tile op multiplies 16 activation rows by 16 weight rows
    (tdpbssd: signed x signed bytes, exact int32 sums), then the int32 products are scaled by the
