@@ -49,8 +49,8 @@ __all__ = [
     "GGUF_BLOCKS", "INVARIANT_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear", "add_rms_norm",
     "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_pack", "gguf_row_bytes",
     "has_gguf_kernel", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
-    "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "q8_0_dequantize", "qk_norm_rope_cache",
-    "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
+    "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "q8_0_dequantize",
+    "qk_norm_rope_cache", "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
 ]
 
 # Row limits of the quantized matmuls on CPU. The native kernels take calls of any size with

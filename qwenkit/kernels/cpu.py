@@ -207,9 +207,10 @@ class Library:
     def q8_0_dequantize(self, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
         """GGUF Q8_0 rows (uint8 [N, 34 per 32 values]) -> float32 [N, in_features], bit for bit
         gguf's dequantization (the loader's, for Q8_0 matrices requantized to int8)."""
-        if in_features % 32 or blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != in_features // 32 * 34:
-            raise TypeError(f"expected uint8 Q8_0 blocks [N, {in_features // 32 * 34}], got {blocks.dtype} "
-                            f"{list(blocks.shape)}")
+        row = in_features // 32 * 34
+        if in_features % 32 or blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
+            raise TypeError(f"expected uint8 Q8_0 blocks [N, {row}] for {in_features} values a row, got "
+                            f"{blocks.dtype} {list(blocks.shape)}")
         blocks = blocks.contiguous()
         out = torch.empty(blocks.shape[0], in_features, dtype=torch.float32)
         self._lib.q8_0_dequantize(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)

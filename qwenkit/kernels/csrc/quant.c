@@ -449,7 +449,6 @@ static void q5_0_unpack_row(const uint8_t *row, int nb, int8_t *values, float *s
    sum at the end either. */
 #define Q5_0_PANEL 8
 
-
 /* Rows w[0 .. nr) (regrouped, nb blocks each) -> panel [nb][8][32] bytes, scales [nb][8]; the
    lanes of rows past nr are zero (they then add nothing). */
 static void q5_0_unpack_panel(const uint8_t *w, int nr, int nb, uint8_t *panel, float *scales) {
@@ -699,7 +698,7 @@ void q5_0_dequantize(const uint8_t *w, float *out, int N, int K) {
 
 /* Rows of GGUF Q8_0 blocks (34 bytes per 32 values: an fp16 scale d, then 32 int8 q) -> float32
    [N, K], w = q d in float32 as gguf's numpy code computes it. Loading only (Q8_0 matrices
-   become int8 with one scale a row): 10x and more faster than that code. */
+   become int8 with one scale a row): ~6x faster than that code. */
 void q8_0_dequantize(const uint8_t *w, float *out, int N, int K) {
     const int nb = K / QK;
     #pragma omp parallel for schedule(static)
