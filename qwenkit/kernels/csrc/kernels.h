@@ -95,6 +95,14 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+/* The 4 bytes at p in every 32-bit lane (one vpbroadcastd from memory): an activation's 4 values
+   against a panel vector holding 4 values of each of 8 weight rows. */
+static inline __m256i broadcast_4_bytes(const int8_t *p) {
+    int32_t x;
+    memcpy(&x, p, sizeof x);
+    return _mm256_set1_epi32(x);
+}
+
 /* v, in a register, as it is at this point. gcc otherwise takes a tile's integer sums apart
    (integer addition being associative), computes all of their products first and spills them to
    the stack: 1.1-1.3x slower (kquant.c). */

@@ -427,9 +427,8 @@ static inline __attribute__((always_inline)) void kq_lanes_tile(int type, const 
                 const int g = 8 * j + t;
                 const __m256i v = l->v[g];
                 for (int m = 0; m < mr; m++) {
-                    int32_t x4;
-                    memcpy(&x4, xq + m * x_stride + sb * QK_K + 4 * g, sizeof x4);
-                    pairs[m] = _mm256_add_epi16(pairs[m], _mm256_maddubs_epi16(v, _mm256_set1_epi32(x4)));
+                    const __m256i x = broadcast_4_bytes(xq + m * x_stride + sb * QK_K + 4 * g);
+                    pairs[m] = _mm256_add_epi16(pairs[m], _mm256_maddubs_epi16(v, x));
                     if (type != KQ_Q6_K) IN_REGISTER(pairs[m]); /* Q4_K 1.2x; Q6_K (runs of 2) 1-5% slower */
                 }
                 if ((t + 1) % run == 0) {

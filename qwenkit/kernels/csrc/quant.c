@@ -514,37 +514,28 @@ static inline __attribute__((always_inline)) void q5_0_panel_tile(const uint8_t 
     for (int m = 0; m < 4; m++) acc[m] = _mm256_setzero_ps();
     for (int j = 0; j < nb; j++) {
         const uint8_t *p = panel + (int64_t)j * 256;
-        __m256i sum[4];
-#ifdef QK_AVX512
-        for (int m = 0; m < mr; m++) sum[m] = _mm256_setzero_si256();
-        #pragma GCC unroll 8
-        for (int g = 0; g < 8; g++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * g));
-            for (int m = 0; m < mr; m++) {
-                int32_t x4;
-                memcpy(&x4, xq + (int64_t)m * K + j * QK + 4 * g, sizeof x4);
-                sum[m] = _mm256_dpbusd_epi32(sum[m], v, _mm256_set1_epi32(x4));
-            }
-        }
-#else
-        __m256i pairs[4];
+        __m256i sum[4], pairs[4];
         for (int m = 0; m < mr; m++) sum[m] = pairs[m] = _mm256_setzero_si256();
         #pragma GCC unroll 8
         for (int g = 0; g < 8; g++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * g));
             for (int m = 0; m < mr; m++) {
-                int32_t x4;
-                memcpy(&x4, xq + (int64_t)m * K + j * QK + 4 * g, sizeof x4);
-                pairs[m] = _mm256_add_epi16(pairs[m], _mm256_maddubs_epi16(v, _mm256_set1_epi32(x4)));
+                const __m256i x = broadcast_4_bytes(xq + (int64_t)m * K + j * QK + 4 * g);
+#ifdef QK_AVX512
+                sum[m] = _mm256_dpbusd_epi32(sum[m], v, x); /* 4 products into int32 at once */
+#else
+                pairs[m] = _mm256_add_epi16(pairs[m], _mm256_maddubs_epi16(v, x));
                 IN_REGISTER(pairs[m]);
+#endif
             }
+#ifndef QK_AVX512
             if (g % 4 == 3) /* four pair sums at most 4 * 2 * 31 * 127 < 2^15: then into int32 */
                 for (int m = 0; m < mr; m++) {
                     sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pairs[m], _mm256_set1_epi16(1)));
                     pairs[m] = _mm256_setzero_si256();
                 }
-        }
 #endif
+        }
         const __m256 d = _mm256_loadu_ps(scales + j * Q5_0_PANEL);
         for (int m = 0; m < mr; m++) {
             const __m256i s = _mm256_sub_epi32(sum[m], _mm256_set1_epi32(xsum[m * nb + j]));
