@@ -127,7 +127,8 @@ def test_native_q5_0_linear_against_gguf(rows, n, k, monkeypatch):
     """GGUF Q5_0 blocks (regrouped for the kernels by gguf_pack) multiplied in place equal the
     product with gguf's own dequantization, within the activations' int8 rounding: read block by
     block (< 16 rows, 8 rows at a time then the rest, the tails of rows and of n; k of 896: 3
-    regrouped groups and 4 blocks as stored) and unpacked to int8 first (>= 16 rows)."""
+    regrouped groups and 4 blocks as stored) and unpacked to panels of 8 rows first (>= 16 rows:
+    21 rows, tiles of 3; 7 weight rows, a panel's tail)."""
     from gguf.quants import dequantize, quantize
 
     q5 = gguf.GGMLQuantizationType.Q5_0
