@@ -16,9 +16,9 @@
    in registers, for up to 8 of them (kq_rows), every (activation row, weight row) pair getting
    the same operations in the same order whatever the number of rows, so a row's result does not
    depend on the batch. From there on (prefill) panels of 8 weight rows are unpacked once, a
-   vector lane a row, and every activation row passes over them (kq_lanes_tile): the same integer
-   sums per super-block, other float roundings; under qk_row_invariant (--deterministic) kq_rows
-   takes every row count.
+   vector lane a row, and every activation row passes over them (kq_lanes_tile): the same scaled
+   integer dot products, the mins and the float sums rounded otherwise; under qk_row_invariant
+   (--deterministic) kq_rows takes every row count.
    kq_dequantize gives the exact float weights where no kernel runs. Plain C takes the same
    arithmetic without AVX2. */
 #include <math.h>
