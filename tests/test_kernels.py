@@ -104,10 +104,10 @@ def test_variant_q8_0_dequantized_as_gguf_does(isa):
     raw[:, 0:2] = (np.random.default_rng(5).standard_normal((len(raw), 1)) * 1e-2).astype(np.float16).view(np.uint8)
     raw[0, 2:] = np.arange(-128, 128, 8, dtype=np.int8).view(np.uint8)
     expected = torch.from_numpy(dequantize(raw.reshape(7, -1), gguf.GGMLQuantizationType.Q8_0))
-    assert torch.equal(lib.q8_0_dequantize(torch.from_numpy(raw.reshape(7, -1)), 416), expected)
-    assert torch.equal(kernels.q8_0_dequantize(torch.from_numpy(raw[:1].copy()), 32), expected[:1, :32])
+    assert torch.equal(lib.gguf_dequantize(torch.from_numpy(raw.reshape(7, -1)), 416, "Q8_0"), expected)
+    assert torch.equal(kernels.gguf_dequantize(torch.from_numpy(raw[:1].copy()), 32, "Q8_0"), expected[:1, :32])
     with pytest.raises(TypeError, match="Q8_0 blocks"):
-        lib.q8_0_dequantize(torch.from_numpy(raw.reshape(7, -1)), 448)
+        lib.gguf_dequantize(torch.from_numpy(raw.reshape(7, -1)), 448, "Q8_0")
 
 
 def _k_quant_blocks(type_name: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,14 +43,14 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.kernels import cpu, cuda, reference
-from qwenkit.kernels.cpu import GGUF_BLOCKS, gguf_row_bytes
+from qwenkit.kernels.cpu import DEQUANTIZED_BLOCKS, GGUF_BLOCKS, gguf_row_bytes
 
 __all__ = [
-    "GGUF_BLOCKS", "INVARIANT_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear", "add_rms_norm",
-    "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_pack", "gguf_row_bytes",
-    "has_gguf_kernel", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
-    "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "q8_0_dequantize",
-    "qk_norm_rope_cache", "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
+    "DEQUANTIZED_BLOCKS", "GGUF_BLOCKS", "INVARIANT_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
+    "add_rms_norm", "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_pack",
+    "gguf_row_bytes", "has_gguf_kernel", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
+    "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope_cache",
+    "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
 ]
 
 # Row limits of the quantized matmuls on CPU. The native kernels take calls of any size with
@@ -415,19 +415,12 @@ def gguf_pack(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.T
 
 
 def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    """GGUF rows of `type_name` in the kernels' layout (`gguf_pack`; uint8 [N, bytes per row]) ->
-    float32 [N, in_features] on the CPU."""
-    if blocks.device.type == "cpu" and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
+    """GGUF rows of `type_name` in the kernels' layout (`gguf_pack`; Q8_0, which has no matmul
+    kernel, as stored; uint8 [N, bytes per row]) -> float32 [N, in_features] on the CPU, exactly
+    as gguf dequantizes them."""
+    if blocks.device.type == "cpu" and type_name in DEQUANTIZED_BLOCKS and (lib := cpu.library()) is not None:
         return lib.gguf_dequantize(blocks, in_features, type_name)
     return reference.gguf_dequantize(blocks, in_features, type_name)
-
-
-def q8_0_dequantize(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
-    """GGUF Q8_0 rows as stored (uint8 [N, 34 per 32 values]) -> float32 [N, in_features], as gguf
-    computes them (loading: there is no Q8_0 matmul kernel; such matrices become int8)."""
-    if blocks.device.type == "cpu" and (lib := cpu.library()) is not None:
-        return lib.q8_0_dequantize(blocks, in_features)
-    return reference.gguf_dequantize(blocks, in_features, "Q8_0")
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,9 @@ DOT_PRODUCTS = {
 # GGUF block types the C kernels multiply (the K-quants as stored, Q5_0 regrouped at load by
 # `gguf_pack`, the same size): (values, bytes) of one block.
 GGUF_BLOCKS = {"Q5_0": (32, 22), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+# The types the C kernels dequantize (`gguf_dequantize`): those, and Q8_0 (loading only: its
+# matrices become int8), as stored.
+DEQUANTIZED_BLOCKS = {**GGUF_BLOCKS, "Q8_0": (32, 34)}
 
 
 def native_kernels_enabled() -> bool:
@@ -96,9 +99,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F, _I]),
     "int8_linear_q8": (_I, [_P] * 4 + [_I] * 3),
     **{f"{t.lower()}_linear_q8": (_I, [_P] * 3 + [_I] * 3) for t in GGUF_BLOCKS},
-    **{f"{t.lower()}_dequantize": (None, [_P] * 2 + [_I] * 2) for t in GGUF_BLOCKS},
+    **{f"{t.lower()}_dequantize": (None, [_P] * 2 + [_I] * 2) for t in DEQUANTIZED_BLOCKS},
     "q5_0_pack": (None, [_P] * 2 + [_I] * 2),
-    "q8_0_dequantize": (None, [_P] * 2 + [_I] * 2),
     "decode_layers": (_I, [_P, _I, _P, _P, _I] + [_P] * 4 + [_I] * 2 + [_P]),
     "qk_amx_init": (_I, []),
     "kv_store_rows": (None, [_P, _P, _I, _I]),
@@ -198,22 +200,10 @@ class Library:
 
     def gguf_dequantize(self, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
         """GGUF rows of `type_name` in the kernels' layout (uint8 [N, bytes per row]) -> float32 [N, in_features]."""
-        blocks = _blocks(blocks, in_features, type_name)
+        blocks = _blocks(blocks, in_features, type_name, DEQUANTIZED_BLOCKS)
         out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
         getattr(self._lib, f"{type_name.lower()}_dequantize")(blocks.data_ptr(), out.data_ptr(), blocks.shape[0],
                                                                 in_features)
-        return out
-
-    def q8_0_dequantize(self, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
-        """GGUF Q8_0 rows (uint8 [N, 34 per 32 values]) -> float32 [N, in_features], bit for bit
-        gguf's dequantization (the loader's, for Q8_0 matrices requantized to int8)."""
-        row = in_features // 32 * 34
-        if in_features % 32 or blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
-            raise TypeError(f"expected uint8 Q8_0 blocks [N, {row}] for {in_features} values a row, got "
-                            f"{blocks.dtype} {list(blocks.shape)}")
-        blocks = blocks.contiguous()
-        out = torch.empty(blocks.shape[0], in_features, dtype=torch.float32)
-        self._lib.q8_0_dequantize(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
         return out
 
     def decode_layers(self, layers: ctypes.Array, dims: FdDims, h: torch.Tensor, cos: torch.Tensor,
@@ -227,12 +217,12 @@ class Library:
             raise MemoryError(f"fused decode: no memory for the step's buffers ({h.shape[0]} sequences)")
 
 
-def gguf_row_bytes(type_name: str, in_features: int) -> int:
+def gguf_row_bytes(type_name: str, in_features: int, types: dict = GGUF_BLOCKS) -> int:
     """Bytes of one row of `in_features` values in GGUF blocks of `type_name` (ValueError where
-    the row is not whole blocks, or the type has no kernel here)."""
-    if type_name not in GGUF_BLOCKS:
-        raise ValueError(f"no native kernel for GGUF {type_name} (have {', '.join(GGUF_BLOCKS)})")
-    values, size = GGUF_BLOCKS[type_name]
+    the row is not whole blocks, or the type has no kernel here: `types`)."""
+    if type_name not in types:
+        raise ValueError(f"no native kernel for GGUF {type_name} (have {', '.join(types)})")
+    values, size = types[type_name]
     if in_features % values:
         raise ValueError(f"{type_name} rows need a multiple of {values} values, got {in_features}")
     return in_features // values * size
@@ -244,8 +234,8 @@ def _activations(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
-def _blocks(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    row = gguf_row_bytes(type_name, in_features)
+def _blocks(blocks: torch.Tensor, in_features: int, type_name: str, types: dict = GGUF_BLOCKS) -> torch.Tensor:
+    row = gguf_row_bytes(type_name, in_features, types)
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row:
         raise TypeError(f"expected uint8 {type_name} blocks [N, {row}], got {blocks.dtype} {list(blocks.shape)}")
     return blocks.contiguous()
