@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/kquant_formats.py [--shape 0.6b|1.7b|4b] [--rounds 5] [--keep FILE]
     PYTHONPATH=. python benchmarks/kquant_formats.py --model default   # a GGUF at hand instead
     PYTHONPATH=. python benchmarks/kquant_formats.py --matmuls         # per matrix, no model
+    PYTHONPATH=. python benchmarks/kquant_formats.py --parts [--model default]  # q/k/v of mixed types
 
 The default model is mostly Q5_0 (its 896-wide rows do not fit K-quants' 256-value
 super-blocks), so it says little about how a Qwen GGUF whose matrices are Q4_K / Q6_K runs. No
@@ -18,6 +19,10 @@ and once as `--quantization auto` where that requantizes them to int8 (on CPUs o
 `K_QUANTS_STORED_ISAS`), and alternates `qwenkit bench`'s
 measurements between them: prefill tok/s of a 512-token prompt, decode tok/s of 1 and of 8
 streams. Prints each round and the medians, and the resident size of each copy of the weights.
+
+`--parts` compares instead, on the same file, `auto` as it is (a fused q/k/v whose parts are
+stored in different types keeps a format per part) against `auto` with such a matrix int8 as a
+whole, as it was before per-part formats.
 
 `--matmuls` times single matmuls instead: int8, Q4_K and Q6_K on Qwen shapes at 1, 8, 32 and 128
 activation rows, the calls alternating and each matrix one of 8 copies taken in turn (so that
@@ -174,6 +179,8 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="write the GGUF here (and reuse it if it is there)")
     parser.add_argument("--model", help="time this GGUF (a path, or 'default') instead of writing one")
     parser.add_argument("--matmuls", action="store_true", help="time single matmuls instead (see above)")
+    parser.add_argument("--parts", action="store_true",
+                        help="compare q/k/v of mixed types a format per part against int8 as a whole (see above)")
     args = parser.parse_args()
     if args.matmuls:
         time_matmuls(args.rounds)
@@ -197,13 +204,23 @@ def main() -> int:
     from qwenkit.loader import quantization
 
     kwargs = dict(device="cpu", progress=False, max_model_len=2048, max_num_seqs=8)
-    llms = {"K-quants as stored": LLM(str(path), quantization="gguf", **kwargs)}
-    measured_isas = quantization.K_QUANTS_STORED_ISAS
-    quantization.K_QUANTS_STORED_ISAS = ()  # "auto" as it is where the K-quants become int8
-    try:
-        llms["K-quants as int8"] = LLM(str(path), quantization="auto", **kwargs)
-    finally:
-        quantization.K_QUANTS_STORED_ISAS = measured_isas
+    if args.parts:
+        llms = {"a format per part": LLM(str(path), quantization="auto", **kwargs)}
+        per_part = quantization._linear_format
+        quantization._linear_format = lambda linear, wanted: (
+            quantization.INT8 if isinstance(format := per_part(linear, wanted), tuple) else format)
+        try:
+            llms["mixed q/k/v int8 as a whole"] = LLM(str(path), quantization="auto", **kwargs)
+        finally:
+            quantization._linear_format = per_part
+    else:
+        llms = {"K-quants as stored": LLM(str(path), quantization="gguf", **kwargs)}
+        measured_isas = quantization.K_QUANTS_STORED_ISAS
+        quantization.K_QUANTS_STORED_ISAS = ()  # "auto" as it is where the K-quants become int8
+        try:
+            llms["K-quants as int8"] = LLM(str(path), quantization="auto", **kwargs)
+        finally:
+            quantization.K_QUANTS_STORED_ISAS = measured_isas
     gc.collect()
     for name, llm in llms.items():
         print(f"{name}: weights {_weights_mib(llm):.0f} MiB")

@@ -104,11 +104,13 @@ def test_fused_step_of_a_bfloat16_model(tmp_path, arch, tie):
 
 @needs_kernels
 def test_fused_step_equals_module_step_gguf_q5_0(tmp_path):
-    """The Q4_K_M mix: Q5_0, Q4_K and Q6_K projections kept as stored next to int8 ones."""
+    """The Q4_K_M mix: Q5_0, Q4_K and Q6_K projections kept as stored next to int8 ones, and
+    q/k/v in Q5_0, Q5_0 and int8 (each part in its own format, the bias over the whole)."""
     path = write_gguf(tmp_path / "mixed.gguf", _tiny_gguf_model(), "qwen2", weight_type=_mixed_type)
     llm = LLM(str(path), dtype="float32", quantization="gguf", progress=False)
-    mlp = llm.model.model.layers[0].mlp
-    assert llm.model.model.layers[0].self_attn.o_proj.format == "gguf:Q5_0"
+    attn, mlp = llm.model.model.layers[0].self_attn, llm.model.model.layers[0].mlp
+    assert attn.o_proj.format == "gguf:Q5_0"
+    assert attn.qkv_proj.format == ("gguf:Q5_0", "gguf:Q5_0", "int8") and attn.qkv_proj.bias is not None
     assert (mlp.gate_up_proj.format, mlp.down_proj.format) == ("gguf:Q4_K", "gguf:Q6_K")
     _compare_step(llm)
 

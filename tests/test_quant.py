@@ -372,7 +372,12 @@ def _fake_quantized(path, formats: dict[str, str], *, exact: tuple[str, ...] = (
     with torch.no_grad():
         for name, format in formats.items():
             w = getattr(modules[name], "weight", None)
-            if format == quant.INT8:
+            if isinstance(format, tuple):  # a format per shard: the int8 ones requantized
+                for first, size, part_format in zip(modules[name].offsets, modules[name].output_sizes, format):
+                    if part_format == quant.INT8:
+                        q, scale = quant.quantize_int8(w[first : first + size])
+                        w[first : first + size] = q.float() * scale[:, None]
+            elif format == quant.INT8:
                 q, scale = quant.quantize_int8(w)
                 w.copy_(q.float() * scale[:, None])
             elif format == quant.INT4 and not name.endswith(exact):
@@ -471,7 +476,8 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native, isa)
     k_quants_stored = native and isa in K_QUANTS_STORED_ISAS
     assert formats["model.embed_tokens"] == "gguf:Q5_0"  # untied: kept as stored
     assert formats["lm_head"] == "int8"
-    assert formats["model.layers.1.self_attn.qkv_proj"] == "int8"  # Q5_0 + Q5_0 + Q8_0
+    # Q5_0 + Q5_0 + Q8_0: a format per part where the Q5_0 kernel runs.
+    assert formats["model.layers.1.self_attn.qkv_proj"] == (("gguf:Q5_0", "gguf:Q5_0", "int8") if native else "int8")
     assert formats["model.layers.1.mlp.gate_up_proj"] == ("gguf:Q4_K" if k_quants_stored else "int8")
     assert formats["model.layers.1.mlp.down_proj"] == ("gguf:Q6_K" if k_quants_stored else "int8")
     # All Q5_0: kept as stored where the native kernel runs.
@@ -494,8 +500,12 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native, isa)
         o_proj = llm.model.model.layers[0].self_attn.o_proj
         raw = GGUFTensor(mixed_gguf, infos["blk.0.attn_output.weight"]).read_raw(0, 256)
         assert torch.equal(o_proj.weight, kernels.gguf_pack(raw, 256, "Q5_0")) and not torch.equal(o_proj.weight, raw)
-    v_rows = llm.model.model.layers[0].self_attn.qkv_proj.weight[256 + 128 :]
+    qkv = llm.model.model.layers[0].self_attn.qkv_proj
+    v_rows = qkv.parts[2].weight if native else qkv.weight[256 + 128 :]
     assert torch.equal(v_rows, quant.quantize_int8(stored["model.layers.0.self_attn.v_proj.weight"])[0])
+    if native:  # and the Q5_0 parts hold the file's bytes
+        raw = GGUFTensor(mixed_gguf, infos["blk.0.attn_q.weight"]).read_raw(0, 256)
+        assert torch.equal(qkv.parts[0].weight, kernels.gguf_pack(raw, 256, "Q5_0"))
 
 
 @needs_native
@@ -511,7 +521,7 @@ def test_gguf_quantization_keeps_k_quants_as_stored(monkeypatch, mixed_gguf):
     assert formats["model.layers.1.mlp.gate_up_proj"] == "gguf:Q4_K"
     assert formats["model.layers.1.mlp.down_proj"] == "gguf:Q6_K"
     assert formats["model.layers.1.self_attn.o_proj"] == "gguf:Q5_0"
-    assert formats["model.layers.1.self_attn.qkv_proj"] == "int8"  # Q5_0 + Q5_0 + Q8_0: one format, int8
+    assert formats["model.layers.1.self_attn.qkv_proj"] == ("gguf:Q5_0", "gguf:Q5_0", "int8")  # Q8_0: int8
     _, infos = _read_header(mixed_gguf)
     down = llm.model.model.layers[0].mlp.down_proj
     assert torch.equal(down.weight, GGUFTensor(mixed_gguf, infos["blk.0.ffn_down.weight"]).read_raw(0, 256))
@@ -588,3 +598,24 @@ def test_bad_quantization_choice(tmp_path):
     # On CUDA, "auto" loads GGUF as floats and "int8" dequantizes each call.
     assert plan_quantization(model, "auto", tensor_types={"model.norm.weight": gguf.GGMLQuantizationType.Q8_0},
                              device=torch.device("cuda")) == {}
+
+
+@needs_native
+def test_fused_matrix_of_mixed_types_takes_a_format_per_part(tmp_path):
+    """q/k/v stored in different types: a format per part where each part's kernel runs here,
+    else int8 for the whole (a part stored as floats, or rows a K-quant's super-blocks do not fit)."""
+    make_checkpoint(tmp_path, "qwen3")  # hidden size 64: Q5_0's blocks of 32 fit, Q4_K's 256 do not
+    model = load_model(resolve_model(str(tmp_path), progress=False), dtype=torch.float32, device=torch.device("cpu"),
+                       quantization="none", progress=False).model
+    T = gguf.GGMLQuantizationType
+
+    def qkv_format(q, k, v):
+        types = {f"model.layers.0.self_attn.{name}_proj.weight": t for name, t in zip("qkv", (q, k, v))}
+        return plan_quantization(model, "gguf", tensor_types=types, device=torch.device("cpu"))[
+            "model.layers.0.self_attn.qkv_proj"]
+
+    assert qkv_format(T.Q5_0, T.Q5_0, T.Q8_0) == ("gguf:Q5_0", "gguf:Q5_0", "int8")
+    assert qkv_format(T.Q5_0, T.Q5_0, T.Q5_0) == "gguf:Q5_0"
+    assert qkv_format(T.Q5_0, T.Q5_0, T.F16) == "int8"
+    assert qkv_format(T.Q5_0, T.Q5_0, T.Q4_K) == "int8"
+    assert qkv_format(T.Q4_K, T.Q4_K, T.Q4_K) == "int8"

@@ -489,13 +489,21 @@ def _(x, expert_ids, weights, gate_up_proj, down_proj):
 @dataclass(frozen=True)
 class DecodeLinear:
     """One projection of a fused decode layer. kind "int8": weight int8 [N, K] and scale
-    bfloat16 [N]; else a GGUF type of `GGUF_BLOCKS`, weight its blocks uint8 [N, bytes per row]."""
+    bfloat16 [N]; a GGUF type of `GGUF_BLOCKS`: weight its blocks uint8 [N, bytes per row];
+    "parts": a fused matrix whose `parts` (none of them parts, none with a bias) have their own
+    kinds, their outputs side by side (weight None)."""
 
     kind: str
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     in_features: int
     scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None  # [N]
+    parts: tuple[DecodeLinear, ...] = ()
+
+    @property
+    def matrices(self) -> tuple[DecodeLinear, ...]:
+        """The linears holding weights: the parts, or this one."""
+        return self.parts or (self,)
 
 
 @dataclass(frozen=True)
@@ -522,6 +530,13 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return t.data_ptr()
 
 
+def _fits_decode_step(m: DecodeLinear) -> bool:
+    """Whether csrc/decode_layers.c multiplies by `m`: a kind it has, or parts of such kinds without biases."""
+    if m.kind != "parts":
+        return m.kind in cpu.FD_FORMATS and not m.parts
+    return bool(m.parts) and all(p.kind != "parts" and _fits_decode_step(p) and p.bias is None for p in m.parts)
+
+
 class DecodeLayers:
     """Every decoder layer of a decode step as one native call (csrc/decode_layers.c): norms,
     the quantized matmuls, RoPE, the cache write, attention, SwiGLU and the residual adds.
@@ -544,27 +559,36 @@ class DecodeLayers:
         if lib is None or not layers:
             return None
         kv_dtype = layers[0].k_cache.dtype
-        tensors, structs = [], []
+        tensors, structs = [], []  # tensors: what the structs point into (and the parts' arrays), kept alive
+
+        def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.detach().to(torch.float32).contiguous()
+            tensors.append(t)
+            return t
+
+        def fd_linear(m: DecodeLinear) -> cpu.FdLinear:
+            if not m.parts:
+                return cpu.FdLinear(cpu.FD_FORMATS[m.kind], m.weight.shape[0], m.in_features, 0, _pointer(m.weight),
+                                    _pointer(m.scale), _pointer(f32(m.bias)))
+            parts = (cpu.FdLinear * len(m.parts))(*map(fd_linear, m.parts))
+            tensors.append(parts)
+            return cpu.FdLinear(cpu.FD_FORMATS["parts"], sum(p.n for p in parts), m.in_features, len(parts),
+                                ctypes.addressof(parts), None, _pointer(f32(m.bias)))
+
         for layer in layers:
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
-            if (any(linear.kind not in cpu.FD_FORMATS for linear in linears) or kv_dtype not in cpu.KV_DTYPES
-                    or {layer.k_cache.dtype, layer.v_cache.dtype} != {kv_dtype}
-                    or any(t.device.type != "cpu" for t in (layer.k_cache, layer.v_cache, layer.qkv.weight))):
+            matrices = [leaf for m in linears for leaf in m.matrices]
+            if (not all(map(_fits_decode_step, linears))
+                    or kv_dtype not in cpu.KV_DTYPES or {layer.k_cache.dtype, layer.v_cache.dtype} != {kv_dtype}
+                    or any(t.device.type != "cpu" for t in (layer.k_cache, layer.v_cache, *(m.weight for m in matrices)))):
                 return None
-
-            def f32(t: torch.Tensor | None) -> torch.Tensor | None:
-                if t is None:
-                    return None
-                t = t.detach().to(torch.float32).contiguous()
-                tensors.append(t)
-                return t
-
             structs.append(cpu.FdLayer(
-                *(cpu.FdLinear(cpu.FD_FORMATS[m.kind], m.weight.shape[0], m.in_features, _pointer(m.weight),
-                               _pointer(m.scale), _pointer(f32(m.bias))) for m in linears),
+                *map(fd_linear, linears),
                 *map(_pointer, map(f32, (layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm))),
                 _pointer(layer.k_cache), _pointer(layer.v_cache)))
-            tensors.extend((layer.k_cache, layer.v_cache, *(m.weight for m in linears)))
+            tensors.extend((layer.k_cache, layer.v_cache, *(m.weight for m in matrices)))
         dims = cpu.FdDims(hidden, heads, kv_heads, head_dim, intermediate, cpu.KV_DTYPES[kv_dtype], eps, scale)
         return cls((cpu.FdLayer * len(structs))(*structs), dims, lib, tensors)
 

@@ -74,7 +74,7 @@ def _fields(*names: str, kind=ctypes.c_void_p) -> list[tuple[str, type]]:
 
 # Mirrors of csrc/decode_layers.h (tests/test_kernels.py compiles the header and compares offsets).
 class FdLinear(ctypes.Structure):
-    _fields_ = _fields("format", "n", "k", kind=ctypes.c_int32) + _fields("weight", "scale", "bias")
+    _fields_ = _fields("format", "n", "k", "num_parts", kind=ctypes.c_int32) + _fields("weight", "scale", "bias")
 
 
 class FdLayer(ctypes.Structure):
@@ -87,7 +87,7 @@ class FdDims(ctypes.Structure):
                        kind=ctypes.c_int32) + _fields("eps", "scale", kind=ctypes.c_float)
 
 
-FD_FORMATS = {"int8": 0, "Q5_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4}  # csrc/decode_layers.h's FORMAT_*
+FD_FORMATS = {"int8": 0, "Q5_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4, "parts": 5}  # csrc/decode_layers.h's FORMAT_*
 KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/kernels.h's KV_*
 
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float

@@ -90,7 +90,8 @@ def load_model(
             formats = plan_quantization(model, quantization, tensor_types=tensor_types, device=device)
             quantize_modules(model, formats)
     if formats:
-        logger.info("quantized %s", ", ".join(f"{n} {f}" for f, n in sorted(Counter(formats.values()).items())))
+        names = Counter(" + ".join(f) if isinstance(f, tuple) else f for f in formats.values())
+        logger.info("quantized %s", ", ".join(f"{n} {f}" for f, n in sorted(names.items())))
     # Lazy tensors let a quantized parameter read a block of rows at a time.
     lazy = bool(formats)
     if files.format == "gguf":

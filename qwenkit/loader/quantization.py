@@ -3,7 +3,8 @@
 quantization="auto": on CPU, GGUF matrices stay quantized, in the format `gguf_auto_formats()`
 gives their storage type (the K-quants as stored where their kernels were measured level with
 int8 or faster, else int8); "gguf": every type with a native kernel kept as stored
-(`GGUF_STORED_FORMATS`: the K-quants too, whatever the CPU), the smallest in memory. Float-stored
+(`GGUF_STORED_FORMATS`: the K-quants too, whatever the CPU), the smallest in memory. Under both, a
+fused matrix whose parts are stored in different types keeps a format per part. Float-stored
 tensors, safetensors checkpoints, and any checkpoint on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
 where a shape does not fit int4), the embedding and lm_head in int8, as llama.cpp keeps the
 output matrix at higher precision. "none": all floats. The MoE router and the experts stay
@@ -97,31 +98,37 @@ def plan_quantization(
         return formats
 
     params = dict(model.named_parameters())
-    stored: dict[str, set[T]] = {}
+    stored: dict[str, dict[object, T]] = {}  # module name -> {shard: storage type}
     for hf_name, tensor_type in tensor_types.items():
         target = _target(model, params, hf_name)
         if target is not None and target[0].endswith(".weight"):
-            stored.setdefault(target[0].removesuffix(".weight"), set()).add(tensor_type)
+            stored.setdefault(target[0].removesuffix(".weight"), {})[target[1]] = tensor_type
     table = GGUF_STORED_FORMATS if quantization == "gguf" else gguf_auto_formats()
-    formats = {}
+    formats: dict[str, str | tuple[str, ...]] = {}
     for name, types in stored.items():
-        wanted = {table.get(t) for t in types} - {None}
+        wanted = {table.get(t) for t in types.values()} - {None}
         module = modules.get(name)
         if not wanted:
             continue  # stored as floats
         if type(module) is Embedding:
-            (tensor_type,) = types
+            (tensor_type,) = types.values()
             # The lm_head needs a matmul: a tied embedding is int8, else kept as stored.
             formats[name] = INT8 if getattr(model, "lm_head", None) is None else f"{GGUF}:{tensor_type.name}"
         elif type(module) is Linear and not name.endswith(".mlp.gate"):
-            # One format for the whole (possibly fused) matrix: mixed storage types get int8.
-            if wanted == {INT4} and _fits_int4(module):
-                formats[name] = INT4
-            elif len(wanted) == 1 and wanted <= set(GGUF_LINEAR_FORMATS) and _fits_kernel(module, *wanted):
-                formats[name] = next(iter(wanted))
-            else:
-                formats[name] = INT8
+            formats[name] = _linear_format(module, [table.get(types.get(shard)) for shard in module.shard_index])
     return formats
+
+
+def _linear_format(linear: Linear, wanted: list[str | None]) -> str | tuple[str, ...]:
+    """The format of a (possibly fused) matrix whose shards want `wanted` (None: stored as floats):
+    theirs where it is one and its kernel runs here; where the shards differ, a format per shard
+    if each is int8 or has its kernel (`QuantLinear`'s parts), else int8 for the whole."""
+    runs = [f == INT8 or (f in GGUF_LINEAR_FORMATS and _fits_kernel(linear, f)) for f in wanted]
+    if set(wanted) == {INT4} and _fits_int4(linear):
+        return INT4
+    if len(set(wanted)) == 1:
+        return wanted[0] if all(runs) else INT8
+    return tuple(wanted) if all(runs) else INT8
 
 
 def _fits_kernel(linear: Linear, format: str) -> bool:

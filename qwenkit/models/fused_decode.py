@@ -10,7 +10,8 @@ module path calls one at a time, so the numbers are those of the module path up 
 summation order.
 
 It applies where every matmul of every layer has a native kernel: a CPU model with dense MLPs
-(not MoE), each projection an int8 or GGUF (Q5_0, Q4_K, Q5_K, Q6_K) `QuantLinear`, and the
+(not MoE), each projection an int8 or GGUF (Q5_0, Q4_K, Q5_K, Q6_K) `QuantLinear` (or one with a
+format per shard), and the
 kernels built. `FusedDecode.build` returns None otherwise and the runner keeps the module path.
 `QWENKIT_NATIVE_KERNELS=0` turns it off with the other kernels.
 
@@ -35,6 +36,9 @@ def _linear(module) -> kernels.DecodeLinear | None:
     """The kernel's view of a projection, or None where it is not quantized."""
     if not isinstance(module, QuantLinear):
         return None
+    if module.parts is not None:  # a format per shard
+        return kernels.DecodeLinear("parts", None, module.in_features, bias=module.bias,
+                                    parts=tuple(map(_linear, module.parts)))
     kind = module.format if module.format == INT8 else module.format.partition(":")[2]
     scale = module.scale if module.format == INT8 else None
     return kernels.DecodeLinear(kind, module.weight, module.in_features, scale, module.bias)

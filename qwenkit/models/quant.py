@@ -155,15 +155,35 @@ class QuantLinear(Linear):
     the last one is in. GGUF formats ("gguf:Q5_0", ...): weight is the file's blocks in the
     kernels' layout (`kernels.gguf_pack`: Q5_0 regrouped, the K-quants as stored), uint8 [N, bytes
     per row] (every shard must be stored in that type). The bias stays in the model's dtype.
+
+    A fused matrix whose shards are stored in different types (q and k in Q4_K next to v in Q6_K,
+    as llama.cpp's Q4_K_M lays out about half the layers) takes a tuple of formats, one per shard
+    (int8 or GGUF formats): `parts` holds one single-shard QuantLinear per shard in its own format
+    (their tensors buffers, so the loader still sees one parameter, `weight`, empty here), and the
+    output is theirs side by side. One format for the whole would requantize the K-quant shards
+    to int8 (8 bits a value against 4.5 to 6.6).
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, dtype: torch.dtype,
-                 format: str, shard_names: tuple = (None,)):
+                 format: str | tuple[str, ...], shard_names: tuple = (None,)):
         super().__init__(in_features, output_sizes, bias=bias, dtype=dtype, shard_names=shard_names)
         n = sum(output_sizes)
         self.format = format
         self.in_features = in_features
-        if format == INT8:
+        self.parts: nn.ModuleList | None = None
+        if isinstance(format, tuple):
+            if len(format) != len(output_sizes) or not set(format) <= {INT8, *GGUF_LINEAR_FORMATS}:
+                raise ValueError(f"a format per part takes int8 or GGUF formats, one per shard: got {format!r}")
+            self.parts = nn.ModuleList(QuantLinear(in_features, [size], bias=False, dtype=dtype, format=part_format)
+                                       for size, part_format in zip(output_sizes, format))
+            for part in self.parts:
+                for name in ("weight", "scale"):
+                    if hasattr(part, name):
+                        tensor = getattr(part, name).data
+                        delattr(part, name)
+                        part.register_buffer(name, tensor)
+            self.weight = _frozen(torch.empty(0, dtype=torch.uint8))
+        elif format == INT8:
             self.weight = _frozen(torch.empty(n, in_features, dtype=torch.int8))
             self.register_buffer("scale", torch.empty(n, dtype=torch.bfloat16))
         elif format == INT4:
@@ -195,6 +215,9 @@ class QuantLinear(Linear):
         i = self.shard_index[shard]
         first, in_features = self.offsets[i], self.in_features
         _check_shape(tensor, (self.output_sizes[i], in_features))
+        if self.parts is not None:
+            self.parts[i]._load_weight(self.parts[i].weight, tensor, None)
+            return {shard}
         if self.format == INT8:
             for start, rows in row_blocks(tensor):
                 q, scale = quantize_int8(rows)
@@ -225,7 +248,9 @@ class QuantLinear(Linear):
         return {shard}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.format == INT8:
+        if self.parts is not None:
+            y = torch.cat([part(x) for part in self.parts], dim=-1)
+        elif self.format == INT8:
             y = kernels.int8_linear(x, self.weight, self.scale)
         elif self.format in GGUF_LINEAR_FORMATS:
             y = kernels.gguf_linear(x, self.weight, self.in_features, self.ggml_type)
@@ -309,7 +334,7 @@ class GGUFEmbedding(nn.Module):
 
 def quantized_module(module: nn.Module, format: str) -> nn.Module:
     """The quantized counterpart of a `Linear` or `Embedding` (not yet loaded)."""
-    if type(module) is Linear and format in (INT8, INT4, *GGUF_LINEAR_FORMATS):
+    if type(module) is Linear and (isinstance(format, tuple) or format in (INT8, INT4, *GGUF_LINEAR_FORMATS)):
         return QuantLinear.from_linear(module, format)
     if type(module) is Embedding:
         num_embeddings, embedding_dim = module.weight.shape
@@ -321,8 +346,8 @@ def quantized_module(module: nn.Module, format: str) -> nn.Module:
     raise ValueError(f"cannot quantize {type(module).__name__} as {format!r}")
 
 
-def quantize_modules(model: nn.Module, formats: dict[str, str]) -> None:
-    """Swap each module named in `formats` ({module name: format}) for its quantized
+def quantize_modules(model: nn.Module, formats: dict[str, str | tuple[str, ...]]) -> None:
+    """Swap each module named in `formats` ({module name: format, or a format per shard}) for its quantized
     counterpart. Call before loading: the float weights replaced are never written."""
     for name, format in formats.items():
         parent_name, _, child = name.rpartition(".")

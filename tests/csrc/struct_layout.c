@@ -16,6 +16,7 @@ int main(void) {
     OFFSET(fd_linear, format);
     OFFSET(fd_linear, n);
     OFFSET(fd_linear, k);
+    OFFSET(fd_linear, num_parts);
     OFFSET(fd_linear, weight);
     OFFSET(fd_linear, scale);
     OFFSET(fd_linear, bias);
@@ -47,5 +48,6 @@ int main(void) {
     VALUE(FORMAT_Q4_K);
     VALUE(FORMAT_Q5_K);
     VALUE(FORMAT_Q6_K);
+    VALUE(FORMAT_PARTS);
     return 0;
 }

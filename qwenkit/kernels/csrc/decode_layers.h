@@ -5,10 +5,11 @@
 
 #include <stdint.h>
 
-enum { FORMAT_INT8 = 0, FORMAT_Q5_0 = 1, FORMAT_Q4_K = 2, FORMAT_Q5_K = 3, FORMAT_Q6_K = 4 };
+enum { FORMAT_INT8 = 0, FORMAT_Q5_0 = 1, FORMAT_Q4_K = 2, FORMAT_Q5_K = 3, FORMAT_Q6_K = 4, FORMAT_PARTS = 5 };
 
 typedef struct {
     int32_t format, n, k;
+    int32_t num_parts;     /* FORMAT_PARTS: weight is num_parts fd_linear (none of them parts), outputs side by side */
     const void *weight;    /* int8 [n, k], or GGUF blocks of the format, [n, bytes per row] */
     const uint16_t *scale; /* int8: bfloat16 [n] */
     const float *bias;     /* [n] or NULL */
