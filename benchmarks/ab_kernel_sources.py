@@ -6,7 +6,9 @@ alternating: what a kernel change is worth on the whole model, free of the drift
 
 Both libraries are built for this CPU's selected variant (each named by a hash of its sources),
 and both run on the one model this checkout loaded: the other version must take the same weight
-layouts (for Q5_0, regrouped at load since a903d1a; an older one lacks `q5_0_pack` and fails to load).
+layouts (Q5_0: 8 rows interleaved at load since 2026-11-29; a version from before packs its rows
+otherwise and its Q5_0 numbers here would be wrong: time Q5_0 kernels of different layouts with
+benchmarks/ab_q5_0.c, each on its own packing).
 Each round runs --steps decode steps of --streams sequences (the fused layers and the lm_head,
 as the engine's decode step computes them, the sampler left out) on each library in turn, after
 a prompt of --context tokens; --prefill N times a prompt of N tokens instead. Prints each

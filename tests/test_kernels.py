@@ -56,15 +56,14 @@ def _assert_q8_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, block: i
 @pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 16, 37])
 def test_variant_quantized_matmuls_against_dequantized(isa, rows):
-    """int8 and Q5_0 (decoded in registers below 16 rows, unpacked to panels of 8 rows from 16 on)
-    against the float product with the dequantized weight; tails of rows (a tile of 3 at 16 and
-    37), of output rows (37: a panel of 5) and of k (13 blocks of 32: one regrouped group of 8
-    Q5_0 blocks, then 5 as stored)."""
+    """int8 and Q5_0 (panels of 8 rows, decoded in registers below 16 rows, unpacked first from 16
+    on) against the float product with the dequantized weight; tails of rows (a tile of 3 at 16 and
+    37), of int8's output rows (37) and of k (13 blocks of 32)."""
     lib = _variant(isa)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 416, generator=g) * torch.linspace(0.1, 3, 416)
-    w = _weights(37, 416)
-    q, scale = quantize_int8(w)
+    w = _weights(40, 416)
+    q, scale = quantize_int8(w[:37])
     _assert_q8_close(lib.int8_linear(x, q, scale.to(torch.bfloat16)), x, q.double() * scale.double()[:, None])
     blocks = quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)
     w5 = torch.from_numpy(dequantize(blocks, gguf.GGMLQuantizationType.Q5_0))
@@ -75,17 +74,19 @@ def test_variant_quantized_matmuls_against_dequantized(isa, rows):
 
 @needs_compiler
 @pytest.mark.parametrize("k", [64, 256, 416, 896])
-def test_q5_0_regrouping(k):
-    """The kernels' Q5_0 rows (`gguf_pack`): the C code and the torch reference regroup alike, the
-    reference puts the file's bytes back, and rows without a whole group of 8 blocks stay as
-    stored; what the layout means is checked by dequantizing it (gguf's values, above)."""
+def test_q5_0_interleaving(k):
+    """The kernels' Q5_0 rows (`gguf_pack`, 8 rows interleaved): the C code and the torch reference
+    pack alike, the reference puts the file's bytes back, and rows that are not a multiple of 8
+    are refused; what the layout means is checked by dequantizing it (gguf's values, above)."""
     lib = cpu.library()
-    blocks = torch.from_numpy(quantize(_weights(9, k).numpy(), gguf.GGMLQuantizationType.Q5_0))
+    blocks = torch.from_numpy(quantize(_weights(16, k).numpy(), gguf.GGMLQuantizationType.Q5_0))
     packed = lib.gguf_pack(blocks, k, "Q5_0")
-    assert packed.shape == blocks.shape and packed.dtype == torch.uint8
+    assert packed.shape == blocks.shape and packed.dtype == torch.uint8 and not torch.equal(packed, blocks)
     assert torch.equal(packed, reference.gguf_pack(blocks, k, "Q5_0"))
     assert torch.equal(reference.q5_0_unpack(packed, k), blocks)
-    assert torch.equal(packed, blocks) == (k < 256)
+    for pack in (lib.gguf_pack, reference.gguf_pack):
+        with pytest.raises(ValueError, match="Q5_0 rows are packed 8 at a time: got 9 rows"):
+            pack(blocks[:9], k, "Q5_0")
     assert torch.equal(reference.gguf_dequantize(packed, k, "Q5_0"),
                        torch.from_numpy(dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q5_0)))
     k_quant, _ = _k_quant_blocks("Q4_K", 3, 256, seed=1)
@@ -165,30 +166,34 @@ def test_k_quant_rows_do_not_depend_on_the_call_under_batch_invariance():
 @pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
 def test_variant_rows_do_not_depend_on_the_call(isa):
     """Below 16 rows each activation row's result is bit for bit the same alone or with others
-    (int8 tiles of 2 rows; Q5_0 groups of 8 then tiles of up to 4): a sequence decodes the same
-    in any batch, whatever the variant. K of 13 blocks: the AVX-512 int8 path's odd last block."""
+    (int8 tiles of 2 rows; Q5_0 tiles of up to 4): a sequence decodes the same in any batch,
+    whatever the variant; Q5_0 at 37 rows too (its unpacked panels compute what its tiles do),
+    AMX aside. K of 13 blocks: the AVX-512 int8 path's odd last block."""
     lib = _variant(isa)
-    w = _weights(21, 416)
-    q, scale = quantize_int8(w)
+    w = _weights(24, 416)
+    q, scale = quantize_int8(w[:21])
     blocks = lib.gguf_pack(torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)), 416, "Q5_0")
-    x = torch.randn(13, 416, generator=torch.Generator().manual_seed(9))
-    for fn in (lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16)), lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")):
-        together = fn(x)
-        assert all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(len(x)))
+    x = torch.randn(37, 416, generator=torch.Generator().manual_seed(9))
+    int8 = lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16))  # noqa: E731
+    q5_0 = lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")  # noqa: E731
+    for fn, rows in ((int8, 13), (q5_0, 13), *([(q5_0, 37)] if isa != "amx" else [])):
+        together = fn(x[:rows])
+        assert all(torch.equal(fn(x[i : i + 1])[0], together[i]) for i in range(rows))
 
 
 @needs_compiler
 @pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
 def test_variant_rows_do_not_depend_on_the_call_when_row_invariant(isa):
     """Under set_row_invariant (--deterministic) at any row count too: 37 rows would otherwise
-    take AMX tiles (int8, Q5_0) or unpack the Q5_0 weights first; without it, they differ."""
+    take AMX tiles (int8, Q5_0); without it, they differ there."""
     lib = _variant(isa)
-    w = _weights(21, 416)
+    w = _weights(24, 416)
     q, scale = quantize_int8(w)
     blocks = lib.gguf_pack(torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)), 416, "Q5_0")
     x = torch.randn(37, 416, generator=torch.Generator().manual_seed(9))
     q5_0 = lambda t: lib.gguf_linear(t, blocks, 416, "Q5_0")  # noqa: E731
-    assert not torch.equal(q5_0(x)[:1], q5_0(x[:1]))  # what the switch changes
+    if isa == "amx":
+        assert not torch.equal(q5_0(x)[:1], q5_0(x[:1]))  # what the switch changes
     lib.set_row_invariant(True)
     try:
         for fn in (lambda t: lib.int8_linear(t, q, scale.to(torch.bfloat16)), q5_0):

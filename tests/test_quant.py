@@ -121,14 +121,13 @@ def test_native_int8_linear_against_dequantized(rows, n, k):
 
 
 @needs_native
-@pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (2, 9, 896), (3, 9, 96), (4, 2, 32), (9, 130, 256), (12, 5, 96),
-                                      (21, 7, 64)])
+@pytest.mark.parametrize("rows,n,k", [(1, 8, 64), (2, 16, 896), (3, 8, 96), (4, 8, 32), (9, 136, 256), (12, 40, 96),
+                                      (21, 8, 64)])
 def test_native_q5_0_linear_against_gguf(rows, n, k, monkeypatch):
-    """GGUF Q5_0 blocks (regrouped for the kernels by gguf_pack) multiplied in place equal the
-    product with gguf's own dequantization, within the activations' int8 rounding: read block by
-    block (< 16 rows, 8 rows at a time then the rest, the tails of rows and of n; k of 896: 3
-    regrouped groups and 4 blocks as stored) and unpacked to panels of 8 rows first (>= 16 rows:
-    21 rows, tiles of 3; 7 weight rows, a panel's tail)."""
+    """GGUF Q5_0 blocks (8 rows interleaved for the kernels by gguf_pack) multiplied in place equal
+    the product with gguf's own dequantization, within the activations' int8 rounding: decoded in
+    registers (< 16 rows: tiles of 4 and their tails) and unpacked first (>= 16 rows: 21 rows,
+    tiles of 3 and a tail)."""
     from gguf.quants import dequantize, quantize
 
     q5 = gguf.GGMLQuantizationType.Q5_0
@@ -167,10 +166,10 @@ def test_k_quant_linear_takes_the_kernel_at_every_row_count(rows, monkeypatch):
 @pytest.mark.parametrize("rows", [3, 9, 13])
 def test_native_kernel_rows_do_not_depend_on_the_call(rows):
     """Below the unpacking threshold each activation row's result is bit for bit the same alone
-    or with others (tiles of 2 or 4 rows, groups of 8): a sequence decodes the same in any batch."""
+    or with others (int8 tiles of 2 rows, Q5_0 tiles of 4): a sequence decodes the same in any batch."""
     from gguf.quants import quantize
 
-    w = _weights(37, 896)
+    w = _weights(40, 896)
     x = torch.randn(rows, 896, generator=torch.Generator().manual_seed(6))
     blocks = kernels.gguf_pack(torch.from_numpy(quantize(w.numpy(), gguf.GGMLQuantizationType.Q5_0)), 896, "Q5_0")
     q, scale = quant.quantize_int8(w)
@@ -192,12 +191,12 @@ def test_native_kernels_plain_c_build_equals_simd(tmp_path):
     q, scale = quant.quantize_int8(w)
     scale = scale.to(torch.bfloat16)
     torch.testing.assert_close(plain.int8_linear(x, q, scale), lib.int8_linear(x, q, scale), atol=1e-5, rtol=1e-5)
-    stored = quantize(_weights(7, 416).numpy(), gguf.GGMLQuantizationType.Q5_0)  # 13 blocks: a group of 8, 5 more
+    stored = quantize(_weights(16, 416).numpy(), gguf.GGMLQuantizationType.Q5_0)  # two panels of 8 rows
     blocks = lib.gguf_pack(torch.from_numpy(stored), 416, "Q5_0")
     assert torch.equal(plain.gguf_pack(torch.from_numpy(stored), 416, "Q5_0"), blocks)
     assert torch.equal(plain.gguf_dequantize(blocks, 416, "Q5_0"),
                        torch.from_numpy(dequantize(stored, gguf.GGMLQuantizationType.Q5_0)))
-    for rows in (5, 8, 17):  # decoded in registers (tiles; 8 rows at once); unpacked first
+    for rows in (5, 8, 17):  # decoded in registers (tiles of 4) in the AVX2 build; unpacked first
         x = torch.randn(rows, 416, generator=torch.Generator().manual_seed(rows))
         torch.testing.assert_close(plain.gguf_linear(x, blocks, 416, "Q5_0"), lib.gguf_linear(x, blocks, 416, "Q5_0"),
                                    atol=1e-5, rtol=1e-5)
@@ -496,7 +495,7 @@ def test_gguf_auto_keeps_weights_quantized(monkeypatch, mixed_gguf, native, isa)
     else:
         q, scale = quant.quantize_int8(stored["model.layers.0.mlp.down_proj.weight"])
         assert torch.equal(down.weight, q) and torch.equal(down.scale.float(), scale)
-    if native:  # and a Q5_0 matrix holds the file's bytes, regrouped for the kernels
+    if native:  # and a Q5_0 matrix holds the file's bytes, interleaved for the kernels
         o_proj = llm.model.model.layers[0].self_attn.o_proj
         raw = GGUFTensor(mixed_gguf, infos["blk.0.attn_output.weight"]).read_raw(0, 256)
         assert torch.equal(o_proj.weight, kernels.gguf_pack(raw, 256, "Q5_0")) and not torch.equal(o_proj.weight, raw)

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.kernels import cpu, cuda, reference
-from qwenkit.kernels.cpu import DEQUANTIZED_BLOCKS, GGUF_BLOCKS, gguf_row_bytes
+from qwenkit.kernels.cpu import DEQUANTIZED_BLOCKS, GGUF_BLOCKS, PACKED_ROWS, gguf_row_bytes
 
 __all__ = [
-    "DEQUANTIZED_BLOCKS", "GGUF_BLOCKS", "INVARIANT_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
+    "DEQUANTIZED_BLOCKS", "GGUF_BLOCKS", "INVARIANT_ROWS", "PACKED_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
     "add_rms_norm", "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_pack",
     "gguf_row_bytes", "has_gguf_kernel", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
     "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope_cache",
@@ -388,7 +388,8 @@ def _gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_n
 
 def _dequantized_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
     out = x.new_empty(x.shape[0], blocks.shape[0])
-    step = max(1, reference.BLOCK_VALUES // in_features)
+    together = PACKED_ROWS[type_name]
+    step = max(together, reference.BLOCK_VALUES // in_features // together * together)
     for start in range(0, blocks.shape[0], step):
         rows = gguf_dequantize(blocks[start : start + step], in_features, type_name)
         out[:, start : start + step] = F.linear(x, rows.to(x.device, x.dtype))
@@ -407,8 +408,8 @@ def _(x, blocks, in_features, type_name):
 
 def gguf_pack(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
     """A file's GGUF rows of `type_name` (uint8 [N, bytes per row]) -> the layout `gguf_linear` and
-    `gguf_dequantize` take, the same size: Q5_0 with each group of 8 blocks' scales, nibbles and
-    high bits together (csrc/quant.c), the K-quants as stored."""
+    `gguf_dequantize` take, the same size: Q5_0 8 rows interleaved, a row a vector lane (N a
+    multiple of 8; csrc/quant.c), the K-quants as stored."""
     if blocks.device.type == "cpu" and type_name in GGUF_BLOCKS and (lib := cpu.library()) is not None:
         return lib.gguf_pack(blocks, in_features, type_name)
     return reference.gguf_pack(blocks, in_features, type_name)
@@ -647,7 +648,7 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
     return {
         "cpu_isa": lib.isa,
         "int8_linear": f"{native}: {cpu.DOT_PRODUCTS[lib.isa]}",
-        "gguf_linear": f"{native}: {', '.join(GGUF_BLOCKS)} in their blocks (Q5_0 regrouped)",
+        "gguf_linear": f"{native}: {', '.join(GGUF_BLOCKS)} in their blocks (Q5_0 8 rows interleaved)",
         "decode_attention": f"{native} (paged, in place)",
         "rms_norm, rotary": native,
         "decode_layers": f"{native} (one call per decode step)",

@@ -42,9 +42,12 @@ DOT_PRODUCTS = {
     "avx2": "vpmaddubsw + vpmaddwd",
     "generic": "plain C",
 }
-# GGUF block types the C kernels multiply (the K-quants as stored, Q5_0 regrouped at load by
-# `gguf_pack`, the same size): (values, bytes) of one block.
+# GGUF block types the C kernels multiply (the K-quants as stored, Q5_0 8 rows interleaved at load
+# by `gguf_pack`, the same size): (values, bytes) of one block.
 GGUF_BLOCKS = {"Q5_0": (32, 22), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+# Rows the kernels' layout of a type packs together (`gguf_pack`: Q5_0 interleaves 8): a matrix's
+# rows, and the row ranges packed, are multiples of it.
+PACKED_ROWS = {"Q5_0": 8, "Q4_K": 1, "Q5_K": 1, "Q6_K": 1}
 # The types the C kernels dequantize (`gguf_dequantize`): those, and Q8_0 (loading only: its
 # matrices become int8), as stored.
 DEQUANTIZED_BLOCKS = {**GGUF_BLOCKS, "Q8_0": (32, 34)}
@@ -189,11 +192,13 @@ class Library:
         return y
 
     def gguf_pack(self, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-        """A file's GGUF rows of `type_name` -> the layout the kernels below take (Q5_0 regrouped,
-        csrc/quant.c; the K-quants as stored)."""
+        """A file's GGUF rows of `type_name` -> the layout the kernels below take (Q5_0 8 rows
+        interleaved, csrc/quant.c; the K-quants as stored)."""
         blocks = _blocks(blocks, in_features, type_name)
         if type_name != "Q5_0":
             return blocks
+        if blocks.shape[0] % PACKED_ROWS["Q5_0"]:
+            raise ValueError(f"Q5_0 rows are packed {PACKED_ROWS['Q5_0']} at a time: got {blocks.shape[0]} rows")
         out = torch.empty_like(blocks)
         self._lib.q5_0_pack(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
         return out

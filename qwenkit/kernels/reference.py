@@ -94,10 +94,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, m
     return out
 
 
-# Q5_0 rows as the kernels take them (csrc/quant.c): each whole group of 8 blocks (22 bytes each)
-# regrouped into 8 fp16 scales, 4 x 32 bytes of nibbles (block 2p low, 2p + 1 high) and 32 bytes
-# of high bits (bit b of byte i: value i of block b); the last blocks of a row as stored.
-Q5_0_GROUP = 8
+# Q5_0 rows as the kernels take them (csrc/quant.c): 8 rows interleaved; per panel of 8 rows and
+# block (176 bytes): the 8 rows' fp16 scales, 4 x 32 bytes of nibbles (vector g, byte 4r + v: value
+# 4g + v of row r low, value 4(g + 4) + v high) and 32 bytes of high bits (byte 4r + v, bit q:
+# value 4q + v of row r).
+Q5_0_PANEL = 8
 
 
 def _q5_0_split(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,30 +111,38 @@ def _q5_0_split(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def q5_0_pack(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
-    """A file's Q5_0 rows (uint8 [N, in_features / 32 * 22]) -> the kernels' layout, the same size."""
+    """A file's Q5_0 rows (uint8 [N, in_features / 32 * 22], N a multiple of 8) -> the kernels'
+    layout, the same size."""
     n, nb = blocks.shape[0], in_features // 32
-    grouped = nb // Q5_0_GROUP * Q5_0_GROUP
-    groups = blocks[:, : grouped * 22].reshape(n, -1, Q5_0_GROUP, 22)
-    scales, nibbles, bits = _q5_0_split(groups)
-    pairs = nibbles[:, :, 0::2] | nibbles[:, :, 1::2] << 4
-    planes = (bits << torch.arange(Q5_0_GROUP, device=blocks.device)[:, None]).sum(dim=2)
-    packed = torch.cat([scales.flatten(2), pairs.flatten(2).to(torch.uint8), planes.to(torch.uint8)], dim=2)
-    return torch.cat([packed.flatten(1), blocks[:, grouped * 22 :]], dim=1)
+    if n % Q5_0_PANEL:
+        raise ValueError(f"Q5_0 rows are packed {Q5_0_PANEL} at a time: got {n} rows")
+    panels = blocks.reshape(n // Q5_0_PANEL, Q5_0_PANEL, nb, 22).transpose(1, 2)  # [P, nb, 8 rows, 22]
+    scales, nibbles, bits = _q5_0_split(panels)  # nibbles, bits [P, nb, 8, 32]
+    # [P, nb, q, r, v]: value 4q + v of row r
+    nibbles = nibbles.reshape(*nibbles.shape[:3], 8, 4).transpose(2, 3)
+    bits = bits.reshape(*bits.shape[:3], 8, 4).transpose(2, 3)
+    pairs = (nibbles[:, :, :4] | nibbles[:, :, 4:] << 4).flatten(2)  # [P, nb, 4 * 32]
+    planes = (bits << torch.arange(8, device=blocks.device)[:, None, None]).sum(dim=2).flatten(2)  # [P, nb, 32]
+    packed = torch.cat([scales.flatten(2), pairs.to(torch.uint8), planes.to(torch.uint8)], dim=2)
+    return packed.reshape(n, -1)
 
 
 def q5_0_unpack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """The inverse of `q5_0_pack`: the kernels' Q5_0 rows -> the file's blocks."""
     n, nb = packed.shape[0], in_features // 32
-    grouped = nb // Q5_0_GROUP * Q5_0_GROUP
-    groups = packed[:, : grouped * 22].reshape(n, -1, Q5_0_GROUP * 22).to(torch.int64)
-    pairs = groups[:, :, 16:144].reshape(n, -1, 4, 1, 32)
-    nibbles = torch.cat([pairs & 0x0F, pairs >> 4], dim=3).flatten(2, 3)  # [n, g, 8, 32]
-    bits = (groups[:, :, None, 144:] >> torch.arange(Q5_0_GROUP, device=packed.device)[:, None]) & 1
+    p = packed.reshape(n // Q5_0_PANEL, nb, Q5_0_PANEL * 22).to(torch.int64)
+    pairs = p[:, :, 16:144].reshape(*p.shape[:2], 4, 8, 4)  # [P, nb, g, r, v]
+    nibbles = torch.cat([pairs & 0x0F, pairs >> 4], dim=2)  # [P, nb, q, r, v]
+    planes = p[:, :, 144:].reshape(*p.shape[:2], 1, 8, 4)
+    bits = (planes >> torch.arange(8, device=packed.device)[:, None, None]) & 1  # [P, nb, q, r, v]
+    nibbles = nibbles.transpose(2, 3).flatten(3)  # [P, nb, r, 32 values]
+    bits = bits.transpose(2, 3).flatten(3)
     qs = nibbles[..., :16] | nibbles[..., 16:] << 4
     qh = (bits << torch.arange(32, device=packed.device)).sum(dim=-1, keepdim=True)
     qh_bytes = (qh >> torch.tensor([0, 8, 16, 24], device=packed.device)) & 0xFF
-    stored = torch.cat([groups[:, :, :16].reshape(n, -1, Q5_0_GROUP, 2), qh_bytes, qs], dim=-1).to(torch.uint8)
-    return torch.cat([stored.flatten(1), packed[:, grouped * 22 :]], dim=1)
+    scales = p[:, :, :16].reshape(*p.shape[:2], Q5_0_PANEL, 2)
+    stored = torch.cat([scales, qh_bytes, qs], dim=-1).to(torch.uint8)  # [P, nb, r, 22]
+    return stored.transpose(1, 2).reshape(n, nb * 22)
 
 
 def gguf_pack(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:

@@ -380,7 +380,10 @@ class GGUFTensor:
             # default model's, its Q5_0 parts of matrices that become int8 a tenth.
             rows = torch.from_numpy(raw.reshape(math.prod(shape[:-1]), -1))
             if name in kernels.GGUF_BLOCKS:
-                rows = kernels.gguf_pack(rows, shape[-1], name)  # the kernels' layout (Q5_0 regrouped)
+                if len(rows) % kernels.PACKED_ROWS[name]:  # packed rows come in whole panels: gguf's code
+                    values = dequantize(raw.reshape(math.prod(shape[:-1]), -1), self.ggml_type)
+                    return torch.from_numpy(values).reshape(shape)
+                rows = kernels.gguf_pack(rows, shape[-1], name)  # the kernels' layout (Q5_0 interleaved)
             return kernels.gguf_dequantize(rows, shape[-1], name).reshape(shape)
         else:
             # gguf.quants wants rows of blocks: [..., bytes per row].

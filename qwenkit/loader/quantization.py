@@ -123,7 +123,8 @@ def _linear_format(linear: Linear, wanted: list[str | None]) -> str | tuple[str,
     """The format of a (possibly fused) matrix whose shards want `wanted` (None: stored as floats):
     theirs where it is one and its kernel runs here; where the shards differ, a format per shard
     if each is int8 or has its kernel (`QuantLinear`'s parts), else int8 for the whole."""
-    runs = [f == INT8 or (f in GGUF_LINEAR_FORMATS and _fits_kernel(linear, f)) for f in wanted]
+    runs = [f == INT8 or (f in GGUF_LINEAR_FORMATS and _fits_kernel(linear, f, rows))
+            for f, rows in zip(wanted, linear.output_sizes)]
     if set(wanted) == {INT4} and _fits_int4(linear):
         return INT4
     if len(set(wanted)) == 1:
@@ -131,10 +132,12 @@ def _linear_format(linear: Linear, wanted: list[str | None]) -> str | tuple[str,
     return tuple(wanted) if all(runs) else INT8
 
 
-def _fits_kernel(linear: Linear, format: str) -> bool:
-    """Whether the native kernel for GGUF-block `format` runs here on this matrix's rows."""
+def _fits_kernel(linear: Linear, format: str, rows: int) -> bool:
+    """Whether the native kernel for GGUF-block `format` runs here on this matrix's rows (`rows`
+    of them in a shard: Q5_0's layout packs them 8 at a time)."""
     type_name = format.partition(":")[2]
-    return linear.weight.shape[1] % kernels.GGUF_BLOCKS[type_name][0] == 0 and kernels.has_gguf_kernel(type_name)
+    return (linear.weight.shape[1] % kernels.GGUF_BLOCKS[type_name][0] == 0
+            and rows % kernels.PACKED_ROWS[type_name] == 0 and kernels.has_gguf_kernel(type_name))
 
 
 def _fits_int4(linear: Linear) -> bool:

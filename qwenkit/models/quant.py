@@ -71,6 +71,7 @@ def row_blocks(tensor: torch.Tensor | LazyTensor) -> Iterator[tuple[int, torch.T
     """(first row, float32 rows) in blocks of about `_BLOCK_VALUES` values."""
     rows = tensor.shape[0]
     step = max(1, _BLOCK_VALUES // max(1, math.prod(tensor.shape[1:])))
+    step = step // 8 * 8 or step  # whole panels where rows are packed 8 at a time (GGUF Q5_0, `read_rows`)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         block = tensor[start:stop] if isinstance(tensor, torch.Tensor) else tensor.read_rows(start, stop)
@@ -153,7 +154,7 @@ class QuantLinear(Linear):
     int8: weight int8 [N, K], scale bfloat16 [N]. int4: weight is torch's packed uint8 and
     scales_and_zeros bfloat16 [K / 32, N, 2]; shards are gathered unpacked and packed once
     the last one is in. GGUF formats ("gguf:Q5_0", ...): weight is the file's blocks in the
-    kernels' layout (`kernels.gguf_pack`: Q5_0 regrouped, the K-quants as stored), uint8 [N, bytes
+    kernels' layout (`kernels.gguf_pack`: Q5_0 8 rows interleaved, the K-quants as stored), uint8 [N, bytes
     per row] (every shard must be stored in that type). The bias stays in the model's dtype.
 
     A fused matrix whose shards are stored in different types (q and k in Q4_K next to v in Q6_K,
@@ -228,7 +229,11 @@ class QuantLinear(Linear):
         if self.format in GGUF_LINEAR_FORMATS:
             if getattr(getattr(tensor, "ggml_type", None), "name", None) != self.ggml_type:
                 raise ValueError(f"expected {self.ggml_type} blocks, got {getattr(tensor, 'ggml_type', 'floats')}")
-            step = max(1, _BLOCK_VALUES // in_features)
+            together = kernels.PACKED_ROWS[self.ggml_type]  # rows packed together (Q5_0: 8)
+            if first % together or tensor.shape[0] % together:
+                raise ValueError(f"{self.ggml_type} rows are packed {together} at a time: rows {first} to "
+                                 f"{first + tensor.shape[0]} are not whole groups of them")
+            step = max(together, _BLOCK_VALUES // in_features // together * together)
             for start in range(0, tensor.shape[0], step):
                 raw = tensor.read_raw(start, min(tensor.shape[0], start + step))
                 param.data[first + start : first + start + raw.shape[0]] = kernels.gguf_pack(raw, in_features,

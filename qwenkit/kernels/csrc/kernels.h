@@ -109,7 +109,7 @@ static inline __m256i broadcast_4_bytes(const int8_t *p) {
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 
 /* v[r] (8 dwords each) -> v[g] holding dword g of every v[r] in lane r: 8 rows of weights turned
-   into vectors of a lane a row (the Q5_0 and K-quant prefill panels). */
+   into vectors of a lane a row (Q5_0's packing at load, the K-quant prefill panels). */
 static inline __attribute__((always_inline)) void transpose_8x8_epi32(__m256i v[8]) {
     __m256i t[8], s[8];
     for (int h = 0; h < 2; h++) {

@@ -1,15 +1,15 @@
 /* Quantized matmuls: int8 weights (one bfloat16 scale per output row), and GGUF Q5_0 blocks
-   (22 bytes per 32 values; regrouped at load, the same size).
+   (22 bytes per 32 values; 8 rows interleaved at load, the same size).
 
    As llama.cpp does, the activations are first quantized to int8 in blocks of 32 values (QK, one
    float scale each); the products are integer dot products (AVX2 `maddubs` + `madd`: 32
    multiply-adds in two instructions), summed in float per block. Each weight is read once per
    call and used for every activation row: int8 in tiles of 4 weight rows x 2 activation rows;
-   Q5_0 below UNPACK_ROWS rows (decode) decoded in registers, for 8 activation rows at a time and
-   then tiles of 2 weight x 4 activation rows, and from UNPACK_ROWS rows on (prefill) in panels
-   of 8 weight rows unpacked once per call, a vector lane a row (q5_0_panel_tile), which sum in
-   another order. Below that threshold a row's result does not depend on the other rows of the
-   call. OpenMP over blocks of output rows. Without AVX2 the same arithmetic runs as plain C. */
+   Q5_0 in panels of 8 weight rows, a vector lane a row, decoded in registers below UNPACK_ROWS
+   activation rows and unpacked once per call from there on, the same arithmetic for every row
+   either way. Below UNPACK_ROWS rows (and for Q5_0 at any count, AMX aside) a row's result does
+   not depend on the other rows of the call. OpenMP over blocks of output rows. Without AVX2 the
+   same arithmetic runs as plain C. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -21,16 +21,17 @@ static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *s
 #endif
 
 #ifndef UNPACK_ROWS
-#define UNPACK_ROWS 16 /* from this many activation rows on, Q5_0 panels are unpacked first */
+#define UNPACK_ROWS 16 /* from this many activation rows on, Q5_0 panels are unpacked first (AVX2) */
 #endif
 #ifndef PANEL_MT
 #define PANEL_MT 3 /* activation rows a tile of the Q5_0 panels (<= 4; 2 and 4 measured 0-5% slower) */
 #endif
 
 /* While set (qk_set_row_invariant), the matmuls below take one path whatever the number of
-   activation rows M (no AMX tiles, no Q5_0 panels from UNPACK_ROWS rows on): each row's
-   result is then the same alone or among any others (--deterministic). The paths left are the
-   tile kernels, which keep one order of operations per (activation row, weight row). */
+   activation rows M (no AMX tiles): each row's result is then the same alone or among any others
+   (--deterministic). The paths left keep one order of operations per (activation row, weight
+   row): the int8 tiles, and Q5_0's panels (decoded in registers or unpacked first, the same
+   numbers). */
 static int row_invariant = 0;
 
 void qk_set_row_invariant(int on) { row_invariant = on; }
@@ -168,48 +169,46 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
 /* ---- GGUF Q5_0 weights. In the file, per 32 values a 22-byte block: an fp16 scale d, 32 high
    bits qh and 16 bytes qs of low nibbles (value i < 16: low nibble of qs[i], bit i of qh; value
    i + 16: high nibble of qs[i], bit i + 16); w = (nibble + 16 * bit - 16) * d.
-   The kernels take the rows regrouped at load (q5_0_pack; the same bytes a row): each whole
-   group of Q5_0_GROUP = 8 blocks becomes 176 bytes, the 8 scales (16 bytes), then 4 x 32 bytes of
-   nibbles (byte i of the p-th: value i of block 2p in its low nibble, of block 2p + 1 in its high
-   one), then 32 bytes of high bits (byte i, bit b: the high bit of value i of block b); a row's
-   last nb % 8 blocks stay as stored. A regrouped block decodes in 4-5 vector operations where a
-   stored one takes 11, and the 8 scales convert in one: 1.1-1.3x on one-token matmuls, which
-   are otherwise bound by that decoding (docs/decode.md). */
+   The kernels take the rows interleaved at load 8 at a time (q5_0_pack; N a multiple of 8, the
+   same bytes): per panel of Q5_0_PANEL = 8 rows and block j, Q5_0_PANEL_BYTES = 176 bytes, the 8
+   rows' fp16 scales, then 4 x 32 bytes of nibbles (vector g, byte 4r + v: value 4g + v of row r
+   in the low nibble, value 4(g + 4) + v in the high one), then 32 bytes of high bits (byte
+   4r + v, bit q: value 4q + v of row r). Vector q of a block's unsigned values u = nibble + 16 *
+   bit decodes in 4-5 operations (q5_0_unsigned) and holds each row's values 4q .. 4q + 3 in a
+   lane: against 4 bytes of an activation row broadcast to every lane, one vpmaddubsw makes 32
+   products for 8 rows. The sums stay integer for the whole block (int16 over half a block: pairs
+   of at most 2 * 31 * 127, four summed < 2^15; then int32; exact), and a block's float work
+   (convert, scale, accumulate) is one instruction each for 8 rows, with no horizontal sums.
+   Every activation row takes the same operations whatever the number of rows (decoded in
+   registers below UNPACK_ROWS rows, unpacked once per call from there on), so a row's result
+   never depends on the other rows of the call. Against the previous layout (rows one at a time,
+   each group of 8 blocks regrouped), on the default model's shapes: 11-23% less time at one row,
+   24-46% at 8 (docs/decode.md). */
 
 #define Q5_0_BYTES 22
-#define Q5_0_GROUP 8
-#define Q5_0_PAIRS 16   /* where a group's nibble pairs start (after its 8 scales) */
-#define Q5_0_PLANES 144 /* where its high-bit planes start (after 4 x 32 bytes of pairs) */
+#define Q5_0_PANEL 8
+#define Q5_0_PANEL_BYTES (Q5_0_PANEL * Q5_0_BYTES) /* a block of a panel */
+#define Q5_0_NIBBLES 16                            /* where its nibbles start (after the 8 scales) */
+#define Q5_0_PLANES 144                            /* where its high bits start */
 
-#ifndef QK_AVX2
-/* Block j of a regrouped row of nb blocks: its scale, and its 32 values as u = nibble + 16 * bit. */
-static float q5_0_block(const uint8_t *row, int nb, int j, uint8_t u[QK]) {
-    uint16_t h;
-    if (j < nb / Q5_0_GROUP * Q5_0_GROUP) {
-        const uint8_t *group = row + (int64_t)(j / Q5_0_GROUP * Q5_0_GROUP) * Q5_0_BYTES;
-        const int b = j % Q5_0_GROUP;
-        memcpy(&h, group + 2 * b, sizeof h);
-        for (int i = 0; i < QK; i++) {
-            const uint8_t pair = group[Q5_0_PAIRS + 32 * (b / 2) + i];
-            u[i] = (uint8_t)(((b & 1 ? pair >> 4 : pair) & 0x0f) | (((group[Q5_0_PLANES + i] >> b) & 1) << 4));
-        }
-    } else {
-        const uint8_t *block = row + (int64_t)j * Q5_0_BYTES;
-        uint32_t qh;
-        memcpy(&h, block, sizeof h);
-        memcpy(&qh, block + 2, sizeof qh);
-        for (int i = 0; i < 16; i++) {
-            u[i] = (uint8_t)((block[6 + i] & 0x0f) | (((qh >> i) & 1) << 4));
-            u[i + 16] = (uint8_t)((block[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
-        }
-    }
-    return f16_to_f32(h);
+/* Value k of row r in a panel's block pb, as u = nibble + 16 * bit in [0, 31]. */
+static inline uint8_t q5_0_value(const uint8_t *pb, int r, int k) {
+    const int q = k / 4, i = 4 * r + k % 4;
+    const int nibble = (pb[Q5_0_NIBBLES + 32 * (q & 3) + i] >> (q < 4 ? 0 : 4)) & 0x0f;
+    return (uint8_t)(nibble | (((pb[Q5_0_PLANES + i] >> q) & 1) << 4));
 }
-#endif
+
+/* Value k of a block as stored in the file, the same u. */
+static inline uint8_t q5_0_stored_value(const uint8_t *block, int k) {
+    uint32_t qh;
+    memcpy(&qh, block + 2, sizeof qh);
+    const int nibble = k < 16 ? block[6 + k] & 0x0f : block[6 + k - 16] >> 4;
+    return (uint8_t)(nibble | (((qh >> k) & 1) << 4));
+}
 
 #ifdef QK_AVX2
-/* The 32 values of a stored Q5_0 block as unsigned bytes u = nibble + 16 * bit in [0, 31] (w = (u - 16) d). */
-static inline __m256i q5_0_unsigned(const uint8_t *block) {
+/* The 32 values of a stored block as unsigned bytes u (w = (u - 16) d). */
+static inline __m256i q5_0_stored_unsigned(const uint8_t *block) {
     const __m128i qs = _mm_loadu_si128((const __m128i *)(block + 6));
     const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0f));
     uint32_t qh;
@@ -223,306 +222,102 @@ static inline __m256i q5_0_unsigned(const uint8_t *block) {
     return _mm256_or_si256(nibbles, _mm256_and_si256(high, _mm256_set1_epi8(0x10)));
 }
 
-/* The same for block b of a regrouped group (b a constant once the caller's loop is unrolled);
-   planes: the group's 32 bytes of high bits. */
-static inline __attribute__((always_inline)) __m256i q5_0_group_unsigned(const uint8_t *group, __m256i planes,
-                                                                         int b) {
-    const __m256i pair = _mm256_loadu_si256((const __m256i *)(group + Q5_0_PAIRS + 32 * (b / 2)));
-    const __m256i nibbles = b & 1 ? _mm256_srli_epi16(pair, 4) : pair;
-    const __m256i high = b < 4 ? _mm256_slli_epi16(planes, 4 - b) : _mm256_srli_epi16(planes, b - 4);
+/* Vector q of a panel's block pb (q a constant once the caller's loop is unrolled): lane r holds
+   u of row r's values 4q .. 4q + 3. planes: the block's 32 bytes of high bits. */
+static inline __attribute__((always_inline)) __m256i q5_0_unsigned(const uint8_t *pb, __m256i planes, int q) {
+    const __m256i pair = _mm256_loadu_si256((const __m256i *)(pb + Q5_0_NIBBLES + 32 * (q & 3)));
+    const __m256i nibbles = q < 4 ? pair : _mm256_srli_epi16(pair, 4);
+    const __m256i high = q < 4 ? _mm256_slli_epi16(planes, 4 - q) : _mm256_srli_epi16(planes, q - 4);
     return _mm256_or_si256(_mm256_and_si256(nibbles, _mm256_set1_epi8(0x0f)),
                            _mm256_and_si256(high, _mm256_set1_epi8(0x10)));
 }
 #endif
 
-/* Rows of a file's Q5_0 blocks [N, K / 32] -> the kernels' layout, into out (not overlapping). */
+/* Rows of a file's Q5_0 blocks [N, K / 32] -> the kernels' layout, into out (not overlapping);
+   N a multiple of Q5_0_PANEL. */
 void q5_0_pack(const uint8_t *stored, uint8_t *out, int N, int K) {
-    const int nb = K / QK, grouped = nb / Q5_0_GROUP * Q5_0_GROUP;
+    const int nb = K / QK;
     const int64_t row = (int64_t)nb * Q5_0_BYTES;
     #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *src = stored + n * row;
-        uint8_t *dst = out + n * row;
-        for (int j = 0; j < grouped; j += Q5_0_GROUP) {
-            uint8_t *group = dst + (int64_t)j * Q5_0_BYTES;
+    for (int p = 0; p < N / Q5_0_PANEL; p++) {
+        const uint8_t *src = stored + (int64_t)p * Q5_0_PANEL * row;
+        uint8_t *dst = out + (int64_t)p * Q5_0_PANEL * row;
+        for (int j = 0; j < nb; j++) {
+            uint8_t *pb = dst + (int64_t)j * Q5_0_PANEL_BYTES;
+            for (int r = 0; r < Q5_0_PANEL; r++) memcpy(pb + 2 * r, src + r * row + (int64_t)j * Q5_0_BYTES, 2);
 #ifdef QK_AVX2
-            /* each block's values u = nibble + 16 * bit, then their nibbles paired and their bits
-               gathered into the planes (the scalar code below took ~15% of the default model's load) */
+            /* each row's block decoded, then transposed so that vector q holds dword q of every row */
             const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-            __m256i u[Q5_0_GROUP], planes = _mm256_setzero_si256();
-            for (int b = 0; b < Q5_0_GROUP; b++) {
-                const uint8_t *block = src + (int64_t)(j + b) * Q5_0_BYTES;
-                memcpy(group + 2 * b, block, 2);
-                u[b] = q5_0_unsigned(block);
-                const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(u[b], 4), one); /* bit 0 of each byte */
-                planes = _mm256_or_si256(planes, _mm256_sll_epi16(bit, _mm_cvtsi32_si128(b)));
-            }
-            for (int p = 0; p < Q5_0_GROUP / 2; p++)
-                _mm256_storeu_si256((__m256i *)(group + Q5_0_PAIRS + 32 * p),
-                                    _mm256_or_si256(_mm256_and_si256(u[2 * p], low4),
-                                                    _mm256_slli_epi16(_mm256_and_si256(u[2 * p + 1], low4), 4)));
-            _mm256_storeu_si256((__m256i *)(group + Q5_0_PLANES), planes);
-#else
-            memset(group, 0, Q5_0_GROUP * Q5_0_BYTES);
-            for (int b = 0; b < Q5_0_GROUP; b++) {
-                const uint8_t *block = src + (int64_t)(j + b) * Q5_0_BYTES;
-                uint32_t qh;
-                memcpy(&qh, block + 2, sizeof qh);
-                memcpy(group + 2 * b, block, 2);
-                for (int i = 0; i < QK; i++) {
-                    const int nibble = i < 16 ? block[6 + i] & 0x0f : block[6 + i - 16] >> 4;
-                    group[Q5_0_PAIRS + 32 * (b / 2) + i] |= (uint8_t)(nibble << (4 * (b & 1)));
-                    group[Q5_0_PLANES + i] |= (uint8_t)(((qh >> i) & 1) << b);
-                }
-            }
-#endif
-        }
-        memcpy(dst + (int64_t)grouped * Q5_0_BYTES, src + (int64_t)grouped * Q5_0_BYTES,
-               (size_t)(nb - grouped) * Q5_0_BYTES);
-    }
-}
-
-/* Q5_0 takes the 256-bit code below in the AVX-512 variants too (its dot products then VNNI's
-   vpdpbusd on 256 bits): two blocks per 512-bit instruction measured slower on the one AVX-512
-   machine measured, an AMX Xeon (2 threads; docs/benchmarks.md: the 0.5B model's shapes at 1 and
-   8 rows, 1.1-1.8x the time of the AVX2 variant). */
-
-/* out[m][r] for nr (<= 2) weight rows and mr (<= 4) activation rows:
-   sum_j d[r][j] xs[m][j] (u[r] . xq[m] over block j) - sum_j d[r][j] c[m][j], c = 16 xs sum(xq).
-   Per group of 8 blocks the scale products d xs are one vector multiply (a lane a block), read
-   back a lane at a time by broadcasts; the d c terms are vectors of the same lanes, summed in a
-   first pass over the group scales (so the products keep their registers) and across lanes at
-   the end. q5_0_row_x8 computes the same numbers. */
-static inline __attribute__((always_inline)) void q5_0_tile(const int8_t *xq, const float *xs, const float *c,
-                                                            const uint8_t *w, int K, int nr, int mr,
-                                                            float out[4][2]) {
-    const int nb = K / QK, grouped = nb / Q5_0_GROUP * Q5_0_GROUP;
-    const int64_t row = (int64_t)nb * Q5_0_BYTES;
-#if defined(QK_AVX2)
-    float corr[4][2] = {{0.f}}, dsx[4][2][Q5_0_GROUP] __attribute__((aligned(32)));
-    __m256 acc[4][2], corr8[4][2];
-    for (int m = 0; m < 4; m++)
-        for (int r = 0; r < 2; r++) acc[m][r] = corr8[m][r] = _mm256_setzero_ps();
-    for (int j = 0; j < grouped; j += Q5_0_GROUP) /* the corrections first: registers for the products below */
-        for (int r = 0; r < nr; r++) {
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * row + (int64_t)j * Q5_0_BYTES)));
-            for (int m = 0; m < mr; m++) corr8[m][r] = _mm256_fmadd_ps(d, _mm256_loadu_ps(c + m * nb + j), corr8[m][r]);
-        }
-    for (int j = 0; j < grouped; j += Q5_0_GROUP) {
-        const uint8_t *group[2];
-        __m256i planes[2];
-        prefetch_ahead(w, (int64_t)j * Q5_0_BYTES * nr, Q5_0_GROUP * Q5_0_BYTES * nr);
-        for (int r = 0; r < nr; r++) {
-            group[r] = w + r * row + (int64_t)j * Q5_0_BYTES;
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)group[r]));
-            planes[r] = _mm256_loadu_si256((const __m256i *)(group[r] + Q5_0_PLANES));
-            for (int m = 0; m < mr; m++) _mm256_storeu_ps(dsx[m][r], _mm256_mul_ps(d, _mm256_loadu_ps(xs + m * nb + j)));
-        }
-        #pragma GCC unroll 8
-        for (int b = 0; b < Q5_0_GROUP; b++) {
-            __m256i u[2];
-            for (int r = 0; r < nr; r++) u[r] = q5_0_group_unsigned(group[r], planes[r], b);
-            for (int m = 0; m < mr; m++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + (j + b) * QK));
-                for (int r = 0; r < nr; r++) {
-                    /* unsigned u x signed x bytes (pairs at most 2 * 31 * 127) */
-                    const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u[r], xv));
-                    acc[m][r] = _mm256_fmadd_ps(p, broadcast_load(&dsx[m][r][b]), acc[m][r]);
-                }
-            }
-        }
-    }
-    for (int j = grouped; j < nb; j++) {
-        __m256i u[2];
-        float d[2];
-        prefetch_ahead(w, (int64_t)j * Q5_0_BYTES * nr, Q5_0_BYTES * nr);
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *block = w + r * row + (int64_t)j * Q5_0_BYTES;
-            uint16_t h;
-            memcpy(&h, block, sizeof h);
-            d[r] = f16_to_f32(h);
-            u[r] = q5_0_unsigned(block);
-        }
-        for (int m = 0; m < mr; m++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j * QK));
-            const float sx = xs[m * nb + j], cx = c[m * nb + j];
-            for (int r = 0; r < nr; r++) {
-                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u[r], xv));
-                acc[m][r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r] * sx), acc[m][r]);
-                corr[m][r] = fmaf(d[r], cx, corr[m][r]);
-            }
-        }
-    }
-    for (int m = 0; m < mr; m++)
-        for (int r = 0; r < nr; r++) out[m][r] = hsum(acc[m][r]) - hsum(corr8[m][r]) - corr[m][r];
-#else
-    (void)grouped;
-    for (int m = 0; m < mr; m++)
-        for (int r = 0; r < nr; r++) {
-            float total = 0.f;
-            for (int j = 0; j < nb; j++) {
-                const int8_t *a = xq + (int64_t)m * K + j * QK;
-                uint8_t u[QK];
-                const float d = q5_0_block(w + r * row, nb, j, u);
-                int32_t dot = 0;
-                for (int i = 0; i < QK; i++) dot += a[i] * u[i];
-                total += d * xs[m * nb + j] * (float)dot - d * c[m * nb + j];
-            }
-            out[m][r] = total;
-        }
-#endif
-}
-
-#ifdef QK_AVX2
-/* One weight row against 8 activation rows, the same arithmetic as q5_0_tile per (row, weight
-   row) (so a sequence's result does not depend on which tile its row falls in) with less work
-   per product: the weight block is decoded once for 8 rows; xs8 holds the 8 rows' activation
-   scales per block ([nb][8], a lane a row), so one multiply gives a block's 8 scale products,
-   which each row then reads by a broadcast from memory (a permute per product instead: 1.4x the
-   time in a microbenchmark of this function); c: the rows' corrections (rows of nb). */
-static void q5_0_row_x8(const int8_t *xq, const float *xs8, const float *c, const uint8_t *w, int K, float out[8]) {
-    const int nb = K / QK, grouped = nb / Q5_0_GROUP * Q5_0_GROUP;
-    float corr[8] = {0.f}, dsx[8] __attribute__((aligned(32)));
-    __m256 acc[8], corr8[8];
-    for (int m = 0; m < 8; m++) acc[m] = corr8[m] = _mm256_setzero_ps();
-    for (int j = 0; j < grouped; j += Q5_0_GROUP) { /* the corrections first: 8 registers fewer below */
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + (int64_t)j * Q5_0_BYTES)));
-        for (int m = 0; m < 8; m++) corr8[m] = _mm256_fmadd_ps(d, _mm256_loadu_ps(c + m * nb + j), corr8[m]);
-    }
-    for (int j = 0; j < grouped; j += Q5_0_GROUP) {
-        const uint8_t *group = w + (int64_t)j * Q5_0_BYTES;
-        prefetch_ahead(w, (int64_t)j * Q5_0_BYTES, Q5_0_GROUP * Q5_0_BYTES);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)group));
-        const __m256i planes = _mm256_loadu_si256((const __m256i *)(group + Q5_0_PLANES));
-        #pragma GCC unroll 8
-        for (int b = 0; b < Q5_0_GROUP; b++) {
-            const __m256i u = q5_0_group_unsigned(group, planes, b);
-            _mm256_storeu_ps(dsx, _mm256_mul_ps(_mm256_permutevar8x32_ps(d, _mm256_set1_epi32(b)),
-                                                _mm256_loadu_ps(xs8 + 8 * (j + b))));
-            for (int m = 0; m < 8; m++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + (j + b) * QK));
-                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u, xv));
-                acc[m] = _mm256_fmadd_ps(p, broadcast_load(dsx + m), acc[m]);
-            }
-        }
-    }
-    for (int j = grouped; j < nb; j++) {
-        const uint8_t *block = w + (int64_t)j * Q5_0_BYTES;
-        prefetch_ahead(w, (int64_t)j * Q5_0_BYTES, Q5_0_BYTES);
-        uint16_t h;
-        memcpy(&h, block, sizeof h);
-        const float d = f16_to_f32(h);
-        const __m256i u = q5_0_unsigned(block);
-        _mm256_storeu_ps(dsx, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(xs8 + 8 * j)));
-        for (int m = 0; m < 8; m++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * K + j * QK));
-            const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(u, xv));
-            acc[m] = _mm256_fmadd_ps(p, broadcast_load(dsx + m), acc[m]);
-            corr[m] = fmaf(d, c[m * nb + j], corr[m]);
-        }
-    }
-    for (int m = 0; m < 8; m++) out[m] = hsum(acc[m]) - hsum(corr8[m]) - corr[m];
-}
-#endif
-
-/* One regrouped row of nb blocks -> nb * 32 int8 values in [-16, 15] and nb scales. */
-static void q5_0_unpack_row(const uint8_t *row, int nb, int8_t *values, float *scales) {
-#ifdef QK_AVX2
-    const int grouped = nb / Q5_0_GROUP * Q5_0_GROUP;
-    const __m256i sixteen = _mm256_set1_epi8(16);
-    for (int j = 0; j < grouped; j += Q5_0_GROUP) {
-        const uint8_t *group = row + (int64_t)j * Q5_0_BYTES;
-        const __m256i planes = _mm256_loadu_si256((const __m256i *)(group + Q5_0_PLANES));
-        _mm256_storeu_ps(scales + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)group)));
-        #pragma GCC unroll 8
-        for (int b = 0; b < Q5_0_GROUP; b++)
-            _mm256_storeu_si256((__m256i *)(values + (j + b) * QK),
-                                _mm256_sub_epi8(q5_0_group_unsigned(group, planes, b), sixteen));
-    }
-    for (int j = grouped; j < nb; j++) {
-        const uint8_t *block = row + (int64_t)j * Q5_0_BYTES;
-        uint16_t h;
-        memcpy(&h, block, sizeof h);
-        scales[j] = f16_to_f32(h);
-        _mm256_storeu_si256((__m256i *)(values + j * QK), _mm256_sub_epi8(q5_0_unsigned(block), sixteen));
-    }
-#else
-    for (int j = 0; j < nb; j++) {
-        uint8_t u[QK];
-        scales[j] = q5_0_block(row, nb, j, u);
-        for (int i = 0; i < QK; i++) values[j * QK + i] = (int8_t)(u[i] - 16);
-    }
-#endif
-}
-
-/* ---- Q5_0 from UNPACK_ROWS activation rows on (prefill): panels of Q5_0_PANEL = 8 weight
-   rows, unpacked once per call so that a vector lane is a weight row. Per block j of a panel:
-   8 vectors of 32 bytes, vector g holding the unsigned values u = nibble + 16 * bit of k = 4g .. 4g+3
-   for each of the 8 rows in turn (byte 4r + i: row r, k = 4g + i), then the 8 rows' scales.
-   Against such a vector, 4 bytes of an activation row broadcast to every lane give each lane
-   (row) its own 4 products: one vpmaddubsw makes 32 useful products where the per-row tiles'
-   one per row and block also needs a vpmaddwd, a conversion and two float operations. Here
-   the sums stay integer for the whole block (int16 over half a block, pairs of at most
-   2 * 31 * 127, four summed < 2^15; then int32), and a block's float work (convert, scale,
-   accumulate) is one instruction each for 8 rows. Lanes are rows, so there is no horizontal
-   sum at the end either. */
-#define Q5_0_PANEL 8
-
-/* Rows w[0 .. nr) (regrouped, nb blocks each) -> panel [nb][8][32] bytes, scales [nb][8]; the
-   lanes of rows past nr are zero (they then add nothing). */
-static void q5_0_unpack_panel(const uint8_t *w, int nr, int nb, uint8_t *panel, float *scales) {
-    const int64_t row = (int64_t)nb * Q5_0_BYTES;
-#ifdef QK_AVX2
-    const int grouped = nb / Q5_0_GROUP * Q5_0_GROUP;
-    for (int j = 0; j < grouped; j += Q5_0_GROUP) {
-        __m256i d[Q5_0_PANEL]; /* the rows' 8 scales (floats), then the blocks' */
-        for (int r = 0; r < Q5_0_PANEL; r++)
-            d[r] = r < nr ? _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * row + (int64_t)j * Q5_0_BYTES))))
-                          : _mm256_setzero_si256();
-        transpose_8x8_epi32(d);
-        #pragma GCC unroll 8
-        for (int b = 0; b < Q5_0_GROUP; b++) {
-            __m256i u[Q5_0_PANEL];
-            for (int r = 0; r < Q5_0_PANEL; r++) {
-                const uint8_t *group = w + r * row + (int64_t)j * Q5_0_BYTES;
-                u[r] = r < nr ? q5_0_group_unsigned(group, _mm256_loadu_si256((const __m256i *)(group + Q5_0_PLANES)), b)
-                              : _mm256_setzero_si256();
-            }
+            __m256i u[Q5_0_PANEL], planes = _mm256_setzero_si256();
+            for (int r = 0; r < Q5_0_PANEL; r++) u[r] = q5_0_stored_unsigned(src + r * row + (int64_t)j * Q5_0_BYTES);
             transpose_8x8_epi32(u);
-            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(panel + (int64_t)(j + b) * 256 + 32 * g), u[g]);
-            _mm256_storeu_si256((__m256i *)(scales + (j + b) * Q5_0_PANEL), d[b]);
-        }
-    }
-    for (int j = grouped; j < nb; j++) { /* the blocks kept as stored */
-        __m256i u[Q5_0_PANEL];
-        for (int r = 0; r < Q5_0_PANEL; r++) {
-            u[r] = _mm256_setzero_si256();
-            scales[j * Q5_0_PANEL + r] = 0.f;
-            if (r >= nr) continue;
-            const uint8_t *block = w + r * row + (int64_t)j * Q5_0_BYTES;
-            uint16_t h;
-            memcpy(&h, block, sizeof h);
-            u[r] = q5_0_unsigned(block);
-            scales[j * Q5_0_PANEL + r] = f16_to_f32(h);
-        }
-        transpose_8x8_epi32(u);
-        for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(panel + (int64_t)j * 256 + 32 * g), u[g]);
-    }
+            for (int q = 0; q < 8; q++) {
+                const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(u[q], 4), one); /* bit 0 of each byte */
+                planes = _mm256_or_si256(planes, _mm256_sll_epi16(bit, _mm_cvtsi32_si128(q)));
+            }
+            for (int g = 0; g < 4; g++)
+                _mm256_storeu_si256((__m256i *)(pb + Q5_0_NIBBLES + 32 * g),
+                                    _mm256_or_si256(_mm256_and_si256(u[g], low4),
+                                                    _mm256_slli_epi16(_mm256_and_si256(u[g + 4], low4), 4)));
+            _mm256_storeu_si256((__m256i *)(pb + Q5_0_PLANES), planes);
 #else
-    memset(panel, 0, (size_t)nb * 256);
-    for (int j = 0; j < nb; j++)
-        for (int r = 0; r < Q5_0_PANEL; r++) {
-            uint8_t u[QK];
-            scales[j * Q5_0_PANEL + r] = r < nr ? q5_0_block(w + r * row, nb, j, u) : 0.f;
-            if (r < nr)
-                for (int k = 0; k < QK; k++) panel[(int64_t)j * 256 + 32 * (k / 4) + 4 * r + k % 4] = u[k];
-        }
+            memset(pb + Q5_0_NIBBLES, 0, Q5_0_PANEL_BYTES - Q5_0_NIBBLES);
+            for (int r = 0; r < Q5_0_PANEL; r++)
+                for (int k = 0; k < QK; k++) {
+                    const int u = q5_0_stored_value(src + r * row + (int64_t)j * Q5_0_BYTES, k);
+                    const int q = k / 4, i = 4 * r + k % 4;
+                    pb[Q5_0_NIBBLES + 32 * (q & 3) + i] |= (uint8_t)((u & 0x0f) << (q < 4 ? 0 : 4));
+                    pb[Q5_0_PLANES + i] |= (uint8_t)((u >> 4) << q);
+                }
 #endif
+        }
+    }
 }
 
-/* out[m][r] = sum_j d[r][j] xs[m][j] (u[r] . xq[m] - 16 sum(xq[m]) over block j), for the 8
-   rows of an unpacked panel and mr (<= 4) activation rows; xsum: 16 sum(xq) per (row, block).
-   The block's integer sum is exact; then one float multiply and one FMA per block, in order. */
+/* A panel's nb blocks -> unpacked [nb][8 vectors][32] bytes u (vector q, byte 4r + v: value
+   4q + v of row r) and float scales [nb][8]. */
+static void q5_0_unpack_panel(const uint8_t *w, int nb, uint8_t *panel, float *scales) {
+    for (int j = 0; j < nb; j++) {
+        const uint8_t *pb = w + (int64_t)j * Q5_0_PANEL_BYTES;
+#ifdef QK_AVX2
+        const __m256i planes = _mm256_loadu_si256((const __m256i *)(pb + Q5_0_PLANES));
+        _mm256_storeu_ps(scales + j * Q5_0_PANEL, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)pb)));
+        #pragma GCC unroll 8
+        for (int q = 0; q < 8; q++)
+            _mm256_storeu_si256((__m256i *)(panel + (int64_t)j * 256 + 32 * q), q5_0_unsigned(pb, planes, q));
+#else
+        for (int r = 0; r < Q5_0_PANEL; r++) {
+            uint16_t h;
+            memcpy(&h, pb + 2 * r, sizeof h);
+            scales[j * Q5_0_PANEL + r] = f16_to_f32(h);
+            for (int k = 0; k < QK; k++) panel[(int64_t)j * 256 + 32 * (k / 4) + 4 * r + k % 4] = q5_0_value(pb, r, k);
+        }
+#endif
+    }
+}
+
+/* A panel's 8 rows -> int8 values [8][K] in [-16, 15] (row r at values + r * K) and scales [8][nb]
+   (row r at scales + r * nb); panel, panel_scales: room for q5_0_unpack_panel. */
+static void q5_0_unpack_rows(const uint8_t *w, int nb, int8_t *values, float *scales, uint8_t *panel,
+                             float *panel_scales) {
+    q5_0_unpack_panel(w, nb, panel, panel_scales);
+    for (int r = 0; r < Q5_0_PANEL; r++)
+        for (int j = 0; j < nb; j++) {
+            scales[r * nb + j] = panel_scales[j * Q5_0_PANEL + r];
+            for (int k = 0; k < QK; k++)
+                values[(int64_t)r * nb * QK + j * QK + k] = (int8_t)(panel[(int64_t)j * 256 + 32 * (k / 4) + 4 * r + k % 4] - 16);
+        }
+}
+
+#define Q5_0_HALF_SUM(pairs, sum)                                                                    \
+    do { /* four pair sums at most 4 * 2 * 31 * 127 < 2^15: then into int32 */                      \
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));                  \
+        pairs = _mm256_setzero_si256();                                                              \
+    } while (0)
+
+/* out[m][r] = sum_j d[r][j] xs[m][j] (u[r] . xq[m] - 16 sum(xq[m]) over block j), for the 8 rows
+   of an unpacked panel and mr (<= 4) activation rows; xsum: 16 sum(xq) per (row, block). The
+   block's integer sum is exact; then one float multiply and one FMA per block, in order. */
 static inline __attribute__((always_inline)) void q5_0_panel_tile(const uint8_t *panel, const float *scales,
                                                                   const int8_t *xq, const float *xs,
                                                                   const int32_t *xsum, int K, int mr,
@@ -548,11 +343,8 @@ static inline __attribute__((always_inline)) void q5_0_panel_tile(const uint8_t 
 #endif
             }
 #ifndef QK_AVX512
-            if (g % 4 == 3) /* four pair sums at most 4 * 2 * 31 * 127 < 2^15: then into int32 */
-                for (int m = 0; m < mr; m++) {
-                    sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pairs[m], _mm256_set1_epi16(1)));
-                    pairs[m] = _mm256_setzero_si256();
-                }
+            if (g % 4 == 3)
+                for (int m = 0; m < mr; m++) Q5_0_HALF_SUM(pairs[m], sum[m]);
 #endif
         }
         const __m256 d = _mm256_loadu_ps(scales + j * Q5_0_PANEL);
@@ -577,15 +369,57 @@ static inline __attribute__((always_inline)) void q5_0_panel_tile(const uint8_t 
 #endif
 }
 
-/* y[m, n] = sum_k x[m, k] * w[n, k], w as regrouped Q5_0 rows ([N, K / 32] blocks, q5_0_pack),
-   the activations quantized to int8 in blocks of QK (aligned with the weight blocks). K a
-   multiple of 32. Returns 0, or -1 when out of memory. */
+#ifdef QK_AVX2
+/* The same numbers as q5_0_panel_tile, for a panel as stored (decoded in registers, block by
+   block, nothing written back): below UNPACK_ROWS activation rows, where unpacking the panel
+   first would cost more than it saves. */
+static inline __attribute__((always_inline)) void q5_0_tile(const uint8_t *w, const int8_t *xq, const float *xs,
+                                                            const int32_t *xsum, int K, int mr,
+                                                            float out[][Q5_0_PANEL]) {
+    const int nb = K / QK;
+    __m256 acc[4];
+    for (int m = 0; m < 4; m++) acc[m] = _mm256_setzero_ps();
+    for (int j = 0; j < nb; j++) {
+        const uint8_t *pb = w + (int64_t)j * Q5_0_PANEL_BYTES;
+        prefetch_ahead(w, (int64_t)j * Q5_0_PANEL_BYTES, Q5_0_PANEL_BYTES);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)pb));
+        const __m256i planes = _mm256_loadu_si256((const __m256i *)(pb + Q5_0_PLANES));
+        __m256i u[8];
+        #pragma GCC unroll 8
+        for (int q = 0; q < 8; q++) u[q] = q5_0_unsigned(pb, planes, q);
+        for (int m = 0; m < mr; m++) {
+            const int8_t *x = xq + (int64_t)m * K + j * QK;
+            __m256i sum = _mm256_setzero_si256();
+#ifndef QK_AVX512
+            __m256i pairs = _mm256_setzero_si256();
+#endif
+            #pragma GCC unroll 8
+            for (int q = 0; q < 8; q++) {
+#ifdef QK_AVX512
+                sum = _mm256_dpbusd_epi32(sum, u[q], broadcast_4_bytes(x + 4 * q));
+#else
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(u[q], broadcast_4_bytes(x + 4 * q)));
+                IN_REGISTER(pairs); /* 2-5% at 4 and 8 rows */
+                if (q % 4 == 3) Q5_0_HALF_SUM(pairs, sum);
+#endif
+            }
+            const __m256i s = _mm256_sub_epi32(sum, _mm256_set1_epi32(xsum[m * nb + j]));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, broadcast_load(xs + m * nb + j)), acc[m]);
+        }
+    }
+    for (int m = 0; m < mr; m++) _mm256_storeu_ps(out[m], acc[m]);
+}
+#endif
+
+/* y[m, n] = sum_k x[m, k] * w[n, k], w as Q5_0 panels (q5_0_pack; N a multiple of 8), the
+   activations quantized to int8 in blocks of QK (aligned with the weight blocks). K a multiple
+   of 32. Returns 0, or -1 when out of memory. */
 int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K) {
 #ifdef QK_AMX
     if (M >= AMX_MIN_ROWS && !row_invariant) return amx_linear(x, w, 1, NULL, y, M, N, K);
 #endif
-    const int nb = K / QK;
-    const int64_t row = (int64_t)nb * Q5_0_BYTES;
+    const int nb = K / QK, panels = N / Q5_0_PANEL;
+    const int64_t panel_bytes = (int64_t)nb * Q5_0_PANEL_BYTES;
     int8_t *xq = malloc((size_t)M * K);
     float *xs = malloc(sizeof(float) * (size_t)M * nb);
     int32_t *sums = malloc(sizeof(int32_t) * (size_t)M * nb); /* 16 sum(xq) per (row, block): the -16 of w = (u - 16) d */
@@ -599,10 +433,29 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
             sums[(int64_t)m * nb + j] = 16 * sum;
         }
     }
-    if (M >= UNPACK_ROWS && !row_invariant) {
-        /* Many rows (prefill): each panel of 8 weight rows unpacked once, then every activation
-           row against it, PANEL_MT at a time (q5_0_panel_tile). */
-        int failed = 0;
+    int failed = 0;
+#ifdef QK_AVX2
+    if (M < UNPACK_ROWS) {
+        #pragma omp parallel for schedule(static)
+        for (int p = 0; p < panels; p++) {
+            const uint8_t *wp = w + p * panel_bytes;
+            for (int m0 = 0; m0 < M; m0 += 4) {
+                const int mr = M - m0 < 4 ? M - m0 : 4;
+                const int8_t *xqm = xq + (int64_t)m0 * K;
+                const float *xsm = xs + (int64_t)m0 * nb;
+                const int32_t *sm = sums + (int64_t)m0 * nb;
+                float out[4][Q5_0_PANEL];
+                if (mr == 4) q5_0_tile(wp, xqm, xsm, sm, K, 4, out);
+                else if (mr == 1) q5_0_tile(wp, xqm, xsm, sm, K, 1, out);
+                else q5_0_tile(wp, xqm, xsm, sm, K, mr, out);
+                for (int m = 0; m < mr; m++) memcpy(y + (int64_t)(m0 + m) * N + p * Q5_0_PANEL, out[m], sizeof out[m]);
+            }
+        }
+    } else
+#endif
+    {
+        /* Many rows (prefill), or no AVX2: each panel unpacked once, then every activation row
+           against it, PANEL_MT at a time. */
         #pragma omp parallel
         {
             uint8_t *panel = malloc((size_t)nb * 256);
@@ -612,10 +465,9 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
                 failed = 1;
             }
             #pragma omp for schedule(static)
-            for (int b = 0; b < (N + Q5_0_PANEL - 1) / Q5_0_PANEL; b++) {
+            for (int p = 0; p < panels; p++) {
                 if (!panel || !scales) continue;
-                const int n0 = b * Q5_0_PANEL, nr = N - n0 < Q5_0_PANEL ? N - n0 : Q5_0_PANEL;
-                q5_0_unpack_panel(w + n0 * row, nr, nb, panel, scales);
+                q5_0_unpack_panel(w + p * panel_bytes, nb, panel, scales);
                 for (int m0 = 0; m0 < M; m0 += PANEL_MT) {
                     const int mr = M - m0 < PANEL_MT ? M - m0 : PANEL_MT;
                     const int8_t *xqm = xq + (int64_t)m0 * K;
@@ -624,85 +476,41 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
                     float out[PANEL_MT][Q5_0_PANEL];
                     if (mr == PANEL_MT) q5_0_panel_tile(panel, scales, xqm, xsm, sm, K, PANEL_MT, out);
                     else q5_0_panel_tile(panel, scales, xqm, xsm, sm, K, mr, out);
-                    for (int m = 0; m < mr; m++) memcpy(y + (int64_t)(m0 + m) * N + n0, out[m], sizeof(float) * nr);
+                    for (int m = 0; m < mr; m++)
+                        memcpy(y + (int64_t)(m0 + m) * N + p * Q5_0_PANEL, out[m], sizeof out[m]);
                 }
             }
             free(panel);
             free(scales);
         }
-        free(xq);
-        free(xs);
-        free(sums);
-        return failed ? -1 : 0;
-    }
-    /* Fewer rows (decode): the corrections as floats, c = 16 xs sum(xq) per (row, block). */
-    float *c = malloc(sizeof(float) * (size_t)M * nb);
-    if (!c) { free(xq); free(xs); free(sums); return -1; }
-    for (int64_t i = 0; i < (int64_t)M * nb; i++) c[i] = xs[i] * (float)sums[i];
-    free(sums);
-    int m8 = 0;  /* rows [0, m8) go 8 at a time through q5_0_row_x8 */
-    float *xs8 = NULL;
-#ifdef QK_AVX2
-    m8 = M / 8 * 8;
-    if (m8) {
-        xs8 = malloc(sizeof(float) * (size_t)m8 * nb);
-        if (!xs8) { free(xq); free(xs); free(c); return -1; }
-        for (int g = 0; g < m8 / 8; g++)
-            for (int j = 0; j < nb; j++)
-                for (int i = 0; i < 8; i++) xs8[((int64_t)g * nb + j) * 8 + i] = xs[(int64_t)(8 * g + i) * nb + j];
-    }
-#endif
-    const int blocks = (N + 1) / 2;
-    #pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; b++) {
-        const int n0 = b * 2, nr = N - n0 < 2 ? N - n0 : 2;
-        const uint8_t *wb = w + n0 * row;
-#ifdef QK_AVX2
-        for (int g = 0; g < m8 / 8; g++)
-            for (int r = 0; r < nr; r++) {
-                float out[8];
-                q5_0_row_x8(xq + (int64_t)8 * g * K, xs8 + (int64_t)g * nb * 8, c + (int64_t)8 * g * nb,
-                            wb + r * row, K, out);
-                for (int m = 0; m < 8; m++) y[(int64_t)(8 * g + m) * N + n0 + r] = out[m];
-            }
-#endif
-        for (int m0 = m8; m0 < M; m0 += 4) {
-            const int mr = M - m0 < 4 ? M - m0 : 4;
-            const int8_t *xqm = xq + (int64_t)m0 * K;
-            const float *xsm = xs + (int64_t)m0 * nb, *cm = c + (int64_t)m0 * nb;
-            float out[4][2];
-            if (nr == 2 && mr == 4) q5_0_tile(xqm, xsm, cm, wb, K, 2, 4, out);
-            else if (nr == 2 && mr == 3) q5_0_tile(xqm, xsm, cm, wb, K, 2, 3, out);
-            else if (nr == 2 && mr == 2) q5_0_tile(xqm, xsm, cm, wb, K, 2, 2, out);
-            else if (nr == 2 && mr == 1) q5_0_tile(xqm, xsm, cm, wb, K, 2, 1, out);
-            else q5_0_tile(xqm, xsm, cm, wb, K, nr, mr, out);
-            for (int m = 0; m < mr; m++)
-                for (int r = 0; r < nr; r++) y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r];
-        }
     }
     free(xq);
     free(xs);
-    free(c);
-    free(xs8);
-    return 0;
+    free(sums);
+    return failed ? -1 : 0;
 }
 
-/* Regrouped Q5_0 rows -> float32 [N, K] (for a float GEMM). */
+/* Q5_0 panels (q5_0_pack) -> float32 [N, K] (for a float GEMM, and the loader). */
 void q5_0_dequantize(const uint8_t *w, float *out, int N, int K) {
     const int nb = K / QK;
     #pragma omp parallel
     {
-        int8_t *values = malloc((size_t)K);
-        float *scales = malloc(sizeof(float) * nb);
+        int8_t *values = malloc((size_t)Q5_0_PANEL * K);
+        float *scales = malloc(sizeof(float) * Q5_0_PANEL * nb), *panel_scales = malloc(sizeof(float) * Q5_0_PANEL * nb);
+        uint8_t *panel = malloc((size_t)nb * 256);
         #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            if (!values || !scales) continue;  /* checked by the caller: out stays as it was */
-            q5_0_unpack_row(w + (int64_t)n * nb * Q5_0_BYTES, nb, values, scales);
-            float *o = out + (int64_t)n * K;
-            for (int k = 0; k < K; k++) o[k] = (float)values[k] * scales[k / QK];
+        for (int p = 0; p < N / Q5_0_PANEL; p++) {
+            if (!values || !scales || !panel_scales || !panel) continue;  /* checked by the caller: out stays as it was */
+            q5_0_unpack_rows(w + (int64_t)p * nb * Q5_0_PANEL_BYTES, nb, values, scales, panel, panel_scales);
+            for (int r = 0; r < Q5_0_PANEL; r++) {
+                float *o = out + (int64_t)(p * Q5_0_PANEL + r) * K;
+                for (int k = 0; k < K; k++) o[k] = (float)values[(int64_t)r * K + k] * scales[r * nb + k / QK];
+            }
         }
         free(values);
         free(scales);
+        free(panel_scales);
+        free(panel);
     }
 }
 
@@ -792,9 +600,11 @@ static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *s
         int8_t *packed = malloc((size_t)nb * 2 * 512), *wq = q5_0 ? malloc((size_t)32 * K) : NULL;
         float *wd = q5_0 ? malloc(sizeof(float) * 32 * nb) : NULL;     /* [32, nb] */
         float *wdt = q5_0 ? calloc((size_t)nb * 32, sizeof(float)) : NULL; /* [nb, 32] */
+        uint8_t *unpacked = q5_0 ? malloc((size_t)nb * 256) : NULL;       /* q5_0_unpack_rows' room */
+        float *panel_scales = q5_0 ? malloc(sizeof(float) * Q5_0_PANEL * nb) : NULL;
         float acc[16][32];
         int32_t products[16][32];
-        const int ok = packed && (!q5_0 || (wq && wd && wdt));
+        const int ok = packed && (!q5_0 || (wq && wd && wdt && unpacked && panel_scales));
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -806,9 +616,9 @@ static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *s
             const int n0 = panel * 32, nr = N - n0 < 32 ? N - n0 : 32;
             const int8_t *rows = (const int8_t *)w + (int64_t)n0 * K;
             if (q5_0) {
-                for (int r = 0; r < nr; r++)
-                    q5_0_unpack_row((const uint8_t *)w + (int64_t)(n0 + r) * nb * Q5_0_BYTES, nb, wq + (int64_t)r * K,
-                                    wd + r * nb);
+                for (int r = 0; r < nr; r += Q5_0_PANEL) /* N, so nr, a multiple of 8 */
+                    q5_0_unpack_rows((const uint8_t *)w + (int64_t)(n0 + r) * nb * Q5_0_BYTES, nb, wq + (int64_t)r * K,
+                                     wd + r * nb, unpacked, panel_scales);
                 for (int j = 0; j < nb; j++)
                     for (int r = 0; r < 32; r++) wdt[j * 32 + r] = r < nr ? wd[r * nb + j] : 0.f;
                 rows = wq;
@@ -847,6 +657,8 @@ static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *s
         free(wq);
         free(wd);
         free(wdt);
+        free(unpacked);
+        free(panel_scales);
     }
     free(xq);
     free(xs);
