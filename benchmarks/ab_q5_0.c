@@ -47,7 +47,8 @@ int main(int argc, char **argv) {
     }
     const int M = atoi(argv[1]), N = atoi(argv[2]), K = atoi(argv[3]), R = atoi(argv[4]), L = argc - 5, nb = K / 32;
     const size_t row_bytes = (size_t)nb * 22;
-    float *x = malloc(sizeof(float) * M * K), *y = malloc(sizeof(float) * M * N), *first = malloc(sizeof(float) * M * N);
+    float *x = malloc(sizeof(float) * M * K), *y = malloc(sizeof(float) * M * N);
+    float *first = malloc(sizeof(float) * M * N);
     uint8_t *stored = malloc(N * row_bytes), *w[MAX_LIBS][COPIES];
     int8_t *w8[COPIES];
     uint16_t *scale8 = malloc(sizeof(uint16_t) * N);
@@ -68,7 +69,10 @@ int main(int argc, char **argv) {
         for (int c = 0; c < COPIES; c++) { /* the same stored blocks for every library */
             srand(100 + c);
             for (size_t i = 0; i < N * row_bytes; i++) stored[i] = (uint8_t)rand();
-            for (size_t b = 0; b < (size_t)N * nb; b++) stored[b * 22] = (uint8_t)rand(), stored[b * 22 + 1] = (uint8_t)(0x20 + rand() % 8);
+            for (size_t b = 0; b < (size_t)N * nb; b++) { /* fp16 scales between 2^-7 and 2^-5 */
+                stored[b * 22] = (uint8_t)rand();
+                stored[b * 22 + 1] = (uint8_t)(0x20 + rand() % 8);
+            }
             w[l][c] = malloc(N * row_bytes);
             pack(stored, w[l][c], N, K);
         }
@@ -79,8 +83,10 @@ int main(int argc, char **argv) {
         linear[l](x, w[l][0], y, M, N, K);
         double diff = 0, largest = 0;
         for (long i = 0; i < (long)M * N; i++) {
-            const double d = y[i] > first[i] ? y[i] - first[i] : first[i] - y[i], a = first[i] < 0 ? -first[i] : first[i];
-            diff = d > diff ? d : diff, largest = a > largest ? a : largest;
+            const double d = y[i] > first[i] ? y[i] - first[i] : first[i] - y[i];
+            const double a = first[i] < 0 ? -first[i] : first[i];
+            diff = d > diff ? d : diff;
+            largest = a > largest ? a : largest;
         }
         printf("%s against %s: largest difference %.3g (largest |y| %.3g)\n", argv[5 + l], argv[5], diff, largest);
     }

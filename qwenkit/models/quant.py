@@ -337,7 +337,7 @@ class GGUFEmbedding(nn.Module):
         raise NotImplementedError("a GGUF-block embedding is not used as the lm_head")
 
 
-def quantized_module(module: nn.Module, format: str) -> nn.Module:
+def quantized_module(module: nn.Module, format: str | tuple[str, ...]) -> nn.Module:
     """The quantized counterpart of a `Linear` or `Embedding` (not yet loaded)."""
     if type(module) is Linear and (isinstance(format, tuple) or format in (INT8, INT4, *GGUF_LINEAR_FORMATS)):
         return QuantLinear.from_linear(module, format)
