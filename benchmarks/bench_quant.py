@@ -378,9 +378,10 @@ def compare(model: str, variants: list[str], *, bf16: bool, rounds: int, accurac
             _auto_formats().clear()
             _auto_formats().update(saved)
         formats = {}
-        for module in llm.model.modules():
-            if hasattr(module, "format"):
-                formats[module.format] = formats.get(module.format, 0) + 1
+        for name, module in llm.model.named_modules():
+            if hasattr(module, "format") and ".parts." not in name:  # a format per part: counted once, joined
+                key = " + ".join(module.format) if isinstance(module.format, tuple) else module.format
+                formats[key] = formats.get(key, 0) + 1
         row = {"variant": variant, "formats": formats}
         if accuracy:
             row["perplexity"] = round(perplexity(llm, ids), 4)  # the paths prefill takes
