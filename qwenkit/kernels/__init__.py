@@ -48,7 +48,7 @@ from qwenkit.kernels.cpu import DEQUANTIZED_BLOCKS, GGUF_BLOCKS, PACKED_ROWS, gg
 __all__ = [
     "DEQUANTIZED_BLOCKS", "GGUF_BLOCKS", "INVARIANT_ROWS", "PACKED_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
     "add_rms_norm", "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_pack",
-    "gguf_row_bytes", "has_gguf_kernel", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
+    "gguf_row_bytes", "has_gguf_kernel", "packed_row_step", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
     "moe_syncs_with_host", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope_cache",
     "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
 ]
@@ -386,10 +386,16 @@ def _gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_n
     return _dequantized_gguf_linear(x, blocks, in_features, type_name)
 
 
+def packed_row_step(type_name: str, in_features: int) -> int:
+    """Rows of `type_name` blocks to take at a time for about `reference.BLOCK_VALUES` values: whole
+    groups of the rows its layout packs together (`PACKED_ROWS`; Q5_0: 8)."""
+    together = PACKED_ROWS[type_name]
+    return max(together, reference.BLOCK_VALUES // in_features // together * together)
+
+
 def _dequantized_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
     out = x.new_empty(x.shape[0], blocks.shape[0])
-    together = PACKED_ROWS[type_name]
-    step = max(together, reference.BLOCK_VALUES // in_features // together * together)
+    step = packed_row_step(type_name, in_features)
     for start in range(0, blocks.shape[0], step):
         rows = gguf_dequantize(blocks[start : start + step], in_features, type_name)
         out[:, start : start + step] = F.linear(x, rows.to(x.device, x.dtype))

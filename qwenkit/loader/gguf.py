@@ -373,16 +373,14 @@ class GGUFTensor:
             values = raw.view(np.float32)
         elif self.ggml_type == GGMLQuantizationType.F16:
             values = raw.view(np.float16).astype(np.float32)
-        elif (name := self.ggml_type.name) in kernels.DEQUANTIZED_BLOCKS:
+        elif ((name := self.ggml_type.name) in kernels.DEQUANTIZED_BLOCKS
+              and math.prod(shape[:-1]) % kernels.PACKED_ROWS.get(name, 1) == 0):  # packed: whole panels only
             # Through the C kernels' dequantization where they are built (bit for bit gguf's, tested;
             # gguf's own code where not), 6-10x faster than gguf's numpy code: the K-quants are most
             # of a K-quant model's load under "auto", the Q8_0 output matrix was a third of the
             # default model's, its Q5_0 parts of matrices that become int8 a tenth.
             rows = torch.from_numpy(raw.reshape(math.prod(shape[:-1]), -1))
             if name in kernels.GGUF_BLOCKS:
-                if len(rows) % kernels.PACKED_ROWS[name]:  # packed rows come in whole panels: gguf's code
-                    values = dequantize(raw.reshape(math.prod(shape[:-1]), -1), self.ggml_type)
-                    return torch.from_numpy(values).reshape(shape)
                 rows = kernels.gguf_pack(rows, shape[-1], name)  # the kernels' layout (Q5_0 interleaved)
             return kernels.gguf_dequantize(rows, shape[-1], name).reshape(shape)
         else:

@@ -71,7 +71,8 @@ def row_blocks(tensor: torch.Tensor | LazyTensor) -> Iterator[tuple[int, torch.T
     """(first row, float32 rows) in blocks of about `_BLOCK_VALUES` values."""
     rows = tensor.shape[0]
     step = max(1, _BLOCK_VALUES // max(1, math.prod(tensor.shape[1:])))
-    step = step // 8 * 8 or step  # whole panels where rows are packed 8 at a time (GGUF Q5_0, `read_rows`)
+    panel = max(kernels.PACKED_ROWS.values())  # whole panels where GGUF rows are packed together (`read_rows`)
+    step = step // panel * panel or step
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         block = tensor[start:stop] if isinstance(tensor, torch.Tensor) else tensor.read_rows(start, stop)
@@ -233,7 +234,7 @@ class QuantLinear(Linear):
             if first % together or tensor.shape[0] % together:
                 raise ValueError(f"{self.ggml_type} rows are packed {together} at a time: rows {first} to "
                                  f"{first + tensor.shape[0]} are not whole groups of them")
-            step = max(together, _BLOCK_VALUES // in_features // together * together)
+            step = kernels.packed_row_step(self.ggml_type, in_features)
             for start in range(0, tensor.shape[0], step):
                 raw = tensor.read_raw(start, min(tensor.shape[0], start + step))
                 param.data[first + start : first + start + raw.shape[0]] = kernels.gguf_pack(raw, in_features,
