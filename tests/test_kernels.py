@@ -69,7 +69,16 @@ def test_variant_quantized_matmuls_against_dequantized(isa, rows):
     w5 = torch.from_numpy(dequantize(blocks, gguf.GGMLQuantizationType.Q5_0))
     packed = lib.gguf_pack(torch.from_numpy(blocks), 416, "Q5_0")
     _assert_q8_close(lib.gguf_linear(x, packed, 416, "Q5_0"), x, w5)
-    assert torch.equal(lib.gguf_dequantize(packed, 416, "Q5_0"), w5)
+    _assert_dequantized(lib, packed, 416, "Q5_0", w5)
+
+
+def _assert_dequantized(lib, blocks: torch.Tensor, k: int, type_name: str, w: torch.Tensor) -> None:
+    """`lib` dequantizes `blocks` to w exactly, and to float16 / bfloat16 (the prefill's GEMM in a
+    16-bit model) as torch rounds w."""
+    assert torch.equal(lib.gguf_dequantize(blocks, k, type_name), w)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = lib.gguf_dequantize(blocks, k, type_name, dtype)
+        assert half.dtype == dtype and torch.equal(half, w.to(dtype)), (type_name, dtype)
 
 
 @needs_compiler
@@ -105,7 +114,7 @@ def test_variant_q8_0_dequantized_as_gguf_does(isa):
     raw[:, 0:2] = (np.random.default_rng(5).standard_normal((len(raw), 1)) * 1e-2).astype(np.float16).view(np.uint8)
     raw[0, 2:] = np.arange(-128, 128, 8, dtype=np.int8).view(np.uint8)
     expected = torch.from_numpy(dequantize(raw.reshape(7, -1), gguf.GGMLQuantizationType.Q8_0))
-    assert torch.equal(lib.gguf_dequantize(torch.from_numpy(raw.reshape(7, -1)), 416, "Q8_0"), expected)
+    _assert_dequantized(lib, torch.from_numpy(raw.reshape(7, -1)), 416, "Q8_0", expected)
     assert torch.equal(kernels.gguf_dequantize(torch.from_numpy(raw[:1].copy()), 32, "Q8_0"), expected[:1, :32])
     with pytest.raises(TypeError, match="Q8_0 blocks"):
         lib.gguf_dequantize(torch.from_numpy(raw.reshape(7, -1)), 448, "Q8_0")
@@ -137,7 +146,7 @@ def test_variant_k_quants_against_gguf(isa, type_name, k):
     (21 weight rows: a panel's tail; 16 and 37 activation rows: a tile's)."""
     lib = _variant(isa)
     blocks, w = _k_quant_blocks(type_name, 21, k, seed=3)
-    assert torch.equal(lib.gguf_dequantize(blocks, k, type_name), w)
+    _assert_dequantized(lib, blocks, k, type_name, w)
     for rows in (1, 3, 7, 8, 13, 15, 16, 37):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * torch.linspace(0.1, 3, k)
         y = lib.gguf_linear(x, blocks, k, type_name)

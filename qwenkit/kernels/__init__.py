@@ -397,8 +397,8 @@ def _dequantized_gguf_linear(x: torch.Tensor, blocks: torch.Tensor, in_features:
     out = x.new_empty(x.shape[0], blocks.shape[0])
     step = packed_row_step(type_name, in_features)
     for start in range(0, blocks.shape[0], step):
-        rows = gguf_dequantize(blocks[start : start + step], in_features, type_name)
-        out[:, start : start + step] = F.linear(x, rows.to(x.device, x.dtype))
+        rows = gguf_dequantize(blocks[start : start + step], in_features, type_name, x.dtype)
+        out[:, start : start + step] = F.linear(x, rows.to(x.device))
     return out
 
 
@@ -421,13 +421,14 @@ def gguf_pack(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.T
     return reference.gguf_pack(blocks, in_features, type_name)
 
 
-def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
+def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """GGUF rows of `type_name` in the kernels' layout (`gguf_pack`; Q8_0, which has no matmul
-    kernel, as stored; uint8 [N, bytes per row]) -> float32 [N, in_features] on the CPU, exactly
-    as gguf dequantizes them."""
+    kernel, as stored; uint8 [N, bytes per row]) -> [N, in_features] of `dtype` on the CPU, exactly
+    as gguf dequantizes them (then rounded to a 16-bit dtype as torch's .to() rounds)."""
     if blocks.device.type == "cpu" and type_name in DEQUANTIZED_BLOCKS and (lib := cpu.library()) is not None:
-        return lib.gguf_dequantize(blocks, in_features, type_name)
-    return reference.gguf_dequantize(blocks, in_features, type_name)
+        return lib.gguf_dequantize(blocks, in_features, type_name, dtype)
+    return reference.gguf_dequantize(blocks, in_features, type_name).to(dtype)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:

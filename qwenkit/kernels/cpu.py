@@ -102,7 +102,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F, _I]),
     "int8_linear_q8": (_I, [_P] * 4 + [_I] * 3),
     **{f"{t.lower()}_linear_q8": (_I, [_P] * 3 + [_I] * 3) for t in GGUF_BLOCKS},
-    **{f"{t.lower()}_dequantize": (None, [_P] * 2 + [_I] * 2) for t in DEQUANTIZED_BLOCKS},
+    **{f"{t.lower()}_dequantize": (_I, [_P] * 2 + [_I] * 3) for t in DEQUANTIZED_BLOCKS},
     "q5_0_pack": (None, [_P] * 2 + [_I] * 2),
     "decode_layers": (_I, [_P, _I, _P, _P, _I] + [_P] * 4 + [_I] * 2 + [_P]),
     "qk_amx_init": (_I, []),
@@ -203,12 +203,17 @@ class Library:
         self._lib.q5_0_pack(blocks.data_ptr(), out.data_ptr(), blocks.shape[0], in_features)
         return out
 
-    def gguf_dequantize(self, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-        """GGUF rows of `type_name` in the kernels' layout (uint8 [N, bytes per row]) -> float32 [N, in_features]."""
+    def gguf_dequantize(self, blocks: torch.Tensor, in_features: int, type_name: str,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """GGUF rows of `type_name` in the kernels' layout (uint8 [N, bytes per row]) -> [N, in_features]
+        of `dtype` (float32, or a 16-bit float rounded as torch's .to() rounds)."""
         blocks = _blocks(blocks, in_features, type_name, DEQUANTIZED_BLOCKS)
-        out = torch.zeros(blocks.shape[0], in_features, dtype=torch.float32)
-        getattr(self._lib, f"{type_name.lower()}_dequantize")(blocks.data_ptr(), out.data_ptr(), blocks.shape[0],
-                                                                in_features)
+        if dtype not in KV_DTYPES:
+            raise TypeError(f"gguf_dequantize gives float32, float16 or bfloat16, not {dtype}")
+        out = torch.empty(blocks.shape[0], in_features, dtype=dtype)
+        if getattr(self._lib, f"{type_name.lower()}_dequantize")(blocks.data_ptr(), out.data_ptr(), blocks.shape[0],
+                                                                   in_features, KV_DTYPES[dtype]):
+            raise MemoryError(f"gguf_dequantize: no memory for the row buffers ({in_features} values a row)")
         return out
 
     def decode_layers(self, layers: ctypes.Array, dims: FdDims, h: torch.Tensor, cos: torch.Tensor,

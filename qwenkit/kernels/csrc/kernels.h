@@ -212,6 +212,17 @@ static inline void kv_store(void *cache, int64_t index, int kv_dtype, const floa
     if (kv_dtype == KV_F16)
         for (; i + 8 <= n; i += 8)
             _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    else /* f32_to_bf16, 8 at a time */
+        for (; i + 8 <= n; i += 8) {
+            const __m256i u = _mm256_loadu_si256((const __m256i *)(x + i));
+            const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+            __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+            const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                                   _mm256_set1_epi32(0x7f800000));
+            r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+            r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08); /* the 8 halves in order, low 128 bits */
+            _mm_storeu_si128((__m128i *)(h + i), _mm256_castsi256_si128(r));
+        }
 #endif
     for (; i < n; i++) h[i] = kv_dtype == KV_F16 ? f32_to_f16(x[i]) : f32_to_bf16(x[i]);
 }
@@ -234,8 +245,8 @@ void quantize_row_q8(const float *x, int K, int8_t *xq, float *xs);
 int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float *y, int M, int N, int K);
 int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
 void q5_0_pack(const uint8_t *stored, uint8_t *out, int N, int K);
-void q5_0_dequantize(const uint8_t *w, float *out, int N, int K);
-void q8_0_dequantize(const uint8_t *w, float *out, int N, int K);
+int q5_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype);
+int q8_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype);
 
 /* kquant.c */
 int q4_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);

@@ -622,23 +622,37 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
     return 0;
 }
 
-/* Rows of K-quant super-blocks -> float32 [N, K], exactly as gguf dequantizes them. */
-static void kq_dequantize(int type, const uint8_t *w, float *out, int N, int K) {
+/* Rows of K-quant super-blocks -> [N, K] of out_dtype (kernels.h's KV_*), exactly as gguf
+   dequantizes them (then rounded as torch's .to() rounds). -1: no memory. */
+static int kq_dequantize(int type, const uint8_t *w, void *out, int N, int K, int out_dtype) {
     const int nsb = K / QK_K;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        kq_block blk;
-        for (int sb = 0; sb < nsb; sb++) {
-            KQ_DECODE(type, w + ((int64_t)n * nsb + sb) * KQ_BYTES[type], &blk);
-            float *o = out + (int64_t)n * K + sb * QK_K;
-            for (int j = 0; j < 8; j++)
-                for (int i = 0; i < QK; i++) {
-                    const int s = i / 16;
-                    o[j * QK + i] = type == KQ_Q6_K ? blk.scale[j][s] * (float)((int)blk.u[j][i] - 32)
-                                                    : blk.scale[j][s] * (float)blk.u[j][i] - blk.off[j][s];
-                }
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *row = malloc(sizeof(float) * K);
+        if (!row) {
+#pragma omp atomic write
+            failed = 1;
         }
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (!row) continue;
+            kq_block blk;
+            for (int sb = 0; sb < nsb; sb++) {
+                KQ_DECODE(type, w + ((int64_t)n * nsb + sb) * KQ_BYTES[type], &blk);
+                float *o = row + sb * QK_K;
+                for (int j = 0; j < 8; j++)
+                    for (int i = 0; i < QK; i++) {
+                        const int s = i / 16;
+                        o[j * QK + i] = type == KQ_Q6_K ? blk.scale[j][s] * (float)((int)blk.u[j][i] - 32)
+                                                        : blk.scale[j][s] * (float)blk.u[j][i] - blk.off[j][s];
+                    }
+            }
+            kv_store(out, (int64_t)n * K, out_dtype, row, K);
+        }
+        free(row);
     }
+    return failed ? -1 : 0;
 }
 
 int q4_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K) {
@@ -650,6 +664,12 @@ int q5_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
 int q6_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K) {
     return kq_linear(KQ_Q6_K, x, w, y, M, N, K);
 }
-void q4_k_dequantize(const uint8_t *w, float *out, int N, int K) { kq_dequantize(KQ_Q4_K, w, out, N, K); }
-void q5_k_dequantize(const uint8_t *w, float *out, int N, int K) { kq_dequantize(KQ_Q5_K, w, out, N, K); }
-void q6_k_dequantize(const uint8_t *w, float *out, int N, int K) { kq_dequantize(KQ_Q6_K, w, out, N, K); }
+int q4_k_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
+    return kq_dequantize(KQ_Q4_K, w, out, N, K, out_dtype);
+}
+int q5_k_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
+    return kq_dequantize(KQ_Q5_K, w, out, N, K, out_dtype);
+}
+int q6_k_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
+    return kq_dequantize(KQ_Q6_K, w, out, N, K, out_dtype);
+}

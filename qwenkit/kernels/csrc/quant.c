@@ -300,6 +300,25 @@ static void q5_0_unpack_panel(const uint8_t *w, int nb, uint8_t *panel, float *s
    (row r at scales + r * nb); panel, panel_scales: room for q5_0_unpack_panel. */
 static void q5_0_unpack_rows(const uint8_t *w, int nb, int8_t *values, float *scales, uint8_t *panel,
                              float *panel_scales) {
+#ifdef QK_AVX2
+    (void)panel;
+    (void)panel_scales;
+    for (int j = 0; j < nb; j++) {
+        const uint8_t *pb = w + (int64_t)j * Q5_0_PANEL_BYTES;
+        const __m256i planes = _mm256_loadu_si256((const __m256i *)(pb + Q5_0_PLANES));
+        float d[Q5_0_PANEL];
+        _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)pb)));
+        __m256i u[Q5_0_PANEL]; /* vector q: dword q of every row; transposed: row r's 32 values in order */
+        #pragma GCC unroll 8
+        for (int q = 0; q < 8; q++) u[q] = q5_0_unsigned(pb, planes, q);
+        transpose_8x8_epi32(u);
+        for (int r = 0; r < Q5_0_PANEL; r++) {
+            _mm256_storeu_si256((__m256i *)(values + (int64_t)r * nb * QK + j * QK), _mm256_sub_epi8(u[r], _mm256_set1_epi8(16)));
+            scales[r * nb + j] = d[r];
+        }
+    }
+    return;
+#endif
     q5_0_unpack_panel(w, nb, panel, panel_scales);
     for (int r = 0; r < Q5_0_PANEL; r++)
         for (int j = 0; j < nb; j++) {
@@ -490,46 +509,72 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
     return failed ? -1 : 0;
 }
 
-/* Q5_0 panels (q5_0_pack) -> float32 [N, K] (for a float GEMM, and the loader). */
-void q5_0_dequantize(const uint8_t *w, float *out, int N, int K) {
+/* Q5_0 panels (q5_0_pack) -> [N, K] of out_dtype (kernels.h's KV_*: float32 for the loader, the
+   prefill's float16 / bfloat16 GEMM's own dtype, rounded as torch's .to() rounds). -1: no memory. */
+int q5_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
     const int nb = K / QK;
+    int failed = 0;
     #pragma omp parallel
     {
         int8_t *values = malloc((size_t)Q5_0_PANEL * K);
         float *scales = malloc(sizeof(float) * Q5_0_PANEL * nb), *panel_scales = malloc(sizeof(float) * Q5_0_PANEL * nb);
         uint8_t *panel = malloc((size_t)nb * 256);
+        float *row = malloc(sizeof(float) * K);
+        if (!values || !scales || !panel_scales || !panel || !row) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int p = 0; p < N / Q5_0_PANEL; p++) {
-            if (!values || !scales || !panel_scales || !panel) continue;  /* checked by the caller: out stays as it was */
+            if (!values || !scales || !panel_scales || !panel || !row) continue;
             q5_0_unpack_rows(w + (int64_t)p * nb * Q5_0_PANEL_BYTES, nb, values, scales, panel, panel_scales);
             for (int r = 0; r < Q5_0_PANEL; r++) {
-                float *o = out + (int64_t)(p * Q5_0_PANEL + r) * K;
-                for (int k = 0; k < K; k++) o[k] = (float)values[(int64_t)r * K + k] * scales[r * nb + k / QK];
+                for (int j = 0; j < nb; j++) {
+                    const int8_t *v = values + (int64_t)r * K + j * QK;
+                    const float d = scales[r * nb + j];
+                    for (int i = 0; i < QK; i++) row[j * QK + i] = (float)v[i] * d;
+                }
+                kv_store(out, (int64_t)(p * Q5_0_PANEL + r) * K, out_dtype, row, K);
             }
         }
         free(values);
         free(scales);
         free(panel_scales);
         free(panel);
+        free(row);
     }
+    return failed ? -1 : 0;
 }
 
-/* Rows of GGUF Q8_0 blocks (34 bytes per 32 values: an fp16 scale d, then 32 int8 q) -> float32
-   [N, K], w = q d in float32 as gguf's numpy code computes it. Loading only (Q8_0 matrices
-   become int8 with one scale a row): ~6x faster than that code. */
-void q8_0_dequantize(const uint8_t *w, float *out, int N, int K) {
+/* Rows of GGUF Q8_0 blocks (34 bytes per 32 values: an fp16 scale d, then 32 int8 q) -> [N, K] of
+   out_dtype, w = q d in float32 as gguf's numpy code computes it. Loading only (Q8_0 matrices
+   become int8 with one scale a row): ~6x faster than that code. -1: no memory. */
+int q8_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
     const int nb = K / QK;
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        for (int j = 0; j < nb; j++) {
-            const uint8_t *block = w + ((int64_t)n * nb + j) * 34;
-            uint16_t h;
-            memcpy(&h, block, sizeof h);
-            const float d = f16_to_f32(h);
-            const int8_t *q = (const int8_t *)(block + 2);
-            float *o = out + (int64_t)n * K + j * QK;
-            for (int i = 0; i < QK; i++) o[i] = (float)q[i] * d;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        float *row = malloc(sizeof(float) * K);
+        if (!row) {
+            #pragma omp atomic write
+            failed = 1;
         }
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (!row) continue;
+            for (int j = 0; j < nb; j++) {
+                const uint8_t *block = w + ((int64_t)n * nb + j) * 34;
+                uint16_t h;
+                memcpy(&h, block, sizeof h);
+                const float d = f16_to_f32(h);
+                const int8_t *q = (const int8_t *)(block + 2);
+                for (int i = 0; i < QK; i++) row[j * QK + i] = (float)q[i] * d;
+            }
+            kv_store(out, (int64_t)n * K, out_dtype, row, K);
+        }
+        free(row);
+    }
+    return failed ? -1 : 0;
 }
 
 /* ---- AMX-INT8 (Sapphire Rapids and later): many activation rows against panels of 32 weight
