@@ -270,6 +270,90 @@ def test_variant_attention_reads_16_bit_caches(isa, dtype, dim):
                                                                 **kwargs), atol=1e-5, rtol=1e-4)
 
 
+def _paged_prefill_case(g: torch.Generator, *, heads: int, kv_heads: int, dim: int, block_size: int,
+                        seqs: list[tuple[int, int]], dtype: torch.dtype):
+    """A paged cache of `dtype` (blocks shuffled) and packed queries for sequences of (cached
+    prefix, query tokens): the arguments of paged_prefill_attention."""
+    blocks = [-(-(prefix + n) // block_size) for prefix, n in seqs]
+    order = torch.randperm(sum(blocks) + 2, generator=g)
+    tables, used = [], 0
+    for count in blocks:
+        tables.append(order[used : used + count].tolist() + [0] * (max(blocks) - count))
+        used += count
+    k_cache, v_cache = (torch.randn(len(order) * block_size, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    starts = [0]
+    for _, n in seqs:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], heads, dim, generator=g)
+    return (q, k_cache, v_cache, torch.tensor(tables, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32),
+            torch.tensor([prefix + n for prefix, n in seqs], dtype=torch.int32))
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim, block_size", [(14, 2, 64, 16), (4, 2, 32, 8), (16, 8, 128, 32),
+                                                               (5, 5, 80, 16)])
+def test_variant_prefill_attention_against_reference(isa, dtype, heads, kv_heads, dim, block_size):
+    """Causal prefill attention read in place from the paged cache equals the float64 reference:
+    query tokens with and without a cached prefix, one token alone, chunks of keys that cross
+    cache blocks and end mid-chunk, tiles of query rows with a tail (7 query heads a kv head: 56
+    rows a tile; 5 heads, one each: 60), head dims of one (80) and of whole 64-dim tiles."""
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(dim + block_size)
+    seqs = [(0, 37), (5, 20), (0, 1), (33, 50), (100, 3)]
+    q, k_cache, v_cache, tables, starts, lens = _paged_prefill_case(
+        g, heads=heads, kv_heads=kv_heads, dim=dim, block_size=block_size, seqs=seqs, dtype=dtype)
+    args = dict(block_size=block_size, scale=dim**-0.5)
+    out = lib.paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, **args)
+    expected = reference.paged_prefill_attention(q.double(), k_cache.double(), v_cache.double(), tables, starts, lens,
+                                                 max_query_len=50, **args)
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+def test_variant_prefill_attention_rows_do_not_depend_on_the_step(isa):
+    """A query token's output is the same, bit for bit, whether its prompt is attended in one step,
+    in two (the second reading the first's keys from the cache), or next to another sequence:
+    keys past a row's position weigh exactly zero, and chunks of keys start at fixed positions."""
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(9)
+    q, k_cache, v_cache, tables, starts, lens = _paged_prefill_case(
+        g, heads=14, kv_heads=2, dim=64, block_size=16, seqs=[(0, 90)], dtype=torch.bfloat16)
+    args = dict(block_size=16, scale=0.125)
+    whole = lib.paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, **args)
+    ints = dict(dtype=torch.int32)
+    first = lib.paged_prefill_attention(q[:41], k_cache, v_cache, tables, torch.tensor([0, 41], **ints),
+                                        torch.tensor([41], **ints), **args)
+    second = lib.paged_prefill_attention(q[41:], k_cache, v_cache, tables, torch.tensor([0, 49], **ints),
+                                         torch.tensor([90], **ints), **args)
+    assert torch.equal(torch.cat([first, second]), whole)
+    beside = lib.paged_prefill_attention(torch.cat([q[:5], q[60:]]), k_cache, v_cache, tables.repeat(2, 1),
+                                         torch.tensor([0, 5, 35], **ints), torch.tensor([5, 90], **ints), **args)
+    assert torch.equal(beside, torch.cat([whole[:5], whole[60:]]))
+
+
+def test_prefill_attention_dispatch(monkeypatch):
+    """CPU prefill attention takes the native kernel where a SIMD variant is built and the head dim
+    is a multiple of 16, in the query's dtype; else torch's SDPA over gathered keys."""
+    g = torch.Generator().manual_seed(4)
+    q, k_cache, v_cache, tables, starts, lens = _paged_prefill_case(
+        g, heads=4, kv_heads=2, dim=32, block_size=16, seqs=[(3, 20)], dtype=torch.bfloat16)
+    args = dict(max_query_len=20, block_size=16, scale=32**-0.5)
+    expected = reference.paged_prefill_attention(q.double(), k_cache.double(), v_cache.double(), tables, starts, lens,
+                                                 **args)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = kernels.paged_prefill_attention(q.to(dtype), k_cache, v_cache, tables, starts, lens, **args)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), expected, atol=1e-2 if dtype == torch.bfloat16 else 2e-6, rtol=1e-2)
+    lib = cpu.library()
+    assert kernels.native_prefill_attention(32, torch.bfloat16) == (lib is not None and lib.isa != "generic")
+    assert not kernels.native_prefill_attention(36, torch.float32)
+    monkeypatch.setattr(cpu, "library", lambda: cpu.load("generic"))
+    assert not kernels.native_prefill_attention(32, torch.float32)
+
+
 @needs_compiler
 def test_struct_layouts_match_the_c_header(tmp_path):
     """Every field of the ctypes mirrors of csrc/decode_layers.h sits at the C offset, and each

@@ -122,8 +122,10 @@ class ModelRunner:
         # One spare slot past the last block: padding rows of a compiled step write there.
         self.kv_caches = model.allocate_kv_cache(num_slots + 1, device, dtype=self.kv_dtype)
         self._block_offsets = torch.arange(block_size)
-        # Prefill attention reads the paged cache in place (no per-sequence gathers).
-        self.paged_prefill = cuda_kernels.enabled(device)
+        # Prefill attention reads the paged cache in place (no per-sequence gathers): Triton on CUDA,
+        # the native kernel on CPU.
+        self.paged_prefill = cuda_kernels.enabled(device) or (
+            device.type == "cpu" and kernels.native_prefill_attention(model.config.head_dim, self.kv_dtype))
         self.compiled = None
         self.fused = None
         self.graphs = None

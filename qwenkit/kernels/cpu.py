@@ -100,6 +100,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "qk_set_row_invariant": (None, [_I]),
     "rope_neox_f32": (None, [_P, _I64, _P, _P, _P, _I, _I, _I]),
     "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F, _I]),
+    "paged_prefill_attention_f32": (_I, [_P] * 7 + [_I] * 6 + [_F, _I]),
     "int8_linear_q8": (_I, [_P] * 4 + [_I] * 3),
     **{f"{t.lower()}_linear_q8": (_I, [_P] * 3 + [_I] * 3) for t in GGUF_BLOCKS},
     **{f"{t.lower()}_dequantize": (_I, [_P] * 2 + [_I] * 3) for t in DEQUANTIZED_BLOCKS},
@@ -161,6 +162,28 @@ class Library:
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
             out.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim, block_size, block_tables.shape[1], scale,
             KV_DTYPES[k_cache.dtype])
+        return out
+
+    def paged_prefill_attention(self, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *,
+                                block_size: int, scale: float) -> torch.Tensor:
+        """Shapes as `qwenkit.kernels.paged_prefill_attention`; float32 q, a cache of a dtype in
+        KV_DTYPES, int32 tables; the head dim a multiple of 16."""
+        q = q.contiguous()
+        block_tables, query_start_loc, context_lens = (t.contiguous() for t in (block_tables, query_start_loc,
+                                                                                  context_lens))
+        if q.dtype != torch.float32 or {t.dtype for t in (block_tables, query_start_loc, context_lens)} != {torch.int32}:
+            raise TypeError("the native kernel takes float32 q and int32 block tables, query starts and context lengths")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("the KV cache must be contiguous")
+        num_tokens, num_heads, head_dim = q.shape
+        if head_dim % 16:
+            raise ValueError(f"the native prefill attention takes a head dim that is a multiple of 16, not {head_dim}")
+        out = torch.empty_like(q)
+        if self._lib.paged_prefill_attention_f32(
+                q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), query_start_loc.data_ptr(),
+                context_lens.data_ptr(), out.data_ptr(), context_lens.shape[0], num_heads, k_cache.shape[1], head_dim,
+                block_size, block_tables.shape[1], scale, KV_DTYPES[k_cache.dtype]):
+            raise MemoryError("paged prefill attention: no memory for its buffers")
         return out
 
     def to_kv_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -107,6 +107,12 @@ static inline __m256i broadcast_4_bytes(const int8_t *p) {
    (integer addition being associative), computes all of their products first and spills them to
    the stack: 1.1-1.3x slower (kquant.c). */
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
+/* The same for a 512-bit value; nothing under emulation, where that is a struct of two halves. */
+#ifdef QK_EMULATE_AVX512
+#define IN_REGISTER_512(v) ((void)(v))
+#else
+#define IN_REGISTER_512(v) IN_REGISTER(v)
+#endif
 
 /* v[r] (8 dwords each) -> v[g] holding dword g of every v[r] in lane r: 8 rows of weights turned
    into vectors of a lane a row (Q5_0's packing at load, the K-quant prefill panels). */
@@ -236,6 +242,9 @@ void rope_neox_f32(const float *x, int64_t x_stride, const float *cos, const flo
 /* attention.c */
 void paged_decode_attention_f32(const float *q, const void *k_cache, const void *v_cache,
                                 const int32_t *block_tables, const int32_t *context_lens, float *out, int B, int H,
+                                int KVH, int D, int block_size, int max_blocks, float scale, int kv_dtype);
+int paged_prefill_attention_f32(const float *q, const void *k_cache, const void *v_cache, const int32_t *block_tables,
+                                const int32_t *query_start_loc, const int32_t *context_lens, float *out, int B, int H,
                                 int KVH, int D, int block_size, int max_blocks, float scale, int kv_dtype);
 
 /* quant.c */
