@@ -514,7 +514,7 @@ def test_gguf_quantization_keeps_k_quants_as_stored(monkeypatch, mixed_gguf):
     computing the file's values (fake-quantized: nothing requantized there)."""
     from qwenkit.loader.gguf import GGUFTensor, _read_header
 
-    monkeypatch.setattr(cpu, "selected_isa", lambda: "avx512_vnni")  # "auto" makes the K-quants int8
+    monkeypatch.setattr(cpu, "selected_isa", lambda: "amx")  # "auto" makes the K-quants int8
     llm = LLM(str(mixed_gguf), dtype="float32", quantization="gguf", progress=False)
     formats = _module_formats(llm.model)
     assert formats["model.layers.1.mlp.gate_up_proj"] == "gguf:Q4_K"
