@@ -427,6 +427,20 @@ def test_safetensors_quantized_load(tmp_path, monkeypatch, arch, tie, quantizati
     _check_against_fake_quantized(monkeypatch, llm, fake, float_path=quantization == "int8")
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_quantized_lm_head_of_a_16_bit_model_gives_float32_logits(tmp_path, tie):
+    """A bfloat16 model's int8 lm_head (or tied embedding) takes the hidden states in float32 and
+    its logits are not rounded to bfloat16 on the way: they equal the kernel's float32 product."""
+    make_checkpoint(tmp_path, "qwen3", tie=tie)
+    model = LLM(str(tmp_path), dtype="bfloat16", quantization="int8", progress=False).model
+    head = model.model.embed_tokens if tie else model.lm_head
+    hidden = torch.randn(3, model.config.hidden_size).to(torch.bfloat16)
+    logits = model.compute_logits(hidden)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, kernels.int8_linear(hidden.float(), head.weight, head.scale))
+    assert not torch.equal(logits, logits.to(torch.bfloat16).float())
+
+
 def _tiny_gguf_model():
     """A Qwen2 with rows of 256 values: Q4_K and Q6_K need whole 256-value super-blocks."""
     torch.manual_seed(0)

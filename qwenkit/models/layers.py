@@ -376,10 +376,15 @@ class QwenForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab]."""
+        """[N, hidden] -> float32 logits [N, vocab]. A quantized lm_head on the CPU takes the hidden
+        states in float32: its kernels compute in float32, and the logits are not rounded to a
+        16-bit model dtype on the way (bfloat16 keeps 8 bits: ~0.1 of a logit of 20)."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        if hidden.device.type == "cpu" and not head.weight.is_floating_point():
+            hidden = hidden.float()
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden).float()
-        return self.lm_head(hidden).float()
+            return head.attend(hidden).float()
+        return head(hidden).float()
 
     @property
     def num_kv_heads(self) -> int:
