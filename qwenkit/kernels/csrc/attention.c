@@ -153,38 +153,8 @@ void kv_store_rows(const float *x, void *out, int n, int kv_dtype) { kv_store(ou
 
 #define PF_KEYS 32
 
-/* Query tokens of a tile: 4 G of them a multiple of 4, about 48 rows. */
+/* Query tokens of a tile (G rows each): about 48 rows, a multiple of 4. */
 static inline int pf_tokens(int G) { return 4 * ((12 + G - 1) / G); }
-
-#ifdef QK_AVX2
-/* e^x for x <= 0 (a score minus its row's running maximum), 8 at a time: Cephes' expf, 2^n times
-   a polynomial in r = x - n ln 2 (relative error ~1e-7); exactly 1 at 0, exactly 0 below -87 (and
-   at -inf: a masked key). */
-static inline __m256 exp8_nonpositive(__m256 x) {
-    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), keep);
-}
-
-static inline float hmax(__m256 v) { /* the largest of the 8 lanes */
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 /* s[m * PF_KEYS + j] = scale * q[m] . key j, for mr <= 4 rows q[m] and the chunk's keys transposed,
    kt [D][PF_KEYS]: per dim, each row's value times the chunk's keys (AVX-512: 4 rows x 2 vectors
@@ -205,7 +175,8 @@ static inline __attribute__((always_inline)) void pf_scores(const float *const q
         }
     }
     for (int m = 0; m < mr; m++)
-        for (int h = 0; h < 2; h++) _mm512_storeu_ps(s + m * PF_KEYS + 16 * h, _mm512_mul_ps(acc[m][h], _mm512_set1_ps(scale)));
+        for (int h = 0; h < 2; h++)
+            _mm512_storeu_ps(s + m * PF_KEYS + 16 * h, _mm512_mul_ps(acc[m][h], _mm512_set1_ps(scale)));
 #elif defined(QK_AVX2)
     for (int m0 = 0; m0 < mr; m0 += 2) {
         const int rows = mr - m0 < 2 ? mr - m0 : 2;
@@ -292,7 +263,8 @@ static inline __attribute__((always_inline)) void pf_values_512(float *const o[4
                                                                 int n, int D, int d0, int tiles) {
     __m512 acc[4][4];
     for (int m = 0; m < mr; m++)
-        for (int t = 0; t < tiles; t++) acc[m][t] = _mm512_mul_ps(_mm512_loadu_ps(o[m] + d0 + 16 * t), _mm512_set1_ps(alpha[m]));
+        for (int t = 0; t < tiles; t++)
+            acc[m][t] = _mm512_mul_ps(_mm512_loadu_ps(o[m] + d0 + 16 * t), _mm512_set1_ps(alpha[m]));
     for (int j = 0; j < n; j++) {
         __m512 v[4];
         for (int t = 0; t < tiles; t++) {
@@ -396,7 +368,9 @@ int paged_prefill_attention_f32(const float *q, const void *k_cache, const void 
     int failed = 0;
 #pragma omp parallel
     {
-        float *buf = malloc(sizeof(float) * ((size_t)R * D + (size_t)R * PF_KEYS + 3 * (size_t)R + 3 * (size_t)PF_KEYS * D));
+        /* per thread: the tile's outputs, weights, maxima, sums and factors; a chunk's keys and values */
+        float *buf = malloc(sizeof(float) * ((size_t)R * D + (size_t)R * PF_KEYS + 3 * (size_t)R +
+                                             3 * (size_t)PF_KEYS * D));
         float *o = buf, *s = o + (size_t)R * D, *top = s + (size_t)R * PF_KEYS, *sum = top + R, *alpha = sum + R;
         float *kt = alpha + R, *vb = kt + (size_t)PF_KEYS * D, *kw = vb + (size_t)PF_KEYS * D;
         if (!buf) {
@@ -423,8 +397,10 @@ int paged_prefill_attention_f32(const float *q, const void *k_cache, const void 
             for (int p0 = 0; p0 < first_pos + nt; p0 += PF_KEYS) {
                 const int n = first_pos + nt - p0 < PF_KEYS ? first_pos + nt - p0 : PF_KEYS;
                 int64_t at[PF_KEYS];
-                for (int j = 0; j < n; j++)
-                    at[j] = ((int64_t)table[(p0 + j) / block_size] * block_size + (p0 + j) % block_size) * row + kvh * D;
+                for (int j = 0; j < n; j++) {
+                    const int pos = p0 + j;
+                    at[j] = ((int64_t)table[pos / block_size] * block_size + pos % block_size) * row + kvh * D;
+                }
                 pf_widen(k_cache, v_cache, at, n, kv_dtype, D, kt, vb, kw);
                 for (int r0 = 0; r0 < rows; r0 += 4) {
                     const int mr = rows - r0 < 4 ? rows - r0 : 4;
@@ -439,7 +415,7 @@ int paged_prefill_attention_f32(const float *q, const void *k_cache, const void 
                     else
                         pf_scores(qr + r0, mr, kt, D, scale, s + (int64_t)r0 * PF_KEYS);
                     for (int m = 0; m < mr; m++) {
-                        /* the chunk's keys at or before the row's position weigh; the rest, and the lanes past n, not */
+                        /* the chunk's keys at or before the row's position weigh; the rest (and lanes past n) not */
                         const int r = r0 + m, seen = first_pos + r / G - p0 + 1;
                         alpha[r] = pf_softmax(s + (int64_t)r * PF_KEYS, seen < n ? seen : n, top + r, sum + r);
                     }

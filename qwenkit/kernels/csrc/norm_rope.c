@@ -25,7 +25,19 @@ void silu_and_mul_f32(const float *x, float *out, int T, int I) {
     for (int t = 0; t < T; t++) {
         const float *g = x + (int64_t)t * 2 * I, *u = g + I;
         float *o = out + (int64_t)t * I;
-        for (int i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        int i = 0;
+#ifdef QK_AVX2
+        /* silu(g) = g sigmoid(g), the sigmoid from z = e^-|g| (no overflow): 1 / (1 + z) for g >= 0,
+           z / (1 + z) below */
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 z = exp8_nonpositive(_mm256_or_ps(gv, _mm256_set1_ps(-0.f))); /* -|g| */
+            const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(_mm256_set1_ps(1.f), z, gv),
+                                                 _mm256_add_ps(_mm256_set1_ps(1.f), z));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid), _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
 }
 
