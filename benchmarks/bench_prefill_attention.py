@@ -62,7 +62,8 @@ def main() -> None:
                     run()
                     times[name].append(time.perf_counter() - start)
             native, sdpa = (statistics.median(times[k]) * 1e3 for k in runs)
-            print(f"{n} queries after {prefix} cached, {str(dtype).removeprefix('torch.')} cache: native {native:.2f} ms, "
+            cache = str(dtype).removeprefix("torch.")
+            print(f"{n} queries after {prefix} cached, {cache} cache: native {native:.2f} ms, "
                   f"gather + SDPA {sdpa:.2f} ms ({sdpa / native:.2f}x)")
 
 

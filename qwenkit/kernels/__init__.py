@@ -49,7 +49,8 @@ __all__ = [
     "DEQUANTIZED_BLOCKS", "GGUF_BLOCKS", "INVARIANT_ROWS", "PACKED_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
     "add_rms_norm", "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_pack",
     "gguf_row_bytes", "has_gguf_kernel", "packed_row_step", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
-    "moe_syncs_with_host", "native_prefill_attention", "paged_decode_attention", "paged_prefill_attention", "qk_norm_rope_cache",
+    "moe_syncs_with_host", "native_prefill_attention", "paged_decode_attention", "paged_prefill_attention",
+    "qk_norm_rope_cache",
     "rms_norm", "rotary", "silu_and_mul", "write_kv_cache",
 ]
 
@@ -317,7 +318,8 @@ def paged_prefill_attention(
 
         return attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
                                                  max_query_len=max_query_len, block_size=block_size, scale=scale)
-    if q.device.type == "cpu" and native_prefill_attention(q.shape[-1], k_cache.dtype) and v_cache.dtype == k_cache.dtype:
+    if (q.device.type == "cpu" and native_prefill_attention(q.shape[-1], k_cache.dtype)
+            and v_cache.dtype == k_cache.dtype):
         return cpu.library().paged_prefill_attention(q.float(), k_cache, v_cache, block_tables, query_start_loc,
                                                      context_lens, block_size=block_size, scale=scale).to(q.dtype)
     return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,

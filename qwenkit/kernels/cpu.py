@@ -169,10 +169,10 @@ class Library:
         """Shapes as `qwenkit.kernels.paged_prefill_attention`; float32 q, a cache of a dtype in
         KV_DTYPES, int32 tables; the head dim a multiple of 16."""
         q = q.contiguous()
-        block_tables, query_start_loc, context_lens = (t.contiguous() for t in (block_tables, query_start_loc,
-                                                                                  context_lens))
-        if q.dtype != torch.float32 or {t.dtype for t in (block_tables, query_start_loc, context_lens)} != {torch.int32}:
-            raise TypeError("the native kernel takes float32 q and int32 block tables, query starts and context lengths")
+        tables = [t.contiguous() for t in (block_tables, query_start_loc, context_lens)]
+        if q.dtype != torch.float32 or any(t.dtype != torch.int32 for t in tables):
+            raise TypeError("the native kernel takes float32 q and int32 block tables, query starts and lengths")
+        block_tables, query_start_loc, context_lens = tables
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError("the KV cache must be contiguous")
         num_tokens, num_heads, head_dim = q.shape
@@ -180,8 +180,8 @@ class Library:
             raise ValueError(f"the native prefill attention takes a head dim that is a multiple of 16, not {head_dim}")
         out = torch.empty_like(q)
         if self._lib.paged_prefill_attention_f32(
-                q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), query_start_loc.data_ptr(),
-                context_lens.data_ptr(), out.data_ptr(), context_lens.shape[0], num_heads, k_cache.shape[1], head_dim,
+                q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                query_start_loc.data_ptr(), context_lens.data_ptr(), out.data_ptr(), context_lens.shape[0], num_heads, k_cache.shape[1], head_dim,
                 block_size, block_tables.shape[1], scale, KV_DTYPES[k_cache.dtype]):
             raise MemoryError("paged prefill attention: no memory for its buffers")
         return out

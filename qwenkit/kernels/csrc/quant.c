@@ -313,7 +313,8 @@ static void q5_0_unpack_rows(const uint8_t *w, int nb, int8_t *values, float *sc
         for (int q = 0; q < 8; q++) u[q] = q5_0_unsigned(pb, planes, q);
         transpose_8x8_epi32(u);
         for (int r = 0; r < Q5_0_PANEL; r++) {
-            _mm256_storeu_si256((__m256i *)(values + (int64_t)r * nb * QK + j * QK), _mm256_sub_epi8(u[r], _mm256_set1_epi8(16)));
+            _mm256_storeu_si256((__m256i *)(values + (int64_t)r * nb * QK + j * QK),
+                                _mm256_sub_epi8(u[r], _mm256_set1_epi8(16)));
             scales[r * nb + j] = d[r];
         }
     }
