@@ -284,6 +284,8 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
 void q5_0_pack(const uint8_t *stored, uint8_t *out, int N, int K);
 int q5_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype);
 int q8_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype);
+int dequantize_rows(void (*row)(const void *ctx, int n, float *values), const void *ctx, void *out, int N, int K,
+                    int out_dtype);
 
 /* kquant.c */
 int q4_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);

@@ -622,37 +622,32 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
     return 0;
 }
 
-/* Rows of K-quant super-blocks -> [N, K] of out_dtype (kernels.h's KV_*), exactly as gguf
-   dequantizes them (then rounded as torch's .to() rounds). -1: no memory. */
-static int kq_dequantize(int type, const uint8_t *w, void *out, int N, int K, int out_dtype) {
-    const int nsb = K / QK_K;
-    int failed = 0;
-#pragma omp parallel
-    {
-        float *row = malloc(sizeof(float) * K);
-        if (!row) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            if (!row) continue;
-            kq_block blk;
-            for (int sb = 0; sb < nsb; sb++) {
-                KQ_DECODE(type, w + ((int64_t)n * nsb + sb) * KQ_BYTES[type], &blk);
-                float *o = row + sb * QK_K;
-                for (int j = 0; j < 8; j++)
-                    for (int i = 0; i < QK; i++) {
-                        const int s = i / 16;
-                        o[j * QK + i] = type == KQ_Q6_K ? blk.scale[j][s] * (float)((int)blk.u[j][i] - 32)
-                                                        : blk.scale[j][s] * (float)blk.u[j][i] - blk.off[j][s];
-                    }
+typedef struct {
+    int type;
+    const uint8_t *w;
+    int nsb;
+} kq_matrix;
+
+/* Row n of K-quant super-blocks, exactly as gguf dequantizes it. */
+static void kq_row(const void *ctx, int n, float *values) {
+    const kq_matrix *m = ctx;
+    kq_block blk;
+    for (int sb = 0; sb < m->nsb; sb++) {
+        KQ_DECODE(m->type, m->w + ((int64_t)n * m->nsb + sb) * KQ_BYTES[m->type], &blk);
+        float *o = values + sb * QK_K;
+        for (int j = 0; j < 8; j++)
+            for (int i = 0; i < QK; i++) {
+                const int s = i / 16;
+                o[j * QK + i] = m->type == KQ_Q6_K ? blk.scale[j][s] * (float)((int)blk.u[j][i] - 32)
+                                                   : blk.scale[j][s] * (float)blk.u[j][i] - blk.off[j][s];
             }
-            kv_store(out, (int64_t)n * K, out_dtype, row, K);
-        }
-        free(row);
     }
-    return failed ? -1 : 0;
+}
+
+/* Rows of K-quant super-blocks -> [N, K] of out_dtype (dequantize_rows). -1: no memory. */
+static int kq_dequantize(int type, const uint8_t *w, void *out, int N, int K, int out_dtype) {
+    const kq_matrix m = {type, w, K / QK_K};
+    return dequantize_rows(kq_row, &m, out, N, K, out_dtype);
 }
 
 int q4_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K) {

@@ -547,35 +547,54 @@ int q5_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
     return failed ? -1 : 0;
 }
 
-/* Rows of GGUF Q8_0 blocks (34 bytes per 32 values: an fp16 scale d, then 32 int8 q) -> [N, K] of
-   out_dtype, w = q d in float32 as gguf's numpy code computes it. Loading only (Q8_0 matrices
-   become int8 with one scale a row): ~6x faster than that code. -1: no memory. */
-int q8_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
-    const int nb = K / QK;
+/* Rows 0 .. N - 1 of a matrix, each decoded into float32 values by row(ctx, n, values) -> [N, K]
+   of out_dtype (kernels.h's KV_*: float32, or 16-bit rounded as torch's .to() rounds), the rows
+   split over the threads. -1: no memory for a row buffer (out left partly written). */
+int dequantize_rows(void (*row)(const void *ctx, int n, float *values), const void *ctx, void *out, int N, int K,
+                    int out_dtype) {
     int failed = 0;
     #pragma omp parallel
     {
-        float *row = malloc(sizeof(float) * K);
-        if (!row) {
+        float *values = malloc(sizeof(float) * K);
+        if (!values) {
             #pragma omp atomic write
             failed = 1;
         }
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
-            if (!row) continue;
-            for (int j = 0; j < nb; j++) {
-                const uint8_t *block = w + ((int64_t)n * nb + j) * 34;
-                uint16_t h;
-                memcpy(&h, block, sizeof h);
-                const float d = f16_to_f32(h);
-                const int8_t *q = (const int8_t *)(block + 2);
-                for (int i = 0; i < QK; i++) row[j * QK + i] = (float)q[i] * d;
-            }
-            kv_store(out, (int64_t)n * K, out_dtype, row, K);
+            if (!values) continue;
+            row(ctx, n, values);
+            kv_store(out, (int64_t)n * K, out_dtype, values, K);
         }
-        free(row);
+        free(values);
     }
     return failed ? -1 : 0;
+}
+
+typedef struct {
+    const uint8_t *w;
+    int nb;
+} q8_0_matrix;
+
+/* Row n of GGUF Q8_0 blocks (34 bytes per 32 values: an fp16 scale d, then 32 int8 q): w = q d in
+   float32, as gguf's numpy code computes it. */
+static void q8_0_row(const void *ctx, int n, float *values) {
+    const q8_0_matrix *m = ctx;
+    for (int j = 0; j < m->nb; j++) {
+        const uint8_t *block = m->w + ((int64_t)n * m->nb + j) * 34;
+        uint16_t h;
+        memcpy(&h, block, sizeof h);
+        const float d = f16_to_f32(h);
+        const int8_t *q = (const int8_t *)(block + 2);
+        for (int i = 0; i < QK; i++) values[j * QK + i] = (float)q[i] * d;
+    }
+}
+
+/* Rows of GGUF Q8_0 blocks -> [N, K] of out_dtype. Loading only (Q8_0 matrices become int8 with one
+   scale a row): ~6x faster than gguf's code. -1: no memory. */
+int q8_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
+    const q8_0_matrix m = {w, K / QK};
+    return dequantize_rows(q8_0_row, &m, out, N, K, out_dtype);
 }
 
 /* ---- AMX-INT8 (Sapphire Rapids and later): many activation rows against panels of 32 weight
