@@ -297,7 +297,8 @@ static void q5_0_unpack_panel(const uint8_t *w, int nb, uint8_t *panel, float *s
 }
 
 /* A panel's 8 rows -> int8 values [8][K] in [-16, 15] (row r at values + r * K) and scales [8][nb]
-   (row r at scales + r * nb); panel, panel_scales: room for q5_0_unpack_panel. */
+   (row r at scales + r * nb). AVX2: each block's 8 vectors decoded and transposed in registers;
+   plain C: through q5_0_unpack_panel, into panel and panel_scales (room for it). */
 static void q5_0_unpack_rows(const uint8_t *w, int nb, int8_t *values, float *scales, uint8_t *panel,
                              float *panel_scales) {
 #ifdef QK_AVX2
@@ -318,8 +319,7 @@ static void q5_0_unpack_rows(const uint8_t *w, int nb, int8_t *values, float *sc
             scales[r * nb + j] = d[r];
         }
     }
-    return;
-#endif
+#else
     q5_0_unpack_panel(w, nb, panel, panel_scales);
     for (int r = 0; r < Q5_0_PANEL; r++)
         for (int j = 0; j < nb; j++) {
@@ -327,6 +327,7 @@ static void q5_0_unpack_rows(const uint8_t *w, int nb, int8_t *values, float *sc
             for (int k = 0; k < QK; k++)
                 values[(int64_t)r * nb * QK + j * QK + k] = (int8_t)(panel[(int64_t)j * 256 + 32 * (k / 4) + 4 * r + k % 4] - 16);
         }
+#endif
 }
 
 #define Q5_0_HALF_SUM(pairs, sum)                                                                    \
