@@ -426,7 +426,7 @@ int paged_prefill_attention_f32(const float *q, const void *k_cache, const void 
                 }
             }
             for (int r = 0; r < rows; r++) {
-                float *dst = out + ((int64_t)(query_start_loc[b] + t0 + r / G) * H + kvh * G + r % G) * D;
+                float *dst = out + (qr[r] - q); /* out is laid out as q */
                 const float inv = 1.f / sum[r];
                 for (int d = 0; d < D; d++) dst[d] = o[(int64_t)r * D + d] * inv;
             }
