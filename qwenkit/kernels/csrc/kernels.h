@@ -34,6 +34,8 @@
 #define _mm512_cvtepi32_ps(v)                                                                               \
     _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm512_castsi512_si256(v))),            \
                        _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(v, 1)), 1)
+#undef _mm512_madd_epi16 /* SIMDe 0.7 aliases it with the masked form's four arguments */
+#define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
 #define QK_AVX512 1
 #ifdef QK_EMULATE_AMX
 #include "emulate_amx.h"
@@ -120,6 +122,17 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* acc plus the int16 products a b summed in pairs, per int32 lane. AVX-512 VNNI: one vpdpwssd;
+   AVX2: vpmaddwd then vpaddd. The same integers either way: neither saturates (vpmaddwd's one
+   overflow, both pairs -32768 * -32768, cannot happen with the callers' small scales). */
+static inline __m256i madd_acc_epi16(__m256i acc, __m256i a, __m256i b) {
+#ifdef QK_AVX512
+    return _mm256_dpwssd_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 #endif
 }
 

@@ -15,7 +15,9 @@
    Below KQ_UNPACK_ROWS activation rows (decode) each super-block of a weight row is decoded once,
    in registers, for up to 8 of them (kq_rows), every (activation row, weight row) pair getting
    the same operations in the same order whatever the number of rows, so a row's result does not
-   depend on the batch. From there on (prefill) panels of 8 weight rows are unpacked once, a
+   depend on the batch. With AVX-512 VNNI that path multiplies a vector lane a block (one vpdpbusd
+   4 values of 8 blocks, each block's sum scaled once) instead of maddubs and a scale per block,
+   the same integers. From there on (prefill) panels of 8 weight rows are unpacked once, a
    vector lane a row, and every activation row passes over them (kq_lanes_tile): the same scaled
    integer dot products, the mins and the float sums rounded otherwise; under qk_row_invariant
    (--deterministic) kq_rows takes every row count.
@@ -27,11 +29,19 @@
 #include "kernels.h"
 
 #define QK_K 256
-#ifndef KQ_STEP
-#define KQ_STEP(mr) ((mr) == 1 ? 4 : (mr) == 2 ? 2 : 1) /* weight rows at a time, for mr activation rows */
+#ifndef KQ_STEP /* weight rows at a time, for mr activation rows */
+#ifdef QK_AVX512
+#define KQ_STEP(mr) ((mr) <= 4 ? 4 : 2) /* two rows a 512-bit vector (kq_rows) */
+#else
+#define KQ_STEP(mr) ((mr) == 1 ? 4 : (mr) == 2 ? 2 : 1)
 #endif
-#ifndef KQ_UNPACK_ROWS
-#define KQ_UNPACK_ROWS 16 /* from this many activation rows on, panels of weight rows are unpacked first */
+#endif
+#ifndef KQ_UNPACK_ROWS /* from this many activation rows on, panels of weight rows are unpacked first */
+#ifdef QK_AVX512
+#define KQ_UNPACK_ROWS 64 /* the decode path's vpdpbusd outruns the panels' vpmaddubsw up to here (~32-128) */
+#else
+#define KQ_UNPACK_ROWS 16
+#endif
 #endif
 /* The int8 activations' row stride: 64 bytes more than K. With K a multiple of 1024 (model widths
    often are), rows a 1 x 8 tile reads at one offset would otherwise fall in one set of the L1
@@ -286,6 +296,7 @@ static inline __attribute__((always_inline)) __m256 kq_end(__m256i sum, float d,
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * dx), acc);
 }
 
+#ifndef QK_AVX512
 /* nr weight rows (row r's super-blocks at w + r * row_bytes) against mr activation rows (4 x 1,
    2 x 2, or 1 x up to 8): out[m][r], the arithmetic of the file's head comment. A super-block is
    decoded once for the mr rows, in registers. Every (activation row, weight row) pair gets the
@@ -320,7 +331,7 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
                     for (int m = 0; m < mr; m++) {
                         const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)m * KQ_X_STRIDE(K) + sb * QK_K + j * QK));
                         /* u <= 63, |x| <= 127: a pair's sum fits int16 */
-                        sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(u[t], xv), sv));
+                        sum[m] = madd_acc_epi16(sum[m], _mm256_maddubs_epi16(u[t], xv), sv);
                         IN_REGISTER(sum[m]);
                     }
                 }
@@ -332,6 +343,183 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
     for (int m = 0; m < mr; m++)
         for (int r = 0; r < nr; r++) out[m][r] = hsum(acc[m][r]);
 }
+#else
+/* AVX-512 VNNI: the decode path a vector lane a block. Above, each block of 32 values takes a
+   vpmaddubsw and a vpdpwssd by its scale per activation row; here a super-block of two weight rows
+   is turned (kq_transpose_x2) so that lane j of vector g holds values 4g .. 4g + 3 of block j, row
+   a in the low half, row b in the high one, and the activations are laid out alike once per call
+   (kq_activation_lanes). One vpdpbusd then takes 4 values of all 8 blocks of both rows, eight of
+   them a super-block, and lane j ends with block j's integer dot product, which its scale
+   multiplies once (vpmulld; Q6_K: per half block, two). The mins and Q6_K's offset of 32 are
+   lane a block already (kq_start's terms). */
+
+/* Each 256-bit half of v[0..7] transposed as 8 x 8 dwords (transpose_8x8_epi32 on both halves
+   at once): v[j] block j's 32 bytes -> v[g] dword g of every block, lane j block j's. */
+static inline __attribute__((always_inline)) void kq_transpose_x2(__m512i v[8]) {
+    __m512i t[8], u[8];
+    for (int h = 0; h < 2; h++) {
+        t[4 * h] = _mm512_unpacklo_epi32(v[4 * h], v[4 * h + 1]);
+        t[4 * h + 1] = _mm512_unpackhi_epi32(v[4 * h], v[4 * h + 1]);
+        t[4 * h + 2] = _mm512_unpacklo_epi32(v[4 * h + 2], v[4 * h + 3]);
+        t[4 * h + 3] = _mm512_unpackhi_epi32(v[4 * h + 2], v[4 * h + 3]);
+        u[4 * h] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);     /* dwords 0 | 4 of blocks 4h .. 4h+3 */
+        u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]); /* 1 | 5 */
+        u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]); /* 2 | 6 */
+        u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]); /* 3 | 7 */
+    }
+    /* qwords: the low 128 bits of each half from u[g] then u[4 + g] (dwords g), the high ones (g + 4) */
+    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for (int g = 0; g < 4; g++) {
+        v[g] = _mm512_permutex2var_epi64(u[g], low, u[4 + g]);
+        v[g + 4] = _mm512_permutex2var_epi64(u[g], high, u[4 + g]);
+    }
+}
+
+/* One activation row's int8 values (K of them) turned in place a lane a block, for kq_rows: super-block sb's
+   vector g (32 bytes at xt + 256 sb + 32 g) holds values 4g .. 4g + 3 of each of its 8 blocks,
+   block j in lane j. kq_rows broadcasts it to both halves of a 512-bit vector as it loads it
+   (stored twice, 8 rows of a 4096-wide matrix outgrew the L1 cache: 1.3-1.6x the time). */
+static void kq_activation_lanes(int8_t *xq, int K) {
+    for (int sb = 0; sb < K / QK_K; sb++) {
+        __m256i v[8];
+        for (int j = 0; j < 8; j++) v[j] = _mm256_loadu_si256((const __m256i *)(xq + sb * QK_K + QK * j));
+        transpose_8x8_epi32(v);
+        for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(xq + QK_K * sb + 32 * g), v[g]);
+    }
+}
+
+/* What a super-block of one weight row contributes besides its values, a lane a block: sc its
+   scales (Q6_K: of the first 16 values of each block, sc_hi of the second), offsets Q6_K's 16
+   scales as int16 (against the activations' sums per 16), mins (Q4_K / Q5_K) dmin m. */
+static inline __attribute__((always_inline)) float kq_lane_scales(int type, const uint8_t *b, __m256i *sc,
+                                                                  __m256i *sc_hi, __m256i *offsets, __m256 *mins) {
+    if (type == KQ_Q6_K) {
+        uint16_t h;
+        memcpy(&h, b + 208, sizeof h);
+        *offsets = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        *sc = _mm256_srai_epi32(_mm256_slli_epi32(*offsets, 16), 16); /* scale 2j in lane j */
+        *sc_hi = _mm256_srai_epi32(*offsets, 16);                     /* scale 2j + 1 */
+        *mins = _mm256_setzero_ps();
+        return f16_to_f32(h);
+    }
+    uint16_t h[2];
+    uint8_t sm[16];
+    memcpy(h, b, sizeof h);
+    kq_scale_bytes(b + 4, sm);
+    *sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sm));
+    *sc_hi = *offsets = _mm256_setzero_si256();
+    *mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 8)))),
+                          _mm256_set1_ps(f16_to_f32(h[1])));
+    return f16_to_f32(h[0]);
+}
+
+static inline __m512i join_epi32(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+static inline __m512 join_ps(__m256 a, __m256 b) {
+    return _mm512_castsi512_ps(join_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+}
+
+/* nr weight rows (4 x 1, 4 x 2, 4 x 4 or 2 x 8 against mr activation rows; nr odd at a matrix's
+   end: its last row computed twice, once dropped) -> out[m][r]. xt: kq_activation_lanes' rows,
+   KQ_X_STRIDE(K) apart. Each (activation row, weight row) pair gets the same operations in the
+   same order in either half whatever nr and mr are, so a row's result does not depend on the
+   batch. */
+static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_t *w, int64_t row_bytes,
+                                                          const int8_t *xt, const float *xd, const int16_t *bs16,
+                                                          const float *xb, int K, int nr, int mr, float out[8][4]) {
+    const int nsb = K / QK_K, pairs = (nr + 1) / 2;
+    __m512 acc[8][2];
+    for (int m = 0; m < mr; m++)
+        for (int p = 0; p < pairs; p++) acc[m][p] = _mm512_setzero_ps();
+    for (int sb = 0; sb < nsb; sb++) {
+        prefetch_ahead(w, (int64_t)sb * KQ_BYTES[type] * nr, KQ_BYTES[type] * nr);
+        for (int p = 0; p < pairs; p++) {
+            const uint8_t *b[2] = {w + 2 * p * row_bytes + (int64_t)sb * KQ_BYTES[type],
+                                   w + (2 * p + 1 < nr ? 2 * p + 1 : 2 * p) * row_bytes + (int64_t)sb * KQ_BYTES[type]};
+            __m256i u[2][8], sc[2], sc_hi[2], offsets[2];
+            __m256 mins[2];
+            float d[2];
+            for (int h = 0; h < 2; h++) {
+                for (int q = 0, j0 = 0; j0 < 8; q++) j0 += kq_unsigned(type, b[h], q, u[h] + j0);
+                d[h] = kq_lane_scales(type, b[h], &sc[h], &sc_hi[h], &offsets[h], &mins[h]);
+            }
+            __m512i v[8];
+            for (int j = 0; j < 8; j++) v[j] = join_epi32(u[0][j], u[1][j]);
+            kq_transpose_x2(v);
+            const __m512i scale = join_epi32(sc[0], sc[1]), scale_hi = join_epi32(sc_hi[0], sc_hi[1]);
+            const __m512i offset = join_epi32(offsets[0], offsets[1]);
+            const __m512 min = join_ps(mins[0], mins[1]), dd = pair_ps(d[0], d[1]);
+            for (int m = 0; m < mr; m++) {
+                const __m256i *x = (const __m256i *)(xt + (int64_t)m * KQ_X_STRIDE(K) + QK_K * sb);
+                __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+                for (int g = 0; g < 4; g++) {
+                    lo = _mm512_dpbusd_epi32(lo, v[g], _mm512_broadcast_i64x4(_mm256_loadu_si256(x + g)));
+                    hi = _mm512_dpbusd_epi32(hi, v[g + 4], _mm512_broadcast_i64x4(_mm256_loadu_si256(x + g + 4)));
+                }
+                const int64_t i = (int64_t)m * nsb + sb;
+                __m512i sum;
+                if (type == KQ_Q6_K) {
+                    const __m512i bs = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(bs16 + 16 * i)));
+                    sum = _mm512_add_epi32(_mm512_mullo_epi32(lo, scale), _mm512_mullo_epi32(hi, scale_hi));
+                    sum = _mm512_sub_epi32(sum, _mm512_slli_epi32(_mm512_madd_epi16(offset, bs), 5));
+                } else {
+                    sum = _mm512_mullo_epi32(_mm512_add_epi32(lo, hi), scale);
+                    const __m512 sums = _mm512_castsi512_ps(
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 8 * i))));
+                    acc[m][p] = _mm512_fnmadd_ps(min, sums, acc[m][p]);
+                }
+                acc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dd, _mm512_set1_ps(xd[i])), acc[m][p]);
+                IN_REGISTER_512(acc[m][p]);
+            }
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++) {
+            const __m512i a = _mm512_castps_si512(acc[m][r / 2]);
+            out[m][r] = hsum(_mm256_castsi256_ps(r % 2 ? _mm512_extracti64x4_epi64(a, 1) : _mm512_castsi512_si256(a)));
+        }
+}
+
+/* kq_rows' numbers for a call of one activation row, its int8 values as they are (not turned):
+   turning a super-block of weights costs more shuffles than one row's products save (1.45x the
+   time). Block j's products in their natural order (one vpdpbusd each), then a tree of vphaddd
+   sums each block's lanes into lane j, the two 128-bit halves (values 0-15 and 16-31 of a block)
+   kept apart as kq_rows' lo and hi: the same integers, then the same operations as either half of
+   kq_rows, so a row's result is the same alone or in a batch. */
+static inline __attribute__((always_inline)) void kq_rows_alone(int type, const uint8_t *w, int64_t row_bytes,
+                                                                const int8_t *xq, const float *xd, const int16_t *bs16,
+                                                                const float *xb, int K, int nr, float out[4]) {
+    const int nsb = K / QK_K;
+    __m256 acc[4];
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    for (int sb = 0; sb < nsb; sb++) {
+        prefetch_ahead(w, (int64_t)sb * KQ_BYTES[type] * nr, KQ_BYTES[type] * nr);
+        const __m256i *x = (const __m256i *)(xq + QK_K * sb);
+        const __m256 dx = _mm256_set1_ps(xd[sb]);
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *b = w + r * row_bytes + (int64_t)sb * KQ_BYTES[type];
+            __m256i u[8], scale, scale_hi, offsets;
+            __m256 mins;
+            for (int q = 0, j0 = 0; j0 < 8; q++) j0 += kq_unsigned(type, b, q, u + j0);
+            const float d = kq_lane_scales(type, b, &scale, &scale_hi, &offsets, &mins);
+            for (int j = 0; j < 8; j++) u[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u[j], _mm256_loadu_si256(x + j));
+            const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(u[0], u[1]), _mm256_hadd_epi32(u[2], u[3]));
+            const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(u[4], u[5]), _mm256_hadd_epi32(u[6], u[7]));
+            const __m256i lo = _mm256_permute2x128_si256(h0, h1, 0x20), hi = _mm256_permute2x128_si256(h0, h1, 0x31);
+            __m256i sum;
+            if (type == KQ_Q6_K) {
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)(bs16 + 16 * sb));
+                sum = _mm256_add_epi32(_mm256_mullo_epi32(lo, scale), _mm256_mullo_epi32(hi, scale_hi));
+                sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(_mm256_madd_epi16(offsets, bs), 5));
+            } else {
+                sum = _mm256_mullo_epi32(_mm256_add_epi32(lo, hi), scale);
+                acc[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xb + 8 * sb), acc[r]);
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(_mm256_set1_ps(d), dx), acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = hsum(acc[r]);
+}
+#endif
 
 /* ---- From KQ_UNPACK_ROWS activation rows on (prefill): panels of 8 weight rows unpacked once per
    call so that a vector lane is a weight row, as Q5_0's prefill path does (quant.c): 4 bytes of an
@@ -434,7 +622,7 @@ static inline __attribute__((always_inline)) void kq_lanes_tile(int type, const 
                 if ((t + 1) % run == 0) {
                     const __m256i sv = l->scale[type == KQ_Q6_K ? 2 * j + t / 4 : j];
                     for (int m = 0; m < mr; m++) {
-                        sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pairs[m], sv));
+                        sum[m] = madd_acc_epi16(sum[m], pairs[m], sv);
                         pairs[m] = _mm256_setzero_si256();
                         IN_REGISTER(sum[m]);
                     }
@@ -447,7 +635,7 @@ static inline __attribute__((always_inline)) void kq_lanes_tile(int type, const 
             for (int i = 0; i < pairs_bs; i++) {
                 int32_t pair;
                 memcpy(&pair, bsm + 2 * i, sizeof pair);
-                o = _mm256_add_epi32(o, _mm256_madd_epi16(l->offsets[i], _mm256_set1_epi32(pair)));
+                o = madd_acc_epi16(o, l->offsets[i], _mm256_set1_epi32(pair));
             }
             const __m256 dx = broadcast_load(xd + (int64_t)m * nsb + sb);
             if (type == KQ_Q6_K) {
@@ -530,7 +718,7 @@ static void kq_rows(int type, const uint8_t *w, int64_t row_bytes, const int8_t 
 #endif
 
 /* Weight rows 4 n4 .. 4 n4 + 3 against all M activation rows: tiles of 4 x 1, 2 x 2, 1 x 4 or 1 x 8
-   (weight x activation rows). */
+   (weight x activation rows; AVX-512 4 x 1, 4 x 2, 4 x 4 or 2 x 8). */
 static inline __attribute__((always_inline)) void kq_panel(int type, int n4, const int8_t *xq, const float *xd,
                                                            const int16_t *bs16, const float *xb, const uint8_t *w,
                                                            float *y, int M, int N, int K) {
@@ -549,11 +737,23 @@ static inline __attribute__((always_inline)) void kq_panel(int type, int n4, con
             const int nr = N - n0 < step ? N - n0 : step;
             const uint8_t *wn = w + n0 * row_bytes;
             float out[8][4];
+#ifdef QK_AVX512
+            if (M == 1) { /* the activations as they are (kq_linear) */
+                if (nr == 4) kq_rows_alone(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 4, out[0]);
+                else kq_rows_alone(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, nr, out[0]);
+                memcpy(y + n0, out[0], sizeof(float) * nr);
+                continue;
+            }
+#endif
             /* constant shapes: the accumulators stay in registers */
-            if (nr == 4 && mr == 1) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 4, 1, out);
-            else if (nr == 2 && mr == 2) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 2, 2, out);
-            else if (nr == 1 && mr == 4) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 1, 4, out);
-            else if (nr == 1 && mr == 8) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, 1, 8, out);
+#define KQ_SHAPE(n, m) else if (nr == (n) && mr == (m)) kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, n, m, out)
+            if (0) {}
+#ifdef QK_AVX512
+            KQ_SHAPE(4, 1); KQ_SHAPE(4, 2); KQ_SHAPE(4, 4); KQ_SHAPE(2, 8);
+#else
+            KQ_SHAPE(4, 1); KQ_SHAPE(2, 2); KQ_SHAPE(1, 4); KQ_SHAPE(1, 8);
+#endif
+#undef KQ_SHAPE
             else kq_rows(type, wn, row_bytes, xqm, xdm, bsm, xbm, K, nr, mr, out);
             for (int m = 0; m < mr; m++)
                 for (int r = 0; r < nr; r++) y[(int64_t)(m0 + m) * N + n0 + r] = out[m][r];
@@ -607,6 +807,10 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
         free(xb);
         return failed ? -1 : 0;
     }
+#endif
+#ifdef QK_AVX512
+#pragma omp parallel for if (M > 8)
+    for (int m = 0; m < (M > 1 ? M : 0); m++) kq_activation_lanes(xq + (int64_t)m * KQ_X_STRIDE(K), K);
 #endif
 #pragma omp parallel for schedule(static)
     for (int n4 = 0; n4 < (N + 3) / 4; n4++)
