@@ -47,10 +47,10 @@ GGUF_STORED_FORMATS = {**GGUF_AUTO_FORMATS, T.Q6_K: Q6_K, T.Q5_K: Q5_K, T.Q4_K: 
 # the better choice over int8. AVX2 EPYC: per matrix Q4_K 0.53-0.97x int8's time, Q6_K 0.58-1.11x,
 # and on a Qwen3-0.6B of Q4_K_M's layout (benchmarks/kquant_formats.py) prefill 1.32x as fast, one
 # stream 1.06x, 8 streams 1.12x, with 26% less memory for the weights (docs/quantization.md).
-# AVX-512 EPYC (Zen 5; `avx512_vnni`, bfloat16 prefill on oneDNN either way), the default model,
-# three alternating `qwenkit bench` runs each: one stream 1.035x as fast, 8 streams 0.94x, peak RSS
-# ~40 MB lower. The AMX variant's int8 has tiles the K-quant kernels lack, and nothing was
-# measured there: int8 stays.
+# AVX-512 EPYC (Zen 5; `avx512_vnni`, bfloat16 prefill on oneDNN either way), Qwen3-0.6B / 1.7B of
+# Q4_K_M's layout: one stream 1.27x / 1.22x as fast, 8 streams 0.99x / 1.03x, prefill 1.00x /
+# 0.94x, 30% less memory for the weights. The AMX variant's int8 has tiles the K-quant kernels
+# lack (from 16 rows), and nothing was measured there: int8 stays.
 K_QUANTS_STORED_ISAS = ("avx2", "avx512_vnni")
 
 

@@ -344,14 +344,14 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
         for (int r = 0; r < nr; r++) out[m][r] = hsum(acc[m][r]);
 }
 #else
-/* AVX-512 VNNI: the decode path a vector lane a block. Above, each block of 32 values takes a
-   vpmaddubsw and a vpdpwssd by its scale per activation row; here a super-block of two weight rows
-   is turned (kq_transpose_x2) so that lane j of vector g holds values 4g .. 4g + 3 of block j, row
-   a in the low half, row b in the high one, and the activations are laid out alike once per call
-   (kq_activation_lanes). One vpdpbusd then takes 4 values of all 8 blocks of both rows, eight of
-   them a super-block, and lane j ends with block j's integer dot product, which its scale
-   multiplies once (vpmulld; Q6_K: per half block, two). The mins and Q6_K's offset of 32 are
-   lane a block already (kq_start's terms). */
+/* AVX-512 VNNI: the decode path a vector lane a block. The AVX2 kq_rows gives each block of 32
+   values a vpmaddubsw and a multiply-add by its scale per activation row; here a super-block of
+   two weight rows is turned (kq_transpose_x2) so that lane j of vector g holds values 4g .. 4g + 3
+   of block j, row a in the low half, row b in the high one, and the activations are laid out
+   alike once per call (kq_activation_lanes). One vpdpbusd then takes 4 values of all 8 blocks of
+   both rows, eight of them a super-block, and lane j ends with block j's integer dot product,
+   which its scale multiplies once (vpmulld; Q6_K: per half block, two). The mins and Q6_K's
+   offset of 32 are lane a block already (kq_start's terms). */
 
 /* Each 256-bit half of v[0..7] transposed as 8 x 8 dwords (transpose_8x8_epi32 on both halves
    at once): v[j] block j's 32 bytes -> v[g] dword g of every block, lane j block j's. */
@@ -368,16 +368,17 @@ static inline __attribute__((always_inline)) void kq_transpose_x2(__m512i v[8]) 
         u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]); /* 3 | 7 */
     }
     /* qwords: the low 128 bits of each half from u[g] then u[4 + g] (dwords g), the high ones (g + 4) */
-    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    const __m512i high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
     for (int g = 0; g < 4; g++) {
         v[g] = _mm512_permutex2var_epi64(u[g], low, u[4 + g]);
         v[g + 4] = _mm512_permutex2var_epi64(u[g], high, u[4 + g]);
     }
 }
 
-/* One activation row's int8 values (K of them) turned in place a lane a block, for kq_rows: super-block sb's
-   vector g (32 bytes at xt + 256 sb + 32 g) holds values 4g .. 4g + 3 of each of its 8 blocks,
-   block j in lane j. kq_rows broadcasts it to both halves of a 512-bit vector as it loads it
+/* One activation row's int8 values (K of them) turned in place a lane a block, for kq_rows:
+   super-block sb's vector g (32 bytes at 256 sb + 32 g) holds values 4g .. 4g + 3 of each of its
+   8 blocks, block j in lane j. kq_rows broadcasts it to both halves of a 512-bit vector as it loads it
    (stored twice, 8 rows of a 4096-wide matrix outgrew the L1 cache: 1.3-1.6x the time). */
 static void kq_activation_lanes(int8_t *xq, int K) {
     for (int sb = 0; sb < K / QK_K; sb++) {
@@ -467,7 +468,8 @@ static inline __attribute__((always_inline)) void kq_rows(int type, const uint8_
                         _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 8 * i))));
                     acc[m][p] = _mm512_fnmadd_ps(min, sums, acc[m][p]);
                 }
-                acc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dd, _mm512_set1_ps(xd[i])), acc[m][p]);
+                const __m512 scale_dx = _mm512_mul_ps(dd, _mm512_set1_ps(xd[i]));
+                acc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale_dx, acc[m][p]);
                 IN_REGISTER_512(acc[m][p]);
             }
         }
@@ -501,7 +503,8 @@ static inline __attribute__((always_inline)) void kq_rows_alone(int type, const 
             __m256 mins;
             for (int q = 0, j0 = 0; j0 < 8; q++) j0 += kq_unsigned(type, b, q, u + j0);
             const float d = kq_lane_scales(type, b, &scale, &scale_hi, &offsets, &mins);
-            for (int j = 0; j < 8; j++) u[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u[j], _mm256_loadu_si256(x + j));
+            for (int j = 0; j < 8; j++)
+                u[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u[j], _mm256_loadu_si256(x + j));
             const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(u[0], u[1]), _mm256_hadd_epi32(u[2], u[3]));
             const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(u[4], u[5]), _mm256_hadd_epi32(u[6], u[7]));
             const __m256i lo = _mm256_permute2x128_si256(h0, h1, 0x20), hi = _mm256_permute2x128_si256(h0, h1, 0x31);
@@ -845,7 +848,8 @@ static void kq_row(const void *ctx, int n, float *values) {
            rounds the exact scale u - off, which is gguf's scale (u - 32) or its d sc u - dmin m */
         for (int j = 0; j < 8; j++)
             for (int i = 0; i < QK; i += 8) {
-                const __m256 u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk.u[j] + i))));
+                const __m128i bytes = _mm_loadl_epi64((const __m128i *)(blk.u[j] + i));
+                const __m256 u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
                 _mm256_storeu_ps(o + j * QK + i, _mm256_fmsub_ps(_mm256_set1_ps(blk.scale[j][i / 16]), u,
                                                                   _mm256_set1_ps(blk.off[j][i / 16])));
             }
