@@ -238,6 +238,22 @@ static inline void kq_scale_bytes(const uint8_t *packed, uint8_t out[16]) {
     memcpy(out, u, 16);
 }
 
+/* kq_scale_bytes in a vector register: built there, the scales and mins go straight to the
+   kernels' conversions (from the bytes kq_scale_bytes stores as four dwords, an 8-byte load waits
+   for the store to retire). The 16 bytes from `packed` are within the super-block (its values
+   follow the 12 scale bytes). */
+static inline __m128i kq_scale_vector(const uint8_t *packed) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)packed);  /* dwords a, b, c (and 4 bytes after) */
+    const __m128i p = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)); /* a a b b */
+    const __m128i q = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 0, 0, 4));
+    /* lanes 0, 2: a, b & low6 (scales 0-3, mins 0-3); lanes 1, 3: c's low / high nibbles with
+       bits 6-7 of a / b as bits 4-5 (scales 4-7, mins 4-7) */
+    const __m128i low6 = _mm_and_si128(p, _mm_set1_epi8(0x3f));
+    const __m128i high = _mm_or_si128(_mm_and_si128(q, _mm_set1_epi8(0x0f)),
+                                      _mm_and_si128(_mm_srli_epi32(p, 2), _mm_set1_epi8(0x30)));
+    return _mm_blend_epi32(low6, high, 0xa);
+}
+
 /* Block j's scale vector from kq_rows' `scales`: 16 int16, all the block's scale (Q4_K / Q5_K), or
    lanes 0-7 the scale of its values 0-15 and 8-15 that of 16-31 (Q6_K; maddubs' lanes 0-7 are
    values 0-15). */
@@ -268,15 +284,14 @@ static inline __attribute__((always_inline)) void kq_scales(int type, const uint
         return;
     }
     uint16_t h[2];
-    uint8_t sm[16];
     memcpy(h, b, sizeof h);
     *d = f16_to_f32(h[0]);
-    kq_scale_bytes(b + 4, sm);
-    const __m128i both = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm));
+    const __m128i sm = kq_scale_vector(b + 4);
+    const __m128i both = _mm_cvtepu8_epi16(sm);
     scales[0] = _mm256_setr_m128i(_mm_unpacklo_epi16(both, both), _mm_unpackhi_epi16(both, both));
     scales[1] = _mm256_setzero_si256();
     *offsets = _mm256_setzero_si256();
-    *mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 8)))),
+    *mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
                           _mm256_set1_ps(f16_to_f32(h[1])));
 }
 
@@ -404,12 +419,11 @@ static inline __attribute__((always_inline)) float kq_lane_scales(int type, cons
         return f16_to_f32(h);
     }
     uint16_t h[2];
-    uint8_t sm[16];
     memcpy(h, b, sizeof h);
-    kq_scale_bytes(b + 4, sm);
-    *sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sm));
+    const __m128i sm = kq_scale_vector(b + 4);
+    *sc = _mm256_cvtepu8_epi32(sm);
     *sc_hi = *offsets = _mm256_setzero_si256();
-    *mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 8)))),
+    *mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
                           _mm256_set1_ps(f16_to_f32(h[1])));
     return f16_to_f32(h[0]);
 }
