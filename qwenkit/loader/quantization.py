@@ -48,8 +48,8 @@ GGUF_STORED_FORMATS = {**GGUF_AUTO_FORMATS, T.Q6_K: Q6_K, T.Q5_K: Q5_K, T.Q4_K: 
 # and on a Qwen3-0.6B of Q4_K_M's layout (benchmarks/kquant_formats.py) prefill 1.32x as fast, one
 # stream 1.06x, 8 streams 1.12x, with 26% less memory for the weights (docs/quantization.md).
 # AVX-512 EPYC (Zen 5; `avx512_vnni`, bfloat16 prefill on oneDNN either way), Qwen3-0.6B / 1.7B of
-# Q4_K_M's layout: one stream 1.27x / 1.22x as fast, 8 streams 0.99x / 1.03x, prefill 1.00x /
-# 0.94x, 30% less memory for the weights. The AMX variant's int8 has tiles the K-quant kernels
+# Q4_K_M's layout: one stream 1.27x / 1.34x as fast, 8 streams 1.09x / 1.15x, prefill 1.02x /
+# 0.98x, 30% less memory for the weights. The AMX variant's int8 has tiles the K-quant kernels
 # lack (from 16 rows), and nothing was measured there: int8 stays.
 K_QUANTS_STORED_ISAS = ("avx2", "avx512_vnni")
 
