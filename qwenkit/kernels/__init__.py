@@ -83,11 +83,12 @@ def _native(*tensors: torch.Tensor) -> cpu.Library | None:
 # A matmul library picks its blocking, vector kernel and thread split from the shape, so a row's
 # numbers depend on how many rows came with it (measured with torch 2.13's CPU GEMM: a row of a
 # 1-, 2-, 3-, 5-, 6-, 7- or 9-row call differs from the same row in a 300-row call; the native
-# Q5_0 and K-quant kernels unpack the weights from 16 rows on, the K-quants' AVX-512 path from 64). Under `batch_invariant()` the
-# native int8, Q5_0 and K-quant kernels (float32 activations) take one path for every row count
-# (`cpu.Library.set_row_invariant`, `NATIVE_ROW_INVARIANT`), and every other CPU matmul is called
-# on blocks of exactly INVARIANT_ROWS rows (the last one zero-padded): a block's shape never
-# changes, and no GEMM mixes its rows, so each row's numbers are those of the row alone.
+# Q5_0 and K-quant kernels unpack the weights from 16 rows on, the K-quants' AVX-512 path from
+# 64). Under `batch_invariant()` the native int8, Q5_0 and K-quant kernels (float32 activations)
+# take one path for every row count (`cpu.Library.set_row_invariant`, `NATIVE_ROW_INVARIANT`),
+# and every other CPU matmul is called on blocks of exactly INVARIANT_ROWS rows (the last one
+# zero-padded): a block's shape never changes, and no GEMM mixes its rows, so each row's numbers
+# are those of the row alone.
 # With attention per query token (the runner's deterministic steps) and row-wise norms, a token
 # is computed alike alone, in any batch, chunked or not, and with or without a prefix-cache hit.
 
