@@ -181,8 +181,8 @@ class Library:
         out = torch.empty_like(q)
         if self._lib.paged_prefill_attention_f32(
                 q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                query_start_loc.data_ptr(), context_lens.data_ptr(), out.data_ptr(), context_lens.shape[0], num_heads, k_cache.shape[1], head_dim,
-                block_size, block_tables.shape[1], scale, KV_DTYPES[k_cache.dtype]):
+                query_start_loc.data_ptr(), context_lens.data_ptr(), out.data_ptr(), context_lens.shape[0], num_heads,
+                k_cache.shape[1], head_dim, block_size, block_tables.shape[1], scale, KV_DTYPES[k_cache.dtype]):
             raise MemoryError("paged prefill attention: no memory for its buffers")
         return out
 

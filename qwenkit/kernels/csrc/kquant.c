@@ -224,24 +224,11 @@ static inline __attribute__((always_inline)) int kq_unsigned(int type, const uin
     return 2;
 }
 
-/* The 8 scales and 8 mins of a Q4_K / Q5_K super-block, unpacked from their 12 bytes 4 at a time
-   (the same bits as scale_min_k4): bytes 0-7 of the result the scales, 8-15 the mins. */
-static inline void kq_scale_bytes(const uint8_t *packed, uint8_t out[16]) {
-    uint32_t u[4];
-    memcpy(u, packed, 12);
-    const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
-    u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
-    const uint32_t mins_low = u[1] & low6;
-    u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
-    u[2] = mins_low;
-    u[0] &= low6;
-    memcpy(out, u, 16);
-}
-
-/* kq_scale_bytes in a vector register: built there, the scales and mins go straight to the
-   kernels' conversions (from the bytes kq_scale_bytes stores as four dwords, an 8-byte load waits
-   for the store to retire). The 16 bytes from `packed` are within the super-block (its values
-   follow the 12 scale bytes). */
+/* The 8 scales and 8 mins of a Q4_K / Q5_K super-block, unpacked from their 12 bytes (the same
+   bits as scale_min_k4) in a vector register: bytes 0-7 the scales, 8-15 the mins. Built there,
+   they go straight to the kernels' conversions (built as four dwords in memory, an 8-byte load of
+   them waited for the stores to retire). The 16 bytes read from `packed` are within the
+   super-block (its values follow the 12 scale bytes). */
 static inline __m128i kq_scale_vector(const uint8_t *packed) {
     const __m128i v = _mm_loadu_si128((const __m128i *)packed);  /* dwords a, b, c (and 4 bytes after) */
     const __m128i p = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)); /* a a b b */
@@ -594,7 +581,7 @@ static inline __attribute__((always_inline)) void kq_unpack_lanes(int type, cons
             memcpy(h, b, sizeof h);
             d[r] = f16_to_f32(h[0]);
             dmin[r] = f16_to_f32(h[1]);
-            kq_scale_bytes(b + 4, sm);
+            _mm_storeu_si128((__m128i *)sm, kq_scale_vector(b + 4));
             for (int j = 0; j < 8; j++) scale[16 * j + 2 * r] = scale[16 * j + 2 * r + 1] = sm[j];
             for (int i = 0; i < 4; i++) {
                 offsets[16 * i + 2 * r] = sm[8 + 2 * i];
@@ -826,8 +813,10 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
     }
 #endif
 #ifdef QK_AVX512
+    if (M > 1) { /* a single row stays as it is (kq_rows_alone) */
 #pragma omp parallel for if (M > 8)
-    for (int m = 0; m < (M > 1 ? M : 0); m++) kq_activation_lanes(xq + (int64_t)m * KQ_X_STRIDE(K), K);
+        for (int m = 0; m < M; m++) kq_activation_lanes(xq + (int64_t)m * KQ_X_STRIDE(K), K);
+    }
 #endif
 #pragma omp parallel for schedule(static)
     for (int n4 = 0; n4 < (N + 3) / 4; n4++)
