@@ -38,8 +38,6 @@ class BlockManager:
         # Free blocks in the order they were freed: the front is reused first (least recently used).
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
-        self.num_cache_queries = 0
-        self.num_cache_hits = 0
 
     @property
     def num_blocks(self) -> int:
@@ -65,11 +63,9 @@ class BlockManager:
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             prefix_hash = chain_hash(prefix_hash, tokens)
-            self.num_cache_queries += 1
             block_id = self.cached.get(prefix_hash)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
-            self.num_cache_hits += 1
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free[block_id]

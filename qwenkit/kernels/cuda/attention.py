@@ -189,22 +189,3 @@ def paged_prefill_attention(
     )
     return out
 
-
-def paged_attention(
-    q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, *, scale: float
-) -> torch.Tensor:
-    """Attention of a step's queries q [T, H, D] (keys and values already in the cache),
-    a decode or a prefill step as `meta` (an AttentionMetadata) says. Returns [T, H, D]."""
-    k_cache, v_cache = kv_cache
-    if meta.decode is not None:
-        d = meta.decode
-        return paged_decode_attention(
-            q, k_cache, v_cache, d.block_tables, d.context_lens, block_size=d.block_size, scale=scale
-        )
-    p = meta.paged_prefill
-    if p is None:
-        raise ValueError("a prefill step on the CUDA kernels needs AttentionMetadata.paged_prefill")
-    return paged_prefill_attention(
-        q, k_cache, v_cache, p.block_tables, p.query_start_loc, p.context_lens,
-        max_query_len=p.max_query_len, block_size=p.block_size, scale=scale,
-    )
