@@ -129,9 +129,23 @@ def _repo_models(repo_id: str, repo_dir: Path) -> list[LocalModel]:
             continue
         name = short_name_of(repo_id, gguf.name) or f"{repo_id}/{gguf.name}"
         links = tuple(s / gguf.name for s in snapshots if (s / gguf.name).is_symlink() or (s / gguf.name).exists())
+        # The blob a snapshot links to, when it is the repo's own (a link may point anywhere).
+        blob = (gguf.resolve(),) if _is_inside(gguf.resolve(), repo_dir) else ()
         models.append(LocalModel(name, repo_id, ModelFiles("gguf", gguf, gguf.stem), gguf.stat().st_size,
-                                 links + (gguf.resolve(),)))
+                                 links + blob))
     return models
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` lies under `folder`, both with every link resolved."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _in_store(path: Path) -> bool:
+    """Whether `rm` may delete `path` itself: it sits (its folder resolved, the path
+    itself not followed) in the Hugging Face cache or the qwenkit models folder."""
+    where = path.parent.resolve()
+    return any(where.is_relative_to(store.resolve()) for store in (hub_cache(), models_dir()))
 
 
 def find_local(spec: str) -> LocalModel:
@@ -158,10 +172,16 @@ def _canonical(spec: str) -> str:
 
 
 def remove(spec: str) -> tuple[LocalModel, int]:
-    """Delete a model's files from this machine; returns it and the bytes freed."""
+    """Delete a model's files from this machine; returns it and the bytes freed.
+
+    Only what lies in the model store is deleted: a link is removed, never followed, so a
+    snapshot that links to a file elsewhere loses the link and the file stays.
+    """
     model = find_local(spec)
     freed = 0
     for path in model.paths:
+        if not _in_store(path):
+            continue
         if path.is_symlink() or path.is_file():
             freed += 0 if path.is_symlink() else path.stat().st_size
             path.unlink()
@@ -177,7 +197,7 @@ def _remove_empty_repo(path: Path) -> None:
     """After a GGUF's removal, drop its repo folder if no file is left in any snapshot."""
     cache = hub_cache().resolve()
     repo_dir = next((p for p in path.parents if p.parent.resolve() == cache), None)
-    if repo_dir is None or not repo_dir.is_dir():
+    if repo_dir is None or repo_dir.is_symlink() or not repo_dir.is_dir():
         return
     if not any(p.is_file() for p in (repo_dir / "snapshots").rglob("*")):
         shutil.rmtree(repo_dir)

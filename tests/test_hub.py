@@ -2,6 +2,7 @@
 Hugging Face cache built offline in a tmp folder (the Hub itself is faked for `pull`)."""
 
 import json
+import shutil
 import socket
 
 import huggingface_hub
@@ -178,6 +179,29 @@ def test_rm_keeps_the_other_files_of_a_repo(filled, tmp_path):
     assert main(["rm", "qwen3:8b-q4_k_m"]) == 0
     assert [m.name for m in list_models() if m.source == "Qwen/Qwen3-8B-GGUF"] == ["qwen3:8b-q8_0"]
     assert len(list((filled / "models--Qwen--Qwen3-8B-GGUF" / "blobs").iterdir())) == 1
+
+
+def test_rm_never_deletes_what_a_link_points_to_outside_the_store(cache, tmp_path):
+    # A snapshot whose file is a link to the user's own copy elsewhere, and a snapshot that
+    # is itself a link to a folder elsewhere: rm removes the links, the outside files stay.
+    outside = tmp_path / "mine"
+    outside.mkdir()
+    mine = write_tiny_gguf(outside / "Qwen3-8B-Q4_K_M.gguf", tokens=QWEN3_TOKENS, chat_template=None)
+    snapshot = add_snapshot(cache, "Qwen/Qwen3-8B-GGUF", {})
+    (snapshot / mine.name).symlink_to(mine)
+    linked_repo = add_snapshot(cache, "Qwen/Qwen3-4B-GGUF", {}).parent
+    shutil.rmtree(linked_repo / COMMIT)
+    (outside / "4b").mkdir()
+    theirs = write_tiny_gguf(outside / "4b" / "Qwen3-4B-Q8_0.gguf", tokens=QWEN3_TOKENS, chat_template=None,
+                             file_type=7)
+    (linked_repo / COMMIT).symlink_to(outside / "4b", target_is_directory=True)
+    assert {m.name for m in list_models()} == {"qwen3:8b-q4_k_m", "qwen3:4b-q8_0"}
+
+    assert main(["rm", "qwen3:8b-q4_k_m", "qwen3:4b-q8_0"]) == 0
+    assert mine.read_bytes()[:4] == b"GGUF" and theirs.read_bytes()[:4] == b"GGUF"
+    assert not (snapshot / mine.name).is_symlink()  # the link in the store is gone
+    assert list_models() == []  # the store's entries are gone, the files they linked to are not
+    assert sorted(p.name for p in outside.rglob("*.gguf")) == ["Qwen3-4B-Q8_0.gguf", "Qwen3-8B-Q4_K_M.gguf"]
 
 
 def test_default_model_is_listed_and_removed(cache, tmp_path, capsys):
