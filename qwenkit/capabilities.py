@@ -13,12 +13,25 @@ use them. The template is asked by rendering a one-message chat:
   budget change nothing.
 * Tools: the template renders a tool's schema into the prompt.
 
+Embedding and reranking (qwenkit/embedding.py) are read from the checkpoint too:
+
+* embedding: the folder holds sentence-transformers' last-token pooling config
+  (``modules.json`` naming a Pooling folder whose config says ``pooling_mode_lasttoken``,
+  as Qwen3-Embedding ships), or the weights have no lm_head. Such a model does not chat.
+  (A GGUF's ``pooling_type`` is not read: its header takes seconds to parse; a GGUF
+  embedding model still embeds through `LLM.embed`.)
+* rerank: a model that generates and whose vocabulary has the single tokens "yes" and
+  "no", the answers Qwen3-Reranker's prompt asks for (it is trained for the question;
+  any Qwen chat model can be asked it).
+
 Plain Python, no torch: `qwenkit show` and `list` call it without loading weights.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -44,10 +57,14 @@ class Capabilities:
     thinking: bool
     hybrid_thinking: bool
     tools: bool
+    embedding: bool = False  # an embedding model (it does not generate)
+    rerank: bool = False
 
     def names(self) -> list[str]:
-        """As Ollama lists capabilities ("completion", "thinking", "tools"), with
-        "hybrid_thinking" for models whose thinking can be switched off."""
+        """As Ollama lists capabilities ("completion", "thinking", "tools", "embedding"),
+        with "hybrid_thinking" for models whose thinking can be switched off and "rerank"."""
+        if self.embedding:
+            return ["embedding"]
         names = ["completion"]
         if self.thinking:
             names.append("thinking")
@@ -55,6 +72,8 @@ class Capabilities:
             names.append("hybrid_thinking")
         if self.tools:
             names.append("tools")
+        if self.rerank:
+            names.append("rerank")
         return names
 
     def thinking_note(self, model: str, *, no_think: bool = False, budget: bool = False) -> str | None:
@@ -83,6 +102,27 @@ def detect_capabilities(tokenizer: _Tokenizer) -> Capabilities:
         with_tool = _render(tokenizer, tools=[_PROBE_TOOL])
         tools = with_tool is not None and with_tool != plain and "qwenkit_probe_tool" in with_tool
     return Capabilities(thinking=thinking, hybrid_thinking=hybrid, tools=tools)
+
+
+def model_capabilities(llm: Any) -> Capabilities:
+    """A loaded `LLM`'s capabilities: its tokenizer's, and whether it embeds or reranks."""
+    caps = detect_capabilities(llm.tokenizer)
+    files = getattr(llm, "files", None)
+    if getattr(llm.model, "is_headless", False) or (files is not None and declares_last_token_pooling(files.path)):
+        return Capabilities(thinking=False, hybrid_thinking=False, tools=False, embedding=True)
+    rerank = all(llm.tokenizer.token_to_id(t) is not None for t in ("yes", "no"))
+    return Capabilities(caps.thinking, caps.hybrid_thinking, caps.tools, rerank=rerank)
+
+
+def declares_last_token_pooling(path: Path) -> bool:
+    """Whether a checkpoint folder says it is an embedding model with last-token pooling."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        pooling = next(m for m in modules if m.get("type", "").endswith("models.Pooling"))
+        config = json.loads((path / pooling.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, AttributeError):
+        return False
+    return bool(config.get("pooling_mode_lasttoken"))
 
 
 def _render(tokenizer: _Tokenizer, **kwargs: Any) -> str | None:

@@ -18,6 +18,7 @@ from qwenkit.chat.types import ChatChunk, ChatCompletion
 from qwenkit.distributed import ParallelConfig
 from qwenkit.engine.llm_engine import EngineArgs, LLMEngine, SequenceUpdate, TokenOutput
 from qwenkit.engine.model_runner import ModelRunner
+from qwenkit.engine.threads import set_threads
 from qwenkit.errors import QwenkitError
 from qwenkit.loader import load_model
 from qwenkit.model_files import resolve_model
@@ -110,7 +111,9 @@ class LLM:
     tensor_parallel_size: split the model over this many processes (CUDA: one GPU each,
     from `device` on; CPU: the cores shared), started here and stopped by `shutdown()`;
     enable_expert_parallel: Qwen3-MoE experts dealt out whole to the ranks. One such model
-    per process (docs/scale.md).
+    per process (docs/scale.md). threads: CPU threads of torch and the C kernels, for the
+    whole process (default: the cores this process may run on, its affinity mask and cgroup
+    CPU quota, or OMP_NUM_THREADS when set; docs/decode.md#threads).
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
         progress: bool = True,
+        threads: int | None = None,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -144,6 +148,8 @@ class LLM:
 
             self.executor = TensorParallelExecutor(files, dtype=self.dtype, device=self.device, parallel=parallel)
         try:
+            if self.device.type == "cpu" or threads is not None:  # loading computes too (packing, dequantizing)
+                set_threads(threads)
             loaded = load_model(files, dtype=self.dtype, device=self.device, quantization=quantization,
                                 progress=progress, tp=self.executor and self.executor.tp)
         except BaseException:
@@ -154,6 +160,7 @@ class LLM:
         self.generation_config = loaded.generation_config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
+        self.files = files
         args = EngineArgs(
             max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory,
@@ -283,6 +290,21 @@ class LLM:
         Parameters left unset come from generation_config.json, then `fallback`."""
         yield from self._stream(self.new_request_id(), prompt_token_ids, sampling_params, fallback=fallback,
                                 **request_kwargs)
+
+    def embed(self, texts: str | Sequence[str | list[int]], *, instruction: str | None = None,
+              dimensions: int | None = None) -> list[list[float]]:
+        """Qwen3-Embedding's embeddings of `texts` (or token-id lists): last-token pooling,
+        L2-normalised; `instruction` embeds them as queries of that task, `dimensions` keeps
+        the first d values (renormalised). See qwenkit/embedding.py."""
+        from qwenkit import embedding
+
+        return embedding.embed(self, texts, instruction=instruction, dimensions=dimensions).tolist()
+
+    def score(self, query: str, documents: str | Sequence[str], *, instruction: str | None = None) -> list[float]:
+        """Qwen3-Reranker's relevance of each document to `query`: P("yes"), in [0, 1]."""
+        from qwenkit import embedding
+
+        return embedding.score(self, query, documents, instruction=instruction).data
 
     def _stream(self, request_id: str, prompt_token_ids, sampling_params, **request_kwargs) -> Iterator[SequenceUpdate]:
         self.engine.add_request(request_id, prompt_token_ids, sampling_params, **request_kwargs)

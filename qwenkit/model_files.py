@@ -25,6 +25,9 @@ HF_ALLOW_PATTERNS = [
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
+    # sentence-transformers' pooling config: how an embedding model (Qwen3-Embedding) is told apart
+    "modules.json",
+    "1_Pooling/config.json",
 ]
 
 _GGUF_MAGIC = b"GGUF"
@@ -59,24 +62,38 @@ def resolve_model(spec: str | None, *, progress: bool = True) -> ModelFiles:
         return ModelFiles("gguf", default_model_path(progress=progress), DEFAULT_MODEL_NAME)
     if not spec.strip():
         raise ModelLoadError(_unknown_model_message(spec))
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return _resolve_folder(path)
-    if path.exists():
-        return _resolve_file(path)
+    path = local_path(spec)
+    if path is not None:
+        return _resolve_folder(path) if path.is_dir() else _resolve_file(path)
     repo_file = _REPO_FILE.fullmatch(spec)
     if repo_file and not spec.startswith((".", "~")):
         try:
             return resolve_repo_file(repo_file[1], repo_file[2], progress=progress)
         except ModelLoadError as e:
             raise ModelLoadError(f"model path not found: {spec}; as a Hugging Face file: {e}") from e
-    if _looks_like_path(spec):
+    if looks_like_path(spec):
         raise ModelLoadError(f"model path not found: {os.path.expanduser(spec)}")
     if _REPO_ID.fullmatch(spec):
         return _resolve_repo(spec, progress=progress)
     if is_short_name(spec):
         return resolve_short_name(spec, progress=progress)
     raise ModelLoadError(_unknown_model_message(spec))
+
+
+def local_path(spec: str) -> Path | None:
+    """The file or folder `spec` names on this machine, or None when there is none. A name
+    no path can have (too long for the file system, a NUL byte) is none, not an OSError."""
+    path = Path(spec).expanduser()
+    try:
+        return path if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_hub_name(spec: str) -> bool:
+    """Whether `spec` is spelled like something `qwenkit pull` fetches: a short name, a repo
+    id or owner/name/file.gguf."""
+    return is_short_name(spec) or bool(_REPO_ID.fullmatch(spec) or _REPO_FILE.fullmatch(spec))
 
 
 def _unknown_model_message(spec: str) -> str:
@@ -161,7 +178,8 @@ def resolve_repo_file(repo_id: str, filename: str, *, progress: bool, pull_name:
     return _resolve_file(Path(path))
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
+    """Whether `spec` is spelled as a path (a folder or file), not as a name."""
     return (
         spec.startswith(("/", "~", "."))  # also ./ and ../; repo ids start alphanumeric
         or spec.lower().endswith(".gguf")
@@ -176,8 +194,11 @@ def _resolve_file(path: Path) -> ModelFiles:
         is_checkpoint_file = path.name == "config.json" or path.suffix == ".safetensors"
         hint = "pass its folder" if is_checkpoint_file else "pass a .gguf file or a model folder"
         raise ModelLoadError(f"{path} is not a .gguf file: {hint}")
-    with open(path, "rb") as f:
-        magic = f.read(len(_GGUF_MAGIC))
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_GGUF_MAGIC))
+    except OSError as e:
+        raise ModelLoadError(f"{path} cannot be read ({e.strerror})") from None
     if magic != _GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF'): re-download it")
     return ModelFiles("gguf", path, path.stem)

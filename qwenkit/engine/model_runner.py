@@ -151,20 +151,25 @@ class ModelRunner:
             if not (self.deterministic and model.dtype != torch.float32):
                 self.fused = FusedDecode.build(model, self.kv_caches)
 
-    def run(self, batch: list[ScheduledSequence]) -> tuple[list[int], torch.Tensor | None]:
+    def run(self, batch: list[ScheduledSequence], *, pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
         """Compute the step. Returns the positions in `batch` of the sequences whose
-        tokens are now all computed (they sample next) and their float32 logits [N, vocab]."""
-        return self.execute(StepInput.from_batch(batch))
+        tokens are now all computed (they sample next) and their float32 logits [N, vocab];
+        with `pooling`, their last tokens' final hidden states [N, hidden] instead (an
+        embedding model's last-token pooling, qwenkit/embedding.py)."""
+        return self.execute(StepInput.from_batch(batch), pooling=pooling)
 
     @torch.inference_mode()
-    def execute(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
+    def execute(self, step: "StepInput", *, pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
         """`run` on a step given as plain data (what a tensor-parallel worker receives)."""
         with kernels.batch_invariant(self.deterministic):
-            return self._execute(step)
+            return self._execute(step, pooling)
 
-    def _execute(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
+    def _head(self, pooling: bool):
+        return (lambda hidden: hidden.float()) if pooling else self.model.compute_logits
+
+    def _execute(self, step: "StepInput", pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
         if all(len(ids) == 1 for ids in step.token_ids):
-            return self._run_decode(step)
+            return self._run_decode(step, pooling)
         input_ids, positions, slot_mapping, context_slots = [], [], [], []
         query_lens, context_lens, sample_at = [], [], []
         offset = 0
@@ -212,14 +217,15 @@ class ModelRunner:
         )
         if not sample_rows:
             return [], None
-        return sample_rows, self.model.compute_logits(hidden[torch.tensor(sample_at, device=self.device)])
+        return sample_rows, self._head(pooling)(hidden[torch.tensor(sample_at, device=self.device)])
 
-    def _run_decode(self, step: "StepInput") -> tuple[list[int], torch.Tensor | None]:
+    def _run_decode(self, step: "StepInput", pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
         """One token per sequence: plain lists, one tensor per field, no per-sequence tensors."""
         input_ids = [ids[0] for ids in step.token_ids]
         positions, block_tables, sample_rows = step.starts, step.block_tables, step.sample_rows
         num_seqs = len(input_ids)
-        if self.graphs is not None and num_seqs <= self.graphs.buckets[-1]:
+        # A graph ends in the lm_head: pooling takes the eager path.
+        if self.graphs is not None and not pooling and num_seqs <= self.graphs.buckets[-1]:
             logits = self.graphs(input_ids, positions, block_tables)
             if not sample_rows:
                 return [], None
@@ -238,7 +244,7 @@ class ModelRunner:
             return [], None
         if len(sample_rows) < num_seqs:
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
-        return sample_rows, self.model.compute_logits(hidden)
+        return sample_rows, self._head(pooling)(hidden)
 
     def _decode_inputs(
         self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]
