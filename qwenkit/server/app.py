@@ -27,6 +27,7 @@ from qwenkit.server.routes.dashscope_api import dashscope_router
 from qwenkit.server.routes.openai_api import openai_router
 from qwenkit.server.routes.operations import operations_router
 from qwenkit.server.routes.responses_api import responses_router
+from qwenkit.server.routes.retrieval_api import retrieval_router
 from qwenkit.server.security import browser_guard
 
 __all__ = ["ServerConfig", "create_app"]
@@ -41,7 +42,8 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
                   description="OpenAI- and DashScope-compatible API over a local Qwen model.")
     install_openapi(app, config)
     _answer_errors(app)
-    for router in (openai_router(ctx), responses_router(ctx), dashscope_router(ctx), operations_router(ctx)):
+    for router in (openai_router(ctx), responses_router(ctx), dashscope_router(ctx), retrieval_router(ctx),
+                   operations_router(ctx)):
         app.include_router(router)
     guarded = Guard(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                     on_response=ctx.metrics.response)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from qwenkit.capabilities import detect_capabilities
+from qwenkit.capabilities import model_capabilities
 from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.types import ChatChunk
 from qwenkit.engine.llm_engine import SequenceUpdate
@@ -51,7 +51,7 @@ class ServerContext:
         slots = RequestSlots(config.max_running_requests, config.max_waiting_requests, config.retry_after_s)
         return cls(allm, config, names, listed, slots, Metrics(allm, slots),
                    PromptSizeCheck(allm.tokenizer, allm.llm.max_model_len),
-                   detect_capabilities(allm.llm.tokenizer).names(), int(time.time()))
+                   model_capabilities(allm.llm).names(), int(time.time()))
 
     def check_model(self, name: str | None) -> str:
         """The name to report for a request that asked for model `name` (404 if not served)."""
@@ -86,6 +86,9 @@ class ServerContext:
 
     async def _open(self, start: Callable[[], AsyncIterator[T]], *, on_item: Callable[[T], None] = lambda item: None,
                     on_close: Callable[[], None] = lambda: None) -> AsyncIterator[T]:
+        if "completion" not in self.capabilities:
+            raise APIError(400, f"the model `{self.names[0]}` is an embedding model and cannot generate: "
+                                "use /v1/embeddings", param="model", code="model_not_generative")
         await self.slots.acquire()
         begun = time.perf_counter()
         items = start()
