@@ -105,7 +105,12 @@ def test_tools_choice_format_and_reasoning():
     ({"tools": [{"type": "function"}]}, "tools[0].name"),
     ({"tool_choice": {"type": "allowed_tools"}}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
-    ({"conversation": "conv_1"}, "conversation"),
+    ({"conversation": "conv_1", "previous_response_id": "resp_1"}, "conversation and previous_response_id"),
+    ({"conversation": {"id": 5}}, "conversation must be"),
+    ({"prompt": {"id": "p"}}, "prompt"),
+    ({"input": [{"type": "reasoning", "summary": 5}]}, "input[0].summary"),
+    ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text"}]}]}, "input[0].summary[0]"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
     ({"background": True}, "background"),
 ])
 def test_bad_requests_name_the_field(fields, message):
@@ -229,3 +234,66 @@ def test_store_round_trip_and_lazy_file(tmp_path):
     assert again.conversation("resp_1") == [{"role": "user", "content": "héllo"}]
     assert again.delete("resp_1") and not again.delete("resp_1")
     assert again.response("resp_1") is None
+
+
+def test_a_store_made_before_input_items_gains_the_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "responses.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, created_at REAL NOT NULL, response TEXT NOT NULL, "
+                   "conversation TEXT NOT NULL)")
+        db.execute("INSERT INTO responses VALUES ('resp_old', 0, '{}', '[]')")
+    store = ResponseStore(path)
+    assert store.input_items("resp_old") == []
+    store.save({"id": "resp_new"}, [], [{"id": "msg_1"}])
+    assert store.input_items("resp_new") == [{"id": "msg_1"}]
+
+
+def test_conversations_in_the_store(tmp_path):
+    from qwenkit.server.response_store import DuplicateItem
+
+    store = ResponseStore(tmp_path / "r.sqlite3")
+    made = store.create_conversation("conv_1", {"k": "v"}, [{"id": "a", "x": 1}])
+    assert made == {"id": "conv_1", "object": "conversation", "created_at": made["created_at"], "metadata": {"k": "v"}}
+    assert store.add_items("conv_1", [{"id": "b"}, {"id": "c"}]) and not store.add_items("conv_2", [{"id": "d"}])
+    with pytest.raises(DuplicateItem):
+        store.add_items("conv_1", [{"id": "e"}, {"id": "b"}])  # all or nothing
+    assert [i["id"] for i in store.items("conv_1")] == ["a", "b", "c"] and store.items("conv_2") is None
+    assert store.delete_item("conv_1", "b") and not store.delete_item("conv_1", "b")
+    assert store.item("conv_1", "c") == {"id": "c"} and store.item("conv_1", "b") is None
+    assert store.update_conversation("conv_1", {})["metadata"] == {} and store.update_conversation("x", {}) is None
+    assert store.delete_conversation("conv_1") and not store.delete_conversation("conv_1")
+    assert store.items("conv_1") is None and store.item("conv_1", "c") is None
+
+
+def test_listed_items_and_pages():
+    items = rp.listed_items([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "id": "msg_a"},
+                             {"type": "function_call_output", "call_id": "c", "output": "x"},
+                             {"type": "reasoning", "summary": []}])
+    assert items[0]["id"].startswith("msg_") and items[1]["id"] == "msg_a"
+    assert items[0]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert items[1]["content"] == [{"type": "output_text", "text": "yo", "annotations": []}]
+    assert items[2]["status"] == "completed" and items[3] == {"id": items[3]["id"], "summary": [], "type": "reasoning"}
+    assert rp.input_messages(items) == rp.input_messages(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+         {"type": "function_call_output", "call_id": "c", "output": "x"}, {"type": "reasoning", "summary": []}])
+    for item in items:
+        TypeAdapter(sdk.ResponseItem).validate_python(item)  # the SDK's own listed-item types
+    listed = [{"id": str(i)} for i in range(5)]
+    page = rp.item_page(listed, order="desc", limit=2, after="3")
+    assert ([i["id"] for i in page.data], page.first_id, page.last_id, page.has_more) == (["2", "1"], "2", "1", True)
+    assert rp.item_page(listed, order="asc", limit=9, after=None).has_more is False
+    assert rp.item_page([], order="asc", limit=9, after=None).first_id is None
+    with pytest.raises(ValueError, match="after"):
+        rp.item_page(listed, order="asc", limit=2, after="9")
+
+
+def test_check_unicode_names_the_path():
+    from qwenkit.server.errors import APIError
+
+    rp.check_unicode({"a": ["ok", {"b": "fine"}]})
+    for value, param in [({"a": [1, {"b": "\ud800"}]}, "a[1].b"), ({"\udfff": 1}, "\\udfff"), ("\ud800", None)]:
+        with pytest.raises(APIError) as e:
+            rp.check_unicode(value)
+        assert e.value.status == 400 and e.value.param == param and "not valid Unicode" in e.value.message

@@ -295,3 +295,221 @@ def test_a_streamed_response_is_stored_before_it_completes(client, allm):
     stored = client.responses.retrieve(final.id)
     assert stored.output_text == final.output_text == "It is sunny."
     assert stored.model_dump() == final.model_dump()
+
+
+# -- refusals before generating (issue 31) ---------------------------------------------
+
+
+@pytest.fixture
+def no_generation(allm, monkeypatch):
+    """Fails a test whose request reaches the engine."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the request was generated")
+
+    monkeypatch.setattr(allm, "chat_stream", refuse)
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"input": "hi", "metadata": {"a": "\\ud800"}}', "metadata.a"),
+    ('{"input": "hi", "metadata": {"\\ud800": "a"}}', "metadata"),
+    ('{"input": "hi", "previous_response_id": "resp_\\ud800"}', "previous_response_id"),
+    ('{"input": "hi", "user": "\\udfff"}', "user"),
+    ('{"input": "hi", "instructions": "a\\ud800"}', "instructions"),
+    ('{"input": [{"role": "user", "content": [{"type": "input_text", "text": "\\ud800"}]}]}',
+     "input[0].content[0].text"),
+    ('{"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"\\ud800": 1}}]}', "tools[0]"),
+    ('{"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"title": "\\ud800"}}}}',
+     "text.format.schema.title"),
+    ('{"input": [{"type": "reasoning", "summary": 5}, {"role": "user", "content": "hi"}]}', "input[0].summary"),
+    ('{"input": [{"type": "reasoning", "content": [5]}, {"role": "user", "content": "hi"}]}', "input[0].content[0]"),
+    ('{"input": [{"type": "function_call_output", "call_id": 5, "output": "x"}]}', "input[0].call_id"),
+    ('{"input": "hi", "store": "yes"}', "store"),
+    ('{"input": "hi", "stream": 1}', "stream"),
+    ('{"input": "hi", "metadata": {"a": 5}}', "metadata.a"),
+])
+def test_responses_refuse_bad_text_and_items_before_generating(server, no_generation, body, param):
+    """A lone surrogate used to be a 500 after generation (the answer lost: the store could
+    not encode it) or at the previous_response_id lookup; a reasoning item's summary of 5
+    a TypeError; "store": "yes" was taken."""
+    r = httpx.post(f"{server}/v1/responses", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert param in r.json()["error"]["message"]
+
+
+def test_completions_max_tokens_null_is_the_default_16(client):
+    """null meant no bound (a request generated for 73 s); OpenAI's legacy default is 16."""
+    for extra in ({"max_tokens": None}, {}):
+        reply = client.completions.create(model=MODEL, prompt="hi", extra_body={"ignore_eos": True, **extra})
+        assert reply.usage.completion_tokens == 16 and reply.choices[0].finish_reason == "length"
+
+
+# -- tools laid out alike on both routes (issue 31) -----------------------------------
+
+
+@pytest.fixture
+def prompts(allm, monkeypatch):
+    """The ChatRequest and prompt token ids of each chat the engine prepares."""
+    seen = []
+    original = allm.llm.prepare_chat
+
+    def prepare_chat(request, *args, **kwargs):
+        prepared = original(request, *args, **kwargs)
+        seen.append((request, prepared.prompt_token_ids))
+        return prepared
+
+    monkeypatch.setattr(allm.llm, "prepare_chat", prepare_chat)
+    return seen
+
+
+PYDANTIC_TOOL = {  # as the Agents SDK sends a @function_tool: a title, strict, no extra keys
+    "name": "get_weather", "description": "Weather of a city", "strict": True,
+    "parameters": {"properties": {"city": {"title": "City", "type": "string"}}, "required": ["city"],
+                   "title": "get_weather_args", "type": "object", "additionalProperties": False},
+}
+
+
+@pytest.mark.parametrize("tool", [RESPONSE_TOOLS[0], {"type": "function", **PYDANTIC_TOOL}])
+def test_responses_and_chat_render_the_same_prompt(client, prompts, tool):
+    """The Responses route laid tools out as {name, parameters, description}, chat as
+    {name, description, parameters, strict}: the same tool was a different prompt."""
+    function = {key: value for key, value in tool.items() if key != "type"}
+    client.responses.create(model=MODEL, instructions="Be brief.", input="Weather in Paris?", tools=[tool],
+                            max_output_tokens=1)
+    client.chat.completions.create(model=MODEL, max_tokens=1, tools=[{"type": "function", "function": function}],
+                                   messages=[{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Weather in Paris?"}])
+    (responses_request, responses_ids), (chat_request, chat_ids) = prompts
+    assert responses_request.tools == chat_request.tools == [{"type": "function", "function": function}]
+    assert responses_ids == chat_ids
+
+
+def test_agents_sdk_responses_model_sends_tools_as_chat_does(server, allm, prompts):
+    """The Agents SDK's default model (OpenAIResponsesModel) with a @function_tool: the
+    request reaches the server, and the tool and prompt are what the chat route makes of
+    the same conversation and tool."""
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Weather of a city."""
+        return "sunny"
+
+    model = agents.OpenAIResponsesModel(MODEL, openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused",
+                                                                  max_retries=0))
+    agent = agents.Agent(name="weather", instructions="Be brief.", tools=[get_weather], model=model,
+                         model_settings=agents.ModelSettings(max_tokens=20))
+    with scripted(allm, "It is sunny."):
+        result = agents.Runner.run_sync(agent, "Weather in Paris?")
+    assert result.final_output == "It is sunny."
+    [(request, ids)] = prompts
+    function = {"name": "get_weather", "description": get_weather.description,
+                "parameters": get_weather.params_json_schema, "strict": True}
+    assert request.tools == [{"type": "function", "function": function}]
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model=MODEL, max_tokens=1, tools=[{"type": "function", "function": function}],
+                                   messages=request.messages)
+    assert prompts[1][1] == ids
+
+
+# -- stored responses and conversations (issue 31) ------------------------------------
+
+
+def test_delete_input_items_and_cancel_a_stored_response(client, allm):
+    first = client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+    with scripted(allm, "It is sunny."):
+        second = client.responses.create(
+            model=MODEL, previous_response_id=first.id, max_output_tokens=20, reasoning={"effort": "none"},
+            input=[{"role": "user", "content": "Weather?"},
+                   {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "In Paris."}]}])
+    items = client.responses.input_items.list(second.id)  # newest first, as OpenAI lists them
+    assert [(i.type, i.role, i.content[0].text) for i in items.data] == [
+        ("message", "user", "In Paris."), ("message", "user", "Weather?")]
+    assert all(i.id.startswith("msg_") and i.status == "completed" for i in items.data)
+    page = client.responses.input_items.list(second.id, order="asc", limit=1)
+    assert ([i.content[0].text for i in page.data], page.has_more) == (["Weather?"], True)
+    rest = client.responses.input_items.list(second.id, order="asc", after=page.last_id)
+    assert ([i.content[0].text for i in rest.data], rest.has_more) == (["In Paris."], False)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.cancel(second.id)
+    assert "background" in e.value.body["message"]
+    deleted = client.responses.delete(second.id)  # the SDK returns None; the body is OpenAI's
+    assert deleted is None
+    for call in (client.responses.retrieve, client.responses.delete, client.responses.cancel,
+                 client.responses.input_items.list):
+        with pytest.raises(openai.NotFoundError):
+            call(second.id)
+    r = httpx.delete(f"{client.base_url}responses/{first.id}")
+    assert r.json() == {"id": first.id, "object": "response", "deleted": True}
+
+
+def test_input_tokens_counts_the_prompt(client):
+    """POST /v1/responses/input_tokens was read as a response id (405)."""
+    kwargs = {"model": MODEL, "instructions": "Be brief.", "input": "Weather in Paris?", "tools": RESPONSE_TOOLS}
+    counted = client.responses.input_tokens.count(**kwargs)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == client.responses.create(**kwargs, max_output_tokens=1).usage.input_tokens
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_tokens.count(model=MODEL, input=[{"type": "reasoning", "summary": 5}])
+
+
+def test_conversations_with_the_sdk(client, allm, prompts):
+    conversation = client.conversations.create(items=[{"role": "user", "content": "My name is Ada."}],
+                                               metadata={"topic": "names"})
+    assert conversation.object == "conversation" and conversation.id.startswith("conv_")
+    assert client.conversations.retrieve(conversation.id).metadata == {"topic": "names"}
+    assert client.conversations.update(conversation.id, metadata={"topic": "ada"}).metadata == {"topic": "ada"}
+    with scripted(allm, "Hello Ada."):
+        response = client.responses.create(model=MODEL, conversation=conversation.id, input="What is my name?",
+                                           max_output_tokens=20, reasoning={"effort": "none"})
+    assert response.output_text == "Hello Ada." and response.conversation.id == conversation.id
+    assert [m["content"] for m in prompts[-1][0].messages] == ["My name is Ada.", "What is my name?"]
+    items = list(client.conversations.items.list(conversation.id, order="asc"))
+    assert [(i.role, i.content[0].text) for i in items] == [
+        ("user", "My name is Ada."), ("user", "What is my name?"), ("assistant", "Hello Ada.")]
+    assert items[2].id == response.output[0].id
+    added = client.conversations.items.create(conversation.id, items=[
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}])
+    assert [i.type for i in added.data] == ["function_call", "function_call_output"]
+    one = client.conversations.items.retrieve(added.data[1].id, conversation_id=conversation.id)
+    assert (one.type, one.output) == ("function_call_output", "sunny")
+    assert client.conversations.items.delete(added.data[1].id, conversation_id=conversation.id).id == conversation.id
+    assert len(list(client.conversations.items.list(conversation.id))) == 4
+    with pytest.raises(openai.BadRequestError) as e:
+        client.conversations.items.create(conversation.id, items=[{"type": "reasoning", "summary": 5}])
+    assert "items[0].summary" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=MODEL, conversation=conversation.id, previous_response_id=response.id,
+                                input="hi")
+    deleted = client.conversations.delete(conversation.id)
+    assert (deleted.id, deleted.deleted, deleted.object) == (conversation.id, True, "conversation.deleted")
+    for call in (lambda: client.conversations.retrieve(conversation.id),
+                 lambda: client.conversations.items.list(conversation.id),
+                 lambda: client.responses.create(model=MODEL, conversation=conversation.id, input="hi")):
+        with pytest.raises(openai.NotFoundError):
+            call()
+
+
+def test_agents_sdk_conversations_session(server, allm, prompts):
+    """OpenAIConversationsSession keeps an Agents SDK run's history in /v1/conversations:
+    the second run's prompt holds the first run's turn."""
+    agents = pytest.importorskip("agents")
+    from agents.memory import OpenAIConversationsSession
+
+    agents.set_tracing_disabled(True)
+    async_client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    agent = agents.Agent(name="a", model=agents.OpenAIResponsesModel(MODEL, async_client),
+                         model_settings=agents.ModelSettings(max_tokens=20))
+    session = OpenAIConversationsSession(openai_client=async_client)
+    with scripted(allm, "Hello Ada.", "You are Ada."):
+        agents.Runner.run_sync(agent, "My name is Ada.", session=session)
+        result = agents.Runner.run_sync(agent, "What is my name?", session=session)
+    assert result.final_output == "You are Ada."
+    messages = prompts[-1][0].messages
+    assert [(m["role"], m["content"]) for m in messages if m["role"] != "system"] == [
+        ("user", "My name is Ada."), ("assistant", "Hello Ada."), ("user", "What is my name?")]
+    items = list(openai.OpenAI(base_url=f"{server}/v1", api_key="unused").conversations.items.list(
+        session.session_id, order="asc"))
+    assert len(items) == 4

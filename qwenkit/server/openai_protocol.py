@@ -165,12 +165,15 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens for (legacy) completions, absent or null
+
+
 class CompletionRequest(_SamplingFields):
     # One prompt: text, token ids, or a batch of one of either (several: 400).
     prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)])
-    max_tokens: PositiveCount | None = 16  # OpenAI's default for completions
+    max_tokens: PositiveCount | None = DEFAULT_COMPLETION_TOKENS  # null too: OpenAI's legacy default
     logprobs: json_int(0, 5) | None = None  # legacy API: how many top logprobs per token
     echo: Literal[False] = False  # not supported
     suffix: Literal[""] | None = None  # not supported
@@ -273,7 +276,8 @@ def completion_call(req: CompletionRequest) -> CompletionCall:
         raise ValueError("suffix is not supported")
     if req.logprobs is not None and not 0 <= req.logprobs <= 5:
         raise ValueError(f"logprobs must be in [0, 5], got {req.logprobs}")
-    params = _sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs is not None,
+    max_tokens = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
+    params = _sampling(req, max_tokens=max_tokens, logprobs=req.logprobs is not None,
                        top_logprobs=req.logprobs or 0)
     return CompletionCall(prompt, params, bool(req.stream_options and req.stream_options.include_usage))
 

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwenkit.server.limits import OPEN_PATHS, is_dashscope_path
 from qwenkit.server.openai_protocol import ModelCard, ModelList
+from qwenkit.server.conversations_protocol import ConversationDeletedResource, ConversationObject
+from qwenkit.server.responses_protocol import InputTokens, ItemList, ResponseDeleted
 from qwenkit.server.responses_protocol import Response as ResponsesResponse
 from qwenkit.server.web.conversations import StoredMessage
 
@@ -214,7 +216,7 @@ class ToolResult(_Out):
 _EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
 _GENERATION_ROUTES = frozenset({
     "/v1/chat/completions", "/compatible-mode/v1/chat/completions", "/v1/completions",
-    "/api/v1/services/aigc/text-generation/generation",
+    "/api/v1/services/aigc/text-generation/generation", "/v1/responses",
 })
 # (path, method) -> (200 model, the status if not 200, extra media types)
 _ANSWERS: dict[tuple[str, str], tuple[type[BaseModel] | None, int, dict[str, Any]]] = {
@@ -228,6 +230,19 @@ _ANSWERS: dict[tuple[str, str], tuple[type[BaseModel] | None, int, dict[str, Any
     ("/compatible-mode/v1/models/{model_id}", "get"): (ModelCard, 200, {}),
     ("/v1/responses", "post"): (ResponsesResponse, 200, _EVENT_STREAM),
     ("/v1/responses/{response_id}", "get"): (ResponsesResponse, 200, {}),
+    ("/v1/responses/{response_id}", "delete"): (ResponseDeleted, 200, {}),
+    ("/v1/responses/{response_id}/input_items", "get"): (ItemList, 200, {}),
+    ("/v1/responses/{response_id}/cancel", "post"): (ResponsesResponse, 200, {}),
+    ("/v1/responses/input_tokens", "post"): (InputTokens, 200, {}),
+    ("/v1/conversations", "post"): (ConversationObject, 200, {}),
+    ("/v1/conversations/{conversation_id}", "get"): (ConversationObject, 200, {}),
+    ("/v1/conversations/{conversation_id}", "post"): (ConversationObject, 200, {}),
+    ("/v1/conversations/{conversation_id}", "delete"): (ConversationDeletedResource, 200, {}),
+    ("/v1/conversations/{conversation_id}/items", "post"): (ItemList, 200, {}),
+    ("/v1/conversations/{conversation_id}/items", "get"): (ItemList, 200, {}),
+    ("/v1/conversations/{conversation_id}/items/{item_id}", "get"): (None, 200, {
+        "application/json": {"schema": {"type": "object", "description": "the item"}}}),
+    ("/v1/conversations/{conversation_id}/items/{item_id}", "delete"): (ConversationObject, 200, {}),
     ("/health", "get"): (Health, 200, {}),
     ("/metrics", "get"): (None, 200, {"text/plain": {"schema": {"type": "string"}}}),
     ("/web/api/conversations", "get"): (ConversationList, 200, {}),
@@ -244,7 +259,7 @@ _REASONS = {
     400: "Bad request: the message names the field at fault",
     401: "Missing or wrong API key",
     403: "A write from a page on another web origin",
-    404: "Unknown model, conversation or tool",
+    404: "Unknown model, stored response, conversation, item or tool",
     413: "Request body larger than the server's limit",
     421: "A Host header this server does not answer to (DNS-rebinding guard)",
     429: "Too many requests waiting; retry after Retry-After seconds",
@@ -311,8 +326,9 @@ def _document(operation: dict[str, Any], path: str, method: str, config, refs) -
         statuses |= {404, 429} | ({504} if config.request_timeout_s is not None else set())
     if path.startswith("/web/api/conversations"):
         statuses.add(503)
-    if path.startswith("/web/api/") and "{" in path:
-        statuses.add(404)
+    if (path.startswith(("/web/api/", "/v1/responses/", "/v1/conversations/")) and "{" in path) \
+            or path == "/v1/responses/input_tokens":
+        statuses.add(404)  # a stored response, conversation or item; a model; previous_response_id
     error = refs[DashScopeError if is_dashscope_path(path) else OpenAIError]
     for code in sorted(statuses):
         response: dict[str, Any] = {"description": _REASONS[code], "content": {"application/json": {"schema": error}}}

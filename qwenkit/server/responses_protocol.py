@@ -21,9 +21,16 @@ What is translated:
   thinking, a ``message`` item with one ``output_text`` part, one ``function_call`` item
   per call. A response cut by ``max_output_tokens`` is ``incomplete``.
 
-Not supported (a 400 naming the field): non-function tools, ``background``,
-``conversation``, ``prompt``, images and files in input. ``include`` and ``truncation``
-are accepted and ignored; no logprobs are returned.
+* ``previous_response_id`` or ``conversation`` (one, not both): the turns the request
+  continues, from the store (`response_store`).
+
+Every string of a request (keys too) must be valid Unicode: JSON's lone surrogates are a
+400 naming the field (`check_unicode`), before anything is generated or stored; booleans
+and numbers are strict, as OpenAI's are (``"store": "yes"`` is a 400).
+
+Not supported (a 400 naming the field): non-function tools, ``background``, ``prompt``,
+images and files in input. ``include`` and ``truncation`` are accepted and ignored; no
+logprobs are returned.
 """
 
 from __future__ import annotations
@@ -40,11 +47,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.sampling import SamplingParams
+from qwenkit.server import openai_protocol as oa
 from qwenkit.server.errors import APIError
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # Strict, as OpenAI is: "store": "yes" is not a boolean nor "1" a number.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
+
+
+# OpenAI's bounds on metadata: 16 pairs, keys of 64 characters, values of 512.
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=16)]
 
 
 # -- request -------------------------------------------------------------------------
@@ -98,7 +112,7 @@ class ResponsesRequest(_Model):
     previous_response_id: str | None = None
     store: bool | None = None  # OpenAI's default: true
     stream: bool | None = False
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     include: list[str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     background: bool | None = None
@@ -114,22 +128,74 @@ class ResponsesRequest(_Model):
     thinking_budget: int | None = None
 
 
+def check_unicode(value: Any, where: str = "") -> None:
+    """A 400 naming the first string in ``value`` (JSON-like; keys too) that UTF-8 cannot
+    hold: JSON's lone surrogates ("\\ud800") parse into Python strings that SQLite, the
+    tokenizer and the response cannot take, so a request holding one is refused before
+    anything is generated or stored."""
+    bad = _non_unicode_path(value, where)
+    if bad is not None:
+        raise APIError(400, f"{bad or 'the request'} holds text that is not valid Unicode (a lone surrogate)",
+                       param=bad or None)
+
+
+def _non_unicode_path(value: Any, where: str) -> str | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            bad = _non_unicode_path(key, path)
+            if bad is None:
+                bad = _non_unicode_path(item, path)
+            if bad is not None:
+                return bad
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            bad = _non_unicode_path(item, f"{where}[{i}]")
+            if bad is not None:
+                return bad
+    return None
+
+
 @dataclass(frozen=True)
 class ResponsesCall:
     """The chat call a Responses request asks for, and the conversation it extends
     (earlier turns and this input, without ``instructions``), which is stored with the
-    response's output for a later ``previous_response_id``."""
+    response's output for a later ``previous_response_id``; ``input_items``: this
+    request's input as items with ids (``GET /v1/responses/{id}/input_items``, and what a
+    ``conversation`` gains)."""
 
     request: ChatRequest
     conversation: list[dict[str, Any]]
+    input_items: list[dict[str, Any]] = field(default_factory=list)
+
+
+def conversation_id(req: ResponsesRequest) -> str | None:
+    """The conversation a request continues (``"conv_..."`` or ``{"id": "conv_..."}``)."""
+    ref = req.conversation
+    if ref is None:
+        return None
+    if isinstance(ref, dict):
+        ref = ref.get("id")
+    if not isinstance(ref, str) or not ref:
+        raise ValueError("conversation must be a conversation id or {'id': ...}")
+    if req.previous_response_id:
+        raise ValueError("conversation and previous_response_id cannot both be given: use one")
+    return ref
 
 
 def responses_call(req: ResponsesRequest, previous: list[dict[str, Any]] | None = None) -> ResponsesCall:
-    """The engine call of a request; ``previous``: the stored conversation that
-    ``previous_response_id`` names. ValueError (a 400) names a bad field."""
-    for name in ("conversation", "prompt"):
-        if getattr(req, name) is not None:
-            raise ValueError(f"{name} is not supported; send the conversation as input (or previous_response_id)")
+    """The engine call of a request; ``previous``: the chat messages it continues (the
+    stored conversation that ``previous_response_id`` names, or the items of its
+    ``conversation``). ValueError (a 400) names a bad field."""
+    conversation_id(req)
+    if req.prompt is not None:
+        raise ValueError("prompt is not supported: send the conversation as input (or previous_response_id)")
     if req.background:
         raise ValueError("background is not supported: responses are generated while the request waits")
     if req.input is None or req.input == []:
@@ -153,18 +219,20 @@ def responses_call(req: ResponsesRequest, previous: list[dict[str, Any]] | None 
         parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
         response_format=response_format(req.text.format) if req.text else None,
     )
-    return ResponsesCall(request, conversation)
+    return ResponsesCall(request, conversation, listed_items(req.input))
 
 
 def chat_tool(tool: FunctionTool, index: int) -> dict[str, Any]:
+    """The chat form of a Responses function tool, laid out as the chat route lays out the
+    same tool (`openai_protocol.Tool`): the template writes it as it is, so a different key
+    order is a different prompt (the model copied pydantic's ``title`` as the name)."""
     if tool.type != "function":
         raise ValueError(f"tools[{index}].type {tool.type!r} is not supported: only function tools are")
     if not tool.name:
         raise ValueError(f"tools[{index}].name is required")
-    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object"}}
-    if tool.description is not None:
-        function["description"] = tool.description
-    return {"type": "function", "function": function}
+    strict = {} if tool.strict is None else {"strict": tool.strict}  # chat keeps it, after the declared fields
+    function = oa.FunctionSpec(name=tool.name, description=tool.description, parameters=tool.parameters, **strict)
+    return oa.Tool(function=function).model_dump(exclude_none=True)
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any]:
@@ -188,16 +256,19 @@ def response_format(fmt: TextFormat) -> dict[str, Any] | None:
             "json_schema": {"name": fmt.name or "response", "schema": fmt.json_schema, "strict": fmt.strict}}
 
 
-def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages from ``input``: consecutive ``function_call`` items join the assistant
-    message before them, a ``reasoning`` item goes to the assistant turn after it."""
+def input_messages(items: str | list[dict[str, Any]], name: str = "input") -> list[dict[str, Any]]:
+    """Chat messages from ``input`` (or a conversation's items; ``name`` is the field
+    errors name): consecutive ``function_call`` items join the assistant message before
+    them, a ``reasoning`` item goes to the assistant turn after it."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict[str, Any]] = []
     reasoning: str | None = None
     for i, item in enumerate(items):
+        where = f"{name}[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be an item object, got {type(item).__name__}")
         kind = item.get("type", "message")
-        where = f"input[{i}]"
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
@@ -218,15 +289,42 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 messages.append(last)
             last.setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id") or "",
+            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
                              "content": _text(item.get("output"), f"{where}.output")})
         elif kind == "reasoning":
-            parts = item.get("content") or item.get("summary") or []
-            reasoning = "".join(p.get("text", "") for p in parts if isinstance(p, dict)) or None
+            # The reasoning text itself (content), else its summary.
+            content = _reasoning_parts(item, "content", where)
+            reasoning = "".join(content or _reasoning_parts(item, "summary", where)) or None
         else:
             raise ValueError(f"{where}.type {kind!r} is not supported: use message, function_call, "
                              "function_call_output or reasoning items")
     return messages
+
+
+_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def listed_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as OpenAI lists them (input items of a response, a conversation's
+    items): each with its ``id`` (kept if the client gave one), ``type`` and ``status``; a
+    message's content as text parts. Call after `input_messages` has checked them."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        listed = {"id": item["id"] if isinstance(item.get("id"), str) and item["id"] else new_id(_ID_PREFIXES[kind]),
+                  **{key: value for key, value in item.items() if key != "id"}, "type": kind}
+        if kind == "message" and isinstance(item["content"], str):
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            listed["content"] = [{"type": part, "text": item["content"],
+                                  **({"annotations": []} if part == "output_text" else {})}]
+        if kind != "reasoning" or "status" in item:
+            listed.setdefault("status", "completed")
+        if kind == "reasoning":
+            listed.setdefault("summary", [])
+        out.append(listed)
+    return out
 
 
 def _string(item: dict[str, Any], key: str, where: str) -> str:
@@ -234,6 +332,20 @@ def _string(item: dict[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{where}.{key} must be a string")
     return value
+
+
+def _reasoning_parts(item: dict[str, Any], key: str, where: str) -> list[str]:
+    """The texts of a reasoning item's ``content`` or ``summary``: a list of parts with a
+    string ``text`` (``reasoning_text``, ``summary_text``), or absent."""
+    parts = item.get(key)
+    if parts is None:
+        return []
+    if not isinstance(parts, list):
+        raise ValueError(f"{where}.{key} must be a list of parts, got {type(parts).__name__}")
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}.{key}[{j}] must be a part with a string text")
+    return [part["text"] for part in parts]
 
 
 def _text(content: Any, where: str) -> str:
@@ -322,6 +434,10 @@ class IncompleteDetails(_Model):
     reason: Literal["max_output_tokens"]
 
 
+class ConversationRef(_Model):
+    id: str
+
+
 class Response(_Model):
     """The ``response`` object (``object: "response"``)."""
 
@@ -342,6 +458,7 @@ class Response(_Model):
     top_p: float | None = None
     max_output_tokens: int | None = None
     previous_response_id: str | None = None
+    conversation: ConversationRef | None = None
     reasoning: ReasoningConfig | None = None
     text: TextConfig
     truncation: str = "disabled"
@@ -349,6 +466,46 @@ class Response(_Model):
     metadata: dict[str, str] = Field(default_factory=dict)
     usage: ResponseUsage | None = None
     user: str | None = None
+
+
+class ResponseDeleted(_Model):
+    """What ``DELETE /v1/responses/{id}`` answers."""
+
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True
+
+
+class ItemList(_Model):
+    """A page of items (a response's input items, a conversation's items): OpenAI's
+    cursor page, ``after`` the ``last_id`` of the page before."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+def item_page(items: list[dict[str, Any]], *, order: str, limit: int, after: str | None) -> ItemList:
+    """One page of ``items`` (stored oldest first) in ``order`` ("asc" / "desc"), after the
+    item whose id is ``after``. ValueError for an ``after`` that names no item."""
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise ValueError(f"after {after!r} names no item of this list")
+        ordered = ordered[ids.index(after) + 1:]
+    page = ordered[:limit]
+    return ItemList(data=page, first_id=page[0]["id"] if page else None, last_id=page[-1]["id"] if page else None,
+                    has_more=len(ordered) > limit)
+
+
+class InputTokens(_Model):
+    """What ``POST /v1/responses/input_tokens`` answers."""
+
+    object: Literal["response.input_tokens"] = "response.input_tokens"
+    input_tokens: int
 
 
 def new_id(prefix: str) -> str:
@@ -440,6 +597,7 @@ class ResponseBuilder:
             parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
             temperature=req.temperature, top_p=req.top_p, max_output_tokens=req.max_output_tokens,
             previous_response_id=req.previous_response_id, reasoning=req.reasoning, text=req.text or TextConfig(),
+            conversation=ConversationRef(id=conversation_id(req)) if req.conversation is not None else None,
             truncation=req.truncation or "disabled", store=req.store is not False, metadata=req.metadata or {},
             usage=ResponseUsage.of(self.usage) if self.usage is not None and status != "in_progress" else None,
             user=req.user,
