@@ -275,11 +275,12 @@ def _blocks(blocks: torch.Tensor, in_features: int, type_name: str, types: dict 
 
 
 def load(isa: str, folder: Path | None = None, *, extra_flags: tuple[str, ...] = (), emulated: bool = False,
-         csrc: Path = build.CSRC) -> Library:
+         csrc: Path = build.CSRC, progress: bool = False) -> Library:
     """Build (once) and load the `isa` variant (`emulated`: its build for an AVX2 CPU, tests
-    only; `csrc`: another version of the sources, benchmarks); raises build.BuildError or
-    OSError, or TileStateRefused."""
-    lib = Library(build.build(isa, folder, extra_flags=extra_flags, emulated=emulated, csrc=csrc), isa)
+    only; `csrc`: another version of the sources, benchmarks; `progress`: a line on stderr while
+    it compiles); raises build.BuildError or OSError, or TileStateRefused."""
+    path = build.build(isa, folder, extra_flags=extra_flags, emulated=emulated, csrc=csrc, progress=progress)
+    lib = Library(path, isa)
     if lib._lib.qk_amx_init():
         raise TileStateRefused("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
     return lib
@@ -311,10 +312,10 @@ def library() -> Library | None:
     isa = selected_isa()
     try:
         try:
-            return load(isa)
+            return load(isa, progress=True)
         except TileStateRefused as e:
             logger.warning("%s: running the avx512_vnni kernels", e)
-            return load("avx512_vnni")
+            return load("avx512_vnni", progress=True)
     except (OSError, build.BuildError) as e:
         logger.warning("native CPU kernels unavailable, running torch code instead: %s", e)
         return None
