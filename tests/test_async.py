@@ -13,20 +13,41 @@ def conversation(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}]
 
 
-def test_concurrent_chat_streams_equal_sync(allm):
+@pytest.fixture(scope="module")
+def deterministic_allm(tiny_checkpoint):
+    """Batch-invariant steps (docs/determinism.md): a request's tokens are then the same alone
+    or batched with others, which is what comparing concurrent streams with lone requests
+    assumes. Without it, the float GEMMs' low bits depend on the row count and can flip a
+    near-tie of the random tiny model's greedy choice."""
+    from qwenkit import AsyncLLM
+
+    engine = AsyncLLM(str(tiny_checkpoint), dtype="float32", progress=False, deterministic=True)
+    yield engine
+    engine.shutdown()
+
+
+def test_concurrent_chat_streams_equal_sync(deterministic_allm):
+    """Four concurrent streams equal each conversation's non-streamed chat run alone. Both go
+    through the AsyncLLM: its thread owns the engine. (This test once called `allm.llm.chat`,
+    which steps the same engine from the test's thread: when the engine thread woke within the
+    request (every 0.5 s when idle; a slow, loaded machine), both threads stepped it and the
+    engine thread took some of the request's tokens, so the lone chat came out shorter.)"""
+    allm = deterministic_allm
+
     async def one(i):
         chunks = [c async for c in allm.chat_stream(conversation(i), GREEDY, enable_thinking=False)]
         return "".join(c.delta.content for c in chunks), chunks[-1]
 
     async def main():
-        return await asyncio.gather(*(one(i) for i in range(4)))
+        concurrent = await asyncio.gather(*(one(i) for i in range(4)))
+        alone = [await allm.chat(conversation(i), GREEDY, enable_thinking=False) for i in range(4)]
+        return concurrent, alone
 
-    results = asyncio.run(main())
-    for i, (content, last) in enumerate(results):
-        expected = allm.llm.chat(conversation(i), GREEDY, enable_thinking=False)
-        assert content == (expected.content or "")
-        assert last.finish_reason == expected.finish_reason
-        assert last.usage.completion_tokens == expected.usage.completion_tokens
+    results, expected = asyncio.run(main())
+    for (content, last), want in zip(results, expected):
+        assert content == (want.content or "")
+        assert last.finish_reason == want.finish_reason
+        assert last.usage.completion_tokens == want.usage.completion_tokens == GREEDY.max_tokens
 
 
 def test_leaving_a_stream_frees_its_blocks(allm):
