@@ -513,3 +513,59 @@ def test_agents_sdk_conversations_session(server, allm, prompts):
     items = list(openai.OpenAI(base_url=f"{server}/v1", api_key="unused").conversations.items.list(
         session.session_id, order="asc"))
     assert len(items) == 4
+
+
+# -- legacy functions / function_call (issue 31) ---------------------------------------
+
+
+FUNCTIONS = [TOOLS[0]["function"]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_legacy_functions_are_honoured(client, allm, prompts, stream):
+    """functions / function_call were silently ignored (the model then invented an answer):
+    they are tools / tool_choice, and the call comes back as the legacy function_call."""
+    with scripted(allm, TOOL_CALL):
+        reply = client.chat.completions.create(model=MODEL, messages=USER, functions=FUNCTIONS, max_tokens=60,
+                                               function_call={"name": "get_weather"}, stream=stream,
+                                               extra_body={"enable_thinking": False})
+        if stream:
+            chunks = [c for c in reply if c.choices]
+            assert not any(c.choices[0].delta.tool_calls for c in chunks)
+            calls = [c.choices[0].delta.function_call for c in chunks if c.choices[0].delta.function_call]
+            call = {"name": calls[0].name, "arguments": "".join(c.arguments or "" for c in calls)}
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            message = reply.choices[0].message
+            assert message.tool_calls is None
+            call = message.function_call.model_dump()
+            finish = reply.choices[0].finish_reason
+    assert (call["name"], json.loads(call["arguments"]), finish) == ("get_weather", {"city": "Paris"},
+                                                                     "function_call")
+    request = prompts[0][0]
+    assert request.tools == TOOLS and request.named_tool == "get_weather" and not request.parallel_tool_calls
+
+
+def test_legacy_function_turns_render_as_tool_turns(client, allm, prompts):
+    legacy = [*USER, {"role": "assistant", "content": None,
+                      "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+              {"role": "function", "name": "get_weather", "content": "sunny"}]
+    with scripted(allm, "It is sunny."):
+        reply = client.chat.completions.create(model=MODEL, messages=legacy, functions=FUNCTIONS, max_tokens=20,
+                                               extra_body={"enable_thinking": False})
+        client.chat.completions.create(model=MODEL, messages=_round_trip('{"city": "Paris"}'), tools=TOOLS,
+                                       max_tokens=20, extra_body={"enable_thinking": False})
+    assert reply.choices[0].message.content == "It is sunny." and reply.choices[0].finish_reason == "stop"
+    assert prompts[0][1] == prompts[1][1]  # the same prompt as the tools round trip
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"functions": FUNCTIONS, "tools": TOOLS}, "cannot be combined"),
+    ({"function_call": "auto"}, "function_call needs functions"),
+    ({"functions": FUNCTIONS, "function_call": {"name": "nope"}}, "nope"),
+    ({"functions": FUNCTIONS, "function_call": "sometimes"}, "function_call"),
+])
+def test_bad_legacy_functions_are_400(client, extra, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, extra_body=extra)
+    assert message in e.value.body["message"]

@@ -159,6 +159,10 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI's legacy pair, honoured as tools / tool_choice: the answer then carries
+    # message.function_call (finish_reason "function_call"), as OpenAI answered them.
+    functions: Annotated[list[FunctionSpec], Field(min_length=1)] | None = None
+    function_call: Literal["none", "auto"] | ToolChoiceFunction | None = None
     response_format: ResponseFormat | None = None
     enable_thinking: bool | None = None
     thinking_budget: Count | None = None
@@ -189,6 +193,7 @@ class ChatCall:
 
     request: ChatRequest
     include_usage: bool = False
+    functions: bool = False  # the request used the legacy functions / function_call
 
 
 @dataclass
@@ -224,17 +229,34 @@ def chat_call(req: ChatCompletionRequest) -> ChatCall:
         enable_thinking = req.enable_thinking
     if req.thinking_budget is not None:
         thinking_budget = req.thinking_budget
+    tools, tool_choice, parallel = req.tools, req.tool_choice, req.parallel_tool_calls
+    functions = req.functions is not None or req.function_call is not None
+    if functions:
+        tools, tool_choice, parallel = legacy_tools(req)
     request = ChatRequest(
         normalize_messages(req.messages), params,
         enable_thinking=True if enable_thinking is None else enable_thinking,
         thinking_budget=thinking_budget,
-        tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
-        tool_choice=engine_tool_choice(req.tool_choice),
-        parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
+        tool_choice=engine_tool_choice(tool_choice),
+        parallel_tool_calls=True if parallel is None else parallel,
         response_format=engine_response_format(req.response_format),
         chat_template_kwargs=template_kwargs,
     )
-    return ChatCall(request, bool(req.stream_options and req.stream_options.include_usage))
+    return ChatCall(request, bool(req.stream_options and req.stream_options.include_usage), functions)
+
+
+def legacy_tools(req: ChatCompletionRequest) -> tuple[list[Tool], ToolChoice | None, bool]:
+    """tools, tool_choice and parallel_tool_calls for the legacy ``functions`` /
+    ``function_call`` (one call at most, as the legacy API answers one)."""
+    if req.tools is not None or req.tool_choice is not None:
+        raise ValueError("functions and function_call (the legacy fields) cannot be combined with tools or "
+                         "tool_choice: send one pair")
+    if req.functions is None:
+        raise ValueError("function_call needs functions")
+    choice = req.function_call
+    named = NamedToolChoice(function=choice) if isinstance(choice, ToolChoiceFunction) else choice
+    return [Tool(function=f) for f in req.functions], named, False
 
 
 def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -245,6 +267,7 @@ def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         m = message.model_dump(exclude_none=True)
         if m["role"] == "developer":
             m["role"] = "system"
+        _legacy_function_message(m, i)
         content = message.content
         if isinstance(content, list):
             texts = []
@@ -260,6 +283,19 @@ def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         m["content"] = content or ""
         out.append(m)
     return out
+
+
+def _legacy_function_message(m: dict[str, Any], i: int) -> None:
+    """A legacy turn as the template takes it: an assistant's ``function_call`` as its one
+    tool call, a ``function`` message (its result) as a ``tool`` message."""
+    call = m.pop("function_call", None)
+    if call is not None and m["role"] == "assistant" and "tool_calls" not in m:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise ValueError(f"messages[{i}].function_call must be {{'name': ..., 'arguments': ...}}")
+        m["tool_calls"] = [{"id": f"call_{i}", "type": "function",
+                            "function": {"name": call["name"], "arguments": call.get("arguments", "{}")}}]
+    if m["role"] == "function":
+        m["role"] = "tool"
 
 
 def completion_call(req: CompletionRequest) -> CompletionCall:
@@ -505,18 +541,22 @@ class CompletionEncoder:
 
 class ChatAnswer:
     """A chat completion written as `chat.completion.chunk` events or as one
-    `chat.completion` (see `qwenkit.server.respond.Answer`)."""
+    `chat.completion` (see `qwenkit.server.respond.Answer`); with ``functions`` (the
+    request used the legacy fields), a call is written as the legacy ``function_call``."""
 
-    def __init__(self, request_id: str, model: str, *, include_usage: bool, decode: Any = None):
+    def __init__(self, request_id: str, model: str, *, include_usage: bool, decode: Any = None,
+                 functions: bool = False):
         self.request_id, self.model = request_id, model
         self.stream = ChatStreamEncoder(request_id, model, include_usage, decode=decode)
         self.accumulator = ChatAccumulator(decode=decode)
+        self.functions = functions
 
     def start(self) -> list[bytes]:
         return []
 
     def events(self, chunk: ChatChunk) -> list[bytes]:
-        return [sse(out) for out in self.stream.encode(chunk)]
+        out = self.stream.encode(chunk)
+        return [sse(legacy_function_call(c, "delta") if self.functions else c) for c in out]
 
     def fail(self, error: APIError) -> list[bytes]:
         return [sse(openai_error(error)), SSE_DONE]
@@ -528,7 +568,21 @@ class ChatAnswer:
         self.accumulator.add(chunk)
 
     async def whole(self) -> dict[str, Any]:
-        return self.accumulator.response(id=self.request_id, model=self.model)
+        response = self.accumulator.response(id=self.request_id, model=self.model)
+        return legacy_function_call(response, "message") if self.functions else response
+
+
+def legacy_function_call(body: dict[str, Any], key: str) -> dict[str, Any]:
+    """A chat completion (``key`` "message") or chunk ("delta") with its tool call written
+    as the legacy ``function_call`` and finish_reason ``function_call``."""
+    for choice in body["choices"]:
+        calls = choice[key].pop("tool_calls", None)
+        if calls:
+            function = calls[0]["function"]
+            choice[key]["function_call"] = {k: v for k, v in function.items() if v is not None}
+        if choice.get("finish_reason") == "tool_calls":
+            choice["finish_reason"] = "function_call"
+    return body
 
 
 class CompletionAnswer:

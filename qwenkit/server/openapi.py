@@ -96,13 +96,14 @@ class AssistantMessage(_Out):
     reasoning_content: str | None
     reasoning: str | None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # for a request with the legacy functions
 
 
 class ChatChoice(_Out):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length", "tool_calls", "abort"]
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call", "abort"]
 
 
 class ChatCompletion(_Out):
