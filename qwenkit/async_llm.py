@@ -19,6 +19,7 @@ from qwenkit.chat.request import ChatRequest, chat_request
 from qwenkit.chat.stream import ChatStream
 from qwenkit.chat.types import ChatChunk, ChatCompletion
 from qwenkit.engine.llm_engine import SequenceUpdate
+from qwenkit.engine.threads import configure_threads
 from qwenkit.llm import LLM
 from qwenkit.sampling import SamplingParams
 
@@ -28,8 +29,9 @@ _DONE = object()
 class AsyncLLM:
     """Same model arguments as `LLM`; the engine steps on its own thread."""
 
-    def __init__(self, model: str | None = "default", dtype=None, device=None, **engine_kwargs: Any):
-        self.llm = LLM(model, dtype, device, **engine_kwargs)
+    def __init__(self, model: str | None = "default", dtype=None, device=None, *, threads: int | None = None,
+                 **engine_kwargs: Any):
+        self.llm = LLM(model, dtype, device, threads=threads, **engine_kwargs)
         self.tokenizer = self.llm.tokenizer
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -41,6 +43,8 @@ class AsyncLLM:
 
     def _run(self) -> None:
         engine = self.llm.engine
+        if self.llm.device.type == "cpu":  # OpenMP's thread count is per calling thread: this one computes
+            configure_threads()
         while not self._closed:
             block = not engine.has_unfinished_requests()
             try:
