@@ -18,6 +18,7 @@ from qwenkit.client import (  # noqa: E402
 )
 from qwenkit.client.advisors import PromptChatMemoryAdvisor  # noqa: E402
 from qwenkit.client.models import DashScopeChatModel, DashScopeError  # noqa: E402
+from qwenkit.client.types import ToolLoopEnd  # noqa: E402
 from qwenkit.server import ServerConfig  # noqa: E402
 
 KEY = "sk-test-key"
@@ -164,7 +165,9 @@ def test_prompt_memory_advisor_on_the_local_model(llm):
 
 
 def _without_ids(trace):
-    return [replace(e, id="") if isinstance(e, (ToolCallEvent, ToolResultEvent)) else e for e in trace]
+    """The events without call ids (random) and without the answer's loop outcome (checked apart)."""
+    return [replace(e, id="") if isinstance(e, (ToolCallEvent, ToolResultEvent))
+            else replace(e, outcome=None) if isinstance(e, AnswerEvent) else e for e in trace]
 
 
 EXPECTED = [
@@ -194,6 +197,9 @@ def test_agent_two_tool_steps_on_the_local_model(llm):
     assert [c.id for c in calls] == [r.id for r in results] and all(calls[i].id for i in range(2))
     assert [m["role"] for m in result.messages] == ["assistant", "tool", "assistant", "tool", "assistant"]
     assert result.usage.completion_tokens > 0
+    assert result.outcome == result.trace[-1].outcome
+    assert result.outcome.reason == ToolLoopEnd.ANSWERED and result.outcome.rounds == 2
+    assert [m["content"] for m in result.outcome.tool_results] == [EXPECTED[2].content, "69.8"]
 
     with scripted(llm, STEP_A, STEP_B, ANSWER):
         streamed = list(agent.stream("Weather in Paris, in Fahrenheit?"))
@@ -243,11 +249,25 @@ def test_agent_over_dashscope_returns_tool_errors_to_the_model(dashscope_model, 
 def test_agent_rounds_are_bounded(llm):
     CALLS.clear()
     agent = Agent(LocalChatModel(llm), tools=[get_weather], options=NO_THINK, max_rounds=2)
-    with scripted(llm, CALL_PARIS):  # the model asks for the tool every time
-        result = agent.run("Weather?")
-    assert CALLS == [("get_weather", "Paris")] * 2
-    assert result.finish_reason == "tool_calls" and result.trace[-1] == AnswerEvent("", "tool_calls")
+    with scripted(llm, CALL_PARIS, CALL_PARIS.replace("Paris", "Rome"), CALL_PARIS.replace("Paris", "Oslo")):
+        result = agent.run("Weather?")  # a new call every time
+    assert CALLS == [("get_weather", "Paris"), ("get_weather", "Rome")]
+    assert result.finish_reason == "tool_calls" and _without_ids(result.trace)[-1] == AnswerEvent("", "tool_calls")
+    assert result.outcome.reason == ToolLoopEnd.MAX_ROUNDS and result.outcome.rounds == 2
     assert [e.type for e in result.trace] == ["tool_call", "tool_result"] * 2 + ["answer"]
+
+
+def test_agent_ends_on_a_repeated_call_on_the_local_model(llm):
+    """The model asks again for the call it made: the tool is not run twice; it is asked
+    once more without tools and answers (scripted here; tests/test_tool_loop.py has the
+    four shells over a fake model, tests/test_clients_default_model.py the real model)."""
+    CALLS.clear()
+    agent = Agent(LocalChatModel(llm), tools=[get_weather], options=NO_THINK)
+    with scripted(llm, CALL_PARIS, CALL_PARIS, "Sunny in Paris."):
+        result = agent.run("Weather in Paris?")
+    assert CALLS == [("get_weather", "Paris")]
+    assert result.answer == "Sunny in Paris." and result.outcome.reason == ToolLoopEnd.REPEATED_CALL
+    assert [e.type for e in result.trace] == ["tool_call", "tool_result", "answer"]
 
 
 def test_agent_unknown_tool_and_options():
@@ -267,7 +287,7 @@ def test_agent_unknown_tool_and_options():
                                         "content": "Error: no tool named 'missing'"}
                 yield ChatResponseChunk(content="ok", finish_reason="stop")
 
-    result = Agent(Asks()).run("go")
+    result = Agent(Asks(), tools=[get_weather]).run("go")  # an unknown name among known tools
     assert result.trace[1] == ToolResultEvent("c1", "missing", "Error: no tool named 'missing'", True)
     assert result.answer == "ok"
 

@@ -111,6 +111,7 @@ def test_tool_rounds_are_bounded(remote, allm):
         response = client.prompt("Weather?").call().chat_response()
     assert WEATHER_CALLS == ["Paris", "Rome"]
     assert response.finish_reason == "tool_calls" and response.tool_calls[0].name == "get_weather"
+    assert response.tool_loop.reason == "max_rounds" and response.tool_loop.rounds == 2
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -120,10 +121,13 @@ def test_a_repeated_call_gets_one_more_call_without_tools(remote, allm, streamed
     WEATHER_CALLS.clear()
     client = ChatClient(remote, default_options=NO_THINK, default_tools=[get_weather])
     with scripted(allm, CALL_PARIS, call_for("Paris").replace('"city": "Paris"', '"city":"Paris"'), "Sunny."):
-        request = client.prompt("Weather in Paris?")
-        content = "".join(request.stream().content()) if streamed else request.call().content()
+        answer = client.prompt("Weather in Paris?").stream() if streamed else client.prompt("Weather in Paris?").call()
+        content = "".join(answer.content()) if streamed else answer.content()
     assert WEATHER_CALLS == ["Paris"]
-    assert content.endswith("Sunny.")
+    assert content == "Sunny."
+    assert answer.chat_response().tool_loop.reason == "repeated_call"
+    assert [m["content"] for m in answer.chat_response().tool_loop.tool_results] == [
+        json.dumps({"city": "Paris", "sky": "sunny"})]
 
 
 def test_tool_loop_streams(remote, allm):

@@ -10,7 +10,10 @@ Each round the model is streamed once; its reasoning (and any text it writes bes
 tool calls) becomes a `ThinkingEvent`, each tool call a `ToolCallEvent` followed by the
 `ToolResultEvent` of its execution (an exception is the result, for the model to read);
 a round without tool calls is the `AnswerEvent`. Past `max_rounds` rounds of tools the
-loop stops and the last text is the answer (`finish_reason` "tool_calls").
+loop stops and the last text is the answer (`finish_reason` "tool_calls"). The rounds are
+run by the client's `ToolLoop` (`qwenkit.client.tool_loop`), as `ChatClient` runs them: a
+model that asks again only for calls already answered is asked once more without tools,
+and the `AnswerEvent` / `AgentResult` carry the loop's `ToolLoopOutcome`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from qwenkit.client.models import ChatModel
+from qwenkit.client.tool_loop import CallModel, Finish, RunTools, ToolLoop
 from qwenkit.client.tools import Tool, arun_tool_call, as_tools, run_tool_call
-from qwenkit.client.types import ChatOptions, Message, ResponseAccumulator, Usage, add_usage
+from qwenkit.client.types import ChatOptions, ChatResponse, Message, ToolLoopOutcome, Usage
 
 __all__ = ["Agent", "AgentEvent", "AgentResult", "AnswerEvent", "ThinkingEvent", "ToolCallEvent",
            "ToolResultEvent"]
@@ -58,10 +62,12 @@ class ToolResultEvent:
 
 @dataclass(frozen=True)
 class AnswerEvent:
-    """The final answer; `finish_reason` is "tool_calls" when the rounds ran out."""
+    """The final answer; `finish_reason` is "tool_calls" when the rounds ran out.
+    `outcome` says how the tool loop ended (None when the agent has no tools)."""
 
     text: str
     finish_reason: str | None = "stop"
+    outcome: ToolLoopOutcome | None = None
     type: ClassVar[str] = "answer"
 
 
@@ -71,13 +77,15 @@ AgentEvent = ThinkingEvent | ToolCallEvent | ToolResultEvent | AnswerEvent
 @dataclass
 class AgentResult:
     """What `Agent.run` returns: the answer, the events in order, the messages of the run
-    (assistant and tool turns after the task) and the usage summed over rounds."""
+    (assistant and tool turns after the task), the usage summed over rounds and how the
+    tool loop ended (`ToolLoopOutcome`: answered, repeated_call or max_rounds)."""
 
     answer: str
     trace: list[AgentEvent]
     messages: list[Message] = field(default_factory=list)
     usage: Usage | None = None
     finish_reason: str | None = "stop"
+    outcome: ToolLoopOutcome | None = None
 
 
 class Agent:
@@ -117,100 +125,115 @@ class Agent:
 
     def run(self, task: str | list[Message]) -> AgentResult:
         """Run the loop to the end; the answer with its trace."""
-        state = _LoopState(self, task)
-        trace = list(self._events(state))
-        return state.result(trace)
+        loop = self._loop(task)
+        return _result(loop, list(self._events(loop)))
 
     def stream(self, task: str | list[Message]) -> Iterator[AgentEvent]:
         """The loop's events as they happen; the last is the `AnswerEvent`."""
-        yield from self._events(_LoopState(self, task))
+        yield from self._events(self._loop(task))
 
     async def arun(self, task: str | list[Message]) -> AgentResult:
         """`run` for asyncio: the model is awaited, coroutine tools too."""
-        state = _LoopState(self, task)
-        trace = [event async for event in self._aevents(state)]
-        return state.result(trace)
+        loop = self._loop(task)
+        return _result(loop, [event async for event in self._aevents(loop)])
 
     async def astream(self, task: str | list[Message]) -> AsyncIterator[AgentEvent]:
         """`stream` for asyncio."""
-        async for event in self._aevents(_LoopState(self, task)):
+        async for event in self._aevents(self._loop(task)):
             yield event
 
-    def _events(self, state: _LoopState) -> Iterator[AgentEvent]:
-        for round in range(self.max_rounds + 1):
-            state.begin_round()
-            for chunk in self.model.stream(state.messages, self.options, tools=state.schemas):
-                yield from state.on_chunk(chunk)
-            events, calls = state.end_round(round)
-            yield from events
-            for call in calls:
-                yield ToolCallEvent(call.id, call.name, call.arguments)
-                yield state.add_result(call, run_tool_call(state.by_name, call))
-            if state.answered:
-                return
+    def _loop(self, task: str | list[Message]) -> ToolLoop:
+        prompt: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
+        prompt += [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
+        return ToolLoop(prompt, self.options, self.tools, max_rounds=self.max_rounds)
 
-    async def _aevents(self, state: _LoopState) -> AsyncIterator[AgentEvent]:
-        for round in range(self.max_rounds + 1):
-            state.begin_round()
-            async for chunk in self.model.astream(state.messages, self.options, tools=state.schemas):
-                for event in state.on_chunk(chunk):
+    # The two shells below do the I/O the ToolLoop asks for and turn it into events.
+
+    def _events(self, loop: ToolLoop) -> Iterator[AgentEvent]:
+        action = loop.start()
+        while not isinstance(action, Finish):
+            if isinstance(action, CallModel):
+                thinking = _Round()
+                for chunk in self.model.stream(action.messages, action.options, tools=action.tools):
+                    yield from thinking.on_chunks(loop.receive_chunk(chunk))
+                held, action = loop.end_stream()
+                yield from thinking.on_chunks(held)
+                yield from thinking.end(action)
+            else:
+                results = []
+                for call in action.calls:
+                    yield ToolCallEvent(call.id, call.name, call.arguments)
+                    results.append(run_tool_call(loop.tools, call))
+                    yield _result_event(call, results[-1])
+                action = loop.receive_results(results)
+                yield from _reused_events(loop)
+        yield _answer_event(action.response)
+
+    async def _aevents(self, loop: ToolLoop) -> AsyncIterator[AgentEvent]:
+        action = loop.start()
+        while not isinstance(action, Finish):
+            if isinstance(action, CallModel):
+                thinking = _Round()
+                async for chunk in self.model.astream(action.messages, action.options, tools=action.tools):
+                    for event in thinking.on_chunks(loop.receive_chunk(chunk)):
+                        yield event
+                held, action = loop.end_stream()
+                for event in thinking.on_chunks(held) + thinking.end(action):
                     yield event
-            events, calls = state.end_round(round)
-            for event in events:
-                yield event
-            for call in calls:
-                yield ToolCallEvent(call.id, call.name, call.arguments)
-                yield state.add_result(call, await arun_tool_call(state.by_name, call))
-            if state.answered:
-                return
+            else:
+                results = []
+                for call in action.calls:
+                    yield ToolCallEvent(call.id, call.name, call.arguments)
+                    results.append(await arun_tool_call(loop.tools, call))
+                    yield _result_event(call, results[-1])
+                action = loop.receive_results(results)
+                for event in _reused_events(loop):
+                    yield event
+        yield _answer_event(action.response)
 
 
-class _LoopState:
-    """The messages, usage and per-round bookkeeping of one agent run, shared by the sync
-    and asyncio loops (which differ only in how they stream the model and run tools)."""
+class _Round:
+    """The thinking events of one streamed model call: its reasoning, given whole once the
+    answer or a tool call begins (or at the end), and text written beside tool calls."""
 
-    def __init__(self, agent: Agent, task: str | list[Message]):
-        self.messages: list[Message] = [{"role": "system", "content": agent.system}] if agent.system else []
-        self.messages += [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
-        self.start = len(self.messages)
-        self.schemas = [t.schema() for t in agent.tools] or None
-        self.by_name = {t.name: t for t in agent.tools}
-        self.max_rounds = agent.max_rounds
-        self.usage: Usage | None = None
-        self.answered = False
-
-    def begin_round(self) -> None:
-        self.acc = ResponseAccumulator()
+    def __init__(self) -> None:
+        self.reasoning: list[str] = []
         self.thought_given = False
 
-    def on_chunk(self, chunk: Any) -> list[AgentEvent]:
-        self.acc.add(chunk)
-        # The reasoning is whole once the answer or a tool call begins.
-        if not self.thought_given and (chunk.content or chunk.tool_calls) and "".join(self.acc.reasoning):
-            self.thought_given = True
-            return [ThinkingEvent("".join(self.acc.reasoning))]
-        return []
-
-    def end_round(self, round: int) -> tuple[list[AgentEvent], list[Any]]:
-        """The round's remaining events and the tool calls to run (none once answered)."""
-        response = self.acc.response()
-        self.usage = add_usage(self.usage, response.usage)
+    def on_chunks(self, chunks: list[Any]) -> list[AgentEvent]:
         events: list[AgentEvent] = []
-        if not self.thought_given and response.reasoning_content:
-            events.append(ThinkingEvent(response.reasoning_content))
-        self.messages.append(response.to_message())
-        if not (response.tool_calls and round < self.max_rounds):
-            self.answered = True
-            events.append(AnswerEvent(response.content or "", response.finish_reason or "stop"))
-            return events, []
-        if response.content and response.content.strip():
-            events.append(ThinkingEvent(response.content))
-        return events, response.tool_calls
+        for chunk in chunks:
+            self.reasoning.append(chunk.reasoning_content)
+            if not self.thought_given and (chunk.content or chunk.tool_calls) and "".join(self.reasoning):
+                self.thought_given = True
+                events.append(ThinkingEvent("".join(self.reasoning)))
+        return events
 
-    def add_result(self, call: Any, result: Message) -> ToolResultEvent:
-        self.messages.append(result)
-        return ToolResultEvent(call.id, call.name, result["content"], result["content"].startswith("Error:"))
+    def end(self, action: Any) -> list[AgentEvent]:
+        events: list[AgentEvent] = []
+        if not self.thought_given and "".join(self.reasoning):
+            events.append(ThinkingEvent("".join(self.reasoning)))
+        asked = action.response if isinstance(action, RunTools) else None
+        if asked is not None and asked.content and asked.content.strip():
+            events.append(ThinkingEvent(asked.content))
+        return events
 
-    def result(self, trace: list[AgentEvent]) -> AgentResult:
-        answer = trace[-1]
-        return AgentResult(answer.text, trace, self.messages[self.start:], self.usage, answer.finish_reason)
+
+def _result_event(call: Any, result: Message) -> ToolResultEvent:
+    return ToolResultEvent(call.id, call.name, result["content"], result["content"].startswith("Error:"))
+
+
+def _reused_events(loop: ToolLoop) -> Iterator[AgentEvent]:
+    """A call the model asked for again beside new ones: answered with its earlier result."""
+    for call, result in loop.reused:
+        yield ToolCallEvent(call.id, call.name, call.arguments)
+        yield _result_event(call, result)
+
+
+def _answer_event(response: ChatResponse) -> AnswerEvent:
+    return AnswerEvent(response.content or "", response.finish_reason or "stop", response.tool_loop)
+
+
+def _result(loop: ToolLoop, trace: list[AgentEvent]) -> AgentResult:
+    answer = trace[-1]
+    return AgentResult(answer.text, trace, loop.turn, loop.usage, answer.finish_reason, answer.outcome)

@@ -8,10 +8,10 @@
 
 The model call at the centre of the advisor chain runs the tool loop: call the model,
 run the tools it asks for (several per round; an exception is the tool's result), call
-it again with the results, up to `max_tool_rounds` rounds. A model that asks again for
-calls it already made this turn, with the same arguments (small models loop so: the
-default 0.5B one calls `get_weather` again after every result), gets one more call without
-tools instead, so it answers from the results it has.
+it again with the results, up to `max_tool_rounds` rounds. The loop's rules (a repeated
+call ends it with one more call without tools; see `qwenkit.client.tool_loop`) are one
+state machine, `ToolLoop`; the four ways to run a request are thin shells around it, and
+`ChatResponse.tool_loop` says how the loop ended.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from pydantic import BaseModel, TypeAdapter
 
 from qwenkit.client.advisors import AdvisedRequest, Advisor
 from qwenkit.client.models import ChatModel
-from qwenkit.client.tools import Tool, arun_tool_call, as_tools, run_tool_call
-from qwenkit.client.types import (
-    ChatOptions, ChatResponse, ChatResponseChunk, Message, ResponseAccumulator, add_usage,
-)
+from qwenkit.client.tool_loop import CallModel, Finish, ToolLoop
+from qwenkit.client.tools import arun_tool_call, as_tools, run_tool_call
+from qwenkit.client.types import ChatOptions, ChatResponse, ChatResponseChunk, Message
 
 __all__ = ["CallResponse", "ChatClient", "PromptRequest", "StreamResponse"]
 
@@ -150,75 +149,39 @@ class _Run:
             chunk = advisor.adapt_chunk(self.request, chunk)
         return chunk
 
-    def tool_schemas(self) -> list[dict[str, Any]] | None:
-        return [t.schema() for t in self.request.tools] or None
+    def loop(self, request: AdvisedRequest) -> ToolLoop:
+        return ToolLoop(request.prompt_messages(), request.options, request.tools,
+                        max_rounds=self.client.max_tool_rounds)
 
-    def _tools_by_name(self) -> dict[str, Tool]:
-        return {t.name: t for t in self.request.tools}
-
-    def _results(self, response: ChatResponse) -> list[Message]:
-        tools = self._tools_by_name()
-        return [run_tool_call(tools, call) for call in response.tool_calls]
-
-    async def _aresults(self, response: ChatResponse) -> list[Message]:
-        tools = self._tools_by_name()
-        return [await arun_tool_call(tools, call) for call in response.tool_calls]
-
-    def _more_rounds(self, response: ChatResponse, round: int) -> bool:
-        return bool(response.tool_calls and self.request.tools and round < self.client.max_tool_rounds)
-
-    @staticmethod
-    def _repeats(response: ChatResponse, made: set) -> bool:
-        """Whether every call of `response` was made this turn already (then `made` is not
-        changed); else the calls are added to `made`."""
-        keys = {_call_key(c) for c in response.tool_calls}
-        if keys <= made:
-            return True
-        made |= keys
-        return False
-
-    @staticmethod
-    def _finish(response: ChatResponse, turn: list[Message], usage) -> ChatResponse:
-        turn.append(response.to_message())
-        return response.replace(messages=turn, usage=usage)
-
-    # -- call ------------------------------------------------------------------------
+    # The four shells below do the I/O the ToolLoop asks for, and nothing else.
 
     def call(self) -> ChatResponse:
         request = self.before()
         if request.response is not None:
             return self.after(request.response)
-        prompt, turn, usage = request.prompt_messages(), [], None
-        tools, made = self.tool_schemas(), set()
-        for round in range(self.client.max_tool_rounds + 1):
-            response = self.client.model.call(prompt + turn, request.options, tools=tools)
-            usage = add_usage(usage, response.usage)
-            if tools is None or not self._more_rounds(response, round):
-                break
-            if self._repeats(response, made):  # nothing new: one more call, without tools
-                tools = None
-                continue
-            turn += [response.to_message()] + self._results(response)
-        return self.after(self._finish(response, turn, usage))
+        loop = self.loop(request)
+        action = loop.start()
+        while not isinstance(action, Finish):
+            if isinstance(action, CallModel):
+                action = loop.receive_response(
+                    self.client.model.call(action.messages, action.options, tools=action.tools))
+            else:
+                action = loop.receive_results([run_tool_call(loop.tools, call) for call in action.calls])
+        return self.after(action.response)
 
     async def acall(self) -> ChatResponse:
         request = self.before()
         if request.response is not None:
             return self.after(request.response)
-        prompt, turn, usage = request.prompt_messages(), [], None
-        tools, made = self.tool_schemas(), set()
-        for round in range(self.client.max_tool_rounds + 1):
-            response = await self.client.model.acall(prompt + turn, request.options, tools=tools)
-            usage = add_usage(usage, response.usage)
-            if tools is None or not self._more_rounds(response, round):
-                break
-            if self._repeats(response, made):  # nothing new: one more call, without tools
-                tools = None
-                continue
-            turn += [response.to_message()] + await self._aresults(response)
-        return self.after(self._finish(response, turn, usage))
-
-    # -- stream ----------------------------------------------------------------------
+        loop = self.loop(request)
+        action = loop.start()
+        while not isinstance(action, Finish):
+            if isinstance(action, CallModel):
+                action = loop.receive_response(
+                    await self.client.model.acall(action.messages, action.options, tools=action.tools))
+            else:
+                action = loop.receive_results([await arun_tool_call(loop.tools, call) for call in action.calls])
+        return self.after(action.response)
 
     def stream(self) -> Iterator[ChatResponseChunk]:
         request = self.before()
@@ -226,22 +189,19 @@ class _Run:
             response = self.after(request.response)
             yield ChatResponseChunk(content=response.content or "", finish_reason=response.finish_reason)
             return
-        prompt, turn, usage = request.prompt_messages(), [], None
-        tools, made = self.tool_schemas(), set()
-        for round in range(self.client.max_tool_rounds + 1):
-            acc = ResponseAccumulator()
-            for chunk in self.client.model.stream(prompt + turn, request.options, tools=tools):
-                acc.add(chunk)
-                yield self.adapt(chunk)
-            response = acc.response()
-            usage = add_usage(usage, response.usage)
-            if tools is None or not self._more_rounds(response, round):
-                break
-            if self._repeats(response, made):  # nothing new: one more call, without tools
-                tools = None
-                continue
-            turn += [response.to_message()] + self._results(response)
-        self.after(self._finish(response, turn, usage))
+        loop = self.loop(request)
+        action = loop.start()
+        while not isinstance(action, Finish):
+            if isinstance(action, CallModel):
+                for chunk in self.client.model.stream(action.messages, action.options, tools=action.tools):
+                    for out in loop.receive_chunk(chunk):
+                        yield self.adapt(out)
+                held, action = loop.end_stream()
+                for out in held:
+                    yield self.adapt(out)
+            else:
+                action = loop.receive_results([run_tool_call(loop.tools, call) for call in action.calls])
+        self.after(action.response)
 
     async def astream(self) -> AsyncIterator[ChatResponseChunk]:
         request = self.before()
@@ -249,31 +209,19 @@ class _Run:
             response = self.after(request.response)
             yield ChatResponseChunk(content=response.content or "", finish_reason=response.finish_reason)
             return
-        prompt, turn, usage = request.prompt_messages(), [], None
-        tools, made = self.tool_schemas(), set()
-        for round in range(self.client.max_tool_rounds + 1):
-            acc = ResponseAccumulator()
-            async for chunk in self.client.model.astream(prompt + turn, request.options, tools=tools):
-                acc.add(chunk)
-                yield self.adapt(chunk)
-            response = acc.response()
-            usage = add_usage(usage, response.usage)
-            if tools is None or not self._more_rounds(response, round):
-                break
-            if self._repeats(response, made):  # nothing new: one more call, without tools
-                tools = None
-                continue
-            turn += [response.to_message()] + await self._aresults(response)
-        self.after(self._finish(response, turn, usage))
-
-
-def _call_key(call) -> tuple[str, Any]:
-    """A tool call's name and arguments, compared as JSON values (not as text)."""
-    try:
-        arguments = json.dumps(json.loads(call.arguments or "{}"), sort_keys=True)
-    except ValueError:
-        arguments = call.arguments
-    return call.name, arguments
+        loop = self.loop(request)
+        action = loop.start()
+        while not isinstance(action, Finish):
+            if isinstance(action, CallModel):
+                async for chunk in self.client.model.astream(action.messages, action.options, tools=action.tools):
+                    for out in loop.receive_chunk(chunk):
+                        yield self.adapt(out)
+                held, action = loop.end_stream()
+                for out in held:
+                    yield self.adapt(out)
+            else:
+                action = loop.receive_results([await arun_tool_call(loop.tools, call) for call in action.calls])
+        self.after(action.response)
 
 
 def response_format_for(entity: Any) -> dict[str, Any]:

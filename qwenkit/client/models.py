@@ -60,6 +60,18 @@ def _usage(raw: Any) -> Usage | None:
                  cached_tokens=(getattr(cached, "cached_tokens", None) or 0) if cached else 0)
 
 
+def _tool_call(id: str | None, name: str | None, arguments: str | None) -> ToolCall:
+    """A whole tool call from either SDK (an endpoint that gives no id gets one)."""
+    return ToolCall(id or new_tool_call_id(), name or "", arguments or "")
+
+
+def _tool_call_delta(index: int | None, id: str | None, name: str | None, arguments: str | None) -> ToolCallDelta:
+    """A streamed tool-call piece from either SDK, in one shape: what a piece does not carry
+    is None (DashScope sends ``""``, OpenAI-compatible servers None or ``""``), so that
+    `ToolCallAccumulator` treats both protocols' streams alike."""
+    return ToolCallDelta(index, id or None, name or None, arguments or "")
+
+
 def _reasoning(obj: Any) -> str | None:
     """Reasoning text from a message or delta: vendors name the extra field
     ``reasoning_content`` (Qwen, DeepSeek) or ``reasoning``."""
@@ -122,7 +134,7 @@ class OpenAIChatModel(ChatModel):
     def _response(self, raw: Any) -> ChatResponse:
         choice = raw.choices[0]
         message = choice.message
-        calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        calls = [_tool_call(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
         return ChatResponse(content=message.content, reasoning_content=_reasoning(message), tool_calls=calls,
                             finish_reason=choice.finish_reason, usage=_usage(raw.usage), model=raw.model)
 
@@ -134,11 +146,9 @@ class OpenAIChatModel(ChatModel):
             delta = choice.delta
             chunk.content = delta.content or ""
             chunk.reasoning_content = _reasoning(delta) or ""
-            chunk.tool_calls = [
-                ToolCallDelta(t.index, t.id, t.function.name if t.function else None,
-                              (t.function.arguments if t.function else None) or "")
-                for t in delta.tool_calls or []
-            ]
+            chunk.tool_calls = [_tool_call_delta(t.index, t.id, t.function and t.function.name,
+                                                 t.function and t.function.arguments)
+                                for t in delta.tool_calls or []]
             chunk.finish_reason = choice.finish_reason
         return chunk
 
@@ -329,8 +339,8 @@ class DashScopeChatModel(ChatModel):
         self._check(raw)
         choice = raw.output.choices[0]
         message = choice["message"]
-        calls = [ToolCall(c.get("id") or new_tool_call_id(), c["function"]["name"],
-                          c["function"].get("arguments") or "")
+        calls = [_tool_call(c.get("id"), (c.get("function") or {}).get("name"),
+                            (c.get("function") or {}).get("arguments"))
                  for c in message.get("tool_calls") or []]
         return ChatResponse(content=message.get("content") or None,
                             reasoning_content=message.get("reasoning_content") or None, tool_calls=calls,
@@ -344,10 +354,9 @@ class DashScopeChatModel(ChatModel):
         finish_reason = self._finish_reason(choice)
         return ChatResponseChunk(
             content=message.get("content") or "", reasoning_content=message.get("reasoning_content") or "",
-            tool_calls=[ToolCallDelta(c.get("index", i), c.get("id") or None,
-                                      (c.get("function") or {}).get("name") or None,
-                                      (c.get("function") or {}).get("arguments") or "")
-                        for i, c in enumerate(message.get("tool_calls") or [])],
+            tool_calls=[_tool_call_delta(c.get("index"), c.get("id"), (c.get("function") or {}).get("name"),
+                                         (c.get("function") or {}).get("arguments"))
+                        for c in message.get("tool_calls") or []],
             finish_reason=finish_reason, usage=self._usage(raw) if finish_reason else None)
 
     def call(self, messages, options=None, *, tools=None) -> ChatResponse:

@@ -7,14 +7,15 @@ may carry ``reasoning_content`` and ``tool_calls`` in OpenAI's nested shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from qwenkit.chat.types import ToolCall, ToolCallDelta, Usage
+from qwenkit.chat.types import ToolCall, ToolCallDelta, Usage, new_tool_call_id
 
-__all__ = ["ChatOptions", "ChatResponse", "ChatResponseChunk", "ToolCall", "ToolCallDelta", "Usage",
-           "ResponseAccumulator", "add_usage", "strip_reasoning"]
+__all__ = ["ChatOptions", "ChatResponse", "ChatResponseChunk", "ToolCall", "ToolCallDelta", "ToolLoopEnd",
+           "ToolLoopOutcome", "Usage", "ResponseAccumulator", "ToolCallAccumulator", "add_usage", "strip_reasoning"]
 
 Message = dict[str, Any]
 
@@ -60,13 +61,39 @@ class ChatOptions(BaseModel):
         return ChatOptions(**data)
 
 
+class ToolLoopEnd(str, Enum):
+    """Why a tool loop ended (a `str`, so `outcome.reason == "repeated_call"` reads)."""
+
+    ANSWERED = "answered"  # the model answered without asking for a tool
+    REPEATED_CALL = "repeated_call"  # it asked only for calls already answered; then it was asked, without tools
+    MAX_ROUNDS = "max_rounds"  # it still asked for tools after the last round; those calls were not run
+
+
+@dataclass(frozen=True)
+class ToolLoopOutcome:
+    """How a turn with tools ended.
+
+    `rounds` counts the rounds of tools run; `tool_results` are the tool messages of the
+    turn in order; `repeated_calls` the calls whose repetition ended the loop. A last
+    answer that only echoed a tool call (``{"name": "get_weather", ...}`` as text, as small
+    models write when asked without tools) is not given as the content: it is kept here
+    as `withheld_content`, and the content is None."""
+
+    reason: ToolLoopEnd
+    rounds: int = 0
+    tool_results: tuple[Message, ...] = ()
+    repeated_calls: tuple[ToolCall, ...] = ()
+    withheld_content: str | None = None
+
+
 @dataclass
 class ChatResponse:
     """One answer of a chat model, or the last answer of a tool loop.
 
     `messages` holds the turn's assistant and tool messages in order (the tool-call
     rounds, then the final answer), as chat memory stores them; `usage` is summed over
-    the rounds. `metadata` is free for advisors."""
+    the rounds; `tool_loop` says how a turn that offered tools ended (None when it offered
+    none). `metadata` is free for advisors."""
 
     content: str | None
     reasoning_content: str | None = None
@@ -76,6 +103,7 @@ class ChatResponse:
     model: str | None = None
     messages: list[Message] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    tool_loop: ToolLoopOutcome | None = None
 
     def to_message(self) -> Message:
         """This answer as an assistant message (reasoning kept; memory strips it before reuse)."""
@@ -108,13 +136,43 @@ def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
                  a.reasoning_tokens + b.reasoning_tokens, a.cached_tokens + b.cached_tokens)
 
 
+class ToolCallAccumulator:
+    """The tool calls that a stream's `ToolCallDelta`s add up to, the same for every
+    protocol: pieces are grouped by `index`; a call's `id` and `name` are the first
+    non-empty ones its pieces carry (servers differ in which piece has them: the first,
+    a later one, or every one); `arguments` are concatenated. A piece without an index
+    continues the latest call unless its id names another one."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, list[Any]] = {}  # index -> [id, name, arguments pieces]
+        self._last: int | None = None
+
+    def add(self, delta: ToolCallDelta) -> None:
+        index = delta.index
+        if index is None:
+            latest = self._calls.get(self._last) if self._last is not None else None
+            is_new = latest is None or (delta.id and latest[0] not in (None, delta.id))
+            index = max(self._calls, default=-1) + 1 if is_new else self._last
+        call = self._calls.setdefault(index, [None, None, []])
+        call[0] = call[0] or delta.id or None
+        call[1] = call[1] or delta.name or None
+        call[2].append(delta.arguments or "")
+        self._last = index
+
+    def calls(self) -> list[ToolCall]:
+        """The calls so far, by index; a call that never got an id is given one (once)."""
+        for call in self._calls.values():
+            call[0] = call[0] or new_tool_call_id()
+        return [ToolCall(id, name or "", "".join(args)) for _, (id, name, args) in sorted(self._calls.items())]
+
+
 class ResponseAccumulator:
     """Builds the `ChatResponse` a stream of chunks adds up to."""
 
     def __init__(self) -> None:
         self.content: list[str] = []
         self.reasoning: list[str] = []
-        self.calls: dict[int, list[Any]] = {}  # index -> [id, name, arguments pieces]
+        self.tool_calls = ToolCallAccumulator()
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
 
@@ -122,20 +180,13 @@ class ResponseAccumulator:
         self.content.append(chunk.content)
         self.reasoning.append(chunk.reasoning_content)
         for delta in chunk.tool_calls:
-            call = self.calls.setdefault(delta.index, [None, None, []])
-            call[0] = call[0] or delta.id
-            call[1] = call[1] or delta.name
-            call[2].append(delta.arguments or "")
+            self.tool_calls.add(delta)
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.usage = chunk.usage or self.usage
 
     def response(self) -> ChatResponse:
-        from qwenkit.chat.types import new_tool_call_id
-
-        calls = [ToolCall(id or new_tool_call_id(), name or "", "".join(args))
-                 for _, (id, name, args) in sorted(self.calls.items())]
         return ChatResponse(content="".join(self.content) or None, reasoning_content="".join(self.reasoning) or None,
-                            tool_calls=calls, finish_reason=self.finish_reason, usage=self.usage)
+                            tool_calls=self.tool_calls.calls(), finish_reason=self.finish_reason, usage=self.usage)
 
 
 def strip_reasoning(messages: list[Message]) -> list[Message]:
