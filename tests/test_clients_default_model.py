@@ -233,3 +233,35 @@ def test_qwen_agent_assistant_function_tool(server, monkeypatch):
     assert messages[1]["content"] == "The weather in Paris is sunny, 22 degrees Celsius."
     assert all(_is_weather_call(m["function_call"]["name"], m["function_call"]["arguments"])
                for m in messages[2:] if m.get("function_call"))
+
+
+# -- qwenkit's own ChatClient and Agent ------------------------------------------------
+
+
+def test_chat_client_and_agent_end_a_repeated_call_with_an_answer(server):
+    """The 0.5B model calls the tool again after its result (above). qwenkit's loops end that
+    on purpose: the tool runs once, the outcome says the loop ended on the repeated call (or
+    that the model answered), and the last answer, asked for without tools, is never the
+    call echoed as text (it used to be `{"name": "get_weather", ...}\\n{"response": ...}`)."""
+    from qwenkit.agent import Agent
+    from qwenkit.client import ChatClient, ChatOptions, OpenAIChatModel
+    from qwenkit.client.tool_loop import is_tool_call_echo
+
+    weather = Weather()
+
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return weather(city)
+
+    model = OpenAIChatModel(f"{server}/v1", "none", "default", max_retries=0)
+    options = ChatOptions(temperature=0, max_tokens=MAX_TOKENS)
+    client = ChatClient(model, default_tools=[get_weather], default_options=options)
+    response = client.prompt(QUESTION).call().chat_response()
+    result = Agent(model, tools=[get_weather], options=options).run(QUESTION)  # streamed
+    assert weather.cities == ["Paris", "Paris"]  # once each
+    for outcome, answer in [(response.tool_loop, response.content), (result.outcome, result.answer)]:
+        print(outcome.reason, repr(answer), repr(outcome.withheld_content))
+        assert outcome.reason in ("repeated_call", "answered") and outcome.rounds == 1
+        assert [m["content"] for m in outcome.tool_results] == ["The weather in Paris is sunny, 22 degrees Celsius."]
+        assert not is_tool_call_echo(answer, {"get_weather"}) and "get_weather" not in (answer or "")
+        assert "sunny" in answer  # measured: "The weather in Paris is sunny, 22 degrees Celsius."
