@@ -21,6 +21,8 @@ from qwenkit.errors import ModelLoadError
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
+# Pre-quantized safetensors checkpoints qwenkit loads as stored (qwenkit/loader/prequantized.py).
+QUANT_METHODS = ("fp8", "awq", "gptq", "compressed-tensors")
 
 # Keys that only matter for training or for other libraries; read and deliberately unused.
 _IGNORED_KEYS = frozenset(
@@ -116,6 +118,8 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
     # The dtype the checkpoint was saved in ("bfloat16", "float32", ...), if known.
     checkpoint_dtype: str | None = None
+    # A pre-quantized checkpoint's `quantization_config`, as written (qwenkit/loader/prequantized.py reads it).
+    quantization_config: dict[str, Any] | None = field(default=None, compare=False)
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
     def is_sparse_layer(self, layer_idx: int) -> bool:
@@ -142,11 +146,10 @@ class ModelConfig:
             )
         f.strings("architectures")
         quantization = f.mapping("quantization_config")
-        if quantization:
-            method = quantization.get("quant_method", "unknown")
+        if quantization and quantization.get("quant_method") not in QUANT_METHODS:
             raise ModelLoadError(
-                f"pre-quantized safetensors checkpoints ({method}) are not supported; "
-                "use the unquantized checkpoint or a GGUF file"
+                f"unsupported quantization method {quantization.get('quant_method')!r} in config.json "
+                f"(quantization_config); qwenkit reads {', '.join(QUANT_METHODS)}"
             )
         hidden = f.positive_integer("hidden_size")
         heads = f.positive_integer("num_attention_heads")
@@ -172,6 +175,7 @@ class ModelConfig:
             rope=RopeConfig.from_hf(d, max_position_embeddings=max_pos),
             hidden_act=f.string("hidden_act", "silu"),
             checkpoint_dtype=f.string("dtype", None) or f.string("torch_dtype", None),
+            quantization_config=quantization or None,
         )
         if kwargs["hidden_act"] != "silu":
             raise ModelLoadError(f"unsupported hidden_act {kwargs['hidden_act']!r} (Qwen models use silu)")

@@ -53,6 +53,7 @@ def load_model(
     a tensor-parallel group; the model is built with its shards only (float weights).
     """
     quantization = check_quantization(quantization)
+    prequantized = None
     if files.format == "gguf":
         from qwenkit.loader.gguf import GGUFCheckpoint
 
@@ -63,7 +64,8 @@ def load_model(
         tensor_types = ckpt.tensor_types()
         total = len(tensor_types)
     else:
-        from qwenkit.loader.safetensors import count_tensors, iter_safetensors
+        from qwenkit.loader.prequantized import read_prequantization
+        from qwenkit.loader.safetensors import count_tensors, iter_safetensors, stored_tensors
 
         config = ModelConfig.from_file(files.path / "config.json")
         gen_path = files.path / "generation_config.json"
@@ -71,6 +73,9 @@ def load_model(
         tokenizer = Tokenizer.from_dir(files.path)
         tensor_types = None
         total = count_tensors(files.path)
+        scheme = read_prequantization(config.quantization_config)
+        if scheme is not None:
+            prequantized = scheme, stored_tensors(files.path)
     if not generation_config.eos_token_ids and tokenizer.eos_token_id is not None:
         generation_config = GenerationConfig(eos_token_ids=(tokenizer.eos_token_id,))
     if config.vocab_size < tokenizer.vocab_size:
@@ -80,6 +85,8 @@ def load_model(
     if tp is not None and tp.size > 1:
         from qwenkit.distributed.tensor_parallel import build_sharded
 
+        if prequantized is not None:
+            raise ModelLoadError("pre-quantized checkpoints are not supported with tensor parallelism yet")
         if quantization not in ("auto", "none"):
             raise ModelLoadError(f"--quantization {quantization} is not supported with tensor parallelism yet")
         model, formats = build_sharded(MODEL_REGISTRY[config.model_type], config, dtype=dtype, device=device, tp=tp), {}
@@ -87,10 +94,11 @@ def load_model(
         with torch.device(device):
             # Parameters are torch.empty: those the swap replaces are never written, so never resident.
             model = MODEL_REGISTRY[config.model_type](config, dtype=dtype)
-            formats = plan_quantization(model, quantization, tensor_types=tensor_types, device=device)
+            formats = plan_quantization(model, quantization, tensor_types=tensor_types, device=device,
+                                        prequantized=prequantized)
             quantize_modules(model, formats)
     if formats:
-        names = Counter(" + ".join(f) if isinstance(f, tuple) else f for f in formats.values())
+        names = Counter(" + ".join(f) if isinstance(f, tuple) else str(f) for f in formats.values())
         logger.info("quantized %s", ", ".join(f"{n} {f}" for f, n in sorted(names.items())))
     # Lazy tensors let a quantized parameter read a block of rows at a time.
     lazy = bool(formats)
@@ -103,6 +111,6 @@ def load_model(
         weights, total=total, desc=f"Loading {files.name}", unit=" tensors", file=sys.stderr,
         disable=not progress, leave=False,
     )
-    load_weights(model, bar)
+    load_weights(model, bar, renames=prequantized[0].renames if prequantized else None)
     model.eval()
     return LoadedModel(model, config, generation_config, tokenizer, files.name)

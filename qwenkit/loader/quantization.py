@@ -5,7 +5,9 @@ gives their storage type (the K-quants as stored where their kernels were measur
 int8 or faster, else int8); "gguf": every type with a native kernel kept as stored
 (`GGUF_STORED_FORMATS`: the K-quants too, whatever the CPU), the smallest in memory. Under both, a
 fused matrix whose parts are stored in different types keeps a format per part. Float-stored
-tensors, safetensors checkpoints, and any checkpoint on another device load as floats. "int8" / "int4": every decoder matrix in that format (int8
+tensors, safetensors checkpoints, and any checkpoint on another device load as floats; a
+pre-quantized safetensors checkpoint (its config's `quantization_config`) keeps the matrices it
+stores quantized as stored, on any device, under "auto" (qwenkit/loader/prequantized.py). "int8" / "int4": every decoder matrix in that format (int8
 where a shape does not fit int4), the embedding and lm_head in int8, as llama.cpp keeps the
 output matrix at higher precision. "none": all floats. The MoE router and the experts stay
 float (see docs/quantization.md).
@@ -21,8 +23,10 @@ from torch import nn
 
 from qwenkit import kernels
 from qwenkit.errors import ModelLoadError
+from qwenkit.loader.prequantized import Prequantization
 from qwenkit.loader.weights import _target
 from qwenkit.models.layers import Embedding, Linear
+from qwenkit.models.prequantized import StoredFormat
 from qwenkit.models.quant import GGUF, GGUF_LINEAR_FORMATS, INT4, INT4_GROUP_SIZE, INT8, Q4_K, Q5_0, Q5_K, Q6_K
 
 QUANTIZATION_CHOICES = ("auto", "gguf", "none", "int8", "int4")
@@ -78,10 +82,18 @@ def plan_quantization(
     *,
     tensor_types: Mapping[str, T] | None,
     device: torch.device,
-) -> dict[str, str]:
+    prequantized: tuple[Prequantization, Mapping[str, tuple[str, tuple[int, ...]]]] | None = None,
+) -> dict[str, str | tuple[str, ...] | StoredFormat]:
     """{module name: format} for `quantize_modules`. tensor_types: the GGUF storage type of
-    each checkpoint tensor by HF name (None for a safetensors checkpoint)."""
+    each checkpoint tensor by HF name (None for a safetensors checkpoint). prequantized: what a
+    pre-quantized checkpoint's config says and its tensors ({name: (dtype, shape)})."""
     quantization = check_quantization(quantization)
+    if prequantized is not None:
+        scheme, stored = prequantized
+        if quantization != "auto":
+            raise ModelLoadError(f"the checkpoint is quantized already ({scheme.format.method}) and loads as "
+                                 f"stored; --quantization {quantization} does not apply to it (use auto)")
+        return scheme.plan(model, stored)
     if quantization == "int4" and device.type != "cpu":
         raise ModelLoadError("quantization 'int4' runs on CPU only (torch's int4 CPU kernel); use int8 or none")
     if quantization == "gguf" and tensor_types is None:

@@ -56,17 +56,34 @@ def iter_safetensors(
                     yield name, SafetensorsTensor(path, data_start, entries[name])
             else:
                 for name in f.keys():
-                    yield name, f.get_tensor(name).to(dtype)
+                    tensor = f.get_tensor(name)
+                    yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# What pre-quantized checkpoints store besides floats: packed integers, e4m3 weights, shapes.
+_DTYPES = {**_FLOATS, "F8_E4M3": torch.float8_e4m3fn, "I32": torch.int32, "I64": torch.int64, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8}
 
 
 def _header(path: Path) -> tuple[int, dict]:
     """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
+        entries = json.loads(f.read(size))
+        entries.pop("__metadata__", None)
+        return 8 + size, entries
+
+
+def stored_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (safetensors dtype such as "BF16" or "I32", shape)} of every tensor, from the
+    files' headers alone (what a pre-quantized load plans its modules from)."""
+    tensors = {}
+    for path in safetensors_files(folder):
+        with _open(path):  # validates the file
+            for name, entry in _header(path)[1].items():
+                tensors[name] = (entry["dtype"], tuple(entry["shape"]))
+    return tensors
 
 
 class SafetensorsTensor:
@@ -76,18 +93,27 @@ class SafetensorsTensor:
 
     def __init__(self, path: Path, data_start: int, entry: dict):
         if entry["dtype"] not in _DTYPES:
-            raise ModelLoadError(f"{path}: tensor dtype {entry['dtype']} is not a float type")
+            raise ModelLoadError(f"{path}: tensor dtype {entry['dtype']} is not one qwenkit reads")
         self.path, self.dtype, self.shape = path, _DTYPES[entry["dtype"]], tuple(entry["shape"])
         self._offset = data_start + entry["data_offsets"][0]
         self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) in float32."""
-        raw = np.fromfile(self.path, dtype=np.uint8, count=(stop - start) * self._row_bytes,
-                          offset=self._offset + start * self._row_bytes)
-        if raw.size != (stop - start) * self._row_bytes:
+        return self._read(start, stop).float()
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor in its stored dtype (packed integers, e4m3, ...)."""
+        return self._read(0, self.shape[0] if self.shape else 1).view(self.shape)
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        count = (stop - start) * self._row_bytes
+        raw = np.fromfile(self.path, dtype=np.uint8, count=count, offset=self._offset + start * self._row_bytes)
+        if raw.size != count:
             raise ModelLoadError(f"{self.path}: file ends inside a tensor")
-        return torch.frombuffer(raw, dtype=self.dtype).view(stop - start, *self.shape[1:]).float()
+        if not count:
+            return torch.empty(stop - start, *self.shape[1:], dtype=self.dtype)
+        return torch.frombuffer(raw, dtype=self.dtype).view(stop - start, *self.shape[1:])
 
 
 def count_tensors(folder: Path) -> int:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit import kernels
-from qwenkit.models.layers import Embedding, Linear
+from qwenkit.models.layers import Embedding, FusedExperts, Linear
+from qwenkit.models.prequantized import StoredFormat, StoredQuantExperts, StoredQuantLinear
 
 INT8, INT4, GGUF = "int8", "int4", "gguf"
 Q5_0 = "gguf:Q5_0"  # a linear kept in GGUF Q5_0 blocks, run by the native kernel
@@ -338,11 +339,17 @@ class GGUFEmbedding(nn.Module):
         raise NotImplementedError("a GGUF-block embedding is not used as the lm_head")
 
 
-def quantized_module(module: nn.Module, format: str | tuple[str, ...]) -> nn.Module:
-    """The quantized counterpart of a `Linear` or `Embedding` (not yet loaded)."""
-    if type(module) is Linear and (isinstance(format, tuple) or format in (INT8, INT4, *GGUF_LINEAR_FORMATS)):
+def quantized_module(module: nn.Module, format: str | tuple[str, ...] | StoredFormat) -> nn.Module:
+    """The quantized counterpart of a `Linear`, `Embedding` or `FusedExperts` (not yet loaded);
+    a `StoredFormat` keeps a pre-quantized checkpoint's tensors as stored (models/prequantized.py)."""
+    if isinstance(format, StoredFormat):
+        if type(module) is Linear:
+            return StoredQuantLinear.from_linear(module, format)
+        if type(module) is FusedExperts:
+            return StoredQuantExperts.from_experts(module, format)
+    elif type(module) is Linear and (isinstance(format, tuple) or format in (INT8, INT4, *GGUF_LINEAR_FORMATS)):
         return QuantLinear.from_linear(module, format)
-    if type(module) is Embedding:
+    elif type(module) is Embedding:
         num_embeddings, embedding_dim = module.weight.shape
         if format == INT8:
             return QuantEmbedding(num_embeddings, embedding_dim, dtype=module.weight.dtype)
@@ -352,7 +359,7 @@ def quantized_module(module: nn.Module, format: str | tuple[str, ...]) -> nn.Mod
     raise ValueError(f"cannot quantize {type(module).__name__} as {format!r}")
 
 
-def quantize_modules(model: nn.Module, formats: dict[str, str | tuple[str, ...]]) -> None:
+def quantize_modules(model: nn.Module, formats: dict[str, str | tuple[str, ...] | StoredFormat]) -> None:
     """Swap each module named in `formats` ({module name: format, or a format per shard}) for its quantized
     counterpart. Call before loading: the float weights replaced are never written."""
     for name, format in formats.items():

@@ -1,0 +1,241 @@
+"""Pre-quantized safetensors checkpoints loaded as stored (qwenkit/loader/prequantized.py,
+qwenkit/models/prequantized.py): tiny random Qwen3 and Qwen3-MoE checkpoints written in each
+published layout, against a float32 checkpoint of the same weights dequantized ("the twin").
+
+The writers here take the integer values, zeros and scales as ground truth and pack them as each
+format documents it: compressed-tensors through its own compressors (`PackedQuantizationCompressor`,
+`FloatQuantizationCompressor`), AWQ's GEMM packing (nibble i of a word holds column
+(0, 2, 4, 6, 1, 3, 5, 7)[i], as AutoAWQ's `WQLinear_GEMM` packs and gptqmodel's
+`AWQ_REVERSE_ORDER` undoes), GPTQ's (input features 32 / bits to a word, zeros stored one less
+in its original format), Qwen's FP8 (DeepSeek's `weight_scale_inv` per 128 x 128 block, which
+transformers' `Fp8Dequantize` multiplies). The twin is computed from those values alone, not by
+qwenkit's code.
+
+Bounds: weight-only formats run float32 activations on exactly the twin's weights, so the twin's
+own 32 greedy tokens, fed step by step, get the same next-token choice at every step and
+logprobs within float32 rounding (measured <= 1e-5 here, bound 1e-4). FP8 with dynamic per-token
+activations rounds each activation to e4m3 (3 mantissa bits: relative error up to 2^-4 per value);
+on these random models that moves logprobs by ~0.1 and the choice may flip at near-ties, so the
+test asks for >= 28 of 32 agreeing and a mean logprob error under 0.5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import SPECIAL_TOKENS, make_tokenizer
+
+from qwenkit import LLM
+from qwenkit.errors import ModelLoadError
+from qwenkit.models import prequantized as pq
+from qwenkit.models.attention import AttentionMetadata
+
+transformers = pytest.importorskip("transformers")
+
+STEPS = 32
+
+
+def _config(arch: str, vocab_size: int) -> "transformers.PretrainedConfig":
+    """Rows of 128 and more: whole FP8 blocks and AWQ / GPTQ groups of 128."""
+    common = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common)
+    return transformers.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])
+
+
+def _float_checkpoint(folder: Path, arch: str) -> dict[str, torch.Tensor]:
+    folder.mkdir(parents=True)
+    make_tokenizer(folder)
+    vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) + len(SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    cls = transformers.Qwen3ForCausalLM if arch == "qwen3" else transformers.Qwen3MoeForCausalLM
+    model = cls(_config(arch, vocab)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 and "norm" in name else 0.06 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return load_file(folder / "model.safetensors")
+
+
+def _quantized_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The matrices published checkpoints quantize: every projection, not the embedding, lm_head or router."""
+    return [n for n in tensors if n.endswith("_proj.weight") and tensors[n].ndim == 2]
+
+
+def _write(folder: Path, source: Path, tensors: dict[str, torch.Tensor], quantization_config: dict | None) -> None:
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text((source / name).read_text())
+    config = json.loads((source / "config.json").read_text())
+    if quantization_config:
+        config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+
+
+# -- the writers: (quantized tensors, dequantized float32 weight) per matrix ----------------------
+
+
+def _fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Qwen / DeepSeek FP8: e4m3 weight, float32 weight_scale_inv per block, and w = q * s."""
+    n, k = w.shape
+    blocks = w.reshape(n // block, block, k // block, block)
+    scale = blocks.abs().amax(dim=(1, 3)) / 448
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(n, k)
+    full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return q, scale, q.float() * full
+
+
+def _int_values(w: torch.Tensor, bits: int, group: int, *, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """Unsigned values q [N, K], zeros z and scales s [N, K / group] (float16) with w ~ (q - z) s."""
+    n, k = w.shape
+    g = w.reshape(n, k // group, group)
+    top = (1 << bits) - 1
+    if symmetric:
+        scale = (g.abs().amax(-1) / (top / 2)).half()
+        zero = torch.full_like(scale, 1 << (bits - 1), dtype=torch.int32)
+    else:
+        low, high = g.amin(-1), g.amax(-1)
+        scale = ((high - low) / top).half()
+        zero = (-low / scale.float()).round().clamp(0, top).int()
+    q = (g / scale.float()[..., None] + zero[..., None]).round().clamp(0, top).int().reshape(n, k)
+    return q, zero, scale
+
+
+def _dequantized(q, zero, scale, group: int) -> torch.Tensor:
+    return ((q - zero.repeat_interleave(group, 1)).float() * scale.float().repeat_interleave(group, 1))
+
+
+def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """[R, C] unsigned values -> int32 [R * bits / 32, C], rows packed low bits first (GPTQ's qweight)."""
+    per = 32 // bits
+    v = values.to(torch.int64).reshape(-1, per, values.shape[1])
+    words = sum(v[:, i] << (bits * i) for i in range(per))
+    return ((words + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)
+
+
+def _awq(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    q, zero, scale = _int_values(w, 4, 128, symmetric=False)
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+
+    def pack(values):  # [R, N] -> [R, N / 8], nibble i of a word is column order[i] of its 8
+        v = values.to(torch.int64).reshape(values.shape[0], -1, 8)
+        words = sum(v[:, :, order[i]] << (4 * i) for i in range(8))
+        return ((words + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)
+
+    return {"qweight": pack(q.t()), "qzeros": pack(zero.t()), "scales": scale.t()}, _dequantized(q, zero, scale, 128)
+
+
+def _gptq(w: torch.Tensor, bits: int, *, desc_act: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    n, k = w.shape
+    perm = torch.randperm(k) if desc_act else torch.arange(k)
+    q, zero, scale = _int_values(w[:, perm], bits, 128, symmetric=True)  # groups over the permuted features
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[perm] = torch.arange(k, dtype=torch.int32) // 128
+    q_orig = torch.empty_like(q)
+    q_orig[:, perm] = q
+    deq = (q_orig - zero[:, g_idx.long()]).float() * scale.float()[:, g_idx.long()]
+    # The original format stores zeros one less (AutoGPTQ: zeros -= 1 before packing).
+    tensors = {"qweight": _pack_rows(q_orig.t(), bits), "qzeros": _pack_rows(zero - 1, bits).t(),
+               "scales": scale.t(), "g_idx": g_idx}
+    return tensors, deq
+
+
+def _quantize(folder: Path, source: Path, tensors: dict[str, torch.Tensor], method: str) -> tuple[Path, Path]:
+    """Write `method`'s checkpoint of `tensors` and its float32 twin; return both folders."""
+    out, twin = dict(tensors), {k: v.float() for k, v in tensors.items()}
+    torch.manual_seed(1)
+    for name in _quantized_names(tensors):
+        module = name.removesuffix(".weight")
+        w = tensors[name].float()
+        del out[name]
+        if method == "fp8":
+            q, scale, twin[name] = _fp8_blocks(w)
+            out[f"{module}.weight"], out[f"{module}.weight_scale_inv"] = q, scale
+        elif method == "awq":
+            parts, twin[name] = _awq(w)
+            out.update({f"{module}.{k}": v for k, v in parts.items()})
+        elif method.startswith("gptq"):
+            parts, twin[name] = _gptq(w, int(method[4]), desc_act="desc" in method)
+            out.update({f"{module}.{k}": v for k, v in parts.items()})
+    config = {
+        "fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
+                "modules_to_not_convert": None},
+        "gptq4": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+        "gptq8": {"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False, "sym": True},
+        "gptq4-desc": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True},
+    }[method]
+    _write(folder / method, source, out, config)
+    _write(folder / f"{method}-twin", source, twin, None)
+    return folder / method, folder / f"{method}-twin"
+
+
+# -- the comparison -----------------------------------------------------------------------------
+
+
+def _step_by_step(llm: LLM, prompt: list[int], tokens: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+    """(the tokens after `prompt`, the logprobs [STEPS, vocab] each was chosen from), one decode
+    step a token: greedy, or `tokens` fed whatever this model would choose."""
+    with torch.inference_mode():
+        kv = llm.model.allocate_kv_cache(len(prompt) + STEPS)
+        ids, rows = list(prompt), []
+        for i in range(len(prompt) + STEPS - 1):
+            meta = AttentionMetadata.contiguous(start=i, num_tokens=1)
+            hidden = llm.model(torch.tensor([ids[i]]), torch.tensor([i]), kv, meta)
+            if i >= len(prompt) - 1:
+                rows.append(torch.log_softmax(llm.model.compute_logits(hidden)[0], -1))
+                step = len(rows) - 1
+                ids.append(int(rows[-1].argmax()) if tokens is None else tokens[step])
+        return ids[len(prompt):], torch.stack(rows)
+
+
+def _load(folder: Path) -> LLM:
+    return LLM(str(folder), dtype="float32", progress=False)
+
+
+def _compare(quantized: Path, twin: Path) -> tuple[int, float, float]:
+    """(steps whose greedy choice agrees, max and mean |logprob error| of the chosen tokens) over
+    the twin's own 32 greedy tokens after a short prompt, fed step by step."""
+    prompt = [5, 17, 42, 99]
+    tokens, want = _step_by_step(_load(twin), prompt)
+    _, got = _step_by_step(_load(quantized), prompt, tokens)
+    chosen = torch.tensor(tokens)[:, None]
+    agree = int((got.argmax(-1) == chosen[:, 0]).sum())
+    error = (got.gather(1, chosen) - want.gather(1, chosen)).abs()
+    return agree, error.max().item(), error.mean().item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: OpenMP's hand-offs cost more than the work on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prequantized")
+    return {arch: (root / arch, _float_checkpoint(root / arch, arch)) for arch in ("qwen3", "qwen3_moe")}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("method", ["fp8", "awq", "gptq4", "gptq8", "gptq4-desc"])
+def test_weight_only_formats_agree_with_the_dequantized_twin(tmp_path, sources, arch, method):
+    source, tensors = sources[arch]
+    quantized, twin = _quantize(tmp_path, source, tensors, method)
+    agree, worst, mean = _compare(quantized, twin)
+    assert agree == STEPS
+    assert worst <= 1e-4, (worst, mean)
