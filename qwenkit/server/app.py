@@ -3,14 +3,14 @@
 `create_app` builds the shared `ServerContext` (engine, served names, request slots,
 metrics), includes the routers (OpenAI, Responses, DashScope, operations; the web page's
 when it is on), answers every error as its route's protocol writes errors, and wraps the
-app in the API-key / body-size guard and the Host / Origin checks. The handlers live in
+app in the API-key / body-size guard, the Host / Origin checks and the request watch (a
+client that leaves cancels its request; refusals are logged). The handlers live in
 :mod:`qwenkit.server.routes`; they translate with the protocol modules and answer through
 :func:`qwenkit.server.respond.respond`.
 """
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,13 +29,14 @@ from qwenkit.server.routes.operations import operations_router
 from qwenkit.server.routes.responses_api import responses_router
 from qwenkit.server.routes.retrieval_api import retrieval_router
 from qwenkit.server.security import browser_guard
+from qwenkit.server.watch import RequestWatch, record_refusal, request_id_of
 
 __all__ = ["ServerConfig", "create_app"]
 
 
 def create_app(allm, config: ServerConfig | None = None) -> Any:
-    """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard
-    and the Host / Origin checks."""
+    """The ASGI app serving `allm` (an `AsyncLLM`), wrapped in the API-key / body-size guard,
+    the Host / Origin checks and the request watch."""
     config = config or ServerConfig()
     ctx = ServerContext.create(allm, config)
     app = FastAPI(title="qwenkit", version="0.1.0",
@@ -45,13 +46,14 @@ def create_app(allm, config: ServerConfig | None = None) -> Any:
     for router in (openai_router(ctx), responses_router(ctx), dashscope_router(ctx), retrieval_router(ctx),
                    operations_router(ctx)):
         app.include_router(router)
-    guarded = Guard(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                    on_response=ctx.metrics.response)
+    guarded = Guard(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     if config.web:
         from qwenkit.server.web import mount_web
 
-        return browser_guard(mount_web(app, guarded, config), config)
-    return browser_guard(guarded, config)
+        guarded = mount_web(app, guarded, config)
+    routes = route_table(app)
+    return RequestWatch(browser_guard(guarded, config),
+                        on_response=lambda path, status: ctx.metrics.response(routes.match(path)[0], status))
 
 
 def _answer_errors(app: FastAPI) -> None:
@@ -59,8 +61,9 @@ def _answer_errors(app: FastAPI) -> None:
     OpenAI's elsewhere."""
 
     def error_response(request: Request, error: APIError) -> JSONResponse:
+        record_refusal(request, error)
         if is_dashscope_path(request.url.path):
-            body = dashscope_error(error, getattr(request.state, "request_id", None) or secrets.token_hex(16))
+            body = dashscope_error(error, request_id_of(request))
         else:
             body = openai_error(error)
         return JSONResponse(body, status_code=error.status, headers=error.headers)
@@ -76,7 +79,8 @@ def _answer_errors(app: FastAPI) -> None:
 
     @app.exception_handler(404)
     async def on_not_found(request: Request, error):
-        return error_response(request, APIError(404, f"no route {request.method} {request.url.path}"))
+        return error_response(request, APIError(404, f"no route {request.method} {request.url.path}: the path is "
+                                                     "unknown to this server", code="unknown_route"))
 
     @app.exception_handler(405)
     async def on_bad_method(request: Request, error):

@@ -18,10 +18,12 @@ _OPENAI_TYPES = {
     421: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error", 504: "server_error",
 }
 _DASHSCOPE_CODES = {
-    400: "InvalidParameter", 401: "InvalidApiKey", 403: "AccessDenied", 404: "ModelNotFound",
+    400: "InvalidParameter", 401: "InvalidApiKey", 403: "AccessDenied", 404: "NotFound",
     405: "MethodNotAllowed", 413: "RequestTooLarge", 421: "InvalidHost", 429: "Throttling",
     503: "ServiceUnavailable", 504: "RequestTimeOut",
 }
+# ...and for the errors whose own `code` says more than their status.
+_DASHSCOPE_CODES_BY_CODE = {"model_not_found": "ModelNotFound", "unknown_route": "InvalidURL"}
 _PARAM = re.compile(r"^(?:the )?([a-z_][a-z0-9_.\[\]]*)\b")
 
 
@@ -126,7 +128,8 @@ def openai_error(error: APIError) -> dict[str, Any]:
 
 def dashscope_error(error: APIError, request_id: str) -> dict[str, Any]:
     return {
-        "code": _DASHSCOPE_CODES.get(error.status, "InternalError" if error.status >= 500 else "InvalidParameter"),
+        "code": _DASHSCOPE_CODES_BY_CODE.get(error.code) or _DASHSCOPE_CODES.get(
+            error.status, "InternalError" if error.status >= 500 else "InvalidParameter"),
         "message": error.message,
         "request_id": request_id,
     }

@@ -6,7 +6,6 @@ import asyncio
 import hmac
 import json
 import re
-import secrets
 import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 from starlette.routing import Mount, compile_path
 
 from qwenkit.server.errors import APIError, bad_request, dashscope_error, openai_error
+from qwenkit.server.watch import record_refusal, request_id_of
 
 # Paths anyone may read: probes and the API description.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -73,9 +73,11 @@ def route_table(app) -> RouteTable:
     return app.state.route_table
 
 
-async def send_error(send, path: str, error: APIError) -> None:
-    """Answer with `error` in the shape of the route's protocol."""
-    body = dashscope_error(error, secrets.token_hex(16)) if is_dashscope_path(path) else openai_error(error)
+async def send_error(scope, send, error: APIError) -> None:
+    """Answer with `error` in the shape of the route's protocol (from ASGI middleware)."""
+    state = scope.setdefault("state", {})
+    record_refusal(state, error)
+    body = dashscope_error(error, request_id_of(state)) if is_dashscope_path(scope["path"]) else openai_error(error)
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
@@ -84,39 +86,23 @@ async def send_error(send, path: str, error: APIError) -> None:
 
 
 class Guard:
-    """ASGI middleware: the API key (Bearer, compared in constant time), the body size
-    limit (413, also for chunked bodies: the body is read here, then replayed), and a
-    record of each response's status for the metrics."""
+    """ASGI middleware: the API key (Bearer, compared in constant time) and the body size
+    limit (413, also for chunked bodies: the body is read here, then replayed)."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int,
-                 on_response: Callable[[str, int], None] | None = None):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
-        self.on_response = on_response
-        self.routes = route_table(app)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        status = [500]
-
-        async def send_recording(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            error = self._check_key(scope) if path not in OPEN_PATHS else None
-            if error is None:
-                error, receive = await self._read_body(scope, receive)
-            if error is not None:
-                return await send_error(send_recording, path, error)
-            await self.app(scope, receive, send_recording)
-        finally:
-            if self.on_response is not None:
-                self.on_response(self.routes.match(path)[0], status[0])
+        error = self._check_key(scope) if scope["path"] not in OPEN_PATHS else None
+        if error is None:
+            error, receive = await self._read_body(scope, receive)
+        if error is not None:
+            return await send_error(scope, send, error)
+        await self.app(scope, receive, send)
 
     def _check_key(self, scope) -> APIError | None:
         if self.api_key is None:

@@ -4,12 +4,13 @@ Every generating route ends the same way: the engine's items (chat chunks, or se
 updates for raw completions) are written as the route's protocol writes them, either as
 they come (`EventStream`) or gathered into one response. `respond` is that one way; the
 protocol modules supply the writing, as an `Answer`. A client that leaves, during a long
-prefill as much as mid-stream, closes the generation, which frees its KV blocks.
+prefill as much as mid-stream, has its request cancelled (`qwenkit.server.watch`, the
+one place that watches the connection); the generation is then closed here, which frees
+its KV blocks.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
@@ -18,6 +19,7 @@ from starlette.responses import Response
 
 from qwenkit.errors import QwenkitError
 from qwenkit.server.errors import APIError, bad_request
+from qwenkit.server.watch import record_refusal
 
 Item = TypeVar("Item", contravariant=True)
 
@@ -48,17 +50,17 @@ async def respond(request: Request, items: AsyncIterator[Any], answer: Answer, *
     """`items` written by `answer`: as a stream of events when `stream`, else whole. A
     generation that fails mid-stream ends the stream with the protocol's error event."""
     if stream:
-        return EventStream(_events(items, answer), items.aclose)
-
-    async def gather() -> None:
+        return EventStream(_events(items, answer, lambda error: record_refusal(request, error)), items.aclose)
+    try:
         async for item in items:
             answer.add(item)
-
-    await _unless_disconnected(request, gather(), items.aclose)
+    finally:
+        await items.aclose()
     return await answer.whole()
 
 
-async def _events(items: AsyncIterator[Any], answer: Answer) -> AsyncIterator[bytes]:
+async def _events(items: AsyncIterator[Any], answer: Answer,
+                  on_fail: Callable[[APIError], None]) -> AsyncIterator[bytes]:
     for data in answer.start():
         yield data
     try:
@@ -66,37 +68,18 @@ async def _events(items: AsyncIterator[Any], answer: Answer) -> AsyncIterator[by
             for data in answer.events(item):
                 yield data
     except (ValueError, QwenkitError, APIError) as e:
-        for data in answer.fail(e if isinstance(e, APIError) else bad_request(e)):
+        error = e if isinstance(e, APIError) else bad_request(e)
+        on_fail(error)
+        for data in answer.fail(error):
             yield data
         return
     for data in await answer.end():
         yield data
 
 
-async def _wait_disconnect(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[None], close: Callable[[], Awaitable[None]]) -> None:
-    """Run `work`; a client that goes away meanwhile cancels it (which aborts its generation)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (task, watcher):
-            t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-        await close()
-    if task.cancelled():
-        raise APIError(499, "the client closed the request")
-    task.result()  # re-raise what went wrong
-
-
 class EventStream(Response):
-    """A text/event-stream response that notices a client leaving even between events
-    (during a long prefill) and then closes the generation, which frees its KV blocks."""
+    """A text/event-stream response that closes its generation however it ends: finished,
+    failed, or cancelled because the client left (`qwenkit.server.watch`)."""
 
     media_type = "text/event-stream"
 
@@ -109,21 +92,13 @@ class EventStream(Response):
         self.close = close
 
     async def __call__(self, scope, receive, send) -> None:
-        async def stream() -> None:
+        try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for data in self.events:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        task = asyncio.ensure_future(stream())
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except OSError:  # the connection broke under a write: nobody is left to answer
+            pass
         finally:
-            for t in (task, watcher):
-                t.cancel()
-            await asyncio.gather(task, watcher, return_exceptions=True)
             await self.events.aclose()
             await self.close()
-        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), OSError):
-            raise task.exception()

@@ -106,7 +106,7 @@ class BrowserGuard:
         host = headers.get(b"host")
         error = self._check_host(host) or self._check_origin(scope, headers.get(b"origin"), host)
         if error is not None:
-            return await send_error(send, scope["path"], error)
+            return await send_error(scope, send, error)
         await self.app(scope, receive, send)
 
     def _check_host(self, host: str | None) -> APIError | None:

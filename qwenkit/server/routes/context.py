@@ -2,7 +2,9 @@
 
 A generation is opened in a request slot and its first item awaited before the response
 starts, so a request the engine refuses (a prompt longer than the context, a bad schema)
-still gets a plain 400 rather than a stream that breaks.
+still gets a plain 400 rather than a stream that breaks. A client that leaves meanwhile
+(in the slot queue, during the prefill) cancels the request (`qwenkit.server.watch`):
+the generation is closed where the cancellation finds it, which aborts it in the engine.
 """
 
 from __future__ import annotations

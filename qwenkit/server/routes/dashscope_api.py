@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
-
 from fastapi import APIRouter, Request
 
 from qwenkit.server import dashscope_protocol as ds
 from qwenkit.server.limits import prompt_texts
 from qwenkit.server.respond import respond
 from qwenkit.server.routes.context import ServerContext, as_400
+from qwenkit.server.watch import request_id_of
 
 DASHSCOPE_ROUTE = "/api/v1/services/aigc/text-generation/generation"
 
@@ -19,8 +18,7 @@ def dashscope_router(ctx: ServerContext) -> APIRouter:
 
     @router.post(DASHSCOPE_ROUTE, summary="DashScope text generation")
     async def generation(body: ds.GenerationRequest, request: Request):
-        request_id = secrets.token_hex(16)
-        request.state.request_id = request_id  # errors answered on this path carry it
+        request_id = request_id_of(request)  # errors answered on this path carry it too
         ctx.check_model(body.model)
         call = as_400(ds.generation_call, body)
         await ctx.check_prompt(prompt_texts(call.request.messages))

@@ -11,6 +11,7 @@ from qwenkit.server import openai_protocol as oa
 from qwenkit.server.limits import prompt_texts
 from qwenkit.server.respond import respond
 from qwenkit.server.routes.context import ServerContext, as_400
+from qwenkit.server.watch import name_request
 
 
 def openai_router(ctx: ServerContext) -> APIRouter:
@@ -20,10 +21,11 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         model = ctx.check_model(body.model)
         call = as_400(oa.chat_call, body)
         await ctx.check_prompt(prompt_texts(call.request.messages))
-        request_id = "chatcmpl-" + secrets.token_hex(12)
+        request_id = name_request(request, "chatcmpl-" + secrets.token_hex(12))
         chunks = await ctx.open_chat(call.request, request_id)
         decode = ctx.token_decoder(call.request.sampling_params.logprobs)
-        answer = oa.ChatAnswer(request_id, model, include_usage=call.include_usage, decode=decode)
+        answer = oa.ChatAnswer(request_id, model, include_usage=call.include_usage, decode=decode,
+                               functions=call.functions)
         return await respond(request, chunks, answer, stream=bool(body.stream))
 
     router.post("/v1/chat/completions", summary="OpenAI chat completions")(chat_completions)
@@ -36,7 +38,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         if isinstance(call.prompt, str):
             await ctx.check_prompt([call.prompt])
         prompt_ids = call.prompt if isinstance(call.prompt, list) else as_400(ctx.allm.tokenizer.encode, call.prompt)
-        request_id = "cmpl-" + secrets.token_hex(12)
+        request_id = name_request(request, "cmpl-" + secrets.token_hex(12))
         decode = ctx.token_decoder(call.params.logprobs)
         encoder = oa.CompletionEncoder(request_id, model, decode, call.include_usage)
 

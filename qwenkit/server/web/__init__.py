@@ -93,8 +93,7 @@ class OpenPage:
     def __init__(self, guarded: Guard):
         self.guarded = guarded
         self.app = guarded.app
-        self.open = Guard(guarded.app, api_key=None, max_body_bytes=guarded.max_body_bytes,
-                          on_response=guarded.on_response)
+        self.open = Guard(guarded.app, api_key=None, max_body_bytes=guarded.max_body_bytes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and is_page_path(scope["path"]):

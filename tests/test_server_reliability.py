@@ -1,0 +1,222 @@
+"""What a server does with requests that go wrong on the way: a client that leaves before
+its first token, and refusals that must say why in the log.
+
+A real uvicorn server on 127.0.0.1 over its own tiny random Qwen3 whose prefill is made
+slow on purpose: 16 tokens a step and at least 40 ms a step, so a 1,500-token prompt is
+~90 steps of prefill, against which "freed within a step" and "not delayed" are counted.
+"""
+
+import json
+import logging
+import socket
+import time
+
+import httpx
+import pytest
+from serving import running_server
+
+from qwenkit.server import ServerConfig
+
+MODEL = "tiny-qwen3"
+STEP_S = 0.04
+LONG_PROMPT_TOKENS = 1500
+
+
+@pytest.fixture(scope="module")
+def slow_allm(tiny_checkpoint):
+    """The engine, slowed to STEP_S a step; `.steps` records each step's request ids."""
+    from qwenkit import AsyncLLM
+
+    engine = AsyncLLM(str(tiny_checkpoint), dtype="float32", progress=False, max_num_batched_tokens=16,
+                      kv_cache_memory="64MiB", enable_prefix_caching=False)
+    runner = engine.llm.engine.runner
+    run = runner.run
+    engine.steps = []
+
+    def slow_run(batch):
+        engine.steps.append({s.seq.request_id for s in batch})
+        time.sleep(STEP_S)
+        return run(batch)
+
+    runner.run = slow_run
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(slow_allm, tmp_path_factory):
+    db = tmp_path_factory.mktemp("db")
+    config = ServerConfig(served_model_names=[MODEL], max_running_requests=1, max_waiting_requests=1,
+                          chat_db=str(db / "c.sqlite3"), responses_db=str(db / "r.sqlite3"))
+    with running_server(slow_allm, config) as url:
+        yield url
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def wait_for(condition, timeout: float, what: str) -> float:
+    """Seconds until `condition()` holds (polled every 5 ms)."""
+    begun = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - begun < timeout, f"{what} did not happen within {timeout} s"
+        time.sleep(0.005)
+    return time.perf_counter() - begun
+
+
+def post_raw(url: str, path: str, body: dict, headers: dict | None = None) -> socket.socket:
+    """Send a request on a socket of its own and leave it unread."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+             f"Content-Length: {len(data)}"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    s = socket.create_connection((host, int(port)))
+    s.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + data)
+    return s
+
+
+def long_text(slow_allm, seed: int) -> str:
+    """A user message of about LONG_PROMPT_TOKENS tokens (each seed a different one)."""
+    words = ["hello", "world", "quick", "brown", "fox", "lazy", "dog", "thinks", "answers"]
+    text = " ".join(words[(i * 7 + seed) % len(words)] for i in range(LONG_PROMPT_TOKENS * 3 // 4))
+    n = len(slow_allm.tokenizer.encode(text))
+    assert LONG_PROMPT_TOKENS * 0.8 < n < 1800, n
+    return text
+
+
+def generating_requests(slow_allm, seed: int) -> dict[str, tuple[str, dict, dict]]:
+    text = long_text(slow_allm, seed)
+    ids = [5 + (seed + i) % 300 for i in range(LONG_PROMPT_TOKENS)]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+    return {
+        "completions streamed": ("/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 4, "stream": True}, {}),
+        "completions whole": ("/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 4}, {}),
+        "chat streamed": ("/v1/chat/completions", {**chat, "stream": True}, {}),
+        "chat whole": ("/v1/chat/completions", chat, {}),
+        "dashscope streamed": ("/api/v1/services/aigc/text-generation/generation",
+                               {"model": MODEL, "input": {"prompt": text}, "parameters": {"max_tokens": 4}},
+                               {"X-DashScope-SSE": "enable"}),
+        "responses whole": ("/v1/responses", {"model": MODEL, "input": text, "max_output_tokens": 4}, {}),
+    }
+
+
+CASES = ["completions streamed", "completions whole", "chat streamed", "chat whole", "dashscope streamed",
+         "responses whole"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_client_that_leaves_during_the_prefill_frees_it_within_a_step(server, slow_allm, case):
+    """Counted in engine steps, not seconds: the machine running the tests may be loaded."""
+    engine = slow_allm.llm.engine
+    path, body, headers = generating_requests(slow_allm, CASES.index(case))[case]
+    s = post_raw(server, path, body, headers)
+    try:
+        wait_for(lambda: metric(server, "qwenkit_kv_blocks_in_use") >= 4, 10, "the prefill starting")
+        (abandoned,) = engine.requests
+    finally:
+        s.close()
+    closed_at = len(slow_allm.steps)
+    wait_for(lambda: not engine.requests and metric(server, "qwenkit_kv_blocks_in_use") == 0, 5, "freeing")
+    wait_for(lambda: metric(server, "qwenkit_requests_running") == 0, 5, "the slot's release")
+    # Aborted within about one step (the one running when the client left); ~90 were to come.
+    steps_after = [step for step in slow_allm.steps[closed_at:] if abandoned in step]
+    assert len(steps_after) <= 2, len(steps_after)
+
+    # And a request sent next runs at once: in its own few steps, none of them the abandoned prefill's.
+    sent_at = len(slow_allm.steps)
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert 1 <= len(slow_allm.steps) - sent_at <= 3
+    assert all(step == {r.json()["id"]} for step in slow_allm.steps[sent_at:]), slow_allm.steps[sent_at:]
+    assert f'route="{path}",status="499"' in httpx.get(server + "/metrics").text
+
+
+def test_a_client_that_leaves_while_waiting_for_a_slot_gives_up_its_place(server, slow_allm):
+    engine = slow_allm.llm.engine
+    first = post_raw(server, "/v1/completions", generating_requests(slow_allm, 10)["completions streamed"][1])
+    try:
+        wait_for(lambda: metric(server, "qwenkit_requests_running") == 1 and engine.requests, 10, "the first running")
+        (running,) = engine.requests
+        second = post_raw(server, "/v1/completions", generating_requests(slow_allm, 11)["completions whole"][1])
+        wait_for(lambda: metric(server, "qwenkit_requests_waiting") == 1, 5, "the second request waiting")
+        second.close()
+        wait_for(lambda: metric(server, "qwenkit_requests_waiting") == 0, 3, "the waiting place given up")
+        assert set(engine.requests) == {running}  # it left on its own, not by getting its turn
+    finally:
+        first.close()
+    wait_for(lambda: not engine.requests, 5, "the first request's abort")
+
+
+# -- every refusal is logged with the request id and why -------------------------------
+
+
+def refusal_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "qwenkit.server" and r.levelno == logging.WARNING]
+
+
+def logged_once(caplog, request_id: str, *words: str) -> str:
+    """The one line logged for `request_id` (written as the request ends: maybe just after
+    the client has read the answer)."""
+    wait_for(lambda: any(request_id in line for line in refusal_lines(caplog)), 5, f"{request_id} logged")
+    lines = [line for line in refusal_lines(caplog) if request_id in line]
+    assert len(lines) == 1, (request_id, refusal_lines(caplog))
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_refusals_are_logged_with_the_request_id_and_the_reason(server, slow_allm, caplog):
+    caplog.set_level(logging.WARNING, logger="qwenkit.server")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx.Client(base_url=server, timeout=30) as http:
+        cases = [
+            (http.post("/v1/chat/completions", json={**chat, "temperature": 9}), 400, "temperature"),
+            (http.post("/v1/chat/completions", json={**chat, "model": "nope"}), 404, "`nope` does not exist"),
+            (http.post("/v1/completions", json={"model": MODEL, "prompt": [5] * 3000}), 400, "context"),
+            (http.post("/api/v1/services/aigc/nonexistent", json={}), 404, "unknown"),
+            (http.get("/v1/models", headers={"Host": "evil.example"}), 421, "evil.example"),
+            (http.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}), 400,
+             "not valid JSON"),
+        ]
+        for r, status, words in cases:
+            assert r.status_code == status, r.text
+            request_id = r.headers["x-request-id"]
+            logged_once(caplog, request_id, str(status), words)
+        # The DashScope body's request_id is the logged one.
+        assert cases[3][0].json()["request_id"] == cases[3][0].headers["x-request-id"]
+
+        # Slots full: one running, one waiting, the third refused with 429.
+        running = post_raw(server, "/v1/completions", generating_requests(slow_allm, 20)["completions streamed"][1])
+        waiting = None
+        try:
+            wait_for(lambda: metric(server, "qwenkit_requests_running") == 1, 10, "the first request running")
+            waiting = post_raw(server, "/v1/completions", generating_requests(slow_allm, 21)["completions whole"][1])
+            wait_for(lambda: metric(server, "qwenkit_requests_waiting") == 1, 5, "the second request waiting")
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6], "max_tokens": 1})
+            assert r.status_code == 429
+            logged_once(caplog, r.headers["x-request-id"], "429", "busy")
+        finally:
+            running.close()
+            if waiting is not None:
+                waiting.close()
+        wait_for(lambda: len([line for line in refusal_lines(caplog) if " 499 " in line]) == 2, 5, f"two 499s logged {refusal_lines(caplog)}")
+        assert all("cmpl-" in line and "closed the connection" in line
+                   for line in refusal_lines(caplog) if " 499 " in line)
+
+        ok = http.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6], "max_tokens": 1})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == ok.json()["id"]
+        assert not [line for line in refusal_lines(caplog) if ok.json()["id"] in line]
+
+
+def test_a_timeout_in_a_stream_is_logged(slow_allm, caplog, tmp_path):
+    caplog.set_level(logging.WARNING, logger="qwenkit.server")
+    config = ServerConfig(served_model_names=[MODEL], request_timeout_s=0.1, web=False)
+    with running_server(slow_allm, config) as url:
+        body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 40, "ignore_eos": True, "stream": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and "timeout" in r.text
+    logged_once(caplog, r.headers["x-request-id"], "504 in the stream", "timeout")
