@@ -164,3 +164,20 @@ def test_rerank_in_the_common_shape(rerank_server):
 
 def test_reranker_lists_rerank(rerank_server):
     assert "rerank" in httpx.get(rerank_server[0] + "/v1/models").json()["data"][0]["capabilities"]
+
+
+def test_client_remote_embedding_model_and_reranker(embedding_server, rerank_server):
+    from qwenkit.client import OpenAIEmbeddingModel, OpenAIReranker, VectorStore
+    from qwenkit.client.embedding import format_query
+
+    url, llm = embedding_server
+    remote = OpenAIEmbeddingModel(url + "/v1", "tiny", batch_size=2)
+    assert close(remote.embed(TEXTS), llm.embed(TEXTS))
+    assert close(remote.embed_query("fox"), llm.embed(format_query("fox"))[0])
+    store = VectorStore(":memory:", embedding_model=remote)
+    store.add(TEXTS)
+    assert store.similarity_search(TEXTS[2], k=1)[0].text == TEXTS[2]
+    url, llm = rerank_server
+    assert close(OpenAIReranker(url + "/v1", "tiny").score("fox", TEXTS), llm.score("fox", TEXTS))
+    with pytest.raises(RuntimeError, match="answered 400: the model `tiny` is an embedding model"):
+        OpenAIReranker(embedding_server[0] + "/v1").score("fox", TEXTS)
