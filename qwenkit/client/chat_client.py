@@ -149,18 +149,20 @@ class _Run:
             chunk = advisor.adapt_chunk(self.request, chunk)
         return chunk
 
-    def loop(self, request: AdvisedRequest) -> ToolLoop:
-        return ToolLoop(request.prompt_messages(), request.options, request.tools,
+    def start(self) -> tuple[ToolLoop | None, CallModel | Finish]:
+        """The before hooks, then the ToolLoop and its first action; (None, Finish) when an
+        advisor answered."""
+        request = self.before()
+        if request.response is not None:
+            return None, Finish(request.response)
+        loop = ToolLoop(request.prompt_messages(), request.options, request.tools,
                         max_rounds=self.client.max_tool_rounds)
+        return loop, loop.start()
 
     # The four shells below do the I/O the ToolLoop asks for, and nothing else.
 
     def call(self) -> ChatResponse:
-        request = self.before()
-        if request.response is not None:
-            return self.after(request.response)
-        loop = self.loop(request)
-        action = loop.start()
+        loop, action = self.start()
         while not isinstance(action, Finish):
             if isinstance(action, CallModel):
                 action = loop.receive_response(
@@ -170,11 +172,7 @@ class _Run:
         return self.after(action.response)
 
     async def acall(self) -> ChatResponse:
-        request = self.before()
-        if request.response is not None:
-            return self.after(request.response)
-        loop = self.loop(request)
-        action = loop.start()
+        loop, action = self.start()
         while not isinstance(action, Finish):
             if isinstance(action, CallModel):
                 action = loop.receive_response(
@@ -184,33 +182,21 @@ class _Run:
         return self.after(action.response)
 
     def stream(self) -> Iterator[ChatResponseChunk]:
-        request = self.before()
-        if request.response is not None:
-            response = self.after(request.response)
-            yield ChatResponseChunk(content=response.content or "", finish_reason=response.finish_reason)
-            return
-        loop = self.loop(request)
-        action = loop.start()
+        loop, action = self.start()
         while not isinstance(action, Finish):
             if isinstance(action, CallModel):
                 for chunk in self.client.model.stream(action.messages, action.options, tools=action.tools):
-                    for out in loop.receive_chunk(chunk):
-                        yield self.adapt(out)
+                    yield from map(self.adapt, loop.receive_chunk(chunk))
                 held, action = loop.end_stream()
-                for out in held:
-                    yield self.adapt(out)
+                yield from map(self.adapt, held)
             else:
                 action = loop.receive_results([run_tool_call(loop.tools, call) for call in action.calls])
-        self.after(action.response)
+        response = self.after(action.response)
+        if loop is None:  # an advisor answered: its answer as one chunk
+            yield ChatResponseChunk(content=response.content or "", finish_reason=response.finish_reason)
 
     async def astream(self) -> AsyncIterator[ChatResponseChunk]:
-        request = self.before()
-        if request.response is not None:
-            response = self.after(request.response)
-            yield ChatResponseChunk(content=response.content or "", finish_reason=response.finish_reason)
-            return
-        loop = self.loop(request)
-        action = loop.start()
+        loop, action = self.start()
         while not isinstance(action, Finish):
             if isinstance(action, CallModel):
                 async for chunk in self.client.model.astream(action.messages, action.options, tools=action.tools):
@@ -221,7 +207,9 @@ class _Run:
                     yield self.adapt(out)
             else:
                 action = loop.receive_results([await arun_tool_call(loop.tools, call) for call in action.calls])
-        self.after(action.response)
+        response = self.after(action.response)
+        if loop is None:
+            yield ChatResponseChunk(content=response.content or "", finish_reason=response.finish_reason)
 
 
 def response_format_for(entity: Any) -> dict[str, Any]:
