@@ -25,7 +25,9 @@ from qwenkit.client.mcp import MCPToolset, load_mcp_config
 from qwenkit.client.models import ChatModel, DashScopeChatModel, LocalChatModel, OpenAIChatModel
 from qwenkit.client.retrieval import RETRIEVED_DOCUMENTS, RetrievalAdvisor, index_folder, sources
 from qwenkit.client.tools import Tool, tool
-from qwenkit.client.types import ChatOptions, ChatResponse, ChatResponseChunk, ToolCall, Usage
+from qwenkit.client.types import (
+    ChatOptions, ChatResponse, ChatResponseChunk, ToolCall, ToolLoopEnd, ToolLoopOutcome, Usage,
+)
 from qwenkit.client.vector_store import VectorStore, reciprocal_rank_fusion
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
     "ChatModel", "ChatOptions", "ChatResponse", "ChatResponseChunk", "DashScopeChatModel", "InMemoryChatMemory",
     "LocalChatModel", "MCPToolset", "MessageChatMemoryAdvisor", "OpenAIChatModel", "PromptChatMemoryAdvisor", "PromptRequest", "ReasoningContentAdvisor", "SQLiteChatMemory",
     "SafeGuardAdvisor", "SimpleLoggerAdvisor", "StreamResponse", "Tool", "ToolCall", "Usage", "parse_entity",
-    "load_mcp_config", "response_format_for", "tool",
+    "load_mcp_config", "response_format_for", "tool", "ToolLoopEnd", "ToolLoopOutcome",
     # Retrieval (docs/retrieval.md)
     "Document", "EmbeddingModel", "LocalEmbeddingModel", "LocalReranker", "OpenAIEmbeddingModel", "OpenAIReranker",
     "RETRIEVED_DOCUMENTS", "Reranker", "RetrievalAdvisor", "VectorStore", "index_folder", "read_documents",
