@@ -200,13 +200,9 @@ def _chat_model(args: argparse.Namespace) -> Any:
             except Exception as e:  # noqa: BLE001 - any failure here means the endpoint is not usable
                 raise QwenkitError(f"cannot list the models at {args.base_url}: {e}") from None
         return model
-    from qwenkit.llm import LLM
+    from qwenkit.cli import load_llm
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
-              kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-              max_model_len=args.max_model_len,
-              quantization=args.quantization, compile=args.compile)
-    return LocalChatModel(llm)
+    return LocalChatModel(load_llm(args))  # every model option `run` takes, --threads included
 
 
 def _thinking_note(model: Any):

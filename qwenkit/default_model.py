@@ -80,7 +80,8 @@ def default_model_path(*, progress: bool = True) -> Path:
 
     Raises :class:`DefaultModelMissing` when part packages are not installed, and
     :class:`ModelLoadError` when the parts do not add up to the expected file.
-    ``progress`` shows a byte progress bar on stderr while assembling.
+    ``progress`` says on stderr that it is assembling: a byte progress bar on a terminal,
+    one line elsewhere (a log, a pipe), so a first run is never silent for the ~10 s it takes.
     """
     path = models_dir() / f"{DEFAULT_MODEL_NAME}.gguf"
     if _is_assembled(path):
@@ -170,6 +171,10 @@ def _assemble(part_paths: list[Path], path: Path, *, progress: bool) -> None:
     """
     from tqdm import tqdm
 
+    bar = progress and sys.stderr.isatty()
+    if progress and not bar:
+        print(f"qwenkit: assembling the default model {DEFAULT_MODEL_NAME} ({DEFAULT_MODEL_SIZE / 1e6:.0f} MB) "
+              f"from its installed parts into {path.parent} (once, on first use)", file=sys.stderr, flush=True)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     temp = Path(temp_name)
     try:
@@ -186,8 +191,8 @@ def _assemble(part_paths: list[Path], path: Path, *, progress: bool) -> None:
                 unit_divisor=1024,
                 desc=f"Assembling {DEFAULT_MODEL_NAME}",
                 file=sys.stderr,
-                disable=not progress,
-            ) as bar,
+                disable=not bar,
+            ) as bytes_bar,
         ):
             for part_path in part_paths:
                 with open(part_path, "rb") as src:
@@ -196,7 +201,7 @@ def _assemble(part_paths: list[Path], path: Path, *, progress: bool) -> None:
                         sha256.update(chunk)
                         out.write(chunk)
                         num_bytes += n
-                        bar.update(n)
+                        bytes_bar.update(n)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temp, _FILE_MODE)

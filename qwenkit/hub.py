@@ -26,6 +26,9 @@ from qwenkit.model_files import (
     cached_snapshots,
     download_repo,
     gguf_filename_on_hub,
+    is_hub_name,
+    local_path,
+    looks_like_path,
     resolve_model,
     resolve_repo_file,
 )
@@ -46,13 +49,14 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class LocalModel:
-    """A model on this machine: `name` is what --model takes."""
+    """A model on this machine: `name` (or one of its `aliases`) is what --model takes."""
 
     name: str
     source: str  # the Hub repo id, or "qwenkit home" for the default model
     files: ModelFiles
     size_bytes: int
     paths: tuple[Path, ...] = field(default=())  # what `rm` deletes
+    aliases: tuple[str, ...] = ()  # the default model's "default"
 
 
 # -- pull ---------------------------------------------------------------------------------
@@ -105,8 +109,9 @@ def list_models() -> list[LocalModel]:
     default = models_dir() / f"{DEFAULT_MODEL_NAME}.gguf"
     if default.is_file():
         marker = default.with_name(default.name + ".sha256")
-        models.append(LocalModel("default", "qwenkit home", ModelFiles("gguf", default, DEFAULT_MODEL_NAME),
-                                 default.stat().st_size, (default, marker)))
+        # Its own name, as the server's /v1/models reports it, and "default" beside it.
+        models.append(LocalModel(DEFAULT_MODEL_NAME, "qwenkit home", ModelFiles("gguf", default, DEFAULT_MODEL_NAME),
+                                 default.stat().st_size, (default, marker), aliases=("default",)))
     cache = hub_cache()
     for repo_dir in sorted(cache.glob("models--*--*")) if cache.is_dir() else []:
         repo_id = repo_dir.name.removeprefix("models--").replace("--", "/", 1)
@@ -154,11 +159,14 @@ def find_local(spec: str) -> LocalModel:
     wanted = _canonical(spec)
     models = list_models()
     for model in models:
-        if wanted in (_canonical(model.name), _canonical(model.source)) and (
-            model.files.format == "hf" or wanted == _canonical(model.name)
+        if wanted in (_canonical(model.name), _canonical(model.source), *model.aliases) and (
+            model.files.format == "hf" or wanted in (_canonical(model.name), *model.aliases)
         ):
             return model
     here = ", ".join(m.name for m in models) or "none"
+    if not is_hub_name(spec):
+        raise QwenkitError(f"{spec} is not on this machine (here: {here}) nor a name `qwenkit pull` takes "
+                           "(a short name such as qwen3:8b, or a Hugging Face repo id)")
     raise QwenkitError(f"{spec} is not on this machine (here: {here}): get it with `qwenkit pull {spec}`")
 
 
@@ -216,9 +224,9 @@ def describe(files: ModelFiles) -> ModelInfo:
 def _describe_gguf(path: Path) -> ModelInfo:
     import gguf
 
-    from qwenkit.loader.gguf import _read_header  # the header only: no tensor-type or architecture check
+    from qwenkit.gguf_header import read_header  # the header only: no tensor-type or architecture check
 
-    metadata, tensors = _read_header(path)
+    metadata, tensors = read_header(path)
     arch = metadata.get("general.architecture", "?")
     try:
         quantization = gguf.LlamaFileType(int(metadata["general.file_type"])).name.removeprefix("MOSTLY_")
@@ -296,8 +304,10 @@ def format_size(num_bytes: int) -> str:
 
 def local_files(spec: str) -> ModelFiles:
     """The files `spec` names, from this machine only: never a download."""
-    if spec == "default" or Path(spec).expanduser().exists():
-        return resolve_model(spec, progress=False)
+    if spec in ("default", DEFAULT_MODEL_NAME) or local_path(spec) is not None:
+        return resolve_model(spec, progress=True)  # the default model's first assembly says so
+    if looks_like_path(spec):
+        raise ModelLoadError(f"model path not found: {spec}")
     try:
         return find_local(spec).files
     except QwenkitError as e:

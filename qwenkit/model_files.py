@@ -50,7 +50,8 @@ class ModelFiles:
 def resolve_model(spec: str | None, *, progress: bool = True) -> ModelFiles:
     """Find the files ``spec`` names, downloading or assembling them if needed.
 
-    ``spec`` is None or ``"default"`` (the embedded default model), a .gguf file, a
+    ``spec`` is None or ``"default"`` (the embedded default model, also by its own name
+    :data:`~qwenkit.default_model.DEFAULT_MODEL_NAME`), a .gguf file, a
     folder with config.json and *.safetensors (or a single .gguf), a Hugging Face
     repo id ``owner/name`` or one GGUF file of a repo, ``owner/name/file.gguf``
     (downloaded into the HF cache; with ``HF_HUB_OFFLINE=1`` taken from the cache
@@ -58,7 +59,7 @@ def resolve_model(spec: str | None, *, progress: bool = True) -> ModelFiles:
     (:mod:`qwenkit.model_names`). ``progress`` shows progress bars on stderr.
     Raises :class:`ModelLoadError` with a message that says what to do.
     """
-    if spec is None or spec == "default":
+    if spec is None or spec in ("default", DEFAULT_MODEL_NAME):
         return ModelFiles("gguf", default_model_path(progress=progress), DEFAULT_MODEL_NAME)
     if not spec.strip():
         raise ModelLoadError(_unknown_model_message(spec))

@@ -104,6 +104,99 @@ def test_truncated_gguf(default_gguf, tmp_path):
     assert_one_line_error(qwenkit("run", "--model", str(cut), "hi"), "cut.gguf", "truncated")
 
 
+@pytest.fixture
+def empty_store(tmp_path, monkeypatch):
+    """No models on this machine: an empty qwenkit home and Hugging Face cache, offline."""
+    from qwenkit import hub
+
+    monkeypatch.setenv("QWENKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(hub, "hub_cache", lambda: tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+LONG_NAME = "a" * 5000  # past any file system's limit on a name (ENAMETOOLONG)
+
+
+@pytest.mark.parametrize("argv", [
+    ["show", LONG_NAME], ["show", "/" + LONG_NAME], ["show", "~/" + LONG_NAME], ["show", "qwen3:" + LONG_NAME],
+    ["rm", LONG_NAME], ["run", "--model", LONG_NAME, "hi"], ["run", "--model", "./" + LONG_NAME, "hi"],
+    ["bench", "--model", LONG_NAME], ["chat", "--model", LONG_NAME],
+])
+def test_a_name_too_long_for_a_path_is_one_error_line(empty_store, argv, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err[:300]
+
+
+def write_gguf_with_alignment(path: Path, alignment: int) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "qwen3")
+    writer.add_uint32(gguf.Keys.General.ALIGNMENT, alignment)  # the key only: the writer pads to 32
+    writer.add_tensor("output_norm.weight", np.ones(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("alignment", [0, 24])
+def test_a_gguf_whose_alignment_is_not_a_power_of_two_is_refused(empty_store, tmp_path, alignment, capsys):
+    path = write_gguf_with_alignment(tmp_path / "odd.gguf", alignment)
+    for argv in (["show", str(path)], ["run", "--model", str(path), "hi"]):
+        assert main(argv) == 1
+        lines = capsys.readouterr().err.splitlines()  # `run` says "loading model" first
+        assert lines[-1] == f"error: {path}: corrupt GGUF header: general.alignment is {alignment}, not a power of two"
+        assert len(lines) == (2 if argv[0] == "run" else 1), lines
+
+
+def test_commands_that_read_files_answer_without_torch(tmp_path):
+    """--help, --version, list, show, rm, pull, argument errors and a wrong model path: no torch,
+    no transformers, and each well under a second on an idle machine (asserted loosely)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hub_cache import write_tiny_gguf
+
+    from qwenkit.default_model import DEFAULT_MODEL_NAME
+
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    gguf = write_tiny_gguf(tmp_path / "home" / "models" / f"{DEFAULT_MODEL_NAME}.gguf", tokens=["a", "b"],
+                           chat_template=None)
+    (tmp_path / "notes").mkdir()
+    commands = [
+        ["--help"], ["--version"], ["list"], ["list", "--json"], ["show", "default"], ["show", str(gguf), "--json"],
+        ["rm", "qwen3:0.6b"], ["pull"], ["pull", "qwen3:7b"], ["run", "--bogus"], ["serve", "--port", "x"],
+        ["run", "--threads", "0", "hi"], ["run", "--model", str(tmp_path / "nope.gguf"), "hi"],
+        *([cmd, "--model", str(tmp_path / "notes")] for cmd in ("run", "chat", "bench", "serve")),
+        ["rm", "default"],
+    ]
+    script = f"""
+import contextlib, io, json, sys, time
+from qwenkit.cli import main
+seen = []
+for argv in {commands!r}:
+    begun = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    seen.append([argv, code, time.perf_counter() - begun, [m for m in ("torch", "transformers") if m in sys.modules]])
+print(json.dumps(seen))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "QWENKIT_HOME": str(tmp_path / "home"),
+           "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for argv, code, seconds, heavy in json.loads(r.stdout):
+        assert heavy == [], (argv, heavy)
+        assert code == (0 if argv[0] in ("--help", "--version", "list", "show") or argv == ["rm", "default"]
+                        else 2 if argv in (["pull"], ["run", "--bogus"], ["serve", "--port", "x"]) else 1), argv
+        assert seconds < 10, (argv, seconds)  # loose: a busy shared machine; ~0.1-0.4 s idle
+    assert not gguf.exists()
+
+
 def test_prompt_longer_than_context(tiny_model):
     r = qwenkit("run", "--model", str(tiny_model), "word " * 700)
     assert_one_line_error(r, "the prompt is", "context is 512 tokens")
@@ -151,6 +244,47 @@ def test_bench_checks_its_options(tiny_model):
     assert_one_line_error(qwenkit("bench", "--model", str(tiny_model), "--repeats", "0"), "--repeats")
 
 
+class Loaded(Exception):
+    """Stops a command once it has built its engine's arguments."""
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", 256), ("cpu", 32)])
+@pytest.mark.parametrize("command", [["serve"], ["bench", "--concurrency", "1,16"]])
+def test_the_batch_size_default_is_the_engines_on_each_device(tiny_model, monkeypatch, command, device, expected):
+    """serve and bench leave max_num_seqs to the engine (256 on CUDA, 32 on CPU), as the engine
+    resolves it; only flags given, or bench's need for more streams, override it."""
+    import qwenkit.async_llm
+    import qwenkit.llm
+    from qwenkit.engine.llm_engine import EngineArgs
+
+    resolved = []
+
+    def engine(model, **kwargs):  # what LLM / AsyncLLM do with the arguments, on a (mocked) device
+        resolved.append(EngineArgs(max_num_seqs=kwargs.get("max_num_seqs")).resolved(torch.device(device)))
+        raise Loaded
+
+    monkeypatch.setattr(qwenkit.async_llm, "AsyncLLM", engine)
+    monkeypatch.setattr(qwenkit.llm, "LLM", engine)
+    monkeypatch.setattr(qwenkit.llm, "resolve_device", lambda spec: torch.device(device))
+    with pytest.raises(Loaded):
+        main([*command, "--model", str(tiny_model), "--device", device])
+    with pytest.raises(Loaded):
+        main([*command, "--model", str(tiny_model), "--device", device, "--max-num-seqs", "8"]
+             if command == ["serve"] else [*command[:-1], "1,300", "--model", str(tiny_model)])
+    assert [args.max_num_seqs for args in resolved] == [expected, 8 if command == ["serve"] else 300]
+
+
+def test_threads_reach_the_engine(tiny_model, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["run", "--model", str(tiny_model), "--threads", "1", "--json", "--max-tokens", "2", "hi"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_version():
     r = qwenkit("--version")
     assert r.returncode == 0 and re.fullmatch(r"qwenkit \d+\.\d+\.\d+ \(torch .*, Python .*\)\n", r.stdout), r.stdout
@@ -173,15 +307,16 @@ def test_serve_says_how_to_reach_it(tiny_model, tmp_path):
     """Not on a terminal: plain lines while loading, then the URL, names, page and key once ready."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QWENKIT_HOME": str(tmp_path)}
     env.pop("QWENKIT_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "qwenkit", "serve", "--model", str(tiny_model), "--port", "0"],
-                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "qwenkit", "serve", "--model", str(tiny_model), "--port", "0",
+                             "--threads", "1"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         lines = []
         while not any("API key" in line for line in lines):
             line = proc.stderr.readline()
             assert line, "".join(lines)
             lines.append(line)
-        ours = [line.rstrip() for line in lines if line.startswith("qwenkit: ")]
+        # (A first run also says that it compiles the CPU kernels: that line is the kernels' own.)
+        ours = [line.rstrip() for line in lines if line.startswith("qwenkit: ") and " compiling " not in line]
         assert ours[0] == f"qwenkit: loading model {tiny_model} (the first load of a model takes longest)"
         assert re.fullmatch(rf"qwenkit: loaded {tiny_model.name} in \d+\.\d s", ours[1])
         port = int(re.fullmatch(r"qwenkit: ready at http://127\.0\.0\.1:(\d+): OpenAI API "
@@ -193,7 +328,7 @@ def test_serve_says_how_to_reach_it(tiny_model, tmp_path):
         assert ours[3:] == [
             f"qwenkit: model name for requests: {tiny_model.name}, default (capabilities: completion, thinking, "
             "hybrid_thinking, tools)",
-            f"qwenkit: running: {dtype} on cpu, {kernels.summary('cpu')}",
+            f"qwenkit: running: {dtype} on cpu, 1 thread, {kernels.summary('cpu')}",
             f"qwenkit: web chat page: http://127.0.0.1:{port}/",
             "qwenkit: API key: none required (--api-key or QWENKIT_API_KEY sets one)",
         ]

@@ -192,10 +192,19 @@ def test_unwritable_home_is_a_clear_error(tmp_path, fake_parts, monkeypatch):
         default_model_path(progress=False)
 
 
-def test_progress_bar_goes_to_stderr(fake_parts, capsys):
+def test_progress_bar_goes_to_stderr(fake_parts, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     default_model_path(progress=True)
     captured = capsys.readouterr()
     assert "Assembling" in captured.err and captured.out == ""
+
+
+def test_progress_off_a_terminal_is_one_line(fake_parts, capsys, home):
+    default_model_path(progress=True)
+    assert capsys.readouterr() == ("", f"qwenkit: assembling the default model {DEFAULT_MODEL_NAME} (0 MB) from "
+                                       f"its installed parts into {home / 'models'} (once, on first use)\n")
+    default_model_path(progress=True)  # assembled: nothing to say
+    assert capsys.readouterr() == ("", "")
 
 
 def test_no_progress_is_silent(fake_parts, capsys):

@@ -211,6 +211,14 @@ def test_default_model_is_listed_and_removed(cache, tmp_path, capsys):
 
     write_tiny_gguf(models / f"{DEFAULT_MODEL_NAME}.gguf", tokens=QWEN3_TOKENS, chat_template=None)
     assert find_local("default").source == "qwenkit home"
+    # Listed by its own name (the one /v1/models reports), with `default` as its alias.
+    assert main(["list"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[-1] == "ALIAS" and row.split()[0] == DEFAULT_MODEL_NAME and row.split()[-1] == "default"
+    assert main(["list", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert (entry["name"], entry["aliases"]) == (DEFAULT_MODEL_NAME, ["default"])
+    assert find_local(DEFAULT_MODEL_NAME) == find_local("default")
     assert main(["rm", "default"]) == 0
     assert "assemble it again on next use" in capsys.readouterr().out
     assert list_models() == []
