@@ -156,12 +156,11 @@ class ToolLoop:
 
     def end_stream(self) -> tuple[list[ChatResponseChunk], Action]:
         """The stream ended: the chunks still held back, and the next action."""
+        guard = self._guard  # this answer's (receive_response may start the next call)
         action = self.receive_response(self._stream.response())
-        held = []
-        if self._guard is not None:
-            held = self._guard.release(is_echo=isinstance(action, Finish)
-                                       and action.response.tool_loop.withheld_content is not None)
-        return held, action
+        if guard is None:
+            return [], action
+        return guard.release(is_echo=action.response.tool_loop.withheld_content is not None), action
 
     # -- inside ----------------------------------------------------------------------
 
