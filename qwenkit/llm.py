@@ -146,7 +146,8 @@ class LLM:
         if parallel.tensor_parallel_size > 1:
             from qwenkit.distributed.executor import TensorParallelExecutor
 
-            self.executor = TensorParallelExecutor(files, dtype=self.dtype, device=self.device, parallel=parallel)
+            self.executor = TensorParallelExecutor(files, dtype=self.dtype, device=self.device, parallel=parallel,
+                                                   load_model=load_model)
         try:
             if self.device.type == "cpu" or threads is not None:  # loading computes too (packing, dequantizing)
                 set_threads(threads)

@@ -15,7 +15,7 @@ from typing import Any
 
 import tokenizers
 
-from qwenkit.chat.template import ChatTemplate, qwen3_template
+from qwenkit.chat_template import ChatTemplate, qwen3_template
 from qwenkit.errors import ModelLoadError
 
 _REPLACEMENT_CHAR = "\ufffd"

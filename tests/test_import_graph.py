@@ -1,5 +1,8 @@
 """No import circles inside qwenkit: every `import` (module-level or inside a function) is an
-edge, `from package import module` an edge to that module; the graph must have no cycle."""
+edge, `from package import module` an edge to that module; the graph must have no cycle. Nor
+between folders: with each of qwenkit's subpackages taken as one node (a top-level module is its
+own), `loader/` importing `distributed/` in one module while `distributed/` imports `loader/` in
+another is a circle too, though no module imports itself back."""
 
 import ast
 from pathlib import Path
@@ -54,6 +57,32 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_package_has_no_import_circles():
     cycle = _cycle(_import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def _package(module: str) -> str:
+    """The node of a module in the package graph: qwenkit's subpackage holding it (its first two
+    dotted names), or the top-level module itself."""
+    return ".".join(module.split(".")[:2])
+
+
+def _package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        node = _package(module)
+        packages.setdefault(node, set()).update(_package(t) for t in targets if _package(t) != node)
+    return packages
+
+
+def test_the_package_folders_have_no_import_circles():
+    cycle = _cycle(_package_graph(_import_graph()))
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_package_check_finds_a_circle_no_module_sees():
+    modules = {"q.loader": {"q.distributed.shard"}, "q.distributed.shard": set(),
+               "q.distributed.executor": {"q.loader"}}
+    assert _cycle(modules) is None
+    assert _cycle(_package_graph(modules)) == ["q.distributed", "q.loader", "q.distributed"]
 
 
 def test_the_check_finds_a_circle():

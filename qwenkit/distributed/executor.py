@@ -21,8 +21,10 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,9 +73,12 @@ def _threads_per_rank(world: int) -> int:
 
 class TensorParallelExecutor:
     """Starts the worker ranks and joins the process group as rank 0. `tp` is this rank's
-    place, for building its shard; `make_runner` is the engine's runner factory."""
+    place, for building its shard; `make_runner` is the engine's runner factory. `load_model`:
+    how a worker loads its shard (`qwenkit.loader.load_model`), passed in so that this package
+    never imports the loader, which imports it to shard a model."""
 
-    def __init__(self, files, *, dtype: torch.dtype, device: torch.device, parallel: ParallelConfig):
+    def __init__(self, files, *, dtype: torch.dtype, device: torch.device, parallel: ParallelConfig,
+                 load_model: Callable[..., Any]):
         world = parallel.tensor_parallel_size
         if dist.is_initialized():
             raise QwenkitError("this process already belongs to a torch.distributed group: one tensor-parallel "
@@ -89,7 +94,8 @@ class TensorParallelExecutor:
         self.workers = [
             ctx.Process(
                 target=_worker_main, name=f"qwenkit-tp-rank{rank}", daemon=True,
-                args=(rank, world, port, self.backend, files, dtype, rank_device(device, rank), parallel, threads),
+                args=(rank, world, port, self.backend, files, dtype, rank_device(device, rank), parallel, threads,
+                      load_model),
             )
             for rank in range(1, world)
         ]
@@ -185,10 +191,8 @@ class DriverRunner(ModelRunner):
             raise self.executor._dead(e) from e
 
 
-def _worker_main(rank, world, port, backend, files, dtype, device, parallel, threads) -> None:
+def _worker_main(rank, world, port, backend, files, dtype, device, parallel, threads, load_model) -> None:
     """A worker rank: load this rank's shard, then run the steps rank 0 broadcasts."""
-    from qwenkit.loader import load_model
-
     if device.type == "cpu":
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
