@@ -1,6 +1,6 @@
 """qwenkit.client: chat with the local engine or a remote endpoint, with advisors,
-memory, tools and
-retrieval (docs/retrieval.md). Imports without torch (the engine loads only for `LocalChatModel`).
+memory, tools and retrieval (docs/retrieval.md). Imports without torch (the engine loads
+only for `LocalChatModel`).
 
     from qwenkit.client import ChatClient, OpenAIChatModel, MessageChatMemoryAdvisor, SQLiteChatMemory, tool
 
