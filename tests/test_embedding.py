@@ -183,3 +183,18 @@ def test_pooling_leaves_a_running_generation_alone(reranker):
         if i == 2:
             score(llm, "q", ["a document", "another"])
     assert tokens == expected
+
+
+def test_embeddings_from_a_gguf(tmp_path):
+    """A GGUF as llama.cpp writes Qwen3-Embedding-0.6B (tied: no output.weight)."""
+    from test_gguf import tiny_model, write_gguf
+
+    ref = tiny_model("qwen3", tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "embed.gguf", ref, "qwen3")
+    llm = LLM(str(path), dtype="float32", kv_cache_dtype="float32", progress=False)
+    prompts = [[5, 9, 30, 7], [100, 3, 4, 200, 17, 8, 9]]
+    got = embed(llm, prompts).data
+    with torch.inference_mode():
+        expected = torch.cat([F.normalize(ref.model(input_ids=torch.tensor([p + [0]])).last_hidden_state[:, -1], dim=1)
+                              for p in prompts])
+    assert (got - expected).abs().max() <= 1e-5
