@@ -43,9 +43,9 @@ STEPS = 32
 
 
 def _config(arch: str, vocab_size: int) -> "transformers.PretrainedConfig":
-    """Rows of 128 and more: whole FP8 blocks and AWQ / GPTQ groups of 128."""
-    common = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+    """Inputs of 128 and more: whole AWQ / GPTQ groups of 128; k and v of 64 rows, half an FP8 block."""
+    common = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
                   rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
     if arch == "qwen3":
         return transformers.Qwen3Config(**common)
@@ -87,12 +87,13 @@ def _write(folder: Path, source: Path, tensors: dict[str, torch.Tensor], quantiz
 
 
 def _fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Qwen / DeepSeek FP8: e4m3 weight, float32 weight_scale_inv per block, and w = q * s."""
+    """Qwen / DeepSeek FP8: e4m3 weight, float32 weight_scale_inv per block (the last row block
+    may be partial), and w = q * s."""
     n, k = w.shape
-    blocks = w.reshape(n // block, block, k // block, block)
-    scale = blocks.abs().amax(dim=(1, 3)) / 448
-    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(n, k)
-    full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    scale = torch.stack([torch.stack([w[i : i + block, j : j + block].abs().amax() / 448 for j in range(0, k, block)])
+                         for i in range(0, n, block)])
+    full = scale.repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
+    q = (w / full).to(torch.float8_e4m3fn)
     return q, scale, q.float() * full
 
 

@@ -143,7 +143,7 @@ def fp8_to_float(weight: torch.Tensor) -> torch.Tensor:
     ~6x as long there (135 ns a value)."""
     if weight.device.type != "cpu":
         return weight.float()
-    return _E4M3_VALUES.index_select(0, weight.view(torch.uint8).flatten().int()).view(weight.shape)
+    return _E4M3_VALUES.index_select(0, weight.view(torch.uint8).flatten().long()).view(weight.shape)
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, row_block: torch.Tensor, block_k: int) -> torch.Tensor:
