@@ -94,8 +94,8 @@ def test_tools_choice_format_and_reasoning():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"input": None}, "input is required"),
-    ({"input": []}, "input is required"),
+    ({"input": None}, "input"),
+    ({"input": []}, "input"),
     ({"input": [{"role": "assistant", "content": "x"}]}, "user message"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]"),
@@ -268,6 +268,8 @@ def test_conversations_in_the_store(tmp_path):
 
 
 def test_listed_items_and_pages():
+    from qwenkit.server.errors import APIError
+
     items = rp.listed_items([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "id": "msg_a"},
                              {"type": "function_call_output", "call_id": "c", "output": "x"},
                              {"type": "reasoning", "summary": []}])
@@ -285,8 +287,9 @@ def test_listed_items_and_pages():
     assert ([i["id"] for i in page.data], page.first_id, page.last_id, page.has_more) == (["2", "1"], "2", "1", True)
     assert rp.item_page(listed, order="asc", limit=9, after=None).has_more is False
     assert rp.item_page([], order="asc", limit=9, after=None).first_id is None
-    with pytest.raises(ValueError, match="after"):
+    with pytest.raises(APIError, match="after") as e:
         rp.item_page(listed, order="asc", limit=2, after="9")
+    assert e.value.status == 404
 
 
 def test_check_unicode_names_the_path():

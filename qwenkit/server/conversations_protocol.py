@@ -20,7 +20,7 @@ MAX_ITEMS_PER_REQUEST = 20  # OpenAI's bound on items created at once
 
 
 class ConversationCreate(rp._Model):
-    items: list[dict[str, Any]] | None = Field(None, max_length=MAX_ITEMS_PER_REQUEST)
+    items: list[rp.InputItem] | None = Field(None, max_length=MAX_ITEMS_PER_REQUEST)
     metadata: rp.Metadata | None = None
 
 
@@ -29,7 +29,7 @@ class ConversationUpdate(rp._Model):
 
 
 class ItemsCreate(rp._Model):
-    items: list[dict[str, Any]] = Field(max_length=MAX_ITEMS_PER_REQUEST)
+    items: list[rp.InputItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
     include: list[str] | None = None  # accepted and ignored, as on listing
 
 

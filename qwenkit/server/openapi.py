@@ -321,7 +321,8 @@ def _document(operation: dict[str, Any], path: str, method: str, config, refs) -
         statuses.add(413)
         if not config.api_key or path.startswith("/web/"):
             statuses.add(403)
-    if "requestBody" in operation:
+    queried = any(parameter.get("in") == "query" for parameter in operation.get("parameters", []))
+    if "requestBody" in operation or queried or path.endswith("/cancel"):  # cancel: nothing runs in the background
         statuses.add(400)
     if path in _GENERATION_ROUTES:
         statuses |= {404, 429} | ({504} if config.request_timeout_s is not None else set())

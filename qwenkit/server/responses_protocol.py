@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_serializer
 
 from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.types import ChatChunk, Usage
@@ -97,9 +97,30 @@ class ReasoningConfig(_Model):
     summary: str | None = None
 
 
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"enum": ["input_text", "output_text", "text"]}, "text": {"type": "string"}}}
+_REASONING_PARTS = {"anyOf": [{"type": "null"}, {"type": "array", "items": {
+    "type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}}]}
+# The items `input_messages` reads, published as such (the validation is that function's).
+INPUT_ITEM_SCHEMA = {"anyOf": [
+    {"title": "Message", "type": "object", "required": ["role", "content"], "properties": {
+        "type": {"enum": ["message"]}, "role": {"enum": ["user", "system", "developer", "assistant"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}},
+    {"title": "FunctionCall", "type": "object", "required": ["type", "call_id", "name", "arguments"],
+     "properties": {"type": {"enum": ["function_call"]}, "call_id": {"type": "string"},
+                    "name": {"type": "string"}, "arguments": {"type": "string"}}},
+    {"title": "FunctionCallOutput", "type": "object", "required": ["type", "call_id", "output"], "properties": {
+        "type": {"enum": ["function_call_output"]}, "call_id": {"type": "string"},
+        "output": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}},
+    {"title": "Reasoning", "type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["reasoning"]}, "summary": _REASONING_PARTS, "content": _REASONING_PARTS}},
+]}
+InputItem = Annotated[dict[str, Any], WithJsonSchema(INPUT_ITEM_SCHEMA)]
+
+
 class ResponsesRequest(_Model):
     model: str | None = None
-    input: str | list[dict[str, Any]] | None = None
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -107,8 +128,8 @@ class ResponsesRequest(_Model):
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    max_output_tokens: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)  # as SamplingParams takes it
+    max_output_tokens: oa.PositiveCount | None = None
     previous_response_id: str | None = None
     store: bool | None = None  # OpenAI's default: true
     stream: bool | None = False
@@ -119,13 +140,13 @@ class ResponsesRequest(_Model):
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     user: str | None = None
-    # qwenkit's own, as on chat completions.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    # qwenkit's own, with the chat route's types and ranges.
+    top_k: oa.TopK | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    seed: oa.Seed | None = None
     enable_thinking: bool | None = None
-    thinking_budget: int | None = None
+    thinking_budget: oa.Count | None = None
 
 
 def check_unicode(value: Any, where: str = "") -> None:
@@ -198,8 +219,6 @@ def responses_call(req: ResponsesRequest, previous: list[dict[str, Any]] | None 
         raise ValueError("prompt is not supported: send the conversation as input (or previous_response_id)")
     if req.background:
         raise ValueError("background is not supported: responses are generated while the request waits")
-    if req.input is None or req.input == []:
-        raise ValueError("input is required")
     conversation = [*(previous or []), *input_messages(req.input)]
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
     if not any(m["role"] in ("user", "tool") for m in messages):
@@ -489,12 +508,12 @@ class ItemList(_Model):
 
 def item_page(items: list[dict[str, Any]], *, order: str, limit: int, after: str | None) -> ItemList:
     """One page of ``items`` (stored oldest first) in ``order`` ("asc" / "desc"), after the
-    item whose id is ``after``. ValueError for an ``after`` that names no item."""
+    item whose id is ``after`` (a 404 if it names no item)."""
     ordered = items if order == "asc" else items[::-1]
     if after is not None:
         ids = [item["id"] for item in ordered]
         if after not in ids:
-            raise ValueError(f"after {after!r} names no item of this list")
+            raise APIError(404, f"after {after!r} names no item of this list", param="after", code="not_found")
         ordered = ordered[ids.index(after) + 1:]
     page = ordered[:limit]
     return ItemList(data=page, first_id=page[0]["id"] if page else None, last_id=page[-1]["id"] if page else None,

@@ -76,15 +76,14 @@ def conversations_router(store: ResponseStore) -> APIRouter:
     @router.get("/v1/conversations/{conversation_id}/items", summary="A conversation's items",
                 response_model=rp.ItemList)
     async def list_items(conversation_id: str, order: Literal["asc", "desc"] = "desc",
-                         limit: int = Query(20, ge=1, le=100), after: str | None = None,
-                         include: list[str] | None = Query(None)):
+                         limit: int = Query(20, ge=1, le=100), after: str | None = None):
         items = await asyncio.to_thread(store.items, conversation_id)
         if items is None:
             raise missing_conversation(conversation_id)
         return as_400(lambda: rp.item_page(items, order=order, limit=limit, after=after))
 
     @router.get("/v1/conversations/{conversation_id}/items/{item_id}", summary="One item of a conversation")
-    async def get_item(conversation_id: str, item_id: str, include: list[str] | None = Query(None)) -> dict:
+    async def get_item(conversation_id: str, item_id: str) -> dict:
         await existing(conversation_id)
         item = await asyncio.to_thread(store.item, conversation_id, item_id)
         if item is None:

@@ -95,8 +95,7 @@ def responses_router(ctx: ServerContext) -> APIRouter:
     @router.get("/v1/responses/{response_id}/input_items", summary="A stored response's input items",
                 response_model=rp.ItemList)
     async def list_input_items(response_id: str, order: Literal["asc", "desc"] = "desc",
-                               limit: int = Query(20, ge=1, le=100), after: str | None = None,
-                               include: list[str] | None = Query(None)):
+                               limit: int = Query(20, ge=1, le=100), after: str | None = None):
         await stored(response_id)
         items = await asyncio.to_thread(store.input_items, response_id)
         return as_400(lambda: rp.item_page(items, order=order, limit=limit, after=after))
