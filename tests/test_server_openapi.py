@@ -14,7 +14,8 @@ USER = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def server_config(tmp_path_factory):
-    return ServerConfig(served_model_names=[MODEL], chat_db=str(tmp_path_factory.mktemp("db") / "c.sqlite3"),
+    db = tmp_path_factory.mktemp("db")
+    return ServerConfig(served_model_names=[MODEL], chat_db=str(db / "c.sqlite3"), responses_db=str(db / "r.sqlite3"),
                         max_body_bytes=64 * 1024)
 
 
@@ -127,3 +128,31 @@ def test_real_errors_fit_the_document(server, doc):
     check(doc, httpx.post(server + ds, json={"model": "nope", "input": {"prompt": "x"}}), ds)
     check(doc, httpx.get(f"{server}/web/api/conversations/conv_none"), "/web/api/conversations/{conversation_id}",
           "get")
+
+
+def test_responses_and_conversations_answers_fit_the_document(server, doc, allm):
+    with scripted(allm, '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'):
+        check(doc, httpx.post(f"{server}/v1/chat/completions", json={
+            "messages": USER, "functions": [{"name": "f", "parameters": {"type": "object"}}]}), "/v1/chat/completions")
+    created = httpx.post(f"{server}/v1/responses", json={"input": "hi", "max_output_tokens": 2})
+    check(doc, created, "/v1/responses")
+    rid, one = created.json()["id"], "/v1/responses/{response_id}"
+    check(doc, httpx.get(f"{server}/v1/responses/{rid}/input_items"), one + "/input_items", "get")
+    check(doc, httpx.get(f"{server}/v1/responses/{rid}/input_items?after=x"), one + "/input_items", "get")
+    check(doc, httpx.post(f"{server}/v1/responses/{rid}/cancel"), one + "/cancel")
+    check(doc, httpx.post(f"{server}/v1/responses/input_tokens", json={"input": "hi"}), "/v1/responses/input_tokens")
+    check(doc, httpx.delete(f"{server}/v1/responses/{rid}"), one, "delete")
+    check(doc, httpx.delete(f"{server}/v1/responses/{rid}"), one, "delete")
+    conversation = httpx.post(f"{server}/v1/conversations", json={"items": [{"role": "user", "content": "hi"}]})
+    check(doc, conversation, "/v1/conversations")
+    cid, one = conversation.json()["id"], "/v1/conversations/{conversation_id}"
+    check(doc, httpx.get(f"{server}/v1/conversations/{cid}"), one, "get")
+    check(doc, httpx.post(f"{server}/v1/conversations/{cid}", json={"metadata": {"a": "b"}}), one)
+    added = httpx.post(f"{server}/v1/conversations/{cid}/items", json={"items": [{"type": "reasoning"}]})
+    check(doc, added, one + "/items")
+    check(doc, httpx.get(f"{server}/v1/conversations/{cid}/items"), one + "/items", "get")
+    item_id = added.json()["data"][0]["id"]
+    check(doc, httpx.get(f"{server}/v1/conversations/{cid}/items/{item_id}"), one + "/items/{item_id}", "get")
+    check(doc, httpx.delete(f"{server}/v1/conversations/{cid}/items/{item_id}"), one + "/items/{item_id}", "delete")
+    check(doc, httpx.delete(f"{server}/v1/conversations/{cid}"), one, "delete")
+    check(doc, httpx.get(f"{server}/v1/conversations/{cid}"), one, "get")
