@@ -315,3 +315,103 @@ def test_fp8_dynamic_activations_agree_within_e4m3_rounding(tmp_path, sources, a
     assert mean < 0.15 and worst < 0.5, (agree, worst, mean)
     assert all(m < 2 * worst for m in margins), (margins, worst)
     assert agree >= STEPS // 2, (agree, margins)
+
+
+@pytest.mark.parametrize("method", ["fp8", "ct:W4A16"])
+def test_transformers_reads_the_same_checkpoint(tmp_path, sources, method):
+    """transformers dequantizes these on the CPU (FP8: `Fp8Dequantize`; compressed-tensors: its
+    decompression): the prompt's logits agree with qwenkit's stored-format load to float32 rounding."""
+    if method.startswith("ct:"):
+        pytest.importorskip("compressed_tensors")
+    source, tensors = sources["qwen3"]
+    quantized, _ = _quantize(tmp_path, source, tensors, method)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.float32).eval()
+    ids = [5, 17, 42, 99, 3, 8, 250]
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    model = _load(quantized).model
+    with torch.inference_mode():
+        kv = model.allocate_kv_cache(len(ids))
+        meta = AttentionMetadata.contiguous(start=0, num_tokens=len(ids))
+        got = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), kv, meta))
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("method,most", [("fp8", 0.53), ("awq", 0.27), ("gptq8", 0.52), ("ct:W4A16", 0.27)])
+def test_weights_stay_quantized_in_memory(tmp_path, sources, method, most):
+    """The quantized matrices' bytes in memory against the same matrices in bfloat16 (what the
+    Qwen team's unquantized checkpoints store): e4m3 8 bits and 4-bit words plus their scales."""
+    source, tensors = sources["qwen3_moe"]
+    model = _load(_quantize(tmp_path, source, tensors, method)[0]).model
+    stored = [m for m in model.modules() if isinstance(m, pq.StoredMatrix)]
+    assert any(m.num_experts for m in stored) and any(not m.num_experts for m in stored)
+    bf16 = sum(2 * max(1, m.num_experts) * sum(m.output_sizes) * m.in_features for m in stored)
+    assert sum(m.stored_bytes() for m in stored) <= most * bf16
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def _edit(folder: Path, *, config=None, tensors=None) -> None:
+    if config is not None:
+        data = json.loads((folder / "config.json").read_text())
+        config(data["quantization_config"])
+        (folder / "config.json").write_text(json.dumps(data))
+    if tensors is not None:
+        loaded = load_file(folder / "model.safetensors")
+        tensors(loaded)
+        save_file(loaded, folder / "model.safetensors")
+
+
+def _cli_error(folder: Path, capsys, *args: str) -> str:
+    from qwenkit.cli import main
+
+    assert main(["run", "--model", str(folder), "--max-tokens", "1", *args, "Hello"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_bad_checkpoints_get_one_error_line(tmp_path, sources, capsys):
+    source, tensors = sources["qwen3"]
+    awq, _ = _quantize(tmp_path, source, tensors, "awq")
+    name = "model.layers.1.self_attn.k_proj.scales"
+    _edit(awq, tensors=lambda t: t.update({name: t[name][:, :32].contiguous()}))
+    line = _cli_error(awq, capsys)
+    assert name in line and "expected shape (1, 64), got (1, 32)" in line
+
+    fp8, _ = _quantize(tmp_path, source, tensors, "fp8")
+    name = "model.layers.0.mlp.down_proj.weight_scale_inv"
+    _edit(fp8, tensors=lambda t: t.update({name: torch.ones(2, 2)}))
+    line = _cli_error(fp8, capsys)
+    assert name in line and "expected shape (1, 2), got (2, 2)" in line
+    assert "--quantization int8 does not apply" in _cli_error(fp8, capsys, "--quantization", "int8")
+
+    _edit(fp8, config=lambda c: c.update(quant_method="bitsandbytes"))
+    assert "unsupported quantization method 'bitsandbytes'" in _cli_error(fp8, capsys)
+
+    gptq, _ = _quantize(tmp_path, source, tensors, "gptq4")
+    _edit(gptq, config=lambda c: c.update(bits=3))
+    assert "(gptq): bits 3" in _cli_error(gptq, capsys)
+    _edit(awq, config=lambda c: c.update(version="gemv"))
+    assert "(awq): version 'gemv'" in _cli_error(awq, capsys)
+
+
+def test_packing_round_trips_and_fp8_row_blocks_follow_the_shards():
+    values = torch.randint(0, 16, (64, 24), dtype=torch.int32)
+    for dim in (0, -1):
+        assert torch.equal(pq.unpack_int32(pq.pack_int32(values, 4, dim), 4, dim), values)
+    bytes_ = torch.randint(0, 256, (16, 8), dtype=torch.int32)
+    assert torch.equal(pq.unpack_int32(pq.pack_int32(bytes_, 8, 0), 8, 0), bytes_)
+    # q of 192 rows (a block and a half), k and v of 64 (half a block each): 2 + 1 + 1 row blocks.
+    layer = pq.StoredQuantLinear(256, [192, 64, 64], bias=False, dtype=torch.float32,
+                                 format=pq.StoredFormat(pq.FP8, "fp8", block=(128, 128)), shard_names=("q", "k", "v"))
+    assert layer.row_block.tolist() == [0] * 128 + [1] * 64 + [2] * 64 + [3] * 64
+    w = torch.randn(320, 256)
+    for name, rows, part in (("q", slice(0, 192), 0), ("k", slice(192, 256), 1), ("v", slice(256, 320), 2)):
+        scale = torch.rand(2 if name == "q" else 1, 2) + 0.5
+        layer.weight.weight_loader(layer.weight, w[rows].to(torch.float8_e4m3fn), name)
+        layer.weight_scale.weight_loader(layer.weight_scale, scale, name)
+        full = scale.repeat_interleave(128, 0)[: rows.stop - rows.start].repeat_interleave(128, 1)
+        assert torch.equal(layer.dequantize()[rows],
+                           w[rows].to(torch.float8_e4m3fn).float() * full)
