@@ -6,6 +6,8 @@ real `qwenkit serve` process is sent 100 prompts far past its context, and its r
 memory must stay within 10% of where it started.
 """
 
+import contextlib
+import json
 import random
 import socket
 import subprocess
@@ -15,10 +17,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from qwenkit.server.errors import APIError
-from qwenkit.server.limits import PromptSizeCheck
+from qwenkit.server.limits import PromptSizeCheck, vocabulary_bytes
 from qwenkit.tokenizer import Tokenizer
 
 # Letters, digits, CJK, spaces, newlines, contractions, combining marks and characters NFC
@@ -83,6 +86,64 @@ def test_check_refuses_by_bytes_then_by_tokens(qwen_tokenizer):
         check.check(["\ud800" * 2000])
 
 
+@pytest.mark.parametrize("which", ["tiny_tokenizer", "qwen_tokenizer"])
+def test_token_bytes_are_the_tokens_own(which, request):
+    """Each token's bytes, read from its byte-level characters, are the bytes it decodes to
+    (where it decodes to whole characters), and the masks hold exactly those bytes."""
+    tokenizer = request.getfixturevalue(which)
+    lengths, masks = vocabulary_bytes(tokenizer.backend)
+    assert len(lengths) == tokenizer.backend.get_vocab_size(with_added_tokens=True)
+    rng = random.Random(0)
+    for token_id in rng.sample(range(len(lengths)), min(1000, len(lengths))):
+        decoded = tokenizer.decode([token_id])
+        if "\ufffd" not in decoded:
+            data = decoded.encode()
+            assert lengths[token_id] == len(data), decoded
+            bits = np.unpackbits(masks[token_id].view(np.uint8), bitorder="little")
+            assert set(np.flatnonzero(bits)) == set(data), decoded
+
+
+@pytest.mark.parametrize("which", ["tiny_tokenizer", "qwen_tokenizer"])
+def test_the_byte_bound_never_passes_the_true_count(which, request):
+    """Runs of one character (what has no split point), and random text, with and without
+    open ends: the count from bytes is a lower bound of the tokens."""
+    tokenizer = request.getfixturevalue(which)
+    check = PromptSizeCheck(tokenizer, 32768)
+    rng = random.Random(2)
+    texts = [c * n for c in ["a", "Z", " ", "\n", "中", "😀", "é", "e\u0301", "가", "0", "=", "-"] for n in (1, 7, 300, 2000)]
+    texts += ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 400))) for _ in range(60)]
+    for text in texts:
+        n = len(tokenizer.encode(text))
+        assert check.tokens_inside(text, num_open_edges=0) <= n, text[:40]
+        for i in {len(text) // 3, len(text) // 2}:  # the pieces of a text cut anywhere
+            assert check.tokens_inside(text[:i], num_open_edges=1) + check.tokens_inside(text[i:], num_open_edges=1) <= n
+    assert check.tokens_inside("a" * 10_000, num_open_edges=2) > 10_000 // check.max_token_bytes
+
+
+def test_a_prompt_without_split_points_is_refused_by_its_bytes(tiny_tokenizer):
+    check = PromptSizeCheck(tiny_tokenizer, 100_000)
+    check.warm()
+    assert 1_000_000 < 100_000 * check.max_token_bytes  # under the plain byte bound
+    begun = time.perf_counter()
+    with pytest.raises(APIError, match="at least 999") as e:
+        check.check(["a" * 1_000_000])
+    assert time.perf_counter() - begun < 1.0 and e.value.code == "context_length_exceeded"
+    check.check(["a" * 60_000])  # fits: left to the engine
+
+
+def test_huge_prompts_without_split_points_are_refused_at_once(qwen_tokenizer):
+    """The issue's case: 3.9 MB of "a" or of CJK took 13-15 s to tokenize before its refusal.
+    Measured 0.05-0.07 s each once the vocabulary's bytes are read (0.7 s, at server start)."""
+    check = PromptSizeCheck(qwen_tokenizer, 32768)
+    check.warm()
+    cjk = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(1_300_000))
+    for text in ["a" * 3_900_000, cjk, "中" * 1_300_000, "a" * 3_800_000 + " hello world\n"]:
+        begun = time.perf_counter()
+        with pytest.raises(APIError, match="context is 32768 tokens"):
+            check.check([text])
+        assert time.perf_counter() - begun < 3.0  # < 0.2 s on an idle machine
+
+
 # -- a real server -------------------------------------------------------------------------
 
 
@@ -93,15 +154,15 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
-def test_refused_huge_prompts_leave_the_server_memory_where_it_was(default_gguf, tmp_path):
+@contextlib.contextmanager
+def default_model_server(default_gguf, *args: str):
+    """`qwenkit serve` of the default model in its own process: (base URL, its process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "qwenkit", "serve", "--model", str(default_gguf), "--port", str(port), "--no-web",
-         "--max-model-len", "4096", "--kv-cache-memory", "64MiB", "--max-body-bytes", str(4 * 1024 * 1024)],
+         "--kv-cache-memory", "64MiB", "--max-body-bytes", str(4 * 1024 * 1024), *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -115,6 +176,16 @@ def test_refused_huge_prompts_leave_the_server_memory_where_it_was(default_gguf,
                 pass
             assert time.time() < deadline, "the server did not start"
             time.sleep(0.5)
+        yield base, server
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+def test_refused_huge_prompts_leave_the_server_memory_where_it_was(default_gguf, tmp_path):
+    with default_model_server(default_gguf, "--max-model-len", "4096") as (base, server):
         rng = random.Random(0)
         words = ["alpha", "beta", "gamma", "delta", "模型", "思考", "x1", "y2", "tool", "call"]
 
@@ -156,6 +227,24 @@ def test_refused_huge_prompts_leave_the_server_memory_where_it_was(default_gguf,
         assert not errors, errors[0]
         after = rss_bytes(server.pid)
         assert after <= before * 1.10, f"RSS grew from {before / 2**20:.0f} MiB to {after / 2**20:.0f} MiB"
-    finally:
-        server.kill()
-        server.wait()
+
+
+@pytest.mark.slow
+def test_huge_prompts_without_split_points_are_refused_at_once_by_a_server(default_gguf):
+    """3.9 MB of "a" on the chat route and of CJK on /v1/responses, which took 13-15 s of
+    tokenizing before their refusal, under a 32k context (past the plain byte bound's reach)."""
+    cjk = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(1_300_000))
+    requests = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 3_900_000}], "max_tokens": 1}),
+        ("/v1/responses", {"input": cjk, "max_output_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": cjk}], "max_tokens": 1}),
+        ("/v1/responses", {"input": "a" * 3_900_000, "max_output_tokens": 1}),
+    ]
+    with default_model_server(default_gguf, "--max-model-len", "32768") as (base, _):
+        for route, body in requests:
+            data = json.dumps(body, ensure_ascii=False).encode()
+            begun = time.perf_counter()
+            r = httpx.post(base + route, content=data, headers={"content-type": "application/json"}, timeout=120)
+            took = time.perf_counter() - begun
+            assert r.status_code == 400 and "context" in r.text, r.text[:300]
+            assert took < 3.0, (route, took)  # ~0.1-0.3 s on an idle machine

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from starlette.routing import Mount, compile_path
+from tokenizers import decoders, normalizers
 
 from qwenkit.server.errors import APIError, bad_request, dashscope_error, openai_error
 from qwenkit.server.watch import record_refusal, request_id_of
@@ -194,18 +195,21 @@ class RequestSlots:
 class PromptSizeCheck:
     """Refuses a prompt that cannot fit the context *before* the engine tokenizes it whole.
 
-    Tokenizing a 4 MB body costs ~330 MB that the allocator keeps afterwards; a server that
-    tokenized every oversized prompt before refusing it grew by gigabytes. So a large
-    prompt is checked first, in bounded memory:
+    Tokenizing a 4 MB body costs ~330 MB that the allocator keeps afterwards, and a text
+    with no place to split ("aaaa...", CJK without punctuation) takes 10-15 s: BPE merges
+    one 4 MB word. So a large prompt is checked first, in bounded memory and time:
 
     1. bytes: no token is longer than the vocabulary's longest (128 bytes for Qwen), so a
        text of more than `max_model_len * longest` bytes cannot fit;
-    2. tokens, counted in windows of `window` characters and stopped as soon as the count
+    2. the bytes a text holds: a token wholly inside a text is made of the text's own byte
+       values, and the longest such token is often far shorter than 128 bytes (8 for "a"s,
+       48 for any non-ASCII text in Qwen's vocabulary), which bounds the count from below;
+    3. tokens, counted in windows of `window` characters and stopped as soon as the count
        passes the context. Windows end where the Qwen pre-tokenizer must split anyway
        (after a newline; between a letter or digit and a character that is neither, not
        a combining mark, where NFC changes nothing, outside any special token), so the
        pieces' counts add up to the whole text's (tests/test_server_limits.py checks it on
-       random text); a window without such a place counts as its bytes' lower bound.
+       random text); a window without such a place counts as its bytes' lower bound (2).
 
     Only prompts past `min_checked_bytes` are checked; the engine's own exact check (after
     tokenizing, in little memory for small prompts) does the rest.
@@ -219,22 +223,24 @@ class PromptSizeCheck:
         self.max_model_len = max_model_len
         self.min_checked_bytes = min_checked_bytes
         self.window = window
-        self._max_token_bytes: int | None = None
+        self._vocabulary: tuple[np.ndarray, np.ndarray] | None = None
+        self._longest_within: dict[bytes, int] = {}
         self._special = None
 
     @property
     def max_token_bytes(self) -> int:
-        """The most bytes one token stands for (its decoded text's UTF-8 length, which is never
-        less; computed once, on the first large prompt)."""
-        if self._max_token_bytes is None:
-            backend = self.tokenizer.backend
-            vocab = backend.get_vocab(with_added_tokens=True)
-            if backend.decoder is not None:
-                self._max_token_bytes = max(len(backend.decoder.decode([t]).encode("utf-8", "surrogatepass"))
-                                            for t in vocab)
-            else:
-                self._max_token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in vocab)
-        return self._max_token_bytes
+        """The most bytes one token stands for."""
+        return int(self._token_bytes()[0].max())
+
+    def warm(self) -> None:
+        """Read the vocabulary's token bytes now (~0.5-1 s for Qwen's 151k tokens) rather
+        than on the first large prompt, which must be refused at once."""
+        self._token_bytes()
+
+    def _token_bytes(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._vocabulary is None:
+            self._vocabulary = vocabulary_bytes(self.tokenizer.backend)
+        return self._vocabulary
 
     def check(self, texts: list[str]) -> None:
         """Raise a 400 (context_length_exceeded) if `texts`, all part of one prompt, cannot fit."""
@@ -245,12 +251,19 @@ class PromptSizeCheck:
         if total > self.max_model_len * self.max_token_bytes:
             raise self._too_long(f"the prompt is {total} bytes, more than a {self.max_model_len}-token context can "
                                  f"hold (a token is at most {self.max_token_bytes} bytes)")
+        try:
+            at_least = sum(self.tokens_inside(text, num_open_edges=2) for text in texts)
+        except ValueError as e:  # text the tokenizer refuses (a lone surrogate)
+            raise bad_request(e) from e
+        if at_least >= self.max_model_len:
+            raise self._too_long(f"the prompt is at least {at_least} tokens (counted by its bytes and the longest "
+                                 f"tokens they can form), but the model's context is {self.max_model_len} tokens")
         count = 0
         for text, size in zip(texts, sizes):
             if size:
                 try:
                     at_least = self.count_at_least(text, self.max_model_len - count + self.EDGE_TOKENS)
-                except ValueError as e:  # text the tokenizer refuses (a lone surrogate)
+                except ValueError as e:
                     raise bad_request(e) from e
                 count += max(0, at_least - self.EDGE_TOKENS)
             if count >= self.max_model_len:
@@ -263,16 +276,48 @@ class PromptSizeCheck:
         while start < len(text) and count <= stop_after:
             end = min(len(text), start + self.window)
             cuts = self._cuts(text, start, end) + ([end] if end == len(text) else [])
-            if not cuts:  # no safe place: count by bytes, minus the tokens that may cross either edge
-                count += max(0, -(-self._bytes(text[start:end]) // self.max_token_bytes) - 2)
+            if not cuts:  # no safe place: count by bytes, less the tokens that may cross either edge
+                count += self.tokens_inside(text[start:end], num_open_edges=2)
                 start, exact = end, False
             elif not exact:
-                count += max(0, -(-self._bytes(text[start:cuts[0]]) // self.max_token_bytes) - 1)
+                count += self.tokens_inside(text[start:cuts[0]], num_open_edges=1)
                 start, exact = cuts[0], True
             else:
                 count += len(self.tokenizer.encode(text[start:cuts[-1]]))
                 start = cuts[-1]
         return count
+
+    def tokens_inside(self, text: str, *, num_open_edges: int) -> int:
+        """At least how many tokens lie wholly inside `text`, a piece of a prompt, when
+        tokens may cross `num_open_edges` of its two ends. A token wholly inside is made of
+        byte values the (normalized) piece holds, so it is at most `longest` bytes long;
+        each open end takes away up to two of the longest tokens' bytes (one that crosses
+        it, one that normalization may change beside it)."""
+        try:
+            data = self._normalized(text).encode("utf-8")
+        except UnicodeEncodeError as e:  # as the tokenizer would refuse it
+            raise ValueError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
+        longest = self._longest_token_within(data)
+        return max(0, -(-(len(data) - 2 * num_open_edges * self.max_token_bytes) // longest))
+
+    def _longest_token_within(self, data: bytes) -> int:
+        """The longest token made only of byte values that `data` holds."""
+        present = np.bincount(np.frombuffer(data, np.uint8), minlength=256) > 0
+        key = np.packbits(present, bitorder="little").tobytes()  # bit b: byte value b
+        if key not in self._longest_within:
+            lengths, masks = self._token_bytes()
+            outside = ~np.frombuffer(key, "<u8")
+            fits = ~(masks & outside).any(axis=1)
+            self._longest_within[key] = int(lengths[fits].max()) if fits.any() else 1
+        return self._longest_within[key]
+
+    def _normalized(self, text: str) -> str:
+        normalizer = self.tokenizer.backend.normalizer
+        if normalizer is None:
+            return text
+        if isinstance(normalizer, normalizers.NFC):
+            return unicodedata.normalize("NFC", text)  # the same, and ~100x faster on long texts
+        return normalizer.normalize_str(text)
 
     _CANDIDATES = re.compile(r"(?<=[\r\n])(?=\S)|(?<=[^\W_])(?=[\W_])")
 
@@ -295,12 +340,51 @@ class PromptSizeCheck:
         return self._special
 
     @staticmethod
-    def _bytes(text: str) -> int:
-        return len(text.encode("utf-8", "surrogatepass"))
-
-    @staticmethod
     def _too_long(message: str) -> APIError:
         return APIError(400, message, code="context_length_exceeded")
+
+
+def vocabulary_bytes(backend) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, masks) of a `tokenizers` vocabulary, indexed by token id: each token's
+    length in bytes and the byte values it is made of, as four 64-bit words (bit b: byte
+    value b). A byte-level BPE token's bytes are read from its own characters (a token that
+    is part of a UTF-8 character has no text of its own); other tokens are measured
+    decoded, with mask 0 (unknown: they count as made of any bytes)."""
+    byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+    added = backend.get_added_tokens_decoder()
+    vocab = backend.get_vocab(with_added_tokens=True)
+    pieces: list[bytes] = [b""] * (max(vocab.values(), default=-1) + 1)
+    known = np.zeros(len(pieces), bool)
+    for token, token_id in vocab.items():
+        if token_id in added:
+            pieces[token_id], known[token_id] = added[token_id].content.encode("utf-8", "surrogatepass"), True
+            continue
+        try:
+            if not byte_level:
+                raise UnicodeEncodeError("latin-1", token, 0, 0, "not a byte-level vocabulary")
+            pieces[token_id], known[token_id] = token.translate(_BYTE_LEVEL_CHARS).encode("latin-1"), True
+        except UnicodeEncodeError:
+            decoded = backend.decoder.decode([token]) if backend.decoder is not None else token
+            pieces[token_id] = decoded.encode("utf-8", "surrogatepass")
+    lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+    data = np.frombuffer(b"".join(p for p, k in zip(pieces, known) if k), np.uint8)
+    holds = np.zeros((len(pieces), 256), bool)
+    holds[np.repeat(np.flatnonzero(known), lengths[known]), data] = True
+    return lengths, np.packbits(holds, axis=1, bitorder="little").view("<u8")
+
+
+def _byte_level_chars() -> dict[int, int]:
+    """GPT-2's byte-level alphabet read back: the character that stands for each byte -> the
+    byte; a character below U+0180 outside the alphabet -> U+FFFF (not a byte: the token is
+    then measured decoded)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {c: 0xFFFF for c in range(0x180)}
+    return {**table, **{b: b for b in printable}, **{256 + i: b for i, b in enumerate(others)}}
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
 
 
 def prompt_texts(messages: list[dict[str, Any]]) -> list[str]:

@@ -10,6 +10,7 @@ the generation is closed where the cancellation finds it, which aborts it in the
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -51,8 +52,10 @@ class ServerContext:
         # "default" (what the CLI calls the served model) is accepted and listed as an alias.
         listed = names + [oa.DEFAULT_MODEL] * (oa.DEFAULT_MODEL not in names)
         slots = RequestSlots(config.max_running_requests, config.max_waiting_requests, config.retry_after_s)
-        return cls(allm, config, names, listed, slots, Metrics(allm, slots),
-                   PromptSizeCheck(allm.tokenizer, allm.llm.max_model_len),
+        prompt_size = PromptSizeCheck(allm.tokenizer, allm.llm.max_model_len)
+        # Read now, beside the start, so that the first huge prompt is refused at once too.
+        threading.Thread(target=prompt_size.warm, name="qwenkit-vocabulary", daemon=True).start()
+        return cls(allm, config, names, listed, slots, Metrics(allm, slots), prompt_size,
                    model_capabilities(allm.llm).names(), int(time.time()))
 
     def check_model(self, name: str | None) -> str:
