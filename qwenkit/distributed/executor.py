@@ -1,6 +1,14 @@
 """One model replica over N processes: this process is rank 0 (the engine: scheduler, block
-manager, sampler, API) and holds a shard; ranks 1..N-1 are worker processes started here
-(torch.multiprocessing, spawn), each holding its shard and its KV heads.
+manager, sampler, API) and holds a shard; ranks 1..N-1 are worker processes started here,
+each holding its shard and its KV heads.
+
+A worker is a fresh interpreter (`python -c`, its arguments pickled on its standard input)
+that imports qwenkit and nothing of the user's: multiprocessing's spawn re-imports the
+parent's `__main__`, so a plain script without `if __name__ == "__main__":` ran again in
+every rank and failed with multiprocessing's bootstrapping error; fork cannot follow a
+process that has touched CUDA. This way works from a plain script, a notebook or a server,
+on CPU and CUDA alike. The worker's standard input stays open while rank 0 lives: its end
+of file (rank 0 gone, however it went) ends the worker.
 
 Every step, rank 0 broadcasts the step as plain data (`StepInput`, pickled on a gloo
 group) and every rank runs it; the collectives inside the layers (all-reduce after the
@@ -19,7 +27,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import pickle
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +39,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from qwenkit.distributed.parallel import ParallelConfig, TensorParallel
 from qwenkit.engine.model_runner import ModelRunner, StepInput
@@ -90,17 +100,11 @@ class TensorParallelExecutor:
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         port = _free_port()
         threads = _threads_per_rank(world)
-        ctx = mp.get_context("spawn")
         self.workers = [
-            ctx.Process(
-                target=_worker_main, name=f"qwenkit-tp-rank{rank}", daemon=True,
-                args=(rank, world, port, self.backend, files, dtype, rank_device(device, rank), parallel, threads,
-                      load_model),
-            )
+            _start_worker(rank, threads, (rank, world, port, self.backend, files, dtype, rank_device(device, rank),
+                                          parallel, threads, load_model))
             for rank in range(1, world)
         ]
-        for w in self.workers:
-            w.start()
         if device.type == "cpu":  # the ranks share the cores (configure_threads reads this)
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -122,8 +126,8 @@ class TensorParallelExecutor:
     def _watch(self) -> None:
         while not self._stopped.wait(0.2):
             for rank, w in enumerate(self.workers, start=1):
-                if not w.is_alive() and self.failure is None:
-                    self.failure = f"tensor-parallel rank {rank} exited with code {w.exitcode}"
+                if w.poll() is not None and self.failure is None:
+                    self.failure = f"tensor-parallel rank {rank} exited with code {w.returncode}"
                     logger.error("%s; the model replica stops", self.failure)
 
     def check(self) -> None:
@@ -140,15 +144,15 @@ class TensorParallelExecutor:
 
     def _dead(self, error: Exception) -> EngineDeadError:
         for w in self.workers:
-            w.join(timeout=2)  # let the monitor see which rank went
+            _wait(w, 2)  # let the monitor see which rank went
         self._watch_once()
         self.failure = self.failure or f"a tensor-parallel collective failed: {error}"
         return EngineDeadError(self.failure)
 
     def _watch_once(self) -> None:
         for rank, w in enumerate(self.workers, start=1):
-            if not w.is_alive() and self.failure is None:
-                self.failure = f"tensor-parallel rank {rank} exited with code {w.exitcode}"
+            if w.poll() is not None and self.failure is None:
+                self.failure = f"tensor-parallel rank {rank} exited with code {w.returncode}"
 
     def make_runner(self, model, **sizes) -> "DriverRunner":
         """The engine's ModelRunner on rank 0; each worker builds its own with the same sizes."""
@@ -168,10 +172,10 @@ class TensorParallelExecutor:
                 pass
         self._stopped.set()
         for w in self.workers:
-            w.join(timeout=10)
-            if w.is_alive():
+            if not _wait(w, 10):
                 w.kill()
-                w.join(timeout=5)
+                _wait(w, 5)
+            w.stdin.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -183,12 +187,54 @@ class DriverRunner(ModelRunner):
         super().__init__(model, **sizes)
         self.executor = executor
 
-    def execute(self, step: StepInput):
-        self.executor.broadcast(step)
+    def execute(self, step: StepInput, *, pooling: bool = False):
+        self.executor.broadcast((step, pooling))  # pooling ends the step without the lm_head's all-gather
         try:
-            return super().execute(step)
+            return super().execute(step, pooling=pooling)
         except RuntimeError as e:  # a collective whose peer is gone
             raise self.executor._dead(e) from e
+
+
+def _start_worker(rank: int, threads: int, args: tuple) -> subprocess.Popen:
+    """Rank `rank` in a fresh interpreter, running `_worker_main(*args)`."""
+    env = dict(os.environ)
+    # qwenkit from where this process has it (a source checkout on sys.path works too).
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = str(threads)  # CPU ranks share the cores; set before the worker's torch starts
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "from qwenkit.distributed.executor import _worker_entry; _worker_entry()",
+         f"qwenkit-tp-rank{rank}"],
+        stdin=subprocess.PIPE, env=env,
+    )
+    pickle.dump(args, worker.stdin)
+    worker.stdin.flush()
+    return worker
+
+
+def _wait(worker: subprocess.Popen, timeout: float) -> bool:
+    """Whether the worker has exited within `timeout` seconds."""
+    try:
+        worker.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _worker_entry() -> None:
+    """A worker process's main: `_worker_main` with the arguments read from standard input;
+    the process ends when standard input does (rank 0 closed it, or is gone)."""
+    args = pickle.load(sys.stdin.buffer)  # all rank 0 writes
+
+    def exit_when_rank_0_goes() -> None:
+        # The file descriptor, not sys.stdin: a thread blocked holding the buffered reader's
+        # lock would abort the interpreter's own exit.
+        while os.read(0, 4096):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=exit_when_rank_0_goes, name="qwenkit-tp-parent", daemon=True).start()
+    _worker_main(*args)
 
 
 def _worker_main(rank, world, port, backend, files, dtype, device, parallel, threads, load_model) -> None:
@@ -214,8 +260,9 @@ def _worker_main(rank, world, port, backend, files, dtype, device, parallel, thr
         if sizes is None:
             return
         runner = ModelRunner(loaded.model, device=device, progress=False, **vars(sizes))
-        while (step := receive()) is not None:
-            runner.execute(step)
+        while (message := receive()) is not None:
+            step, pooling = message
+            runner.execute(step, pooling=pooling)
     except Exception as e:  # rank 0 is gone or failed: nothing left to serve
         if os.environ.get("QWENKIT_DEBUG"):
             raise
