@@ -220,3 +220,51 @@ def test_a_timeout_in_a_stream_is_logged(slow_allm, caplog, tmp_path):
         r = httpx.post(url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 200 and "timeout" in r.text
     logged_once(caplog, r.headers["x-request-id"], "504 in the stream", "timeout")
+
+
+# -- DashScope: the chat route's ranges and bounds; an unknown path ---------------------
+
+DASHSCOPE = "/api/v1/services/aigc/text-generation/generation"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", 9), ("temperature", 2.01), ("temperature", -0.1), ("temperature", 1.99), ("temperature", 2),
+    ("temperature", 0), ("top_p", 0), ("top_p", 1.5), ("top_p", 1), ("top_p", 0.01), ("presence_penalty", 2.5),
+    ("presence_penalty", -2), ("top_k", -2), ("top_k", 50), ("repetition_penalty", 0), ("repetition_penalty", 1.1),
+    ("seed", -1), ("seed", 2**31), ("n", 0), ("max_tokens", 0), ("thinking_budget", -1),
+])
+def test_dashscope_takes_the_chat_routes_sampling_ranges(server, field, value):
+    """DashScope's documented ranges (temperature [0, 2), top_p (0, 1], presence_penalty
+    [-2, 2]) as the OpenAI-compatible route holds them: the same value is refused by both or
+    by neither, with a 400 naming the field."""
+    with httpx.Client(base_url=server, timeout=30) as http:
+        messages = [{"role": "user", "content": "hi"}]
+        chat = http.post("/compatible-mode/v1/chat/completions",
+                         json={"model": MODEL, "messages": messages, "max_tokens": 1, field: value})
+        native = http.post(DASHSCOPE, json={"model": MODEL, "input": {"messages": messages},
+                                            "parameters": {"max_tokens": 1, field: value, "result_format": "message"}})
+    assert native.status_code == chat.status_code, (native.text, chat.text)
+    if native.status_code != 200:
+        assert native.status_code == 400
+        assert native.json()["code"] == "InvalidParameter" and field in native.json()["message"], native.text
+
+
+def test_dashscope_without_max_tokens_is_bounded_as_chat_is():
+    """No max_tokens: the remaining context, as on the chat route (both leave it to the
+    engine, which bounds a request by max_model_len less its prompt)."""
+    from qwenkit.server import dashscope_protocol as ds
+    from qwenkit.server import openai_protocol as oa
+
+    messages = [{"role": "user", "content": "hi"}]
+    native = ds.generation_call(ds.GenerationRequest.model_validate({"input": {"messages": messages}}))
+    chat = oa.chat_call(oa.ChatCompletionRequest.model_validate({"messages": messages}))
+    assert native.request.sampling_params.max_tokens == chat.request.sampling_params.max_tokens is None
+
+
+def test_an_unknown_dashscope_path_says_so(server):
+    r = httpx.post(server + "/api/v1/services/aigc/nonexistent", json={"model": MODEL})
+    assert r.status_code == 404
+    body = r.json()
+    assert body["code"] == "InvalidURL" and "unknown" in body["message"] and body["request_id"], body
+    r = httpx.post(server + DASHSCOPE, json={"model": "nope", "input": {"prompt": "hi"}})
+    assert r.status_code == 404 and r.json()["code"] == "ModelNotFound"

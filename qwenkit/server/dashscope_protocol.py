@@ -64,7 +64,8 @@ class GenerationParameters(_Model):
     seed: Seed | None = None
     # Strings, or token ids given as single-token lists ([[151645]]).
     stop: StopString | list[StopString] | list[Annotated[list[TokenId], Field(min_length=1, max_length=1)]] | None = None
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    # DashScope documents [0, 2); 2 itself is taken, as on the OpenAI-compatible route.
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: TopK | None = None
     max_tokens: PositiveCount | None = None
