@@ -268,3 +268,29 @@ def test_an_unknown_dashscope_path_says_so(server):
     assert body["code"] == "InvalidURL" and "unknown" in body["message"] and body["request_id"], body
     r = httpx.post(server + DASHSCOPE, json={"model": "nope", "input": {"prompt": "hi"}})
     assert r.status_code == 404 and r.json()["code"] == "ModelNotFound"
+
+
+# -- metrics through prometheus_client's public API ------------------------------------
+
+
+def test_the_prefix_cache_hit_rate_is_kept_without_private_counters():
+    import inspect
+    from types import SimpleNamespace
+
+    from qwenkit.server import metrics
+    from qwenkit.server.limits import RequestSlots
+
+    blocks = SimpleNamespace(num_blocks=10, num_free_blocks=7)
+    m = metrics.Metrics(SimpleNamespace(llm=SimpleNamespace(engine=SimpleNamespace(block_manager=blocks))),
+                        RequestSlots(2, 2))
+
+    def sample(name: str) -> float:
+        (line,) = [line for line in m.render()[0].decode().splitlines() if line.startswith(name + " ")]
+        return float(line.split()[1])
+
+    assert sample("qwenkit_prefix_cache_hit_rate") == 0.0
+    m.tokens(prompt=100, generated=5, cached=25)
+    m.tokens(prompt=100, generated=5, cached=75)
+    assert sample("qwenkit_prefix_cache_hit_rate") == 0.5
+    assert sample("qwenkit_prompt_tokens_total") == 200 and sample("qwenkit_kv_blocks_in_use") == 3
+    assert "._value" not in inspect.getsource(metrics)

@@ -11,6 +11,10 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 class Metrics:
     def __init__(self, allm, slots):
+        # The hit rate's own running sums: prometheus_client's counters expose their values
+        # only through a registry scrape (`_value` is private).
+        self._num_prompt_tokens = 0
+        self._num_cached_tokens = 0
         r = self.registry = CollectorRegistry()
         self.requests = Counter("qwenkit_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
@@ -36,8 +40,7 @@ class Metrics:
               registry=r).set_function(self._hit_rate)
 
     def _hit_rate(self) -> float:
-        prompt = self.prompt_tokens._value.get()
-        return self.cached_tokens._value.get() / prompt if prompt else 0.0
+        return self._num_cached_tokens / self._num_prompt_tokens if self._num_prompt_tokens else 0.0
 
     def response(self, route: str, status: int) -> None:
         """Count a response. `route` is a route template or "unmatched", never a raw path: the
@@ -58,6 +61,8 @@ class Metrics:
         self.prompt_tokens.inc(prompt)
         self.generated_tokens.inc(generated)
         self.cached_tokens.inc(cached)
+        self._num_prompt_tokens += prompt
+        self._num_cached_tokens += cached
         self.reasoning_tokens.inc(reasoning)
 
     def render(self) -> tuple[bytes, str]:
