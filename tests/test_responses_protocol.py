@@ -109,6 +109,7 @@ def test_tools_choice_format_and_reasoning():
     ({"conversation": {"id": 5}}, "conversation must be"),
     ({"prompt": {"id": "p"}}, "prompt"),
     ({"input": [{"type": "reasoning", "summary": 5}]}, "input[0].summary"),
+    ({"input": [{"type": "reasoning", "content": [{"text": "x"}], "summary": 5}]}, "input[0].summary"),
     ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text"}]}]}, "input[0].summary[0]"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
     ({"background": True}, "background"),

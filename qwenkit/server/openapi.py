@@ -214,7 +214,12 @@ class ToolResult(_Out):
     content: str
 
 
-_EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+# Before OpenAPI 3.2's itemSchema, an event stream's `schema` describes each event: its
+# fields as server-sent events have them (`data` a JSON text, `event` its name, if any).
+_EVENT_STREAM = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}}}}}
 _GENERATION_ROUTES = frozenset({
     "/v1/chat/completions", "/compatible-mode/v1/chat/completions", "/v1/completions",
     "/api/v1/services/aigc/text-generation/generation", "/v1/responses",

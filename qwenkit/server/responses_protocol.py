@@ -312,8 +312,8 @@ def input_messages(items: str | list[dict[str, Any]], name: str = "input") -> li
                              "content": _text(item.get("output"), f"{where}.output")})
         elif kind == "reasoning":
             # The reasoning text itself (content), else its summary.
-            content = _reasoning_parts(item, "content", where)
-            reasoning = "".join(content or _reasoning_parts(item, "summary", where)) or None
+            content, summary = _reasoning_parts(item, "content", where), _reasoning_parts(item, "summary", where)
+            reasoning = "".join(content or summary) or None
         else:
             raise ValueError(f"{where}.type {kind!r} is not supported: use message, function_call, "
                              "function_call_output or reasoning items")
