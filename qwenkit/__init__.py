@@ -4,8 +4,12 @@
 use, so the lighter parts of the package import without it.
 """
 
+from qwenkit.engine.threads import default_wait_policy
+
 __version__ = "0.1.0"
 __all__ = ["AsyncLLM", "LLM", "RequestOutput", "SamplingParams"]
+
+default_wait_policy()  # before anything loads torch's libgomp (docs/decode.md#threads)
 
 
 def __getattr__(name: str):

@@ -86,3 +86,27 @@ from qwenkit.engine import threads
 print(json.dumps({{"default": threads.default_threads(), "configured": threads.configure_threads()}}))
 """)
     assert result == {"default": 1, "configured": 1}
+
+
+def _omp_display(code: str, extra_env: dict | None = None) -> str:
+    """libgomp's settings as it prints them when it loads (OMP_DISPLAY_ENV=VERBOSE), in a fresh
+    process. Its OMP_WAIT_POLICY line says PASSIVE for an unset policy too; GOMP_SPINCOUNT tells
+    them apart (300000 unset, 0 passive)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**env, "OMP_DISPLAY_ENV": "VERBOSE", **(extra_env or {})})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+def test_torchs_openmp_waits_passively_once_qwenkit_is_imported():
+    assert "GOMP_SPINCOUNT = '0'" in _omp_display("import qwenkit, torch")
+    # a user's own setting stands
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in _omp_display("import qwenkit, torch", {"OMP_WAIT_POLICY": "ACTIVE"})
+
+
+def test_torch_imported_first_is_said_once():
+    stderr = _omp_display("import torch, qwenkit\nfrom qwenkit.engine import threads\n"
+                          "threads.set_threads(2); threads.set_threads(2)")
+    assert "GOMP_SPINCOUNT = '300000'" in stderr  # libgomp had loaded: the policy came too late
+    assert stderr.count("torch was imported before qwenkit") == 1

@@ -17,15 +17,19 @@ Nothing else adds a thread pool: sampling runs on the engine's thread between fo
 passes, the HTTP server is one asyncio thread that mostly waits, and the Rust tokenizer's
 own pool (one thread per CPU) is turned off: qwenkit encodes one prompt at a time.
 
-This module imports no torch at import time, so `wait_policy_defaults()` can run before
-torch loads libgomp, which reads its spin settings once, when it loads (docs/decode.md#threads).
+Waiting threads sleep instead of spinning (`default_wait_policy`): this module imports no
+torch at import time, so qwenkit's `__init__` can set that before torch loads libgomp.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -33,6 +37,24 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 # The count `set_threads` chose (None: not chosen yet): the runner's `configure_threads()`
 # keeps it rather than resetting an `LLM(threads=N)` to the default.
 _chosen: int | None = None
+# torch (so libgomp) was loaded before `default_wait_policy()` could set the policy: its
+# workers spin; said once, when more than one thread is chosen.
+_wait_policy_missed = False
+
+
+def default_wait_policy() -> None:
+    """OpenMP workers that go to sleep as soon as they wait (OMP_WAIT_POLICY=PASSIVE), unless
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is set. libgomp's default spins for ~3 ms first: on a
+    machine where other programs run, a spinning worker holds a core the descheduled thread it
+    waits for needs, while a sleeping one gives it back and, woken, is run at once (the
+    scheduler favours a thread that slept). qwenkit's `__init__` calls this, because libgomp
+    reads the variable once, when torch loads it; in a program that imported torch first, it
+    is too late (`set_threads` says so)."""
+    global _wait_policy_missed
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    _wait_policy_missed = "torch" in sys.modules
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # for libgomp if it loads later, and child processes
 
 
 def physical_cores() -> int:
@@ -131,6 +153,12 @@ def set_threads(threads: int | None = None) -> int:
         threads = torch.get_num_threads() if "OMP_NUM_THREADS" in os.environ else default_threads()
     _chosen = threads
     torch.set_num_threads(threads)
+    global _wait_policy_missed
+    if _wait_policy_missed and threads > 1:
+        _wait_policy_missed = False
+        logger.warning("torch was imported before qwenkit, so its OpenMP threads spin while they wait, which "
+                       "slows qwenkit down many times over when other programs use the cores: set "
+                       "OMP_WAIT_POLICY=PASSIVE before Python starts, or import qwenkit first (docs/decode.md#threads)")
     return threads
 
 
