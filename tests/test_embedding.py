@@ -198,3 +198,24 @@ def test_embeddings_from_a_gguf(tmp_path):
         expected = torch.cat([F.normalize(ref.model(input_ids=torch.tensor([p + [0]])).last_hidden_state[:, -1], dim=1)
                               for p in prompts])
     assert (got - expected).abs().max() <= 1e-5
+
+
+def test_a_prefix_cache_hit_that_leaves_one_token_takes_the_decode_path(embedder):
+    """33 tokens embedded again: 32 come from the cache, the last one is a one-token step (the
+    runner's decode path, fused on the CPU), whose hidden state must be the same."""
+    llm, ref, folder = embedder
+    ids = (llm.tokenizer.encode(TEXTS[4]) * 3)[:32]  # + <|endoftext|> = 33
+    first = embed(llm, [ids]).data
+    runs = []
+    original = llm.engine.runner._run_decode
+    llm.engine.runner._run_decode = lambda step, pooling=False: runs.append(pooling) or original(step, pooling)
+    try:
+        again = embed(llm, [ids]).data
+    finally:
+        llm.engine.runner._run_decode = original
+    assert runs == [True]
+    assert (again - first).abs().max() <= 1e-5
+    end = llm.tokenizer.token_to_id("<|endoftext|>")
+    with torch.inference_mode():
+        expected = F.normalize(ref(input_ids=torch.tensor([ids + [end]])).last_hidden_state[:, -1], dim=1)
+    assert (again - expected).abs().max() <= 1e-5
