@@ -7,6 +7,7 @@
 #define QWENKIT_KERNELS_H
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -23,6 +24,19 @@
 #if defined(QK_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define QK_AMX 1
 #endif
+
+/* The work split of the loops over weight rows: schedule(dynamic, qk_chunk(n)), about
+   QK_CHUNKS_PER_THREAD chunks a thread, each taken by the next thread that comes free. On a
+   machine where other programs run, the OS deschedules one of the team now and then; with
+   static halves the whole step then waits for that thread's half, with chunks the others take
+   all but the one it holds (measured in docs/decode.md#threads). Whichever thread takes an
+   iteration computes its outputs with the same code, so the numbers do not depend on the split.
+   In a parallel region, the team's size; outside, the size the next region will have. */
+#define QK_CHUNKS_PER_THREAD 8
+static inline int qk_chunk(int n) {
+    const int chunks = QK_CHUNKS_PER_THREAD * (omp_in_parallel() ? omp_get_num_threads() : omp_get_max_threads());
+    return n > chunks ? n / chunks : 1;
+}
 
 /* Tests only: the AVX-512 (and AMX) code built for an AVX2 CPU, the AVX-512 intrinsics taken from
    SIMDe's portable implementations and the AMX ones from emulate_amx.h, so that code whose

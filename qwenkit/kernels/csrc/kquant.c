@@ -774,7 +774,7 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
     int16_t *bs16 = malloc(sizeof(int16_t) * (size_t)M * nsb * (QK_K / 16));
     float *xb = malloc(sizeof(float) * (size_t)M * nsb * (QK_K / QK));
     if (!xq || !xd || !bs16 || !xb) { free(xq); free(xd); free(bs16); free(xb); return -1; }
-#pragma omp parallel for if (M > 8)
+#pragma omp parallel for if (M > 8) schedule(dynamic, qk_chunk(M))
     for (int m = 0; m < M; m++)
         kq_activations(x + (int64_t)m * K, K, xq + (int64_t)m * KQ_X_STRIDE(K), xd + (int64_t)m * nsb,
                        bs16 + (int64_t)m * nsb * (QK_K / 16), xb + (int64_t)m * nsb * (QK_K / QK));
@@ -793,7 +793,7 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
 #pragma omp atomic write
                 failed = 1;
             }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, qk_chunk((N + 7) / 8))
             for (int p = 0; p < (N + 7) / 8; p++) {
                 if (!buf || !bs) continue;
                 switch (type) {
@@ -814,11 +814,11 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
 #endif
 #ifdef QK_AVX512
     if (M > 1) { /* a single row stays as it is (kq_rows_alone) */
-#pragma omp parallel for if (M > 8)
+#pragma omp parallel for if (M > 8) schedule(dynamic, qk_chunk(M))
         for (int m = 0; m < M; m++) kq_activation_lanes(xq + (int64_t)m * KQ_X_STRIDE(K), K);
     }
 #endif
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, qk_chunk((N + 3) / 4))
     for (int n4 = 0; n4 < (N + 3) / 4; n4++)
         switch (type) { /* a constant type in each: the decoding specialised, its loops unrolled */
         case KQ_Q4_K: kq_panel(KQ_Q4_K, n4, xq, xd, bs16, xb, w, y, M, N, K); break;

@@ -6,7 +6,7 @@
 
 /* y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, rows of H floats; x rows `x_stride` apart. */
 void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *y, int T, int H, float eps) {
-#pragma omp parallel for if (T >= 16)
+#pragma omp parallel for if (T >= 16) schedule(dynamic, qk_chunk(T))
     for (int t = 0; t < T; t++) {
         const float *xt = x + t * x_stride;
         float *yt = y + (int64_t)t * H;
@@ -21,7 +21,7 @@ void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *y, in
    module path and the fused decode step both call this, so a token's numbers do not depend on
    which of them computed it. */
 void silu_and_mul_f32(const float *x, float *out, int T, int I) {
-#pragma omp parallel for if (T >= 16)
+#pragma omp parallel for if (T >= 16) schedule(dynamic, qk_chunk(T))
     for (int t = 0; t < T; t++) {
         const float *g = x + (int64_t)t * 2 * I, *u = g + I;
         float *o = out + (int64_t)t * I;
@@ -47,7 +47,7 @@ void silu_and_mul_f32(const float *x, float *out, int T, int I) {
 void rope_neox_f32(const float *x, int64_t x_stride, const float *cos, const float *sin, float *out, int T,
                    int heads, int D) {
     const int half = D / 2;
-#pragma omp parallel for if (T >= 16)
+#pragma omp parallel for if (T >= 16) schedule(dynamic, qk_chunk(T))
     for (int t = 0; t < T; t++) {
         const float *c = cos + (int64_t)t * D, *s = sin + (int64_t)t * D;
         for (int h = 0; h < heads; h++) {

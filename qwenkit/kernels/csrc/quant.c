@@ -141,10 +141,10 @@ int int8_linear_q8(const float *x, const int8_t *w, const uint16_t *scale, float
     int8_t *xq = malloc((size_t)M * K);
     float *xs = malloc(sizeof(float) * (size_t)M * nb);
     if (!xq || !xs) { free(xq); free(xs); return -1; }
-    #pragma omp parallel for if (M > 8)
+    #pragma omp parallel for if (M > 8) schedule(dynamic, qk_chunk(M))
     for (int m = 0; m < M; m++) quantize_row_q8(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
     const int blocks = (N + 3) / 4;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, qk_chunk(blocks))
     for (int b = 0; b < blocks; b++) {
         const int n0 = b * 4, nr = N - n0 < 4 ? N - n0 : 4;
         const int8_t *wb = w + (int64_t)n0 * K;
@@ -238,7 +238,7 @@ static inline __attribute__((always_inline)) __m256i q5_0_unsigned(const uint8_t
 void q5_0_pack(const uint8_t *stored, uint8_t *out, int N, int K) {
     const int nb = K / QK;
     const int64_t row = (int64_t)nb * Q5_0_BYTES;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, qk_chunk(N / Q5_0_PANEL))
     for (int p = 0; p < N / Q5_0_PANEL; p++) {
         const uint8_t *src = stored + (int64_t)p * Q5_0_PANEL * row;
         uint8_t *dst = out + (int64_t)p * Q5_0_PANEL * row;
@@ -445,7 +445,7 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
     float *xs = malloc(sizeof(float) * (size_t)M * nb);
     int32_t *sums = malloc(sizeof(int32_t) * (size_t)M * nb); /* 16 sum(xq) per (row, block): the -16 of w = (u - 16) d */
     if (!xq || !xs || !sums) { free(xq); free(xs); free(sums); return -1; }
-    #pragma omp parallel for if (M > 8)
+    #pragma omp parallel for if (M > 8) schedule(dynamic, qk_chunk(M))
     for (int m = 0; m < M; m++) {
         quantize_row_q8(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
         for (int j = 0; j < nb; j++) {
@@ -457,7 +457,7 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
     int failed = 0;
 #ifdef QK_AVX2
     if (M < UNPACK_ROWS) {
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for schedule(dynamic, qk_chunk(panels))
         for (int p = 0; p < panels; p++) {
             const uint8_t *wp = w + p * panel_bytes;
             for (int m0 = 0; m0 < M; m0 += 4) {
@@ -485,7 +485,7 @@ int q5_0_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
                 #pragma omp atomic write
                 failed = 1;
             }
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(dynamic, qk_chunk(panels))
             for (int p = 0; p < panels; p++) {
                 if (!panel || !scales) continue;
                 q5_0_unpack_panel(w + p * panel_bytes, nb, panel, scales);
@@ -526,7 +526,7 @@ int q5_0_dequantize(const uint8_t *w, void *out, int N, int K, int out_dtype) {
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, qk_chunk(N / Q5_0_PANEL))
         for (int p = 0; p < N / Q5_0_PANEL; p++) {
             if (!values || !scales || !panel_scales || !panel || !row) continue;
             q5_0_unpack_rows(w + (int64_t)p * nb * Q5_0_PANEL_BYTES, nb, values, scales, panel, panel_scales);
@@ -561,7 +561,7 @@ int dequantize_rows(void (*row)(const void *ctx, int n, float *values), const vo
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, qk_chunk(N))
         for (int n = 0; n < N; n++) {
             if (!values) continue;
             row(ctx, n, values);
@@ -658,7 +658,7 @@ static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *s
     int8_t *xq = calloc((size_t)Mp * K, 1);
     float *xs = calloc((size_t)Mp * nb, sizeof(float));
     if (!xq || !xs) { free(xq); free(xs); return -1; }
-#pragma omp parallel for
+#pragma omp parallel for schedule(dynamic, qk_chunk(M))
     for (int m = 0; m < M; m++) quantize_row_q8(x + (int64_t)m * K, K, xq + (int64_t)m * K, xs + (int64_t)m * nb);
     int failed = 0;
 #pragma omp parallel
@@ -676,7 +676,7 @@ static int amx_linear(const float *x, const void *w, int q5_0, const uint16_t *s
             failed = 1;
         }
         if (ok) amx_configure();
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, qk_chunk((N + 31) / 32))
         for (int panel = 0; panel < (N + 31) / 32; panel++) {
             if (!ok) continue;
             const int n0 = panel * 32, nr = N - n0 < 32 ? N - n0 : 32;
