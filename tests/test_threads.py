@@ -88,10 +88,47 @@ print(json.dumps({{"default": threads.default_threads(), "configured": threads.c
     assert result == {"default": 1, "configured": 1}
 
 
+def _kernels_library():
+    """The qwenkit kernel library this process loaded, opened again by its path (the same handle)."""
+    import ctypes
+
+    from qwenkit.kernels import cpu
+
+    if cpu.library() is None:
+        pytest.skip("no native kernels here (no C compiler)")
+    maps = Path("/proc/self/maps").read_text().split()
+    path = next(p for p in maps if "/qwenkit_" in p and p.endswith(".so"))
+    return ctypes.CDLL(path)
+
+
+def test_threads_reach_torch_and_the_kernels_on_every_computing_thread(tiny_checkpoint):
+    import torch
+
+    from qwenkit import LLM, AsyncLLM
+
+    lib = _kernels_library()
+    before = torch.get_num_threads()
+    try:
+        LLM(str(tiny_checkpoint), device="cpu", threads=1, progress=False)
+        # the runner's configure_threads() kept the choice; the kernels' regions take it too
+        assert torch.get_num_threads() == 1 and lib.qk_team_size() == 1
+        allm = AsyncLLM(str(tiny_checkpoint), device="cpu", threads=1, progress=False)
+        try:
+            # AsyncLLM steps on a thread of its own, whose OpenMP setting starts as the
+            # process default (the CPU count), not the main thread's
+            assert allm._call(lib.qk_team_size).result(timeout=60) == 1
+            assert allm._call(torch.get_num_threads).result(timeout=60) == 1
+        finally:
+            allm.shutdown()
+    finally:
+        threads._chosen = None
+        torch.set_num_threads(before)
+
+
 def _omp_display(code: str, extra_env: dict | None = None) -> str:
     """libgomp's settings as it prints them when it loads (OMP_DISPLAY_ENV=VERBOSE), in a fresh
     process. Its OMP_WAIT_POLICY line says PASSIVE for an unset policy too; GOMP_SPINCOUNT tells
-    them apart (300000 unset, 0 passive)."""
+    them apart (300000 unset, 0 passive, 3000 qwenkit's)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={**env, "OMP_DISPLAY_ENV": "VERBOSE", **(extra_env or {})})
@@ -99,8 +136,8 @@ def _omp_display(code: str, extra_env: dict | None = None) -> str:
     return out.stderr
 
 
-def test_torchs_openmp_waits_passively_once_qwenkit_is_imported():
-    assert "GOMP_SPINCOUNT = '0'" in _omp_display("import qwenkit, torch")
+def test_torchs_openmp_spins_briefly_once_qwenkit_is_imported():
+    assert f"GOMP_SPINCOUNT = '{threads.SPIN_COUNT}'" in _omp_display("import qwenkit, torch")
     # a user's own setting stands
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in _omp_display("import qwenkit, torch", {"OMP_WAIT_POLICY": "ACTIVE"})
 

@@ -17,7 +17,7 @@ Nothing else adds a thread pool: sampling runs on the engine's thread between fo
 passes, the HTTP server is one asyncio thread that mostly waits, and the Rust tokenizer's
 own pool (one thread per CPU) is turned off: qwenkit encodes one prompt at a time.
 
-Waiting threads sleep instead of spinning (`default_wait_policy`): this module imports no
+Waiting threads spin briefly, then sleep (`default_wait_policy`): this module imports no
 torch at import time, so qwenkit's `__init__` can set that before torch loads libgomp.
 """
 
@@ -42,19 +42,28 @@ _chosen: int | None = None
 _wait_policy_missed = False
 
 
+# libgomp's spins before a waiting worker sleeps (GOMP_SPINCOUNT; ~20 ns each here): ~60 us,
+# enough to span the gaps between one decode step's ~150 parallel regions, short enough to give
+# the core back when the thread it waits for has been descheduled. 2-core AVX-512 EPYC, default
+# model, tok/s at 1 / 8 streams, idle and beside 2 busy processes (docs/decode.md#threads):
+# libgomp's default (300000) 45-47 idle, 11.7-11.9 busy; 3000 47-51 / 170, 20-24 / 71;
+# passive (0) 27-33 / 104-127 idle, every region paying two wake-ups.
+SPIN_COUNT = 3000
+
+
 def default_wait_policy() -> None:
-    """OpenMP workers that go to sleep as soon as they wait (OMP_WAIT_POLICY=PASSIVE), unless
-    OMP_WAIT_POLICY or GOMP_SPINCOUNT is set. libgomp's default spins for ~3 ms first: on a
-    machine where other programs run, a spinning worker holds a core the descheduled thread it
-    waits for needs, while a sleeping one gives it back and, woken, is run at once (the
-    scheduler favours a thread that slept). qwenkit's `__init__` calls this, because libgomp
-    reads the variable once, when torch loads it; in a program that imported torch first, it
-    is too late (`set_threads` says so)."""
+    """OpenMP workers that spin briefly, then sleep (GOMP_SPINCOUNT=SPIN_COUNT), unless
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is set. libgomp's default spins ~6 ms: on a machine where
+    other programs run, a spinning worker holds a core the descheduled thread it waits for
+    needs, while a sleeping one gives it back and, woken, is run at once (the scheduler favours
+    a thread that slept). qwenkit's `__init__` calls this, because libgomp reads the variable
+    once, when torch loads it; in a program that imported torch first, it is too late
+    (`set_threads` says so)."""
     global _wait_policy_missed
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
     _wait_policy_missed = "torch" in sys.modules
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # for libgomp if it loads later, and child processes
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)  # for libgomp if it loads later, and child processes
 
 
 def physical_cores() -> int:
@@ -144,7 +153,7 @@ def set_threads(threads: int | None = None) -> int:
     """Choose the CPU threads of torch and the C kernels: `threads`, else OMP_NUM_THREADS when
     set (torch read it), else `default_threads()`; applied to the calling thread now and to any
     thread that calls `configure_threads()`. Returns the count."""
-    global _chosen
+    global _chosen, _wait_policy_missed
     import torch
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -153,12 +162,12 @@ def set_threads(threads: int | None = None) -> int:
         threads = torch.get_num_threads() if "OMP_NUM_THREADS" in os.environ else default_threads()
     _chosen = threads
     torch.set_num_threads(threads)
-    global _wait_policy_missed
     if _wait_policy_missed and threads > 1:
         _wait_policy_missed = False
-        logger.warning("torch was imported before qwenkit, so its OpenMP threads spin while they wait, which "
-                       "slows qwenkit down many times over when other programs use the cores: set "
-                       "OMP_WAIT_POLICY=PASSIVE before Python starts, or import qwenkit first (docs/decode.md#threads)")
+        logger.warning("torch was imported before qwenkit, so its OpenMP threads spin for ~6 ms whenever they "
+                       "wait, which slows qwenkit down several times over when other programs use the cores: "
+                       "set GOMP_SPINCOUNT=%d before Python starts, or import qwenkit first "
+                       "(docs/decode.md#threads)", SPIN_COUNT)
     return threads
 
 
