@@ -436,3 +436,53 @@ def test_cuda_engine_on_stored_weights(tmp_path, sources, arch, method):
     want = LLM(str(twin), device="cuda", dtype="bfloat16", progress=False).generate(prompt, params)[0].token_ids
     got = LLM(str(quantized), device="cuda", dtype="bfloat16", progress=False).generate(prompt, params)[0].token_ids
     assert got == want
+
+
+@pytest.mark.parametrize("bits,group_size,zeros,offset", [(4, 128, True, 0), (4, 64, False, 0), (8, 128, True, 1),
+                                                          (4, 0, True, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_int_weight_matmul_is_the_reference(bits, group_size, zeros, offset, dtype):
+    """The Triton kernel reading the packed words (compiled on CUDA, Triton's interpreter here)
+    against the reference: dequantize in float32, round to the activations' dtype, multiply."""
+    pytest.importorskip("triton")
+    from qwenkit.kernels.cuda.w4a16 import int_weight_matmul
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(bits + group_size)
+    k, n, per_word = 256, 96, 32 // bits
+    groups = k // group_size if group_size else 1
+    fmt = pq.StoredFormat(pq.INT, "gptq", bits=bits, group_size=group_size, zero_point=zeros, zero_offset=offset)
+    qweight = pq.pack_int32(torch.randint(0, 1 << bits, (k, n), generator=g), bits, 0)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half()
+    qzeros = pq.pack_int32(torch.randint(0, (1 << bits) - offset, (groups, n), generator=g), bits, -1) if zeros else None
+    w = pq.dequantize_int(qweight, scales, qzeros, None, fmt).to(dtype)
+    for m in (1, 5, 33):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        want = torch.nn.functional.linear(x.float(), w.float())
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        got = int_weight_matmul(to(x), to(qweight), to(scales), to(qzeros), bits=bits, group_size=group_size,
+                                zero_offset=offset).cpu()
+        assert got.dtype == dtype
+        terms = x.float().abs() @ w.float().abs().t()
+        bound = 1e-5 if dtype == torch.float32 else 2**-10  # float16 output rounding
+        assert ((got.float() - want).abs() <= bound * terms + 1e-6).all()
+
+
+def test_integer_layers_take_the_triton_kernel_where_it_applies(monkeypatch, sources, tmp_path):
+    """The dispatch: a GPTQ linear and an AWQ MoE layer on a device where the Triton kernels run
+    (forced here on the CPU, under the interpreter) compute what the reference computes."""
+    pytest.importorskip("triton")
+    from qwenkit.kernels import cuda
+
+    source, tensors = sources["qwen3_moe"]
+    model = _load(_quantize(tmp_path, source, tensors, "awq")[0]).model
+    layer = model.model.layers[0]
+    x = torch.randn(5, 128)
+    ids, weights = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]]), torch.full((5, 2), 0.5)
+    want = layer.self_attn.qkv_proj(x), layer.mlp.experts(x, ids, weights)
+    calls = []
+    monkeypatch.setattr(cuda, "applies", lambda t: calls.append(t.shape) or True)
+    got = layer.self_attn.qkv_proj(x), layer.mlp.experts(x, ids, weights)
+    assert calls
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,8 @@ output features at a time, then multiplies in that dtype: float32 activations gi
 exactly the float model with the dequantized weights. Where the format quantizes activations
 too (compressed-tensors FP8 with `input_activations`, dynamic), they are rounded to e4m3 with a
 scale per token (or per group of a token's features) first, as the format's kernels do.
-Triton / scaled-matmul kernels that read the stored bits are later work (docs/quantization.md).
+On CUDA the integer formats take a Triton kernel that reads the packed words and dequantizes per
+tile (`kernels/cuda/w4a16.py`); an FP8 block-scaled kernel is later work (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenkit.kernels import reference
+from qwenkit.kernels import cuda, reference
 from qwenkit.models.layers import FusedExperts, Linear
 
 FP8, INT = "fp8", "int"
@@ -323,7 +324,17 @@ class StoredMatrix(nn.Module):
         return list(zip(bounds[:-1], bounds[1:]))
 
     def matmul(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """x [T, K] @ W^T -> [T, N] in x's dtype."""
+        """x [T, K] @ W^T -> [T, N] in x's dtype: on CUDA, integer weights whose groups are in
+        order through the Triton kernel that reads the packed words (`kernels/cuda/w4a16.py`, the
+        same numbers), else dequantized a slice at a time."""
+        f = self.format
+        if f.kind == INT and not f.act_order and cuda.applies(x):
+            from qwenkit.kernels.cuda.w4a16 import int_weight_matmul
+
+            pick = (lambda t: t) if expert is None else (lambda t: t[expert])
+            qzeros = getattr(self, "qzeros", None)
+            return int_weight_matmul(x, pick(self.qweight), pick(self.scales), None if qzeros is None else pick(qzeros),
+                                     bits=f.bits, group_size=f.group_size, zero_offset=f.zero_offset)
         if self.format.kind == FP8 and self.format.activations:
             x = quantize_fp8_activations(x, self.format.activations).to(x.dtype)
         parts = self.slices()
