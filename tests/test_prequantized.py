@@ -454,7 +454,9 @@ def test_triton_int_weight_matmul_is_the_reference(bits, group_size, zeros, offs
     fmt = pq.StoredFormat(pq.INT, "gptq", bits=bits, group_size=group_size, zero_point=zeros, zero_offset=offset)
     qweight = pq.pack_int32(torch.randint(0, 1 << bits, (k, n), generator=g), bits, 0)
     scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half()
-    qzeros = pq.pack_int32(torch.randint(0, (1 << bits) - offset, (groups, n), generator=g), bits, -1) if zeros else None
+    qzeros = None
+    if zeros:
+        qzeros = pq.pack_int32(torch.randint(0, (1 << bits) - offset, (groups, n), generator=g), bits, -1)
     w = pq.dequantize_int(qweight, scales, qzeros, None, fmt).to(dtype)
     for m in (1, 5, 33):
         x = torch.randn(m, k, generator=g).to(dtype)

@@ -7,10 +7,11 @@ int8 or faster, else int8); "gguf": every type with a native kernel kept as stor
 fused matrix whose parts are stored in different types keeps a format per part. Float-stored
 tensors, safetensors checkpoints, and any checkpoint on another device load as floats; a
 pre-quantized safetensors checkpoint (its config's `quantization_config`) keeps the matrices it
-stores quantized as stored, on any device, under "auto" (qwenkit/loader/prequantized.py). "int8" / "int4": every decoder matrix in that format (int8
-where a shape does not fit int4), the embedding and lm_head in int8, as llama.cpp keeps the
-output matrix at higher precision. "none": all floats. The MoE router and the experts stay
-float (see docs/quantization.md).
+stores quantized as stored, on any device, under "auto" (qwenkit/loader/prequantized.py).
+"int8" / "int4": every decoder matrix in that format (int8 where a shape does not fit int4), the
+embedding and lm_head in int8, as llama.cpp keeps the output matrix at higher precision. "none":
+all floats. The MoE router stays float; the experts too, except as a pre-quantized checkpoint
+stores them (see docs/quantization.md).
 """
 
 from __future__ import annotations

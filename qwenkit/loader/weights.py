@@ -98,7 +98,9 @@ def _target(model: nn.Module, params: dict[str, nn.Parameter], hf_name: str) -> 
         prefix, expert, part, suffix = m.groups()
         fused, index = _EXPERT_PARTS[part]
         # Float experts are one parameter each; quantized ones a module of tensors (`gate_up_proj.qweight`).
-        names = [f"{prefix}.{fused}.{suffix or 'weight'}"] + ([f"{prefix}.{fused}"] if suffix in (None, "weight") else [])
+        names = [f"{prefix}.{fused}.{suffix or 'weight'}"]
+        if suffix in (None, "weight"):
+            names.append(f"{prefix}.{fused}")
         for name in names:
             if name in params:
                 return name, ("*" if expert is None else int(expert), index)

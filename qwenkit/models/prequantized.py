@@ -50,8 +50,8 @@ class StoredFormat:
     "compressed-tensors"), which says where its tensors are and how they are packed.
     int: `bits` (4 or 8), `group_size` (0: one group per row), `zero_point` (zeros stored),
     `zero_offset`, `act_order` (each input feature's group read from g_idx), `has_g_idx` (the
-    checkpoint stores g_idx: kept where `act_order`, else checked to be the plain order). fp8: `block` (rows, columns) of one weight scale,
-    0 for the whole dimension of a shard; `activations`: 0 weight-only, -1 activations rounded to
+    checkpoint stores g_idx: kept where `act_order`, else checked to be the plain order).
+    fp8: `block` (rows, columns) of one weight scale, 0 for the whole dimension of a shard; `activations`: 0 weight-only, -1 activations rounded to
     e4m3 with a dynamic scale per token, g > 0 per group of g features of a token.
     scale_dtype: the dtype of the stored scales (kept)."""
 
