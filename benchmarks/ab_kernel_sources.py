@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
                     for i in range(args.steps):
                         position = args.context + rnd * args.steps + i  # both libraries see the same contexts
                         start = time.perf_counter()
-                        ids, positions, meta = runner._decode_inputs([1234] * n, [position] * n, tables)
-                        runner.model.compute_logits(runner.fused(ids, positions, meta))
+                        batch = runner.decode_batch([1234] * n, [position] * n, tables)
+                        runner.model.compute_logits(runner.fused(batch.input_ids, batch.positions, batch.metadata()))
                         times.append(time.perf_counter() - start)
                 medians[name].append(statistics.median(times) * 1e3)
                 fastest[name] = min(fastest[name], min(times) * 1e3)

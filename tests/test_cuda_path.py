@@ -8,7 +8,8 @@ import torch
 from tiny import ARCHS, make_checkpoint
 
 from qwenkit import LLM, SamplingParams
-from qwenkit.engine.cuda_graph import CUDAGraphDecode, graph_buckets
+from qwenkit.engine.cuda_graph import CUDAGraphDecode
+from qwenkit.engine.decode_batch import batch_buckets
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.kernels import cuda as cuda_kernels
 
@@ -64,10 +65,11 @@ def test_a_cache_of_another_dtype_runs_the_torch_attention(folder, monkeypatch):
         assert got == pytest.approx(want, abs=1e-3)
 
 
-def test_graph_buckets():
-    assert graph_buckets(1) == (1,)
-    assert graph_buckets(40) == (1, 2, 4, 8, 16, 32, 40)
-    assert graph_buckets(256) == (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+def test_batch_buckets():
+    """One table for the compiled steps and the CUDA graphs."""
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(40) == (1, 2, 4, 8, 16, 32, 40)
+    assert batch_buckets(256) == (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
 def test_graph_buffers_pad_to_buckets_and_match_the_eager_step(folder):

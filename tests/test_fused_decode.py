@@ -25,6 +25,12 @@ needs_kernels = pytest.mark.skipif(cpu.library() is None, reason="no C compiler:
 PROMPT_LENGTHS = (5, 16, 37)
 
 
+def _decode_inputs(runner, ids, positions, tables):
+    """A decode step's token ids, positions and metadata, as the runner builds them (unpadded)."""
+    batch = runner.decode_batch(ids, positions, tables)
+    return batch.input_ids, batch.positions, batch.metadata()
+
+
 def _decoding(llm: LLM, lengths=PROMPT_LENGTHS) -> list:
     """Prefill prompts of `lengths` tokens and decode a few tokens: the running sequences."""
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
@@ -47,9 +53,9 @@ def _compare_step(llm: LLM) -> None:
     bs = runner.block_size
     slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, positions)])
     with torch.inference_mode():
-        fused = runner.fused(*runner._decode_inputs(ids, positions, tables))
+        fused = runner.fused(*_decode_inputs(runner, ids, positions, tables))
         fused_kv = [(k[slots].clone(), v[slots].clone()) for k, v in runner.kv_caches]
-        step_ids, step_positions, meta = runner._decode_inputs(ids, positions, tables)
+        step_ids, step_positions, meta = _decode_inputs(runner, ids, positions, tables)
         eager = runner.model(step_ids, step_positions, runner.kv_caches, meta)
         eager_kv = [(k[slots].clone(), v[slots].clone()) for k, v in runner.kv_caches]
     spread = eager.std().item()
@@ -93,9 +99,10 @@ def test_fused_step_of_a_bfloat16_model(tmp_path, arch, tie):
         for (k, v), (rk, rv) in zip(runner.kv_caches, reference.kv_caches):
             rk.copy_(k)
             rv.copy_(v)
-        want = full.model(*reference._decode_inputs(*step)[:2], reference.kv_caches, reference._decode_inputs(*step)[2])
-        fused = runner.fused(*runner._decode_inputs(*step)).float()
-        ids, positions, meta = runner._decode_inputs(*step)
+        ids, positions, meta = _decode_inputs(reference, *step)
+        want = full.model(ids, positions, reference.kv_caches, meta)
+        fused = runner.fused(*_decode_inputs(runner, *step)).float()
+        ids, positions, meta = _decode_inputs(runner, *step)
         module = runner.model(ids, positions, runner.kv_caches, meta).float()
     fused_error = ((fused - want).abs() / want.std()).mean().item()
     module_error = ((module - want).abs() / want.std()).mean().item()
@@ -126,9 +133,9 @@ def test_fused_step_rows_do_not_depend_on_the_batch(tmp_path):
     positions = [s.num_computed_tokens for s in seqs]
     tables = [list(s.block_table) for s in seqs]
     with torch.inference_mode():
-        batched = runner.fused(*runner._decode_inputs(ids, positions, tables))
+        batched = runner.fused(*_decode_inputs(runner, ids, positions, tables))
         for i in range(len(seqs)):
-            alone = runner.fused(*runner._decode_inputs(ids[i : i + 1], positions[i : i + 1], tables[i : i + 1]))
+            alone = runner.fused(*_decode_inputs(runner, ids[i : i + 1], positions[i : i + 1], tables[i : i + 1]))
             assert torch.equal(alone[0], batched[i])
 
 

@@ -1,8 +1,8 @@
 """`torch.compile` of the decode step (opt-in: `LLM(compile=True)`, `--compile`).
 
-A decode step has static shapes once its batch is padded to a bucket (1, 2, 4, ... up to
-`max_num_seqs`) and its block tables to the longest context, so each bucket is one
-inductor graph of the whole stack after the embedding: the norms, RoPE, SiLU-and-mul and
+A decode step has static shapes once its batch is padded to a bucket (`batch_buckets`: 1, 2,
+4, ... up to `max_num_seqs`) and its block tables to the longest context (`prepare_decode`, as
+every decode path builds its inputs), so each bucket is one inductor graph of the whole stack after the embedding: the norms, RoPE, SiLU-and-mul and
 residual adds fuse into a few C++ loops around the matmuls; attention is the opaque
 `qwenkit::write_kv_cache` and `qwenkit::paged_decode_attention` ops, which write the cache and
 read it in place. Padding rows
@@ -19,20 +19,11 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
+from qwenkit.engine.decode_batch import DecodeBatch, batch_buckets, bucket_for, prepare_decode
 from qwenkit.models import QwenForCausalLM
-from qwenkit.models.attention import AttentionMetadata, DecodeMetadata
-
-
-def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
-    """Powers of two below max_num_seqs, then max_num_seqs itself."""
-    sizes, b = [], 1
-    while b < max_num_seqs:
-        sizes.append(b)
-        b *= 2
-    return (*sizes, max_num_seqs)
+from qwenkit.models.attention import AttentionMetadata
 
 
 def use_qwenkit_inductor_cache() -> None:
@@ -75,28 +66,17 @@ class CompiledDecode:
 
     def __call__(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Final hidden states [len(input_ids), hidden] of a decode step (one token per sequence)."""
-        num_seqs = len(input_ids)
-        bucket = next(b for b in self.buckets if b >= num_seqs)
-        pad = bucket - num_seqs
-        bs = self.block_size
-        tables = np.zeros((bucket, self.max_blocks_per_seq), dtype=np.int32)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = table
-        slots = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)]
-        device = self.device
-        positions_t = torch.tensor(positions + [0] * pad, device=device)
-        meta = AttentionMetadata(
-            query_lens=(),  # not read by the decode path
-            context_lens=(),
-            slot_mapping=torch.tensor(slots + [self.padding_slot] * pad, device=device),
-            decode=DecodeMetadata(
-                block_tables=torch.from_numpy(tables).to(device),
-                context_lens=torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32, device=device),
-                block_size=bs,
-            ),
-        )
-        h = self.model.model.embed_tokens(torch.tensor(input_ids + [0] * pad, device=device))
-        return self._forward(h, positions_t, meta)[:num_seqs]
+        batch = self._padded(input_ids, positions, block_tables, bucket_for(len(input_ids), self.buckets))
+        return self._run(batch)[: batch.num_seqs]
+
+    def _padded(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]],
+                bucket: int) -> DecodeBatch:
+        return prepare_decode(input_ids, positions, block_tables, block_size=self.block_size, rows=bucket,
+                              width=self.max_blocks_per_seq, padding_slot=self.padding_slot).to(self.device)
+
+    def _run(self, batch: DecodeBatch) -> torch.Tensor:
+        h = self.model.model.embed_tokens(batch.input_ids)
+        return self._forward(h, batch.positions, batch.metadata())
 
     @torch.inference_mode()
     def warm_up(self, *, progress: bool = True) -> float:
@@ -116,16 +96,4 @@ class CompiledDecode:
         return elapsed
 
     def _warm_bucket(self, bucket: int) -> None:
-        device = self.device
-        meta = AttentionMetadata(
-            query_lens=(),
-            context_lens=(),
-            slot_mapping=torch.full((bucket,), self.padding_slot, device=device),
-            decode=DecodeMetadata(
-                block_tables=torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=device),
-                context_lens=torch.zeros(bucket, dtype=torch.int32, device=device),
-                block_size=self.block_size,
-            ),
-        )
-        h = self.model.model.embed_tokens(torch.zeros(bucket, dtype=torch.long, device=device))
-        self._forward(h, torch.zeros(bucket, dtype=torch.long, device=device), meta)
+        self._run(self._padded([], [], [], bucket))

@@ -4,11 +4,12 @@ A decode step of a small model is thousands of tiny kernels; launched one by one
 Python the GPU idles most of the step (issue #13 measured 4.35 ms of kernels in a 42.7 ms
 step of Qwen3-0.6B). A CUDA graph launches the whole step — embedding, every layer, the
 final norm and the lm_head — in one call. Graphs replay fixed shapes and fixed memory,
-so each bucket (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, ... up to max_num_seqs) reads its
-inputs from static buffers: token ids, positions, cache slots and context lengths as one
-int32 block, and block tables `[max_num_seqs, max_blocks_per_seq]`, of which a step copies
-only the rows and columns it uses (the attention kernel reads a table no further than its
-context). Padding rows have context length 0 and write their keys to a spare slot past
+so each bucket (`batch_buckets`: 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, ... up to max_num_seqs)
+reads its inputs from static buffers: the `DecodeBatch` every decode path builds
+(`prepare_decode`: token ids, positions, cache slots and context lengths as one int32 block,
+and block tables `[max_num_seqs, max_blocks_per_seq]`), staged in pinned host memory, of which
+a step copies only the rows and columns it uses (the attention kernel reads a table no further
+than its context). Padding rows have context length 0 and write their keys to a spare slot past
 the last block. All graphs share one memory pool; the largest is captured first.
 
 With `capture=False` the same buffers and padding run eagerly: the test suite checks the
@@ -20,28 +21,14 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
 import torch
 
+from qwenkit.engine.decode_batch import DecodeBatch, batch_buckets, bucket_for, prepare_decode
 from qwenkit.models import QwenForCausalLM
-from qwenkit.models.attention import AttentionMetadata, DecodeMetadata
-
-
-def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, 16, then steps of half the last power of two (32, 48, 64, 96, 128, 192,
-    256, ...): at most a third of a step is padding, with few graphs. Ends at max_num_seqs."""
-    sizes, b = [], 1
-    while b < max_num_seqs:
-        sizes.append(b)
-        b = b * 2 if b < 32 else b + (1 << (b.bit_length() - 2))
-    return (*sizes, max_num_seqs)
 
 
 class CUDAGraphDecode:
     """Decode steps (one token per sequence) through captured graphs; returns logits."""
-
-    # Rows of the int32 input block.
-    _IDS, _POSITIONS, _SLOTS, _CONTEXT_LENS = range(4)
 
     def __init__(
         self,
@@ -57,7 +44,7 @@ class CUDAGraphDecode:
     ):
         self.model = model
         self.kv_caches = kv_caches
-        self.buckets = graph_buckets(max_num_seqs)
+        self.buckets = batch_buckets(max_num_seqs)
         self.block_size = block_size
         self.padding_slot = padding_slot
         self.device = device
@@ -75,18 +62,8 @@ class CUDAGraphDecode:
 
     def _forward(self, bucket: int) -> torch.Tensor:
         """The step for `bucket` rows of the static buffers: logits [bucket, vocab]."""
-        inputs = self._inputs[:, :bucket]
-        meta = AttentionMetadata(
-            query_lens=(),  # not read by the decode path
-            context_lens=(),
-            slot_mapping=inputs[self._SLOTS].long(),
-            decode=DecodeMetadata(
-                block_tables=self._tables[:bucket],
-                context_lens=inputs[self._CONTEXT_LENS],
-                block_size=self.block_size,
-            ),
-        )
-        hidden = self.model(inputs[self._IDS], inputs[self._POSITIONS], self.kv_caches, meta)
+        batch = DecodeBatch(self._inputs[:, :bucket], self._tables[:bucket], bucket, self.block_size)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata())
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -94,7 +71,7 @@ class CUDAGraphDecode:
         """Capture every bucket (padding rows only: the cache is not touched but for the
         spare slot). Returns the seconds it took."""
         start = time.perf_counter()
-        self._stage([], [], [], len(self.buckets) and self.buckets[-1])
+        self._stage([], [], [], self.buckets[-1])
         self._inputs.copy_(self._host_inputs)
         pool = torch.cuda.graph_pool_handle()
         for i, bucket in enumerate(reversed(self.buckets)):
@@ -115,30 +92,20 @@ class CUDAGraphDecode:
                   f"{', '.join(map(str, self.buckets))} in {elapsed:.1f} s" + " " * 20, file=sys.stderr, flush=True)
         return elapsed
 
-    def _stage(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]], bucket: int) -> int:
-        """Write a step's inputs into the host buffers, padding rows up to `bucket`; returns
-        the width of the block tables written."""
-        n, bs = len(input_ids), self.block_size
-        host = self._host_inputs.numpy()
-        host[:, n:bucket] = 0
-        host[self._SLOTS, n:bucket] = self.padding_slot
-        host[self._IDS, :n] = input_ids
-        host[self._POSITIONS, :n] = positions
-        host[self._SLOTS, :n] = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
-        host[self._CONTEXT_LENS, :n] = np.asarray(positions) + 1 if n else 0
-        width = max((len(t) for t in block_tables), default=0)
-        tables = self._host_tables.numpy()
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = table
-        return width
+    def _stage(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]],
+               bucket: int) -> DecodeBatch:
+        """A step's inputs in the host buffers, padded to `bucket` rows."""
+        return prepare_decode(input_ids, positions, block_tables, block_size=self.block_size, rows=bucket,
+                              padding_slot=self.padding_slot, out=(self._host_inputs, self._host_tables))
 
     def __call__(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """float32 logits [len(input_ids), vocab] of a decode step (one token per sequence)."""
         num_seqs = len(input_ids)
-        bucket = next(b for b in self.buckets if b >= num_seqs)
-        width = self._stage(input_ids, positions, block_tables, bucket)
-        self._inputs[:, :bucket].copy_(self._host_inputs[:, :bucket], non_blocking=True)
-        self._tables[:num_seqs, :width].copy_(self._host_tables[:num_seqs, :width], non_blocking=True)
+        bucket = bucket_for(num_seqs, self.buckets)
+        host = self._stage(input_ids, positions, block_tables, bucket)
+        width = host.block_tables.shape[1]
+        self._inputs[:, :bucket].copy_(host.inputs, non_blocking=True)
+        self._tables[:num_seqs, :width].copy_(host.block_tables[:num_seqs], non_blocking=True)
         if self.capture:
             self._graphs[bucket].replay()
             logits = self._outputs[bucket]

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from qwenkit import kernels
+from qwenkit.engine.decode_batch import DecodeBatch, prepare_decode
 from qwenkit.engine.host_memory import return_large_buffers
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.engine.threads import configure_threads
 from qwenkit.errors import QwenkitError
 from qwenkit.kernels import cuda as cuda_kernels
 from qwenkit.models import QwenForCausalLM
-from qwenkit.models.attention import AttentionMetadata, DecodeMetadata, PagedPrefillMetadata
+from qwenkit.models.attention import AttentionMetadata, PagedPrefillMetadata
 from qwenkit.models.layers import SparseMoeBlock
 
 logger = logging.getLogger(__name__)
@@ -192,12 +193,7 @@ class ModelRunner:
             # Each query token as a one-token "sequence" of its own context: the decode kernel's
             # numbers for it, whatever the step's split into chunks or its cached prefix.
             rows = [i for i, n in enumerate(query_lens) for _ in range(n)]
-            meta = AttentionMetadata(
-                query_lens=tuple(query_lens),
-                context_lens=tuple(context_lens),
-                slot_mapping=torch.cat(slot_mapping).to(self.device),
-                decode=self._decode_metadata(positions_t.to(self.device), [step.block_tables[i] for i in rows]),
-            )
+            meta = self.decode_batch(input_ids, positions_t.tolist(), [step.block_tables[i] for i in rows]).metadata()
         elif self.paged_prefill:
             meta = AttentionMetadata(
                 query_lens=tuple(query_lens),
@@ -235,43 +231,21 @@ class ModelRunner:
         if self.compiled is not None and num_seqs <= self.compiled.buckets[-1]:
             hidden = self.compiled(input_ids, positions, block_tables)
         else:
-            ids, positions_t, meta = self._decode_inputs(input_ids, positions, block_tables)
+            batch = self.decode_batch(input_ids, positions, block_tables)
             if self.fused is not None and self.fused.applies(num_seqs):
-                hidden = self.fused(ids, positions_t, meta)
+                hidden = self.fused(batch.input_ids, batch.positions, batch.metadata())
             else:
-                hidden = self.model(ids, positions_t, self.kv_caches, meta)
+                hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata())
         if not sample_rows:
             return [], None
         if len(sample_rows) < num_seqs:
             hidden = hidden[torch.tensor(sample_rows, device=self.device)]
         return sample_rows, self._head(pooling)(hidden)
 
-    def _decode_inputs(
-        self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Token ids, positions and attention metadata of a decode step (the eager and fused paths)."""
-        bs, device = self.block_size, self.device
-        positions_t = torch.tensor(positions, device=device)
-        meta = AttentionMetadata(
-            query_lens=(1,) * len(input_ids),
-            context_lens=tuple(p + 1 for p in positions),
-            slot_mapping=torch.tensor(
-                [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)], device=device
-            ),
-            decode=self._decode_metadata(positions_t, block_tables),
-        )
-        return torch.tensor(input_ids, device=device), positions_t, meta
-
-    def _decode_metadata(self, positions: torch.Tensor, block_tables: list[list[int]]) -> DecodeMetadata:
-        """Row i: one query token at positions[i] (on the device), over the blocks of block_tables[i]."""
-        max_blocks = max(len(table) for table in block_tables)
-        return DecodeMetadata(
-            block_tables=torch.tensor(
-                [t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32, device=self.device
-            ),
-            context_lens=(positions + 1).to(torch.int32),
-            block_size=self.block_size,
-        )
+    def decode_batch(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> DecodeBatch:
+        """The inputs of a decode step as the eager and fused paths take them (unpadded), on the
+        device: `prepare_decode`, which the compiled and graphed paths pad to a bucket."""
+        return prepare_decode(input_ids, positions, block_tables, block_size=self.block_size).to(self.device)
 
     def _paged_prefill_metadata(
         self, tables: list[list[int]], query_lens: list[int], context_lens: list[int]
