@@ -1,6 +1,8 @@
 """Engine invariants on a tiny model: batching, prefix caching, chunked prefill and
 preemption never change a request's output; aborts give every block back."""
 
+import threading
+
 import pytest
 
 from qwenkit import LLM, SamplingParams
@@ -211,3 +213,31 @@ def _hashes(tokens, size):
         prefix = bm_module.chain_hash(prefix, tuple(tokens[i : i + size]))
         out.append(prefix)
     return out
+
+
+def test_a_second_thread_stepping_the_engine_is_refused(llm, monkeypatch):
+    """One thread drives an engine: a step entered while another runs raises, instead of taking
+    tokens of the other thread's requests (what calling an AsyncLLM's .llm beside its thread did)."""
+    engine = llm.engine
+    entered, release = threading.Event(), threading.Event()
+    run = engine.runner.run
+
+    def slow_run(batch, **kwargs):
+        entered.set()
+        release.wait(30)
+        return run(batch, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "run", slow_run)
+    engine.add_request("two-threads", [5, 6, 7], SamplingParams(max_tokens=1))
+    first = threading.Thread(target=engine.step)
+    first.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(RuntimeError, match="another thread is stepping this engine"):
+            engine.step()
+    finally:
+        release.set()
+        first.join()
+    monkeypatch.undo()
+    while engine.has_unfinished_requests():
+        engine.step()

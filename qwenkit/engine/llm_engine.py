@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Protocol
@@ -161,6 +162,9 @@ class LLMEngine:
         )
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
+        # Held while a step runs: one engine is stepped by one thread at a time (an AsyncLLM's
+        # engine thread owns its engine; a second thread stepping it took tokens of its requests).
+        self._stepping = threading.Lock()
 
     @property
     def num_kv_tokens(self) -> int:
@@ -230,11 +234,18 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[SequenceUpdate]:
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        rows, logits = self.runner.run(batch)
-        return self._postprocess(batch, rows, logits)
+        """Schedule, run, postprocess. RuntimeError where another thread is stepping the engine."""
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError("another thread is stepping this engine: one thread drives an engine (an AsyncLLM's "
+                               "thread drives its own: call the AsyncLLM, not its .llm)")
+        try:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return []
+            rows, logits = self.runner.run(batch)
+            return self._postprocess(batch, rows, logits)
+        finally:
+            self._stepping.release()
 
     def _postprocess(
         self, batch: list[ScheduledSequence], rows: list[int], logits: torch.Tensor | None
