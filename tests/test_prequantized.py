@@ -470,14 +470,15 @@ def test_triton_int_weight_matmul_is_the_reference(bits, group_size, zeros, offs
         assert ((got.float() - want).abs() <= bound * terms + 1e-6).all()
 
 
-def test_integer_layers_take_the_triton_kernel_where_it_applies(monkeypatch, sources, tmp_path):
-    """The dispatch: a GPTQ linear and an AWQ MoE layer on a device where the Triton kernels run
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_stored_layers_take_the_triton_kernels_where_they_apply(monkeypatch, sources, tmp_path, method):
+    """The dispatch: a linear and an MoE layer, AWQ or FP8, on a device where the Triton kernels run
     (forced here on the CPU, under the interpreter) compute what the reference computes."""
     pytest.importorskip("triton")
     from qwenkit.kernels import cuda
 
     source, tensors = sources["qwen3_moe"]
-    model = _load(_quantize(tmp_path, source, tensors, "awq")[0]).model
+    model = _load(_quantize(tmp_path, source, tensors, method)[0]).model
     layer = model.model.layers[0]
     x = torch.randn(5, 128)
     ids, weights = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]]), torch.full((5, 2), 0.5)
@@ -488,3 +489,30 @@ def test_integer_layers_take_the_triton_kernel_where_it_applies(monkeypatch, sou
     assert calls
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_fp8_weight_matmul_is_the_reference(dtype):
+    """The Triton FP8 kernel (every e4m3 bit pattern but NaN, blocks of 128 with a partial last
+    row and column block) against `dequantize_fp8` and a matmul in the activations' dtype."""
+    pytest.importorskip("triton")
+    from qwenkit.kernels.cuda.fp8 import fp8_weight_matmul
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    n, k = 200, 320
+    codes = torch.randint(0, 256, (n, k), generator=g, dtype=torch.int32)
+    codes[(codes & 0x7F) == 0x7F] = 0x11  # no NaN
+    weight = codes.to(torch.uint8).view(torch.float8_e4m3fn)
+    row_block = torch.arange(n) // 128
+    scale = torch.rand(2, 3, generator=g) * 0.01
+    w = pq.dequantize_fp8(weight, scale, row_block, 128).to(dtype)
+    assert torch.equal(pq.dequantize_fp8(weight, scale, row_block, 128), weight.float() * scale.repeat_interleave(
+        128, 0)[:n].repeat_interleave(128, 1)[:, :k])
+    for m in (1, 7, 40):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        want = torch.nn.functional.linear(x.float(), w.float())
+        got = fp8_weight_matmul(x.to(device), weight.to(device), scale.to(device), row_block.to(device), 128).cpu()
+        terms = x.float().abs() @ w.float().abs().t()
+        bound = 1e-5 if dtype == torch.float32 else 2**-10
+        assert ((got.float() - want).abs() <= bound * terms + 1e-6).all()

@@ -20,8 +20,8 @@ output features at a time, then multiplies in that dtype: float32 activations gi
 exactly the float model with the dequantized weights. Where the format quantizes activations
 too (compressed-tensors FP8 with `input_activations`, dynamic), they are rounded to e4m3 with a
 scale per token (or per group of a token's features) first, as the format's kernels do.
-On CUDA the integer formats take a Triton kernel that reads the packed words and dequantizes per
-tile (`kernels/cuda/w4a16.py`); an FP8 block-scaled kernel is later work (docs/quantization.md).
+On CUDA Triton kernels read the packed words or the e4m3 bytes and dequantize per tile
+(`kernels/cuda/w4a16.py`, `kernels/cuda/fp8.py`); g_idx-ordered groups take the reference.
 """
 
 from __future__ import annotations
@@ -324,9 +324,9 @@ class StoredMatrix(nn.Module):
         return list(zip(bounds[:-1], bounds[1:]))
 
     def matmul(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """x [T, K] @ W^T -> [T, N] in x's dtype: on CUDA, integer weights whose groups are in
-        order through the Triton kernel that reads the packed words (`kernels/cuda/w4a16.py`, the
-        same numbers), else dequantized a slice at a time."""
+        """x [T, K] @ W^T -> [T, N] in x's dtype: on CUDA through the Triton kernels that read the
+        stored bits (integer weights whose groups are in order: `kernels/cuda/w4a16.py`; FP8:
+        `kernels/cuda/fp8.py`; the same numbers), else dequantized a slice at a time."""
         f = self.format
         if f.kind == INT and not f.act_order and cuda.applies(x):
             from qwenkit.kernels.cuda.w4a16 import int_weight_matmul
@@ -337,6 +337,11 @@ class StoredMatrix(nn.Module):
                                      bits=f.bits, group_size=f.group_size, zero_offset=f.zero_offset)
         if self.format.kind == FP8 and self.format.activations:
             x = quantize_fp8_activations(x, self.format.activations).to(x.dtype)
+        if f.kind == FP8 and cuda.applies(x):
+            from qwenkit.kernels.cuda.fp8 import fp8_weight_matmul
+
+            pick = (lambda t: t) if expert is None else (lambda t: t[expert])
+            return fp8_weight_matmul(x, pick(self.weight), pick(self.weight_scale), self.row_block, self.block_k)
         parts = self.slices()
         if len(parts) == 1:
             return F.linear(x, self.dequantize(expert).to(x.dtype))
