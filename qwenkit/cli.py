@@ -358,7 +358,6 @@ def _bench(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
-    files = None if args.ray else model_files(args)
     from qwenkit import kernels
     from qwenkit.server import ServerConfig, serve
     from qwenkit.server.security import exposure_warning
@@ -377,7 +376,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_hosts=args.allowed_hosts,
     )
     warning = exposure_warning(args.host, config.api_key)
-    if warning:
+    if warning:  # first, whatever follows: a wrong model path ends the process next
         print(warning, file=sys.stderr, flush=True)
     if args.ray:
         from qwenkit.serving import serve_on_ray
@@ -385,7 +384,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve_on_ray(args.model, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
                      server=config, max_num_seqs=args.max_num_seqs, **_llm_kwargs(args))
         return 0
-    allm = load_llm(args, files, engine="AsyncLLM", max_num_seqs=args.max_num_seqs)
+    allm = load_llm(args, engine="AsyncLLM", max_num_seqs=args.max_num_seqs)
     names = args.served_model_name or _served_names(args.model, allm.llm.model_name)
     config = dataclasses.replace(config, served_model_names=names)
     running = (f"{str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}{_threads_note(allm.llm)}, "

@@ -98,7 +98,8 @@ def test_run_says_once_when_thinking_flags_do_nothing(plain_model, thinking_mode
     assert main([*args[:1], "--model", str(thinking_model), *args[1:]]) == 0
     assert "think" not in capsys.readouterr().err
     assert main(["run", "--json", "--max-tokens", "2", "--model", str(plain_model), "hi"]) == 0
-    assert capsys.readouterr().err == ""  # no flags, nothing to say
+    said = capsys.readouterr().err.splitlines()  # no flags, nothing to say but the loading lines (#32.3)
+    assert [line.split()[1] for line in said] == ["loading", "loaded"], said
 
 
 def test_chat_commands_say_what_they_do(plain_model, tmp_path, monkeypatch, capsys):

@@ -153,8 +153,9 @@ def test_a_gguf_whose_alignment_is_not_a_power_of_two_is_refused(empty_store, tm
 
 
 def test_commands_that_read_files_answer_without_torch(tmp_path):
-    """--help, --version, list, show, rm, pull, argument errors and a wrong model path: no torch,
-    no transformers, and each well under a second on an idle machine (asserted loosely)."""
+    """--help, --version, list, show, rm, pull, argument errors and a wrong model path (serve's
+    comes after its server, and torch, are imported: it warns first about an exposed host): no
+    torch, no transformers, and each well under a second on an idle machine (asserted loosely)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from hub_cache import write_tiny_gguf
 
@@ -168,7 +169,7 @@ def test_commands_that_read_files_answer_without_torch(tmp_path):
         ["--help"], ["--version"], ["list"], ["list", "--json"], ["show", "default"], ["show", str(gguf), "--json"],
         ["rm", "qwen3:0.6b"], ["pull"], ["pull", "qwen3:7b"], ["run", "--bogus"], ["serve", "--port", "x"],
         ["run", "--threads", "0", "hi"], ["run", "--model", str(tmp_path / "nope.gguf"), "hi"],
-        *([cmd, "--model", str(tmp_path / "notes")] for cmd in ("run", "chat", "bench", "serve")),
+        *([cmd, "--model", str(tmp_path / "notes")] for cmd in ("run", "chat", "bench")),
         ["rm", "default"],
     ]
     script = f"""
@@ -187,13 +188,13 @@ print(json.dumps(seen))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QWENKIT_HOME": str(tmp_path / "home"),
            "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     for argv, code, seconds, heavy in json.loads(r.stdout):
         assert heavy == [], (argv, heavy)
         assert code == (0 if argv[0] in ("--help", "--version", "list", "show") or argv == ["rm", "default"]
                         else 2 if argv in (["pull"], ["run", "--bogus"], ["serve", "--port", "x"]) else 1), argv
-        assert seconds < 10, (argv, seconds)  # loose: a busy shared machine; ~0.1-0.4 s idle
+        assert seconds < 20, (argv, seconds)  # loose, for a loaded shared machine: ~0.1-0.4 s idle
     assert not gguf.exists()
 
 
