@@ -51,6 +51,9 @@ def _config(arch: str, vocab_size: int) -> "transformers.PretrainedConfig":
                   rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
     if arch == "qwen3":
         return transformers.Qwen3Config(**common)
+    if arch == "qwen2":  # Qwen2.5's -GPTQ / -AWQ repos: biases on q, k and v, stored as floats
+        common.pop("head_dim")
+        return transformers.Qwen2Config(**common)
     return transformers.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
                                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])
 
@@ -60,7 +63,8 @@ def _float_checkpoint(folder: Path, arch: str) -> dict[str, torch.Tensor]:
     make_tokenizer(folder)
     vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) + len(SPECIAL_TOKENS)
     torch.manual_seed(0)
-    cls = transformers.Qwen3ForCausalLM if arch == "qwen3" else transformers.Qwen3MoeForCausalLM
+    cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "qwen3_moe": transformers.Qwen3MoeForCausalLM}[arch]
     model = cls(_config(arch, vocab)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -275,13 +279,23 @@ def one_thread():
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("prequantized")
-    return {arch: (root / arch, _float_checkpoint(root / arch, arch)) for arch in ("qwen3", "qwen3_moe")}
+    return {arch: (root / arch, _float_checkpoint(root / arch, arch)) for arch in ("qwen2", "qwen3", "qwen3_moe")}
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("method", ["fp8", "awq", "gptq4", "gptq8", "gptq4-desc", "ct:W4A16", "ct:W4A16_ASYM",
                                     "ct:W8A16"])
 def test_weight_only_formats_agree_with_the_dequantized_twin(tmp_path, sources, arch, method):
+    _check_weight_only(tmp_path, sources, arch, method)
+
+
+@pytest.mark.parametrize("method", ["gptq4", "gptq8", "awq"])
+def test_qwen2_5_layouts_with_biases(tmp_path, sources, method):
+    """Qwen2.5-*-GPTQ-Int4 / -Int8 / -AWQ: a qwen2 model, its q / k / v biases next to the packed weights."""
+    _check_weight_only(tmp_path, sources, "qwen2", method)
+
+
+def _check_weight_only(tmp_path, sources, arch, method):
     source, tensors = sources[arch]
     quantized, twin = _quantize(tmp_path, source, tensors, method)
     agree, worst, mean = _compare(quantized, twin)
