@@ -147,3 +147,25 @@ def test_torch_imported_first_is_said_once():
                           "threads.set_threads(2); threads.set_threads(2)")
     assert "GOMP_SPINCOUNT = '300000'" in stderr  # libgomp had loaded: the policy came too late
     assert stderr.count("torch was imported before qwenkit") == 1
+
+
+def test_bench_contention_specs_and_report(monkeypatch):
+    """benchmarks/bench_contention.py's engine specs and its targets' arithmetic (the runs
+    themselves load the default model: `--quick` is their smoke test)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_contention as b
+
+    spec = b.EngineSpec.parse("x", "qwenkit:threads=1,GOMP_SPINCOUNT=0")
+    assert (spec.kind, spec.threads, spec.env) == ("qwenkit", 1, {"GOMP_SPINCOUNT": "0"})
+    assert b.EngineSpec.parse("l", "llamacpp").threads == 2
+    with pytest.raises(SystemExit, match="not qwenkit or llamacpp"):
+        b.EngineSpec.parse("y", "vllm")
+    results = {"qwenkit": {"threads": 2, "tok_s": {"0,1": [40.0, 50.0], "2,1": [16.0]}},
+               "qwenkit threads=1": {"threads": 1, "tok_s": {"0,1": [40.0], "2,1": [20.0]}},
+               "llama.cpp": {"threads": 2, "tok_s": {"0,1": [40.0], "2,1": [1.0]}}}
+    s = b.summarize(results, cores=2, loads=[0, 2], streams=[1])
+    busy = s["rows"][1]
+    assert busy["kept"] == pytest.approx(16 / 45) and busy["kept_target"] == pytest.approx(0.4)
+    assert busy["vs_threads_1"] == pytest.approx(0.8) and busy["vs_llamacpp"] == pytest.approx(16)
+    line = b.report(s).splitlines()[-1]
+    assert line.count("MISSED") == 2 and line.count("ok") == 1
