@@ -7,7 +7,7 @@ format documents it: compressed-tensors through its own compressors (`PackedQuan
 `FloatQuantizationCompressor`), AWQ's GEMM packing (nibble i of a word holds column
 (0, 2, 4, 6, 1, 3, 5, 7)[i], as AutoAWQ's `WQLinear_GEMM` packs and gptqmodel's
 `AWQ_REVERSE_ORDER` undoes), GPTQ's (input features 32 / bits to a word, zeros stored one less
-in its original format), Qwen's FP8 (DeepSeek's `weight_scale_inv` per 128 x 128 block, which
+in its original format, which gptqmodel's v1 -> v2 conversion adds back), Qwen's FP8 (DeepSeek's `weight_scale_inv` per 128 x 128 block, which
 transformers' `Fp8Dequantize` multiplies). The twin is computed from those values alone, not by
 qwenkit's code.
 
