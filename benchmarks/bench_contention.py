@@ -238,6 +238,8 @@ def report(s: dict) -> str:
         if "kept" in row:
             mark = "ok" if row["kept"] >= row["kept_target"] else "MISSED"
             line += f"   {row['kept']:.2f} ({row['kept_target']:.2f}) {mark:<6}"
+        else:  # no idle run to compare with
+            line += " " * 21
         for key in ("vs_threads_1", "vs_llamacpp"):
             if key in row:
                 line += f"   {row[key]:.2f}x {'ok' if row[key] >= 1 else 'MISSED':<6}"

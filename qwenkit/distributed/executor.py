@@ -76,9 +76,9 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def _threads_per_rank(world: int) -> int:
-    from qwenkit.engine.threads import physical_cores
+    from qwenkit.engine.threads import default_threads
 
-    return max(1, physical_cores() // world)
+    return max(1, default_threads() // world)
 
 
 class TensorParallelExecutor:
