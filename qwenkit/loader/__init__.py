@@ -91,12 +91,16 @@ def load_model(
             raise ModelLoadError(f"--quantization {quantization} is not supported with tensor parallelism yet")
         model, formats = build_sharded(MODEL_REGISTRY[config.model_type], config, dtype=dtype, device=device, tp=tp), {}
     else:
-        with torch.device(device):
+        # A pre-quantized model is built on the CPU and moved once its matrices are swapped: built on
+        # a GPU, its float matrices would take their memory there before the swap.
+        build_device = torch.device("cpu") if prequantized is not None else device
+        with torch.device(build_device):
             # Parameters are torch.empty: those the swap replaces are never written, so never resident.
             model = MODEL_REGISTRY[config.model_type](config, dtype=dtype)
             formats = plan_quantization(model, quantization, tensor_types=tensor_types, device=device,
                                         prequantized=prequantized)
             quantize_modules(model, formats)
+        model.to(device)
     if formats:
         names = Counter(" + ".join(f) if isinstance(f, tuple) else str(f) for f in formats.values())
         logger.info("quantized %s", ", ".join(f"{n} {f}" for f, n in sorted(names.items())))
