@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from qwenkit import sampling_fields
 from qwenkit.client.tools import Tool
 from qwenkit.errors import QwenkitError
 from qwenkit.paths import chat_db
@@ -200,7 +201,7 @@ def _chat_model(args: argparse.Namespace) -> Any:
             except Exception as e:  # noqa: BLE001 - any failure here means the endpoint is not usable
                 raise QwenkitError(f"cannot list the models at {args.base_url}: {e}") from None
         return model
-    from qwenkit.cli import load_llm
+    from qwenkit.cli_loading import load_llm
 
     return LocalChatModel(load_llm(args))  # every model option `run` takes, --threads included
 
@@ -236,8 +237,6 @@ def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: Text
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
 
-    if args.thinking_budget is not None and args.thinking_budget < 0:
-        raise QwenkitError("--thinking-budget must be >= 0")
     style = _Style(out.isatty() and not os.environ.get("NO_COLOR"))
     db = Path(args.db) if args.db else chat_db()
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -249,8 +248,8 @@ def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: Text
     try:
         tools = [ShownTool(t, out, style) for t in (mcp.tools if mcp else [])]
         options: dict[str, Any] = {}
-        for name in ("temperature", "top_p", "top_k", "max_tokens", "seed"):
-            if getattr(args, name) is not None:
+        for name in sampling_fields.names_on("cli"):  # the client's names too
+            if name != "thinking_budget" and getattr(args, name) is not None:
                 options[name] = getattr(args, name)
         client = ChatClient(_chat_model(args), default_system=args.system, default_options=options,
                             default_advisors=[MessageChatMemoryAdvisor(memory)], default_tools=tools)

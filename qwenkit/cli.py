@@ -13,9 +13,14 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 
+from qwenkit import sampling_fields
+from qwenkit.cli_loading import llm_kwargs as _llm_kwargs
+from qwenkit.cli_loading import load_llm, model_files
+from qwenkit.cli_loading import say as _say
 from qwenkit.errors import QwenkitError
+
+RUN_MAX_TOKENS = 4096  # run answers one prompt; chat's answers may take the rest of the context
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                      "input, or on a terminal the interactive chat)")
     run.add_argument("--system", help="a system prompt")
     run.add_argument("--no-think", action="store_true", help="answer without thinking (Qwen3 enable_thinking=False)")
-    run.add_argument("--thinking-budget", type=int, help="most thinking tokens before the model must answer (0: none)")
-    run.add_argument("--max-tokens", type=int, default=4096, help="most tokens to generate (default 4096)")
-    run.add_argument(
-        "--temperature", type=float, help="0 for greedy; default from the model or Qwen3's per-mode values"
-    )
-    run.add_argument("--top-p", type=float)
-    run.add_argument("--top-k", type=int)
-    run.add_argument("--seed", type=int)
+    sampling_fields.add_arguments(run, defaults={"max_tokens": RUN_MAX_TOKENS})
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.set_defaults(func=_run)
 
@@ -66,12 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key", help="the endpoint's key (default: QWENKIT_API_KEY, else OPENAI_API_KEY)")
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--no-think", action="store_true", help="start with thinking off (/think turns it on)")
-    chat.add_argument("--thinking-budget", type=int, help="most thinking tokens per answer (/budget N)")
-    chat.add_argument("--max-tokens", type=int, help="most tokens per answer")
-    chat.add_argument("--temperature", type=float)
-    chat.add_argument("--top-p", type=float)
-    chat.add_argument("--top-k", type=int)
-    chat.add_argument("--seed", type=int)
+    sampling_fields.add_arguments(chat)  # per answer; /budget N changes the thinking budget
     chat.add_argument("--resume", metavar="ID", help="continue a stored conversation")
     chat.add_argument("--db", help="the conversations' SQLite file (default: chat.sqlite3 in the qwenkit home)")
     chat.add_argument("--max-history", type=int, default=40, help="past messages sent with each turn (default 40)")
@@ -194,54 +187,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "and cgroup CPU quota, or OMP_NUM_THREADS; fewer is faster beside other busy programs)")
 
 
-def _llm_kwargs(args: argparse.Namespace) -> dict:
-    """The `LLM` arguments the model options give (not the model itself)."""
-    return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-                kv_cache_dtype=args.kv_cache_dtype,
-                max_model_len=args.max_model_len, quantization=args.quantization, compile=args.compile,
-                enforce_eager=args.enforce_eager, deterministic=args.deterministic,
-                tensor_parallel_size=args.tensor_parallel_size,
-                enable_expert_parallel=args.enable_expert_parallel,
-                **({"threads": args.threads} if args.threads is not None else {}))
-
-
-def _say(text: str) -> None:
-    """A plain status line on stderr (where logs go, never mixed into an answer on stdout)."""
-    print(f"qwenkit: {text}", file=sys.stderr, flush=True)
-
-
-def model_files(args: argparse.Namespace):
-    """The files `args.model` names, found (downloaded, or the default model assembled) before
-    the engine is imported: a wrong path is an error at once."""
-    from qwenkit.model_files import resolve_model
-
-    # The default model's first assembly says so off a terminal too; downloads show bars on one.
-    return resolve_model(args.model, progress=sys.stderr.isatty() or args.model == "default")
-
-
-def load_llm(args: argparse.Namespace, files=None, *, engine: str = "LLM", **engine_kwargs):
-    """The model `args` names (its `files` when already found), as an `LLM` or
-    (engine="AsyncLLM") an `AsyncLLM`.
-
-    On a terminal, loading shows progress bars; elsewhere it prints a plain line when loading
-    starts and one when the model is ready (logs stay readable, and never silent).
-    """
-    files = files or model_files(args)
-    if engine == "AsyncLLM":
-        from qwenkit.async_llm import AsyncLLM as cls
-    else:
-        from qwenkit.llm import LLM as cls
-    tty = sys.stderr.isatty()
-    if not tty:
-        _say(f"loading model {args.model} (the first load of a model takes longest)")
-    begun = time.perf_counter()
-    llm = cls(str(files.path), progress=tty, **_llm_kwargs(args), **engine_kwargs)
-    if not tty:
-        inner = getattr(llm, "llm", llm)
-        _say(f"loaded {inner.model_name} in {time.perf_counter() - begun:.1f} s")
-    return llm
-
-
 def _threads_note(llm) -> str:
     """", 2 threads" on the CPU: how many threads compute (what --threads sets)."""
     if llm.device.type != "cpu":
@@ -270,10 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         _say('no prompt given: starting the interactive chat (`qwenkit run "PROMPT"` answers one prompt; '
              "Ctrl-D leaves)")
         return _chat(_as_chat_args(args))
-    params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_tokens=args.max_tokens, seed=args.seed,
-    )
+    params = SamplingParams(**{name: getattr(args, name) for name in sampling_fields.names_on("cli")
+                               if name != "thinking_budget"})
     files = model_files(args)
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
@@ -326,7 +269,7 @@ def _as_chat_args(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in vars(args).items():
         if name not in ("func", "command", "prompt", "json"):
             setattr(chat_args, name, value)
-    if chat_args.max_tokens == 4096:  # run's default; chat's is the rest of the context
+    if chat_args.max_tokens == RUN_MAX_TOKENS:  # run's default; chat's is the rest of the context
         chat_args.max_tokens = None
     return chat_args
 
