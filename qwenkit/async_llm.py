@@ -51,6 +51,8 @@ class AsyncLLM:
                 while True:
                     fn, future = self._commands.get(block=block, timeout=0.5 if block else None)
                     block = False
+                    if not future.set_running_or_notify_cancel():
+                        continue  # its caller was cancelled first (a client that left): skip it
                     try:
                         future.set_result(fn())
                     except BaseException as e:  # handed to the caller

@@ -294,3 +294,40 @@ def test_the_prefix_cache_hit_rate_is_kept_without_private_counters():
     assert sample("qwenkit_prefix_cache_hit_rate") == 0.5
     assert sample("qwenkit_prompt_tokens_total") == 200 and sample("qwenkit_kv_blocks_in_use") == 3
     assert "._value" not in inspect.getsource(metrics)
+
+
+# -- a request cancelled while the engine thread takes it ------------------------------
+
+
+def test_a_request_cancelled_while_the_engine_adds_it_leaves_the_engine_running(slow_allm):
+    """A client that leaves at once cancels its request while the engine thread may be
+    running its add_request: the command's future is then cancelled, and setting its result
+    must not kill the thread (it did: InvalidStateError, and no request ran after)."""
+    import asyncio
+
+    from qwenkit.sampling import SamplingParams
+
+    engine = slow_allm.llm.engine
+    gate = __import__("threading").Event()
+    add_request = engine.add_request
+
+    def slow_add(*args, **kwargs):
+        gate.wait(5)  # held until the caller has given up
+        return add_request(*args, **kwargs)
+
+    async def cancelled_then_served() -> list[int]:
+        task = asyncio.ensure_future(anext(slow_allm.generate_stream([5, 6, 7], SamplingParams(max_tokens=1))))
+        await asyncio.sleep(0.2)  # the engine thread is in slow_add
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gate.set()
+        engine.add_request = add_request
+        return [u.finish_reason async for u in slow_allm.generate_stream([5, 6, 7], SamplingParams(max_tokens=1))]
+
+    engine.add_request = slow_add
+    try:
+        outputs = asyncio.run(asyncio.wait_for(cancelled_then_served(), 20))
+    finally:
+        engine.add_request = add_request
+    assert len(outputs) >= 1 and slow_allm._thread.is_alive()
+    wait_for(lambda: not engine.requests, 5, "the cancelled request's abort")
