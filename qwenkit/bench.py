@@ -160,3 +160,47 @@ def as_dict(result: BenchResult) -> dict:
         return value
 
     return {name: plain(getattr(result, name)) for name in result.__dataclass_fields__}
+
+
+@dataclass
+class EmbedBenchResult:
+    """`qwenkit bench --embed`: embeddings a second of `num_texts` texts of `num_tokens` tokens."""
+
+    model: str
+    dtype: str
+    threads: int
+    num_texts: int
+    num_tokens: int
+    embeddings_per_s: Measurement
+
+    def line(self) -> str:
+        return (f"{self.model} ({self.dtype}, {self.threads} threads): "
+                f"{self.embeddings_per_s.show('.2f')} embeddings/s, {self.num_texts} texts of "
+                f"{self.num_tokens} tokens a batch")
+
+
+def run_embed_bench(llm: LLM, *, num_texts: int = 16, num_tokens: int = 256, repeats: int = 3) -> EmbedBenchResult:
+    """What benchmarks/bench_embed.py measures for qwenkit, on a loaded model: each run embeds
+    `num_texts` texts of `num_tokens` random token ids (plus the closing <|endoftext|>) in one
+    call. Every run draws new texts, so no prefix-cache hit shortens it; one warm-up call
+    first (kernels built, threads started)."""
+    import torch
+
+    from qwenkit.embedding import embed
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(llm.tokenizer.vocab_size, 150000)  # below Qwen's special tokens
+
+    def texts(n: int) -> list[list[int]]:
+        return torch.randint(0, vocab, (n, num_tokens), generator=generator).tolist()
+
+    embed(llm, texts(1))
+    runs = []
+    for _ in range(repeats):
+        batch = texts(num_texts)
+        start = time.perf_counter()
+        embed(llm, batch)
+        runs.append(num_texts / (time.perf_counter() - start))
+    return EmbedBenchResult(model=llm.model_name, dtype=str(llm.dtype).removeprefix("torch."),
+                            threads=torch.get_num_threads(), num_texts=num_texts, num_tokens=num_tokens,
+                            embeddings_per_s=Measurement(runs))

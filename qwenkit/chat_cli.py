@@ -124,8 +124,9 @@ class ChatSession:
         thinking = answering = False
         chunks = None
         try:
-            chunks = (self.client.prompt(text).options(self.options())
-                      .advisors(conversation_id=self.conversation_id).stream().chunks())
+            stream = (self.client.prompt(text).options(self.options())
+                      .advisors(conversation_id=self.conversation_id).stream())
+            chunks = stream.chunks()
             for chunk in chunks:
                 if chunk.reasoning_content:
                     if not thinking:
@@ -154,7 +155,16 @@ class ChatSession:
             out.write(s.reset)
         if thinking or answering:
             out.write("\n")
+        self._show_sources(stream.chat_response())
         out.flush()
+
+    def _show_sources(self, response: Any) -> None:
+        """With --docs: the files the answer was given (RetrievalAdvisor's documents)."""
+        from qwenkit.client.retrieval import RETRIEVED_DOCUMENTS, sources
+
+        if response is not None and RETRIEVED_DOCUMENTS in response.metadata:
+            found = sources(response)
+            self.say(f"sources: {', '.join(found)}" if found else "sources: none found in the documents")
 
 
 def new_conversation_id() -> str:
@@ -232,6 +242,26 @@ def _thinking_note(model: Any):
     return note
 
 
+def _docs_advisors(args: argparse.Namespace, out: TextIO, style: _Style) -> list[Any]:
+    """--docs FOLDER: its files indexed in an in-memory store (BM25), and the advisor that
+    puts the best matches in each question's prompt; none without --docs."""
+    folder = getattr(args, "docs", None)
+    if not folder:
+        return []
+    from qwenkit.client.retrieval import RetrievalAdvisor, index_folder
+    from qwenkit.client.vector_store import VectorStore
+
+    if not Path(folder).expanduser().is_dir():
+        raise QwenkitError(f"--docs {folder}: no such folder")
+    store = VectorStore(":memory:")
+    count = index_folder(store, folder)
+    if not count:
+        raise QwenkitError(f"--docs {folder}: no text, Markdown or PDF files (.txt, .md, .pdf) in it")
+    out.write(f"{style.dim}indexed {count} chunks of {len({d.metadata['source'] for d in store.get()})} files "
+              f"from {folder}{style.reset}\n")
+    return [RetrievalAdvisor(store)]
+
+
 def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     from qwenkit.client import ChatClient, MCPToolset, MessageChatMemoryAdvisor, SQLiteChatMemory
 
@@ -251,8 +281,9 @@ def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None, out: Text
         for name in sampling_fields.names_on("cli"):  # the client's names too
             if name != "thinking_budget" and getattr(args, name) is not None:
                 options[name] = getattr(args, name)
+        advisors = [MessageChatMemoryAdvisor(memory), *_docs_advisors(args, out, style)]
         client = ChatClient(_chat_model(args), default_system=args.system, default_options=options,
-                            default_advisors=[MessageChatMemoryAdvisor(memory)], default_tools=tools)
+                            default_advisors=advisors, default_tools=tools)
         model = client.model
         note = _thinking_note(model)
         session = ChatSession(client, memory, conversation_id=args.resume or new_conversation_id(),

@@ -70,16 +70,31 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-history", type=int, default=40, help="past messages sent with each turn (default 40)")
     chat.add_argument("--mcp", metavar="CONFIG_JSON", help='MCP servers ({"mcpServers": {...}}) whose tools the '
                       "model may call")
+    chat.add_argument("--docs", metavar="FOLDER", help="answer from the text, Markdown and PDF files of FOLDER "
+                      "(indexed in memory for keyword search; the sources used are printed after each answer)")
     chat.set_defaults(func=_chat)
+
+    embed = sub.add_parser("embed", help="embeddings of texts with an embedding model (Qwen3-Embedding), "
+                           "one JSON line each")
+    _model_args(embed)
+    embed.add_argument("texts", nargs="*", help="the texts (none: one a line on standard input)")
+    embed.add_argument("--query", action="store_true",
+                       help="embed the texts as search queries, under Qwen3-Embedding's default query instruction")
+    embed.add_argument("--instruction", metavar="TEXT", help="embed the texts as queries of this task")
+    embed.add_argument("--dimensions", type=int, help="keep the first N values of each embedding (renormalised)")
+    embed.set_defaults(func=_embed)
 
     bench = sub.add_parser("bench", help="measure prefill / decode speed, time to first token and memory")
     _model_args(bench)
-    bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill and TTFT")
+    bench.add_argument("--prompt-tokens", type=int,
+                       help="prompt length for prefill and TTFT (default 512; with --embed 256)")
     bench.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per stream")
     bench.add_argument("--concurrency", default="1,4,8,16", help="comma-separated stream counts (default 1,4,8,16)")
     bench.add_argument("--repeats", type=int, default=3,
                        help="runs of each measurement; the median is reported with min and max (default 3)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON (every run's value)")
+    bench.add_argument("--embed", action="store_true", help="measure embeddings/s of --prompt-tokens-token texts "
+                       "(an embedding model; default 256 tokens) instead of generation")
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="serve OpenAI- and DashScope-compatible HTTP APIs")
@@ -275,6 +290,10 @@ def _as_chat_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.embed:
+        return _bench_embed(args)
+    if args.prompt_tokens is None:
+        args.prompt_tokens = 512
     try:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
@@ -295,6 +314,48 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency, repeats=args.repeats)
     print(json.dumps(as_dict(result)) if args.json else result.table())
+    return 0
+
+
+def _bench_embed(args: argparse.Namespace) -> int:
+    tokens = 256 if args.prompt_tokens is None else args.prompt_tokens
+    if tokens < 1 or args.repeats < 1:
+        raise QwenkitError("--prompt-tokens and --repeats must be >= 1")
+    llm = _embedding_llm(args, model_files(args))
+    from qwenkit.bench import run_embed_bench
+
+    result = run_embed_bench(llm, num_texts=16, num_tokens=tokens, repeats=args.repeats)
+    print(json.dumps(dataclasses.asdict(result)) if args.json else result.line())
+    return 0
+
+
+def _embedding_llm(args: argparse.Namespace, files):
+    """The model `args` names, loaded, when its checkpoint says it embeds (else one error)."""
+    from qwenkit.capabilities import model_capabilities
+
+    llm = load_llm(args, files)
+    if not model_capabilities(llm).embedding:
+        raise QwenkitError(f"{llm.model_name} is not an embedding model and cannot embed: give an embedding "
+                           "model such as Qwen3-Embedding (--model Qwen/Qwen3-Embedding-0.6B)")
+    return llm
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from qwenkit.embedding import DEFAULT_QUERY_TASK
+
+    if args.query and args.instruction:
+        raise QwenkitError("--query and --instruction are one choice: give one")
+    if args.dimensions is not None and args.dimensions < 1:
+        raise QwenkitError(f"--dimensions must be >= 1, got {args.dimensions}")
+    files = model_files(args)
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise QwenkitError("no texts to embed: give them as arguments or one a line on standard input")
+    llm = _embedding_llm(args, files)
+    instruction = DEFAULT_QUERY_TASK if args.query else args.instruction
+    vectors = llm.embed(texts, instruction=instruction, dimensions=args.dimensions)
+    for i, vector in enumerate(vectors):
+        print(json.dumps({"index": i, "embedding": vector}))
     return 0
 
 
