@@ -50,7 +50,7 @@ def main() -> None:
             runs = {
                 "native": lambda: lib.paged_prefill_attention(
                     q, k_cache, v_cache, table[None].to(torch.int32), torch.tensor([0, n], **ints),
-                    torch.tensor([prefix + n], **ints), block_size=block_size, scale=dim**-0.5),
+                    torch.tensor([prefix + n], **ints), max_query_len=n, block_size=block_size, scale=dim**-0.5),
                 "gather + SDPA": lambda: _attention_per_sequence(q, k_cache, v_cache, meta, scale=dim**-0.5),
             }
             times = {name: [] for name in runs}

@@ -282,13 +282,14 @@ def _native_kernels(on: bool) -> None:
 def _dequant_linear(x, q8, s8):
     """The int8 path taken above MAX_KERNEL_TOKENS rows, whatever M is."""
     from qwenkit import kernels
+    from qwenkit.kernels.ops import linear as linear_ops
 
-    saved = kernels.MAX_KERNEL_TOKENS, kernels.MAX_NATIVE_KERNEL_TOKENS
-    kernels.MAX_KERNEL_TOKENS = kernels.MAX_NATIVE_KERNEL_TOKENS = -1
+    saved = linear_ops.MAX_KERNEL_TOKENS, linear_ops.MAX_NATIVE_KERNEL_TOKENS
+    linear_ops.MAX_KERNEL_TOKENS = linear_ops.MAX_NATIVE_KERNEL_TOKENS = -1
     try:
         return kernels.int8_linear(x, q8, s8)
     finally:
-        kernels.MAX_KERNEL_TOKENS, kernels.MAX_NATIVE_KERNEL_TOKENS = saved
+        linear_ops.MAX_KERNEL_TOKENS, linear_ops.MAX_NATIVE_KERNEL_TOKENS = saved
 
 
 def perplexity(llm, ids: list[int], chunk: int = 256) -> float:
@@ -347,6 +348,7 @@ def compare(model: str, variants: list[str], *, bf16: bool, rounds: int, accurac
     import torch
 
     from qwenkit import LLM, kernels
+    from qwenkit.kernels.ops import linear as linear_ops
     from qwenkit.models import quant
 
     def load(dtype: str, quantization: str):
@@ -386,11 +388,11 @@ def compare(model: str, variants: list[str], *, bf16: bool, rounds: int, accurac
         if accuracy:
             row["perplexity"] = round(perplexity(llm, ids), 4)  # the paths prefill takes
             if option == "torch":  # and through the bfloat16-activation kernels decode takes
-                saved_max, kernels.MAX_KERNEL_TOKENS = kernels.MAX_KERNEL_TOKENS, 1 << 30
+                saved_max, linear_ops.MAX_KERNEL_TOKENS = linear_ops.MAX_KERNEL_TOKENS, 1 << 30
                 try:
                     row["perplexity_decode_kernels"] = round(perplexity(llm, ids), 4)
                 finally:
-                    kernels.MAX_KERNEL_TOKENS = saved_max
+                    linear_ops.MAX_KERNEL_TOKENS = saved_max
             row["agreement"] = [agreement(a, b) for a, b in zip(greedy(llm), ref_greedy)]
         steps = {"float32": [], variant: []}
         for _ in range(rounds):  # alternate, so both see the same machine load

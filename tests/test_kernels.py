@@ -12,6 +12,9 @@ a speed comparison) on any machine, without pytest.
 from __future__ import annotations
 
 import ctypes
+import importlib
+import inspect
+import pkgutil
 import subprocess
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from gguf.quants import dequantize, quantize
 from test_quant import _q8_bound, _weights
 
 from qwenkit import kernels
-from qwenkit.kernels import build, cpu, reference
+from qwenkit.kernels import build, cpu, ops, reference
 from qwenkit.models.quant import quantize_int8
 
 needs_compiler = pytest.mark.skipif(cpu.library() is None, reason="no C compiler: the native kernels are not built")
@@ -311,7 +314,7 @@ def test_variant_prefill_attention_against_reference(isa, dtype, heads, kv_heads
     q, k_cache, v_cache, tables, starts, lens = _paged_prefill_case(
         g, heads=heads, kv_heads=kv_heads, dim=dim, block_size=block_size, seqs=seqs, dtype=dtype)
     args = dict(block_size=block_size, scale=dim**-0.5)
-    out = lib.paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, **args)
+    out = lib.paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, max_query_len=50, **args)
     expected = reference.paged_prefill_attention(q.double(), k_cache.double(), v_cache.double(), tables, starts, lens,
                                                  max_query_len=50, **args)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
@@ -328,15 +331,16 @@ def test_variant_prefill_attention_rows_do_not_depend_on_the_step(isa):
     q, k_cache, v_cache, tables, starts, lens = _paged_prefill_case(
         g, heads=14, kv_heads=2, dim=64, block_size=16, seqs=[(0, 90)], dtype=torch.bfloat16)
     args = dict(block_size=16, scale=0.125)
-    whole = lib.paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, **args)
+    whole = lib.paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, max_query_len=90, **args)
     ints = dict(dtype=torch.int32)
     first = lib.paged_prefill_attention(q[:41], k_cache, v_cache, tables, torch.tensor([0, 41], **ints),
-                                        torch.tensor([41], **ints), **args)
+                                        torch.tensor([41], **ints), max_query_len=41, **args)
     second = lib.paged_prefill_attention(q[41:], k_cache, v_cache, tables, torch.tensor([0, 49], **ints),
-                                         torch.tensor([90], **ints), **args)
+                                         torch.tensor([90], **ints), max_query_len=49, **args)
     assert torch.equal(torch.cat([first, second]), whole)
     beside = lib.paged_prefill_attention(torch.cat([q[:5], q[60:]]), k_cache, v_cache, tables.repeat(2, 1),
-                                         torch.tensor([0, 5, 35], **ints), torch.tensor([5, 90], **ints), **args)
+                                         torch.tensor([0, 5, 35], **ints), torch.tensor([5, 90], **ints),
+                                         max_query_len=30, **args)
     assert torch.equal(beside, torch.cat([whole[:5], whole[60:]]))
 
 
@@ -410,3 +414,32 @@ def test_without_native_kernels_every_kernel_runs_torch_code(monkeypatch):
     blocks = kernels.gguf_pack(blocks, 256, "Q5_0")
     assert torch.equal(kernels.gguf_dequantize(blocks, 256, "Q5_0"), reference.gguf_dequantize(blocks, 256, "Q5_0"))
     assert not kernels.has_gguf_kernel("Q5_0")
+
+
+def _parameters(fn, *, method: bool = False) -> list[tuple]:
+    params = list(inspect.signature(fn).parameters.values())[1 if method else 0:]
+    return [(p.name, p.kind, p.default) for p in params]
+
+
+def test_each_ops_implementations_take_its_signature():
+    """One signature an op: its C (a cpu.Library method), Triton and torch reference
+    implementations take the parameters of the entry model code calls, by name, kind and default."""
+    seen = {}
+    for info in pkgutil.iter_modules(ops.__path__):
+        module = importlib.import_module(f"{ops.__name__}.{info.name}")
+        for name, op in module.OPS.items():
+            assert getattr(kernels, name) is op.entry, f"kernels.{name} is not {module.__name__}.{name}"
+            want = _parameters(op.entry)
+            for kind, fn in op.implementations().items():
+                assert _parameters(fn, method=kind == "cpu") == want, f"{name}: its {kind} implementation"
+            seen[name] = set(op.implementations())
+    assert {name for name, kinds in seen.items() if len(kinds) >= 2} >= {
+        "rms_norm", "silu_and_mul", "rotary", "qk_norm_rope_cache", "paged_decode_attention",
+        "paged_prefill_attention", "int8_linear", "gguf_pack", "gguf_dequantize"}
+    assert seen["paged_decode_attention"] == {"cpu", "triton", "reference"}
+
+
+def test_the_signature_check_sees_a_drift():
+    def entry(x, weight, eps): ...
+    def drifted(x, weight, eps=1e-6): ...
+    assert _parameters(entry) != _parameters(drifted)

@@ -81,7 +81,7 @@ def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 def _torch_int8_paths(monkeypatch) -> None:
     """Without the native kernel: torch's bfloat16 kernel up to MAX_KERNEL_TOKENS rows, then dequantizing."""
-    monkeypatch.setattr(kernels, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    monkeypatch.setattr("qwenkit.kernels.ops.linear.MAX_NATIVE_KERNEL_TOKENS", 0)
 
 
 @pytest.mark.parametrize("rows", [1, 5, kernels.MAX_KERNEL_TOKENS, kernels.MAX_KERNEL_TOKENS + 1, 70])
@@ -141,7 +141,7 @@ def test_native_q5_0_linear_against_gguf(rows, n, k, monkeypatch):
     assert torch.all(error <= _q8_bound(x, w)), (error / _q8_bound(x, w)).max().item()
     # The dequantizing path (no kernel: other devices, kernels off) gives the float product.
     assert torch.equal(kernels.gguf_dequantize(blocks, k, "Q5_0"), w)
-    monkeypatch.setattr(kernels, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    monkeypatch.setattr("qwenkit.kernels.ops.linear.MAX_NATIVE_KERNEL_TOKENS", 0)
     _assert_matmul_close(kernels.gguf_linear(x, blocks, k, "Q5_0"), x, w, F32_BOUND)
 
 
@@ -158,7 +158,7 @@ def test_k_quant_linear_takes_the_kernel_at_every_row_count(rows, monkeypatch):
     y = kernels.gguf_linear(x, blocks, 512, "Q4_K")
     error = (y.double() - x.double() @ w.double().T).abs()
     assert torch.all(error <= _q8_bound(x, w, 256)) and (error > 1e-5 * _terms(x, w)).any()
-    monkeypatch.setattr(kernels, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    monkeypatch.setattr("qwenkit.kernels.ops.linear.MAX_NATIVE_KERNEL_TOKENS", 0)
     _assert_matmul_close(kernels.gguf_linear(x, blocks, 512, "Q4_K"), x, w, F32_BOUND)
 
 
@@ -390,13 +390,13 @@ def _check_against_fake_quantized(monkeypatch, llm: LLM, fake: LLM, *, float_pat
     dequantizing path of int8 only by float32 rounding, down to the same greedy tokens."""
     prompt = list(range(3, 40))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    monkeypatch.setattr(kernels, "MAX_KERNEL_TOKENS", 1 << 30)
+    monkeypatch.setattr("qwenkit.kernels.ops.linear.MAX_KERNEL_TOKENS", 1 << 30)
     want = _prompt_logits(fake, prompt)
     assert _relative_error(_prompt_logits(llm, prompt), want)[0] <= 0.05  # the native int8 kernel where built
-    monkeypatch.setattr(kernels, "MAX_NATIVE_KERNEL_TOKENS", 0)
+    monkeypatch.setattr("qwenkit.kernels.ops.linear.MAX_NATIVE_KERNEL_TOKENS", 0)
     assert _relative_error(_prompt_logits(llm, prompt), want)[0] <= 0.05  # torch's kernels
     if float_path:
-        monkeypatch.setattr(kernels, "MAX_KERNEL_TOKENS", 0)
+        monkeypatch.setattr("qwenkit.kernels.ops.linear.MAX_KERNEL_TOKENS", 0)
         assert _relative_error(_prompt_logits(llm, prompt), _prompt_logits(fake, prompt))[1] <= 1e-4
         assert llm.generate(prompt, params)[0].token_ids == fake.generate(prompt, params)[0].token_ids
 

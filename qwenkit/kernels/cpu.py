@@ -165,9 +165,10 @@ class Library:
         return out
 
     def paged_prefill_attention(self, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *,
-                                block_size: int, scale: float) -> torch.Tensor:
+                                max_query_len: int, block_size: int, scale: float) -> torch.Tensor:
         """Shapes as `qwenkit.kernels.paged_prefill_attention`; float32 q, a cache of a dtype in
-        KV_DTYPES, int32 tables; the head dim a multiple of 16."""
+        KV_DTYPES, int32 tables; the head dim a multiple of 16 (max_query_len: not needed here,
+        the kernel splits each sequence's queries itself)."""
         q = q.contiguous()
         tables = [t.contiguous() for t in (block_tables, query_start_loc, context_lens)]
         if q.dtype != torch.float32 or any(t.dtype != torch.int32 for t in tables):

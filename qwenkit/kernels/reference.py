@@ -24,6 +24,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(input_dtype)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual), the sum rounded to the dtype before the norm."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NEOX rotary: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2])."""
     half = x.shape[-1] // 2
@@ -80,12 +88,9 @@ def paged_decode_attention(
     return torch.where(context_lens[:, None, None].to(q.device) > 0, out, 0.0)
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, max_kernel_rows: int) -> torch.Tensor:
-    """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T in x's dtype: torch's int8 kernel
-    (bfloat16 activations) up to `max_kernel_rows` rows on CPU, else dequantized a block of rows
-    at a time into a GEMM in x's dtype."""
-    if x.device.type == "cpu" and x.shape[0] <= max_kernel_rows:
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scale).to(x.dtype)
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ (weight int8 [N, K] * scale bfloat16 [N])^T in x's dtype, dequantized a block
+    of rows at a time into a GEMM in x's dtype."""
     out = x.new_empty(x.shape[0], weight.shape[0])
     step = max(1, BLOCK_VALUES // weight.shape[1])
     for start in range(0, weight.shape[0], step):
@@ -150,16 +155,17 @@ def gguf_pack(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.T
     return q5_0_pack(blocks, in_features) if type_name == "Q5_0" else blocks
 
 
-def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
-    """GGUF rows of `type_name` in the kernels' layout (uint8 [N, bytes per row]) -> float32
-    [N, in_features], by gguf's own code."""
+def gguf_dequantize(blocks: torch.Tensor, in_features: int, type_name: str,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """GGUF rows of `type_name` in the kernels' layout (uint8 [N, bytes per row]) -> [N, in_features]
+    of `dtype`, by gguf's own code (float32, then rounded as torch's .to() rounds)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     if type_name == "Q5_0":
         blocks = q5_0_unpack(blocks, in_features)
     values = dequantize(blocks.cpu().numpy(), GGMLQuantizationType[type_name])
-    return torch.from_numpy(values).view(blocks.shape[0], in_features)
+    return torch.from_numpy(values).view(blocks.shape[0], in_features).to(dtype)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -220,6 +226,30 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: in
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
             v.view(num_tokens, num_kv_heads, head_dim))
+
+
+def qk_norm_rope_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Split qkv, Qwen3's per-head norms (q_norm, k_norm or None), rotary on q and k, k and v into
+    the cache rows slot_mapping; returns q. Shapes as `qwenkit.kernels.qk_norm_rope_cache`."""
+    q, k, v = split_qkv(qkv, num_heads, num_kv_heads, head_dim)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+    write_kv_cache(k, v, *kv_cache, slot_mapping)
+    return q
 
 
 def paged_prefill_attention(

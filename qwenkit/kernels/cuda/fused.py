@@ -172,9 +172,9 @@ def qk_norm_rope_cache(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    q_norm: torch.Tensor | None = None,
-    k_norm: torch.Tensor | None = None,
-    eps: float = 1e-6,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
 ) -> torch.Tensor:
     """qkv: [T, (H + 2 KVH) * D] (a row is q's heads, then k's, then v's); cos, sin: [T, D];
     q_norm / k_norm: the per-head RMSNorm weights [D] (Qwen3) or None (Qwen2). Writes the
