@@ -12,8 +12,8 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from qwenkit.chat.request import ChatRequest, chat_request
 from qwenkit.chat.stream import ChatStream
@@ -22,6 +22,9 @@ from qwenkit.engine.llm_engine import SequenceUpdate
 from qwenkit.engine.threads import configure_threads
 from qwenkit.llm import LLM
 from qwenkit.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from qwenkit.embedding import Embeddings, Scores
 
 _DONE = object()
 
@@ -144,6 +147,23 @@ class AsyncLLM:
         p = stream.prepared
         return self.generate_stream(p.prompt_token_ids, p.params, request_id=stream.request_id,
                                     fallback=p.fallback, controls=p.controls)
+
+    async def embed(self, texts: str | Sequence[str | Sequence[int]], *, instruction: str | None = None,
+                    dimensions: int | None = None) -> Embeddings:
+        """`LLM.embed` for asyncio, run on the engine thread between two generation steps; the
+        result also counts the tokens computed (`Embeddings.num_tokens`, for usage)."""
+        from qwenkit import embedding
+
+        return await asyncio.wrap_future(self._call(
+            lambda: embedding.embed(self.llm, texts, instruction=instruction, dimensions=dimensions)))
+
+    async def score(self, query: str, documents: str | Sequence[str], *, instruction: str | None = None) -> Scores:
+        """`LLM.score` for asyncio (Qwen3-Reranker's P("yes") per document, `Scores.data`), run on
+        the engine thread between two generation steps."""
+        from qwenkit import embedding
+
+        return await asyncio.wrap_future(self._call(
+            lambda: embedding.score(self.llm, query, documents, instruction=instruction)))
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request and free what it holds."""

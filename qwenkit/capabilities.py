@@ -20,9 +20,14 @@ Embedding and reranking (qwenkit/embedding.py) are read from the checkpoint too:
   as Qwen3-Embedding ships), or the weights have no lm_head. Such a model does not chat.
   (A GGUF's ``pooling_type`` is not read: its header takes seconds to parse; a GGUF
   embedding model still embeds through `LLM.embed`.)
-* rerank: a model that generates and whose vocabulary has the single tokens "yes" and
-  "no", the answers Qwen3-Reranker's prompt asks for (it is trained for the question;
-  any Qwen chat model can be asked it).
+* rerank: a Qwen3-Reranker. Its config.json is a plain ``Qwen3ForCausalLM``, its template
+  Qwen3's: what sets it apart is what it is published as, so it is recognised by its name
+  (the folder, file or Hub repo names "Reranker", as Qwen/Qwen3-Reranker-0.6B and its GGUF
+  conversions do) or by sentence-transformers' cross-encoder config
+  (``config_sentence_transformers.json`` saying ``"model_type": "CrossEncoder"``). Any other
+  model reranks only when asked to (``LLM(task="rerank")``, ``qwenkit serve --task rerank``):
+  a chat model whose vocabulary happens to hold "yes" and "no" is not listed as a reranker.
+* ``task`` overrides what is read: "generate" (a chat model, nothing else), "embed", "rerank".
 
 Plain Python, no torch: `qwenkit show` and `list` call it without loading weights.
 """
@@ -104,14 +109,47 @@ def detect_capabilities(tokenizer: _Tokenizer) -> Capabilities:
     return Capabilities(thinking=thinking, hybrid_thinking=hybrid, tools=tools)
 
 
+TASKS = ("generate", "embed", "rerank")
+
+
 def model_capabilities(llm: Any) -> Capabilities:
-    """A loaded `LLM`'s capabilities: its tokenizer's, and whether it embeds or reranks."""
-    caps = detect_capabilities(llm.tokenizer)
-    files = getattr(llm, "files", None)
-    if getattr(llm.model, "is_headless", False) or (files is not None and declares_last_token_pooling(files.path)):
+    """A loaded `LLM`'s capabilities: its tokenizer's, and whether it embeds or reranks
+    (read from its checkpoint, or as its `task` says)."""
+    return checkpoint_capabilities(detect_capabilities(llm.tokenizer), getattr(llm, "files", None),
+                                   task=getattr(llm, "task", None), headless=getattr(llm.model, "is_headless", False))
+
+
+def checkpoint_capabilities(caps: Capabilities, files: Any, *, task: str | None = None,
+                            headless: bool = False) -> Capabilities:
+    """`caps` (the tokenizer's) with embedding / rerank as the checkpoint's `files` (a
+    `ModelFiles`, or None) or `task` say; `headless`: the weights have no lm_head."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    hf = files is not None and files.format == "hf"
+    if task is None:
+        embedding = headless or (hf and declares_last_token_pooling(files.path))
+    else:
+        embedding = task == "embed"
+    if embedding:
         return Capabilities(thinking=False, hybrid_thinking=False, tools=False, embedding=True)
-    rerank = all(llm.tokenizer.token_to_id(t) is not None for t in ("yes", "no"))
+    rerank = is_published_reranker(files) if task is None else task == "rerank"
     return Capabilities(caps.thinking, caps.hybrid_thinking, caps.tools, rerank=rerank)
+
+
+def is_published_reranker(files: Any) -> bool:
+    """Whether a checkpoint is published as a reranker: its names (folder or file, Hub repo)
+    say "Reranker", or its folder holds sentence-transformers' cross-encoder config."""
+    if files is None:
+        return False
+    path = Path(files.path)
+    names = [files.name, path.name, path.stem, *(p for p in path.parts if p.startswith("models--"))]
+    if any("reranker" in n.lower() for n in names):
+        return True
+    try:
+        config = json.loads((path / "config_sentence_transformers.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "CrossEncoder"
 
 
 def declares_last_token_pooling(path: Path) -> bool:

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "threads", None) is not None and args.threads < 1:
             raise QwenkitError(f"--threads must be >= 1, got {args.threads}")
+        sampling_fields.check_arguments(args)
         return args.func(args)
     except (QwenkitError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -118,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM")
     serve.add_argument("--no-web", action="store_true", help="do not serve the web chat page at /")
+    serve.add_argument("--task", choices=["generate", "embed", "rerank"],
+                       help="serve the model as this in place of what its checkpoint says it is (rerank: "
+                            "Qwen3-Reranker's yes/no scoring on /v1/rerank, for a reranker not named one)")
     serve.add_argument("--mcp", metavar="CONFIG_JSON",
                        help='MCP servers ({"mcpServers": {...}}) whose tools the web page can call')
     serve.add_argument("--chat-db", help="SQLite file for the web page's conversations "
@@ -386,9 +390,9 @@ def _serve(args: argparse.Namespace) -> int:
         from qwenkit.serving import serve_on_ray
 
         serve_on_ray(args.model, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
-                     server=config, max_num_seqs=args.max_num_seqs, **_llm_kwargs(args))
+                     server=config, max_num_seqs=args.max_num_seqs, task=args.task, **_llm_kwargs(args))
         return 0
-    allm = load_llm(args, engine="AsyncLLM", max_num_seqs=args.max_num_seqs)
+    allm = load_llm(args, engine="AsyncLLM", max_num_seqs=args.max_num_seqs, task=args.task)
     names = args.served_model_name or _served_names(args.model, allm.llm.model_name)
     config = dataclasses.replace(config, served_model_names=names)
     running = (f"{str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}{_threads_note(allm.llm)}, "
@@ -421,9 +425,9 @@ def _served_names(spec: str, model_name: str) -> list[str]:
 
 
 def _capability_names(llm) -> list[str]:
-    from qwenkit.capabilities import detect_capabilities
+    from qwenkit.capabilities import model_capabilities
 
-    return detect_capabilities(llm.tokenizer).names()
+    return model_capabilities(llm).names()
 
 
 def serve_banner(config, *, host: str, port: int, capabilities: list[str], running: str | None = None) -> list[str]:

@@ -14,11 +14,11 @@ import math
 import shutil
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from qwenkit.capabilities import Capabilities, detect_capabilities
+from qwenkit.capabilities import Capabilities, checkpoint_capabilities, detect_capabilities
 from qwenkit.default_model import DEFAULT_MODEL_NAME
 from qwenkit.errors import ModelLoadError, QwenkitError
 from qwenkit.model_files import (
@@ -216,9 +216,8 @@ def _remove_empty_repo(path: Path) -> None:
 
 def describe(files: ModelFiles) -> ModelInfo:
     """A model's architecture, size, quantization and capabilities, read from its files."""
-    if files.format == "gguf":
-        return _describe_gguf(files.path)
-    return _describe_hf(files.path)
+    info = _describe_gguf(files.path) if files.format == "gguf" else _describe_hf(files.path)
+    return replace(info, capabilities=checkpoint_capabilities(info.capabilities, files))
 
 
 def _describe_gguf(path: Path) -> ModelInfo:

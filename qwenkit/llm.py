@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from qwenkit.capabilities import TASKS
 from qwenkit.chat.prepare import PreparedChat, prepare_chat
 from qwenkit.chat.request import ChatRequest, chat_request
 from qwenkit.chat.stream import ChatStream
@@ -113,7 +114,8 @@ class LLM:
     enable_expert_parallel: Qwen3-MoE experts dealt out whole to the ranks. One such model
     per process (docs/scale.md). threads: CPU threads of torch and the C kernels, for the
     whole process (default: the cores this process may run on, its affinity mask and cgroup
-    CPU quota, or OMP_NUM_THREADS when set; docs/decode.md#threads).
+    CPU quota, or OMP_NUM_THREADS when set; docs/decode.md#threads). task: "generate",
+    "embed" or "rerank" in place of what the checkpoint is read as (qwenkit.capabilities).
     """
 
     def __init__(
@@ -137,7 +139,11 @@ class LLM:
         enable_expert_parallel: bool = False,
         progress: bool = True,
         threads: int | None = None,
+        task: str | None = None,
     ):
+        if task is not None and task not in TASKS:  # before anything loads
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        self.task = task  # None: what the checkpoint is (qwenkit.capabilities); "rerank" etc. overrides it
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         files = resolve_model(model, progress=progress)

@@ -191,3 +191,86 @@ def test_show_reports_capabilities(thinking_model, capsys):
     assert main(["show", str(thinking_model)]) == 0
     out = capsys.readouterr().out
     assert "switchable (enable_thinking, /think, /no_think)" in out
+
+
+# -- rerank: a published reranker, or asked for; never every chat model with "yes" and "no" --
+
+
+def files_at(path: Path, name: str | None = None):
+    from qwenkit.model_files import ModelFiles
+
+    return ModelFiles("gguf" if path.suffix == ".gguf" else "hf", path, name or path.name)
+
+
+@pytest.mark.parametrize("where, name, reranks", [
+    ("Qwen3-8B", None, False),
+    ("Qwen3-Reranker-0.6B", None, True),  # a folder, as `qwenkit pull` or a download leaves it
+    ("hub/models--Qwen--Qwen3-Reranker-4B/snapshots/0123abc", "Qwen/Qwen3-Reranker-4B", True),
+    ("hub/models--Qwen--Qwen3-8B/snapshots/0123abc", "Qwen/Qwen3-8B", False),
+    ("qwen3-reranker-0.6b-q8_0.gguf", None, True),
+    ("Qwen3-0.6B-Q8_0.gguf", None, False),
+])
+def test_a_reranker_is_read_from_what_it_is_published_as(tmp_path, where, name, reranks):
+    from qwenkit.capabilities import checkpoint_capabilities
+
+    caps = checkpoint_capabilities(HYBRID, files_at(tmp_path / where, name))
+    assert caps.rerank is reranks
+    assert ("rerank" in caps.names()) is reranks
+    assert (caps.thinking, caps.tools) == (True, True)  # the template's findings are kept
+
+
+def test_a_cross_encoder_config_or_a_task_makes_a_reranker(tmp_path):
+    from qwenkit.capabilities import checkpoint_capabilities
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert not checkpoint_capabilities(HYBRID, files_at(folder)).rerank
+    assert checkpoint_capabilities(HYBRID, files_at(folder), task="rerank").rerank
+    assert checkpoint_capabilities(HYBRID, files_at(folder), task="embed").names() == ["embedding"]
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"model_type": "CrossEncoder"}))
+    assert checkpoint_capabilities(HYBRID, files_at(folder)).rerank
+    assert not checkpoint_capabilities(HYBRID, files_at(folder), task="generate").rerank
+    with pytest.raises(ValueError, match="task must be one of generate, embed, rerank"):
+        checkpoint_capabilities(HYBRID, files_at(folder), task="score")
+
+
+@pytest.fixture(scope="module")
+def yes_no_chat_model(tmp_path_factory) -> Path:
+    """A chat model whose vocabulary holds "yes" and "no" (as every Qwen's does), not named a reranker."""
+    from tiny_retrieval import make_retrieval_checkpoint
+
+    folder = tmp_path_factory.mktemp("chat")
+    make_retrieval_checkpoint(folder, "reranker")
+    return folder
+
+
+@pytest.mark.parametrize("task", [None, "rerank"])
+def test_the_api_reranks_only_with_a_reranker(yes_no_chat_model, task):
+    from qwenkit import LLM, AsyncLLM
+
+    allm = AsyncLLM(str(yes_no_chat_model), dtype="float32", kv_cache_dtype="float32", progress=False, task=task)
+    try:
+        with running_server(allm, ServerConfig(served_model_names=["tiny"])) as url:
+            listed = httpx.get(url + "/v1/models").json()["data"][0]["capabilities"]
+            body = {"model": "tiny", "query": "fox", "documents": ["the quick brown fox", "def f(): pass"]}
+            r = httpx.post(url + "/v1/rerank", json=body, timeout=60)
+    finally:
+        allm.shutdown()
+    if task is None:
+        assert "rerank" not in listed and "completion" in listed
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_reranker", r.text
+        assert "not a reranker" in r.json()["error"]["message"]
+    else:
+        assert "rerank" in listed
+        assert r.status_code == 200, r.text
+        expected = LLM(str(yes_no_chat_model), dtype="float32", kv_cache_dtype="float32", progress=False).score(
+            "fox", body["documents"])
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert abs(got[0] - expected[0]) <= 1e-6 and abs(got[1] - expected[1]) <= 1e-6
+
+
+def test_llm_refuses_an_unknown_task():
+    from qwenkit import LLM
+
+    with pytest.raises(ValueError, match="task must be one of"):
+        LLM("/nonexistent", task="classify")

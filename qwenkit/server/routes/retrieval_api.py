@@ -1,24 +1,26 @@
 """Embeddings (OpenAI's and DashScope's) and rerank, over the served model's engine.
 
-A model embeds if its checkpoint says it is an embedding model, and reranks if it
-generates and has Qwen3-Reranker's "yes" / "no" tokens (qwenkit.capabilities): asked
-for the other, it answers a 400 that says what the model does. The prompts run on the
-engine thread between two generation steps (qwenkit/embedding.py), in a request slot.
+A model embeds if its checkpoint says it is an embedding model, and reranks if it is
+published as a reranker (Qwen3-Reranker) or served with ``--task rerank``
+(qwenkit.capabilities): asked for the other, it answers a 400 that says what the model
+does. The prompts run on the engine thread between two generation steps (`AsyncLLM.embed`,
+`AsyncLLM.score`), in a request slot.
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 
 from qwenkit import embedding
 from qwenkit.capabilities import model_capabilities
+from qwenkit.errors import QwenkitError
 from qwenkit.server import embeddings_protocol as ep
-from qwenkit.server.errors import APIError
+from qwenkit.server import openai_protocol as oa
+from qwenkit.server.errors import APIError, bad_request
 from qwenkit.server.routes.context import ServerContext, as_400
 
 DASHSCOPE_EMBEDDING_ROUTE = "/api/v1/services/embeddings/text-embedding/text-embedding"
@@ -28,25 +30,27 @@ T = TypeVar("T")
 
 def retrieval_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
-    llm = ctx.allm.llm
-    caps = model_capabilities(llm)
+    allm = ctx.allm
+    caps = model_capabilities(allm.llm)
 
     def check_embeds(model: str) -> None:
         if not caps.embedding:
             raise APIError(400, f"the model `{model}` is a chat model and cannot embed: serve an embedding model "
                                 "(such as Qwen3-Embedding) for embeddings", param="model", code="model_not_embedding")
 
-    async def on_engine(fn: Callable[[], T]) -> T:
-        """fn on the engine thread, in a request slot; its ValueError is a 400."""
+    async def in_slot(call: Callable[[], Awaitable[T]]) -> T:
+        """call() in a request slot; its ValueError (an input at fault) is a 400."""
         await ctx.slots.acquire()
         try:
-            return await asyncio.wrap_future(ctx.allm._call(lambda: as_400(fn)))
+            return await call()
+        except (ValueError, QwenkitError) as e:
+            raise bad_request(e, oa.REQUEST_FIELDS) from e
         finally:
             ctx.slots.release()
 
     async def embed(call: ep.EmbeddingCall) -> embedding.Embeddings:
-        return await on_engine(lambda: embedding.embed(llm, call.inputs, instruction=call.instruction,
-                                                       dimensions=call.dimensions))
+        return await in_slot(lambda: allm.embed(call.inputs, instruction=call.instruction,
+                                                dimensions=call.dimensions))
 
     @router.post("/v1/embeddings", summary="OpenAI embeddings")
     async def embeddings(body: ep.EmbeddingRequest) -> dict[str, Any]:
@@ -69,11 +73,12 @@ def retrieval_router(ctx: ServerContext) -> APIRouter:
     async def rerank(body: ep.RerankRequest) -> dict[str, Any]:
         model = ctx.check_model(body.model)
         if not caps.rerank:
-            what = "an embedding model" if caps.embedding else "a model without the reranker's yes/no tokens"
+            what = "an embedding model" if caps.embedding else "not a reranker"
             raise APIError(400, f"the model `{model}` is {what} and cannot rerank: serve a reranker "
-                                "(such as Qwen3-Reranker)", param="model", code="model_not_reranker")
+                                "(such as Qwen3-Reranker, or a model with --task rerank)",
+                           param="model", code="model_not_reranker")
         documents = as_400(ep.rerank_documents, body)
-        scores = await on_engine(lambda: embedding.score(llm, body.query, documents, instruction=body.instruction))
+        scores = await in_slot(lambda: allm.score(body.query, documents, instruction=body.instruction))
         return ep.rerank_response(scores.data, documents, request_id="rerank-" + secrets.token_hex(12), model=model,
                                   num_tokens=scores.num_tokens, top_n=body.top_n,
                                   return_documents=body.return_documents)
