@@ -9,17 +9,17 @@ values in chat), else from the neutral default. The batched sampler that applies
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from qwenkit.config import GenerationConfig
+from qwenkit.sampling_fields import BY_NAME as FIELDS
+from qwenkit.sampling_fields import MAX_LOGIT_BIAS
 
-MAX_N = 16  # completions per request
-MAX_TOP_LOGPROBS = 20  # as OpenAI allows
-MAX_LOGIT_BIAS = 100.0
-MAX_PENALTY = 2.0  # presence_penalty / frequency_penalty range, as OpenAI allows
+# The fields each surface shares, checked by their row of the one table (sampling_fields.py).
+_TABLE_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "n", "max_tokens", "min_tokens", "seed", "top_logprobs")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +30,8 @@ class SamplingParams:
     logit_bias, min_tokens, repetition_penalty, frequency/presence penalties,
     temperature, top_k, top_p, min_p.
 
-    temperature: 0 means greedy (argmax); None takes generation_config's value, else 1.0.
+    The ranges are the table's (qwenkit/sampling_fields.py), the same on every surface.
+    temperature: 0 means greedy (argmax), at most 2; None takes generation_config's value, else 1.0.
     top_p: nucleus sampling mass in (0, 1]; top_k: keep the k likeliest (0 or -1: all).
     min_p: drop tokens whose probability is below min_p times the likeliest's, in [0, 1].
     repetition_penalty: > 0, over the prompt and the generated tokens (Hugging Face
@@ -82,40 +83,16 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(_token_id("stop_token_ids", i) for i in self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
-        if self.temperature is not None and not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and (self.top_k < -1 or int(self.top_k) != self.top_k):
-            raise ValueError(f"top_k must be -1, 0 (no limit) or a positive integer, got {self.top_k}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and not (
-            self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)
-        ):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name in _TABLE_FIELDS:
             value = getattr(self, name)
-            if value is not None and not -MAX_PENALTY <= value <= MAX_PENALTY:
-                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
-        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
-            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens!r}")
+            if value is not None:
+                object.__setattr__(self, name, FIELDS[name].check(value))
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0
 
     def resolved(
         self, generation_config: GenerationConfig, fallback: "SamplingDefaults | None" = None
@@ -167,10 +144,6 @@ QWEN3_NON_THINKING = SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20)
 
 def _first(*values):
     return next(v for v in values if v is not None)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _token_id(name: str, value) -> int:

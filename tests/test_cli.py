@@ -204,7 +204,7 @@ def test_prompt_longer_than_context(tiny_model):
 
 
 def test_bad_sampling_value(tiny_model):
-    assert_one_line_error(qwenkit("run", "--model", str(tiny_model), "--top-p", "2", "hi"), "top_p")
+    assert_one_line_error(qwenkit("run", "--model", str(tiny_model), "--top-p", "2", "hi"), "--top-p", "<= 1", "got 2")
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import torch
 
 from qwenkit.config import GenerationConfig
 from qwenkit.engine.sampler import Sampler, SamplingState, sample
-from qwenkit.sampling import MAX_N, QWEN3_THINKING, SamplingParams
+from qwenkit.sampling import QWEN3_THINKING, SamplingParams
+from qwenkit.sampling_fields import MAX_N
 
 V = 32
 EOS = 3
@@ -47,7 +48,7 @@ def test_top_k_1_is_greedy():
 
 def test_top_k_keeps_the_k_best():
     logits = row_logits()
-    assert support(logits, 400, temperature=5.0, top_k=4) == set(logits.topk(4).indices.tolist())
+    assert support(logits, 400, temperature=2.0, top_k=4) == set(logits.topk(4).indices.tolist())
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():

@@ -12,15 +12,16 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from qwenkit import sampling_fields
 from qwenkit.chat.types import new_tool_call_id
 from qwenkit.client.types import (
     ChatOptions, ChatResponse, ChatResponseChunk, Message, ToolCall, ToolCallDelta, Usage,
 )
 
-# Options the OpenAI SDK takes as named arguments; the others go in extra_body.
+# Options the OpenAI SDK takes as named arguments; the client's other sampling fields go in extra_body.
 _OPENAI_ARGS = ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty",
                 "response_format", "tool_choice", "parallel_tool_calls")
-_EXTRA_ARGS = ("top_k", "min_p", "repetition_penalty", "enable_thinking", "thinking_budget")
+_EXTRA_ARGS = tuple(name for name in sampling_fields.names_on("client") if name not in _OPENAI_ARGS)
 
 
 class ChatModel:
@@ -267,10 +268,11 @@ def _iterate_sync(aiterator) -> Iterator[Any]:
         loop.close()
 
 
-# Options DashScope's text-generation API takes as parameters (min_p and frequency_penalty
-# it does not know; set them in extra_body if an endpoint does).
-_DASHSCOPE_ARGS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "presence_penalty",
-                   "repetition_penalty", "enable_thinking", "thinking_budget", "response_format")
+# Options DashScope's text-generation API takes as parameters: the sampling fields it
+# shares with the client (min_p and frequency_penalty it does not know; set them in
+# extra_body if an endpoint does), stop and response_format.
+_DASHSCOPE_ARGS = (*(name for name in sampling_fields.names_on("client")
+                     if name in sampling_fields.names_on("dashscope")), "stop", "response_format")
 
 
 class DashScopeError(RuntimeError):

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
+from qwenkit import sampling_fields
 from qwenkit.chat.types import ToolCall, ToolCallDelta, Usage, new_tool_call_id
 
 __all__ = ["ChatOptions", "ChatResponse", "ChatResponseChunk", "ToolCall", "ToolCallDelta", "ToolLoopEnd",
@@ -20,26 +21,23 @@ __all__ = ["ChatOptions", "ChatResponse", "ChatResponseChunk", "ToolCall", "Tool
 Message = dict[str, Any]
 
 
-class ChatOptions(BaseModel):
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# The sampling options from the one table (qwenkit/sampling_fields.py): a value out of its
+# range fails here, where it is set, with the range the server would name.
+_SamplingOptions = create_model("_SamplingOptions", __base__=_Options, **sampling_fields.pydantic_fields("client"))
+
+
+class ChatOptions(_SamplingOptions):
     """How the model should answer. A field left None is not sent (the model's default applies).
+    The sampling fields (temperature ... thinking_budget) are qwenkit.sampling_fields' rows.
 
     `merged(other)` lays the fields `other` sets over these: client defaults, then the
     request's options. `extra_body` carries anything else an endpoint takes."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
     stop: list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    enable_thinking: bool | None = None
-    thinking_budget: int | None = None
     response_format: dict[str, Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

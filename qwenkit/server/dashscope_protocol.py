@@ -21,16 +21,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.engine.llm_engine import TokenOutput
+from qwenkit import sampling_fields as sf
 from qwenkit.sampling import SamplingParams
 from qwenkit.server.errors import APIError, dashscope_error
 from qwenkit.server.openai_protocol import (
-    ChatMessage, Count, NumChoices, Penalty, PositiveCount, ResponseFormat, Seed, StopString, TokenId, Tool,
-    ToolChoice, TopK, TopLogprobs, chat_logprobs, engine_response_format, engine_tool_choice, normalize_messages,
+    ChatMessage, ResponseFormat, StopString, TokenId, Tool, ToolChoice, chat_logprobs, engine_response_format, engine_tool_choice, normalize_messages,
 )
 
 
@@ -52,28 +52,21 @@ class GenerationInput(_Model):
         return self
 
 
-class GenerationParameters(_Model):
+# DashScope's sampling fields from the one table (qwenkit/sampling_fields.py), with the
+# OpenAI routes' ranges: DashScope documents temperature in [0, 2); 2 itself is taken.
+_SamplingFields = create_model("_SamplingFields", __base__=_Model, **sf.pydantic_fields("dashscope"))
+
+
+class GenerationParameters(_SamplingFields):
     result_format: Literal["text", "message"] = "text"
     incremental_output: bool = False
-    enable_thinking: bool | None = None
-    thinking_budget: Count | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    seed: Seed | None = None
     # Strings, or token ids given as single-token lists ([[151645]]).
     stop: StopString | list[StopString] | list[Annotated[list[TokenId], Field(min_length=1, max_length=1)]] | None = None
-    # DashScope documents [0, 2); 2 itself is taken, as on the OpenAI-compatible route.
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: TopK | None = None
-    max_tokens: PositiveCount | None = None
-    presence_penalty: Penalty | None = None
-    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
-    n: NumChoices | None = 1
     logprobs: bool | None = None
-    top_logprobs: TopLogprobs | None = None
     stream: bool | None = None
 
 

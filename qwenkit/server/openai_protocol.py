@@ -20,35 +20,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
-from qwenkit.sampling import MAX_LOGIT_BIAS, MAX_N, MAX_PENALTY, MAX_TOP_LOGPROBS, SamplingParams
+from qwenkit import sampling_fields as sf
+from qwenkit.sampling import SamplingParams
+from qwenkit.sampling_fields import MAX_INT32, MAX_LOGIT_BIAS, MAX_N, MAX_TOP_LOGPROBS, json_int
 from qwenkit.server.errors import APIError, openai_error
 
 
 class _Model(BaseModel):
     # Strict: `true` is not the integer 1 nor `1.5` the integer... as the published schema says.
     model_config = ConfigDict(extra="ignore", strict=True)
-
-
-# The bounds SamplingParams checks, stated here too so that the published schema is as
-# strict as the validation (an int32 bound on counts: 10^30 tokens is a mistake, not a wish).
-MAX_INT32 = 2**31 - 1
-
-
-def _integral(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def json_int(minimum: int, maximum: int) -> Any:
-    """An integer in [minimum, maximum] as JSON Schema counts them: 2.0 is one, true and
-    2.5 are not. (The schema is spelled out: pydantic cannot derive it through the
-    validator that takes 2.0.)"""
-    return Annotated[int, BeforeValidator(_integral), Field(ge=minimum, le=maximum),
-                     WithJsonSchema({"type": "integer", "minimum": minimum, "maximum": maximum})]
 
 
 Count = json_int(0, MAX_INT32)
@@ -59,7 +44,6 @@ Seed = json_int(-(2**63), 2**63 - 1)
 NumChoices = json_int(1, MAX_N)
 TopLogprobs = json_int(0, MAX_TOP_LOGPROBS)
 StopString = Annotated[str, Field(min_length=1)]
-Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 
 
 class StreamOptions(_Model):
@@ -129,20 +113,10 @@ def engine_response_format(response_format: BaseModel | None) -> dict[str, Any] 
     return None if response_format is None else response_format.model_dump(by_alias=True, exclude_none=True)
 
 
-class _SamplingFields(_Model):
+class _RequestFields(_Model):
     model: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # OpenAI's range
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: TopK | None = None
-    min_p: float | None = Field(None, ge=0, le=1)
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
                      Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
-    seed: Seed | None = None
-    n: NumChoices | None = 1
-    min_tokens: Count = 0
     stop: StopString | list[StopString] | None = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
@@ -150,12 +124,20 @@ class _SamplingFields(_Model):
     stream_options: StreamOptions | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+# The sampling fields both routes take, then those chat adds, from the one table
+# (qwenkit/sampling_fields.py): their types and ranges are the other surfaces' too.
+_SamplingFields = create_model("_SamplingFields", __base__=_RequestFields,
+                               **sf.pydantic_fields("completions", skip=("max_tokens",)))
+_ChatSamplingFields = create_model("_ChatSamplingFields", __base__=_SamplingFields,
+                                   **sf.pydantic_fields("openai", skip=sf.names_on("completions")))
+MaxTokens = sf.pydantic_type(sf.BY_NAME["max_tokens"])
+
+
+class ChatCompletionRequest(_ChatSamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: PositiveCount | None = None
-    max_completion_tokens: PositiveCount | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = False
-    top_logprobs: TopLogprobs | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -164,8 +146,6 @@ class ChatCompletionRequest(_SamplingFields):
     functions: Annotated[list[FunctionSpec], Field(min_length=1)] | None = None
     function_call: Literal["none", "auto"] | ToolChoiceFunction | None = None
     response_format: ResponseFormat | None = None
-    enable_thinking: bool | None = None
-    thinking_budget: Count | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -177,13 +157,12 @@ class CompletionRequest(_SamplingFields):
     prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)])
-    max_tokens: PositiveCount | None = DEFAULT_COMPLETION_TOKENS  # null too: OpenAI's legacy default
+    max_tokens: MaxTokens | None = DEFAULT_COMPLETION_TOKENS  # null too: OpenAI's legacy default
     logprobs: json_int(0, 5) | None = None  # legacy API: how many top logprobs per token
     echo: Literal[False] = False  # not supported
     suffix: Literal[""] | None = None  # not supported
 
 
-SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__) - {"_resolved"}
 REQUEST_FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRequest.model_fields)
 
 
@@ -205,12 +184,12 @@ class CompletionCall:
     include_usage: bool = False
 
 
-def _sampling(req: _SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
+def _sampling(req: Any, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
     return SamplingParams(
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, seed=req.seed,
-        n=1 if req.n is None else req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+        n=1 if req.n is None else req.n, max_tokens=max_tokens, min_tokens=req.min_tokens or 0, stop=req.stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         logprobs=logprobs, top_logprobs=top_logprobs,
     )

@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_serializer
 
+from qwenkit import sampling_fields as sf
 from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.types import ChatChunk, Usage
 from qwenkit.sampling import SamplingParams
@@ -118,7 +119,12 @@ INPUT_ITEM_SCHEMA = {"anyOf": [
 InputItem = Annotated[dict[str, Any], WithJsonSchema(INPUT_ITEM_SCHEMA)]
 
 
-class ResponsesRequest(_Model):
+# The Responses API's sampling fields from the one table (qwenkit/sampling_fields.py):
+# the chat route's types and ranges (max_tokens is max_output_tokens here).
+_SamplingFields = create_model("_SamplingFields", __base__=_Model, **sf.pydantic_fields("responses"))
+
+
+class ResponsesRequest(_SamplingFields):
     model: str | None = None
     input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
@@ -127,9 +133,6 @@ class ResponsesRequest(_Model):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)  # as SamplingParams takes it
-    max_output_tokens: oa.PositiveCount | None = None
     previous_response_id: str | None = None
     store: bool | None = None  # OpenAI's default: true
     stream: bool | None = False
@@ -140,13 +143,6 @@ class ResponsesRequest(_Model):
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     user: str | None = None
-    # qwenkit's own, with the chat route's types and ranges.
-    top_k: oa.TopK | None = None
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
-    seed: oa.Seed | None = None
-    enable_thinking: bool | None = None
-    thinking_budget: oa.Count | None = None
 
 
 def check_unicode(value: Any, where: str = "") -> None:
