@@ -126,6 +126,41 @@ def test_accumulator_joins_pieces_per_choice():
     assert out["usage"]["total_tokens"] == 10
 
 
+# A call streamed in fragments whose id and name come late (not on the first piece), and a
+# second call whose every piece repeats them: both protocols give the same whole calls.
+FRAGMENTED = [ToolCallDelta(0, None, None, '{"x"'), ToolCallDelta(0, "call_1", "f", ": 1"),
+              ToolCallDelta(1, "call_2", "g", "{}"), ToolCallDelta(0, None, None, "}"),
+              ToolCallDelta(1, "call_2", "g", "")]
+WHOLE = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+         {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
+
+
+def test_both_protocols_gather_fragmented_tool_calls_alike():
+    acc = oa.ChatAccumulator()
+    dashscope = ds.GenerationEncoder("rid", "message", incremental_output=True)
+    streamed = ds.GenerationEncoder("rid", "message", incremental_output=False)
+    for i, piece in enumerate(FRAGMENTED):
+        finish = "tool_calls" if i == len(FRAGMENTED) - 1 else None
+        for gather in (acc.add, dashscope.encode):
+            gather(chunk(tools=[piece], finish=finish))
+        last_event = streamed.encode(chunk(tools=[piece], finish=finish))
+    assert acc.response(id="x", model="m")["choices"][0]["message"]["tool_calls"] == WHOLE
+    indexed = [{"index": i, **call} for i, call in enumerate(WHOLE)]
+    assert dashscope.response()["output"]["choices"][0]["message"]["tool_calls"] == indexed
+    assert last_event["output"]["choices"][0]["message"]["tool_calls"] == indexed
+
+
+def test_a_late_id_replaces_the_one_made_up_for_the_call_so_far():
+    enc = ds.GenerationEncoder("rid", "message", incremental_output=False)
+    first = enc.encode(chunk(tools=[ToolCallDelta(0, None, None, "{")]))["output"]["choices"][0]["message"]
+    made_up = first["tool_calls"][0]["id"]
+    assert made_up.startswith("call_") and first["tool_calls"][0]["function"]["name"] == ""
+    again = enc.encode(chunk(tools=[ToolCallDelta(0, None, None, "")]))["output"]["choices"][0]["message"]
+    assert again["tool_calls"][0]["id"] == made_up  # the same each time until the real one comes
+    enc.encode(chunk(tools=[ToolCallDelta(0, "call_9", "f", "}")], finish="tool_calls"))
+    assert enc.response()["output"]["choices"][0]["message"]["tool_calls"][0]["id"] == "call_9"
+
+
 def test_completion_encoder_logprobs():
     enc = oa.CompletionEncoder("c", "m", decode=lambda i: f"<{i}>")
     update = SequenceUpdate("r", 0, [TokenOutput(1, "He", -0.5, [(1, -0.5), (2, -1.0)]),

@@ -40,9 +40,10 @@ class ToolCallDelta:
 
     As in OpenAI streams, the first piece of a call carries its ``id`` and ``name``; later
     pieces (if any) carry only ``arguments`` fragments, and a client concatenates those.
+    A client may get pieces without an index from other servers (`ToolCallAccumulator`).
     """
 
-    index: int
+    index: int | None
     id: str | None
     name: str | None
     arguments: str = ""
@@ -75,6 +76,72 @@ class ChatDelta:
         self.reasoning_content += other.reasoning_content
         self.content += other.content
         self.tool_calls.extend(other.tool_calls)
+
+
+class ToolCallAccumulator:
+    """The tool calls that a stream's `ToolCallDelta`s add up to, the same for every
+    protocol and both ends (the server's OpenAI and DashScope answers, the client's
+    streams): pieces are grouped by `index`; a call's `id` and `name` are the first
+    non-empty ones its pieces carry (servers differ in which piece has them: the first,
+    a later one, or every one); `arguments` are concatenated. A piece without an index
+    continues the latest call unless its id names another one."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, list[Any]] = {}  # index -> [id, name, arguments pieces]
+        self._made_ids: dict[int, str] = {}
+        self._last: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def add(self, delta: ToolCallDelta) -> None:
+        index = delta.index
+        if index is None:
+            latest = self._calls.get(self._last) if self._last is not None else None
+            is_new = latest is None or (delta.id and latest[0] not in (None, delta.id))
+            index = max(self._calls, default=-1) + 1 if is_new else self._last
+        call = self._calls.setdefault(index, [None, None, []])
+        call[0] = call[0] or delta.id or None
+        call[1] = call[1] or delta.name or None
+        call[2].append(delta.arguments or "")
+        self._last = index
+
+    def indexed(self) -> list[tuple[int, ToolCall]]:
+        """(index, call) so far, by index. A call none of whose pieces has carried an id yet
+        is given one, the same each time, until a piece brings its own."""
+        return [(i, ToolCall(id or self._made_ids.setdefault(i, new_tool_call_id()), name or "", "".join(args)))
+                for i, (id, name, args) in sorted(self._calls.items())]
+
+    def calls(self) -> list[ToolCall]:
+        return [call for _, call in self.indexed()]
+
+
+class ChoiceAccumulator:
+    """One choice of a streamed answer gathered from its `ChatChunk`s: the whole answer
+    the server's protocols write (or, for DashScope without incremental_output, the answer
+    so far)."""
+
+    def __init__(self) -> None:
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+        self.tool_calls = ToolCallAccumulator()
+        self.finish_reason: str | None = None
+        self.logprobs: list[TokenOutput] | None = None
+
+    def add(self, chunk: ChatChunk) -> None:
+        self._reasoning.append(chunk.delta.reasoning_content)
+        self._content.append(chunk.delta.content)
+        for piece in chunk.delta.tool_calls:
+            self.tool_calls.add(piece)
+        if chunk.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(chunk.logprobs)
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+    def texts(self) -> tuple[str, str]:
+        """(reasoning_content, content) so far."""
+        return "".join(self._reasoning), "".join(self._content)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, create_model
 
 from qwenkit import sampling_fields
-from qwenkit.chat.types import ToolCall, ToolCallDelta, Usage, new_tool_call_id
+from qwenkit.chat.types import ToolCall, ToolCallAccumulator, ToolCallDelta, Usage
 
 __all__ = ["ChatOptions", "ChatResponse", "ChatResponseChunk", "ToolCall", "ToolCallDelta", "ToolLoopEnd",
            "ToolLoopOutcome", "Usage", "ResponseAccumulator", "ToolCallAccumulator", "add_usage", "strip_reasoning"]
@@ -132,36 +132,6 @@ def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
         return a or b
     return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens,
                  a.reasoning_tokens + b.reasoning_tokens, a.cached_tokens + b.cached_tokens)
-
-
-class ToolCallAccumulator:
-    """The tool calls that a stream's `ToolCallDelta`s add up to, the same for every
-    protocol: pieces are grouped by `index`; a call's `id` and `name` are the first
-    non-empty ones its pieces carry (servers differ in which piece has them: the first,
-    a later one, or every one); `arguments` are concatenated. A piece without an index
-    continues the latest call unless its id names another one."""
-
-    def __init__(self) -> None:
-        self._calls: dict[int, list[Any]] = {}  # index -> [id, name, arguments pieces]
-        self._last: int | None = None
-
-    def add(self, delta: ToolCallDelta) -> None:
-        index = delta.index
-        if index is None:
-            latest = self._calls.get(self._last) if self._last is not None else None
-            is_new = latest is None or (delta.id and latest[0] not in (None, delta.id))
-            index = max(self._calls, default=-1) + 1 if is_new else self._last
-        call = self._calls.setdefault(index, [None, None, []])
-        call[0] = call[0] or delta.id or None
-        call[1] = call[1] or delta.name or None
-        call[2].append(delta.arguments or "")
-        self._last = index
-
-    def calls(self) -> list[ToolCall]:
-        """The calls so far, by index; a call that never got an id is given one (once)."""
-        for call in self._calls.values():
-            call[0] = call[0] or new_tool_call_id()
-        return [ToolCall(id, name or "", "".join(args)) for _, (id, name, args) in sorted(self._calls.items())]
 
 
 class ResponseAccumulator:

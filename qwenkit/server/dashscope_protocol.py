@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from qwenkit.chat.request import ChatRequest
-from qwenkit.chat.types import ChatChunk, Usage
+from qwenkit.chat.types import ChatChunk, ChoiceAccumulator, Usage
 from qwenkit.engine.llm_engine import TokenOutput
 from qwenkit import sampling_fields as sf
 from qwenkit.sampling import SamplingParams
@@ -123,22 +123,10 @@ def generation_call(req: GenerationRequest) -> GenerationCall:
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
-    return {
-        "input_tokens": usage.prompt_tokens,
-        "output_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
-
-
-@dataclass
-class _Choice:
-    reasoning: str = ""
-    content: str = ""
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
-    finish_reason: str | None = None
-    logprobs: list[TokenOutput] | None = None
+    """OpenAI's usage with DashScope's names for the prompt and completion counts."""
+    d = usage.to_openai()
+    return {"input_tokens": d.pop("prompt_tokens"), "output_tokens": d.pop("completion_tokens"),
+            "output_tokens_details": d.pop("completion_tokens_details"), **d}
 
 
 @dataclass
@@ -150,28 +138,15 @@ class GenerationEncoder:
     request_id: str
     result_format: str = "message"
     incremental_output: bool = False
-    choices: dict[int, _Choice] = field(default_factory=dict)
+    choices: dict[int, ChoiceAccumulator] = field(default_factory=dict)
     usage: Usage | None = None
     decode: Any = None
 
     def encode(self, chunk: ChatChunk) -> dict[str, Any] | None:
         """Record a chunk; returns its stream event's data (None when it adds nothing)."""
-        choice = self.choices.setdefault(chunk.index, _Choice())
+        choice = self.choices.setdefault(chunk.index, ChoiceAccumulator())
+        choice.add(chunk)
         d = chunk.delta
-        choice.reasoning += d.reasoning_content
-        choice.content += d.content
-        for piece in d.tool_calls:
-            call = choice.tool_calls.setdefault(piece.index, {
-                "index": piece.index, "id": piece.id, "type": "function",
-                "function": {"name": piece.name, "arguments": ""},
-            })
-            call["function"]["arguments"] += piece.arguments
-        if chunk.logprobs is not None:
-            if choice.logprobs is None:
-                choice.logprobs = []
-            choice.logprobs.extend(chunk.logprobs)
-        if chunk.finish_reason is not None:
-            choice.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
             self.usage = chunk.usage
         if not d and not chunk.logprobs and chunk.finish_reason is None:
@@ -201,8 +176,9 @@ class GenerationEncoder:
             message["tool_calls"] = tool_calls
         return message
 
-    def _choice_message(self, c: _Choice) -> dict[str, Any]:
-        return self._message(c.reasoning, c.content, [c.tool_calls[i] for i in sorted(c.tool_calls)])
+    def _choice_message(self, c: ChoiceAccumulator) -> dict[str, Any]:
+        return self._message(*c.texts(),
+                             [{"index": i, **call.to_openai()} for i, call in c.tool_calls.indexed()])
 
     def _body(self, choices: dict[int, tuple[dict[str, Any], str, dict[str, Any] | None]], *,
               stream: bool) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from qwenkit.chat.request import ChatRequest
-from qwenkit.chat.types import ChatChunk, Usage
+from qwenkit.chat.types import ChatChunk, ChoiceAccumulator, Usage
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
 from qwenkit import sampling_fields as sf
 from qwenkit.sampling import SamplingParams
@@ -391,40 +391,16 @@ class ChatStreamEncoder:
 
 
 @dataclass
-class _Choice:
-    reasoning: list[str] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
-    finish_reason: str | None = None
-    logprobs: list[TokenOutput] | None = None
-
-
-@dataclass
 class ChatAccumulator:
     """Gathers a request's engine chunks (all n choices) into one ``chat.completion``.
     ``decode`` (token id -> text) is needed when the request asked for logprobs."""
 
-    choices: dict[int, _Choice] = field(default_factory=dict)
+    choices: dict[int, ChoiceAccumulator] = field(default_factory=dict)
     usage: Usage | None = None
     decode: Any = None
 
     def add(self, chunk: ChatChunk) -> None:
-        choice = self.choices.setdefault(chunk.index, _Choice())
-        choice.reasoning.append(chunk.delta.reasoning_content)
-        choice.content.append(chunk.delta.content)
-        for piece in chunk.delta.tool_calls:
-            call = choice.tool_calls.setdefault(
-                piece.index, {"id": piece.id, "type": "function", "function": {"name": piece.name, "arguments": ""}}
-            )
-            call["id"] = call["id"] or piece.id
-            call["function"]["name"] = call["function"]["name"] or piece.name
-            call["function"]["arguments"] += piece.arguments
-        if chunk.logprobs is not None:
-            if choice.logprobs is None:
-                choice.logprobs = []
-            choice.logprobs.extend(chunk.logprobs)
-        if chunk.finish_reason is not None:
-            choice.finish_reason = chunk.finish_reason
+        self.choices.setdefault(chunk.index, ChoiceAccumulator()).add(chunk)
         if chunk.usage is not None:
             self.usage = chunk.usage
 
@@ -432,11 +408,11 @@ class ChatAccumulator:
         choices = []
         for index in sorted(self.choices):
             c = self.choices[index]
-            reasoning = "".join(c.reasoning) or None
-            message: dict[str, Any] = {"role": "assistant", "content": "".join(c.content) or None,
+            reasoning, content = (text or None for text in c.texts())
+            message: dict[str, Any] = {"role": "assistant", "content": content,
                                        "reasoning_content": reasoning, "reasoning": reasoning}
             if c.tool_calls:
-                message["tool_calls"] = [c.tool_calls[i] for i in sorted(c.tool_calls)]
+                message["tool_calls"] = [call.to_openai() for call in c.tool_calls.calls()]
             logprobs = chat_logprobs(c.logprobs, self.decode) if c.logprobs is not None else None
             choices.append({"index": index, "message": message, "logprobs": logprobs,
                             "finish_reason": c.finish_reason or "stop"})
