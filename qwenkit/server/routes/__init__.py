@@ -8,4 +8,7 @@
 The web page's API has its own router (:mod:`qwenkit.server.web.api`). Each handler
 translates with its protocol module, opens the generation through the context (a request
 slot, metrics, the deadline) and answers through :func:`qwenkit.server.respond.respond`.
+A client that leaves is noticed around the whole app (:mod:`qwenkit.server.watch`), which
+cancels the handler wherever it is; a route only names its request
+(:func:`~qwenkit.server.watch.name_request`) when the answer has an id of its own.
 """
