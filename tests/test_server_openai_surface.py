@@ -161,9 +161,11 @@ def test_tool_call_arguments_sent_back_as_strings(client, server, allm, monkeypa
 
 def test_responses_text_with_reasoning(client, allm):
     with scripted(allm, THINK_THEN_ANSWER):
-        response = client.responses.create(model=MODEL, input="What is the weather in Paris?",
-                                           instructions="Be brief.", max_output_tokens=60)
+        raw = client.responses.with_raw_response.create(model=MODEL, input="What is the weather in Paris?",
+                                                        instructions="Be brief.", max_output_tokens=60)
+    response = raw.parse()
     assert response.status == "completed" and response.object == "response" and response.model == MODEL
+    assert raw.headers["x-request-id"] == response.id  # the log and the header name it as the body does
     reasoning, message = response.output
     assert isinstance(reasoning, ResponseReasoningItem) and isinstance(message, ResponseOutputMessage)
     assert reasoning.content[0].text == "The user asks about weather."

@@ -17,6 +17,7 @@ from qwenkit.server.respond import respond
 from qwenkit.server.response_store import ResponseStore
 from qwenkit.server.routes.context import ServerContext, as_400
 from qwenkit.server.routes.conversations_api import conversations_router, missing_conversation
+from qwenkit.server.watch import name_request
 
 _STREAM = {200: {"content": {"text/event-stream": {
     "description": "with stream: true, typed events (response.created ... response.completed)"}}}}
@@ -51,7 +52,7 @@ def responses_router(ctx: ServerContext) -> APIRouter:
         model = ctx.check_model(body.model)
         call = await prepare(body)
         conversation = rp.conversation_id(body)
-        builder = rp.ResponseBuilder(rp.new_id("resp"), model, body)
+        builder = rp.ResponseBuilder(name_request(request, rp.new_id("resp")), model, body)
         chunks = await ctx.open_chat(call.request, builder.id)
 
         async def save() -> rp.Response:
