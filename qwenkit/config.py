@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import ModelLoadError
+from qwenkit.sampling_fields import MODEL_DEFAULTS, SamplingField
 
 logger = logging.getLogger(__name__)
 
@@ -205,17 +207,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """What `generation_config.json` says: end-of-turn ids and default sampling values."""
+    """What `generation_config.json` says: end-of-turn ids and default sampling values.
+
+    `sampling`: name -> value of each field of the sampling table that the file sets among
+    those a model may give defaults for (`sampling_fields.MODEL_DEFAULTS`), typed and
+    range-checked by its row."""
 
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     pad_token_id: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
+    sampling: Mapping[str, float] = field(default_factory=dict, hash=False)
     do_sample: bool | None = None
 
     @classmethod
@@ -230,12 +231,7 @@ class GenerationConfig:
             eos_token_ids=tuple(eos_ids),
             bos_token_id=f.integer("bos_token_id", None),
             pad_token_id=f.integer("pad_token_id", None),
-            temperature=f.number("temperature", None),
-            top_p=f.number("top_p", None),
-            top_k=f.integer("top_k", None),
-            min_p=f.number("min_p", None),
-            repetition_penalty=f.number("repetition_penalty", None),
-            presence_penalty=f.number("presence_penalty", None),
+            sampling={row.name: f.sampling_field(row) for row in MODEL_DEFAULTS if d.get(row.name) is not None},
             do_sample=f.boolean("do_sample", None),
         )
 
@@ -299,6 +295,12 @@ class _Fields:
         if value is not None and not value > 0:
             raise ModelLoadError(f"{self.source}: {key} must be > 0, got {value}")
         return value
+
+    def sampling_field(self, row: SamplingField) -> Any:
+        try:
+            return row.check(self.d[row.name])
+        except ValueError as e:
+            raise ModelLoadError(f"{self.source}: {e}") from None
 
     def boolean(self, key: str, default: Any = _MISSING) -> Any:
         return self._get(key, default, (bool,), "true or false")

@@ -14,12 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from qwenkit.config import GenerationConfig
-from qwenkit.sampling_fields import BY_NAME as FIELDS
-from qwenkit.sampling_fields import MAX_LOGIT_BIAS
-
-# The fields each surface shares, checked by their row of the one table (sampling_fields.py).
-_TABLE_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "n", "max_tokens", "min_tokens", "seed", "top_logprobs")
+from qwenkit.sampling_fields import BY_NAME as FIELDS_BY_NAME
+from qwenkit.sampling_fields import FIELDS, MAX_LOGIT_BIAS, MODEL_DEFAULTS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,10 +79,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(_token_id("stop_token_ids", i) for i in self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
-        for name in _TABLE_FIELDS:
-            value = getattr(self, name)
+        for row in _TABLE_ROWS:
+            value = getattr(self, row.name)
             if value is not None:
-                object.__setattr__(self, name, FIELDS[name].check(value))
+                object.__setattr__(self, row.name, row.check(value))
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.top_logprobs and not self.logprobs:
@@ -101,22 +97,12 @@ class SamplingParams:
         (chat uses Qwen3's recommended values for the mode), then the neutral defaults."""
         if self._resolved:
             return self
-        g = generation_config
-        f = fallback or NEUTRAL
-        temperature = _first(self.temperature, g.temperature, f.temperature)
-        if g.do_sample is False and self.temperature is None:
-            temperature = 0.0
-        return dataclasses.replace(
-            self,
-            temperature=temperature,
-            top_p=_first(self.top_p, g.top_p, f.top_p),
-            top_k=_first(self.top_k, g.top_k, f.top_k),
-            min_p=_first(self.min_p, g.min_p, f.min_p),
-            repetition_penalty=_first(self.repetition_penalty, g.repetition_penalty, f.repetition_penalty),
-            presence_penalty=_first(self.presence_penalty, g.presence_penalty, f.presence_penalty),
-            frequency_penalty=_first(self.frequency_penalty, 0.0),
-            _resolved=True,
-        )
+        mode = fallback.values if fallback else {}
+        values = {row.name: _first(getattr(self, row.name), generation_config.sampling.get(row.name),
+                                   mode.get(row.name), row.default) for row in MODEL_DEFAULTS}
+        if generation_config.do_sample is False and self.temperature is None:
+            values["temperature"] = 0.0
+        return dataclasses.replace(self, **values, _resolved=True)
 
     def check_token_ids(self, vocab_size: int) -> None:
         """ValueError naming the field if logit_bias or stop_token_ids holds an id >= vocab_size."""
@@ -126,20 +112,29 @@ class SamplingParams:
                 raise ValueError(f"{name} holds token id {bad[0]}, but the vocabulary has {vocab_size} tokens")
 
 
+# The table's rows that are SamplingParams fields, each checked by its row.
+_TABLE_ROWS = tuple(row for row in FIELDS if row.name in {f.name for f in dataclasses.fields(SamplingParams)})
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
+    """Values a request's unset model-default fields (`sampling_fields.MODEL_DEFAULTS`) take
+    when generation_config.json gives none: a chat mode's recommended ones. A field not
+    named here takes its row's neutral default."""
+
+    values: Mapping[str, float] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        names = {row.name for row in MODEL_DEFAULTS}
+        for name, value in self.values.items():
+            if name not in names:
+                raise ValueError(f"{name} has no model default; one of {', '.join(sorted(names))}")
+            FIELDS_BY_NAME[name].check(value)
 
 
-NEUTRAL = SamplingDefaults(temperature=1.0, top_p=1.0, top_k=0)
 # The Qwen3 model cards' recommended settings for each mode.
-QWEN3_THINKING = SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20)
-QWEN3_NON_THINKING = SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20)
+QWEN3_THINKING = SamplingDefaults({"temperature": 0.6, "top_p": 0.95, "top_k": 20})
+QWEN3_NON_THINKING = SamplingDefaults({"temperature": 0.7, "top_p": 0.8, "top_k": 20})
 
 
 def _first(*values):

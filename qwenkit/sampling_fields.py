@@ -33,7 +33,9 @@ SURFACES = ("openai", "completions", "responses", "dashscope", "cli", "client")
 class SamplingField:
     """One sampling field. `kind`: "float", "int" (JSON integers: 2.0 is one, true is
     not) or "bool". Bounds are inclusive (`ge`, `le`) or exclusive (`gt`); floats are
-    always finite. `names`: surface -> the field's name there (absent: not offered)."""
+    always finite. `names`: surface -> the field's name there (absent: not offered).
+    `default`: for a field a model's generation_config.json (or a chat mode's recommended
+    values) may set, its neutral value, taken when none of those does; None for the rest."""
 
     name: str
     kind: str
@@ -42,6 +44,7 @@ class SamplingField:
     gt: float | None = None
     le: float | None = None
     names: Mapping[str, str] = field(default_factory=dict)
+    default: float | None = None
 
     def check(self, value: Any) -> Any:
         """`value` if it is in this field's type and range, else ValueError naming the field."""
@@ -98,18 +101,18 @@ def _everywhere(name: str, *, but: Iterable[str] = (), **renamed: str) -> dict[s
 
 FIELDS: tuple[SamplingField, ...] = (
     SamplingField("temperature", "float", "0 for greedy; default from the model or Qwen3's per-mode values",
-                  ge=0, le=MAX_TEMPERATURE, names=_everywhere("temperature")),
-    SamplingField("top_p", "float", "nucleus sampling mass", gt=0, le=1, names=_everywhere("top_p")),
+                  ge=0, le=MAX_TEMPERATURE, names=_everywhere("temperature"), default=1.0),
+    SamplingField("top_p", "float", "nucleus sampling mass", gt=0, le=1, names=_everywhere("top_p"), default=1.0),
     SamplingField("top_k", "int", "keep the k likeliest tokens (0 or -1: all)", ge=-1, le=MAX_INT32,
-                  names=_everywhere("top_k")),
+                  names=_everywhere("top_k"), default=0),
     SamplingField("min_p", "float", "drop tokens below min_p times the likeliest's probability", ge=0, le=1,
-                  names=_everywhere("min_p", but=("dashscope",))),
+                  names=_everywhere("min_p", but=("dashscope",)), default=0.0),
     SamplingField("repetition_penalty", "float", "Hugging Face's repetition penalty (1: off)", gt=0,
-                  names=_everywhere("repetition_penalty")),
+                  names=_everywhere("repetition_penalty"), default=1.0),
     SamplingField("presence_penalty", "float", "OpenAI's presence penalty", ge=-MAX_PENALTY, le=MAX_PENALTY,
-                  names=_everywhere("presence_penalty", but=("responses",))),
+                  names=_everywhere("presence_penalty", but=("responses",)), default=0.0),
     SamplingField("frequency_penalty", "float", "OpenAI's frequency penalty", ge=-MAX_PENALTY, le=MAX_PENALTY,
-                  names=_everywhere("frequency_penalty", but=("dashscope", "responses"))),
+                  names=_everywhere("frequency_penalty", but=("dashscope", "responses")), default=0.0),
     SamplingField("seed", "int", "makes sampling reproducible", ge=-(2**63), le=2**63 - 1,
                   names=_everywhere("seed")),
     SamplingField("max_tokens", "int", "most tokens to generate", ge=1, le=MAX_INT32,
@@ -126,6 +129,8 @@ FIELDS: tuple[SamplingField, ...] = (
                   names=_everywhere("enable_thinking", but=("completions", "cli"))),
 )
 BY_NAME: Mapping[str, SamplingField] = {f.name: f for f in FIELDS}
+# The fields a model's generation_config.json may give defaults for (`GenerationConfig.sampling`).
+MODEL_DEFAULTS: tuple[SamplingField, ...] = tuple(f for f in FIELDS if f.default is not None)
 
 
 def fields_on(surface: str) -> list[tuple[str, SamplingField]]:

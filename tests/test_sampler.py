@@ -1,12 +1,15 @@
 """The batched sampler on hand-made logits: each parameter's exact effect, per-row seeded
 streams that do not depend on the batch, logprobs, and SamplingParams validation."""
 
+import re
+
 import pytest
 import torch
 
 from qwenkit.config import GenerationConfig
 from qwenkit.engine.sampler import Sampler, SamplingState, sample
-from qwenkit.sampling import QWEN3_THINKING, SamplingParams
+from qwenkit.errors import ModelLoadError
+from qwenkit.sampling import QWEN3_THINKING, SamplingDefaults, SamplingParams
 from qwenkit.sampling_fields import MAX_N
 
 V = 32
@@ -227,7 +230,7 @@ def test_single_row_sample_still_works():
 
 
 def test_resolved_fills_new_fields():
-    g = GenerationConfig(min_p=0.05, repetition_penalty=1.05)
+    g = GenerationConfig(sampling={"min_p": 0.05, "repetition_penalty": 1.05})
     p = SamplingParams().resolved(g)
     assert (p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (0.05, 1.05, 0.0, 0.0)
     p = SamplingParams(min_p=0.2, presence_penalty=1.5).resolved(GenerationConfig(), QWEN3_THINKING)
@@ -270,3 +273,29 @@ def test_token_ids_past_the_vocabulary_are_rejected():
         SamplingParams(logit_bias={V: 1}).check_token_ids(V)
     with pytest.raises(ValueError, match="logit_bias"):
         Sampler()(torch.zeros(1, V), [state(logit_bias={V + 3: 1})])
+
+
+def test_generation_config_reads_the_tables_model_defaults():
+    g = GenerationConfig.from_hf({"temperature": 0.6, "top_k": 20, "frequency_penalty": 0.5, "top_p": None,
+                                  "n": 3, "do_sample": True})
+    assert g.sampling == {"temperature": 0.6, "top_k": 20, "frequency_penalty": 0.5}  # n is not a model default
+    p = SamplingParams(top_k=5).resolved(g, QWEN3_THINKING)
+    assert (p.temperature, p.top_k, p.top_p, p.frequency_penalty, p.min_p) == (0.6, 5, 0.95, 0.5, 0.0)
+    assert SamplingParams().resolved(GenerationConfig.from_hf({"temperature": 0.6, "do_sample": False})).temperature == 0
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("temperature", 2.5, "temperature must be a finite number >= 0 and <= 2, got 2.5"),
+    ("top_k", 2.5, "top_k must be an integer"),
+    ("top_p", "0.9", "top_p must be a number, got '0.9'"),
+])
+def test_generation_config_refuses_a_default_out_of_its_rows_range(key, value, says):
+    with pytest.raises(ModelLoadError, match=re.escape(f"generation_config.json: {says}")):
+        GenerationConfig.from_hf({key: value})
+
+
+def test_sampling_defaults_name_only_model_defaults():
+    with pytest.raises(ValueError, match="seed has no model default"):
+        SamplingDefaults({"seed": 1})
+    with pytest.raises(ValueError, match="top_p must be"):
+        SamplingDefaults({"top_p": 0})
