@@ -201,6 +201,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over this many GPUs (or CPU processes); see docs/scale.md")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: deal Qwen3-MoE experts out whole to the ranks")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="load even when the memory plan says the model will not fit (QWENKIT_NO_MEMORY_CHECK=1)")
     p.add_argument("--threads", type=int,
                    help="CPU threads computing (default: the cores this process may run on, by its affinity "
                         "and cgroup CPU quota, or OMP_NUM_THREADS; fewer is faster beside other busy programs)")
@@ -460,6 +462,7 @@ def _pull(args: argparse.Namespace) -> int:
     from qwenkit.hub import describe, format_size, pull
 
     name = args.model if args.file is None else f"{args.model}/{args.file}"
+    _warn_if_it_will_not_fit(name, args.model, args.file)
     _say(f"pulling {name} from the Hugging Face Hub (an interrupted pull resumes where it stopped)")
     files = pull(args.model, args.file, progress=sys.stderr.isatty())
     info = describe(files)
@@ -470,6 +473,29 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_it_will_not_fit(name: str, spec: str, file: str | None) -> None:
+    """Before a pull: say when what it downloads will not fit this machine (the download goes on)."""
+    from qwenkit import hub, memory_plan
+
+    plan = hub.plan_remote(spec, file)
+    if plan is None:
+        return
+    available = memory_plan.available_memory("cpu")
+    if plan.total > available:
+        _say(f"warning: {name} needs {plan.summary()} on the CPU, this machine has {memory_plan.gib(available)} "
+             "free: it will not load here without more memory (a GPU, or a smaller variant)")
+
+
+def _memory_need(files) -> str:
+    """'2.6 GiB' (the model's plan on the CPU, qwenkit/memory_plan.py), or '?'."""
+    from qwenkit.memory_plan import gib, plan_files
+
+    try:
+        return gib(plan_files(files).total)
+    except (QwenkitError, OSError, ValueError, KeyError):
+        return "?"
+
+
 def _list(args: argparse.Namespace) -> int:
     from qwenkit.hub import describe, format_parameters, format_size, list_models
 
@@ -478,16 +504,16 @@ def _list(args: argparse.Namespace) -> int:
         try:
             info = describe(model.files)
             row = [model.name, info.architecture, format_parameters(info.num_parameters), info.quantization,
-                   format_size(model.size_bytes), ",".join(info.capabilities.names())]
+                   format_size(model.size_bytes), _memory_need(model.files), ",".join(info.capabilities.names())]
         except (QwenkitError, OSError, ValueError) as e:
-            info, row = None, [model.name, "?", "?", "?", format_size(model.size_bytes), f"unreadable: {e}"]
+            info, row = None, [model.name, "?", "?", "?", format_size(model.size_bytes), "?", f"unreadable: {e}"]
         if args.json:
             print(json.dumps({"name": model.name, "aliases": list(model.aliases), "source": model.source,
                               "path": str(model.files.path), "size_bytes": model.size_bytes,
-                              **(_info_dict(info) if info else {})}))
+                              **(_info_dict(info) if info else {}), **_memory_dict(model.files)}))
         rows.append([*row, ",".join(model.aliases)])
     if not args.json:
-        header = ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CAPABILITIES", "ALIAS"]
+        header = ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "NEEDS", "CAPABILITIES", "ALIAS"]
         if not any(row[-1] for row in rows):  # the default model's "default", when it is here
             header, rows = header[:-1], [row[:-1] for row in rows]
         _print_table(header, rows)
@@ -500,6 +526,19 @@ def _info_dict(info) -> dict:
     return {"architecture": info.architecture, "parameters": info.num_parameters,
             "quantization": info.quantization, "context_length": info.context_length,
             "capabilities": info.capabilities.names()}
+
+
+def _memory_dict(files) -> dict:
+    """The CPU memory plan as JSON fields (none when the headers cannot be read)."""
+    from qwenkit.memory_plan import plan_files
+
+    try:
+        plan = plan_files(files)
+    except (QwenkitError, OSError, ValueError, KeyError):
+        return {}
+    return {"memory": {"total_bytes": plan.total, "weights_bytes": plan.weights, "kv_cache_bytes": plan.kv_cache,
+                       "activations_bytes": plan.activations, "kv_tokens": plan.kv_tokens, "device": plan.device,
+                       "dtype": plan.dtype}}
 
 
 def _print_table(header: list[str] | None, rows: list[list[str]]) -> None:
@@ -515,7 +554,8 @@ def _show(args: argparse.Namespace) -> int:
     files = local_files(args.model)
     info = describe(files)
     if args.json:
-        print(json.dumps({"name": args.model, "model": files.name, "path": str(files.path), **_info_dict(info)}))
+        print(json.dumps({"name": args.model, "model": files.name, "path": str(files.path), **_info_dict(info),
+                          **_memory_dict(files)}))
         return 0
     caps = info.capabilities
     thinking = ("yes, switchable (enable_thinking, /think, /no_think)" if caps.hybrid_thinking
@@ -525,9 +565,23 @@ def _show(args: argparse.Namespace) -> int:
         ["parameters", format_parameters(info.num_parameters)], ["quantization", info.quantization],
         ["context length", str(info.context_length)], ["capabilities", ", ".join(caps.names())],
         ["thinking", thinking], ["tools", "yes" if caps.tools else "no"],
+        ["memory", _memory_line(files)],
     ]
     _print_table(None, rows)
     return 0
+
+
+def _memory_line(files) -> str:
+    """What the model needs on the CPU with the engine's defaults, and what this machine has."""
+    from qwenkit.memory_plan import available_memory, gib, plan_files
+
+    try:
+        plan = plan_files(files)
+    except (QwenkitError, OSError, ValueError, KeyError) as e:
+        return f"? ({e})"
+    available = available_memory("cpu")
+    fits = "fits" if plan.total <= available else "does not fit"
+    return f"{plan.summary()} on the CPU in {plan.dtype}; {gib(available)} free here: {fits}"
 
 
 def _rm(args: argparse.Namespace) -> int:

@@ -5,8 +5,11 @@ the other. Torch-free at import; the engine is imported only once the files are 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+from qwenkit.errors import QwenkitError
 
 
 def say(text: str) -> None:
@@ -42,6 +45,7 @@ def load_llm(args: argparse.Namespace, files=None, *, engine: str = "LLM", **eng
     starts and one when the model is ready (logs stay readable, and never silent).
     """
     files = files or model_files(args)
+    check_memory(args, files, max_num_seqs=engine_kwargs.get("max_num_seqs"))
     if engine == "AsyncLLM":
         from qwenkit.async_llm import AsyncLLM as cls
     else:
@@ -55,3 +59,33 @@ def load_llm(args: argparse.Namespace, files=None, *, engine: str = "LLM", **eng
         inner = getattr(llm, "llm", llm)
         say(f"loaded {inner.model_name} in {time.perf_counter() - begun:.1f} s")
     return llm
+
+
+def check_memory(args: argparse.Namespace, files, *, max_num_seqs: int | None = None) -> None:
+    """Refuse, in one line, a model whose weights, KV cache and activations will not fit the
+    device (qwenkit/memory_plan.py), before anything is loaded; --no-memory-check or
+    QWENKIT_NO_MEMORY_CHECK=1 skips it. Not planned: --quantization int8 / int4 (the
+    weights are requantized as they load) and none (GGUF blocks dequantized)."""
+    from qwenkit import memory_plan as mp
+
+    if getattr(args, "no_memory_check", False) or os.environ.get(mp.NO_CHECK_ENV, "") not in ("", "0"):
+        return
+    if getattr(args, "quantization", "auto") not in ("auto", "gguf"):
+        return
+    from qwenkit.llm import resolve_device
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    try:
+        plan = mp.plan_files(files, device=str(device) if cuda else "cpu", dtype=args.dtype,
+                             kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=mp.parse_memory(args.kv_cache_memory),
+                             max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
+                             tensor_parallel_size=args.tensor_parallel_size if cuda else 1)  # CPU ranks share the RAM
+    except (QwenkitError, OSError, ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError):
+        return  # files the plan cannot read: the loader says what is wrong with them, in its own words
+    name = None if args.model == "default" else args.model
+    try:
+        available = mp.available_memory(str(device) if cuda else "cpu")
+    except (RuntimeError, AssertionError, OSError):  # a CUDA that cannot say: the engine finds out
+        return
+    mp.check_fits(files, plan, available, name=name)

@@ -32,7 +32,7 @@ from qwenkit.model_files import (
     resolve_model,
     resolve_repo_file,
 )
-from qwenkit.model_names import is_short_name, lookup, short_name_of
+from qwenkit.model_names import QWEN_MODELS, is_short_name, lookup, short_name_of
 from qwenkit.paths import models_dir
 
 
@@ -92,6 +92,45 @@ def pull(spec: str, filename: str | None = None, *, progress: bool = True) -> Mo
             f"`qwenkit pull {spec} FILE.gguf`" + (f" ({', '.join(ggufs)})" if ggufs else "")
         )
     return resolve_model(str(folder))
+
+
+def plan_remote(spec: str, filename: str | None = None):
+    """The memory plan (CPU) of what `pull(spec, filename)` would download, read from the Hub
+    before it does: config.json and the safetensors headers (HTTP range reads), or for a GGUF
+    its file size with the shape of the model's safetensors repo. None when it cannot be read
+    (offline, an unknown repo): the pull then goes on without a plan."""
+    from qwenkit import memory_plan as mp
+
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        api = HfApi()
+        config_repo, gguf_repo, gguf_file = spec, None, filename
+        if filename is not None:
+            gguf_repo = spec
+        elif is_short_name(spec):
+            model = lookup(spec)
+            if model.quantization is not None:
+                gguf_repo, gguf_file = model.repo_id, gguf_filename_on_hub(model)
+                base = model.name.rpartition("-")[0]
+                config_repo = QWEN_MODELS[base][0]
+            else:
+                config_repo = model.repo_id
+        shape = mp.config_shape(json.loads(Path(hf_hub_download(config_repo, "config.json")).read_text()))
+        dtype = mp.default_dtype("cpu")
+        if gguf_repo is not None:
+            info = api.model_info(gguf_repo, files_metadata=True)
+            weights = next(f.size for f in info.siblings if f.rfilename == gguf_file)
+        else:
+            metadata = api.get_safetensors_metadata(config_repo)
+            weights = 0
+            for file in metadata.files_metadata.values():
+                for name, tensor in file.tensors.items():
+                    weights += mp.held_bytes(name, tensor.dtype, math.prod(tensor.shape),
+                                             tensor.data_offsets[1] - tensor.data_offsets[0], mp.ITEMSIZE[dtype])
+        return mp.plan_memory(shape, weights, device="cpu", dtype=dtype)
+    except Exception:  # noqa: BLE001 - a plan is advice: any failure to read one means none
+        return None
 
 
 # -- list, rm -----------------------------------------------------------------------------

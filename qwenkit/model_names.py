@@ -8,7 +8,9 @@ repos; README.md and docs/models.md show the same table. A name is
 * with one (``-q4_k_m``, ``-q8_0``, :data:`QUANTIZATIONS`) it is that GGUF file of the
   Qwen team's GGUF repo, found by its name ending (``Qwen3-8B-Q4_K_M.gguf``,
   ``qwen2.5-coder-0.5b-instruct-q4_k_m.gguf``);
-* a bare family (``qwen3``) is its ``latest`` size, as in Ollama.
+* a bare family (``qwen3``) is its ``latest`` size, as in Ollama;
+* ``-fp8`` and ``-awq`` name the Qwen team's own pre-quantized safetensors repos
+  (:data:`QUANTIZED_REPOS`: ``qwen3:8b-fp8`` is Qwen/Qwen3-8B-FP8), read as stored.
 
 Names are case-insensitive. Plain data and string handling: no I/O.
 """
@@ -48,6 +50,15 @@ QWEN_MODELS: dict[str, tuple[str, str | None]] = {
     "qwq:32b": ("Qwen/QwQ-32B", "Qwen/QwQ-32B-GGUF"),
 }
 
+# The Qwen team's pre-quantized safetensors repos (FP8 block-quantized; AWQ 4-bit, groups of 128).
+QUANTIZED_REPOS: dict[str, str] = {
+    **{f"qwen3:{size}-fp8": f"Qwen/Qwen3-{size.upper()}-FP8"
+       for size in ("0.6b", "1.7b", "4b", "8b", "14b", "32b", "30b-a3b", "235b-a22b")},
+    **{f"qwen3:{size}-awq": f"Qwen/Qwen3-{size.upper()}-AWQ" for size in ("4b", "8b", "14b", "32b")},
+    "qwq:32b-awq": "Qwen/QwQ-32B-AWQ",
+    **{f"qwen2.5:{size}-awq": f"Qwen/Qwen2.5-{size.upper()}-Instruct-AWQ" for size in ("7b", "14b", "32b", "72b")},
+}
+
 # What a bare family name means, as Ollama's `latest` tags.
 LATEST = {"qwen3": "qwen3:8b", "qwen2.5": "qwen2.5:7b", "qwen2.5-coder": "qwen2.5-coder:7b", "qwq": "qwq:32b"}
 
@@ -84,6 +95,8 @@ def lookup(spec: str) -> HubModel:
     name = LATEST.get(spec.lower(), spec.lower())
     if name in QWEN_MODELS:
         return HubModel(name, QWEN_MODELS[name][0])
+    if name in QUANTIZED_REPOS:
+        return HubModel(name, QUANTIZED_REPOS[name])
     base, _, quantization = name.rpartition("-")
     if base in QWEN_MODELS and quantization in QUANTIZATIONS:
         gguf_repo = QWEN_MODELS[base][1]
@@ -93,17 +106,26 @@ def lookup(spec: str) -> HubModel:
                 "(safetensors), or pull another repo's file with `qwenkit pull OWNER/REPO FILE.gguf`"
             )
         return HubModel(name, gguf_repo, quantization)
+    if base in QWEN_MODELS and quantization in ("fp8", "awq"):
+        published = [n for n in QUANTIZED_REPOS if n.endswith(f"-{quantization}")]
+        raise ValueError(f"the Qwen team publishes no {quantization.upper()} repo of {base}; -fp8 / -awq names: "
+                         + ", ".join(published))
     if base in QWEN_MODELS:
         raise ValueError(f"unknown quantization {quantization!r} in {spec!r}; qwenkit reads "
                          + ", ".join(QUANTIZATIONS))
     family = name.partition(":")[0]
     known = [n for n in QWEN_MODELS if n.startswith(family + ":")] or list(LATEST)
     raise ValueError(f"unknown model name {spec!r}; known: {', '.join(known)} "
-                     "(add -QUANT, e.g. -q4_k_m, for a GGUF); `qwenkit list` shows what is on this machine")
+                     "(add -QUANT, e.g. -q4_k_m, for a GGUF, or -fp8 / -awq where the Qwen team publishes "
+                     "one); `qwenkit list` shows what is on this machine")
 
 
 def short_name_of(repo_id: str, filename: str | None = None) -> str | None:
     """The short name of a repo (and GGUF file) from the table, or None."""
+    if filename is None:
+        for name, repo in QUANTIZED_REPOS.items():
+            if repo == repo_id:
+                return name
     for name, (repo, gguf_repo) in QWEN_MODELS.items():
         if filename is None and repo == repo_id:
             return name

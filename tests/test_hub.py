@@ -133,7 +133,7 @@ def test_list(filled, capsys):
     assert set(names) == {"qwen3:0.6b", "qwen3:8b-q4_k_m", "someone/Qwen3-4B-GGUF/Qwen3-4B-Q8_0.gguf"}
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CAPABILITIES"]
+    assert lines[0].split() == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "NEEDS", "CAPABILITIES"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert rows["qwen3:0.6b"][1:4] == ["qwen3", "0M", "F32"]  # ~127k parameters
     assert rows["qwen3:0.6b"][-1] == "completion,thinking,hybrid_thinking,tools"
@@ -256,7 +256,8 @@ def fake_hub(cache, tmp_path, monkeypatch):
 
 def test_pull_a_short_name_finds_its_file(fake_hub, capsys):
     assert main(["pull", "qwen3:8b-q8_0"]) == 0
-    assert fake_hub == [("Qwen/Qwen3-8B-GGUF", "Qwen3-8B-Q8_0.gguf")]
+    # The memory plan reads the model's config.json first (hub.plan_remote), then the GGUF comes.
+    assert fake_hub == [("Qwen/Qwen3-8B", "config.json"), ("Qwen/Qwen3-8B-GGUF", "Qwen3-8B-Q8_0.gguf")]
     err = capsys.readouterr().err
     assert "pulled qwen3:8b-q8_0" in err and "qwenkit run --model qwen3:8b-q8_0" in err
     assert [m.name for m in list_models()] == ["qwen3:8b-q8_0"]
