@@ -27,6 +27,29 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_tile(q, k_cache_ptr, v_cache_ptr, block_row_ptr, pos, n_ok, keep, kvh, d, d_ok, m_i, l_i, acc, scale,
+                 stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of a sequence's positions `pos` (its block-table row at `block_row_ptr`; `n_ok`:
+    those inside the context) folded into the online softmax of the rows of `q` [rows, D_PAD]:
+    their keys and values read from their slots, scores where `keep` [rows or 1, BLOCK_N] is
+    false masked. Returns the new (m_i, l_i, acc)."""
+    block = tl.load(block_row_ptr + pos // BLOCK_SIZE, mask=n_ok, other=0)
+    slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+    offsets = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=kv_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, BLOCK_N]
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + offsets, mask=kv_ok, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
     scale,
@@ -51,20 +74,9 @@ def _decode_kernel(
     for start in range(0, context_len, BLOCK_N):
         pos = start + n
         n_ok = pos < context_len
-        block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=n_ok, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        offsets = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N]
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offsets, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, pos, n_ok,
+                                     n_ok[None, :], kvh, d, d_ok, m_i, l_i, acc, scale, stride_cs, stride_ch,
+                                     BLOCK_SIZE, PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context length 0 (a padding row): zeros
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -103,20 +115,10 @@ def _prefill_kernel(
     for start in range(0, end, BLOCK_N):
         pos = start + n
         n_ok = pos < end
-        block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=n_ok, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        offsets = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(n_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offsets, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        causal = n_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, pos, n_ok,
+                                     causal, kvh, d, d_ok, m_i, l_i, acc, scale, stride_cs, stride_ch,
+                                     BLOCK_SIZE, PRECISION)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
