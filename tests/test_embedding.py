@@ -8,7 +8,7 @@ from tiny_retrieval import make_retrieval_checkpoint
 
 from qwenkit import LLM
 from qwenkit.capabilities import model_capabilities
-from qwenkit.embedding import RERANK_PREFIX, RERANK_SUFFIX, embed, format_query, rerank_pair, score
+from qwenkit.embedding import RERANK_PREFIX, RERANK_SUFFIX, embed, format_query, rerank_pair, score, whole_prompt_groups
 from qwenkit.errors import ContextLengthError, QwenkitError
 
 TEXTS = [
@@ -219,3 +219,22 @@ def test_a_prefix_cache_hit_that_leaves_one_token_takes_the_decode_path(embedder
     with torch.inference_mode():
         expected = F.normalize(ref(input_ids=torch.tensor([ids + [end]])).last_hidden_state[:, -1], dim=1)
     assert (again - expected).abs().max() <= 1e-5
+
+
+def test_whole_prompts_attend_by_sdpa_as_the_paged_kernel_does(embedder):
+    """A pooling step of prompts from position 0 attends by SDPA over their own keys (the CPU's
+    faster path for embeddings); the paged kernel's embeddings are the same, and prompts are
+    grouped whole within the budget, never split across steps."""
+    llm = embedder[0]
+    runner = llm.engine.runner
+    assert runner.pool_with_sdpa and runner.paged_prefill  # two paths here, one without the toggle
+    by_sdpa = embed(llm, TEXTS).data
+    runner.pool_with_sdpa = False
+    try:
+        by_kernel = embed(llm, TEXTS).data
+    finally:
+        runner.pool_with_sdpa = True
+    assert (by_sdpa - by_kernel).abs().max() <= 1e-5
+    assert whole_prompt_groups([[1] * 30, [2] * 30, [3] * 10, [4] * 70, [5] * 5], 64, max_num_seqs=32) == [
+        [[1] * 30, [2] * 30], [[3] * 10], [[4] * 70], [[5] * 5]]
+    assert whole_prompt_groups([[1]] * 3, 64, max_num_seqs=2) == [[[1], [1]], [[1]]]
