@@ -16,13 +16,11 @@ them. Prefill and mixed steps stay eager.
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 import torch
 
-from qwenkit.engine.decode_batch import DecodeBatch, batch_buckets, bucket_for, prepare_decode
-from qwenkit.models import QwenForCausalLM
+from qwenkit.engine.bucketed_decode import BucketedDecode
+from qwenkit.engine.decode_batch import DecodeBatch, bucket_for, prepare_decode
 from qwenkit.models.attention import AttentionMetadata
 
 
@@ -35,30 +33,14 @@ def use_qwenkit_inductor_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
 
 
-class CompiledDecode:
+class CompiledDecode(BucketedDecode):
     """Decode steps through one compiled graph per batch bucket."""
 
-    def __init__(
-        self,
-        model: QwenForCausalLM,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        *,
-        max_num_seqs: int,
-        max_blocks_per_seq: int,
-        block_size: int,
-        padding_slot: int,
-        device: torch.device,
-    ):
+    def __init__(self, *args, **kwargs):  # BucketedDecode's
+        super().__init__(*args, **kwargs)
         use_qwenkit_inductor_cache()
         # One graph per bucket, and per model in a process that builds several (tests).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.model = model
-        self.kv_caches = kv_caches
-        self.buckets = batch_buckets(max_num_seqs)
-        self.max_blocks_per_seq = max_blocks_per_seq
-        self.block_size = block_size
-        self.padding_slot = padding_slot
-        self.device = device
         self._forward = torch.compile(self._layers, dynamic=False, fullgraph=True)
 
     def _layers(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -82,18 +64,8 @@ class CompiledDecode:
     def warm_up(self, *, progress: bool = True) -> float:
         """Compile every bucket now (padding rows only: the cache is not touched but for the
         spare slot). Returns the seconds it took."""
-        start = time.perf_counter()
-        for i, bucket in enumerate(self.buckets):
-            if progress:
-                print(f"\rqwenkit: compiling the decode step, batch size {bucket} "
-                      f"({i + 1}/{len(self.buckets)}, {time.perf_counter() - start:.0f} s)...",
-                      end="", file=sys.stderr, flush=True)
-            self._warm_bucket(bucket)
-        elapsed = time.perf_counter() - start
-        if progress:
-            print(f"\rqwenkit: compiled the decode step for batch sizes {', '.join(map(str, self.buckets))} "
-                  f"in {elapsed:.0f} s" + " " * 20, file=sys.stderr, flush=True)
-        return elapsed
+        return self._each_bucket(self.buckets, self._warm_bucket, doing="compiling", done="compiled",
+                                 progress=progress)
 
     def _warm_bucket(self, bucket: int) -> None:
         self._run(self._padded([], [], [], bucket))

@@ -18,45 +18,26 @@ bucket logic on the CPU that way.
 
 from __future__ import annotations
 
-import sys
-import time
-
 import torch
 
-from qwenkit.engine.decode_batch import DecodeBatch, batch_buckets, bucket_for, prepare_decode
-from qwenkit.models import QwenForCausalLM
+from qwenkit.engine.bucketed_decode import BucketedDecode
+from qwenkit.engine.decode_batch import DecodeBatch, bucket_for, prepare_decode
 
 
-class CUDAGraphDecode:
+class CUDAGraphDecode(BucketedDecode):
     """Decode steps (one token per sequence) through captured graphs; returns logits."""
 
-    def __init__(
-        self,
-        model: QwenForCausalLM,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        *,
-        max_num_seqs: int,
-        max_blocks_per_seq: int,
-        block_size: int,
-        padding_slot: int,
-        device: torch.device,
-        capture: bool = True,
-    ):
-        self.model = model
-        self.kv_caches = kv_caches
-        self.buckets = batch_buckets(max_num_seqs)
-        self.block_size = block_size
-        self.padding_slot = padding_slot
-        self.device = device
+    def __init__(self, *args, capture: bool = True, **kwargs):  # and BucketedDecode's
+        super().__init__(*args, **kwargs)
         self.capture = capture
         rows = self.buckets[-1]
-        pin = device.type == "cuda"
+        pin = self.device.type == "cuda"
         # Host staging buffers (pinned on CUDA, so the copies are asynchronous) and their
         # static device twins, which the graphs read.
         self._host_inputs = torch.zeros(4, rows, dtype=torch.int32, pin_memory=pin)
-        self._host_tables = torch.zeros(rows, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
-        self._inputs = torch.zeros(4, rows, dtype=torch.int32, device=device)
-        self._tables = torch.zeros(rows, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._host_tables = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self._inputs = torch.zeros(4, rows, dtype=torch.int32, device=self.device)
+        self._tables = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
 
@@ -70,26 +51,21 @@ class CUDAGraphDecode:
     def capture_graphs(self, *, progress: bool = True) -> float:
         """Capture every bucket (padding rows only: the cache is not touched but for the
         spare slot). Returns the seconds it took."""
-        start = time.perf_counter()
         self._stage([], [], [], self.buckets[-1])
         self._inputs.copy_(self._host_inputs)
         pool = torch.cuda.graph_pool_handle()
-        for i, bucket in enumerate(reversed(self.buckets)):
-            if progress:
-                print(f"\rqwenkit: capturing CUDA graphs of the decode step, batch size {bucket} "
-                      f"({i + 1}/{len(self.buckets)}, {time.perf_counter() - start:.1f} s)...",
-                      end="", file=sys.stderr, flush=True)
+
+        def capture(bucket: int) -> None:
             self._forward(bucket)  # compiles the Triton kernels, sizes cuBLAS workspaces
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._outputs[bucket] = self._forward(bucket)
             self._graphs[bucket] = graph
+
+        elapsed = self._each_bucket(list(reversed(self.buckets)), capture, doing="capturing CUDA graphs of",
+                                    done="captured CUDA graphs of", progress=progress)
         torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
-        if progress:
-            print(f"\rqwenkit: captured CUDA graphs of the decode step for batch sizes "
-                  f"{', '.join(map(str, self.buckets))} in {elapsed:.1f} s" + " " * 20, file=sys.stderr, flush=True)
         return elapsed
 
     def _stage(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]],
