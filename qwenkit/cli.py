@@ -486,31 +486,34 @@ def _warn_if_it_will_not_fit(name: str, spec: str, file: str | None) -> None:
              "free: it will not load here without more memory (a GPU, or a smaller variant)")
 
 
-def _memory_need(files) -> str:
-    """'2.6 GiB' (the model's plan on the CPU, qwenkit/memory_plan.py), or '?'."""
-    from qwenkit.memory_plan import gib, plan_files
+def _memory_plan(files):
+    """The model's memory plan on the CPU with the engine's defaults (qwenkit/memory_plan.py),
+    or None when its headers cannot be planned from."""
+    from qwenkit.memory_plan import plan_files
 
     try:
-        return gib(plan_files(files).total)
+        return plan_files(files)
     except (QwenkitError, OSError, ValueError, KeyError):
-        return "?"
+        return None
 
 
 def _list(args: argparse.Namespace) -> int:
     from qwenkit.hub import describe, format_parameters, format_size, list_models
+    from qwenkit.memory_plan import gib
 
     rows = []
     for model in list_models():
         try:
-            info = describe(model.files)
+            info, plan = describe(model.files), _memory_plan(model.files)
             row = [model.name, info.architecture, format_parameters(info.num_parameters), info.quantization,
-                   format_size(model.size_bytes), _memory_need(model.files), ",".join(info.capabilities.names())]
+                   format_size(model.size_bytes), gib(plan.total) if plan else "?", ",".join(info.capabilities.names())]
         except (QwenkitError, OSError, ValueError) as e:
-            info, row = None, [model.name, "?", "?", "?", format_size(model.size_bytes), "?", f"unreadable: {e}"]
+            info, plan = None, None
+            row = [model.name, "?", "?", "?", format_size(model.size_bytes), "?", f"unreadable: {e}"]
         if args.json:
             print(json.dumps({"name": model.name, "aliases": list(model.aliases), "source": model.source,
                               "path": str(model.files.path), "size_bytes": model.size_bytes,
-                              **(_info_dict(info) if info else {}), **_memory_dict(model.files)}))
+                              **(_info_dict(info) if info else {}), **_memory_dict(plan)}))
         rows.append([*row, ",".join(model.aliases)])
     if not args.json:
         header = ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "NEEDS", "CAPABILITIES", "ALIAS"]
@@ -528,13 +531,9 @@ def _info_dict(info) -> dict:
             "capabilities": info.capabilities.names()}
 
 
-def _memory_dict(files) -> dict:
-    """The CPU memory plan as JSON fields (none when the headers cannot be read)."""
-    from qwenkit.memory_plan import plan_files
-
-    try:
-        plan = plan_files(files)
-    except (QwenkitError, OSError, ValueError, KeyError):
+def _memory_dict(plan) -> dict:
+    """The memory plan as JSON fields (none without a plan)."""
+    if plan is None:
         return {}
     return {"memory": {"total_bytes": plan.total, "weights_bytes": plan.weights, "kv_cache_bytes": plan.kv_cache,
                        "activations_bytes": plan.activations, "kv_tokens": plan.kv_tokens, "device": plan.device,
@@ -555,7 +554,7 @@ def _show(args: argparse.Namespace) -> int:
     info = describe(files)
     if args.json:
         print(json.dumps({"name": args.model, "model": files.name, "path": str(files.path), **_info_dict(info),
-                          **_memory_dict(files)}))
+                          **_memory_dict(_memory_plan(files))}))
         return 0
     caps = info.capabilities
     thinking = ("yes, switchable (enable_thinking, /think, /no_think)" if caps.hybrid_thinking
@@ -573,12 +572,11 @@ def _show(args: argparse.Namespace) -> int:
 
 def _memory_line(files) -> str:
     """What the model needs on the CPU with the engine's defaults, and what this machine has."""
-    from qwenkit.memory_plan import available_memory, gib, plan_files
+    from qwenkit.memory_plan import available_memory, gib
 
-    try:
-        plan = plan_files(files)
-    except (QwenkitError, OSError, ValueError, KeyError) as e:
-        return f"? ({e})"
+    plan = _memory_plan(files)
+    if plan is None:
+        return "? (its headers lack what the plan needs)"
     available = available_memory("cpu")
     fits = "fits" if plan.total <= available else "does not fit"
     return f"{plan.summary()} on the CPU in {plan.dtype}; {gib(available)} free here: {fits}"

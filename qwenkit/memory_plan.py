@@ -338,7 +338,8 @@ def check_fits(files: Any, plan: MemoryPlan, available: int, *, name: str | None
         return
     where = "the GPU" if plan.device == "cuda" else "this machine"
     line = f"{name or files.name} needs {plan.summary()}, {where} has {gib(available)} free"
-    fitting = [(n, b) for n, b in variant_needs(name or files.name, read_shape(files), plan) if b <= available]
+    own = (name or files.name).lower()
+    fitting = [(n, b) for n, b in variant_needs(own, read_shape(files), plan) if b <= available and n != own]
     if fitting:
         line += f"; {fitting[0][0]} needs {gib(fitting[0][1])}"
     raise QwenkitError(line + f" (--no-memory-check or {NO_CHECK_ENV}=1 loads anyway)")
