@@ -10,8 +10,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# Fixtures that read the default model: their tests are `slow`, out of the quick subset.
-_DEFAULT_MODEL_FIXTURES = {"default_gguf", "hf_gguf_tokenizer"}
+# Fixtures that read the default model: their tests are `slow`, out of the quick subset
+# (tokenizer_pair reaches it through getfixturevalue, which pytest's closure cannot see).
+_DEFAULT_MODEL_FIXTURES = {"default_gguf", "hf_gguf_tokenizer", "tokenizer_pair"}
 
 
 def pytest_collection_modifyitems(items):

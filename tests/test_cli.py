@@ -291,6 +291,7 @@ def test_version():
     assert r.returncode == 0 and re.fullmatch(r"qwenkit \d+\.\d+\.\d+ \(torch .*, Python .*\)\n", r.stdout), r.stdout
 
 
+@pytest.mark.slow  # over 10 s (a whole engine in subprocesses, or many of them)
 def test_run_without_a_prompt_on_a_terminal_starts_the_chat(tiny_model, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QWENKIT_HOME": str(tmp_path)}
@@ -304,6 +305,7 @@ def test_run_without_a_prompt_on_a_terminal_starts_the_chat(tiny_model, tmp_path
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow  # over 10 s (a whole engine in subprocesses, or many of them)
 def test_serve_says_how_to_reach_it(tiny_model, tmp_path):
     """Not on a terminal: plain lines while loading, then the URL, names, page and key once ready."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QWENKIT_HOME": str(tmp_path)}

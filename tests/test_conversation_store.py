@@ -32,6 +32,7 @@ def hammer(path: str, seed: int) -> None:
             pass  # another process deleted it first
 
 
+@pytest.mark.slow  # over 10 s (a whole engine in subprocesses, or many of them)
 def test_racing_deletes_appends_and_kills_leave_no_orphan_messages(tmp_path):
     path = str(tmp_path / "conversations.sqlite3")
     ConversationStore(path).close()

@@ -276,6 +276,7 @@ def test_pull_refuses_split_ggufs(fake_hub, capsys):
     assert fake_hub == []
 
 
+@pytest.mark.slow  # over 10 s (a whole engine in subprocesses, or many of them)
 def test_pull_a_safetensors_repo(cache, tiny_qwen3, monkeypatch, capsys):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     calls = []

@@ -73,6 +73,7 @@ def test_a_lone_surrogate_in_model_is_404_not_500(open_server, route, body):
 # -- 2. /metrics stays small whatever paths are asked for ------------------------------
 
 
+@pytest.mark.slow  # over 10 s (a whole engine in subprocesses, or many of them)
 def test_random_paths_leave_metrics_small(open_server, keyed_server):
     rng = random.Random(0)
     before = len(httpx.get(f"{keyed_server}/metrics").content)

@@ -52,6 +52,7 @@ def stopped(llm: LLM) -> None:
     assert all(w.poll() is not None for w in workers)
 
 
+@pytest.mark.slow  # over 10 s (a whole engine in subprocesses, or many of them)
 @pytest.mark.parametrize("expert_parallel", [False, True])
 def test_two_ranks_match_one_process(folder, expert_parallel):
     if expert_parallel and "moe" not in folder:
@@ -97,6 +98,7 @@ def test_a_dead_rank_fails_requests_and_the_replica_stops(folder):
         stopped(llm)
 
 
+@pytest.mark.slow  # over 10 s (a whole engine in subprocesses, or many of them)
 def test_a_plain_script_runs_its_model_on_two_ranks(folder, tmp_path):
     """No `if __name__ == "__main__":`: the ranks never run the user's script (multiprocessing's
     spawn re-ran it in each, and failed); the answer is printed once, and the script exits
