@@ -129,7 +129,7 @@ class ModelRunner:
             device.type == "cpu" and kernels.native_prefill_attention(model.config.head_dim, self.kv_dtype))
         # On CPU, a pooling step whose prompts start at position 0 (no cached prefix) attends with
         # torch's SDPA per prompt, in the model's dtype, rather than the native paged kernel, which
-        # computes in float32: 1.09x the embeddings/s in bfloat16 (docs/retrieval.md#speed).
+        # computes in float32 (bfloat16: 1.09x the embeddings/s at 2 layers, even at 28; docs/benchmarks.md).
         self.pool_with_sdpa = device.type == "cpu"
         self.compiled = None
         self.fused = None
