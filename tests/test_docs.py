@@ -44,6 +44,10 @@ from pathlib import Path
 import pytest
 from hub_cache import add_folder
 
+# The blocks of a page run in order, later ones using what earlier ones started or wrote:
+# under pytest-xdist they all go to one worker (--dist loadgroup, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("docs")
+
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP_REASONS = ("install", "network", "gpu", "long")
