@@ -24,24 +24,24 @@ def serve(folder):
     return allm, running_server(allm, ServerConfig(served_model_names=["tiny"]))
 
 
-@pytest.fixture(scope="module")
-def embedding_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("embedding")
-    make_retrieval_checkpoint(folder, "embedding")
+def _served(tmp_path_factory, kind: str):
+    """A server of a tiny `kind` checkpoint, and an LLM of the same folder to compare with."""
+    folder = tmp_path_factory.mktemp(kind)
+    make_retrieval_checkpoint(folder, kind)
     allm, server = serve(folder)
     with server as url:
         yield url, LLM(str(folder), dtype="float32", kv_cache_dtype="float32", progress=False)
     allm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def embedding_server(tmp_path_factory):
+    yield from _served(tmp_path_factory, "embedding")
 
 
 @pytest.fixture(scope="module")
 def rerank_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reranker")
-    make_retrieval_checkpoint(folder, "reranker")
-    allm, server = serve(folder)
-    with server as url:
-        yield url, LLM(str(folder), dtype="float32", kv_cache_dtype="float32", progress=False)
-    allm.shutdown()
+    yield from _served(tmp_path_factory, "reranker")
 
 
 def close(a, b, tol=1e-6):

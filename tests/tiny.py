@@ -99,6 +99,16 @@ def reference_config(arch: str, vocab_size: int, *, tie: bool = False, yarn: boo
     raise ValueError(arch)
 
 
+def randomize(model: torch.nn.Module) -> None:
+    """Random weights of the scale the parity tests use: norms near 1, the rest ~0.15."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+
+
 def make_checkpoint(
     folder: Path,
     arch: str,
@@ -127,12 +137,7 @@ def make_checkpoint(
         "qwen3_moe": transformers.Qwen3MoeForCausalLM,
     }[arch]
     model = cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
+    randomize(model)
     model.save_pretrained(folder)
     eos = [vocab_size - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(t) for t in ("<|im_end|>", "<|endoftext|>")]
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))

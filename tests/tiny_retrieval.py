@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from tiny import make_tokenizer, reference_config
+from tiny import make_tokenizer, randomize, reference_config
 
 
 def make_retrieval_checkpoint(folder: Path, kind: str, *, seed: int = 0, max_len: int = 1024):
@@ -29,12 +29,7 @@ def make_retrieval_checkpoint(folder: Path, kind: str, *, seed: int = 0, max_len
     torch.manual_seed(seed)
     cls = transformers.Qwen3Model if kind == "embedding" else transformers.Qwen3ForCausalLM
     model = cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
+    randomize(model)
     model.save_pretrained(folder)
     if kind == "embedding":
         (folder / "modules.json").write_text(json.dumps([
