@@ -60,6 +60,7 @@ class BenchResult:
     decode: list[dict] = field(default_factory=list)
     peak_rss_mb: int = 0
     kernels: str = ""  # which kernel variants ran (qwenkit.kernels.summary)
+    speculative: str = ""  # what speculative decoding did in the run (empty when off)
 
     def table(self) -> str:
         share = self.ttft_cached_s.median / self.ttft_uncached_s.median
@@ -77,6 +78,8 @@ class BenchResult:
             lines.append(f"  {d['concurrency']:>7}  {d['aggregate_tok_s'].show('.1f'):<32}  "
                          f"{d['per_stream_tok_s'].show('.1f')}")
         lines.append(self.kernels)
+        if self.speculative:
+            lines.append(self.speculative)
         lines.append(f"peak memory (RSS): {self.peak_rss_mb} MB")
         return "\n".join(lines)
 
@@ -145,7 +148,16 @@ def run_bench(
         decode=decode,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         kernels=kernels.summary(llm.device),
+        speculative=_speculative_line(llm),
     )
+
+
+def _speculative_line(llm: LLM) -> str:
+    spec, stats = llm.engine.speculative, llm.engine.spec_stats
+    if not spec.enabled:
+        return ""
+    return (f"speculative decoding ({spec.method}): {stats.draft_tokens} drafts checked, "
+            f"{stats.acceptance_rate:.0%} kept, {stats.tokens_per_step:.2f} tokens a step where a sequence had drafts")
 
 
 def as_dict(result: BenchResult) -> dict:

@@ -197,6 +197,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="on the CPU, a request's tokens do not depend on the rest of the batch, prompt "
                         "chunking or prefix-cache hits (batch-invariant kernels; slower: docs/determinism.md)")
+    p.add_argument("--speculative", default=None, metavar="METHOD",
+                   help="speculative decoding, which changes no output: ngram (prompt lookup: drafts from "
+                        "the prompt and output so far; pays where answers copy their input), ngram:K (at "
+                        "most K drafts a step), off (default); docs/speculative.md")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many GPUs (or CPU processes); see docs/scale.md")
     p.add_argument("--enable-expert-parallel", action="store_true",
@@ -206,6 +210,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int,
                    help="CPU threads computing (default: the cores this process may run on, by its affinity "
                         "and cgroup CPU quota, or OMP_NUM_THREADS; fewer is faster beside other busy programs)")
+
+
+def _speculative_note(spec) -> str:
+    if not spec.enabled:
+        return ""
+    return (f"; speculative decoding: prompt lookup, up to {spec.num_speculative_tokens} drafts a step "
+            f"(n-grams of {spec.prompt_lookup_min}-{spec.prompt_lookup_max} tokens)")
 
 
 def _threads_note(llm) -> str:
@@ -399,7 +410,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, served_model_names=names)
     running = (f"{str(allm.llm.dtype).removeprefix('torch.')} on {allm.llm.device}{_threads_note(allm.llm)}, "
                f"{kernels.summary(allm.llm.device)}"
-               f"{'; deterministic (batch-invariant steps)' if allm.llm.engine.runner.deterministic else ''}")
+               f"{'; deterministic (batch-invariant steps)' if allm.llm.engine.runner.deterministic else ''}"
+               f"{_speculative_note(allm.llm.engine.speculative)}")
 
     def ready(port: int) -> None:
         for line in serve_banner(config, host=args.host, port=port, capabilities=_capability_names(allm.llm),

@@ -23,6 +23,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype,
                 max_model_len=args.max_model_len, quantization=args.quantization, compile=args.compile,
                 enforce_eager=args.enforce_eager, deterministic=args.deterministic,
+                speculative=args.speculative,
                 tensor_parallel_size=args.tensor_parallel_size,
                 enable_expert_parallel=args.enable_expert_parallel,
                 **({"threads": args.threads} if args.threads is not None else {}))
@@ -44,6 +45,10 @@ def load_llm(args: argparse.Namespace, files=None, *, engine: str = "LLM", **eng
     On a terminal, loading shows progress bars; elsewhere it prints a plain line when loading
     starts and one when the model is ready (logs stay readable, and never silent).
     """
+    if getattr(args, "speculative", None):  # a wrong value is an error before anything loads
+        from qwenkit.engine.speculative import SpeculativeConfig
+
+        SpeculativeConfig.parse(args.speculative)
     files = files or model_files(args)
     check_memory(args, files, max_num_seqs=engine_kwargs.get("max_num_seqs"))
     if engine == "AsyncLLM":

@@ -135,6 +135,7 @@ class LLM:
         compile: bool | None = None,
         enforce_eager: bool = False,
         deterministic: bool = False,
+        speculative: str | None = None,
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
         progress: bool = True,
@@ -179,6 +180,7 @@ class LLM:
             compile=compile,
             enforce_eager=enforce_eager,
             deterministic=deterministic,
+            speculative=speculative,
         )
         try:
             self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device,

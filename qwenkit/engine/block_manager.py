@@ -104,6 +104,16 @@ class BlockManager:
                 block.hash, block.token_ids = prefix_hash, tokens
                 self.cached.setdefault(prefix_hash, block.block_id)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the blocks of `seq` past those that hold its first `num_tokens` tokens (the
+        slots of speculative tokens that were not kept)."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > max(keep, len(seq.block_hashes)):
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block.block_id] = None
+
     def free_sequence(self, seq: Sequence) -> None:
         """Release every block `seq` holds (its computed state is forgotten)."""
         for block_id in reversed(seq.block_table):

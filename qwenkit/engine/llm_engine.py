@@ -18,6 +18,7 @@ from qwenkit.engine.model_runner import ModelRunner, kv_bytes_per_token, resolve
 from qwenkit.engine.sampler import Sampler, SamplingState
 from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
 from qwenkit.engine.sequence import Sequence
+from qwenkit.engine.speculative import DraftState, SpeculativeConfig, SpeculativeStats
 from qwenkit.errors import ContextLengthError, QwenkitError
 from qwenkit.models import QwenForCausalLM
 from qwenkit.sampling import SamplingDefaults, SamplingParams
@@ -70,7 +71,9 @@ class EngineArgs:
     depend on what else is in the batch, how its prompt is chunked or whether its prefix was
     cached (batch-invariant kernels, docs/determinism.md); off by default, it costs speed.
     kv_cache_dtype: "auto" (float16 on a CPU computing in float32, else the model's dtype: on
-    CUDA the cache stays the model's dtype unless asked), "float32", "float16" or "bfloat16"."""
+    CUDA the cache stays the model's dtype unless asked), "float32", "float16" or "bfloat16".
+    speculative: speculative decoding, which changes no output (engine/speculative.py):
+    "ngram" (prompt lookup), "ngram:K", a SpeculativeConfig, or "off" / None."""
 
     max_model_len: int | None = None
     kv_cache_memory: int | str | None = None
@@ -82,6 +85,7 @@ class EngineArgs:
     compile: bool | None = None  # torch.compile the decode step (None: the default, off)
     enforce_eager: bool = False
     deterministic: bool = False
+    speculative: "SpeculativeConfig | str | None" = None
 
     def resolved(self, device: torch.device) -> "EngineArgs":
         cuda = device.type == "cuda"
@@ -111,6 +115,7 @@ class _SeqState:
     stop_ids: frozenset[int]
     control: RequestControl | None
     stop_matched: bool = False
+    draft: DraftState | None = None  # speculative decoding's state, made at the first proposal
 
 
 class LLMEngine:
@@ -161,6 +166,8 @@ class LLMEngine:
             kv_dtype=kv_dtype,
         )
         self.sampler = Sampler()
+        self.speculative = SpeculativeConfig.parse(args.speculative)
+        self.spec_stats = SpeculativeStats()
         self.requests: dict[str, list[Sequence]] = {}
         # Held while a step runs: one engine is stepped by one thread at a time (an AsyncLLM's
         # engine thread owns its engine; a second thread stepping it took tokens of its requests).
@@ -239,6 +246,8 @@ class LLMEngine:
             raise RuntimeError("another thread is stepping this engine: one thread drives an engine (an AsyncLLM's "
                                "thread drives its own: call the AsyncLLM, not its .llm)")
         try:
+            if self.speculative.enabled:
+                self._propose_drafts()
             batch = self.scheduler.schedule()
             if not batch:
                 return []
@@ -247,33 +256,109 @@ class LLMEngine:
         finally:
             self._stepping.release()
 
+    def _propose_drafts(self) -> None:
+        """Drafts for the running sequences that decode next (one token left to compute), as
+        long as the step's rows stay within `max_rows`."""
+        spec = self.speculative
+        room = spec.max_rows - len(self.scheduler.running)
+        for seq in self.scheduler.running:
+            if seq.num_uncomputed_tokens != 1:
+                continue
+            st: _SeqState = seq.state
+            if st.draft is None:
+                st.draft = DraftState(spec)
+            # The step emits up to drafts + 1 tokens: never past max_tokens.
+            limit = min(room, seq.max_tokens - seq.num_output_tokens - 1)
+            seq.draft_token_ids = st.draft.propose(seq.token_ids, limit)
+            room -= len(seq.draft_token_ids)
+
     def _postprocess(
         self, batch: list[ScheduledSequence], rows: list[int], logits: torch.Tensor | None
     ) -> list[SequenceUpdate]:
         for s in batch:
-            s.seq.num_computed_tokens += s.num_tokens
-            self.block_manager.commit_full_blocks(s.seq)
-        updates = []
-        if rows:
-            seqs = [batch[r].seq for r in rows]
-            states = [seq.state for seq in seqs]
+            s.seq.num_computed_tokens += s.num_tokens - len(s.seq.draft_token_ids)
+            if not s.seq.draft_token_ids:
+                self.block_manager.commit_full_blocks(s.seq)
+        if not rows:
+            return []
+        seqs = [batch[r].seq for r in rows]
+        # Sequence i's logits: rows first[i] (its last token) to first[i] + its drafts.
+        first, at = [], 0
+        for seq in seqs:
+            first.append(at)
+            at += 1 + len(seq.draft_token_ids)
+        outputs: list[list[TokenOutput]] = [[] for _ in seqs]
+        finish: list[str | None] = [None] * len(seqs)
+        kept = [0] * len(seqs)
+        active = list(range(len(seqs)))
+        depth = 0
+        # Position by position: each sequence samples at its last token; one whose draft at a
+        # depth equals the token sampled there samples again at that draft's row.
+        while active:
+            states = [seqs[i].state for i in active]
             allowed = [st.control.allowed_mask() if st.control else None for st in states]
-            samples = self.sampler(logits, [st.sampling for st in states], allowed=allowed)
-            for seq, sample in zip(seqs, samples):
-                updates.append(self._append(seq, sample))
+            step_logits = logits if depth == 0 and len(active) == at else \
+                logits[torch.tensor([first[i] + depth for i in active], device=logits.device)]
+            samples = self.sampler(step_logits, [st.sampling for st in states], allowed=allowed)
+            still = []
+            for i, sample in zip(active, samples):
+                seq = seqs[i]
+                forced = self._accept(seq, sample, outputs[i])
+                finish[i] = self._finish_reason(seq, outputs[i][-1].token_id)
+                if finish[i] is None and forced:
+                    finish[i] = self._force(seq, forced, outputs[i])
+                drafts = seq.draft_token_ids
+                if finish[i] is None and not forced and depth < len(drafts) and sample.token_id == drafts[depth]:
+                    kept[i] += 1
+                    still.append(i)
+            active = still
+            depth += 1
+        updates = []
+        for i, seq in enumerate(seqs):
+            drafts = seq.draft_token_ids
+            if drafts:
+                self._kept_drafts(seq, len(drafts), kept[i], finished=finish[i] is not None)
+            updates.append(self._update(seq, outputs[i], finish[i]))
         return updates
 
-    def _append(self, seq: Sequence, sample) -> SequenceUpdate:
+    def _kept_drafts(self, seq: Sequence, proposed: int, kept: int, *, finished: bool) -> None:
+        """After a step with drafts: the kept ones are computed tokens now (the token sampled
+        after them is not yet), the blocks of the rest go back, the drafter learns."""
+        stats = self.spec_stats
+        stats.verify_steps += 1
+        stats.draft_tokens += proposed
+        stats.accepted_tokens += kept
+        stats.emitted_tokens += kept + 1
+        seq.state.draft.feedback(proposed, kept)
+        seq.draft_token_ids = []
+        if finished:
+            return
+        seq.num_computed_tokens += kept
+        self.block_manager.commit_full_blocks(seq)
+        self.block_manager.trim(seq, len(seq.token_ids))
+
+    def _accept(self, seq: Sequence, sample, outputs: list[TokenOutput]) -> list[int]:
+        """Add a sampled token to `seq` (and its output to `outputs`); returns the tokens its
+        control forces next (usually none)."""
         st: _SeqState = seq.state
         token = sample.token_id
-        outputs = [self._add_token(seq, token, sample.logprob, sample.top_logprobs)]
-        finish = self._finish_reason(seq, token)
-        if finish is None and st.control is not None:
-            for forced in st.control.on_token(token):
-                outputs.append(self._add_token(seq, forced, None, None))
-                finish = self._finish_reason(seq, forced)
-                if finish is not None:
-                    break
+        outputs.append(self._add_token(seq, token, sample.logprob, sample.top_logprobs))
+        if st.control is None or self._finish_reason(seq, token) is not None:
+            return []
+        return st.control.on_token(token)
+
+    def _force(self, seq: Sequence, forced: list[int], outputs: list[TokenOutput]) -> str | None:
+        """Add the tokens a control forced; the finish reason if one of them ends the sequence."""
+        for token in forced:
+            outputs.append(self._add_token(seq, token, None, None))
+            finish = self._finish_reason(seq, token)
+            if finish is not None:
+                return finish
+        return None
+
+    def _update(self, seq: Sequence, outputs: list[TokenOutput], finish: str | None) -> SequenceUpdate:
+        """The step's update for `seq`; a finished sequence releases what it holds."""
+        st: _SeqState = seq.state
         if finish is not None:
             if not st.stop_matched:  # release what the detokenizer and stop matcher held back
                 tail, st.stop_matched = st.stops.feed(st.detokenizer.flush())

@@ -44,29 +44,40 @@ def kv_bytes_per_token(model: QwenForCausalLM, kv_dtype: torch.dtype | None = No
 @dataclass(frozen=True)
 class StepInput:
     """A scheduled step as plain data, per sequence: the tokens it computes, the position of
-    the first, its block table, and whether it samples after the step (its tokens are then
-    all computed). No engine objects: a tensor-parallel worker runs it as the driver does."""
+    the first, its block table, whether it samples after the step (its tokens are then all
+    computed) and how many of its tokens are drafts (speculative decoding: the step returns
+    logits at the last token and at each draft). No engine objects: a tensor-parallel worker
+    runs it as the driver does."""
 
     token_ids: list[list[int]]
     starts: list[int]
     block_tables: list[list[int]]
     samples: list[bool]
+    num_drafts: list[int] | None = None  # None: no drafts anywhere
 
     @classmethod
     def from_batch(cls, batch: list[ScheduledSequence]) -> "StepInput":
-        token_ids, starts, tables, samples = [], [], [], []
+        token_ids, starts, tables, samples, drafts = [], [], [], [], []
         for s in batch:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_tokens
-            token_ids.append(seq.token_ids[start:end])
+            length = len(seq.token_ids)
+            ids = seq.token_ids[start:end]
+            if end > length:
+                ids += seq.draft_token_ids[: end - length]
+            token_ids.append(ids)
             starts.append(start)
             tables.append(seq.block_table)
-            samples.append(end == len(seq.token_ids))
-        return cls(token_ids, starts, tables, samples)
+            samples.append(end >= length)
+            drafts.append(max(0, end - length))
+        return cls(token_ids, starts, tables, samples, drafts if any(drafts) else None)
 
     @property
     def sample_rows(self) -> list[int]:
         return [i for i, samples in enumerate(self.samples) if samples]
+
+    def drafts(self, i: int) -> int:
+        return self.num_drafts[i] if self.num_drafts else 0
 
 
 def cuda_graphs_apply(model: QwenForCausalLM, device: torch.device) -> bool:
@@ -158,7 +169,8 @@ class ModelRunner:
 
     def run(self, batch: list[ScheduledSequence], *, pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
         """Compute the step. Returns the positions in `batch` of the sequences whose
-        tokens are now all computed (they sample next) and their float32 logits [N, vocab];
+        tokens are now all computed (they sample next) and their float32 logits [N, vocab],
+        a sequence with d drafts d + 1 rows (its last token's, then each draft's), in order;
         with `pooling`, their last tokens' final hidden states [N, hidden] instead (an
         embedding model's last-token pooling, qwenkit/embedding.py)."""
         return self.execute(StepInput.from_batch(batch), pooling=pooling)
@@ -173,12 +185,13 @@ class ModelRunner:
         return (lambda hidden: hidden.float()) if pooling else self.model.compute_logits
 
     def _execute(self, step: "StepInput", pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
-        if all(len(ids) == 1 for ids in step.token_ids):
+        if all(len(ids) <= 1 + step.drafts(i) for i, ids in enumerate(step.token_ids)):
             return self._run_decode(step, pooling)
         input_ids, positions, slot_mapping, context_slots = [], [], [], []
         query_lens, context_lens, sample_at = [], [], []
         offset = 0
-        for ids, start, table, samples in zip(step.token_ids, step.starts, step.block_tables, step.samples):
+        for i, (ids, start, table, samples) in enumerate(zip(step.token_ids, step.starts, step.block_tables,
+                                                             step.samples)):
             n = len(ids)
             end = start + n
             slots = self._slots(table, end)
@@ -190,7 +203,7 @@ class ModelRunner:
             context_lens.append(end)
             offset += n
             if samples:
-                sample_at.append(offset - 1)
+                sample_at.extend(range(offset - 1 - step.drafts(i), offset))
         sample_rows = step.sample_rows
         positions_t = torch.cat(positions)
         if self.deterministic:
@@ -220,30 +233,44 @@ class ModelRunner:
         return sample_rows, self._head(pooling)(hidden[torch.tensor(sample_at, device=self.device)])
 
     def _run_decode(self, step: "StepInput", pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
-        """One token per sequence: plain lists, one tensor per field, no per-sequence tensors."""
-        input_ids = [ids[0] for ids in step.token_ids]
-        positions, block_tables, sample_rows = step.starts, step.block_tables, step.sample_rows
-        num_seqs = len(input_ids)
+        """One token per row: plain lists, one tensor per field, no per-sequence tensors. A
+        sequence with drafts takes a row per token (its last, then each draft), each attending
+        over its own context: a draft's row computes what a decode step after it would."""
+        if step.num_drafts is None:
+            input_ids = [ids[0] for ids in step.token_ids]
+            positions, block_tables, sample_rows = step.starts, step.block_tables, step.sample_rows
+            logit_rows = sample_rows
+        else:
+            input_ids, positions, block_tables, logit_rows = [], [], [], []
+            for i, (ids, start, table, samples) in enumerate(zip(step.token_ids, step.starts, step.block_tables,
+                                                                 step.samples)):
+                input_ids.extend(ids)
+                positions.extend(range(start, start + len(ids)))
+                block_tables.extend([table] * len(ids))
+                if samples:
+                    logit_rows.extend(range(len(input_ids) - 1 - step.drafts(i), len(input_ids)))
+            sample_rows = step.sample_rows
+        num_rows = len(input_ids)
         # A graph ends in the lm_head: pooling takes the eager path.
-        if self.graphs is not None and not pooling and num_seqs <= self.graphs.buckets[-1]:
+        if self.graphs is not None and not pooling and num_rows <= self.graphs.buckets[-1]:
             logits = self.graphs(input_ids, positions, block_tables)
             if not sample_rows:
                 return [], None
-            if len(sample_rows) < num_seqs:
-                logits = logits[torch.tensor(sample_rows, device=self.device)]
+            if len(logit_rows) < num_rows:
+                logits = logits[torch.tensor(logit_rows, device=self.device)]
             return sample_rows, logits
-        if self.compiled is not None and num_seqs <= self.compiled.buckets[-1]:
+        if self.compiled is not None and num_rows <= self.compiled.buckets[-1]:
             hidden = self.compiled(input_ids, positions, block_tables)
         else:
             batch = self.decode_batch(input_ids, positions, block_tables)
-            if self.fused is not None and self.fused.applies(num_seqs):
+            if self.fused is not None and self.fused.applies(num_rows):
                 hidden = self.fused(batch.input_ids, batch.positions, batch.metadata())
             else:
                 hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata())
         if not sample_rows:
             return [], None
-        if len(sample_rows) < num_seqs:
-            hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+        if len(logit_rows) < num_rows:
+            hidden = hidden[torch.tensor(logit_rows, device=self.device)]
         return sample_rows, self._head(pooling)(hidden)
 
     def decode_batch(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> DecodeBatch:

@@ -6,6 +6,10 @@ in chunks that fit what is left of the budget (chunked prefill mixed with decode
 the block pool runs out, the most recently admitted running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later
 (its generated tokens are kept, so its output does not change).
+
+A running sequence may carry draft tokens (speculative decoding): they are computed after its
+last token in the same step, as far as the budget and the block pool allow; drafts that do not
+fit are dropped before anything is preempted for them.
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ class Scheduler:
         preempted = False
         while queue:
             seq = queue.pop(0)
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if seq.draft_token_ids:
+                fits = min(len(seq.draft_token_ids), budget - seq.num_uncomputed_tokens)
+                if fits <= 0 or not bm.allocate(seq, len(seq.token_ids) + fits):
+                    fits = 0
+                del seq.draft_token_ids[max(fits, 0):]
+            num_tokens = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
             if num_tokens == 0:
                 self.running.append(seq)
                 continue
@@ -75,6 +84,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)
+        seq.draft_token_ids.clear()
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -87,4 +97,5 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.draft_token_ids.clear()
         self.block_manager.free_sequence(seq)

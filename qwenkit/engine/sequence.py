@@ -39,6 +39,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    # Speculative tokens to check in the next step, after the last token (engine/speculative.py):
+    # not part of token_ids until the step keeps them.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_output_tokens(self) -> int:

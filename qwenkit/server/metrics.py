@@ -36,6 +36,16 @@ class Metrics:
             lambda: slots.num_running)
         Gauge("qwenkit_requests_waiting", "Requests waiting for a slot", registry=r).set_function(
             lambda: slots.num_waiting)
+        spec = allm.llm.engine.spec_stats
+        for name, what, read in (
+            ("qwenkit_spec_decode_draft_tokens", "Speculative draft tokens checked", lambda: spec.draft_tokens),
+            ("qwenkit_spec_decode_accepted_tokens", "Speculative draft tokens kept", lambda: spec.accepted_tokens),
+            ("qwenkit_spec_decode_acceptance_rate", "Share of speculative draft tokens kept",
+             lambda: spec.acceptance_rate),
+            ("qwenkit_spec_decode_tokens_per_step", "Tokens a sequence got per step where it had drafts",
+             lambda: spec.tokens_per_step),
+        ):
+            Gauge(name, what, registry=r).set_function(read)
         Gauge("qwenkit_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache",
               registry=r).set_function(self._hit_rate)
 
