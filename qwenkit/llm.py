@@ -19,6 +19,7 @@ from qwenkit.chat.types import ChatChunk, ChatCompletion
 from qwenkit.distributed import ParallelConfig
 from qwenkit.engine.llm_engine import EngineArgs, LLMEngine, SequenceUpdate, TokenOutput
 from qwenkit.engine.model_runner import ModelRunner
+from qwenkit.engine.speculative import SpeculativeConfig
 from qwenkit.engine.threads import set_threads
 from qwenkit.errors import QwenkitError
 from qwenkit.loader import load_model
@@ -116,6 +117,9 @@ class LLM:
     whole process (default: the cores this process may run on, its affinity mask and cgroup
     CPU quota, or OMP_NUM_THREADS when set; docs/decode.md#threads). task: "generate",
     "embed" or "rerank" in place of what the checkpoint is read as (qwenkit.capabilities).
+    speculative: speculative decoding, which changes no output: "ngram" (prompt lookup),
+    "ngram:K", "draft:MODEL" (a smaller model with the same tokenizer, loaded here), or
+    "off" / None (docs/speculative.md).
     """
 
     def __init__(
@@ -135,7 +139,7 @@ class LLM:
         compile: bool | None = None,
         enforce_eager: bool = False,
         deterministic: bool = False,
-        speculative: str | None = None,
+        speculative: str | SpeculativeConfig | None = None,
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
         progress: bool = True,
@@ -144,6 +148,7 @@ class LLM:
     ):
         if task is not None and task not in TASKS:  # before anything loads
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        spec = SpeculativeConfig.parse(speculative)  # a wrong value fails before anything loads
         self.task = task  # None: what the checkpoint is (qwenkit.capabilities); "rerank" etc. overrides it
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -180,16 +185,33 @@ class LLM:
             compile=compile,
             enforce_eager=enforce_eager,
             deterministic=deterministic,
-            speculative=speculative,
+            speculative=spec,
         )
         try:
+            draft_model = self._load_draft_model(args.speculative, quantization, progress)
             self.engine = LLMEngine(self.model, self.tokenizer, self.generation_config, device=self.device,
-                                    args=args, runner_factory=self.executor.make_runner if self.executor else ModelRunner)
+                                    args=args, runner_factory=self.executor.make_runner if self.executor else ModelRunner,
+                                    draft_model=draft_model)
         except BaseException:
             self.shutdown()
             raise
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
+
+    def _load_draft_model(self, spec: SpeculativeConfig, quantization: str | None, progress: bool):
+        """The draft model of speculative="draft:MODEL", on this model's device and dtype; its
+        tokenizer must be this model's (a draft token is checked as the same token)."""
+        if spec.method != "draft":
+            return None
+        loaded = load_model(resolve_model(spec.draft_model, progress=progress), dtype=self.dtype, device=self.device,
+                            quantization=quantization, progress=progress)
+        ours, theirs = self.tokenizer.backend, loaded.tokenizer.backend
+        if ours.get_vocab(with_added_tokens=True) != theirs.get_vocab(with_added_tokens=True):
+            raise QwenkitError(f"the draft model {spec.draft_model} has another tokenizer than {self.model_name} "
+                               f"({theirs.get_vocab_size()} against {ours.get_vocab_size()} tokens, not all the same "
+                               "ids): a draft model must share "
+                               "the model's tokenizer (Qwen3-0.6B drafts for the Qwen3 family)")
+        return loaded.model
 
     def shutdown(self) -> None:
         """Stop the worker processes of a tensor-parallel model (a no-op otherwise)."""

@@ -31,7 +31,7 @@ def test_config_parsing_names_what_is_wrong():
     assert SpeculativeConfig.parse("ngram").enabled
     assert SpeculativeConfig.parse("ngram:3").num_speculative_tokens == 3
     assert not SpeculativeConfig.parse(None).enabled and not SpeculativeConfig.parse("off").enabled
-    for bad, words in [("ngram:0", "at least 1"), ("medusa", "choose ngram"), ("draft:Qwen/Qwen3-0.6B", "draft model"),
+    for bad, words in [("ngram:0", "at least 1"), ("medusa", "choose ngram"), ("draft:", "names the draft model"),
                        ("eagle:/x", "EAGLE-3")]:
         with pytest.raises(QwenkitError, match=words):
             SpeculativeConfig.parse(bad)
@@ -187,3 +187,50 @@ def test_engine_reports_speculation_off_by_flag(tiny_checkpoints):
     llm = LLM(str(tiny_checkpoints("qwen3")), dtype="float32", progress=False, speculative="off")
     llm.generate(prompts(2, seed=7), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert llm.engine.spec_stats.draft_tokens == 0
+
+
+def test_a_draft_model_changes_no_output(pair, tiny_checkpoints):
+    """draft:MODEL with another random model of the same tokenizer (another seed: it agrees with
+    the target now and then): greedy and seeded outputs as without speculation."""
+    plain, _ = pair
+    draft = LLM(str(tiny_checkpoints("qwen3")), dtype="float32", progress=False,
+                speculative=f"draft:{tiny_checkpoints('qwen3', seed=1)}")
+    ps = prompts(6, seed=8)
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=True)
+    want = [numbers(o) for o in plain.generate(ps, greedy)]
+    got = [numbers(o) for o in draft.generate(ps, greedy)]
+    for (wt, wl), (gt, gl) in zip(want, got):
+        assert gt == wt and gl == pytest.approx(wl, abs=1e-4)
+    seeded = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True) for i in range(len(ps))]
+    assert [o.token_ids for o in draft.generate(ps, seeded)] == [o.token_ids for o in plain.generate(ps, seeded)]
+    assert draft.engine.spec_stats.draft_tokens > 0
+
+
+def test_the_model_as_its_own_draft_keeps_its_drafts(tiny_checkpoints):
+    """A draft that is the model itself proposes the model's greedy tokens: nearly all kept,
+    several tokens a step (its cache catching up on what was kept, across blocks)."""
+    folder = str(tiny_checkpoints("qwen3"))
+    plain = LLM(folder, dtype="float32", progress=False)
+    same = LLM(folder, dtype="float32", progress=False, speculative=f"draft:{folder}")
+    ps = prompts(3, seed=9)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    assert [o.token_ids for o in same.generate(ps, params)] == [o.token_ids for o in plain.generate(ps, params)]
+    stats = same.engine.spec_stats
+    assert stats.acceptance_rate > 0.9 and stats.tokens_per_step > 3, stats
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(tmp_path, tiny_checkpoints):
+    import shutil
+
+    folder = tiny_checkpoints("qwen3")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoints("qwen2"), other)
+    import json
+
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, two ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(QwenkitError, match="another tokenizer"):
+        LLM(str(folder), dtype="float32", progress=False, speculative=f"draft:{other}")

@@ -18,7 +18,7 @@ from qwenkit.engine.model_runner import ModelRunner, kv_bytes_per_token, resolve
 from qwenkit.engine.sampler import Sampler, SamplingState
 from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
 from qwenkit.engine.sequence import Sequence
-from qwenkit.engine.speculative import DraftState, SpeculativeConfig, SpeculativeStats
+from qwenkit.engine.speculative import DraftModelProposer, DraftState, SpeculativeConfig, SpeculativeStats
 from qwenkit.errors import ContextLengthError, QwenkitError
 from qwenkit.models import QwenForCausalLM
 from qwenkit.sampling import SamplingDefaults, SamplingParams
@@ -128,9 +128,11 @@ class LLMEngine:
         device: torch.device,
         args: EngineArgs = EngineArgs(),
         runner_factory: Callable[..., ModelRunner] = ModelRunner,
+        draft_model: QwenForCausalLM | None = None,
     ):
         """runner_factory(model, **sizes): the ModelRunner (a tensor-parallel group's rank 0
-        passes one that runs each step on every rank)."""
+        passes one that runs each step on every rank). draft_model: the loaded draft model of
+        `args.speculative` "draft:MODEL" (its own cache, as many blocks as the model's)."""
         self.model = model
         self.tokenizer = tokenizer
         self.generation_config = generation_config
@@ -168,6 +170,17 @@ class LLMEngine:
         self.sampler = Sampler()
         self.speculative = SpeculativeConfig.parse(args.speculative)
         self.spec_stats = SpeculativeStats()
+        self.drafter = None
+        if self.speculative.method == "draft":
+            if draft_model is None:
+                raise QwenkitError("speculative method 'draft' needs its draft model loaded "
+                                   "(LLM(speculative='draft:MODEL') loads it)")
+            draft_runner = ModelRunner(
+                draft_model, num_blocks=num_blocks, block_size=args.block_size, device=device,
+                enforce_eager=args.enforce_eager, deterministic=args.deterministic,
+                max_model_len=self.max_model_len, max_num_seqs=args.max_num_seqs,
+                kv_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, draft_model.dtype, device), progress=False)
+            self.drafter = DraftModelProposer(draft_runner, c.vocab_size)
         self.requests: dict[str, list[Sequence]] = {}
         # Held while a step runs: one engine is stepped by one thread at a time (an AsyncLLM's
         # engine thread owns its engine; a second thread stepping it took tokens of its requests).
@@ -261,16 +274,28 @@ class LLMEngine:
         long as the step's rows stay within `max_rows`."""
         spec = self.speculative
         room = spec.max_rows - len(self.scheduler.running)
+        wanted: list[tuple[Sequence, int]] = []
         for seq in self.scheduler.running:
-            if seq.num_uncomputed_tokens != 1:
+            if seq.num_uncomputed_tokens != 1 or room <= 0:
                 continue
             st: _SeqState = seq.state
             if st.draft is None:
                 st.draft = DraftState(spec)
             # The step emits up to drafts + 1 tokens: never past max_tokens.
             limit = min(room, seq.max_tokens - seq.num_output_tokens - 1)
-            seq.draft_token_ids = st.draft.propose(seq.token_ids, limit)
-            room -= len(seq.draft_token_ids)
+            if self.drafter is None:
+                seq.draft_token_ids = st.draft.propose(seq.token_ids, limit)
+                room -= len(seq.draft_token_ids)
+                continue
+            k = st.draft.next_k(limit)
+            # The draft model writes its cache in the sequence's blocks: they must be there.
+            if k > 0 and self.block_manager.allocate(seq, len(seq.token_ids) + k):
+                wanted.append((seq, k))
+                room -= k
+        if wanted:
+            seqs, ks = zip(*wanted)
+            for seq, drafts in zip(seqs, self.drafter.propose(list(seqs), list(ks))):
+                seq.draft_token_ids = drafts
 
     def _postprocess(
         self, batch: list[ScheduledSequence], rows: list[int], logits: torch.Tensor | None
@@ -333,6 +358,8 @@ class LLMEngine:
         seq.draft_token_ids = []
         if finished:
             return
+        if self.drafter is not None:  # the step computed the tokens before num_computed_tokens
+            self.drafter.kept(seq.state.draft, seq.num_computed_tokens, proposed, kept)
         seq.num_computed_tokens += kept
         self.block_manager.commit_full_blocks(seq)
         self.block_manager.trim(seq, len(seq.token_ids))

@@ -42,6 +42,7 @@ class Sequence:
     # Speculative tokens to check in the next step, after the last token (engine/speculative.py):
     # not part of token_ids until the step keeps them.
     draft_token_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0  # times its blocks were taken back (its cache recomputed since)
 
     @property
     def num_output_tokens(self) -> int:

@@ -12,28 +12,40 @@ output is the model's own: greedy tokens the same, sampled ones from the same di
 draft: keep the draft d with probability p(d), else draw from p without d); with deterministic
 steps, tokens and logprobs are bit for bit those of the request without speculation.
 
-The drafter here is prompt lookup (vLLM's `ngram`, llama.cpp's lookup decoding): the last n
-tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) are looked up among the earlier
-tokens of the prompt and output, and what followed their latest earlier occurrence is the
-draft. It needs no weights and pays where outputs copy their input (code edits, quoting a
-document). How many drafts a sequence gets adapts to what it has accepted lately, and a
-sequence whose drafts keep failing stops drafting for a while (`DraftState`), so that text
-with nothing to copy decodes as fast as without speculation.
+Two drafters:
+- prompt lookup ("ngram"; vLLM's `ngram`, llama.cpp's lookup decoding): the last n tokens (n
+  from `prompt_lookup_max` down to `prompt_lookup_min`) are looked up among the earlier tokens
+  of the prompt and output, and what followed their latest earlier occurrence is the draft. It
+  needs no weights and pays where outputs copy their input (code edits, quoting a document).
+- a draft model ("draft:MODEL"): a smaller model with the same tokenizer (Qwen3-0.6B for
+  Qwen3-8B) proposes its greedy tokens. It has its own KV cache, indexed by the target's block
+  tables (a position's slot is the same in both caches), and catches up on the tokens the
+  target kept before each proposal (`DraftModelProposer`).
+How many drafts a sequence gets adapts to what it has accepted lately, and a sequence whose
+drafts keep failing stops drafting for a while (`DraftState`), so that text where drafts miss
+decodes about as fast as without speculation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
 
 from qwenkit.errors import QwenkitError
 
-METHODS = ("ngram", "off")
+if TYPE_CHECKING:
+    from qwenkit.engine.model_runner import ModelRunner
+    from qwenkit.engine.sequence import Sequence
+
+METHODS = ("ngram", "draft", "off")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """method: "ngram" (prompt lookup) or "off". num_speculative_tokens: the most drafts a
-    sequence gets in one step. prompt_lookup_min/max: the n-gram sizes looked up. max_rows: a
+    """method: "ngram" (prompt lookup), "draft" (draft_model: a model name or path, as `LLM`
+    takes one) or "off". num_speculative_tokens: the most drafts a sequence gets in one step. prompt_lookup_min/max: the n-gram sizes looked up. max_rows: a
     step's decode rows (sequences plus drafts) past which no more drafts are added: beyond it
     a step is bound by compute, where checking drafts costs what they save."""
 
@@ -42,10 +54,13 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     max_rows: int = 32
+    draft_model: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise QwenkitError(f"unknown speculative method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if (self.method == "draft") != bool(self.draft_model):
+            raise QwenkitError("a draft model is named with method 'draft' (--speculative draft:MODEL), and only there")
         if self.num_speculative_tokens < 1:
             raise QwenkitError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
@@ -58,21 +73,26 @@ class SpeculativeConfig:
 
     @classmethod
     def parse(cls, value: "str | SpeculativeConfig | None") -> "SpeculativeConfig":
-        """`--speculative`'s value: "ngram", "ngram:K" (at most K drafts a step) or "off"
-        (None: off). A draft model ("draft:MODEL") and EAGLE-3 heads ("eagle:PATH") are named
-        with a clear error: they are not built."""
+        """`--speculative`'s value: "ngram", "ngram:K" (at most K drafts a step), "draft:MODEL"
+        (a draft model: a name, folder or file as `LLM` takes) or "off" (None: off). EAGLE-3
+        heads ("eagle:PATH") are named with a clear error: they are not built."""
         if value is None:
             return cls(method="off")
         if isinstance(value, SpeculativeConfig):
             return value
         method, _, arg = str(value).strip().partition(":")
-        if method in ("draft", "eagle"):
-            raise QwenkitError(f"--speculative {value}: {'a draft model' if method == 'draft' else 'EAGLE-3 heads'} "
-                               "cannot be used yet; prompt lookup (--speculative ngram) needs no extra weights")
+        if method == "draft":
+            if not arg:
+                raise QwenkitError("--speculative draft:MODEL names the draft model (e.g. draft:qwen3:0.6b)")
+            return cls(method="draft", draft_model=arg, num_speculative_tokens=4)
+        if method == "eagle":
+            raise QwenkitError(f"--speculative {value}: EAGLE-3 heads cannot be used yet; use ngram (prompt lookup, "
+                               "no extra weights) or draft:MODEL (a smaller model with the same tokenizer)")
         if method == "off" and not arg:
             return cls(method="off")
         if method != "ngram":
-            raise QwenkitError(f"--speculative {value!r}: choose ngram, ngram:K (at most K drafts a step) or off")
+            raise QwenkitError(f"--speculative {value!r}: choose ngram, ngram:K (at most K drafts a step), "
+                               "draft:MODEL or off")
         if not arg:
             return cls()
         if not arg.isdigit() or int(arg) < 1:
@@ -108,9 +128,10 @@ class NgramIndex:
 
 
 class DraftState:
-    """One sequence's drafting: its n-gram index, how many drafts to propose next (doubled
-    after a step that kept them all, else one more than it kept), and a back-off after steps
-    that kept none (1, 2, 4 ... 32 steps without drafts)."""
+    """One sequence's drafting: how many drafts to propose next (doubled after a step that kept
+    them all, else one more than it kept), a back-off after steps that kept none (1, 2, 4 ... 32
+    steps without drafts), and the drafter's own state: the n-gram index, or how many of the
+    sequence's tokens the draft model's cache holds."""
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
@@ -118,12 +139,19 @@ class DraftState:
         self.k = min(2, config.num_speculative_tokens)
         self.skip = 0
         self.misses = 0
+        self.draft_computed = 0  # the draft model's cache: tokens computed (positions 0..n-1)
+        self.draft_preemptions = 0  # the sequence's preemptions when that count was right
 
-    def propose(self, tokens: list[int], limit: int) -> list[int]:
+    def next_k(self, limit: int) -> int:
+        """How many drafts to propose this step (0 while backing off)."""
         if self.skip > 0:
             self.skip -= 1
-            return []
-        k = min(self.k, limit)
+            return 0
+        return max(0, min(self.k, limit))
+
+    def propose(self, tokens: list[int], limit: int) -> list[int]:
+        """Prompt lookup's drafts."""
+        k = self.next_k(limit)
         return self.index.propose(tokens, k) if k > 0 else []
 
     def feedback(self, proposed: int, accepted: int) -> None:
@@ -136,6 +164,60 @@ class DraftState:
             self.skip = min(1 << (self.misses - 1), 32)
         else:
             self.misses = 0
+
+
+class DraftModelProposer:
+    """A draft model's greedy tokens, for several sequences at once. `runner` is the draft
+    model's own ModelRunner, its cache as many blocks as the target's: it is indexed by the
+    target's block tables. A proposal first computes, in one step, every token a sequence kept
+    since the draft last saw it (its whole prompt the first time) and takes the draft's next
+    token, then one decode step per further draft."""
+
+    def __init__(self, runner: "ModelRunner", vocab_size: int):
+        self.runner = runner
+        self.vocab_size = vocab_size  # the target's: a draft token is always one the target has
+
+    def propose(self, seqs: list["Sequence"], ks: list[int]) -> list[list[int]]:
+        """Drafts for `seqs` (each holding blocks for its tokens plus ks[i]), ks[i] >= 1 each."""
+        from qwenkit.engine.model_runner import StepInput
+
+        states: list[DraftState] = []
+        for seq in seqs:
+            st = seq.state.draft
+            if st.draft_preemptions != seq.num_preemptions:  # its blocks are new: the draft's cache is gone
+                st.draft_computed, st.draft_preemptions = 0, seq.num_preemptions
+            states.append(st)
+        step = StepInput(
+            token_ids=[seq.token_ids[st.draft_computed:] for seq, st in zip(seqs, states)],
+            starts=[st.draft_computed for st in states],
+            block_tables=[seq.block_table for seq in seqs],
+            samples=[True] * len(seqs),
+        )
+        drafts = [[t] for t in self._greedy(step)]
+        for seq, st in zip(seqs, states):
+            st.draft_computed = len(seq.token_ids)
+        active = [i for i, k in enumerate(ks) if k > 1]
+        while active:
+            step = StepInput(
+                token_ids=[[drafts[i][-1]] for i in active],
+                starts=[len(seqs[i].token_ids) + len(drafts[i]) - 1 for i in active],
+                block_tables=[seqs[i].block_table for i in active],
+                samples=[True] * len(active),
+            )
+            for i, t in zip(active, self._greedy(step)):
+                drafts[i].append(t)
+            active = [i for i in active if len(drafts[i]) < ks[i]]
+        return drafts
+
+    def _greedy(self, step) -> list[int]:
+        _, logits = self.runner.execute(step)
+        return logits[:, : self.vocab_size].argmax(dim=-1).tolist()
+
+    @staticmethod
+    def kept(state: DraftState, length: int, proposed: int, kept: int) -> None:
+        """After the target checked the drafts of a sequence that had `length` tokens: the
+        draft's cache holds its tokens and the kept drafts it computed (all but the last)."""
+        state.draft_computed = length + min(kept, proposed - 1)
 
 
 @dataclass
