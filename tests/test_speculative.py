@@ -234,3 +234,14 @@ def test_a_draft_model_with_another_tokenizer_is_refused(tmp_path, tiny_checkpoi
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(QwenkitError, match="another tokenizer"):
         LLM(str(folder), dtype="float32", progress=False, speculative=f"draft:{other}")
+
+
+def test_cli_refuses_a_bad_value_before_loading():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "qwenkit", "run", "--speculative", "ngram:x", "hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith("error: --speculative 'ngram:x'")
+    assert "loading" not in run.stderr
