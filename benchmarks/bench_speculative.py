@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speculative.py [--model default] [--workloads edit,chat] [--prompts 50]
         [--max-tokens 256] [--streams 1,8] [--llamacpp] [--json]
+    python benchmarks/bench_speculative.py --verify-cost [--model default] [--k 4] [--steps 30]
 
 The workloads are benchmarks/data/speculative_edit.jsonl (rewrite a function: add type hints
 and a docstring, rename a variable, fix a marked bug; functions of CPython's standard library)
@@ -49,6 +50,39 @@ def run_llamacpp(llama, prompt: list[int], max_tokens: int) -> tuple[list[int], 
     return tokens, time.perf_counter() - begun
 
 
+def verify_cost(model: str, k: int, steps: int) -> dict:
+    import statistics
+
+    from qwenkit import LLM, SamplingParams
+    from qwenkit.engine.model_runner import StepInput
+
+    llm = LLM(model, progress=False)
+    engine = llm.engine
+    prompt = llm.tokenizer.encode("def merge_sort(items): return sorted(items) # the quick brown fox " * 40)[:256]
+    engine.add_request("cost", prompt, SamplingParams(temperature=0, max_tokens=k + 8, ignore_eos=True))
+    engine.step()  # the prompt
+    seq = engine.requests["cost"][0]
+    engine.block_manager.allocate(seq, len(seq.token_ids) + k)
+    start, table = seq.num_computed_tokens, seq.block_table
+    drafts = prompt[:k]
+
+    def timed(rows: int) -> float:
+        ids = (seq.token_ids[start:] + drafts)[:rows]
+        step = StepInput([ids], [start], [table], [True], [rows - 1] if rows > 1 else None)
+        begun = time.perf_counter()
+        engine.runner.execute(step)
+        return time.perf_counter() - begun
+
+    one, verify = [], []
+    for i in range(steps):
+        for rows in ((1, k + 1) if i % 2 == 0 else (k + 1, 1)):
+            (one if rows == 1 else verify).append(timed(rows))
+    engine.abort("cost")
+    a, b = statistics.median(one), statistics.median(verify)
+    return {"model": llm.model_name, "k": k, "decode_step_ms": round(a * 1e3, 2), "verify_step_ms": round(b * 1e3, 2),
+            "verify_over_decode": round(b / a, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -59,7 +93,13 @@ def main() -> None:
     ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp, plain and with its prompt lookup")
     ap.add_argument("--speculative", default="ngram", help="the speculative engine's --speculative value")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--verify-cost", action="store_true", help="time a verify step of --k drafts against a decode step")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
+    if args.verify_cost:
+        print(json.dumps(verify_cost(args.model, args.k, args.steps)))
+        return
 
     from qwenkit import LLM, SamplingParams
     from qwenkit.model_files import resolve_model
@@ -87,6 +127,8 @@ def main() -> None:
             if streams == 1 and llama is not None:
                 totals |= {"llama.cpp": [0, 0.0], "llama.cpp lookup": [0, 0.0]}
             mismatches = 0
+            stats = engines["ngram"].engine.spec_stats
+            before = (stats.draft_tokens, stats.accepted_tokens, stats.verify_steps, stats.emitted_tokens)
             for i in range(0, len(prompts), streams):
                 group = prompts[i : i + streams]
                 order = list(engines) if (i // streams) % 2 == 0 else list(reversed(engines))
@@ -109,9 +151,10 @@ def main() -> None:
             if "llama.cpp lookup" in speeds:
                 row["ngram_vs_llamacpp_lookup"] = round(speeds["ngram"] / speeds["llama.cpp lookup"], 2)
                 row["llamacpp_lookup_vs_plain"] = round(speeds["llama.cpp lookup"] / speeds["llama.cpp"], 2)
-            stats = engines["ngram"].engine.spec_stats
-            row["acceptance"] = round(stats.acceptance_rate, 3)
-            row["tokens_per_verify_step"] = round(stats.tokens_per_step, 2)
+            drafted, kept, steps, emitted = (now - then for now, then in zip(
+                (stats.draft_tokens, stats.accepted_tokens, stats.verify_steps, stats.emitted_tokens), before))
+            row["acceptance"] = round(kept / max(drafted, 1), 3)
+            row["tokens_per_verify_step"] = round(emitted / max(steps, 1), 2)
             results.append(row)
             print(json.dumps(row), flush=True)
     if args.json:

@@ -245,3 +245,21 @@ def test_cli_refuses_a_bad_value_before_loading():
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith("error: --speculative 'ngram:x'")
     assert "loading" not in run.stderr
+
+
+def test_default_model_edit_prompt(default_gguf):
+    """The embedded coder model rewriting a function: the same tokens with prompt lookup, most
+    of them from kept drafts (the function is copied), in fewer steps."""
+    import json
+    from pathlib import Path
+
+    line = (Path(__file__).parent.parent / "benchmarks/data/speculative_edit.jsonl").read_text().splitlines()[1]
+    messages = json.loads(line)["messages"]
+    plain = LLM(str(default_gguf), progress=False)
+    spec = LLM(str(default_gguf), progress=False, speculative="ngram")
+    params = SamplingParams(temperature=0, max_tokens=96)
+    want = plain.chat(messages, params)
+    got = spec.chat(messages, params)
+    assert (got.content, got.usage.completion_tokens) == (want.content, want.usage.completion_tokens)
+    stats = spec.engine.spec_stats
+    assert stats.accepted_tokens > want.usage.completion_tokens // 3, stats

@@ -18,7 +18,13 @@ from qwenkit.engine.model_runner import ModelRunner, kv_bytes_per_token, resolve
 from qwenkit.engine.sampler import Sampler, SamplingState
 from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
 from qwenkit.engine.sequence import Sequence
-from qwenkit.engine.speculative import DraftModelProposer, DraftState, SpeculativeConfig, SpeculativeStats
+from qwenkit.engine.speculative import (
+    DraftModelProposer,
+    DraftState,
+    SpeculativeConfig,
+    SpeculativeStats,
+    draft_threshold,
+)
 from qwenkit.errors import ContextLengthError, QwenkitError
 from qwenkit.models import QwenForCausalLM
 from qwenkit.sampling import SamplingDefaults, SamplingParams
@@ -274,6 +280,7 @@ class LLMEngine:
         long as the step's rows stay within `max_rows`."""
         spec = self.speculative
         room = spec.max_rows - len(self.scheduler.running)
+        threshold = draft_threshold(len(self.scheduler.running))
         wanted: list[tuple[Sequence, int]] = []
         for seq in self.scheduler.running:
             if seq.num_uncomputed_tokens != 1 or room <= 0:
@@ -284,10 +291,10 @@ class LLMEngine:
             # The step emits up to drafts + 1 tokens: never past max_tokens.
             limit = min(room, seq.max_tokens - seq.num_output_tokens - 1)
             if self.drafter is None:
-                seq.draft_token_ids = st.draft.propose(seq.token_ids, limit)
+                seq.draft_token_ids = st.draft.propose(seq.token_ids, limit, threshold)
                 room -= len(seq.draft_token_ids)
                 continue
-            k = st.draft.next_k(limit)
+            k = st.draft.next_k(limit, threshold)
             # The draft model writes its cache in the sequence's blocks: they must be there.
             if k > 0 and self.block_manager.allocate(seq, len(seq.token_ids) + k):
                 wanted.append((seq, k))

@@ -21,13 +21,15 @@ Two drafters:
   Qwen3-8B) proposes its greedy tokens. It has its own KV cache, indexed by the target's block
   tables (a position's slot is the same in both caches), and catches up on the tokens the
   target kept before each proposal (`DraftModelProposer`).
-How many drafts a sequence gets adapts to what it has accepted lately, and a sequence whose
-drafts keep failing stops drafting for a while (`DraftState`), so that text where drafts miss
-decodes about as fast as without speculation.
+How many drafts a sequence gets follows from the share of its recent drafts that were kept
+and from the batch's size (a draft row is worth less in a bigger step: `draft_threshold`), and
+a sequence whose drafts keep failing stops drafting for a while (`DraftState`), so that text
+where drafts miss decodes about as fast as without speculation.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -127,38 +129,50 @@ class NgramIndex:
         return []
 
 
+def draft_threshold(num_running: int) -> float:
+    """The least chance a draft should have of being kept to be worth its row, with
+    `num_running` sequences in the step. A draft row costs a share of a step that grows with
+    the batch: on the 2-core AVX-512 EPYC of docs/speculative.md a row adds ~17% to a one-row
+    decode step, but ~35% of a token's share of an 8-row step; past ~32 rows nothing pays."""
+    return min(1.0, 0.15 + 0.025 * num_running)
+
+
 class DraftState:
-    """One sequence's drafting: how many drafts to propose next (doubled after a step that kept
-    them all, else one more than it kept), a back-off after steps that kept none (1, 2, 4 ... 32
-    steps without drafts), and the drafter's own state: the n-gram index, or how many of the
-    sequence's tokens the draft model's cache holds."""
+    """One sequence's drafting: the chance that its next draft is kept (the kept drafts over
+    the kept ones and the rejections of its recent steps, a short memory), from which the
+    number of drafts worth proposing follows (`next_k`); a back-off after steps that kept none
+    (1, 2, 4 ... 32 steps without drafts); and the drafter's own state: the n-gram index, or
+    how many of the sequence's tokens the draft model's cache holds."""
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
         self.index = NgramIndex(config.prompt_lookup_min, config.prompt_lookup_max)
-        self.k = min(2, config.num_speculative_tokens)
+        self.kept = 1.0  # a prior of one kept draft and one rejection: a chance of 1/2
+        self.rejected = 1.0
         self.skip = 0
         self.misses = 0
         self.draft_computed = 0  # the draft model's cache: tokens computed (positions 0..n-1)
         self.draft_preemptions = 0  # the sequence's preemptions when that count was right
 
-    def next_k(self, limit: int) -> int:
-        """How many drafts to propose this step (0 while backing off)."""
+    def next_k(self, limit: int, threshold: float = 0.2) -> int:
+        """How many drafts to propose this step: the k-th draft is kept with chance p**k (p
+        the chance of one), so as many as keep that above `threshold`, at least one (or none
+        while backing off), at most `limit` and num_speculative_tokens."""
         if self.skip > 0:
             self.skip -= 1
             return 0
-        return max(0, min(self.k, limit))
+        p = self.kept / (self.kept + self.rejected)
+        k = self.config.num_speculative_tokens if p >= 0.999 else int(math.log(threshold) / math.log(p))
+        return max(0, min(max(k, 1), limit, self.config.num_speculative_tokens))
 
-    def propose(self, tokens: list[int], limit: int) -> list[int]:
+    def propose(self, tokens: list[int], limit: int, threshold: float = 0.2) -> list[int]:
         """Prompt lookup's drafts."""
-        k = self.next_k(limit)
+        k = self.next_k(limit, threshold)
         return self.index.propose(tokens, k) if k > 0 else []
 
     def feedback(self, proposed: int, accepted: int) -> None:
-        if accepted == proposed:
-            self.k = min(2 * self.k, self.config.num_speculative_tokens)
-        else:
-            self.k = max(1, min(accepted + 1, self.config.num_speculative_tokens))
+        self.kept = 0.7 * self.kept + accepted
+        self.rejected = 0.7 * self.rejected + (accepted < proposed)
         if accepted == 0:
             self.misses += 1
             self.skip = min(1 << (self.misses - 1), 32)
