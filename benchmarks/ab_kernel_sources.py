@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.other / "kernels.h").is_file():
         parser.error(f"--other {args.other}: not a kernels source folder (no kernels.h)")
 
-    llm = LLM(args.model, device="cpu", quantization=args.quantization)
+    llm = LLM(args.model, device="cpu", quantization=args.quantization, speculative="off")
     this = cpu.library()
     if this is None:
         raise SystemExit("the native CPU kernels are off or could not be built")

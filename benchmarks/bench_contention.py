@@ -79,7 +79,8 @@ class QwenkitEngine:
         from qwenkit import LLM
         from qwenkit.sampling import SamplingParams
 
-        self.llm = LLM(model, device="cpu", threads=threads, progress=False, max_num_seqs=max(8, max_streams))
+        self.llm = LLM(model, device="cpu", threads=threads, progress=False, max_num_seqs=max(8, max_streams),
+                       speculative="off")
         self.llm.generate(self.llm.tokenizer.encode("warm up")[:4], SamplingParams(max_tokens=2))
         import torch
 

@@ -30,7 +30,7 @@ def measure(model: str, dtype: str, prompt_tokens: int, decode_tokens: int, repe
     from qwenkit.models.attention import AttentionMetadata
 
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=dtype, progress=False)
+    llm = LLM(model, dtype=dtype, progress=False, speculative="off")
     load_s = time.perf_counter() - t0
     text = " ".join(PROMPTS * 64)
     ids = llm.tokenizer.encode(text)[:prompt_tokens]

@@ -159,12 +159,13 @@ def main() -> None:
     PROMPT_TOKENS = args.prompt_tokens
     if args.kv_cache_dtypes:
         llms = {kv: LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=kv,
-                        progress=False) for kv in args.kv_cache_dtypes.split(",")}
+                        progress=False, speculative="off") for kv in args.kv_cache_dtypes.split(",")}
         for streams in (int(s) for s in args.streams.split(",")):
             print(json.dumps(alternating_engines(llms, streams, args.steps)), flush=True)
         return
     start = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, compile=args.compile, progress=False)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, compile=args.compile, progress=False,
+              speculative="off")
     print(json.dumps({"load_s": round(time.perf_counter() - start, 1)}), flush=True)
     for streams in (int(s) for s in args.streams.split(",")):
         if args.compile or args.fused:

@@ -48,8 +48,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    engines = {"default": LLM(args.model, progress=False),
-               "deterministic": LLM(args.model, progress=False, deterministic=True)}
+    engines = {"default": LLM(args.model, progress=False, speculative="off"),
+               "deterministic": LLM(args.model, progress=False, deterministic=True, speculative="off")}
     cases = {"prefill_s": lambda llm, seed: prefill_seconds(llm, args.prompt_tokens, seed),
              "decode_1_tok_s": lambda llm, seed: decode_tokens_per_s(llm, 1, args.decode_tokens, seed),
              "decode_8_tok_s": lambda llm, seed: decode_tokens_per_s(llm, 8, args.decode_tokens, seed)}

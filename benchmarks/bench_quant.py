@@ -352,7 +352,8 @@ def compare(model: str, variants: list[str], *, bf16: bool, rounds: int, accurac
     from qwenkit.models import quant
 
     def load(dtype: str, quantization: str):
-        return LLM(model, dtype=dtype, quantization=quantization, kv_cache_memory=256 << 20, progress=False)
+        return LLM(model, dtype=dtype, quantization=quantization, kv_cache_memory=256 << 20, progress=False,
+                   speculative="off")
 
     reference = load("float32", "none")
     ids = reference.tokenizer.encode(TEXT)

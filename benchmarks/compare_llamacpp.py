@@ -453,7 +453,7 @@ class QwenkitWorker:
         start = time.perf_counter()
         llm = LLM(w["model"], dtype=dtype, device="cpu", quantization=w["quantization"], progress=False,
                   kv_cache_memory=kv_bytes, kv_cache_dtype=w["kv_cache_dtype"], max_model_len=w["ctx"],
-                  max_num_seqs=max_num_seqs)
+                  max_num_seqs=max_num_seqs, speculative="off")  # llama.cpp decodes plainly too
         return llm, time.perf_counter() - start, kv_bytes
 
     def speed(self) -> dict:

@@ -203,7 +203,7 @@ def main() -> int:
     print(f"kernels: {describe()}")
     from qwenkit.loader import quantization
 
-    kwargs = dict(device="cpu", progress=False, max_model_len=2048, max_num_seqs=8)
+    kwargs = dict(device="cpu", progress=False, max_model_len=2048, max_num_seqs=8, speculative="off")
     if args.parts:
         llms = {"a format per part": LLM(str(path), quantization="auto", **kwargs)}
         per_part = quantization._linear_format

@@ -197,10 +197,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="on the CPU, a request's tokens do not depend on the rest of the batch, prompt "
                         "chunking or prefix-cache hits (batch-invariant kernels; slower: docs/determinism.md)")
-    p.add_argument("--speculative", default=None, metavar="METHOD",
-                   help="speculative decoding, which changes no output: ngram (prompt lookup: drafts from "
-                        "the prompt and output so far; pays where answers copy their input), ngram:K (at "
-                        "most K drafts a step), off (default); docs/speculative.md")
+    p.add_argument("--speculative", default="ngram", metavar="METHOD",
+                   help="speculative decoding, which changes no output: ngram (the default; prompt lookup: "
+                        "drafts from the prompt and output so far, paying where answers copy their input), "
+                        "ngram:K (at most K drafts a step), draft:MODEL (a smaller model with the same "
+                        "tokenizer), off; docs/speculative.md")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many GPUs (or CPU processes); see docs/scale.md")
     p.add_argument("--enable-expert-parallel", action="store_true",
@@ -215,6 +216,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _speculative_note(spec) -> str:
     if not spec.enabled:
         return ""
+    if spec.method == "draft":
+        return f"; speculative decoding: draft model {spec.draft_model}, up to {spec.num_speculative_tokens} drafts a step"
     return (f"; speculative decoding: prompt lookup, up to {spec.num_speculative_tokens} drafts a step "
             f"(n-grams of {spec.prompt_lookup_min}-{spec.prompt_lookup_max} tokens)")
 

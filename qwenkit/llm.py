@@ -117,8 +117,9 @@ class LLM:
     whole process (default: the cores this process may run on, its affinity mask and cgroup
     CPU quota, or OMP_NUM_THREADS when set; docs/decode.md#threads). task: "generate",
     "embed" or "rerank" in place of what the checkpoint is read as (qwenkit.capabilities).
-    speculative: speculative decoding, which changes no output: "ngram" (prompt lookup),
-    "ngram:K", "draft:MODEL" (a smaller model with the same tokenizer, loaded here), or
+    speculative: speculative decoding, which changes no output: "ngram" (prompt lookup, the
+    default: it drafts only where the prompt or output repeats, and backs off where drafts
+    miss), "ngram:K", "draft:MODEL" (a smaller model with the same tokenizer, loaded here), or
     "off" / None (docs/speculative.md).
     """
 
@@ -139,7 +140,7 @@ class LLM:
         compile: bool | None = None,
         enforce_eager: bool = False,
         deterministic: bool = False,
-        speculative: str | SpeculativeConfig | None = None,
+        speculative: str | SpeculativeConfig | None = "ngram",
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
         progress: bool = True,

@@ -331,7 +331,8 @@ def test_serve_says_how_to_reach_it(tiny_model, tmp_path):
         assert ours[3:] == [
             f"qwenkit: model name for requests: {tiny_model.name}, default (capabilities: completion, thinking, "
             "hybrid_thinking, tools)",
-            f"qwenkit: running: {dtype} on cpu, 1 thread, {kernels.summary('cpu')}",
+            f"qwenkit: running: {dtype} on cpu, 1 thread, {kernels.summary('cpu')}; speculative decoding: prompt "
+            "lookup, up to 8 drafts a step (n-grams of 2-4 tokens)",
             f"qwenkit: web chat page: http://127.0.0.1:{port}/",
             "qwenkit: API key: none required (--api-key or QWENKIT_API_KEY sets one)",
         ]

@@ -280,9 +280,12 @@ def test_the_prefix_cache_hit_rate_is_kept_without_private_counters():
     from qwenkit.server import metrics
     from qwenkit.server.limits import RequestSlots
 
+    from qwenkit.engine.speculative import SpeculativeStats
+
     blocks = SimpleNamespace(num_blocks=10, num_free_blocks=7)
-    m = metrics.Metrics(SimpleNamespace(llm=SimpleNamespace(engine=SimpleNamespace(block_manager=blocks))),
-                        RequestSlots(2, 2))
+    spec = SpeculativeStats(verify_steps=4, draft_tokens=10, accepted_tokens=6, emitted_tokens=10)
+    engine = SimpleNamespace(block_manager=blocks, spec_stats=spec)
+    m = metrics.Metrics(SimpleNamespace(llm=SimpleNamespace(engine=engine)), RequestSlots(2, 2))
 
     def sample(name: str) -> float:
         (line,) = [line for line in m.render()[0].decode().splitlines() if line.startswith(name + " ")]
@@ -293,6 +296,10 @@ def test_the_prefix_cache_hit_rate_is_kept_without_private_counters():
     m.tokens(prompt=100, generated=5, cached=75)
     assert sample("qwenkit_prefix_cache_hit_rate") == 0.5
     assert sample("qwenkit_prompt_tokens_total") == 200 and sample("qwenkit_kv_blocks_in_use") == 3
+    assert sample("qwenkit_spec_decode_acceptance_rate") == 0.6
+    assert sample("qwenkit_spec_decode_tokens_per_step") == 2.5
+    spec.accepted_tokens += 2  # read at each scrape
+    assert sample("qwenkit_spec_decode_accepted_tokens") == 8
     assert "._value" not in inspect.getsource(metrics)
 
 

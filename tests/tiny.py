@@ -170,11 +170,16 @@ def scripted(engine, *texts: str):
     def run(batch):
         rows, logits = original(batch)
         with torch.inference_mode():
-            for row, r in enumerate(rows):
+            at = 0
+            for r in rows:
                 seq = batch[r].seq
                 # seq_id, not id(seq): a finished sequence's address may be reused by the next one.
                 script = assigned.setdefault(seq.seq_id, scripts[min(len(assigned), len(scripts) - 1)])
-                logits[row, script[min(seq.num_output_tokens, len(script) - 1)]] += 1e4
+                # A sequence with speculative drafts has a row per draft too: row j gives the
+                # token after the first j drafts (were they kept).
+                for j in range(1 + len(seq.draft_token_ids)):
+                    logits[at + j, script[min(seq.num_output_tokens + j, len(script) - 1)]] += 1e4
+                at += 1 + len(seq.draft_token_ids)
         return rows, logits
 
     runner.run = run

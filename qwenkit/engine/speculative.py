@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 
 from qwenkit.errors import QwenkitError
 
