@@ -51,6 +51,15 @@ def native(*tensors: torch.Tensor) -> cpu.Library | None:
     return None
 
 
+def native_16bit(*tensors: torch.Tensor) -> cpu.Library | None:
+    """The CPU library where every tensor is on the CPU in one 16-bit dtype (`cpu.HALF_DTYPES`:
+    the kernels that also take those), else None."""
+    dtype = tensors[0].dtype
+    if dtype in cpu.HALF_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors):
+        return cpu.library()
+    return None
+
+
 def cache_holds(cache: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the KV cache stores x's dtype: the Triton kernels take one dtype; a cache asked in
     another (`kv_cache_dtype`) runs the torch code, which converts."""
