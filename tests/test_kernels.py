@@ -324,6 +324,8 @@ def test_16_bit_dispatch_and_refusals(monkeypatch):
     assert torch.equal(native[4], lib.qk_norm_rope_cache(qkv, cos, sin, caches[1], slots, **kwargs))
     for got, want in zip(native, torch_code):
         assert _steps_apart(got, want).max() <= 2
+    monkeypatch.setattr(cpu, "library", lambda: _variant("generic"))  # a value at a time: torch is faster
+    assert ops.native_16bit(x) is None and ops.native(x.float()) is not None
     with pytest.raises(IndexError, match="outside the cache"):
         lib.qk_norm_rope_cache(qkv, cos, sin, caches[0], slots + 40, **kwargs)
     with pytest.raises(TypeError, match="16-bit kernels"):
