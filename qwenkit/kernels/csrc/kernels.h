@@ -50,7 +50,7 @@ static inline int qk_chunk(int n) {
                        _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(v, 1)), 1)
 #undef _mm512_madd_epi16 /* SIMDe 0.7 aliases it with the masked form's four arguments */
 #define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
-/* Nor these four (norm_rope.c's 16-bit rows): lane by lane, as the instructions define them. */
+/* Nor are these four (norm_rope.c's 16-bit rows): lane by lane, as the instructions define them. */
 static inline __m512i qk_emulated_cvtepu16_epi32(__m256i h) {
     uint16_t in[16];
     int32_t out[16];
