@@ -328,7 +328,8 @@ def _half_code(*tensors: torch.Tensor) -> int:
     """The C kernels' code of the one 16-bit dtype every tensor has (TypeError otherwise)."""
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or tensors[0].dtype not in HALF_DTYPES:
-        raise TypeError(f"the 16-bit kernels take tensors of one of {list(HALF_DTYPES)}, got {sorted(map(str, dtypes))}")
+        raise TypeError(f"the 16-bit kernels take tensors of one of {list(HALF_DTYPES)}, "
+                        f"got {sorted(map(str, dtypes))}")
     return KV_DTYPES[tensors[0].dtype]
 
 

@@ -79,7 +79,9 @@ void rope_neox_f32(const float *x, int64_t x_stride, const float *cos, const flo
 static inline float load_h(const uint16_t *p, int dtype) { return dtype == KV_BF16 ? bf16_to_f32(*p) : f16_to_f32(*p); }
 static inline uint16_t to_h(float v, int dtype) { return dtype == KV_BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
 /* v rounded to dtype, kept as the float32 it widens back to. */
-static inline float round_h(float v, int dtype) { return dtype == KV_BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v)); }
+static inline float round_h(float v, int dtype) {
+    return dtype == KV_BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
+}
 
 /* The vector of the build: 16 float32 lanes with AVX-512, 8 with AVX2 (QK_VL), none in the plain C
    build. Every loop below is written once over it, with a scalar tail. */
@@ -112,7 +114,8 @@ static inline __m512i bf16_bits(vf v) {
     return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
 }
 static inline void vstore_h(uint16_t *p, int dtype, vf v) {
-    const __m256i h = dtype == KV_BF16 ? _mm512_cvtepi32_epi16(bf16_bits(v)) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    const __m256i h =
+        dtype == KV_BF16 ? _mm512_cvtepi32_epi16(bf16_bits(v)) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
     _mm256_storeu_si256((__m256i *)p, h);
 }
 static inline vf vround_h(vf v, int dtype) {
