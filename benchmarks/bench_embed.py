@@ -16,16 +16,32 @@ needed. Each round embeds the same `--texts` texts of `--tokens` tokens (plus th
 The prefix cache is off for qwenkit (every round recomputes, as a new text would). The
 best round of each is reported, with the embeddings' agreement (max abs difference
 against transformers float32). `--layers` shrinks the model for a quick check.
+
+    python benchmarks/bench_embed.py --alternate [--rounds 5] [--engine NAME=SPEC ...]
+
+compares engines turn by turn instead, for a machine whose load changes under the run: each
+engine is a process of its own (loaded once, warmed up, then waiting on a pipe), and each
+round every engine embeds the same texts once, one after the other, the order rotating from
+round to round; the report gives each engine's median and, per engine, the median of its
+per-round ratio to the first engine. SPEC is `transformers` or `qwenkit` (bfloat16), with
+`,KEY=VALUE` items for that process's environment: `--engine old=qwenkit,PYTHONPATH=/path/to/tree`
+runs another checkout's qwenkit beside this one. Default: transformers, then qwenkit. The
+load average is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+BASE_ENV = dict(os.environ)  # before qwenkit is imported here (it sets OpenMP defaults)
 
 import qwenkit  # noqa: F401 - before torch: it sets torch's OpenMP threads to wait passively (docs/decode.md#threads)
 import torch
@@ -60,14 +76,128 @@ def best_of(rounds: int, fn) -> tuple[float, torch.Tensor]:
     return min(times), out
 
 
+def random_texts(texts: int, tokens: int, eos: int) -> torch.Tensor:
+    """[texts, tokens + 1] random ids below Qwen's special tokens, each closed by <|endoftext|>."""
+    ids = torch.randint(0, 150000, (texts, tokens), generator=torch.Generator().manual_seed(1))
+    return torch.cat([ids, torch.full((texts, 1), eos)], dim=1)
+
+
+def worker_main(spec: dict) -> None:
+    """One engine of --alternate: loads, warms up, says ready, then embeds on each request and
+    answers the seconds it took (one JSON line each)."""
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything else printed goes to stderr
+    ids = torch.tensor(spec["ids"])
+    if spec["kind"] == "transformers":
+        import transformers
+
+        model = transformers.Qwen3Model.from_pretrained(spec["folder"], dtype=torch.bfloat16).eval()
+
+        def run() -> None:
+            with torch.inference_mode():
+                hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, -1]
+            torch.nn.functional.normalize(hidden.float(), p=2, dim=1)
+    else:
+        from qwenkit import LLM
+        from qwenkit.embedding import embed
+
+        llm = LLM(spec["folder"], dtype="bfloat16", progress=False, enable_prefix_caching=False)
+        prompts = ids.tolist()
+
+        def run() -> None:
+            embed(llm, prompts)
+    run()  # warm up (kernels built, threads started, weights paged in)
+    protocol.write(json.dumps({"threads": torch.get_num_threads(), "module": sys.modules[
+        "transformers" if spec["kind"] == "transformers" else "qwenkit"].__file__}) + "\n")
+    protocol.flush()
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        run()
+        protocol.write(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
+        protocol.flush()
+
+
+class EngineProcess:
+    def __init__(self, name: str, spec: str, folder: Path, ids: torch.Tensor):
+        kind, *items = spec.split(",")
+        if kind not in ("transformers", "qwenkit"):
+            raise SystemExit(f"error: engine {name!r}: {kind!r} is not transformers or qwenkit")
+        env = dict(BASE_ENV)
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"error: engine {name!r}: {item!r} is not KEY=VALUE")
+            env[key] = value
+        self.name = name
+        payload = {"kind": kind, "folder": str(folder), "ids": ids.tolist()}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(payload)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"error: the {self.name} process exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def embed(self) -> float:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._reply()["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def alternate(args: argparse.Namespace) -> None:
+    from qwenkit.tokenizer import Tokenizer
+
+    specs = [tuple(e.split("=", 1)) for e in args.engine or ["transformers=transformers", "qwenkit=qwenkit"]]
+    if any(len(s) != 2 for s in specs):
+        raise SystemExit("error: --engine takes NAME=SPEC")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_checkpoint(folder, args.layers)
+        ids = random_texts(args.texts, args.tokens, Tokenizer.from_dir(folder).token_to_id("<|endoftext|>"))
+        engines = []
+        try:
+            for name, spec in specs:  # loaded one at a time: a load beside a round would slow it
+                engines.append(EngineProcess(name, spec, folder, ids))
+                print(f"  {name}: {engines[-1].ready['module']} ({engines[-1].ready['threads']} threads)", flush=True)
+            seconds: dict[str, list[float]] = {e.name: [] for e in engines}
+            for r in range(args.rounds):
+                for e in engines[r % len(engines):] + engines[: r % len(engines)]:
+                    seconds[e.name].append(e.embed())
+                print(f"  round {r + 1}: " + ", ".join(f"{n} {s[-1]:.2f} s" for n, s in seconds.items()), flush=True)
+        finally:
+            for e in engines:
+                e.close()
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    first = specs[0][0]
+    print(f"{args.texts} texts x {args.tokens} tokens, {args.layers} layers, bfloat16, {args.rounds} rounds "
+          f"alternating; median seconds, and the median of the per-round speed ratios to {first}:")
+    for name, s in seconds.items():
+        ratios = [a / b for a, b in zip(seconds[first], s)]
+        print(f"  {name:14s} {statistics.median(s):7.2f} s  {args.texts / statistics.median(s):6.2f} embeddings/s  "
+              f"{statistics.median(ratios):.2f}x {first} (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        return worker_main(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--texts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--alternate", action="store_true", help="engines in turn, each in its own process (above)")
+    parser.add_argument("--engine", action="append", metavar="NAME=SPEC", help="with --alternate: an engine (above)")
     args = parser.parse_args()
+    if args.alternate:
+        return alternate(args)
 
     import transformers
 

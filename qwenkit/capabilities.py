@@ -17,9 +17,11 @@ Embedding and reranking (qwenkit/embedding.py) are read from the checkpoint too:
 
 * embedding: the folder holds sentence-transformers' last-token pooling config
   (``modules.json`` naming a Pooling folder whose config says ``pooling_mode_lasttoken``,
-  as Qwen3-Embedding ships), or the weights have no lm_head. Such a model does not chat.
-  (A GGUF's ``pooling_type`` is not read: its header takes seconds to parse; a GGUF
-  embedding model still embeds through `LLM.embed`.)
+  as Qwen3-Embedding ships), or a GGUF file's ``{arch}.pooling_type`` says LAST (as
+  llama.cpp's conversions of Qwen3-Embedding do: their tied weights look like a chat model's),
+  or the weights have no lm_head. Such a model does not chat. The GGUF key is read as the
+  file loads; `qwenkit show` and `list`, which do not parse a GGUF's header (seconds for a
+  large vocabulary), do not list a GGUF as an embedding model.
 * rerank: a Qwen3-Reranker. Its config.json is a plain ``Qwen3ForCausalLM``, its template
   Qwen3's: what sets it apart is what it is published as, so it is recognised by its name
   (the folder, file or Hub repo names "Reranker", as Qwen/Qwen3-Reranker-0.6B and its GGUF
@@ -116,18 +118,20 @@ def model_capabilities(llm: Any) -> Capabilities:
     """A loaded `LLM`'s capabilities: its tokenizer's, and whether it embeds or reranks
     (read from its checkpoint, or as its `task` says)."""
     return checkpoint_capabilities(detect_capabilities(llm.tokenizer), getattr(llm, "files", None),
-                                   task=getattr(llm, "task", None), headless=getattr(llm.model, "is_headless", False))
+                                   task=getattr(llm, "task", None), headless=getattr(llm.model, "is_headless", False),
+                                   pooling=getattr(llm, "pooling", None))
 
 
 def checkpoint_capabilities(caps: Capabilities, files: Any, *, task: str | None = None,
-                            headless: bool = False) -> Capabilities:
+                            headless: bool = False, pooling: str | None = None) -> Capabilities:
     """`caps` (the tokenizer's) with embedding / rerank as the checkpoint's `files` (a
-    `ModelFiles`, or None) or `task` say; `headless`: the weights have no lm_head."""
+    `ModelFiles`, or None) or `task` say; `headless`: the weights have no lm_head; `pooling`:
+    a loaded GGUF's pooling_type ("last": an embedding model)."""
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     hf = files is not None and files.format == "hf"
     if task is None:
-        embedding = headless or (hf and declares_last_token_pooling(files.path))
+        embedding = headless or pooling == "last" or (hf and declares_last_token_pooling(files.path))
     else:
         embedding = task == "embed"
     if embedding:

@@ -89,6 +89,9 @@ def embed(llm, inputs: str | Seq[str | Seq[int]], *, instruction: str | None = N
     if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
         inputs = [inputs]
     hidden_size = llm.config.hidden_size
+    if getattr(llm, "pooling", None) in ("mean", "cls"):
+        raise QwenkitError(f"{llm.model_name} declares {llm.pooling} pooling (its GGUF pooling_type); qwenkit "
+                           "embeds with Qwen3-Embedding's last-token pooling only")
     if dimensions is not None and not 1 <= dimensions <= hidden_size:
         raise ValueError(f"dimensions must be between 1 and {hidden_size} (the model's width), got {dimensions}")
     prompts = embedding_prompts(llm.tokenizer, inputs, instruction=instruction)

@@ -175,6 +175,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.files = files
+        self.pooling = loaded.pooling  # a GGUF's pooling_type ("last": an embedding model), else None
         args = EngineArgs(
             max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory,

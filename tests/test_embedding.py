@@ -29,7 +29,8 @@ def embedder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reranker")
+    # Named as Qwen publishes it (Qwen/Qwen3-Reranker-0.6B): its name is what marks a reranker.
+    folder = tmp_path_factory.mktemp("checkpoints") / "Qwen3-Reranker-tiny"
     ref = make_retrieval_checkpoint(folder, "reranker")
     return LLM(str(folder), dtype="float32", kv_cache_dtype="float32", progress=False), ref, folder
 
@@ -198,6 +199,27 @@ def test_embeddings_from_a_gguf(tmp_path):
         expected = torch.cat([F.normalize(ref.model(input_ids=torch.tensor([p + [0]])).last_hidden_state[:, -1], dim=1)
                               for p in prompts])
     assert (got - expected).abs().max() <= 1e-5
+
+
+def test_a_gguf_is_an_embedding_model_by_its_pooling_type(tmp_path):
+    """llama.cpp writes Qwen3-Embedding's GGUF with `qwen3.pooling_type` LAST; its tied weights
+    alone look like a chat model's. A pooling qwenkit does not compute is refused by name."""
+    import gguf
+    from test_gguf import tiny_model, write_gguf
+
+    ref = tiny_model("qwen3", tie_word_embeddings=True)
+    found = {}
+    for pooling in (None, gguf.PoolingType.LAST, gguf.PoolingType.MEAN):
+        path = write_gguf(tmp_path / f"model-{pooling}.gguf", ref, "qwen3",
+                          extra=None if pooling is None else lambda w, p=pooling: w.add_pooling_type(p))
+        llm = LLM(str(path), dtype="float32", kv_cache_dtype="float32", progress=False)
+        found[pooling] = (llm.pooling, model_capabilities(llm).names())
+        if pooling == gguf.PoolingType.MEAN:
+            with pytest.raises(QwenkitError, match="declares mean pooling"):
+                embed(llm, [[5, 9, 30]])
+    assert found[None] == (None, ["completion"])
+    assert found[gguf.PoolingType.LAST] == ("last", ["embedding"])
+    assert found[gguf.PoolingType.MEAN][0] == "mean"
 
 
 def test_a_prefix_cache_hit_that_leaves_one_token_takes_the_decode_path(embedder):

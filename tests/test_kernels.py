@@ -243,6 +243,101 @@ def test_variant_attention_norm_rotary_against_reference(isa):
     torch.testing.assert_close(lib.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=1e-6, rtol=1e-5)
 
 
+def _steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of their 16-bit dtype lie between a and b (0: equal)."""
+    def ordered(t):  # the bit patterns as integers in the order of the values they encode
+        bits = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+    return (ordered(a) - ordered(b)).abs()
+
+
+def _prologue_inputs(dtype, g, *, tokens=21, heads=6, kv_heads=2, dim=120):
+    """qkv [T, (H + 2 KVH) D], cos / sin [T, 1, D] at scattered positions, norms [D], slots [T]."""
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = (torch.arange(tokens) * 37.0)[:, None] * inv_freq[None]
+    angles = torch.cat((angles, angles), -1)[:, None]
+    norms = [(1 + 0.1 * torch.randn(dim, generator=g)).to(dtype) for _ in range(2)]
+    slots = torch.randperm(50, generator=g)[:tokens]
+    return qkv, angles.cos().to(dtype), angles.sin().to(dtype), norms, slots
+
+
+@needs_compiler
+@pytest.mark.parametrize("isa", list(build.ISA_FLAGS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_variant_16_bit_norms_swiglu_prologue_against_torch(isa, dtype):
+    """The bfloat16 / float16 kernels round where torch's ops do: nearly every value equals the
+    torch reference's, the others are off by float32 summation order or the exp approximation at
+    a near-tie: one 16-bit step, two where a product with the norm's weight falls into the binade
+    below. Rows of 1000 / 1004 / 120: whole vectors and a tail."""
+    lib = _variant(isa)
+    g = torch.Generator().manual_seed(7)
+
+    def check(got, want, *, equal_at_least=0.999, max_apart=2):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        apart = _steps_apart(got, want)
+        equal = (apart == 0).float().mean()
+        assert apart.max() <= max_apart and equal >= equal_at_least, (apart.max(), equal)
+
+    x, residual = (torch.randn(37, 1000, generator=g) * 3).to(dtype), torch.randn(37, 1000, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(1000, generator=g)).to(dtype)
+    check(lib.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+    rows = x[:, :500]  # 1000 apart
+    check(lib.rms_norm(rows, weight[:500], 1e-6), reference.rms_norm(rows, weight[:500], 1e-6))
+    (y, summed), (want_y, want_summed) = lib.add_rms_norm(x, residual, weight, 1e-6), reference.add_rms_norm(
+        x, residual, weight, 1e-6)
+    assert torch.equal(summed, want_summed)
+    check(y, want_y)
+    gate_up = (torch.randn(37, 2 * 1004, generator=g) * 4).to(dtype)
+    gate_up[0, :6] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-20, -1e-20]).to(dtype)
+    check(lib.silu_and_mul(gate_up), reference.silu_and_mul(gate_up))
+
+    qkv, cos, sin, (q_norm, k_norm), slots = _prologue_inputs(dtype, g)
+    for cache_dtype in (dtype, torch.float32, ({torch.bfloat16, torch.float16} - {dtype}).pop()):
+        for norms in ((q_norm, k_norm), (None, None)):  # Qwen3, and Qwen2 (no QK-norm)
+            caches = [tuple(torch.zeros(50, 2, 120, dtype=cache_dtype) for _ in range(2)) for _ in range(2)]
+            kwargs = dict(num_heads=6, num_kv_heads=2, head_dim=120, q_norm=norms[0], k_norm=norms[1], eps=1e-6)
+            q = lib.qk_norm_rope_cache(qkv, cos, sin, caches[0], slots, **kwargs)
+            check(q, reference.qk_norm_rope_cache(qkv, cos, sin, caches[1], slots, **kwargs))
+            if cache_dtype == torch.float32:
+                caches = [tuple(c.to(dtype) for c in pair) for pair in caches]  # values of dtype
+            check(caches[0][0], caches[1][0])
+            assert torch.equal(caches[0][1], caches[1][1])
+
+
+@needs_compiler
+def test_16_bit_dispatch_and_refusals(monkeypatch):
+    """A bfloat16 model's norms, SwiGLU and attention prologue run the native kernels (their
+    numbers), the torch reference without them; bad input is refused by name."""
+    lib = cpu.library()
+    g = torch.Generator().manual_seed(3)
+    qkv, cos, sin, (q_norm, k_norm), slots = _prologue_inputs(torch.bfloat16, g)
+    x, weight = qkv[:, :240], q_norm.repeat(2)  # rows 1200 apart
+    kwargs = dict(num_heads=6, num_kv_heads=2, head_dim=120, q_norm=q_norm, k_norm=k_norm, eps=1e-6)
+    caches = [tuple(torch.zeros(50, 2, 120, dtype=torch.float16) for _ in range(2)) for _ in range(2)]
+    results = []
+    for library, cache in zip((lambda: lib, lambda: None), caches):
+        monkeypatch.setattr(cpu, "library", library)
+        results.append([kernels.rms_norm(x, weight, 1e-6), *kernels.add_rms_norm(x.contiguous(), x * 2, weight, 1e-6),
+                        kernels.silu_and_mul(qkv[:, :480]),
+                        kernels.qk_norm_rope_cache(qkv, cos, sin, cache, slots, **kwargs), *cache])
+    native, torch_code = results
+    assert torch.equal(native[0], lib.rms_norm(x, weight, 1e-6))
+    assert torch.equal(native[4], lib.qk_norm_rope_cache(qkv, cos, sin, caches[1], slots, **kwargs))
+    for got, want in zip(native, torch_code):
+        assert _steps_apart(got, want).max() <= 2
+    monkeypatch.setattr(cpu, "library", lambda: _variant("generic"))  # a value at a time: torch is faster
+    assert ops.native_16bit(x) is None and ops.native(x.float()) is not None
+    with pytest.raises(IndexError, match="outside the cache"):
+        lib.qk_norm_rope_cache(qkv, cos, sin, caches[0], slots + 40, **kwargs)
+    with pytest.raises(TypeError, match="16-bit kernels"):
+        lib.qk_norm_rope_cache(qkv, cos.float(), sin.float(), caches[0], slots, **kwargs)
+    with pytest.raises(ValueError, match="qkv must be"):
+        lib.qk_norm_rope_cache(qkv[:, :-120], cos, sin, caches[0], slots, **kwargs)
+    with pytest.raises(ValueError, match="one shape"):
+        lib.add_rms_norm(x.contiguous(), x[:3].contiguous(), weight, 1e-6)
+
+
 @needs_compiler
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -434,7 +529,7 @@ def test_each_ops_implementations_take_its_signature():
                 assert _parameters(fn, method=kind == "cpu") == want, f"{name}: its {kind} implementation"
             seen[name] = set(op.implementations())
     assert {name for name, kinds in seen.items() if len(kinds) >= 2} >= {
-        "rms_norm", "silu_and_mul", "rotary", "qk_norm_rope_cache", "paged_decode_attention",
+        "rms_norm", "add_rms_norm", "silu_and_mul", "rotary", "qk_norm_rope_cache", "paged_decode_attention",
         "paged_prefill_attention", "int8_linear", "gguf_pack", "gguf_dequantize"}
     assert seen["paged_decode_attention"] == {"cpu", "triton", "reference"}
 

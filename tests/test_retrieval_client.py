@@ -29,7 +29,7 @@ def embedding_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reranker")
+    folder = tmp_path_factory.mktemp("checkpoints") / "Qwen3-Reranker-tiny"  # named as Qwen publishes it
     make_retrieval_checkpoint(folder, "reranker")
     return LocalReranker(str(folder), dtype="float32", kv_cache_dtype="float32", progress=False)
 

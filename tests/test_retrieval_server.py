@@ -26,7 +26,8 @@ def serve(folder):
 
 def _served(tmp_path_factory, kind: str):
     """A server of a tiny `kind` checkpoint, and an LLM of the same folder to compare with."""
-    folder = tmp_path_factory.mktemp(kind)
+    # Named as Qwen publishes them: a reranker's name is what marks it (qwenkit.capabilities).
+    folder = tmp_path_factory.mktemp("checkpoints") / f"Qwen3-{kind.capitalize()}-tiny"
     make_retrieval_checkpoint(folder, kind)
     allm, server = serve(folder)
     with server as url:

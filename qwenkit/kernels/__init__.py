@@ -82,7 +82,8 @@ __all__ = [
 
 
 def describe(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Which implementation each kernel runs on `device` (on CPU: float32 activations)."""
+    """Which implementation each kernel runs on `device` (on CPU: float32 activations, unless
+    the line says otherwise)."""
     device = torch.device(device)
     if device.type != "cpu":
         if not cuda.enabled(device):
@@ -104,7 +105,7 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
             "gguf_linear": "torch (dequantize + GEMM)",
             "decode_attention": "torch (gather + SDPA)",
             "prefill_attention": "torch (gather + SDPA)",
-            "rms_norm, rotary": "torch",
+            "norms, rotary, silu_and_mul": "torch",
             "decode_layers": "off (torch modules)",
             "int4_linear": "torch (_weight_int4pack_mm_for_cpu)",
             "fused_experts": "torch (grouped by expert)",
@@ -117,7 +118,8 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
         "decode_attention": f"{native} (paged, in place)",
         "prefill_attention": f"{native} (paged, in place, online softmax)" if lib.isa != "generic"
         else "torch (gather + SDPA)",
-        "rms_norm, rotary": native,
+        "norms, rotary, silu_and_mul": f"{native} (float32)" if lib.isa == "generic"
+        else f"{native} (float32; bfloat16 / float16 too, with the attention prologue in one pass)",
         "decode_layers": f"{native} (one call per decode step)",
         "int4_linear": "torch (_weight_int4pack_mm_for_cpu)",
         "fused_experts": "torch (grouped by expert)",

@@ -92,11 +92,19 @@ class FdDims(ctypes.Structure):
 
 FD_FORMATS = {"int8": 0, "Q5_0": 1, "Q4_K": 2, "Q5_K": 3, "Q6_K": 4, "parts": 5}  # csrc/decode_layers.h's FORMAT_*
 KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/kernels.h's KV_*
+# The 16-bit dtypes the norm, SwiGLU and attention-prologue kernels also take (csrc/norm_rope.c's
+# *_16bit: computed in float32, rounded where torch's ops round); codes as KV_DTYPES.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = 1024  # csrc/norm_rope.c's QK_MAX_HEAD_DIM
 
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
     "rms_norm_f32": (None, [_P, _I64, _P, _P, _I, _I, _F]),
     "silu_and_mul_f32": (None, [_P, _P, _I, _I]),
+    "rms_norm_16bit": (None, [_P, _I64, _P, _P, _I, _I, _F, _I]),
+    "add_rms_norm_16bit": (None, [_P] * 5 + [_I, _I, _F, _I]),
+    "silu_and_mul_16bit": (None, [_P, _P, _I, _I, _I]),
+    "qk_norm_rope_cache_16bit": (_I, [_P, _I64] + [_P] * 4 + [_F] + [_P] * 3 + [_I, _P, _I64] + [_I] * 5),
     "qk_set_row_invariant": (None, [_I]),
     "rope_neox_f32": (None, [_P, _I64, _P, _P, _P, _I, _I, _I]),
     "paged_decode_attention_f32": (None, [_P] * 6 + [_I] * 6 + [_F, _I]),
@@ -123,21 +131,86 @@ class Library:
             fn.restype, fn.argtypes = restype, argtypes
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """x float32 [T, H] (rows may be strided, elements contiguous) -> normalised [T, H]."""
-        y = torch.empty(x.shape, dtype=torch.float32)
-        self._lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
+        """x [T, H] (rows may be strided, elements contiguous), float32 or a 16-bit dtype, weight [H]
+        of x's dtype -> normalised [T, H] (16-bit: cast before the weight multiplies, as transformers)."""
+        y = torch.empty(x.shape, dtype=x.dtype)
+        if x.dtype == torch.float32:
+            self._lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), x.shape[0],
+                                   x.shape[1], eps)
+        else:
+            self._lib.rms_norm_16bit(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), x.shape[0],
+                                     x.shape[1], eps, _half_code(x, weight))
         return y
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual), x and residual contiguous [T, H]: one pass for a
+        16-bit dtype (the sum rounded first, as torch's add), torch's add then `rms_norm` in float32."""
+        if x.dtype == torch.float32:
+            summed = x + residual
+            return self.rms_norm(summed, weight, eps), summed
+        code = _half_code(x, residual, weight)
+        if not (x.is_contiguous() and residual.is_contiguous()) or x.shape != residual.shape or x.dim() != 2:
+            raise ValueError(f"add_rms_norm takes contiguous x and residual of one shape [T, H], got "
+                             f"{list(x.shape)} and {list(residual.shape)}")
+        y, summed = torch.empty_like(x), torch.empty_like(x)
+        self._lib.add_rms_norm_16bit(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                                     summed.data_ptr(), x.shape[0], x.shape[1], eps, code)
+        return y, summed
 
     def set_row_invariant(self, on: bool) -> None:
         """While on, the int8 and Q5_0 matmuls compute each row alike whatever the row count."""
         self._lib.qk_set_row_invariant(int(on))
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """x float32 [T, 2 * I] contiguous (gate, then up) -> silu(gate) * up [T, I]."""
+        """x [T, 2 * I] contiguous (gate, then up), float32 or a 16-bit dtype -> silu(gate) * up [T, I]
+        (16-bit: silu(gate) rounded before the product, as torch's two ops)."""
         t, width = x.shape
-        out = torch.empty(t, width // 2, dtype=torch.float32)
-        self._lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), t, width // 2)
+        out = torch.empty(t, width // 2, dtype=x.dtype)
+        if x.dtype == torch.float32:
+            self._lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), t, width // 2)
+        else:
+            self._lib.silu_and_mul_16bit(x.data_ptr(), out.data_ptr(), t, width // 2, _half_code(x))
         return out
+
+    def qk_norm_rope_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           kv_cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor, *,
+                           num_heads: int, num_kv_heads: int, head_dim: int, q_norm: torch.Tensor | None,
+                           k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """`qwenkit.kernels.qk_norm_rope_cache` in one pass, for a 16-bit qkv [T, (H + 2 KVH) D]
+        (elements contiguous), cos / sin [T, 1, D] and norms [D] of its dtype; a contiguous cache
+        of a dtype in KV_DTYPES; int64 slots. Returns q [T, H, D]."""
+        norms = [n for n in (q_norm, k_norm) if n is not None]
+        code = _half_code(qkv, cos, sin, *norms)
+        k_cache, v_cache = kv_cache
+        t, width = qkv.shape
+        if width != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
+            raise ValueError(f"qkv must be [T, {(num_heads + 2 * num_kv_heads) * head_dim}] with contiguous rows, "
+                             f"got {list(qkv.shape)} strides {qkv.stride()}")
+        if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"the native attention prologue takes an even head dim up to {MAX_HEAD_DIM}, "
+                             f"not {head_dim}")
+        if (cos.shape != (t, 1, head_dim) or sin.shape != cos.shape or not (cos.is_contiguous() and sin.is_contiguous())
+                or any(n.shape != (head_dim,) or not n.is_contiguous() for n in norms)):
+            raise ValueError(f"cos / sin must be contiguous [{t}, 1, {head_dim}] and the norms [{head_dim}]")
+        if (k_cache.dtype not in KV_DTYPES or v_cache.dtype != k_cache.dtype or k_cache.shape != v_cache.shape
+                or k_cache.shape[1:] != (num_kv_heads, head_dim)
+                or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+            raise ValueError(f"the KV cache must be two contiguous [slots, {num_kv_heads}, {head_dim}] tensors "
+                             f"of one dtype of {list(KV_DTYPES)}")
+        slots = slot_mapping.to(torch.int64).contiguous()
+        if slots.shape != (t,):
+            raise ValueError(f"slot_mapping must be [{t}], got {list(slot_mapping.shape)}")
+        q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype)
+        none = ctypes.c_void_p(None)
+        status = self._lib.qk_norm_rope_cache_16bit(
+            qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+            none if q_norm is None else q_norm.data_ptr(), none if k_norm is None else k_norm.data_ptr(), eps,
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), KV_DTYPES[k_cache.dtype], slots.data_ptr(),
+            k_cache.shape[0], t, num_heads, num_kv_heads, head_dim, code)
+        if status == -1:
+            raise IndexError(f"slot_mapping holds a slot outside the cache's {k_cache.shape[0]} rows")
+        return q
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x float32 [T, heads, D] (heads contiguous within a token), cos / sin [T, 1, D] contiguous."""
@@ -249,6 +322,15 @@ class Library:
                                    block_tables.data_ptr(), block_tables.shape[1], block_size,
                                    context_lens.data_ptr()):
             raise MemoryError(f"fused decode: no memory for the step's buffers ({h.shape[0]} sequences)")
+
+
+def _half_code(*tensors: torch.Tensor) -> int:
+    """The C kernels' code of the one 16-bit dtype every tensor has (TypeError otherwise)."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or tensors[0].dtype not in HALF_DTYPES:
+        raise TypeError(f"the 16-bit kernels take tensors of one of {list(HALF_DTYPES)}, "
+                        f"got {sorted(map(str, dtypes))}")
+    return KV_DTYPES[tensors[0].dtype]
 
 
 def gguf_row_bytes(type_name: str, in_features: int, types: dict = GGUF_BLOCKS) -> int:

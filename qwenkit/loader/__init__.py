@@ -33,6 +33,9 @@ class LoadedModel:
     generation_config: GenerationConfig
     tokenizer: Tokenizer
     name: str
+    # What a GGUF file's `{arch}.pooling_type` says ("last": an embedding model); None for a folder
+    # (qwenkit.capabilities reads its sentence-transformers config) or a file that says nothing.
+    pooling: str | None = None
 
 
 def load_model(
@@ -53,7 +56,7 @@ def load_model(
     a tensor-parallel group; the model is built with its shards only (float weights).
     """
     quantization = check_quantization(quantization)
-    prequantized = None
+    prequantized = pooling = None
     if files.format == "gguf":
         from qwenkit.loader.gguf import GGUFCheckpoint
 
@@ -63,6 +66,7 @@ def load_model(
         tokenizer = Tokenizer(ckpt.tokenizer_backend(), chat_template=ckpt.chat_template, **ckpt.special_tokens())
         tensor_types = ckpt.tensor_types()
         total = len(tensor_types)
+        pooling = ckpt.pooling()
     else:
         from qwenkit.loader.prequantized import read_prequantization
         from qwenkit.loader.safetensors import count_tensors, iter_safetensors, stored_tensors
@@ -117,4 +121,4 @@ def load_model(
     )
     load_weights(model, bar, renames=prequantized[0].renames if prequantized else None)
     model.eval()
-    return LoadedModel(model, config, generation_config, tokenizer, files.name)
+    return LoadedModel(model, config, generation_config, tokenizer, files.name, pooling)

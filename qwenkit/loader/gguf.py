@@ -181,6 +181,20 @@ class GGUFCheckpoint:
                 config[key] = int(token_id)
         return config
 
+    # llama.cpp's enum llama_pooling_type (gguf.PoolingType), by the value `{arch}.pooling_type` holds.
+    POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+
+    def pooling(self) -> str | None:
+        """How the file says its hidden states are pooled: "last" for llama.cpp's conversions of
+        Qwen3-Embedding (the mark of an embedding model, whose tied weights otherwise look like a
+        chat model's), another name of POOLING_TYPES, or None where the file says nothing."""
+        value = self._arch_key("pooling_type")
+        if value is None:
+            return None
+        if int(value) not in self.POOLING_TYPES:
+            raise ModelLoadError(f"{self.path}: unknown {self._architecture}.pooling_type {value}")
+        return self.POOLING_TYPES[int(value)]
+
     def _vocab_size(self) -> int:
         # The embedding rows are what the weights need; llama.cpp pads the token list to match.
         if "token_embd.weight" in self._tensors:

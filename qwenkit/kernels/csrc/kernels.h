@@ -50,6 +50,43 @@ static inline int qk_chunk(int n) {
                        _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(v, 1)), 1)
 #undef _mm512_madd_epi16 /* SIMDe 0.7 aliases it with the masked form's four arguments */
 #define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
+/* Nor are these four (norm_rope.c's 16-bit rows): lane by lane, as the instructions define them. */
+static inline __m512i qk_emulated_cvtepu16_epi32(__m256i h) {
+    uint16_t in[16];
+    int32_t out[16];
+    memcpy(in, &h, sizeof in);
+    for (int i = 0; i < 16; i++) out[i] = in[i];
+    __m512i v;
+    memcpy(&v, out, sizeof v);
+    return v;
+}
+static inline __m256i qk_emulated_cvtepi32_epi16(__m512i v) { /* truncating, as vpmovdw */
+    int32_t in[16];
+    uint16_t out[16];
+    memcpy(in, &v, sizeof in);
+    for (int i = 0; i < 16; i++) out[i] = (uint16_t)in[i];
+    __m256i h;
+    memcpy(&h, out, sizeof h);
+    return h;
+}
+static inline __m512 qk_emulated_cvtph_ps(__m256i h) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm256_castsi256_si128(h))),
+                              _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), 1);
+}
+static inline __m256i qk_emulated_cvtps_ph(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    return _mm256_set_m128i(
+        _mm256_cvtps_ph(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(bits, 1)), _MM_FROUND_TO_NEAREST_INT),
+        _mm256_cvtps_ph(_mm256_castsi256_ps(_mm512_castsi512_si256(bits)), _MM_FROUND_TO_NEAREST_INT));
+}
+#undef _mm512_cvtepu16_epi32
+#undef _mm512_cvtepi32_epi16
+#undef _mm512_cvtph_ps
+#undef _mm512_cvtps_ph
+#define _mm512_cvtepu16_epi32(h) qk_emulated_cvtepu16_epi32(h)
+#define _mm512_cvtepi32_epi16(v) qk_emulated_cvtepi32_epi16(v)
+#define _mm512_cvtph_ps(h) qk_emulated_cvtph_ps(h)
+#define _mm512_cvtps_ph(v, rounding) qk_emulated_cvtps_ph(v) /* callers round to nearest even */
 #define QK_AVX512 1
 #ifdef QK_EMULATE_AMX
 #include "emulate_amx.h"
@@ -293,6 +330,18 @@ void silu_and_mul_f32(const float *x, float *out, int T, int I);
 void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *y, int T, int H, float eps);
 void rope_neox_f32(const float *x, int64_t x_stride, const float *cos, const float *sin, float *out, int T,
                    int heads, int D);
+
+/* The same on 16-bit rows (dtype KV_BF16 or KV_F16), and the fused residual add and attention
+   prologue of a 16-bit model's prefill. */
+void rms_norm_16bit(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint16_t *y, int T, int H, float eps,
+                    int dtype);
+void add_rms_norm_16bit(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *y, uint16_t *sum,
+                        int T, int H, float eps, int dtype);
+void silu_and_mul_16bit(const uint16_t *x, uint16_t *out, int T, int I, int dtype);
+int qk_norm_rope_cache_16bit(const uint16_t *qkv, int64_t qkv_stride, const uint16_t *cos, const uint16_t *sin,
+                             const uint16_t *q_norm, const uint16_t *k_norm, float eps, uint16_t *q_out,
+                             void *k_cache, void *v_cache, int kv_dtype, const int64_t *slots, int64_t num_slots,
+                             int T, int H, int KVH, int D, int dtype);
 
 /* attention.c */
 void paged_decode_attention_f32(const float *q, const void *k_cache, const void *v_cache,

@@ -51,6 +51,18 @@ def native(*tensors: torch.Tensor) -> cpu.Library | None:
     return None
 
 
+def native_16bit(*tensors: torch.Tensor) -> cpu.Library | None:
+    """The CPU library where every tensor is on the CPU in one 16-bit dtype (`cpu.HALF_DTYPES`:
+    the kernels that also take those) and the library is a SIMD build, else None. The plain C
+    build converts a value at a time: 3-7x slower than torch's ops at a 257-token step on one
+    thread (docs/benchmarks.md#embeddings), so it leaves 16-bit rows to torch."""
+    dtype = tensors[0].dtype
+    if dtype in cpu.HALF_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors):
+        lib = cpu.library()
+        return lib if lib is not None and lib.isa != "generic" else None
+    return None
+
+
 def cache_holds(cache: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the KV cache stores x's dtype: the Triton kernels take one dtype; a cache asked in
     another (`kv_cache_dtype`) runs the torch code, which converts."""

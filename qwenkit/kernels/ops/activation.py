@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qwenkit.kernels import cpu, cuda, reference
-from qwenkit.kernels.ops import Op, native
+from qwenkit.kernels.ops import Op, native, native_16bit
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -14,7 +14,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from qwenkit.kernels.cuda import fused
 
         return fused.silu_and_mul(x)
-    if not torch.compiler.is_compiling() and x.dim() == 2 and (lib := native(x)) is not None:
+    if not torch.compiler.is_compiling() and x.dim() == 2 and (lib := native(x) or native_16bit(x)) is not None:
         return lib.silu_and_mul(x.contiguous())
     return reference.silu_and_mul(x)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qwenkit.kernels import cpu, cuda, reference
-from qwenkit.kernels.ops import Op, cache_holds, native
+from qwenkit.kernels.ops import Op, cache_holds, native, native_16bit
 from qwenkit.kernels.ops.attention import write_kv_cache
 from qwenkit.kernels.ops.norm import rms_norm
 
@@ -43,6 +43,10 @@ def qk_norm_rope_cache(
         return fused.qk_norm_rope_cache(qkv, cos, sin, kv_cache, slot_mapping, num_heads=num_heads,
                                         num_kv_heads=num_kv_heads, head_dim=head_dim, q_norm=q_norm,
                                         k_norm=k_norm, eps=eps)
+    if _native_prologue(qkv, cos, sin, kv_cache, head_dim, q_norm, k_norm):
+        return native_16bit(qkv).qk_norm_rope_cache(
+            qkv, cos, sin, kv_cache, slot_mapping, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, q_norm=q_norm, k_norm=k_norm, eps=eps)
     q, k, v = reference.split_qkv(qkv, num_heads, num_kv_heads, head_dim)
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
@@ -51,8 +55,22 @@ def qk_norm_rope_cache(
     return q
 
 
+def _native_prologue(qkv, cos, sin, kv_cache, head_dim, q_norm, k_norm) -> bool:
+    """Whether the C prologue applies: a 16-bit qkv on the CPU (float32 runs the norm and rotary
+    kernels one at a time, the numbers the fused decode step has), tensors in its layout, not
+    under torch.compile (the cache write must stay an opaque op there)."""
+    k_cache, v_cache = kv_cache
+    norms = [n for n in (q_norm, k_norm) if n is not None]
+    return (not torch.compiler.is_compiling() and qkv.dim() == 2 and qkv.stride(1) == 1 and head_dim % 2 == 0
+            and head_dim <= cpu.MAX_HEAD_DIM and cos.is_contiguous() and sin.is_contiguous()
+            and all(n.is_contiguous() for n in norms) and k_cache.device.type == "cpu"
+            and k_cache.dtype in cpu.KV_DTYPES and v_cache.dtype == k_cache.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and native_16bit(qkv, cos, sin, *norms) is not None)
+
+
 OPS = {
     "rotary": Op(rotary, cpu=cpu.Library.rotary, reference=reference.rotary),
-    "qk_norm_rope_cache": Op(qk_norm_rope_cache, triton="fused:qk_norm_rope_cache",
-                             reference=reference.qk_norm_rope_cache),
+    "qk_norm_rope_cache": Op(qk_norm_rope_cache, cpu=cpu.Library.qk_norm_rope_cache,
+                             triton="fused:qk_norm_rope_cache", reference=reference.qk_norm_rope_cache),
 }
