@@ -319,4 +319,9 @@ int q4_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int
 int q5_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
 int q6_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
 
+/* moe.c */
+int gguf_experts_q8(const float *x, int T, int hidden, const int64_t *expert_ids, const float *weights, int top_k,
+                    int E, int I, const uint8_t *gate, int gate_format, const uint8_t *up, int up_format,
+                    const uint8_t *down, int down_format, float *out);
+
 #endif
