@@ -19,8 +19,8 @@ Formats:
   types with a kernel).
 - experts of a sparse layer stored in GGUF K-quants (``ffn_gate_exps`` ... in Q4_K, Q5_K, Q6_K;
   a format per matrix, gate, up and down, as a Q4_K_M file mixes them): `GGUFExperts`, the
-  file's blocks mapped as stored (only the pages of the experts a step routes to are read and
-  become resident), multiplied by the native MoE kernel (`kernels.gguf_experts`).
+  file's blocks mapped as stored (file pages, not a copy), of which each step reads the experts
+  its tokens are routed to, multiplied by the native MoE kernel (`kernels.gguf_experts`).
 - ``gguf:<type>`` (embeddings only): the GGUF blocks as stored, mapped from the file (only
   the pages of rows gathered become resident); the rows a step gathers are dequantized by
   `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
@@ -349,8 +349,11 @@ class GGUFExperts(nn.Module):
     GGUF types `types` (gate, up, down; they may differ, as Q4_K_M's Q4_K gate/up and Q6_K down).
 
     On the CPU they are mapped from the file (a private, copy-on-write map, as `GGUFEmbedding`),
-    not copied: a step reads the blocks of the experts its tokens are routed to, and only those
-    pages become resident, as llama.cpp's mapped model. The parameters `gate_up_proj` and
+    not copied into memory of the process's own: file pages, which the kernel may drop under
+    memory pressure and read again (as llama.cpp maps a model), rather than anonymous ones, which
+    without swap it cannot. The map is populated at load (`map_raw(populate=True)`): mapped lazily,
+    a step's first touch of an expert faulted its pages in one at a time, slower than the
+    arithmetic. A step reads the blocks of the experts its tokens are routed to. The parameters `gate_up_proj` and
     `down_proj` are empty: they are what the loader fills (FusedExperts' names and shards)."""
 
     syncs_with_host = True  # the native call counts each expert's tokens on the host: no CUDA graphs
@@ -394,7 +397,7 @@ class GGUFExperts(nn.Module):
         _check_shape(tensor, (self.num_experts, *self._shapes[name]))
         target = getattr(self, name)
         if hasattr(tensor, "map_raw"):  # mapped, not read: see the class doc
-            blocks = tensor.map_raw().view(target.shape)
+            blocks = tensor.map_raw(populate=True).view(target.shape)
         else:
             blocks = tensor.read_raw(0, self.num_experts).reshape(target.shape)
         setattr(self, name, blocks)
