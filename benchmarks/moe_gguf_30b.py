@@ -177,7 +177,7 @@ def main() -> None:
                 print(f"wrote {full} ({full.stat().st_size / 1e9:.1f} GB) in {time.perf_counter() - start:.0f} s",
                       file=sys.stderr)
             results["full"] = compare(full, args, "--repeats", "1", "--streams", "1", "--prompt-tokens", "16",
-                                      "--decode-tokens", "8", "--ctx", "512")
+                                      "--decode-tokens", "8", "--ctx", "1024")
     finally:
         if not args.keep:
             for path in files:

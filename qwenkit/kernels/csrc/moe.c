@@ -7,10 +7,13 @@
    multiplies its own rows through the K-quant kernels of kquant.c: gate and up, SwiGLU, down.
    An expert with few rows (decode: one or a few tokens each; below KQ_UNPACK_ROWS) is a few
    thin matmuls, and the step has many of them (8 routed experts x 3 matrices a token), so they
-   run in one parallel region: the activations of each quantized once (kq_prepare), then every
-   gate and up matrix of every expert split into ranges of rows that the threads take as they
-   come free, then every down matrix alike. Three barriers a layer, not one per matmul: on a
-   shared machine a descheduled thread holds up each barrier (docs/decode.md#threads). An expert
+   run in one parallel region. Where there are MOE_WHOLE_EXPERTS of them a thread or more (one
+   token's 8 experts on 2 threads; 8 streams' ~50), each thread takes whole experts as it comes
+   free, gate to down: one barrier a layer. Else (fewer experts than that, or many threads) the
+   activations of each are quantized once (kq_prepare), then every gate and up matrix of every
+   expert is split into ranges of rows that the threads take as they come free, then every down
+   matrix alike: three barriers. Not one per matmul: on a shared machine a descheduled thread
+   holds up each barrier (docs/decode.md#threads). An expert
    with many rows (prefill) takes kq_linear's panel path, a matmul at a time.
 
    A token's output is the sum of its top_k rows times their routing weights, in choice order;
@@ -24,6 +27,9 @@
 #include "kernels.h"
 
 #define MOE_PANELS 16 /* 4-row panels of weight rows a thread takes at a time (64 rows) */
+#ifndef MOE_WHOLE_EXPERTS /* from this many experts in use a thread on, each thread takes whole experts */
+#define MOE_WHOLE_EXPERTS 4
+#endif
 
 /* Bytes of one row of k values in blocks of `format` (decode_layers.h's FORMAT_*), or -1. */
 static int64_t moe_row_bytes(int format, int k) {
@@ -103,6 +109,28 @@ int gguf_experts_q8(const float *x, int T, int hidden, const int64_t *expert_ids
     prepared = aligned_alloc(64, prepared_bytes + 64);
     if (!prepared) goto done;
     const int up_units = (I + 4 * MOE_PANELS - 1) / (4 * MOE_PANELS), down_units = (hidden + 4 * MOE_PANELS - 1) / (4 * MOE_PANELS);
+    const int n4_up = (I + 3) / 4, n4_down = (hidden + 3) / 4;
+    if (num_small >= MOE_WHOLE_EXPERTS * omp_get_max_threads()) {
+        /* enough experts to go round: each thread takes whole experts, one barrier */
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int i = 0; i < num_small; i++) {
+            const int e = small[i], first = start[e], n = start[e + 1] - first;
+            for (int j = 0; j < n; j++)
+                memcpy(xs + (size_t)(first + j) * hidden, x + (size_t)(order[first + j] / top_k) * hidden,
+                       sizeof(float) * hidden);
+            kq_prepare(xs + (size_t)first * hidden, n, hidden, prepared + in_at[e]);
+            kq_prepared_rows(kq_type(gate_format), prepared + in_at[e], gate + e * gate_bytes, g + (size_t)first * I,
+                             n, I, hidden, 0, n4_up);
+            kq_prepared_rows(kq_type(up_format), prepared + in_at[e], up + e * up_bytes, u + (size_t)first * I,
+                             n, I, hidden, 0, n4_up);
+            moe_swiglu(g + (size_t)first * I, u + (size_t)first * I, gu + (size_t)first * 2 * I,
+                       act + (size_t)first * I, n, I);
+            kq_prepare(act + (size_t)first * I, n, I, prepared + act_at[e]);
+            kq_prepared_rows(kq_type(down_format), prepared + act_at[e], down + e * down_bytes,
+                             ys + (size_t)first * hidden, n, hidden, I, 0, n4_down);
+        }
+        num_small = 0;
+    }
 #pragma omp parallel if (num_small > 0)
     {
 #pragma omp for schedule(dynamic, 1)
@@ -116,7 +144,7 @@ int gguf_experts_q8(const float *x, int T, int hidden, const int64_t *expert_ids
 #pragma omp for schedule(dynamic, 1)
         for (int unit = 0; unit < num_small * 2 * up_units; unit++) {
             const int e = small[unit / (2 * up_units)], is_up = unit / up_units % 2, part = unit % up_units;
-            const int first = start[e], n = start[e + 1] - first, n4 = (I + 3) / 4;
+            const int first = start[e], n = start[e + 1] - first, n4 = n4_up;
             const int begin = part * MOE_PANELS, end = begin + MOE_PANELS < n4 ? begin + MOE_PANELS : n4;
             kq_prepared_rows(kq_type(is_up ? up_format : gate_format), prepared + in_at[e],
                              is_up ? up + e * up_bytes : gate + e * gate_bytes, (is_up ? u : g) + (size_t)first * I,
@@ -132,7 +160,7 @@ int gguf_experts_q8(const float *x, int T, int hidden, const int64_t *expert_ids
 #pragma omp for schedule(dynamic, 1)
         for (int unit = 0; unit < num_small * down_units; unit++) {
             const int e = small[unit / down_units], part = unit % down_units;
-            const int first = start[e], n = start[e + 1] - first, n4 = (hidden + 3) / 4;
+            const int first = start[e], n = start[e + 1] - first, n4 = n4_down;
             const int begin = part * MOE_PANELS, end = begin + MOE_PANELS < n4 ? begin + MOE_PANELS : n4;
             kq_prepared_rows(kq_type(down_format), prepared + act_at[e], down + e * down_bytes,
                              ys + (size_t)first * hidden, n, hidden, I, begin, end);
