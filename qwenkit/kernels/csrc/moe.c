@@ -7,13 +7,12 @@
    multiplies its own rows through the K-quant kernels of kquant.c: gate and up, SwiGLU, down.
    An expert with few rows (decode: one or a few tokens each; below KQ_UNPACK_ROWS) is a few
    thin matmuls, and the step has many of them (8 routed experts x 3 matrices a token), so they
-   run in one parallel region. Where there are MOE_WHOLE_EXPERTS of them a thread or more (one
-   token's 8 experts on 2 threads; 8 streams' ~50), each thread takes whole experts as it comes
-   free, gate to down: one barrier a layer. Else (fewer experts than that, or many threads) the
-   activations of each are quantized once (kq_prepare), then every gate and up matrix of every
-   expert is split into ranges of rows that the threads take as they come free, then every down
-   matrix alike: three barriers. Not one per matmul: on a shared machine a descheduled thread
-   holds up each barrier (docs/decode.md#threads). An expert
+   run in one parallel region: the activations of each quantized once (kq_prepare), then every
+   gate and up matrix of every expert split into ranges of 64 rows that the threads take as they
+   come free, then every down matrix alike. Three barriers a layer, not one per matmul: on a
+   shared machine a descheduled thread holds up each barrier (docs/decode.md#threads). Whole
+   experts a thread (one barrier) measured 4.5x slower at one token beside other work (2 threads,
+   load ~5): a descheduled thread then holds a whole expert's work, not 64 rows. An expert
    with many rows (prefill) takes kq_linear's panel path, a matmul at a time.
 
    A token's output is the sum of its top_k rows times their routing weights, in choice order;
@@ -26,9 +25,8 @@
 #include "decode_layers.h"
 #include "kernels.h"
 
-#define MOE_PANELS 16 /* 4-row panels of weight rows a thread takes at a time (64 rows) */
-#ifndef MOE_WHOLE_EXPERTS /* from this many experts in use a thread on, each thread takes whole experts */
-#define MOE_WHOLE_EXPERTS 4
+#ifndef MOE_PANELS /* 4-row panels of weight rows a thread takes at a time (64 rows) */
+#define MOE_PANELS 16
 #endif
 
 /* Bytes of one row of k values in blocks of `format` (decode_layers.h's FORMAT_*), or -1. */
@@ -110,27 +108,6 @@ int gguf_experts_q8(const float *x, int T, int hidden, const int64_t *expert_ids
     if (!prepared) goto done;
     const int up_units = (I + 4 * MOE_PANELS - 1) / (4 * MOE_PANELS), down_units = (hidden + 4 * MOE_PANELS - 1) / (4 * MOE_PANELS);
     const int n4_up = (I + 3) / 4, n4_down = (hidden + 3) / 4;
-    if (num_small >= MOE_WHOLE_EXPERTS * omp_get_max_threads()) {
-        /* enough experts to go round: each thread takes whole experts, one barrier */
-#pragma omp parallel for schedule(dynamic, 1)
-        for (int i = 0; i < num_small; i++) {
-            const int e = small[i], first = start[e], n = start[e + 1] - first;
-            for (int j = 0; j < n; j++)
-                memcpy(xs + (size_t)(first + j) * hidden, x + (size_t)(order[first + j] / top_k) * hidden,
-                       sizeof(float) * hidden);
-            kq_prepare(xs + (size_t)first * hidden, n, hidden, prepared + in_at[e]);
-            kq_prepared_rows(kq_type(gate_format), prepared + in_at[e], gate + e * gate_bytes, g + (size_t)first * I,
-                             n, I, hidden, 0, n4_up);
-            kq_prepared_rows(kq_type(up_format), prepared + in_at[e], up + e * up_bytes, u + (size_t)first * I,
-                             n, I, hidden, 0, n4_up);
-            moe_swiglu(g + (size_t)first * I, u + (size_t)first * I, gu + (size_t)first * 2 * I,
-                       act + (size_t)first * I, n, I);
-            kq_prepare(act + (size_t)first * I, n, I, prepared + act_at[e]);
-            kq_prepared_rows(kq_type(down_format), prepared + act_at[e], down + e * down_bytes,
-                             ys + (size_t)first * hidden, n, hidden, I, 0, n4_down);
-        }
-        num_small = 0;
-    }
 #pragma omp parallel if (num_small > 0)
     {
 #pragma omp for schedule(dynamic, 1)
