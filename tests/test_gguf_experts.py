@@ -224,3 +224,24 @@ def test_native_experts_equal_the_kernels_matmuls(num_tokens):
     assert ((got - floats).abs().max() / floats.abs().max()) < 3e-2
     with pytest.raises(ValueError, match="expert id outside"):
         kernels.gguf_experts(x, expert_ids + 100, weights, gate, up, down, ",".join(types))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_other_variants_compute_the_same_experts(isa):
+    """The plain C build (QK_NO_SIMD) and the AVX2 one take the same experts to the same numbers up to
+    float summation order (this CPU's own variant is the reference)."""
+    if isa not in cpu.supported_isas():
+        pytest.skip(f"this CPU does not run the {isa} variant")
+    other, lib = cpu.load(isa), cpu.library()
+    g = torch.Generator().manual_seed(3)
+    gate = torch.from_numpy(random_blocks((4, 256, 512), gguf.GGMLQuantizationType.Q4_K, seed=4))
+    up = torch.from_numpy(random_blocks((4, 256, 512), gguf.GGMLQuantizationType.Q5_K, seed=5))
+    down = torch.from_numpy(random_blocks((4, 512, 256), gguf.GGMLQuantizationType.Q6_K, seed=6))
+    for tokens in (1, 3, 150):  # 150 x 2 / 4: experts past the decode path's 64 rows in the SIMD builds
+        x = torch.randn(tokens, 512, generator=g)
+        expert_ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(tokens)])
+        weights = torch.rand(tokens, 2, generator=g)
+        args = (x, expert_ids, weights, gate, up, down, "Q4_K,Q5_K,Q6_K")
+        want = lib.gguf_experts(*args)
+        torch.testing.assert_close(other.gguf_experts(*args), want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
