@@ -46,10 +46,9 @@ def use_more_bits(layer: int, num_layers: int) -> bool:
     return layer < num_layers // 8 or layer >= 7 * num_layers // 8 or (layer - num_layers // 8) % 3 == 2
 
 
-def tensors(num_layers: int, layout_layers: int = 48) -> list[tuple[str, tuple[int, ...], T]]:
+def tensors(num_layers: int, layout_layers: int = 48, c: dict = CONFIG) -> list[tuple[str, tuple[int, ...], T]]:
     """(GGUF name, shape [.., rows, values a row] as HF orders it, type) of every tensor; each layer's
     types as in a `layout_layers`-layer file (the cut keeps the full model's first layers)."""
-    c = CONFIG
     h, q, kv, e, i = c["hidden"], c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"], c["experts"], c["moe_intermediate"]
     out = [("token_embd.weight", (c["vocab"], h), T.Q4_K), ("output_norm.weight", (h,), T.F32),
            ("output.weight", (c["vocab"], h), T.Q6_K)]
@@ -82,12 +81,12 @@ def random_period(tensor_type: T, num_bytes: int, rng: np.random.Generator) -> n
     return blocks.reshape(-1)
 
 
-def write_model(path: Path, num_layers: int) -> Path:
-    """The random model, streamed to `path` a tensor at a time."""
+def write_model(path: Path, num_layers: int, config: dict = CONFIG) -> Path:
+    """The random model (`config`'s shape: a smaller one for tests), streamed to `path` a tensor at a time."""
     from qwenkit.default_model import default_model_path
     from qwenkit.gguf_header import read_header
 
-    c = CONFIG
+    c = config
     metadata, _ = read_header(default_model_path(progress=False))
     writer = gguf.GGUFWriter(str(path), "qwen3moe")
     writer.add_block_count(num_layers)
@@ -112,7 +111,7 @@ def write_model(path: Path, num_layers: int) -> Path:
     writer.add_pad_token_id(metadata["tokenizer.ggml.padding_token_id"])
     writer.add_bos_token_id(metadata["tokenizer.ggml.bos_token_id"])
     writer.add_chat_template(metadata["tokenizer.chat_template"])
-    layout = tensors(num_layers)
+    layout = tensors(num_layers, c=c)
     for name, shape, tensor_type in layout:
         if tensor_type == T.F32:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))

@@ -108,6 +108,7 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
             "decode_layers": "off (torch modules)",
             "int4_linear": "torch (_weight_int4pack_mm_for_cpu)",
             "fused_experts": "torch (grouped by expert)",
+            "gguf_experts": "torch (each expert in use dequantized)",
         }
     native = f"C {lib.isa}"
     return {
@@ -121,6 +122,7 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
         "decode_layers": f"{native} (one call per decode step)",
         "int4_linear": "torch (_weight_int4pack_mm_for_cpu)",
         "fused_experts": "torch (grouped by expert)",
+        "gguf_experts": f"{native}: {', '.join(MOE_BLOCKS)} experts in their blocks (one call a layer)",
     }
 
 
