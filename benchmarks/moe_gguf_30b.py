@@ -49,7 +49,8 @@ def use_more_bits(layer: int, num_layers: int) -> bool:
 def tensors(num_layers: int, layout_layers: int = 48, c: dict = CONFIG) -> list[tuple[str, tuple[int, ...], T]]:
     """(GGUF name, shape [.., rows, values a row] as HF orders it, type) of every tensor; each layer's
     types as in a `layout_layers`-layer file (the cut keeps the full model's first layers)."""
-    h, q, kv, e, i = c["hidden"], c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"], c["experts"], c["moe_intermediate"]
+    h, e, i = c["hidden"], c["experts"], c["moe_intermediate"]
+    q, kv, d = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"], c["head_dim"]
     out = [("token_embd.weight", (c["vocab"], h), T.Q4_K), ("output_norm.weight", (h,), T.F32),
            ("output.weight", (c["vocab"], h), T.Q6_K)]
     for layer in range(num_layers):
@@ -58,7 +59,7 @@ def tensors(num_layers: int, layout_layers: int = 48, c: dict = CONFIG) -> list[
         out += [(f"{b}.attn_norm.weight", (h,), T.F32), (f"{b}.ffn_norm.weight", (h,), T.F32),
                 (f"{b}.attn_q.weight", (q, h), T.Q4_K), (f"{b}.attn_k.weight", (kv, h), T.Q4_K),
                 (f"{b}.attn_v.weight", (kv, h), more), (f"{b}.attn_output.weight", (h, q), T.Q4_K),
-                (f"{b}.attn_q_norm.weight", (c["head_dim"],), T.F32), (f"{b}.attn_k_norm.weight", (c["head_dim"],), T.F32),
+                (f"{b}.attn_q_norm.weight", (d,), T.F32), (f"{b}.attn_k_norm.weight", (d,), T.F32),
                 (f"{b}.ffn_gate_inp.weight", (e, h), T.F32),
                 (f"{b}.ffn_gate_exps.weight", (e, i, h), T.Q4_K), (f"{b}.ffn_up_exps.weight", (e, i, h), T.Q4_K),
                 (f"{b}.ffn_down_exps.weight", (e, h, i), more)]
@@ -118,7 +119,8 @@ def write_model(path: Path, num_layers: int, config: dict = CONFIG) -> Path:
         else:
             block_values, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
             byte_shape = (*shape[:-1], shape[-1] // block_values * type_size)
-            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=tensor_type)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                                   raw_dtype=tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

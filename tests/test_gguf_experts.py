@@ -205,7 +205,8 @@ def test_native_experts_equal_the_kernels_matmuls(num_tokens):
     def blocks(shape, type_name, seed):
         return torch.from_numpy(random_blocks(shape, gguf.GGMLQuantizationType[type_name], seed=seed))
 
-    gate, up = blocks((num_experts, intermediate, hidden), "Q4_K", 1), blocks((num_experts, intermediate, hidden), "Q5_K", 2)
+    gate = blocks((num_experts, intermediate, hidden), "Q4_K", 1)
+    up = blocks((num_experts, intermediate, hidden), "Q5_K", 2)
     down = blocks((num_experts, hidden, intermediate), "Q6_K", 3)
     x = torch.randn(num_tokens, hidden, generator=g)
     expert_ids = torch.stack([torch.randperm(num_experts // 2, generator=g)[:top_k] * 2 for _ in range(num_tokens)])

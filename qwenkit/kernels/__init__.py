@@ -69,10 +69,10 @@ from qwenkit.kernels.ops.norm import add_rms_norm, rms_norm
 from qwenkit.kernels.ops.rotary import qk_norm_rope_cache, rotary
 
 __all__ = [
-    "DEQUANTIZED_BLOCKS", "GGUF_BLOCKS", "INVARIANT_ROWS", "K_QUANTS", "MAX_KERNEL_TOKENS", "MOE_BLOCKS", "MAX_NATIVE_KERNEL_TOKENS",
-    "NATIVE_ROW_INVARIANT", "PACKED_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
-    "add_rms_norm", "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_experts", "gguf_linear", "gguf_pack",
-    "gguf_row_bytes", "has_gguf_kernel", "packed_row_step", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
+    "DEQUANTIZED_BLOCKS", "GGUF_BLOCKS", "INVARIANT_ROWS", "K_QUANTS", "MAX_KERNEL_TOKENS", "MAX_NATIVE_KERNEL_TOKENS",
+    "MOE_BLOCKS", "NATIVE_ROW_INVARIANT", "PACKED_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
+    "add_rms_norm", "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_experts", "gguf_linear",
+    "gguf_pack", "gguf_row_bytes", "has_gguf_kernel", "packed_row_step", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
     "moe_syncs_with_host", "native_prefill_attention", "paged_decode_attention", "paged_prefill_attention",
     "qk_norm_rope_cache", "rms_norm", "rotary", "silu_and_mul", "summary", "write_kv_cache",
 ]

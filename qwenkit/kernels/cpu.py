@@ -232,7 +232,8 @@ class Library:
             if type_name not in MOE_BLOCKS:
                 raise ValueError(f"no native expert kernel for GGUF {type_name} (have {', '.join(MOE_BLOCKS)})")
             row = gguf_row_bytes(type_name, k)
-            if blocks.dtype != torch.uint8 or tuple(blocks.shape) != (num_experts, rows, row) or not blocks.is_contiguous():
+            shape = (num_experts, rows, row)
+            if blocks.dtype != torch.uint8 or tuple(blocks.shape) != shape or not blocks.is_contiguous():
                 raise TypeError(f"expected contiguous uint8 {type_name} experts [{num_experts}, {rows}, {row}], "
                                 f"got {blocks.dtype} {list(blocks.shape)}")
         x = _activations(x, hidden, "gguf_experts")

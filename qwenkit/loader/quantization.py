@@ -147,7 +147,7 @@ def _experts_format(experts: FusedExperts, types: Mapping[str, T]) -> tuple[str,
     three is a K-quant the native MoE kernel takes (`kernels.MOE_BLOCKS`) and it runs here; else
     None: they load as floats."""
     names = [types.get(part) for part in ("gate_proj", "up_proj", "down_proj")]
-    if None in names or not kernels.has_gguf_kernel("Q4_K"):
+    if None in names or not kernels.has_gguf_kernel("Q4_K"):  # stored as floats, or no native kernels here
         return None
     names = [t.name for t in names]
     hidden, intermediate = experts.gate_up_proj.shape[2], experts.intermediate_size

@@ -353,15 +353,17 @@ class GGUFExperts(nn.Module):
     memory pressure and read again (as llama.cpp maps a model), rather than anonymous ones, which
     without swap it cannot. The map is populated at load (`map_raw(populate=True)`): mapped lazily,
     a step's first touch of an expert faulted its pages in one at a time, slower than the
-    arithmetic. A step reads the blocks of the experts its tokens are routed to. The parameters `gate_up_proj` and
-    `down_proj` are empty: they are what the loader fills (FusedExperts' names and shards)."""
+    arithmetic. A step reads the blocks of the experts its tokens are routed to. The parameters
+    `gate_up_proj` and `down_proj` are empty: they are what the loader fills (FusedExperts' names
+    and shards)."""
 
     syncs_with_host = True  # the native call counts each expert's tokens on the host: no CUDA graphs
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, types: tuple[str, str, str]):
         super().__init__()
         if len(types) != 3 or not set(types) <= set(kernels.MOE_BLOCKS):
-            raise ValueError(f"GGUF experts take {', '.join(kernels.MOE_BLOCKS)} blocks (gate, up, down): got {types!r}")
+            raise ValueError(f"GGUF experts take {', '.join(kernels.MOE_BLOCKS)} blocks (gate, up, down): "
+                             f"got {types!r}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.types = types
         self.format = tuple(f"{GGUF}:{t}" for t in types)

@@ -106,7 +106,8 @@ int gguf_experts_q8(const float *x, int T, int hidden, const int64_t *expert_ids
     }
     prepared = aligned_alloc(64, prepared_bytes + 64);
     if (!prepared) goto done;
-    const int up_units = (I + 4 * MOE_PANELS - 1) / (4 * MOE_PANELS), down_units = (hidden + 4 * MOE_PANELS - 1) / (4 * MOE_PANELS);
+    const int up_units = (I + 4 * MOE_PANELS - 1) / (4 * MOE_PANELS);
+    const int down_units = (hidden + 4 * MOE_PANELS - 1) / (4 * MOE_PANELS);
     const int n4_up = (I + 3) / 4, n4_down = (hidden + 3) / 4;
 #pragma omp parallel if (num_small > 0)
     {
