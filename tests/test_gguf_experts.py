@@ -22,6 +22,7 @@ from test_gguf import random_blocks, write_gguf
 
 from qwenkit import LLM, SamplingParams, kernels
 from qwenkit.kernels import cpu, reference
+from qwenkit.kernels.ops import moe as moe_ops
 from qwenkit.loader.gguf import GGUFTensor, _read_header
 from qwenkit.models.attention import AttentionMetadata
 from qwenkit.models.quant import GGUFExperts
@@ -138,18 +139,31 @@ def _chosen(logprobs: torch.Tensor, ids: list[int], prompt_len: int) -> torch.Te
 
 
 def test_dequantizing_path_is_the_float_model(models, monkeypatch):
-    """Without the native kernels the experts' blocks are dequantized per expert (gguf's values) and
-    multiplied in float32: the float model's greedy tokens, one and three streams, and its logprobs up
-    to float rounding, decode and prefill."""
+    """Without the native MoE kernel the experts' blocks are dequantized per expert (gguf's values;
+    here by the C dequantizer, bit for bit gguf's, where the torch-only build takes gguf-py's) and
+    multiplied in float32: the float model's greedy tokens in three streams, and its logprobs up to
+    float rounding, decode and prefill."""
     quantized, floats = models
     if not isinstance(quantized.model.model.layers[0].mlp.experts, GGUFExperts):
         pytest.skip("the experts load as floats where the native kernels are not built")
-    monkeypatch.setattr(cpu, "library", lambda: None)
-    for streams in (1, 3):
-        for w, g in zip(_greedy(floats, PROMPTS[:streams]), _greedy(quantized, PROMPTS[:streams])):
-            assert g.token_ids == w.token_ids
-            assert max(abs(a.logprob - b.logprob) for a, b in zip(g.logprobs, w.logprobs)) <= 1e-4
-    ids = PROMPTS[3] + _greedy(floats, PROMPTS[3:])[0].token_ids
+    monkeypatch.setattr(moe_ops, "_gguf_experts",
+                        lambda *args: reference.gguf_experts(*args, dequantize=kernels.gguf_dequantize))
+    # One thread: this path is many tiny torch matmuls, each a parallel region whose waits cost more
+    # than its arithmetic (20 s against 2 on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_dequantizing_path(quantized, floats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_dequantizing_path(quantized: LLM, floats: LLM) -> None:
+    want = _greedy(floats, PROMPTS[:3])
+    for w, g in zip(want, _greedy(quantized, PROMPTS[:3])):
+        assert g.token_ids == w.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(g.logprobs, w.logprobs)) <= 1e-4
+    ids = PROMPTS[0] + want[0].token_ids
     want, got = _logprobs(floats, ids), _logprobs(quantized, ids)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -212,14 +226,14 @@ def test_native_experts_equal_the_kernels_matmuls(num_tokens):
     expert_ids = torch.stack([torch.randperm(num_experts // 2, generator=g)[:top_k] * 2 for _ in range(num_tokens)])
     weights = torch.rand(num_tokens, top_k, generator=g)
     got = kernels.gguf_experts(x, expert_ids, weights, gate, up, down, ",".join(types))
-    one_by_one = torch.zeros_like(got)
-    for t in range(num_tokens):
-        for k, e in enumerate(expert_ids[t].tolist()):
-            xt = x[t : t + 1]
-            act = kernels.silu_and_mul(torch.cat([kernels.gguf_linear(xt, gate[e], hidden, types[0]),
-                                                  kernels.gguf_linear(xt, up[e], hidden, types[1])], dim=1))
-            one_by_one[t] += weights[t, k] * kernels.gguf_linear(act, down[e], intermediate, types[2])[0]
     if num_tokens * top_k // (num_experts // 2) < 64:  # every expert's rows on the decode path: row by row alike
+        one_by_one = torch.zeros_like(got)
+        for t in range(num_tokens):
+            for k, e in enumerate(expert_ids[t].tolist()):
+                xt = x[t : t + 1]
+                act = kernels.silu_and_mul(torch.cat([kernels.gguf_linear(xt, gate[e], hidden, types[0]),
+                                                      kernels.gguf_linear(xt, up[e], hidden, types[1])], dim=1))
+                one_by_one[t] += weights[t, k] * kernels.gguf_linear(act, down[e], intermediate, types[2])[0]
         torch.testing.assert_close(got, one_by_one, atol=1e-5, rtol=1e-5)
     floats = reference.gguf_experts(x, expert_ids, weights, gate, up, down, ",".join(types))
     assert ((got - floats).abs().max() / floats.abs().max()) < 3e-2
