@@ -123,3 +123,28 @@ def test_ab_kernel_sources_runs_both_libraries(monkeypatch, default_gguf, capsys
     out = capsys.readouterr().out
     assert "decode step, 1 stream(s)" in out and "other / this:" in out
     assert cpu.library is library  # put back
+
+
+def test_moe_gguf_30b_writes_a_q4_k_m_layout_qwenkit_loads(monkeypatch, tmp_path, default_gguf):
+    """benchmarks/moe_gguf_30b.py's model, in a small shape: the types llama.cpp's Q4_K_M gives
+    qwen3moe, experts kept in their blocks, and it decodes."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import moe_gguf_30b as m
+    from qwenkit import LLM, SamplingParams
+    from qwenkit.loader.gguf import GGUFCheckpoint
+    from qwenkit.models.quant import GGUFExperts
+
+    small = dict(m.CONFIG, hidden=256, heads=2, kv_heads=1, experts=4, experts_used=2, moe_intermediate=256)
+    path = m.write_model(tmp_path / "moe.gguf", 2, small)
+    types = {name: t.name for name, t in GGUFCheckpoint(path).tensor_types().items()}
+    assert types["model.layers.0.mlp.experts.down_proj"] == "Q6_K"  # layer 0 < 48 / 8: more bits
+    assert types["model.layers.1.mlp.experts.gate_proj"] == "Q4_K"
+    full = {name: t.name for name, _, t in m.tensors(48)}
+    assert [full[f"blk.{i}.ffn_down_exps.weight"] for i in (5, 6, 7, 8, 40, 42)] == ["Q6_K", "Q4_K", "Q4_K", "Q6_K",
+                                                                                    "Q4_K", "Q6_K"]
+    assert types["lm_head.weight"] == "Q6_K" and types["model.layers.0.mlp.gate.weight"] == "F32"
+    llm = LLM(str(path), dtype="float32", max_model_len=64, kv_cache_memory=1 << 22, progress=False)
+    experts = llm.model.model.layers[0].mlp.experts
+    assert not isinstance(experts, GGUFExperts) or experts.types == ("Q4_K", "Q4_K", "Q6_K")
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 3

@@ -117,7 +117,8 @@ def write_gguf(
 # Block layouts (llama.cpp's ggml-common.h): Q4_K is fp16 d, fp16 dmin, 12 bytes of 6-bit
 # scales and mins, 128 bytes of nibbles; Q6_K is 128 + 64 bytes of low and high bits,
 # 16 int8 scales, fp16 d.
-RANDOM_BLOCK_TYPES = {gguf.GGMLQuantizationType.Q4_K: (0, 2), gguf.GGMLQuantizationType.Q6_K: (208,)}
+RANDOM_BLOCK_TYPES = {gguf.GGMLQuantizationType.Q4_K: (0, 2), gguf.GGMLQuantizationType.Q5_K: (0, 2),
+                      gguf.GGMLQuantizationType.Q6_K: (208,)}
 
 
 def random_blocks(shape: tuple[int, ...], tensor_type, *, seed: int) -> np.ndarray:

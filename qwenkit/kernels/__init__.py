@@ -42,7 +42,7 @@ import torch
 
 from qwenkit.kernels import cpu, cuda
 from qwenkit.kernels.batch_invariance import INVARIANT_ROWS, batch_invariant, is_batch_invariant, linear
-from qwenkit.kernels.cpu import DEQUANTIZED_BLOCKS, GGUF_BLOCKS, PACKED_ROWS, gguf_row_bytes
+from qwenkit.kernels.cpu import DEQUANTIZED_BLOCKS, GGUF_BLOCKS, MOE_BLOCKS, PACKED_ROWS, gguf_row_bytes
 from qwenkit.kernels.decode_layers import DecodeLayer, DecodeLayers, DecodeLinear
 from qwenkit.kernels.ops.activation import silu_and_mul
 from qwenkit.kernels.ops.attention import (
@@ -64,15 +64,15 @@ from qwenkit.kernels.ops.linear import (
     int8_linear,
     packed_row_step,
 )
-from qwenkit.kernels.ops.moe import fused_experts, moe_syncs_with_host
+from qwenkit.kernels.ops.moe import fused_experts, gguf_experts, moe_syncs_with_host
 from qwenkit.kernels.ops.norm import add_rms_norm, rms_norm
 from qwenkit.kernels.ops.rotary import qk_norm_rope_cache, rotary
 
 __all__ = [
     "DEQUANTIZED_BLOCKS", "GGUF_BLOCKS", "INVARIANT_ROWS", "K_QUANTS", "MAX_KERNEL_TOKENS", "MAX_NATIVE_KERNEL_TOKENS",
-    "NATIVE_ROW_INVARIANT", "PACKED_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
-    "add_rms_norm", "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_linear", "gguf_pack",
-    "gguf_row_bytes", "has_gguf_kernel", "packed_row_step", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
+    "MOE_BLOCKS", "NATIVE_ROW_INVARIANT", "PACKED_ROWS", "DecodeLayer", "DecodeLayers", "DecodeLinear",
+    "add_rms_norm", "batch_invariant", "describe", "fused_experts", "gguf_dequantize", "gguf_experts", "gguf_linear",
+    "gguf_pack", "gguf_row_bytes", "has_gguf_kernel", "packed_row_step", "int4_linear", "int8_linear", "is_batch_invariant", "linear",
     "moe_syncs_with_host", "native_prefill_attention", "paged_decode_attention", "paged_prefill_attention",
     "qk_norm_rope_cache", "rms_norm", "rotary", "silu_and_mul", "summary", "write_kv_cache",
 ]
@@ -109,6 +109,7 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
             "decode_layers": "off (torch modules)",
             "int4_linear": "torch (_weight_int4pack_mm_for_cpu)",
             "fused_experts": "torch (grouped by expert)",
+            "gguf_experts": "torch (each expert in use dequantized)",
         }
     native = f"C {lib.isa}"
     return {
@@ -123,6 +124,7 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
         "decode_layers": f"{native} (one call per decode step)",
         "int4_linear": "torch (_weight_int4pack_mm_for_cpu)",
         "fused_experts": "torch (grouped by expert)",
+        "gguf_experts": f"{native}: {', '.join(MOE_BLOCKS)} experts in their blocks (one call a layer)",
     }
 
 

@@ -45,6 +45,9 @@ DOT_PRODUCTS = {
 # GGUF block types the C kernels multiply (the K-quants as stored, Q5_0 8 rows interleaved at load
 # by `gguf_pack`, the same size): (values, bytes) of one block.
 GGUF_BLOCKS = {"Q5_0": (32, 22), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+# GGUF types the experts of a sparse layer are multiplied in as stored (csrc/moe.c): the K-quants,
+# whose layout is the file's, so the experts can be mapped from it.
+MOE_BLOCKS = ("Q4_K", "Q5_K", "Q6_K")
 # Rows the kernels' layout of a type packs together (`gguf_pack`: Q5_0 interleaves 8): a matrix's
 # rows, and the row ranges packed, are multiples of it.
 PACKED_ROWS = {"Q5_0": 8, "Q4_K": 1, "Q5_K": 1, "Q6_K": 1}
@@ -113,6 +116,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     **{f"{t.lower()}_linear_q8": (_I, [_P] * 3 + [_I] * 3) for t in GGUF_BLOCKS},
     **{f"{t.lower()}_dequantize": (_I, [_P] * 2 + [_I] * 3) for t in DEQUANTIZED_BLOCKS},
     "q5_0_pack": (None, [_P] * 2 + [_I] * 2),
+    "gguf_experts_q8": (_I, [_P, _I, _I, _P, _P] + [_I] * 3 + [_P, _I] * 3 + [_P]),
     "decode_layers": (_I, [_P, _I, _P, _P, _I] + [_P] * 4 + [_I] * 2 + [_P]),
     "qk_amx_init": (_I, []),
     "kv_store_rows": (None, [_P, _P, _I, _I]),
@@ -287,6 +291,37 @@ class Library:
         if fn(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], blocks.shape[0], in_features):
             raise MemoryError(f"gguf_linear: no memory for the quantized activations ({x.shape[0]} x {in_features})")
         return y
+
+    def gguf_experts(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                     gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, types: str) -> torch.Tensor:
+        """A sparse layer's experts in GGUF K-quant blocks (csrc/moe.c): x [T, hidden], expert_ids int64 and
+        weights [T, top_k]; gate, up uint8 [E, I, bytes per row of hidden], down [E, hidden, bytes per
+        row of I], in blocks of `types` ("gate,up,down" GGUF types); float32 [T, hidden]."""
+        types = tuple(types.split(","))
+        num_experts, intermediate = gate.shape[:2]
+        hidden = x.shape[1]
+        for blocks, type_name, rows, k in zip((gate, up, down), types, (intermediate, intermediate, hidden),
+                                              (hidden, hidden, intermediate)):
+            if type_name not in MOE_BLOCKS:
+                raise ValueError(f"no native expert kernel for GGUF {type_name} (have {', '.join(MOE_BLOCKS)})")
+            row = gguf_row_bytes(type_name, k)
+            shape = (num_experts, rows, row)
+            if blocks.dtype != torch.uint8 or tuple(blocks.shape) != shape or not blocks.is_contiguous():
+                raise TypeError(f"expected contiguous uint8 {type_name} experts [{num_experts}, {rows}, {row}], "
+                                f"got {blocks.dtype} {list(blocks.shape)}")
+        x = _activations(x, hidden, "gguf_experts")
+        expert_ids = expert_ids.to(torch.int64).contiguous()
+        weights = weights.to(torch.float32).contiguous()
+        out = torch.empty(x.shape[0], hidden, dtype=torch.float32)
+        rc = self._lib.gguf_experts_q8(x.data_ptr(), x.shape[0], hidden, expert_ids.data_ptr(), weights.data_ptr(),
+                                       expert_ids.shape[1], num_experts, intermediate,
+                                       gate.data_ptr(), FD_FORMATS[types[0]], up.data_ptr(), FD_FORMATS[types[1]],
+                                       down.data_ptr(), FD_FORMATS[types[2]], out.data_ptr())
+        if rc == -2:
+            raise ValueError(f"gguf_experts: an expert id outside 0..{num_experts - 1}")
+        if rc:
+            raise MemoryError(f"gguf_experts: no memory for the step's buffers ({x.shape[0]} tokens)")
+        return out
 
     def gguf_pack(self, blocks: torch.Tensor, in_features: int, type_name: str) -> torch.Tensor:
         """A file's GGUF rows of `type_name` -> the layout the kernels below take (Q5_0 8 rows

@@ -214,6 +214,34 @@ def fused_experts(
     return torch.bmm(weights.unsqueeze(1), per_choice).squeeze(1)
 
 
+def gguf_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    types: str,
+    *,
+    dequantize=gguf_dequantize,
+) -> torch.Tensor:
+    """A sparse layer's experts in GGUF blocks, each expert in use dequantized (`dequantize`,
+    `gguf_dequantize`'s signature) and multiplied in x's dtype: the float model's numbers up to
+    float rounding. Shapes as `gguf_experts` (qwenkit/kernels/ops/moe.py); types: "gate,up,down"."""
+    gate_type, up_type, down_type = types.split(",")
+    num_tokens, top_k = expert_ids.shape
+    hidden, intermediate = x.shape[1], gate.shape[1]
+    flat = expert_ids.flatten()
+    per_choice = x.new_empty(num_tokens * top_k, hidden)
+    for expert in flat.unique().tolist():
+        pairs = (flat == expert).nonzero().squeeze(1)
+        xs = x.index_select(0, pairs // top_k)
+        g = F.linear(xs, dequantize(gate[expert], hidden, gate_type, x.dtype))
+        u = F.linear(xs, dequantize(up[expert], hidden, up_type, x.dtype))
+        per_choice[pairs] = F.linear(F.silu(g) * u, dequantize(down[expert], intermediate, down_type, x.dtype))
+    return (weights.unsqueeze(-1).to(x.dtype) * per_choice.view(num_tokens, top_k, hidden)).sum(1)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[T, 2 * I] (gate, then up) -> silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)

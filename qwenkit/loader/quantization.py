@@ -10,7 +10,9 @@ pre-quantized safetensors checkpoint (its config's `quantization_config`) keeps 
 stores quantized as stored, on any device, under "auto" (qwenkit/loader/prequantized.py).
 "int8" / "int4": every decoder matrix in that format (int8 where a shape does not fit int4), the
 embedding and lm_head in int8, as llama.cpp keeps the output matrix at higher precision. "none":
-all floats. The MoE router stays float; the experts too, except as a pre-quantized checkpoint
+all floats. The MoE router stays float. The experts of a GGUF file stored in K-quants (Q4_K, Q5_K,
+Q6_K) stay as stored on CPU under "auto" and "gguf" where the native kernels run (mapped from
+the file, `GGUFExperts`); other experts load as floats, except as a pre-quantized checkpoint
 stores them (see docs/quantization.md).
 """
 
@@ -26,7 +28,7 @@ from qwenkit import kernels
 from qwenkit.errors import ModelLoadError
 from qwenkit.loader.prequantized import Prequantization
 from qwenkit.loader.weights import _target
-from qwenkit.models.layers import Embedding, Linear
+from qwenkit.models.layers import Embedding, FusedExperts, Linear
 from qwenkit.models.prequantized import StoredFormat
 from qwenkit.models.quant import GGUF, GGUF_LINEAR_FORMATS, INT4, INT4_GROUP_SIZE, INT8, Q4_K, Q5_0, Q5_K, Q6_K
 
@@ -114,10 +116,13 @@ def plan_quantization(
 
     params = dict(model.named_parameters())
     stored: dict[str, dict[object, T]] = {}  # module name -> {shard: storage type}
+    experts: dict[str, dict[str, T]] = {}  # experts module name -> {"gate_proj" / "up_proj" / "down_proj": type}
     for hf_name, tensor_type in tensor_types.items():
         target = _target(model, params, hf_name)
         if target is not None and target[0].endswith(".weight"):
             stored.setdefault(target[0].removesuffix(".weight"), {})[target[1]] = tensor_type
+        elif target is not None and type(modules.get(target[0].rpartition(".")[0])) is FusedExperts:
+            experts.setdefault(target[0].rpartition(".")[0], {})[hf_name.rpartition(".")[2]] = tensor_type
     table = GGUF_STORED_FORMATS if quantization == "gguf" else gguf_auto_formats()
     formats: dict[str, str | tuple[str, ...]] = {}
     for name, types in stored.items():
@@ -131,7 +136,25 @@ def plan_quantization(
             formats[name] = INT8 if getattr(model, "lm_head", None) is None else f"{GGUF}:{tensor_type.name}"
         elif type(module) is Linear and not name.endswith(".mlp.gate"):
             formats[name] = _linear_format(module, [table.get(types.get(shard)) for shard in module.shard_index])
+    for name, types in experts.items():
+        if (format := _experts_format(modules[name], types)) is not None:
+            formats[name] = format
     return formats
+
+
+def _experts_format(experts: FusedExperts, types: Mapping[str, T]) -> tuple[str, str, str] | None:
+    """The GGUF formats (gate, up, down) a sparse layer's experts keep, as stored, where each of the
+    three is a K-quant the native MoE kernel takes (`kernels.MOE_BLOCKS`) and it runs here; else
+    None: they load as floats."""
+    names = [types.get(part) for part in ("gate_proj", "up_proj", "down_proj")]
+    if None in names or not kernels.has_gguf_kernel("Q4_K"):  # stored as floats, or no native kernels here
+        return None
+    names = [t.name for t in names]
+    hidden, intermediate = experts.gate_up_proj.shape[2], experts.intermediate_size
+    block = kernels.GGUF_BLOCKS["Q4_K"][0]  # every K-quant: super-blocks of 256 values
+    if not set(names) <= set(kernels.MOE_BLOCKS) or hidden % block or intermediate % block:
+        return None
+    return tuple(f"{GGUF}:{t}" for t in names)
 
 
 def _linear_format(linear: Linear, wanted: list[str | None]) -> str | tuple[str, ...]:

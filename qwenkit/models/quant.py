@@ -17,6 +17,10 @@ Formats:
   under "auto" where the native kernels run): the file's blocks as stored (5.5, 4.5, 5.5 and
   6.56 bits a value), multiplied by the native kernels (`kernels.GGUF_BLOCKS` lists the GGUF
   types with a kernel).
+- experts of a sparse layer stored in GGUF K-quants (``ffn_gate_exps`` ... in Q4_K, Q5_K, Q6_K;
+  a format per matrix, gate, up and down, as a Q4_K_M file mixes them): `GGUFExperts`, the
+  file's blocks mapped as stored (file pages, not a copy), of which each step reads the experts
+  its tokens are routed to, multiplied by the native MoE kernel (`kernels.gguf_experts`).
 - ``gguf:<type>`` (embeddings only): the GGUF blocks as stored, mapped from the file (only
   the pages of rows gathered become resident); the rows a step gathers are dequantized by
   `gguf.quants`. Exact and the smallest, but it cannot serve as the lm_head.
@@ -339,6 +343,73 @@ class GGUFEmbedding(nn.Module):
         raise NotImplementedError("a GGUF-block embedding is not used as the lm_head")
 
 
+class GGUFExperts(nn.Module):
+    """The experts of one sparse layer in the GGUF K-quant blocks the file stores them in: `gate`,
+    `up` uint8 [E, I, bytes per row of hidden], `down` [E, hidden, bytes per row of I] (buffers), of
+    GGUF types `types` (gate, up, down; they may differ, as Q4_K_M's Q4_K gate/up and Q6_K down).
+
+    On the CPU they are mapped from the file (a private, copy-on-write map, as `GGUFEmbedding`),
+    not copied into memory of the process's own: file pages, which the kernel may drop under
+    memory pressure and read again (as llama.cpp maps a model), rather than anonymous ones, which
+    without swap it cannot. The map is populated at load (`map_raw(populate=True)`): mapped lazily,
+    a step's first touch of an expert faulted its pages in one at a time, slower than the
+    arithmetic. A step reads the blocks of the experts its tokens are routed to. The parameters
+    `gate_up_proj` and `down_proj` are empty: they are what the loader fills (FusedExperts' names
+    and shards)."""
+
+    syncs_with_host = True  # the native call counts each expert's tokens on the host: no CUDA graphs
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, types: tuple[str, str, str]):
+        super().__init__()
+        if len(types) != 3 or not set(types) <= set(kernels.MOE_BLOCKS):
+            raise ValueError(f"GGUF experts take {', '.join(kernels.MOE_BLOCKS)} blocks (gate, up, down): "
+                             f"got {types!r}")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.types = types
+        self.format = tuple(f"{GGUF}:{t}" for t in types)
+        # (rows, values a row) of each matrix: gate and up [I, hidden], down [hidden, I]
+        self._shapes = {"gate": (intermediate_size, hidden_size), "up": (intermediate_size, hidden_size),
+                        "down": (hidden_size, intermediate_size)}
+        for (name, (rows, k)), type_name in zip(self._shapes.items(), types):
+            self.register_buffer(name, torch.empty(num_experts, rows, kernels.gguf_row_bytes(type_name, k),
+                                                   dtype=torch.uint8))
+        self.gate_up_proj = _frozen(torch.empty(0, dtype=torch.uint8))
+        self.down_proj = _frozen(torch.empty(0, dtype=torch.uint8))
+        self.gate_up_proj.shards = frozenset((e, j) for e in range(num_experts) for j in (0, 1))
+        self.down_proj.shards = frozenset((e, 0) for e in range(num_experts))
+        for param in (self.gate_up_proj, self.down_proj):
+            param.weight_loader = self._load_shard
+            param.reads_lazily = True
+
+    @classmethod
+    def from_experts(cls, experts: FusedExperts, types: tuple[str, str, str]) -> "GGUFExperts":
+        num_experts, _, hidden = experts.gate_up_proj.shape
+        return cls(num_experts, hidden, experts.intermediate_size, types)
+
+    def _load_shard(self, param: nn.Parameter, tensor, shard: tuple) -> set:
+        """shard = ("*": all experts stacked, as GGUF stores them; 0 gate or down, 1 up); None: all of
+        down_proj (its checkpoint name is the parameter's)."""
+        expert, part = ("*", 0) if shard is None else shard
+        name = "down" if param is self.down_proj else ("gate", "up")[part]
+        if expert != "*":
+            raise ValueError("GGUF experts load from all experts stacked in one tensor")
+        type_name = self.types[("gate", "up", "down").index(name)]
+        if getattr(getattr(tensor, "ggml_type", None), "name", None) != type_name:
+            raise ValueError(f"expected {type_name} blocks, got {getattr(tensor, 'ggml_type', 'floats')}")
+        _check_shape(tensor, (self.num_experts, *self._shapes[name]))
+        target = getattr(self, name)
+        if hasattr(tensor, "map_raw"):  # mapped, not read: see the class doc
+            blocks = tensor.map_raw(populate=True).view(target.shape)
+        else:
+            blocks = tensor.read_raw(0, self.num_experts).reshape(target.shape)
+        setattr(self, name, blocks)
+        return {(e, part) for e in range(self.num_experts)}
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden]; expert_ids, weights: [T, top_k]."""
+        return kernels.gguf_experts(x, expert_ids, weights, self.gate, self.up, self.down, ",".join(self.types))
+
+
 def quantized_module(module: nn.Module, format: str | tuple[str, ...] | StoredFormat) -> nn.Module:
     """The quantized counterpart of a `Linear`, `Embedding` or `FusedExperts` (not yet loaded);
     a `StoredFormat` keeps a pre-quantized checkpoint's tensors as stored (models/prequantized.py)."""
@@ -347,6 +418,8 @@ def quantized_module(module: nn.Module, format: str | tuple[str, ...] | StoredFo
             return StoredQuantLinear.from_linear(module, format)
         if type(module) is FusedExperts:
             return StoredQuantExperts.from_experts(module, format)
+    elif type(module) is FusedExperts and isinstance(format, tuple) and all(f.startswith(f"{GGUF}:") for f in format):
+        return GGUFExperts.from_experts(module, tuple(f.partition(":")[2] for f in format))
     elif type(module) is Linear and (isinstance(format, tuple) or format in (INT8, INT4, *GGUF_LINEAR_FORMATS)):
         return QuantLinear.from_linear(module, format)
     elif type(module) is Embedding:

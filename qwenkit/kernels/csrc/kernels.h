@@ -367,5 +367,15 @@ int dequantize_rows(void (*row)(const void *ctx, int n, float *values), const vo
 int q4_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
 int q5_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
 int q6_k_linear_q8(const float *x, const uint8_t *w, float *y, int M, int N, int K);
+size_t kq_prepared_bytes(int M, int K);
+void kq_prepare(const float *x, int M, int K, void *buffer);
+void kq_prepared_rows(int type, const void *prepared, const uint8_t *w, float *y, int M, int N, int K,
+                      int n4_begin, int n4_end);
+int kq_decode_rows(int M);
+
+/* moe.c */
+int gguf_experts_q8(const float *x, int T, int hidden, const int64_t *expert_ids, const float *weights, int top_k,
+                    int E, int I, const uint8_t *gate, int gate_format, const uint8_t *up, int up_format,
+                    const uint8_t *down, int down_format, float *out);
 
 #endif

@@ -832,6 +832,76 @@ static int kq_linear(int type, const float *x, const uint8_t *w, float *y, int M
     return 0;
 }
 
+/* Many small matmuls in one parallel region (moe.c: the experts a step routes its tokens to, a
+   few rows each): the activations of each are quantized once (kq_prepare, into kq_prepared_bytes
+   of memory), then any thread computes any range of its weight rows (kq_prepared_rows), by the
+   decode path of kq_linear (below KQ_UNPACK_ROWS rows; at any count under qk_row_invariant), so
+   the numbers are kq_linear's. The layout of the buffer: xq, xd, bs16, xb, each 64-byte aligned. */
+static inline size_t kq_align(size_t n) { return (n + 63) & ~(size_t)63; }
+
+size_t kq_prepared_bytes(int M, int K) {
+    const size_t nsb = (size_t)K / QK_K;
+    return kq_align((size_t)M * KQ_X_STRIDE(K)) + kq_align(sizeof(float) * M * nsb) +
+           kq_align(sizeof(int16_t) * M * nsb * (QK_K / 16)) + kq_align(sizeof(float) * M * nsb * (QK_K / QK));
+}
+
+typedef struct {
+    int8_t *xq;
+    float *xd;
+    int16_t *bs16;
+    float *xb;
+} kq_acts;
+
+static kq_acts kq_acts_at(void *buffer, int M, int K) {
+    const size_t nsb = (size_t)K / QK_K;
+    char *p = buffer;
+    kq_acts a;
+    a.xq = (int8_t *)p;
+    p += kq_align((size_t)M * KQ_X_STRIDE(K));
+    a.xd = (float *)p;
+    p += kq_align(sizeof(float) * M * nsb);
+    a.bs16 = (int16_t *)p;
+    p += kq_align(sizeof(int16_t) * M * nsb * (QK_K / 16));
+    a.xb = (float *)p;
+    return a;
+}
+
+/* x [M, K] quantized into `buffer` as kq_linear's decode path takes it. Single-threaded. */
+void kq_prepare(const float *x, int M, int K, void *buffer) {
+    const int nsb = K / QK_K;
+    const kq_acts a = kq_acts_at(buffer, M, K);
+    for (int m = 0; m < M; m++)
+        kq_activations(x + (int64_t)m * K, K, a.xq + (int64_t)m * KQ_X_STRIDE(K), a.xd + (int64_t)m * nsb,
+                       a.bs16 + (int64_t)m * nsb * (QK_K / 16), a.xb + (int64_t)m * nsb * (QK_K / QK));
+#ifdef QK_AVX512
+    if (M > 1)
+        for (int m = 0; m < M; m++) kq_activation_lanes(a.xq + (int64_t)m * KQ_X_STRIDE(K), K);
+#endif
+}
+
+/* Columns [4 n4_begin, 4 n4_end) of y [M, N] = x w^T, x prepared by kq_prepare; type 0 Q4_K, 1
+   Q5_K, 2 Q6_K (KQ_*). */
+void kq_prepared_rows(int type, const void *prepared, const uint8_t *w, float *y, int M, int N, int K,
+                      int n4_begin, int n4_end) {
+    const kq_acts a = kq_acts_at((void *)prepared, M, K);
+    for (int n4 = n4_begin; n4 < n4_end; n4++)
+        switch (type) {
+        case KQ_Q4_K: kq_panel(KQ_Q4_K, n4, a.xq, a.xd, a.bs16, a.xb, w, y, M, N, K); break;
+        case KQ_Q5_K: kq_panel(KQ_Q5_K, n4, a.xq, a.xd, a.bs16, a.xb, w, y, M, N, K); break;
+        default: kq_panel(KQ_Q6_K, n4, a.xq, a.xd, a.bs16, a.xb, w, y, M, N, K); break;
+        }
+}
+
+/* Whether kq_linear of M rows takes the decode path that kq_prepared_rows computes. */
+int kq_decode_rows(int M) {
+#ifdef QK_AVX2
+    return M < KQ_UNPACK_ROWS || qk_row_invariant();
+#else
+    (void)M;
+    return 1;
+#endif
+}
+
 typedef struct {
     int type;
     const uint8_t *w;
