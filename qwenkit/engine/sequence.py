@@ -39,6 +39,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    # A prompt with images (qwenkit.multimodal.MultimodalPrompt): their embeddings, M-RoPE positions, hashes.
+    multimodal: Any = None
 
     @property
     def num_output_tokens(self) -> int:
