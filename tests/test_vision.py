@@ -80,3 +80,94 @@ def test_prefill_logits_equal_transformers(vl_checkpoint, vl_llm):
         hidden = model.model.forward_layers(h, mm.positions, kv, AttentionMetadata.contiguous(start=0, num_tokens=len(ids)))
         got = model.compute_logits(hidden)
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+GREEDY = dict(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+def _generate(llm, requests):
+    """Run (prompt ids, MultimodalPrompt or None) requests together; their generated ids and cached counts."""
+    from qwenkit.sampling import SamplingParams
+
+    engine = llm.engine
+    for k, (ids, mm) in enumerate(requests):
+        engine.add_request(f"r{k}", ids, SamplingParams(**GREEDY), multimodal=mm)
+    out = {f"r{k}": [] for k in range(len(requests))}
+    cached = {}
+    while engine.has_unfinished_requests():
+        for update in engine.step():
+            out[update.request_id].extend(t.token_id for t in update.outputs)
+            cached[update.request_id] = update.num_cached_tokens
+    return [out[f"r{k}"] for k in range(len(requests))], [cached[f"r{k}"] for k in range(len(requests))]
+
+
+def _reference_greedy(reference, ids, images, generated):
+    """transformers' logits over prompt + `generated` (teacher forced): its greedy choice at each step
+    and the largest logit gap to the runner-up (how safely argmax decides)."""
+    with torch.no_grad():
+        logits = reference(**hf_inputs(reference, ids + generated, images)).logits[0, len(ids) - 1:-1]
+    top2 = logits.topk(2, dim=-1).values
+    return logits.argmax(-1).tolist(), (top2[:, 0] - top2[:, 1]).min().item()
+
+
+def _messages(images, text="What is in the picture?", history=()):
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+    return [*history, {"role": "user", "content": content}]
+
+
+def test_greedy_tokens_equal_transformers_two_images_later_turn_and_a_mixed_batch(vl_checkpoint, vl_llm):
+    _, reference = vl_checkpoint
+    one = [test_image(120, 80, seed=5)]
+    two = [test_image(64, 64, seed=6), test_image(150, 60, seed=7)]
+    history = ({"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi! Send me a picture."})
+    cases = [(one, _messages(one)), (two, _messages(two, "Compare them.")), (one, _messages(one, history=history)),
+             ([], [{"role": "user", "content": "Only text here."}])]
+    requests = []
+    for images, messages in cases:
+        p = vl_llm.prepare_chat(messages)
+        assert (p.multimodal is None) == (not images)
+        requests.append((p.prompt_token_ids, p.multimodal))
+    batched, _ = _generate(vl_llm, requests)
+    for (images, _), (ids, mm), tokens in zip(cases, requests, batched):
+        expected, margin = _reference_greedy(reference, ids, images, tokens)
+        assert len(tokens) == 32
+        assert tokens == expected, f"margin {margin}"
+    # One at a time: the same tokens as in the batch.
+    assert [_generate(vl_llm, [r])[0][0] for r in requests[:2]] == batched[:2]
+
+
+def test_prefix_cache_hit_on_a_repeated_image_and_miss_on_another(vl_checkpoint, vl_llm):
+    image, other = test_image(200, 100, seed=8), test_image(200, 100, seed=9)
+    first = vl_llm.prepare_chat(_messages([image]))
+    again = vl_llm.prepare_chat(_messages([image]))
+    different = vl_llm.prepare_chat(_messages([other]))
+    assert first.prompt_token_ids == different.prompt_token_ids  # the same placeholders
+    encoded = vl_llm.engine.runner.encoder_cache.num_encoded
+    (cold,), _ = _generate(vl_llm, [(first.prompt_token_ids, first.multimodal)])
+    (warm,), (cached,) = _generate(vl_llm, [(again.prompt_token_ids, again.multimodal)])
+    assert warm == cold and cached >= first.multimodal.offsets[0] + first.multimodal.images[0].num_tokens
+    assert vl_llm.engine.runner.encoder_cache.num_encoded == encoded + 1  # the tower ran once for both
+    (tokens,), (cached,) = _generate(vl_llm, [(different.prompt_token_ids, different.multimodal)])
+    assert cached <= different.multimodal.offsets[0]  # only the text before the image is shared
+    expected, _ = _reference_greedy(vl_checkpoint[1], different.prompt_token_ids, [other], tokens)
+    assert tokens == expected
+
+
+def test_chunked_prefill_splitting_images_equals_whole(vl_checkpoint):
+    from qwenkit import LLM
+
+    llm = LLM(str(vl_checkpoint[0]), dtype="float32", device="cpu", kv_cache_memory="16MiB", progress=False,
+              max_num_batched_tokens=7, enable_prefix_caching=False)
+    images = [test_image(100, 90, seed=10), test_image(70, 140, seed=11)]
+    p = llm.prepare_chat(_messages(images))
+    assert any(n % 7 for n in (i.num_tokens for i in p.multimodal.images))
+    (tokens,), _ = _generate(llm, [(p.prompt_token_ids, p.multimodal)])
+    expected, _ = _reference_greedy(vl_checkpoint[1], p.prompt_token_ids, images, tokens)
+    assert tokens == expected
+
+
+def test_text_only_model_refuses_an_image(llm):
+    from qwenkit.multimodal import ImageError
+
+    with pytest.raises(ImageError, match="does not read images"):
+        llm.chat(_messages([test_image(30, 30)]))
