@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_vl import hf_image_processor, hf_inputs, make_vl_checkpoint, test_image
+from tiny_vl import hf_image_processor, hf_inputs, make_vl_checkpoint, test_image
 
 pytest.importorskip("PIL")
 
@@ -33,7 +33,7 @@ SIZES = [(28, 28), (56, 56), (100, 40), (40, 100), (13, 7), (224, 224), (300, 12
 
 def test_pixel_values_equal_transformers_processor():
     from qwenkit.multimodal import ImageProcessor
-    from tests.tiny_vl import MAX_PIXELS, MIN_PIXELS
+    from tiny_vl import MAX_PIXELS, MIN_PIXELS
 
     ours, theirs = ImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), hf_image_processor()
     for i, (w, h) in enumerate(SIZES):
@@ -171,3 +171,104 @@ def test_text_only_model_refuses_an_image(llm):
 
     with pytest.raises(ImageError, match="does not read images"):
         llm.chat(_messages([test_image(30, 30)]))
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _data_url(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture(scope="module")
+def vl_server(vl_checkpoint):
+    from serving import running_server
+
+    from qwenkit import AsyncLLM
+    from qwenkit.server import ServerConfig
+
+    allm = AsyncLLM(str(vl_checkpoint[0]), dtype="float32", device="cpu", kv_cache_memory="16MiB", progress=False)
+    with running_server(allm, ServerConfig()) as url:
+        yield url, allm
+    allm.shutdown()
+
+
+def test_openai_sdk_chat_and_responses_with_a_base64_image(vl_server, vl_llm):
+    openai = pytest.importorskip("openai")
+    url, _ = vl_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    image = test_image(120, 90, seed=12)
+    data_url = _data_url(_png(image))
+    reply = client.chat.completions.create(model="default", max_tokens=12, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                     {"type": "text", "text": "What is in the picture?"}]}])
+    from qwenkit.sampling import SamplingParams
+
+    expected = vl_llm.chat(_messages([image]), SamplingParams(max_tokens=12, temperature=0.0))
+    assert reply.choices[0].message.content == expected.content
+    assert reply.usage.prompt_tokens == len(vl_llm.prepare_chat(_messages([image])).prompt_token_ids)
+    response = client.responses.create(model="default", max_output_tokens=12, temperature=0, input=[
+        {"role": "user", "content": [{"type": "input_image", "image_url": data_url, "detail": "auto"},
+                                     {"type": "input_text", "text": "What is in the picture?"}]}])
+    assert response.output_text == expected.content
+
+
+def _bomb() -> bytes:
+    from PIL import Image
+
+    return _png(Image.new("1", (9000, 9000)))  # 81 megapixels in a few kB
+
+
+def _truncated() -> bytes:
+    data = _png(test_image(200, 200, seed=13))
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("url, message", [
+    (_data_url(b"not an image at all"), "not an image format"),
+    ("data:image/png;base64,!!!", "not valid base64"),
+    ("truncated", "could not be decoded"),
+    ("bomb", "pixels"),
+    ("http://127.0.0.1:1/cat.png", "not fetched"),
+    ("/etc/passwd", "not fetched"),
+])
+def test_bad_images_are_openai_400s_and_the_server_still_answers(vl_server, url, message):
+    openai = pytest.importorskip("openai")
+    url = {"truncated": _data_url(_truncated()), "bomb": _data_url(_bomb())}.get(url, url)
+    client = openai.OpenAI(base_url=f"{vl_server[0]}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="default", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    assert message in e.value.body["message"]
+    ok = client.chat.completions.create(model="default", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_image_over_the_byte_limit(vl_llm):
+    from qwenkit.multimodal import ImageError, ImageLimits, decode_image
+
+    data = _png(test_image(64, 64))
+    with pytest.raises(ImageError, match="limit is 100 bytes"):
+        decode_image(data, ImageLimits(max_bytes=100))
+
+
+def test_text_only_model_answers_an_image_part_with_a_400(allm):
+    openai = pytest.importorskip("openai")
+    from serving import running_server
+
+    from qwenkit.server import ServerConfig
+
+    with running_server(allm, ServerConfig()) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="default", max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_png(test_image(30, 30)))}},
+                                             {"type": "text", "text": "hi"}]}])
+    assert "does not read images" in e.value.body["message"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests import tiny
+import tiny
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 

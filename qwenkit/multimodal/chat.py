@@ -52,3 +52,37 @@ def has_images(messages: Any) -> bool:
         isinstance(m, dict) and isinstance(m.get("content"), list)
         and any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in m["content"])
         for m in messages)
+
+
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
+
+
+def protocol_content(content: list[Any], where: str) -> str | list[dict[str, Any]]:
+    """A protocol message's list of parts as the engine takes it: the text joined when there is no
+    image, else text and image parts in order, each image a `data:` URL (the server never reads a
+    path, and fetches no URL here). ValueError names the part at fault."""
+    texts_only = True
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in TEXT_PART_TYPES:
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}[{j}]: a text part needs a string 'text'")
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind in ("image_url", "input_image"):
+            if kind == "input_image" and part.get("file_id") is not None and part.get("image_url") is None:
+                raise ValueError(f"{where}[{j}]: input_image by file_id is not supported; send image_url as a data: URL")
+            url = image_source(part, f"{where}[{j}]")
+            if not isinstance(url, str):
+                raise ValueError(f"{where}[{j}]: the image URL must be a string")
+            if not url.startswith("data:"):
+                scheme = url.split(":", 1)[0] if ":" in url[:10] else "a path"
+                raise ValueError(f"{where}[{j}]: image URLs ({scheme}) are not fetched by this server; "
+                                 "send the image inline as a data: URL (data:image/png;base64,...)")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+            texts_only = False
+        else:
+            raise ValueError(f"{where}[{j}]: only text and image parts are supported, got a {kind!r} part")
+    if texts_only:
+        return "".join(p["text"] for p in parts)
+    return parts
