@@ -34,6 +34,8 @@ Plain Python, no torch: `qwenkit show` and `list` call it without loading weight
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ class Capabilities:
     tools: bool
     embedding: bool = False  # an embedding model (it does not generate)
     rerank: bool = False
+    vision: bool = False  # it reads images (a vision-language checkpoint)
 
     def names(self) -> list[str]:
         """As Ollama lists capabilities ("completion", "thinking", "tools", "embedding"),
@@ -79,6 +82,8 @@ class Capabilities:
             names.append("tools")
         if self.rerank:
             names.append("rerank")
+        if self.vision:
+            names.append("vision")
         return names
 
     def thinking_note(self, model: str, *, no_think: bool = False, budget: bool = False) -> str | None:
@@ -115,8 +120,12 @@ TASKS = ("generate", "embed", "rerank")
 def model_capabilities(llm: Any) -> Capabilities:
     """A loaded `LLM`'s capabilities: its tokenizer's, and whether it embeds or reranks
     (read from its checkpoint, or as its `task` says)."""
-    return checkpoint_capabilities(detect_capabilities(llm.tokenizer), getattr(llm, "files", None),
+    caps = checkpoint_capabilities(detect_capabilities(llm.tokenizer), getattr(llm, "files", None),
                                    task=getattr(llm, "task", None), headless=getattr(llm.model, "is_headless", False))
+    config = getattr(llm, "config", None)
+    if getattr(config, "is_vision", False) and not caps.embedding:
+        caps = dataclasses.replace(caps, vision=True)
+    return caps
 
 
 def checkpoint_capabilities(caps: Capabilities, files: Any, *, task: str | None = None,

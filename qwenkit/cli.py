@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", nargs="?", help="the user message ('-': read standard input; absent: standard "
                      "input, or on a terminal the interactive chat)")
     run.add_argument("--system", help="a system prompt")
+    run.add_argument("--image", action="append", metavar="FILE", default=[],
+                     help="an image for a vision-language model (Qwen2.5-VL) to read; repeat for several")
     run.add_argument("--no-think", action="store_true", help="answer without thinking (Qwen3 enable_thinking=False)")
     sampling_fields.add_arguments(run, defaults={"max_tokens": RUN_MAX_TOKENS})
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -243,10 +245,17 @@ def _run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise QwenkitError("the prompt is empty")
+    content = prompt
+    if args.image:
+        from qwenkit.multimodal import load_image_source
+
+        # Decoded before the model loads: a bad file is one error line, at once.
+        content = [{"type": "image", "image": load_image_source(path, allow_files=True)} for path in args.image]
+        content.append({"type": "text", "text": prompt})
     llm = load_llm(args, files)
     _note_thinking_flags(llm, no_think=args.no_think, budget=args.thinking_budget is not None)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": prompt}
+        {"role": "user", "content": content}
     ]
     dim = "\033[2m" if sys.stderr.isatty() else ""
     reset = "\033[0m" if dim else ""

@@ -272,3 +272,29 @@ def test_text_only_model_answers_an_image_part_with_a_400(allm):
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_png(test_image(30, 30)))}},
                                              {"type": "text", "text": "hi"}]}])
     assert "does not read images" in e.value.body["message"]
+
+
+def test_cli_run_with_images_and_a_bad_image(vl_checkpoint, vl_llm, tmp_path, capsys):
+    import json
+
+    from qwenkit.cli import main
+    from qwenkit.sampling import SamplingParams
+
+    image = test_image(100, 70, seed=14)
+    (tmp_path / "a.png").write_bytes(_png(image))
+    args = ["run", "--model", str(vl_checkpoint[0]), "--device", "cpu", "--dtype", "float32",
+            "--temperature", "0", "--max-tokens", "6", "--json"]
+    assert main([*args, "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "a.png"), "Compare them."]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = vl_llm.chat(_messages([image, image], "Compare them."), SamplingParams(max_tokens=6, temperature=0.0))
+    assert out["content"] == expected.content
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main([*args, "--image", str(tmp_path / "bad.png"), "hi"]) != 0
+    assert "error:" in capsys.readouterr().err
+
+
+def test_capabilities_report_vision(vl_llm, llm):
+    from qwenkit.capabilities import model_capabilities
+
+    assert "vision" in model_capabilities(vl_llm).names()
+    assert "vision" not in model_capabilities(llm).names()
