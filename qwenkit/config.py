@@ -22,10 +22,10 @@ from qwenkit.sampling_fields import MODEL_DEFAULTS, SamplingField
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen3_vl")
 # Vision-language checkpoints: the language model's keys sit in `text_config` (transformers 5) or at
 # the top (published Qwen2.5-VL); the vision tower's in `vision_config` (qwenkit/models/qwen2_5_vl.py).
-VISION_MODEL_TYPES = ("qwen2_5_vl",)
+VISION_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
 # Pre-quantized safetensors checkpoints qwenkit loads as stored (qwenkit/loader/prequantized.py).
 QUANT_METHODS = ("fp8", "awq", "gptq", "compressed-tensors")
 
@@ -133,6 +133,7 @@ class ModelConfig:
     video_token_id: int | None = None
     vision_start_token_id: int | None = None
     mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -268,12 +269,15 @@ def _flatten_vision_config(d: dict[str, Any], f: "_Fields") -> tuple[dict[str, A
     if not vision_config:
         raise ModelLoadError(f"config.json: a {d.get('model_type')} checkpoint needs a vision_config object")
     sections: list[int] = []
+    interleaved = False
     for key in ("rope_parameters", "rope_scaling"):
         rope = fields.mapping(key)
         if rope:
             rope = dict(rope)
             sections = _Fields(rope, f"config.json {key}").ints("mrope_section") or sections
+            interleaved = _Fields(rope, f"config.json {key}").boolean("mrope_interleaved", interleaved)
             rope.pop("mrope_section", None)
+            rope.pop("mrope_interleaved", None)
             if rope.get("type") == "mrope":
                 rope["type"] = "default"
             if rope.get("rope_type") == "mrope":
@@ -283,7 +287,7 @@ def _flatten_vision_config(d: dict[str, Any], f: "_Fields") -> tuple[dict[str, A
         raise ModelLoadError("config.json: rope_scaling.mrope_section (the M-RoPE sections) is missing")
     head_dim = fields.positive_integer("head_dim", fields.positive_integer("hidden_size")
                                        // fields.positive_integer("num_attention_heads"))
-    if sum(sections) * 2 != head_dim or min(sections) < 1:
+    if len(sections) != 3 or sum(sections) * 2 != head_dim or min(sections) < 1:
         raise ModelLoadError(f"config.json: mrope_section {sections} must be positive and sum to head_dim / 2 ({head_dim // 2})")
     return merged, dict(
         vision_config=vision_config,
@@ -291,6 +295,7 @@ def _flatten_vision_config(d: dict[str, Any], f: "_Fields") -> tuple[dict[str, A
         video_token_id=fields.integer("video_token_id", None),
         vision_start_token_id=fields.integer("vision_start_token_id"),
         mrope_section=tuple(sections),
+        mrope_interleaved=interleaved,
     )
 
 

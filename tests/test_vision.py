@@ -12,18 +12,37 @@ from tiny_vl import hf_image_processor, hf_inputs, make_vl_checkpoint, test_imag
 pytest.importorskip("PIL")
 
 
+ARCHS = ("qwen2_5_vl", "qwen3_vl")
+_BUILT: dict[str, tuple] = {}
+
+
+def _built(arch: str, tmp_path_factory) -> tuple:
+    """(folder, transformers reference, qwenkit LLM) of the tiny `arch` checkpoint, built once per run."""
+    if arch not in _BUILT:
+        from qwenkit import LLM
+
+        folder = tmp_path_factory.mktemp(f"tiny_{arch}")
+        reference = make_vl_checkpoint(folder, arch=arch)
+        llm = LLM(str(folder), dtype="float32", device="cpu", kv_cache_memory="16MiB", progress=False)
+        _BUILT[arch] = folder, reference, llm
+    return _BUILT[arch]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def vl(request, tmp_path_factory):
+    """Each VL architecture in turn: (folder, reference, llm)."""
+    return _built(request.param, tmp_path_factory)
+
+
 @pytest.fixture(scope="module")
 def vl_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_vl")
-    reference = make_vl_checkpoint(folder)
-    return folder, reference
+    """Qwen2.5-VL's (folder, reference): the surfaces are tested on one architecture."""
+    return _built("qwen2_5_vl", tmp_path_factory)[:2]
 
 
 @pytest.fixture(scope="module")
-def vl_llm(vl_checkpoint):
-    from qwenkit import LLM
-
-    return LLM(str(vl_checkpoint[0]), dtype="float32", device="cpu", kv_cache_memory="16MiB", progress=False)
+def vl_llm(tmp_path_factory):
+    return _built("qwen2_5_vl", tmp_path_factory)[2]
 
 
 SIZES = [(28, 28), (56, 56), (100, 40), (40, 100), (13, 7), (224, 224), (300, 120), (640, 480), (57, 250),
@@ -31,11 +50,12 @@ SIZES = [(28, 28), (56, 56), (100, 40), (40, 100), (13, 7), (224, 224), (300, 12
          (1000, 30), (77, 1)]
 
 
-def test_pixel_values_equal_transformers_processor():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pixel_values_equal_transformers_processor(arch):
     from qwenkit.multimodal import ImageProcessor
-    from tiny_vl import MAX_PIXELS, MIN_PIXELS
+    from tiny_vl import PREPROCESSOR
 
-    ours, theirs = ImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), hf_image_processor()
+    ours, theirs = ImageProcessor.from_hf(PREPROCESSOR[arch]), hf_image_processor(arch)
     for i, (w, h) in enumerate(SIZES):
         image = test_image(w, h, seed=i)
         pixels, grid = ours.preprocess(image)
@@ -51,22 +71,23 @@ def _prompt(llm, images, text="Describe."):
     return prepared.prompt_token_ids, prepared.multimodal
 
 
-def test_vision_tower_equals_transformers(vl_checkpoint, vl_llm):
-    _, reference = vl_checkpoint
+def test_vision_tower_equals_transformers(vl):
+    _, reference, vl_llm = vl
     images = [test_image(100, 60, seed=1), test_image(200, 210, seed=2)]
-    hf = hf_image_processor()(images=images, return_tensors="pt")
+    hf = hf_image_processor(reference.config.model_type)(images=images, return_tensors="pt")
     with torch.no_grad():
-        expected = reference.model.visual(hf["pixel_values"], grid_thw=hf["image_grid_thw"]).pooler_output
+        out = reference.model.visual(hf["pixel_values"], grid_thw=hf["image_grid_thw"])
+    expected = torch.cat([out.pooler_output, *(getattr(out, "deepstack_features", None) or [])], dim=-1)
     grids = [tuple(g) for g in hf["image_grid_thw"].tolist()]
     got = torch.cat(vl_llm.model.embed_images(hf["pixel_values"], grids))
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-5
 
 
-def test_prefill_logits_equal_transformers(vl_checkpoint, vl_llm):
+def test_prefill_logits_equal_transformers(vl):
     from qwenkit.models.attention import AttentionMetadata
 
-    _, reference = vl_checkpoint
+    _, reference, vl_llm = vl
     images = [test_image(90, 50, seed=3), test_image(60, 120, seed=4)]
     ids, mm = _prompt(vl_llm, images)
     with torch.no_grad():
@@ -74,10 +95,17 @@ def test_prefill_logits_equal_transformers(vl_checkpoint, vl_llm):
         model = vl_llm.model
         h = model.model.embed_tokens(torch.tensor(ids))
         embeds = model.embed_images(torch.cat([i.pixel_values for i in mm.images]), [i.grid_thw for i in mm.images])
+        width, rows, features = h.shape[1], [], []
         for o, e in zip(mm.offsets, embeds):
-            h[o:o + len(e)] = e
+            h[o:o + len(e)] = e[:, :width]
+            rows.append(torch.arange(o, o + len(e)))
+            features.append(e[:, width:].reshape(len(e), -1, width))
+        extra = {}
+        if features[0].shape[1]:  # Qwen3-VL's DeepStack features
+            extra["deepstack"] = torch.cat(rows), torch.cat(features).transpose(0, 1)
         kv = model.allocate_kv_cache(len(ids))
-        hidden = model.model.forward_layers(h, mm.positions, kv, AttentionMetadata.contiguous(start=0, num_tokens=len(ids)))
+        hidden = model.model.forward_layers(h, mm.positions, kv, AttentionMetadata.contiguous(start=0, num_tokens=len(ids)),
+                                            **extra)
         got = model.compute_logits(hidden)
     assert (got - expected).abs().max().item() <= 1e-4
 
@@ -85,13 +113,20 @@ def test_prefill_logits_equal_transformers(vl_checkpoint, vl_llm):
 GREEDY = dict(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
+def _vision_ids(llm) -> list[int]:
+    return [llm.tokenizer.token_to_id(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")]
+
+
 def _generate(llm, requests):
-    """Run (prompt ids, MultimodalPrompt or None) requests together; their generated ids and cached counts."""
+    """Run (prompt ids, MultimodalPrompt or None) requests together; their generated ids and cached
+    counts. The vision markers are banned from the output (random weights may pick them; transformers
+    would read a generated <|image_pad|> as an image's)."""
     from qwenkit.sampling import SamplingParams
 
     engine = llm.engine
+    params = SamplingParams(**GREEDY, logit_bias={i: -100 for i in _vision_ids(llm)})
     for k, (ids, mm) in enumerate(requests):
-        engine.add_request(f"r{k}", ids, SamplingParams(**GREEDY), multimodal=mm)
+        engine.add_request(f"r{k}", ids, params, multimodal=mm)
     out = {f"r{k}": [] for k in range(len(requests))}
     cached = {}
     while engine.has_unfinished_requests():
@@ -106,6 +141,8 @@ def _reference_greedy(reference, ids, images, generated):
     and the largest logit gap to the runner-up (how safely argmax decides)."""
     with torch.no_grad():
         logits = reference(**hf_inputs(reference, ids + generated, images)).logits[0, len(ids) - 1:-1]
+    c = reference.config
+    logits[:, [c.vision_start_token_id, c.vision_end_token_id, c.image_token_id, c.video_token_id]] -= 100
     top2 = logits.topk(2, dim=-1).values
     return logits.argmax(-1).tolist(), (top2[:, 0] - top2[:, 1]).min().item()
 
@@ -115,8 +152,8 @@ def _messages(images, text="What is in the picture?", history=()):
     return [*history, {"role": "user", "content": content}]
 
 
-def test_greedy_tokens_equal_transformers_two_images_later_turn_and_a_mixed_batch(vl_checkpoint, vl_llm):
-    _, reference = vl_checkpoint
+def test_greedy_tokens_equal_transformers_two_images_later_turn_and_a_mixed_batch(vl):
+    _, reference, vl_llm = vl
     one = [test_image(120, 80, seed=5)]
     two = [test_image(64, 64, seed=6), test_image(150, 60, seed=7)]
     history = ({"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi! Send me a picture."})
@@ -136,7 +173,8 @@ def test_greedy_tokens_equal_transformers_two_images_later_turn_and_a_mixed_batc
     assert [_generate(vl_llm, [r])[0][0] for r in requests[:2]] == batched[:2]
 
 
-def test_prefix_cache_hit_on_a_repeated_image_and_miss_on_another(vl_checkpoint, vl_llm):
+def test_prefix_cache_hit_on_a_repeated_image_and_miss_on_another(vl):
+    _, reference, vl_llm = vl
     image, other = test_image(200, 100, seed=8), test_image(200, 100, seed=9)
     first = vl_llm.prepare_chat(_messages([image]))
     again = vl_llm.prepare_chat(_messages([image]))
@@ -149,20 +187,21 @@ def test_prefix_cache_hit_on_a_repeated_image_and_miss_on_another(vl_checkpoint,
     assert vl_llm.engine.runner.encoder_cache.num_encoded == encoded + 1  # the tower ran once for both
     (tokens,), (cached,) = _generate(vl_llm, [(different.prompt_token_ids, different.multimodal)])
     assert cached <= different.multimodal.offsets[0]  # only the text before the image is shared
-    expected, _ = _reference_greedy(vl_checkpoint[1], different.prompt_token_ids, [other], tokens)
+    expected, _ = _reference_greedy(reference, different.prompt_token_ids, [other], tokens)
     assert tokens == expected
 
 
-def test_chunked_prefill_splitting_images_equals_whole(vl_checkpoint):
+def test_chunked_prefill_splitting_images_equals_whole(vl):
     from qwenkit import LLM
 
-    llm = LLM(str(vl_checkpoint[0]), dtype="float32", device="cpu", kv_cache_memory="16MiB", progress=False,
+    folder, reference, _ = vl
+    llm = LLM(str(folder), dtype="float32", device="cpu", kv_cache_memory="16MiB", progress=False,
               max_num_batched_tokens=7, enable_prefix_caching=False)
     images = [test_image(100, 90, seed=10), test_image(70, 140, seed=11)]
     p = llm.prepare_chat(_messages(images))
     assert any(n % 7 for n in (i.num_tokens for i in p.multimodal.images))
     (tokens,), _ = _generate(llm, [(p.prompt_token_ids, p.multimodal)])
-    expected, _ = _reference_greedy(vl_checkpoint[1], p.prompt_token_ids, images, tokens)
+    expected, _ = _reference_greedy(reference, p.prompt_token_ids, images, tokens)
     assert tokens == expected
 
 

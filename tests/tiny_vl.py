@@ -33,8 +33,8 @@ TEMPLATE = (
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 64 * 28 * 28
 
 
-def make_vl_checkpoint(folder: Path, *, seed: int = 0):
-    """Write a tiny random Qwen2.5-VL checkpoint to `folder`; return the transformers model."""
+def make_vl_checkpoint(folder: Path, *, arch: str = "qwen2_5_vl", seed: int = 0):
+    """Write a tiny random Qwen2.5-VL or Qwen3-VL (`arch`) checkpoint to `folder`; return the transformers model."""
     import transformers
     from tokenizers import AddedToken, Tokenizer
 
@@ -54,26 +54,49 @@ def make_vl_checkpoint(folder: Path, *, seed: int = 0):
                 bos_token_id=None, eos_token_id=None)
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
-    cfg = transformers.Qwen2_5_VLConfig(
+    if arch == "qwen3_vl":
+        text.update(head_dim=32, num_hidden_layers=3,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                                     "mrope_interleaved": True})
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
+    config_cls, model_cls = {
+        "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+        "qwen3_vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration),
+    }[arch]
+    cfg = config_cls(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     tiny.randomize(model)
     model.save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR[arch]))
     return model
 
 
-def hf_image_processor():
+# As the checkpoints publish them (Qwen3-VL: 16-pixel patches, mean and std 0.5, `size` keys), with small limits.
+PREPROCESSOR = {
+    "qwen2_5_vl": {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
+                   "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711]},
+    "qwen3_vl": {"image_processor_type": "Qwen2VLImageProcessorFast",
+                 "size": {"shortest_edge": 4 * 32 * 32, "longest_edge": 64 * 32 * 32},
+                 "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+}
+
+
+def hf_image_processor(arch: str = "qwen2_5_vl"):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    c = dict(PREPROCESSOR[arch])
+    c.pop("image_processor_type")
+    return Qwen2VLImageProcessorPil(**c)
 
 
 def test_image(width: int, height: int, seed: int = 0):
@@ -93,7 +116,7 @@ test_image.__test__ = False  # not a pytest test
 
 def hf_inputs(model, token_ids: list[int], images):
     """transformers' inputs for prompt `token_ids` (placeholders already expanded) and PIL `images`."""
-    processor = hf_image_processor()
+    processor = hf_image_processor(model.config.model_type)
     out = processor(images=images, return_tensors="pt") if images else None
     input_ids = torch.tensor([token_ids])
     kwargs = dict(input_ids=input_ids,

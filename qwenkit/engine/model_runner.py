@@ -246,11 +246,20 @@ class ModelRunner:
             row += len(ids)
         inner = self.model.model
         h = inner.embed_tokens(torch.tensor(input_ids, device=self.device))
+        width, num_deepstack = h.shape[1], getattr(self.model, "num_deepstack", 0)
+        rows, features = [], []
         if pieces:
             embeds = self.encoder_cache.get([image for _, image, _, _ in pieces])
             for r, image, a, b in pieces:
-                h[r : r + b - a] = embeds[image.content_hash][a:b].to(h.device)
-        return inner.forward_layers(h, torch.cat(positions, dim=1).to(self.device), self.kv_caches, meta)
+                e = embeds[image.content_hash][a:b].to(h.device)
+                h[r : r + b - a] = e[:, :width]
+                if num_deepstack:  # Qwen3-VL: the DeepStack features after the embeddings
+                    rows.append(torch.arange(r, r + b - a, device=h.device))
+                    features.append(e[:, width:].view(b - a, num_deepstack, width))
+        extra = {}
+        if rows:
+            extra["deepstack"] = torch.cat(rows), torch.cat(features).transpose(0, 1)
+        return inner.forward_layers(h, torch.cat(positions, dim=1).to(self.device), self.kv_caches, meta, **extra)
 
     def _run_decode(self, step: "StepInput", pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
         """One token per sequence: plain lists, one tensor per field, no per-sequence tensors."""

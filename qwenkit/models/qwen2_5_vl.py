@@ -52,6 +52,10 @@ class VisionConfig:
     in_channels: int = 3
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
+    # Qwen3-VL: a learned position table (num_position_embeddings, a square grid) resampled to each
+    # image, and the blocks whose output feeds the language model's first layers (DeepStack).
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     @classmethod
     def from_hf(cls, d: dict) -> "VisionConfig":
@@ -66,6 +70,8 @@ class VisionConfig:
                 fullatt_block_indexes=tuple(int(i) for i in d.get("fullatt_block_indexes", ())),
                 in_channels=int(d.get("in_channels", 3)), hidden_act=str(d.get("hidden_act", "silu")),
                 rope_theta=float((d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                num_position_embeddings=int(d.get("num_position_embeddings", 0)),
+                deepstack_visual_indexes=tuple(int(i) for i in d.get("deepstack_visual_indexes", ())),
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json vision_config is missing the key {e.args[0]!r}") from None
@@ -161,16 +167,39 @@ class VisionBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, c: VisionConfig, *, dtype: torch.dtype):
+    def __init__(self, c: VisionConfig, *, dtype: torch.dtype, bias: bool = False):
         super().__init__()
         # The checkpoint's Conv3d weight [hidden, C, T, P, P]; its stride is its kernel, so it is one matmul.
         self.proj = nn.Module()
         self.proj.weight = _empty(c.hidden_size, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size,
                                   dtype=dtype)
+        self.proj.bias = _empty(c.hidden_size, dtype=dtype) if bias else None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight
-        return F.linear(pixel_values.to(w.dtype), w.view(w.shape[0], -1))
+        return F.linear(pixel_values.to(w.dtype), w.view(w.shape[0], -1), self.proj.bias)
+
+
+def merge_order_positions(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
+    """int64 [N, 2]: (row, column) of every patch, in the order the processor lays them out
+    (merge block by merge block, each frame of a clip alike)."""
+    rows = []
+    for t, h, w in grid_thw:
+        hpos, wpos = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        shape = (h // merge, merge, w // merge, merge)
+        hw = torch.stack([hpos.reshape(shape).transpose(1, 2).flatten(),
+                          wpos.reshape(shape).transpose(1, 2).flatten()], dim=-1)
+        rows.append(hw.repeat(t, 1))
+    return torch.cat(rows)
+
+
+def vision_rotary(grid_thw: list[tuple[int, int, int]], merge: int, inv_freq: torch.Tensor):
+    """cos, sin [N, 1, head_dim] float32 of every patch: its row drives the first half of the
+    frequencies, its column the second (the vision towers' 2-D rotary embedding)."""
+    pos = merge_order_positions(grid_thw, merge).to(inv_freq.device)
+    freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [N, head_dim / 2]: rows' then columns'
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos(), emb.sin()
 
 
 class PatchMerger(nn.Module):
@@ -198,21 +227,6 @@ class VisionTransformer(nn.Module):
         spatial_dim = c.hidden_size // c.num_heads // 2
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float) / spatial_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def _rotary(self, grid_thw: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, 1, head_dim] of every patch, in the merge-block order the patches arrive in."""
-        m = self.config.spatial_merge_size
-        rows = []
-        for t, h, w in grid_thw:
-            hpos, wpos = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            shape = (h // m, m, w // m, m)
-            hw = torch.stack([hpos.reshape(shape).transpose(1, 2).flatten(),
-                              wpos.reshape(shape).transpose(1, 2).flatten()], dim=-1)
-            rows.append(hw.repeat(t, 1))
-        pos = torch.cat(rows).to(self.inv_freq.device)
-        freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, head_dim / 2]: rows' then columns'
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos(), emb.sin()
 
     def _windows(self, grid_thw: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[int]]:
         """The order that groups merge blocks by attention window, and the windows' patch bounds."""
@@ -245,7 +259,7 @@ class VisionTransformer(nn.Module):
         window_index, window_bounds = self._windows(grid_thw)
         window_index = window_index.to(h.device)
         h = h.view(n // unit, unit, -1)[window_index].reshape(n, -1)
-        cos, sin = self._rotary(grid_thw)
+        cos, sin = vision_rotary(grid_thw, c.spatial_merge_size, self.inv_freq)
         cos = cos.view(n // unit, unit, 1, -1)[window_index].reshape(n, 1, -1)
         sin = sin.view(n // unit, unit, 1, -1)[window_index].reshape(n, 1, -1)
         full_bounds = [0]
@@ -259,12 +273,23 @@ class VisionTransformer(nn.Module):
 
 
 class MRotaryEmbedding(RotaryEmbedding):
-    """RoPE over 1-D positions [T] (text, decode), or M-RoPE over [3, T] (time, row, column)."""
+    """RoPE over 1-D positions [T] (text, decode), or M-RoPE over [3, T] (time, row, column).
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype):
+    Which of the three drives each of the head_dim / 2 frequencies: Qwen2.5-VL gives them in
+    three runs (`mrope_section` = [t, h, w] counts); Qwen3-VL interleaves them (t h w t h w ...,
+    the last frequencies time's), `mrope_interleaved`."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, interleaved: bool = False):
         super().__init__(config.rope, config.head_dim, dtype=dtype)
-        section = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(config.mrope_section)])
-        self.register_buffer("section", section, persistent=False)  # [head_dim / 2]: which position drives each
+        t, h, w = config.mrope_section
+        if interleaved:
+            j = torch.arange(t + h + w)
+            section = torch.zeros_like(j)
+            section[(j % 3 == 1) & (j < 3 * h)] = 1
+            section[(j % 3 == 2) & (j < 3 * w)] = 2
+        else:
+            section = torch.cat([torch.full((n,), i) for i, n in enumerate((t, h, w))])
+        self.register_buffer("section", section, persistent=False)  # [head_dim / 2]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:
