@@ -22,10 +22,10 @@ from qwenkit.sampling_fields import MODEL_DEFAULTS, SamplingField
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen3_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Vision-language checkpoints: the language model's keys sit in `text_config` (transformers 5) or at
 # the top (published Qwen2.5-VL); the vision tower's in `vision_config` (qwenkit/models/qwen2_5_vl.py).
-VISION_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+VISION_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Pre-quantized safetensors checkpoints qwenkit loads as stored (qwenkit/loader/prequantized.py).
 QUANT_METHODS = ("fp8", "awq", "gptq", "compressed-tensors")
 
@@ -205,7 +205,7 @@ class ModelConfig:
         if f.boolean("use_sliding_window", False):
             logger.warning("use_sliding_window is set; qwenkit attends to the full context (as Qwen2.5 ships)")
         kwargs["attention_bias"] = f.boolean("attention_bias", False)
-        if model_type == "qwen3_moe":
+        if model_type in ("qwen3_moe", "qwen3_vl_moe"):
             kwargs.update(
                 num_experts=f.integer("num_experts", f.integer("num_local_experts", 0)),
                 num_experts_per_tok=f.positive_integer("num_experts_per_tok"),
@@ -262,7 +262,11 @@ def _flatten_vision_config(d: dict[str, Any], f: "_Fields") -> tuple[dict[str, A
     """A VL config.json as a text model's dict (the `text_config` keys over the top-level ones, the
     rotary type "mrope" read as "default" with its sections apart) and the vision fields."""
     text = f.mapping("text_config") or {}
+    # The text keys over the top-level ones, but for tie_word_embeddings, which transformers reads
+    # from the top (a Qwen3-VL-MoE text_config may say true beside an untied top level and lm_head).
     merged = {**d, **{k: v for k, v in text.items() if k != "model_type"}}
+    if "tie_word_embeddings" in d:
+        merged["tie_word_embeddings"] = d["tie_word_embeddings"]
     merged.pop("text_config", None)
     fields = _Fields(merged, "config.json")
     vision_config = f.mapping("vision_config")

@@ -61,9 +61,18 @@ def make_vl_checkpoint(folder: Path, *, arch: str = "qwen2_5_vl", seed: int = 0)
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
+    if arch == "qwen3_vl_moe":  # hidden 64 != 2 * moe_intermediate: the published expert layout is told apart
+        text.update(head_dim=32, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                    decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                                     "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[1])
     config_cls, model_cls = {
         "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
         "qwen3_vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration),
+        "qwen3_vl_moe": (transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration),
     }[arch]
     cfg = config_cls(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
@@ -73,9 +82,24 @@ def make_vl_checkpoint(folder: Path, *, arch: str = "qwen2_5_vl", seed: int = 0)
     model = model_cls(cfg).eval()
     tiny.randomize(model)
     model.save_pretrained(folder)
+    if arch == "qwen3_vl_moe":
+        _publish_expert_layout(folder)
+        model = model_cls.from_pretrained(folder).eval()  # the reference reads the same file
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR[arch]))
     return model
+
+
+def _publish_expert_layout(folder: Path) -> None:
+    """Rewrite the stacked experts as the Qwen team publishes Qwen3-VL-MoE (each matrix transposed)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for name in list(tensors):
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 # As the checkpoints publish them (Qwen3-VL: 16-pixel patches, mean and std 0.5, `size` keys), with small limits.
@@ -84,11 +108,15 @@ PREPROCESSOR = {
                    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
                    "image_std": [0.26862954, 0.26130258, 0.27577711]},
+    "qwen3_vl_moe": None,
     "qwen3_vl": {"image_processor_type": "Qwen2VLImageProcessorFast",
                  "size": {"shortest_edge": 4 * 32 * 32, "longest_edge": 64 * 32 * 32},
                  "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
 }
+
+
+PREPROCESSOR["qwen3_vl_moe"] = PREPROCESSOR["qwen3_vl"]
 
 
 def hf_image_processor(arch: str = "qwen2_5_vl"):

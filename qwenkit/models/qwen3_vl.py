@@ -1,4 +1,4 @@
-"""Qwen3-VL dense (`model_type: qwen3_vl`): Qwen3's decoder (q/k RMSNorm, explicit head_dim)
+"""Qwen3-VL (`model_type: qwen3_vl`, and `qwen3_vl_moe` with Qwen3-MoE's experts): Qwen3's decoder (q/k RMSNorm, explicit head_dim)
 with interleaved M-RoPE, and a vision tower that differs from Qwen2.5-VL's
 (qwenkit/models/qwen2_5_vl.py, whose pieces it shares):
 
@@ -24,6 +24,7 @@ from torch import nn
 from qwenkit.config import ModelConfig
 from qwenkit.models.attention import AttentionMetadata
 from qwenkit.models.layers import BlockFlags, QwenForCausalLM, QwenModel
+from qwenkit.models.quant import materialize
 from qwenkit.models.qwen2_5_vl import (
     _ACTIVATIONS, MRotaryEmbedding, PatchEmbed, VisionAttention, VisionConfig, VisionLinear, _empty,
     merge_order_positions, vision_rotary,
@@ -176,3 +177,27 @@ class Qwen3VLForConditionalGeneration(QwenForCausalLM):
         out = self.visual(pixel_values.to(device), grid_thw).to(self.dtype)
         sizes = [t * h * w // self.vision_config.merge_unit for t, h, w in grid_thw]
         return list(out.split(sizes))
+
+
+class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Qwen3-VL-MoE (`model_type: qwen3_vl_moe`): Qwen3-VL with Qwen3-MoE's sparse MLP. Its experts
+    come stacked (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`): as transformers 5 holds them
+    ([E, 2 * moe_intermediate, hidden], [E, hidden, moe_intermediate], qwenkit's layout), or as the
+    Qwen team publishes them, each matrix transposed."""
+
+    @classmethod
+    def block_flags(cls, config: ModelConfig) -> BlockFlags:
+        return BlockFlags(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm=True,
+                          sparse_moe=True)
+
+    def convert_checkpoint_tensor(self, name: str, tensor):
+        c = self.config
+        if name.endswith("mlp.experts.gate_up_proj"):
+            published = (c.num_experts, c.hidden_size, 2 * c.moe_intermediate_size)
+        elif name.endswith("mlp.experts.down_proj"):
+            published = (c.num_experts, c.moe_intermediate_size, c.hidden_size)
+        else:
+            return tensor
+        if tuple(tensor.shape) == published and published[1] != published[2]:
+            return materialize(tensor).transpose(1, 2).contiguous()
+        return tensor
