@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, default=256,
                        help="requests waiting for a turn; past it the server answers 429")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (413 past it)")
+    serve.add_argument("--allow-image-urls", action="store_true",
+                       help="fetch http(s) image URLs in messages (20 MiB, 10 s each; they reach what this host "
+                            "reaches: trusted clients only). Off: images come inline as data: URLs")
     serve.add_argument("--request-timeout", type=float, help="seconds a generation may run (default: no limit)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM")
@@ -385,6 +388,7 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_names=args.served_model_name,
         api_key=args.api_key or os.environ.get("QWENKIT_API_KEY") or None,
         max_body_bytes=args.max_body_bytes,
+        allow_image_urls=args.allow_image_urls,
         max_running_requests=args.max_running_requests,
         max_waiting_requests=args.max_waiting_requests,
         request_timeout_s=args.request_timeout,

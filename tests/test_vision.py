@@ -282,7 +282,7 @@ def _truncated() -> bytes:
     ("truncated", "could not be decoded"),
     ("bomb", "pixels"),
     ("http://127.0.0.1:1/cat.png", "not fetched"),
-    ("/etc/passwd", "not fetched"),
+    ("/etc/passwd", "must be a data: URL"),
 ])
 def test_bad_images_are_openai_400s_and_the_server_still_answers(vl_server, url, message):
     openai = pytest.importorskip("openai")
@@ -343,3 +343,60 @@ def test_capabilities_report_vision(vl_llm, llm):
 
     assert "vision" in model_capabilities(vl_llm).names()
     assert "vision" not in model_capabilities(llm).names()
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    """A loopback HTTP server of one PNG at /cat.png (anything else 404): its base URL and the image."""
+    import http.server
+    import threading
+
+    image = test_image(80, 120, seed=15)
+    body = _png(image)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/cat.png" else 404)
+            self.send_header("Content-Length", str(len(body) if self.path == "/cat.png" else 0))
+            self.end_headers()
+            if self.path == "/cat.png":
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", image
+    server.shutdown()
+
+
+def test_image_urls_fetched_only_when_the_server_allows_it(vl_server, image_host, vl_llm):
+    openai = pytest.importorskip("openai")
+    from serving import running_server
+
+    from qwenkit.sampling import SamplingParams
+    from qwenkit.server import ServerConfig
+
+    host, image = image_host
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{host}/cat.png"}},
+                                             {"type": "text", "text": "What is in the picture?"}]}]
+    refusing = openai.OpenAI(base_url=f"{vl_server[0]}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="--allow-image-urls"):
+        refusing.chat.completions.create(model="default", max_tokens=4, messages=messages)
+    with running_server(vl_server[1], ServerConfig(allow_image_urls=True)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="default", max_tokens=8, temperature=0, messages=messages)
+        expected = vl_llm.chat(_messages([image]), SamplingParams(max_tokens=8, temperature=0.0))
+        assert reply.choices[0].message.content == expected.content
+        missing = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{host}/nope.png"}}]}]
+        with pytest.raises(openai.BadRequestError, match="HTTP 404"):
+            client.chat.completions.create(model="default", max_tokens=4, messages=missing)
+    import asyncio
+
+    from qwenkit.multimodal import ImageError
+    from qwenkit.multimodal.fetch import fetch_image
+
+    with pytest.raises(ImageError, match="over the limit of 100 bytes"):
+        asyncio.run(fetch_image(f"{host}/cat.png", max_bytes=100, timeout_s=5))

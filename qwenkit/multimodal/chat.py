@@ -59,8 +59,9 @@ TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 def protocol_content(content: list[Any], where: str) -> str | list[dict[str, Any]]:
     """A protocol message's list of parts as the engine takes it: the text joined when there is no
-    image, else text and image parts in order, each image a `data:` URL (the server never reads a
-    path, and fetches no URL here). ValueError names the part at fault."""
+    image, else text and image parts in order, each image a `data:` or http(s) URL (never a path;
+    an http(s) URL is fetched by the server only with --allow-image-urls, qwenkit/multimodal/fetch.py).
+    ValueError names the part at fault."""
     texts_only = True
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
@@ -75,10 +76,9 @@ def protocol_content(content: list[Any], where: str) -> str | list[dict[str, Any
             url = image_source(part, f"{where}[{j}]")
             if not isinstance(url, str):
                 raise ValueError(f"{where}[{j}]: the image URL must be a string")
-            if not url.startswith("data:"):
-                scheme = url.split(":", 1)[0] if ":" in url[:10] else "a path"
-                raise ValueError(f"{where}[{j}]: image URLs ({scheme}) are not fetched by this server; "
-                                 "send the image inline as a data: URL (data:image/png;base64,...)")
+            if not url.startswith(("data:", "http://", "https://")):
+                raise ValueError(f"{where}[{j}]: an image must be a data: URL (data:image/png;base64,...) "
+                                 "or, where the server allows it, an http(s) URL")
             parts.append({"type": "image_url", "image_url": {"url": url}})
             texts_only = False
         else:

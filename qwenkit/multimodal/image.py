@@ -110,8 +110,8 @@ def load_image_source(source: Any, limits: ImageLimits = ImageLimits(), *, allow
             raise ImageError("the image data: URL is not valid base64") from None
         return decode_image(data, limits)
     if source.startswith(("http://", "https://")):
-        raise ImageError("image URLs are not fetched here: send the image as a data: URL "
-                         "(or start the server with --allow-image-urls)")
+        raise ImageError(f"image URLs are not fetched: send the image inline as a data: URL (a server fetches "
+                         f"http(s) URLs only when started with --allow-image-urls): {source[:100]}")
     if allow_files:
         path = Path(source.removeprefix("file://"))
         try:
