@@ -400,3 +400,20 @@ def test_image_urls_fetched_only_when_the_server_allows_it(vl_server, image_host
 
     with pytest.raises(ImageError, match="over the limit of 100 bytes"):
         asyncio.run(fetch_image(f"{host}/cat.png", max_bytes=100, timeout_s=5))
+
+
+def test_dashscope_sdk_multimodal_conversation(vl_server, vl_llm, monkeypatch):
+    dashscope = pytest.importorskip("dashscope")
+    from qwenkit.sampling import SamplingParams
+
+    monkeypatch.setattr(dashscope, "base_http_api_url", f"{vl_server[0]}/api/v1")
+    image = test_image(90, 90, seed=16)
+    messages = [{"role": "user", "content": [{"image": _data_url(_png(image))}, {"text": "What is in the picture?"}]}]
+    response = dashscope.MultiModalConversation.call(model="default", messages=messages, api_key="unused",
+                                                     max_tokens=8, temperature=0)
+    assert response.status_code == 200, response
+    expected = vl_llm.chat(_messages([image]), SamplingParams(max_tokens=8, temperature=0.0))
+    assert response.output.choices[0].message.content == [{"text": expected.content}]
+    bad = [{"role": "user", "content": [{"image": _data_url(b"junk")}, {"text": "hi"}]}]
+    response = dashscope.MultiModalConversation.call(model="default", messages=bad, api_key="unused", max_tokens=2)
+    assert response.status_code == 400 and "not an image format" in response.message
