@@ -417,3 +417,20 @@ def test_dashscope_sdk_multimodal_conversation(vl_server, vl_llm, monkeypatch):
     bad = [{"role": "user", "content": [{"image": _data_url(b"junk")}, {"text": "hi"}]}]
     response = dashscope.MultiModalConversation.call(model="default", messages=bad, api_key="unused", max_tokens=2)
     assert response.status_code == 400 and "not an image format" in response.message
+
+
+def test_chat_client_user_media_local_and_remote(vl_server, vl_llm, tmp_path):
+    from qwenkit.client import ChatClient, LocalChatModel, Media, OpenAIChatModel
+    from qwenkit.sampling import SamplingParams
+
+    image = test_image(100, 100, seed=17)
+    (tmp_path / "photo.png").write_bytes(_png(image))
+    media = [Media.from_file(tmp_path / "photo.png")]
+    expected = vl_llm.chat(_messages([image]), SamplingParams(max_tokens=8, temperature=0.0)).content
+    options = {"max_tokens": 8, "temperature": 0}
+    local = ChatClient(LocalChatModel(vl_llm), default_options=options)
+    assert local.prompt().user("What is in the picture?", media=media).call().content() == expected
+    remote = ChatClient(OpenAIChatModel(f"{vl_server[0]}/v1", "unused"), default_options=options)
+    assert remote.prompt().user("What is in the picture?", media=media).call().content() == expected
+    with pytest.raises(ValueError, match="not an image file"):
+        Media.from_file(tmp_path / "notes.txt")
