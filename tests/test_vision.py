@@ -434,3 +434,28 @@ def test_chat_client_user_media_local_and_remote(vl_server, vl_llm, tmp_path):
     assert remote.prompt().user("What is in the picture?", media=media).call().content() == expected
     with pytest.raises(ValueError, match="not an image file"):
         Media.from_file(tmp_path / "notes.txt")
+
+
+def test_qwenkit_chat_attaches_an_image(vl_llm, tmp_path):
+    import io
+
+    from qwenkit.chat_cli import ChatSession, _Style
+    from qwenkit.client import ChatClient, InMemoryChatMemory, LocalChatModel, MessageChatMemoryAdvisor
+    from qwenkit.sampling import SamplingParams
+
+    image = test_image(64, 96, seed=18)
+    (tmp_path / "photo.png").write_bytes(_png(image))
+    memory = InMemoryChatMemory()
+    client = ChatClient(LocalChatModel(vl_llm), default_options={"max_tokens": 8, "temperature": 0},
+                        default_advisors=[MessageChatMemoryAdvisor(memory)])
+    out = io.StringIO()
+    session = ChatSession(client, memory, conversation_id="c", enable_thinking=None, thinking_budget=None,
+                          out=out, style=_Style(False))
+    session.command("/image /no/such.png")
+    assert "/image:" in out.getvalue() and not session.attachments
+    session.command(f"/image {tmp_path / 'photo.png'}")
+    session.turn("What is in the picture?")
+    expected = vl_llm.chat(_messages([image]), SamplingParams(max_tokens=8, temperature=0.0)).content
+    assert out.getvalue().endswith(expected + "\n")
+    session.show_history()
+    assert "user: [image] What is in the picture?" in out.getvalue()
