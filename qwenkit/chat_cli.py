@@ -139,8 +139,8 @@ class ChatSession:
         chunks = None
         try:
             media, self.attachments = self.attachments, []
-            stream = (self.client.prompt().user(text, media=media).options(self.options())
-                      .advisors(conversation_id=self.conversation_id).stream())
+            request = self.client.prompt().user(text, media=media) if media else self.client.prompt(text)
+            stream = request.options(self.options()).advisors(conversation_id=self.conversation_id).stream()
             chunks = stream.chunks()
             for chunk in chunks:
                 if chunk.reasoning_content:
