@@ -142,7 +142,7 @@ def checkpoint_capabilities(caps: Capabilities, files: Any, *, task: str | None 
     if embedding:
         return Capabilities(thinking=False, hybrid_thinking=False, tools=False, embedding=True)
     rerank = is_published_reranker(files) if task is None else task == "rerank"
-    return Capabilities(caps.thinking, caps.hybrid_thinking, caps.tools, rerank=rerank)
+    return Capabilities(caps.thinking, caps.hybrid_thinking, caps.tools, rerank=rerank, vision=caps.vision)
 
 
 def is_published_reranker(files: Any) -> bool:

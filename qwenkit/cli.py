@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the results as JSON (every run's value)")
     bench.add_argument("--embed", action="store_true", help="measure embeddings/s of --prompt-tokens-token texts "
                        "(an embedding model; default 256 tokens) instead of generation")
+    bench.add_argument("--image", action="store_true", help="time to first token of a turn with one image "
+                       "(a vision-language model), beside transformers' on the same checkpoint")
+    bench.add_argument("--image-size", type=int, default=1024, help="the image's width and height (default 1024)")
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="serve OpenAI- and DashScope-compatible HTTP APIs")
@@ -310,6 +313,8 @@ def _as_chat_args(args: argparse.Namespace) -> argparse.Namespace:
 def _bench(args: argparse.Namespace) -> int:
     if args.embed:
         return _bench_embed(args)
+    if args.image:
+        return _bench_image(args)
     if args.prompt_tokens is None:
         args.prompt_tokens = 512
     try:
@@ -332,6 +337,23 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency, repeats=args.repeats)
     print(json.dumps(as_dict(result)) if args.json else result.table())
+    return 0
+
+
+def _bench_image(args: argparse.Namespace) -> int:
+    if args.image_size < 1 or args.repeats < 1:
+        raise QwenkitError("--image-size and --repeats must be >= 1")
+    files = model_files(args)
+    llm = load_llm(args, files)
+    from qwenkit.bench import run_image_bench
+
+    try:
+        import transformers  # noqa: F401
+        compare = files.format == "hf"
+    except ImportError:
+        compare = False
+    result = run_image_bench(llm, size=args.image_size, repeats=args.repeats, transformers=compare)
+    print(json.dumps(result.as_dict()) if args.json else result.line())
     return 0
 
 

@@ -459,3 +459,23 @@ def test_qwenkit_chat_attaches_an_image(vl_llm, tmp_path):
     assert out.getvalue().endswith(expected + "\n")
     session.show_history()
     assert "user: [image] What is in the picture?" in out.getvalue()
+
+
+def test_bench_image_prints_time_to_first_token_beside_transformers(vl_checkpoint, capsys):
+    import json
+
+    from qwenkit.cli import main
+
+    assert main(["bench", "--model", str(vl_checkpoint[0]), "--device", "cpu", "--dtype", "float32", "--image",
+                 "--image-size", "128", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["size"] == 128 and result["image_tokens"] > 0
+    assert result["ttft_s"]["median"] > 0 and result["transformers_ttft_s"]["median"] > 0
+
+
+def test_show_reports_vision_without_loading(vl_checkpoint, capsys):
+    from qwenkit.cli import main
+
+    assert main(["show", str(vl_checkpoint[0])]) == 0
+    out = capsys.readouterr().out
+    assert "vision" in out and "qwen2_5_vl" in out
