@@ -3,6 +3,8 @@ transformers on the same tiny random checkpoint (float32), through the engine.""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -479,3 +481,55 @@ def test_show_reports_vision_without_loading(vl_checkpoint, capsys):
     assert main(["show", str(vl_checkpoint[0])]) == 0
     out = capsys.readouterr().out
     assert "vision" in out and "qwen2_5_vl" in out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the page test needs Playwright")
+    chromium = os.environ.get("QWENKIT_CHROMIUM", "/usr/bin/chromium")
+    if not shutil.which(chromium):
+        pytest.skip(f"the page test needs Chromium at {chromium}")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        yield browser
+        browser.close()
+
+
+def test_web_page_attaches_an_image_shows_it_and_keeps_it(vl_server, browser, tmp_path):
+    import json
+
+    from serving import running_server
+
+    from qwenkit.server import ServerConfig
+
+    (tmp_path / "photo.png").write_bytes(_png(test_image(120, 80, seed=19)))
+    config = ServerConfig(chat_db=str(tmp_path / "chats.sqlite3"))
+    with running_server(vl_server[1], config) as url:
+        page = browser.new_context(viewport={"width": 1100, "height": 760}).new_page()
+        page.set_default_timeout(30_000)
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{url}/")
+        page.wait_for_selector("body[data-ready]")
+        page.locator("#attach").wait_for()  # shown: the model reads images
+        page.set_input_files("#attach-file", str(tmp_path / "photo.png"))
+        page.locator("#attachments img.thumb").wait_for()
+        page.get_by_label("Message", exact=True).fill("What is in the picture?")
+        with page.expect_request("**/v1/chat/completions") as sent:
+            page.get_by_label("Message", exact=True).press("Enter")
+        body = json.loads(sent.value.post_data)
+        parts = body["messages"][-1]["content"]
+        assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert parts[-1] == {"type": "text", "text": "What is in the picture?"}
+        page.locator("article.assistant[aria-busy=false]").wait_for()
+        assert page.locator("article.user img.thumb").count() == 1
+        assert page.locator("#attachments").is_hidden()
+        page.wait_for_function("location.hash.length > 1")
+        page.wait_for_timeout(500)  # the turn is saved after the answer
+        page.reload()
+        page.wait_for_selector("body[data-ready]")
+        page.locator("article.user img.thumb").wait_for()  # kept with the conversation
+        assert "What is in the picture?" in page.locator("article.user").inner_text()
+        assert errors == []
