@@ -1,5 +1,7 @@
-"""Qwen2.5-VL: preprocessing, the vision tower, M-RoPE prefill and greedy decoding equal to
-transformers on the same tiny random checkpoint (float32), through the engine."""
+"""Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: preprocessing, the vision tower, M-RoPE prefill and
+greedy decoding equal to transformers on the same tiny random checkpoints (float32), through the
+engine; then every surface that takes images, with its real client (openai and dashscope SDKs,
+the CLI, ChatClient, qwenkit chat, the web page in Chromium), and the errors of bad images."""
 
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ SIZES = [(28, 28), (56, 56), (100, 40), (40, 100), (13, 7), (224, 224), (300, 12
          (1000, 30), (77, 1)]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS[:2])  # the MoE's processor is Qwen3-VL's
 def test_pixel_values_equal_transformers_processor(arch):
     from qwenkit.multimodal import ImageProcessor
     from tiny_vl import PREPROCESSOR
