@@ -221,10 +221,10 @@ class ImageBenchResult:
 
     def line(self) -> str:
         text = (f"{self.model}: one {self.size}x{self.size} image ({self.image_tokens} image tokens of "
-                f"{self.prompt_tokens}): time to first token {self.ttft_s.show('{:.3f}')} s")
+                f"{self.prompt_tokens}): time to first token {self.ttft_s.show('.3f')} s")
         if self.transformers_ttft_s is not None:
             ratio = self.transformers_ttft_s.median / self.ttft_s.median
-            text += f"; transformers {self.transformers_ttft_s.show('{:.3f}')} s ({ratio:.2f}x)"
+            text += f"; transformers {self.transformers_ttft_s.show('.3f')} s ({ratio:.2f}x)"
         return text
 
     def as_dict(self) -> dict:

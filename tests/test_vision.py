@@ -475,6 +475,11 @@ def test_bench_image_prints_time_to_first_token_beside_transformers(vl_checkpoin
     result = json.loads(capsys.readouterr().out)
     assert result["size"] == 128 and result["image_tokens"] > 0
     assert result["ttft_s"]["median"] > 0 and result["transformers_ttft_s"]["median"] > 0
+    from qwenkit.bench import ImageBenchResult, Measurement
+
+    line = ImageBenchResult("m", 128, 16, 40, Measurement([0.5, 0.7]), Measurement([1.0, 1.2])).line()
+    assert line == ("m: one 128x128 image (16 image tokens of 40): time to first token 0.600 (min 0.500, "
+                    "max 0.700) s; transformers 1.100 (min 1.000, max 1.200) s (1.83x)")
 
 
 def test_show_reports_vision_without_loading(vl_checkpoint, capsys):
