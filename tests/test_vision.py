@@ -540,3 +540,30 @@ def test_web_page_attaches_an_image_shows_it_and_keeps_it(vl_server, browser, tm
         page.locator("article.user img.thumb").wait_for()  # kept with the conversation
         assert "What is in the picture?" in page.locator("article.user").inner_text()
         assert errors == []
+
+
+def test_published_qwen2_5_vl_config_layout_loads_the_same(vl_checkpoint, vl_llm, tmp_path):
+    """Qwen/Qwen2.5-VL-*-Instruct's config.json: the text keys at the top, rope_scaling
+    {"type": "mrope", "mrope_section": ...}, torch_dtype; read as transformers 5's nested one."""
+    import json
+    import shutil
+
+    from qwenkit import LLM
+    from qwenkit.sampling import SamplingParams
+
+    folder = tmp_path / "published"
+    shutil.copytree(vl_checkpoint[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    config.update({k: v for k, v in text.items() if k != "model_type"})
+    config["rope_theta"] = rope["rope_theta"]
+    config["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    config["torch_dtype"] = config.pop("dtype")
+    config["vision_config"]["in_chans"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    published = LLM(str(folder), dtype="float32", device="cpu", kv_cache_memory="16MiB", progress=False)
+    assert published.config == vl_llm.config
+    image = test_image(70, 50, seed=20)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    assert published.chat(_messages([image]), params).content == vl_llm.chat(_messages([image]), params).content

@@ -17,6 +17,8 @@ head_dim / 2 frequencies each of the three positions drives.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,8 @@ from torch import nn
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ModelLoadError
 from qwenkit.models.layers import BlockFlags, QwenForCausalLM, RotaryEmbedding
+
+logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -77,6 +81,12 @@ class VisionConfig:
             raise ModelLoadError(f"config.json vision_config is missing the key {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"config.json vision_config: {e}") from None
+        # Keys read by transformers for training or video, or spelt twice in published configs.
+        ignored = {"model_type", "initializer_range", "in_chans", "spatial_patch_size", "tokens_per_second",
+                   "torch_dtype", "dtype", "_name_or_path", "transformers_version", "architectures"}
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)} - ignored - {"rope_parameters"})
+        if unknown:
+            logger.warning("vision_config keys qwenkit does not use: %s", ", ".join(unknown))
         if config.hidden_act not in _ACTIVATIONS:
             raise ModelLoadError(f"config.json vision_config: unsupported hidden_act {config.hidden_act!r}")
         if config.hidden_size % config.num_heads or (config.hidden_size // config.num_heads) % 4:
