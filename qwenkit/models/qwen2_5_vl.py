@@ -146,8 +146,10 @@ class VisionAttention(nn.Module):
         k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
         out = torch.empty_like(q)
         for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
-            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1)
+            # [1, H, n, D]: 4-D, as torch's fused CPU attention takes them (3-D inputs fell back to the
+            # unfused math path: the tower was measured ~1.3x slower than transformers' with them).
+            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
         return self.proj(out.reshape(n, -1))
 
 
