@@ -146,7 +146,7 @@ class AsyncLLM:
     def _updates(self, stream: ChatStream) -> AsyncIterator[SequenceUpdate]:
         p = stream.prepared
         return self.generate_stream(p.prompt_token_ids, p.params, request_id=stream.request_id,
-                                    fallback=p.fallback, controls=p.controls)
+                                    fallback=p.fallback, controls=p.controls, multimodal=p.multimodal)
 
     async def embed(self, texts: str | Sequence[str | Sequence[int]], *, instruction: str | None = None,
                     dimensions: int | None = None) -> Embeddings:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from qwenkit import kernels
+from qwenkit.errors import QwenkitError
 from qwenkit.llm import LLM
 from qwenkit.sampling import SamplingParams
 
@@ -216,3 +217,77 @@ def run_embed_bench(llm: LLM, *, num_texts: int = 16, num_tokens: int = 256, rep
     return EmbedBenchResult(model=llm.model_name, dtype=str(llm.dtype).removeprefix("torch."),
                             threads=torch.get_num_threads(), num_texts=num_texts, num_tokens=num_tokens,
                             embeddings_per_s=Measurement(runs))
+
+
+@dataclass
+class ImageBenchResult:
+    """Time to first token of a chat turn with one `size` x `size` image (a new image each run: no
+    cache hit), qwenkit beside transformers on the same checkpoint, runs alternating."""
+
+    model: str
+    size: int
+    image_tokens: int
+    prompt_tokens: int
+    ttft_s: Measurement
+    transformers_ttft_s: Measurement | None
+
+    def line(self) -> str:
+        text = (f"{self.model}: one {self.size}x{self.size} image ({self.image_tokens} image tokens of "
+                f"{self.prompt_tokens}): time to first token {self.ttft_s.show('.3f')} s")
+        if self.transformers_ttft_s is not None:
+            ratio = self.transformers_ttft_s.median / self.ttft_s.median
+            text += f"; transformers {self.transformers_ttft_s.show('.3f')} s ({ratio:.2f}x)"
+        return text
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "size": self.size, "image_tokens": self.image_tokens,
+                "prompt_tokens": self.prompt_tokens, "ttft_s": self.ttft_s.as_dict(),
+                "transformers_ttft_s": self.transformers_ttft_s and self.transformers_ttft_s.as_dict()}
+
+
+def _bench_image(size: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def run_image_bench(llm: LLM, *, size: int = 1024, repeats: int = 3, transformers: bool = True) -> ImageBenchResult:
+    """`qwenkit bench --image`: see `ImageBenchResult`. transformers: also time its forward pass over
+    the same prompt and pixels (its `AutoModelForImageTextToText` on the checkpoint's folder)."""
+    import torch
+
+    if llm.image_processor is None:
+        raise QwenkitError(f"{llm.model_name} does not read images: --image needs a vision-language model")
+
+    def messages(image):
+        return [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "Describe this image."}]}]
+
+    reference = None
+    if transformers:
+        from transformers import AutoModelForImageTextToText
+
+        reference = AutoModelForImageTextToText.from_pretrained(str(llm.files.path), dtype=llm.dtype).eval()
+    llm.chat(messages(_bench_image(64, 0)), SamplingParams(max_tokens=1))  # warm-up
+    ours, theirs, prepared = [], [], None
+    for run in range(repeats):
+        image = _bench_image(size, run + 1)
+        start = time.perf_counter()
+        llm.chat(messages(image), SamplingParams(temperature=0, max_tokens=1))
+        ours.append(time.perf_counter() - start)
+        if reference is not None:
+            start = time.perf_counter()
+            prepared = llm.prepare_chat(messages(image))  # the same pixels and ids: preprocessing counted
+            mm = prepared.multimodal
+            ids = torch.tensor([prepared.prompt_token_ids])
+            with torch.inference_mode():
+                reference(input_ids=ids, mm_token_type_ids=(ids == llm.config.image_token_id).int(),
+                          pixel_values=torch.cat([i.pixel_values for i in mm.images]),
+                          image_grid_thw=torch.tensor([i.grid_thw for i in mm.images]), logits_to_keep=1)
+            theirs.append(time.perf_counter() - start)
+    prepared = prepared or llm.prepare_chat(messages(_bench_image(size, 1)))
+    return ImageBenchResult(llm.model_name, size, prepared.multimodal.images[0].num_tokens,
+                            len(prepared.prompt_token_ids), Measurement(ours),
+                            Measurement(theirs) if theirs else None)

@@ -36,6 +36,8 @@ Plain Python, no torch: `qwenkit show` and `list` call it without loading weight
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,7 @@ class Capabilities:
     tools: bool
     embedding: bool = False  # an embedding model (it does not generate)
     rerank: bool = False
+    vision: bool = False  # it reads images (a vision-language checkpoint)
 
     def names(self) -> list[str]:
         """As Ollama lists capabilities ("completion", "thinking", "tools", "embedding"),
@@ -81,6 +84,8 @@ class Capabilities:
             names.append("tools")
         if self.rerank:
             names.append("rerank")
+        if self.vision:
+            names.append("vision")
         return names
 
     def thinking_note(self, model: str, *, no_think: bool = False, budget: bool = False) -> str | None:
@@ -117,9 +122,13 @@ TASKS = ("generate", "embed", "rerank")
 def model_capabilities(llm: Any) -> Capabilities:
     """A loaded `LLM`'s capabilities: its tokenizer's, and whether it embeds or reranks
     (read from its checkpoint, or as its `task` says)."""
-    return checkpoint_capabilities(detect_capabilities(llm.tokenizer), getattr(llm, "files", None),
+    caps = checkpoint_capabilities(detect_capabilities(llm.tokenizer), getattr(llm, "files", None),
                                    task=getattr(llm, "task", None), headless=getattr(llm.model, "is_headless", False),
                                    pooling=getattr(llm, "pooling", None))
+    config = getattr(llm, "config", None)
+    if getattr(config, "is_vision", False) and not caps.embedding:
+        caps = dataclasses.replace(caps, vision=True)
+    return caps
 
 
 def checkpoint_capabilities(caps: Capabilities, files: Any, *, task: str | None = None,
@@ -137,7 +146,7 @@ def checkpoint_capabilities(caps: Capabilities, files: Any, *, task: str | None 
     if embedding:
         return Capabilities(thinking=False, hybrid_thinking=False, tools=False, embedding=True)
     rerank = is_published_reranker(files) if task is None else task == "rerank"
-    return Capabilities(caps.thinking, caps.hybrid_thinking, caps.tools, rerank=rerank)
+    return Capabilities(caps.thinking, caps.hybrid_thinking, caps.tools, rerank=rerank, vision=caps.vision)
 
 
 def is_published_reranker(files: Any) -> bool:

@@ -25,6 +25,7 @@ HELP = """commands:
   /think        answer with thinking (Qwen3 hybrid models)
   /no_think     answer without thinking
   /budget N     at most N thinking tokens (/budget off: no limit)
+  /image PATH   attach an image to your next message (a vision-language model reads it)
   /new          start a new conversation
   /history      show this conversation's stored messages
   /help         this list
@@ -51,6 +52,7 @@ class ChatSession:
         self.out, self.style = out, style
         # (no_think, budget) -> why those options do nothing on this model, or None
         self.thinking_note = thinking_note or (lambda **_: None)
+        self.attachments: list[Any] = []  # images (client Media) for the next message
 
     # -- commands ----------------------------------------------------------------------
 
@@ -75,6 +77,15 @@ class ChatSession:
                 self.say(self.thinking_note(budget=True) or f"thinking budget {self.thinking_budget} tokens")
             else:
                 self.say(f"/budget takes a number of tokens or 'off', not {arg!r}")
+        elif name == "/image":
+            from qwenkit.client.types import Media
+
+            try:
+                self.attachments.append(Media.from_file(Path(arg).expanduser()))
+            except (OSError, ValueError) as e:
+                self.say(f"/image: {e}" if arg else "/image takes the path of an image file")
+            else:
+                self.say(f"attached {arg} ({len(self.attachments)} image(s) go with your next message)")
         elif name == "/new":
             self.conversation_id = new_conversation_id()
             self.say(f"new conversation {self.conversation_id}")
@@ -104,8 +115,11 @@ class ChatSession:
             for call in m.get("tool_calls") or []:
                 fn = call.get("function", {})
                 self.say(f"  [{role} calls {fn.get('name')}({fn.get('arguments')})]")
-            if m.get("content"):
-                self.out.write(f"{self.style.bold}{role}:{self.style.reset} {m['content']}\n")
+            content = m.get("content")
+            if isinstance(content, list):  # a message with images
+                content = " ".join("[image]" if p.get("type") == "image_url" else p.get("text", "") for p in content)
+            if content:
+                self.out.write(f"{self.style.bold}{role}:{self.style.reset} {content}\n")
         self.out.flush()
 
     # -- a turn ------------------------------------------------------------------------
@@ -124,8 +138,9 @@ class ChatSession:
         thinking = answering = False
         chunks = None
         try:
-            stream = (self.client.prompt(text).options(self.options())
-                      .advisors(conversation_id=self.conversation_id).stream())
+            media, self.attachments = self.attachments, []
+            request = self.client.prompt().user(text, media=media) if media else self.client.prompt(text)
+            stream = request.options(self.options()).advisors(conversation_id=self.conversation_id).stream()
             chunks = stream.chunks()
             for chunk in chunks:
                 if chunk.reasoning_content:

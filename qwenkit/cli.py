@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", nargs="?", help="the user message ('-': read standard input; absent: standard "
                      "input, or on a terminal the interactive chat)")
     run.add_argument("--system", help="a system prompt")
+    run.add_argument("--image", action="append", metavar="FILE", default=[],
+                     help="an image for a vision-language model (Qwen2.5-VL) to read; repeat for several")
     run.add_argument("--no-think", action="store_true", help="answer without thinking (Qwen3 enable_thinking=False)")
     sampling_fields.add_arguments(run, defaults={"max_tokens": RUN_MAX_TOKENS})
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -96,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the results as JSON (every run's value)")
     bench.add_argument("--embed", action="store_true", help="measure embeddings/s of --prompt-tokens-token texts "
                        "(an embedding model; default 256 tokens) instead of generation")
+    bench.add_argument("--image", action="store_true", help="time to first token of a turn with one image "
+                       "(a vision-language model), beside transformers' on the same checkpoint")
+    bench.add_argument("--image-size", type=int, default=1024, help="the image's width and height (default 1024)")
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="serve OpenAI- and DashScope-compatible HTTP APIs")
@@ -115,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, default=256,
                        help="requests waiting for a turn; past it the server answers 429")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (413 past it)")
+    serve.add_argument("--allow-image-urls", action="store_true",
+                       help="fetch http(s) image URLs in messages (20 MiB, 10 s each; they reach what this host "
+                            "reaches: trusted clients only). Off: images come inline as data: URLs")
     serve.add_argument("--request-timeout", type=float, help="seconds a generation may run (default: no limit)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM")
@@ -257,10 +265,17 @@ def _run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise QwenkitError("the prompt is empty")
+    content = prompt
+    if args.image:
+        from qwenkit.multimodal import load_image_source
+
+        # Decoded before the model loads: a bad file is one error line, at once.
+        content = [{"type": "image", "image": load_image_source(path, allow_files=True)} for path in args.image]
+        content.append({"type": "text", "text": prompt})
     llm = load_llm(args, files)
     _note_thinking_flags(llm, no_think=args.no_think, budget=args.thinking_budget is not None)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": prompt}
+        {"role": "user", "content": content}
     ]
     dim = "\033[2m" if sys.stderr.isatty() else ""
     reset = "\033[0m" if dim else ""
@@ -312,6 +327,8 @@ def _as_chat_args(args: argparse.Namespace) -> argparse.Namespace:
 def _bench(args: argparse.Namespace) -> int:
     if args.embed:
         return _bench_embed(args)
+    if args.image:
+        return _bench_image(args)
     if args.prompt_tokens is None:
         args.prompt_tokens = 512
     try:
@@ -334,6 +351,23 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        concurrency=concurrency, repeats=args.repeats)
     print(json.dumps(as_dict(result)) if args.json else result.table())
+    return 0
+
+
+def _bench_image(args: argparse.Namespace) -> int:
+    if args.image_size < 1 or args.repeats < 1:
+        raise QwenkitError("--image-size and --repeats must be >= 1")
+    files = model_files(args)
+    llm = load_llm(args, files)
+    from qwenkit.bench import run_image_bench
+
+    try:
+        import transformers  # noqa: F401
+        compare = files.format == "hf"
+    except ImportError:
+        compare = False
+    result = run_image_bench(llm, size=args.image_size, repeats=args.repeats, transformers=compare)
+    print(json.dumps(result.as_dict()) if args.json else result.line())
     return 0
 
 
@@ -390,6 +424,7 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_names=args.served_model_name,
         api_key=args.api_key or os.environ.get("QWENKIT_API_KEY") or None,
         max_body_bytes=args.max_body_bytes,
+        allow_image_urls=args.allow_image_urls,
         max_running_requests=args.max_running_requests,
         max_waiting_requests=args.max_waiting_requests,
         request_timeout_s=args.request_timeout,

@@ -22,7 +22,10 @@ from qwenkit.sampling_fields import MODEL_DEFAULTS, SamplingField
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# Vision-language checkpoints: the language model's keys sit in `text_config` (transformers 5) or at
+# the top (published Qwen2.5-VL); the vision tower's in `vision_config` (qwenkit/models/qwen2_5_vl.py).
+VISION_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Pre-quantized safetensors checkpoints qwenkit loads as stored (qwenkit/loader/prequantized.py).
 QUANT_METHODS = ("fp8", "awq", "gptq", "compressed-tensors")
 
@@ -40,7 +43,8 @@ _IGNORED_KEYS = frozenset(
         "decoder_start_token_id", "task_specific_params", "finetuning_task",
         "keys_to_ignore_at_inference", "use_qk_norm", "rope_scaling",
         "rope_parameters", "rope_theta", "num_local_experts", "num_experts",
-        "partial_rotary_factor", "pretraining_tp",
+        "partial_rotary_factor", "pretraining_tp", "text_config", "vision_end_token_id",
+        "vision_token_id", "image_token_index", "video_token_index", "mm_tokens_per_image",
     }
 )
 
@@ -122,7 +126,20 @@ class ModelConfig:
     checkpoint_dtype: str | None = None
     # A pre-quantized checkpoint's `quantization_config`, as written (qwenkit/loader/prequantized.py reads it).
     quantization_config: dict[str, Any] | None = field(default=None, compare=False)
+    # Vision-language models: the raw `vision_config` (read by the model file), the placeholder and
+    # marker token ids, and the multimodal rotary sections (M-RoPE: [t, h, w] frequency counts).
+    vision_config: dict[str, Any] | None = field(default=None, compare=False)
+    image_token_id: int | None = None
+    video_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def is_vision(self) -> bool:
+        """Whether the checkpoint reads images (a vision tower and M-RoPE)."""
+        return self.vision_config is not None
 
     def is_sparse_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` uses the sparse (MoE) MLP."""
@@ -147,6 +164,10 @@ class ModelConfig:
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
         f.strings("architectures")
+        vision: dict[str, Any] = {}
+        if model_type in VISION_MODEL_TYPES:
+            d, vision = _flatten_vision_config(d, f)
+            f = _Fields(d, "config.json")
         quantization = f.mapping("quantization_config")
         if quantization and quantization.get("quant_method") not in QUANT_METHODS:
             raise ModelLoadError(
@@ -184,7 +205,7 @@ class ModelConfig:
         if f.boolean("use_sliding_window", False):
             logger.warning("use_sliding_window is set; qwenkit attends to the full context (as Qwen2.5 ships)")
         kwargs["attention_bias"] = f.boolean("attention_bias", False)
-        if model_type == "qwen3_moe":
+        if model_type in ("qwen3_moe", "qwen3_vl_moe"):
             kwargs.update(
                 num_experts=f.integer("num_experts", f.integer("num_local_experts", 0)),
                 num_experts_per_tok=f.positive_integer("num_experts_per_tok"),
@@ -193,6 +214,7 @@ class ModelConfig:
                 decoder_sparse_step=f.positive_integer("decoder_sparse_step", 1),
                 mlp_only_layers=tuple(f.ints("mlp_only_layers")),
             )
+        kwargs.update(vision)
         consumed = {f.name for f in dataclasses.fields(cls)}
         unknown = tuple(sorted(k for k in d if k not in consumed and k not in _IGNORED_KEYS))
         if unknown:
@@ -234,6 +256,51 @@ class GenerationConfig:
             sampling={row.name: f.sampling_field(row) for row in MODEL_DEFAULTS if d.get(row.name) is not None},
             do_sample=f.boolean("do_sample", None),
         )
+
+
+def _flatten_vision_config(d: dict[str, Any], f: "_Fields") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A VL config.json as a text model's dict (the `text_config` keys over the top-level ones, the
+    rotary type "mrope" read as "default" with its sections apart) and the vision fields."""
+    text = f.mapping("text_config") or {}
+    # The text keys over the top-level ones, but for tie_word_embeddings, which transformers reads
+    # from the top (a Qwen3-VL-MoE text_config may say true beside an untied top level and lm_head).
+    merged = {**d, **{k: v for k, v in text.items() if k != "model_type"}}
+    if "tie_word_embeddings" in d:
+        merged["tie_word_embeddings"] = d["tie_word_embeddings"]
+    merged.pop("text_config", None)
+    fields = _Fields(merged, "config.json")
+    vision_config = f.mapping("vision_config")
+    if not vision_config:
+        raise ModelLoadError(f"config.json: a {d.get('model_type')} checkpoint needs a vision_config object")
+    sections: list[int] = []
+    interleaved = False
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = fields.mapping(key)
+        if rope:
+            rope = dict(rope)
+            sections = _Fields(rope, f"config.json {key}").ints("mrope_section") or sections
+            interleaved = _Fields(rope, f"config.json {key}").boolean("mrope_interleaved", interleaved)
+            rope.pop("mrope_section", None)
+            rope.pop("mrope_interleaved", None)
+            if rope.get("type") == "mrope":
+                rope["type"] = "default"
+            if rope.get("rope_type") == "mrope":
+                rope["rope_type"] = "default"
+            merged[key] = rope
+    if not sections:
+        raise ModelLoadError("config.json: rope_scaling.mrope_section (the M-RoPE sections) is missing")
+    head_dim = fields.positive_integer("head_dim", fields.positive_integer("hidden_size")
+                                       // fields.positive_integer("num_attention_heads"))
+    if len(sections) != 3 or sum(sections) * 2 != head_dim or min(sections) < 1:
+        raise ModelLoadError(f"config.json: mrope_section {sections} must be positive and sum to head_dim / 2 ({head_dim // 2})")
+    return merged, dict(
+        vision_config=vision_config,
+        image_token_id=fields.integer("image_token_id"),
+        video_token_id=fields.integer("video_token_id", None),
+        vision_start_token_id=fields.integer("vision_start_token_id"),
+        mrope_section=tuple(sections),
+        mrope_interleaved=interleaved,
+    )
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

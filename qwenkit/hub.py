@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.capabilities import Capabilities, checkpoint_capabilities, detect_capabilities
+from qwenkit.config import VISION_MODEL_TYPES
 from qwenkit.default_model import DEFAULT_MODEL_NAME
 from qwenkit.errors import ModelLoadError, QwenkitError
 from qwenkit.model_files import (
@@ -297,8 +298,10 @@ def _describe_hf(folder: Path) -> ModelInfo:
         architecture=config.get("model_type", "?"),
         num_parameters=num_parameters,
         quantization=quantization or (dtypes.most_common(1)[0][0] if dtypes else "?"),
-        context_length=int(config.get("max_position_embeddings", 0)),
-        capabilities=detect_capabilities(Tokenizer.from_dir(folder)),
+        context_length=int(config.get("max_position_embeddings", 0)
+                           or (config.get("text_config") or {}).get("max_position_embeddings", 0)),
+        capabilities=replace(detect_capabilities(Tokenizer.from_dir(folder)),
+                                         vision=config.get("model_type") in VISION_MODEL_TYPES),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Iterator, Sequence
@@ -199,6 +200,13 @@ class LLM:
             raise
         self.max_model_len = self.engine.max_model_len
         self._request_ids = itertools.count()
+        # Images in chat messages (vision-language models): the limits each is decoded under, and
+        # whether an image part may name a local file (yes for a user's own process; the server's
+        # protocols pass only data: URLs and fetched bytes).
+        from qwenkit.multimodal.image import ImageLimits
+
+        self.image_limits = ImageLimits()
+        self.read_image_files = True
 
     def _load_draft_model(self, spec: SpeculativeConfig, quantization: str | None, progress: bool):
         """The draft model of speculative="draft:MODEL", on this model's device and dtype; its
@@ -273,8 +281,50 @@ class LLM:
                      sampling_params: SamplingParams | None = None, **options: Any) -> PreparedChat:
         """The engine inputs of a chat request (arguments as for `chat`)."""
         request = chat_request(messages, sampling_params, **options)
-        return prepare_chat(self.tokenizer, request,
-                            grammar_compiler=self.grammar_compiler if request.needs_grammar else None)
+        request, images = self._images_of(request)
+        prepared = prepare_chat(self.tokenizer, request,
+                                grammar_compiler=self.grammar_compiler if request.needs_grammar else None)
+        if images:
+            from qwenkit.multimodal import build_multimodal_prompt
+
+            ids, multimodal = build_multimodal_prompt(prepared.prompt_token_ids, images,
+                                                      image_token_id=self.config.image_token_id,
+                                                      merge_size=self.image_processor.merge_size)
+            prepared = dataclasses.replace(prepared, prompt_token_ids=ids, multimodal=multimodal)
+        return prepared
+
+    @functools.cached_property
+    def image_processor(self):
+        """The vision processor of a vision-language model (its preprocessor_config.json), else None."""
+        if not self.config.is_vision:
+            return None
+        from qwenkit.config import read_json
+        from qwenkit.multimodal import ImageProcessor
+
+        vision = self.model.vision_config
+        path = self.files.path / "preprocessor_config.json" if self.files.format != "gguf" else None
+        return ImageProcessor.from_hf(read_json(path) if path is not None and path.exists() else {},
+                                      patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                      merge_size=vision.spatial_merge_size)
+
+    def _images_of(self, request: ChatRequest) -> tuple[ChatRequest, list]:
+        """The request with its image parts made template placeholders, and the images preprocessed
+        (decoded under `image_limits`; a local path is read here, as the caller is the user)."""
+        from qwenkit.multimodal.chat import extract_images, has_images
+
+        if not has_images(request.messages):
+            return request, []
+        from qwenkit.multimodal import ImageError, ImageInput, load_image_source
+
+        if self.image_processor is None:
+            raise ImageError(f"this model ({self.config.model_type}) does not read images; "
+                             "use a vision-language checkpoint such as Qwen2.5-VL")
+        messages, sources = extract_images(request.messages)
+        if len(sources) > self.image_limits.max_images:
+            raise ImageError(f"the request has {len(sources)} images; the limit is {self.image_limits.max_images}")
+        images = [ImageInput.from_image(load_image_source(s, self.image_limits, allow_files=self.read_image_files),
+                                        self.image_processor) for s in sources]
+        return dataclasses.replace(request, messages=messages), images
 
     def chat(self, messages: list[dict[str, Any]] | ChatRequest, sampling_params: SamplingParams | None = None,
              **options: Any) -> ChatCompletion:
@@ -307,7 +357,7 @@ class LLM:
         p = stream.prepared
         stream.request_id = self.new_request_id()
         for update in self._stream(stream.request_id, p.prompt_token_ids, p.params, fallback=p.fallback,
-                                   controls=p.controls):
+                                   controls=p.controls, multimodal=p.multimodal):
             yield stream.apply(update)
 
     def stream(

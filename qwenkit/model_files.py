@@ -25,6 +25,9 @@ HF_ALLOW_PATTERNS = [
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
+    # a vision-language checkpoint's image processor and its (multimodal) chat template
+    "preprocessor_config.json",
+    "chat_template.json",
     # sentence-transformers' pooling config: how an embedding model (Qwen3-Embedding) is told apart
     "modules.json",
     "1_Pooling/config.json",

@@ -48,6 +48,17 @@ QWEN_MODELS: dict[str, tuple[str, str | None]] = {
     "qwen2.5-coder:14b": ("Qwen/Qwen2.5-Coder-14B-Instruct", "Qwen/Qwen2.5-Coder-14B-Instruct-GGUF"),
     "qwen2.5-coder:32b": ("Qwen/Qwen2.5-Coder-32B-Instruct", "Qwen/Qwen2.5-Coder-32B-Instruct-GGUF"),
     "qwq:32b": ("Qwen/QwQ-32B", "Qwen/QwQ-32B-GGUF"),
+    # Vision-language (docs/vision.md): safetensors only (a GGUF needs llama.cpp's mmproj file, not read yet).
+    "qwen2.5-vl:3b": ("Qwen/Qwen2.5-VL-3B-Instruct", None),
+    "qwen2.5-vl:7b": ("Qwen/Qwen2.5-VL-7B-Instruct", None),
+    "qwen2.5-vl:32b": ("Qwen/Qwen2.5-VL-32B-Instruct", None),
+    "qwen2.5-vl:72b": ("Qwen/Qwen2.5-VL-72B-Instruct", None),
+    "qwen3-vl:2b": ("Qwen/Qwen3-VL-2B-Instruct", None),
+    "qwen3-vl:4b": ("Qwen/Qwen3-VL-4B-Instruct", None),
+    "qwen3-vl:8b": ("Qwen/Qwen3-VL-8B-Instruct", None),
+    "qwen3-vl:32b": ("Qwen/Qwen3-VL-32B-Instruct", None),
+    "qwen3-vl:30b-a3b": ("Qwen/Qwen3-VL-30B-A3B-Instruct", None),
+    "qwen3-vl:235b-a22b": ("Qwen/Qwen3-VL-235B-A22B-Instruct", None),
 }
 
 # The Qwen team's pre-quantized safetensors repos (FP8 block-quantized; AWQ 4-bit, groups of 128).
@@ -60,7 +71,8 @@ QUANTIZED_REPOS: dict[str, str] = {
 }
 
 # What a bare family name means, as Ollama's `latest` tags.
-LATEST = {"qwen3": "qwen3:8b", "qwen2.5": "qwen2.5:7b", "qwen2.5-coder": "qwen2.5-coder:7b", "qwq": "qwq:32b"}
+LATEST = {"qwen3": "qwen3:8b", "qwen2.5": "qwen2.5:7b", "qwen2.5-coder": "qwen2.5-coder:7b", "qwq": "qwq:32b",
+          "qwen2.5-vl": "qwen2.5-vl:7b", "qwen3-vl": "qwen3-vl:8b"}
 
 # GGUF quantizations qwenkit reads (Q4_K_M mixes Q4_K and Q6_K tensors; f16/fp16 are spellings of one).
 QUANTIZATIONS = ("q4_0", "q4_k_m", "q5_0", "q5_k_m", "q6_k", "q8_0", "f16", "fp16", "bf16")

@@ -182,11 +182,19 @@ def _read_json(path: Path) -> dict:
 
 
 def _find_chat_template(path: Path, config: dict) -> str | None:
-    """The folder's chat template: ``chat_template.jinja`` (newer transformers) wins over
-    ``tokenizer_config.json``'s ``chat_template``, a string or a list of {name, template}."""
+    """The folder's chat template: ``chat_template.jinja`` (newer transformers), then a
+    processor's ``chat_template.json`` (Qwen2.5-VL ships its image-aware template there), win
+    over ``tokenizer_config.json``'s ``chat_template``, a string or a list of {name, template}."""
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
+    json_file = path / "chat_template.json"
+    if json_file.is_file():
+        from qwenkit.config import read_json
+
+        template = read_json(json_file).get("chat_template")
+        if isinstance(template, str):
+            return template
     template = config.get("chat_template")
     if template is None or isinstance(template, str):
         return template

@@ -76,6 +76,8 @@ class PreparedChat:
     enable_thinking: bool
     controls: list[ChatControl]
     parsers: list[OutputParser]
+    # The prompt's images (qwenkit.multimodal.MultimodalPrompt), when it has any.
+    multimodal: Any = None
 
 
 def prepare_chat(tokenizer: Tokenizer, request: ChatRequest, *, grammar_compiler: Any | None = None) -> PreparedChat:

@@ -26,14 +26,14 @@ from qwenkit.client.models import ChatModel, DashScopeChatModel, LocalChatModel,
 from qwenkit.client.retrieval import RETRIEVED_DOCUMENTS, RetrievalAdvisor, index_folder, sources
 from qwenkit.client.tools import Tool, tool
 from qwenkit.client.types import (
-    ChatOptions, ChatResponse, ChatResponseChunk, ToolCall, ToolLoopEnd, ToolLoopOutcome, Usage,
+    ChatOptions, ChatResponse, ChatResponseChunk, Media, ToolCall, ToolLoopEnd, ToolLoopOutcome, Usage,
 )
 from qwenkit.client.vector_store import VectorStore, reciprocal_rank_fusion
 
 __all__ = [
     "CONVERSATION_ID", "AdvisedRequest", "Advisor", "AsyncStreamResponse", "CallResponse", "ChatClient", "ChatMemory",
     "ChatModel", "ChatOptions", "ChatResponse", "ChatResponseChunk", "DashScopeChatModel", "InMemoryChatMemory",
-    "LocalChatModel", "MCPToolset", "MessageChatMemoryAdvisor", "OpenAIChatModel", "PromptChatMemoryAdvisor", "PromptRequest", "ReasoningContentAdvisor", "SQLiteChatMemory",
+    "LocalChatModel", "MCPToolset", "Media", "MessageChatMemoryAdvisor", "OpenAIChatModel", "PromptChatMemoryAdvisor", "PromptRequest", "ReasoningContentAdvisor", "SQLiteChatMemory",
     "SafeGuardAdvisor", "SimpleLoggerAdvisor", "StreamResponse", "Tool", "ToolCall", "Usage", "parse_entity",
     "load_mcp_config", "response_format_for", "tool", "ToolLoopEnd", "ToolLoopOutcome",
     # Retrieval (docs/retrieval.md)

@@ -27,7 +27,7 @@ from qwenkit.client.advisors import AdvisedRequest, Advisor
 from qwenkit.client.models import ChatModel
 from qwenkit.client.tool_loop import CallModel, Finish, ToolLoop
 from qwenkit.client.tools import arun_tool_call, as_tools, run_tool_call
-from qwenkit.client.types import ChatOptions, ChatResponse, ChatResponseChunk, Message
+from qwenkit.client.types import ChatOptions, ChatResponse, ChatResponseChunk, Media, Message
 
 __all__ = ["CallResponse", "ChatClient", "PromptRequest", "StreamResponse"]
 
@@ -70,8 +70,13 @@ class PromptRequest:
         self._system = text
         return self
 
-    def user(self, text: str) -> PromptRequest:
-        self._messages.append({"role": "user", "content": text})
+    def user(self, text: str, media: list[Media] | None = None) -> PromptRequest:
+        """The user's text, and any images with it (`Media`; a vision-language model reads them)."""
+        if media:
+            parts = [m.to_part() for m in media] + [{"type": "text", "text": text}]
+            self._messages.append({"role": "user", "content": parts})
+        else:
+            self._messages.append({"role": "user", "content": text})
         return self
 
     def messages(self, messages: list[Message]) -> PromptRequest:

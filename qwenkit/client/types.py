@@ -15,10 +15,40 @@ from pydantic import BaseModel, ConfigDict, create_model
 from qwenkit import sampling_fields
 from qwenkit.chat.types import ToolCall, ToolCallAccumulator, ToolCallDelta, Usage
 
-__all__ = ["ChatOptions", "ChatResponse", "ChatResponseChunk", "ToolCall", "ToolCallDelta", "ToolLoopEnd",
+__all__ = ["ChatOptions", "ChatResponse", "Media", "ChatResponseChunk", "ToolCall", "ToolCallDelta", "ToolLoopEnd",
            "ToolLoopOutcome", "Usage", "ResponseAccumulator", "ToolCallAccumulator", "add_usage", "strip_reasoning"]
 
 Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Media:
+    """An image for a vision-language model, as Spring AI's `Media`: `mime_type` and the data (the
+    file's bytes, or a `data:` / http(s) URL as a string). `Media.from_file("photo.png")` reads one."""
+
+    mime_type: str
+    data: bytes | str
+
+    @classmethod
+    def from_file(cls, path: str | Any, mime_type: str | None = None) -> "Media":
+        import mimetypes
+        from pathlib import Path
+
+        path = Path(path)
+        mime_type = mime_type or mimetypes.guess_type(path.name)[0]
+        if not mime_type or not mime_type.startswith("image/"):
+            raise ValueError(f"{path}: not an image file (its type is {mime_type or 'unknown'}); pass mime_type")
+        return cls(mime_type, path.read_bytes())
+
+    def to_part(self) -> dict[str, Any]:
+        """The OpenAI chat content part: `{"type": "image_url", "image_url": {"url": ...}}`."""
+        if isinstance(self.data, str):
+            url = self.data
+        else:
+            import base64
+
+            url = f"data:{self.mime_type};base64,{base64.b64encode(self.data).decode()}"
+        return {"type": "image_url", "image_url": {"url": url}}
 
 
 class _Options(BaseModel):

@@ -28,6 +28,16 @@ def chain_hash(prefix_hash: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((prefix_hash, token_ids))
 
 
+def block_key(seq: Sequence, index: int, block_size: int) -> tuple[int, ...]:
+    """What block `index` of `seq` holds: its tokens, then the content hashes of the images whose
+    tokens are among them (image placeholders are the same id whatever the image)."""
+    start, end = index * block_size, (index + 1) * block_size
+    tokens = tuple(seq.token_ids[start:end])
+    if seq.multimodal is None:
+        return tokens
+    return tokens + seq.multimodal.keys_in(start, end)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
@@ -61,7 +71,7 @@ class BlockManager:
         num_full = (len(seq.token_ids) - 1) // bs
         prefix_hash = None
         for i in range(num_full):
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            tokens = block_key(seq, i, bs)
             prefix_hash = chain_hash(prefix_hash, tokens)
             block_id = self.cached.get(prefix_hash)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
@@ -96,7 +106,7 @@ class BlockManager:
         bs = self.block_size
         while len(seq.block_hashes) < seq.num_computed_tokens // bs:
             i = len(seq.block_hashes)
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            tokens = block_key(seq, i, bs)
             prefix_hash = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
             seq.block_hashes.append(prefix_hash)
             block = self.blocks[seq.block_table[i]]

@@ -83,12 +83,14 @@ def prepare_decode(
     width: int | None = None,
     padding_slot: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_positions: list[int] | None = None,
 ) -> DecodeBatch:
     """The host tensors of a decode step: sequence i's token input_ids[i] at positions[i], over
     the blocks block_tables[i]. rows: pad to this many rows (default: none), their keys written
     to `padding_slot`; width: block-table columns (default: the longest table); out: host
     buffers (int32 [4, >= rows], [>= rows, >= width]) to write into instead of new ones (the
-    CUDA graphs' pinned staging); the batch is then views of them."""
+    CUDA graphs' pinned staging); the batch is then views of them. rope_positions: the rotary
+    positions where they differ from the cache positions (M-RoPE's per-sequence offset)."""
     num_seqs = len(input_ids)
     rows = num_seqs if rows is None else rows
     width = max((len(t) for t in block_tables), default=0) if width is None else width
@@ -104,6 +106,8 @@ def prepare_decode(
     host[POSITIONS, :num_seqs] = positions
     host[SLOTS, :num_seqs] = [t[p // block_size] * block_size + p % block_size for t, p in zip(block_tables, positions)]
     host[CONTEXT_LENS, :num_seqs] = host[POSITIONS, :num_seqs] + 1
+    if rope_positions is not None:
+        host[POSITIONS, :num_seqs] = rope_positions
     host[:, num_seqs:] = 0
     if rows > num_seqs:
         host[SLOTS, num_seqs:] = padding_slot

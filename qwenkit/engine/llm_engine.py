@@ -204,8 +204,11 @@ class LLMEngine:
         *,
         fallback: SamplingDefaults | None = None,
         controls: list[RequestControl | None] | None = None,
+        multimodal=None,
     ) -> None:
-        """Queue a request (its n completions). `controls[i]` steers completion i."""
+        """Queue a request (its n completions). `controls[i]` steers completion i. multimodal: the
+        prompt's images (a qwenkit.multimodal.MultimodalPrompt; its placeholders already expanded
+        in prompt_token_ids, so the KV budget counts them)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
         num_prompt = len(prompt_token_ids)
@@ -220,6 +223,8 @@ class LLMEngine:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         params.check_token_ids(vocab)
+        if multimodal is not None:
+            _check_multimodal(self.model, multimodal, num_prompt)
         params = params.resolved(self.generation_config, fallback)
         room = self.max_model_len - num_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -233,7 +238,7 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            seq = Sequence(request_id, i, list(prompt_token_ids), num_prompt, max_tokens)
+            seq = Sequence(request_id, i, list(prompt_token_ids), num_prompt, max_tokens, multimodal=multimodal)
             seq.state = _SeqState(
                 sampling=SamplingState.create(p, list(prompt_token_ids), eos_ids, self.device),
                 detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
@@ -423,6 +428,16 @@ class LLMEngine:
         if seq.num_output_tokens >= seq.max_tokens:
             return "length"
         return None
+
+
+def _check_multimodal(model: QwenForCausalLM, multimodal, num_prompt: int) -> None:
+    from qwenkit.multimodal.image import ImageError
+
+    if not getattr(model.config, "is_vision", False):
+        raise ImageError(f"this model ({model.config.model_type}) does not read images; "
+                         "use a vision-language checkpoint such as Qwen2.5-VL")
+    if multimodal.num_prompt_tokens != num_prompt:
+        raise ValueError(f"the multimodal prompt has {multimodal.num_prompt_tokens} positions for {num_prompt} tokens")
 
 
 class StopStringMatcher:

@@ -54,6 +54,8 @@ class StepInput:
     block_tables: list[list[int]]
     samples: list[bool]
     num_drafts: list[int] | None = None  # None: no drafts anywhere
+    # Per sequence its MultimodalPrompt or None; None for a step without images.
+    multimodal: list | None = None
 
     @classmethod
     def from_batch(cls, batch: list[ScheduledSequence]) -> "StepInput":
@@ -70,7 +72,9 @@ class StepInput:
             tables.append(seq.block_table)
             samples.append(end >= length)
             drafts.append(max(0, end - length))
-        return cls(token_ids, starts, tables, samples, drafts if any(drafts) else None)
+        multimodal = [s.seq.multimodal for s in batch]
+        return cls(token_ids, starts, tables, samples, drafts if any(drafts) else None,
+                   multimodal if any(multimodal) else None)
 
     @property
     def sample_rows(self) -> list[int]:
@@ -145,6 +149,12 @@ class ModelRunner:
         self.compiled = None
         self.fused = None
         self.graphs = None
+        # A vision-language model's image embeddings, per image content hash (qwenkit/multimodal).
+        self.encoder_cache = None
+        if getattr(model.config, "is_vision", False):
+            from qwenkit.multimodal.inputs import EncoderCache
+
+            self.encoder_cache = EncoderCache(model.embed_images)
         max_model_len = max_model_len or model.config.max_position_embeddings
         sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=-(-max_model_len // block_size),
                      block_size=block_size, padding_slot=num_slots, device=device)
@@ -206,7 +216,7 @@ class ModelRunner:
                 sample_at.extend(range(offset - 1 - step.drafts(i), offset))
         sample_rows = step.sample_rows
         positions_t = torch.cat(positions)
-        if self.deterministic:
+        if self.deterministic and step.multimodal is None:
             # Each query token as a one-token "sequence" of its own context: the decode kernel's
             # numbers for it, whatever the step's split into chunks or its cached prefix.
             rows = [i for i, n in enumerate(query_lens) for _ in range(n)]
@@ -225,44 +235,86 @@ class ModelRunner:
                 slot_mapping=torch.cat(slot_mapping).to(self.device),
                 context_slots=tuple(s.to(self.device) for s in context_slots),
             )
-        hidden = self.model(
-            torch.tensor(input_ids, device=self.device), positions_t.to(self.device), self.kv_caches, meta
-        )
+        if step.multimodal is not None:
+            hidden = self._forward_multimodal(step, input_ids, meta)
+        else:
+            hidden = self.model(
+                torch.tensor(input_ids, device=self.device), positions_t.to(self.device), self.kv_caches, meta
+            )
         if not sample_rows:
             return [], None
         return sample_rows, self._head(pooling)(hidden[torch.tensor(sample_at, device=self.device)])
+
+    def _forward_multimodal(self, step: "StepInput", input_ids: list[int], meta: AttentionMetadata) -> torch.Tensor:
+        """A step with image tokens: M-RoPE positions [3, T], and each image's embeddings (from the
+        encoder cache: the tower runs once per image) over its placeholder rows, however the
+        prompt is chunked."""
+        positions, pieces, row = [], [], 0
+        for ids, start, mm in zip(step.token_ids, step.starts, step.multimodal):
+            end = start + len(ids)
+            if mm is None:
+                positions.append(torch.arange(start, end).expand(3, -1))
+            else:
+                positions.append(mm.positions_of(start, end))
+                pieces.extend((row + lo - start, image, a, b) for lo, image, a, b in mm.pieces(start, end))
+            row += len(ids)
+        inner = self.model.model
+        h = inner.embed_tokens(torch.tensor(input_ids, device=self.device))
+        width, num_deepstack = h.shape[1], getattr(self.model, "num_deepstack", 0)
+        rows, features = [], []
+        if pieces:
+            embeds = self.encoder_cache.get([image for _, image, _, _ in pieces])
+            for r, image, a, b in pieces:
+                e = embeds[image.content_hash][a:b].to(h.device)
+                h[r : r + b - a] = e[:, :width]
+                if num_deepstack:  # Qwen3-VL: the DeepStack features after the embeddings
+                    rows.append(torch.arange(r, r + b - a, device=h.device))
+                    features.append(e[:, width:].view(b - a, num_deepstack, width))
+        extra = {}
+        if rows:
+            extra["deepstack"] = torch.cat(rows), torch.cat(features).transpose(0, 1)
+        return inner.forward_layers(h, torch.cat(positions, dim=1).to(self.device), self.kv_caches, meta, **extra)
 
     def _run_decode(self, step: "StepInput", pooling: bool = False) -> tuple[list[int], torch.Tensor | None]:
         """One token per row: plain lists, one tensor per field, no per-sequence tensors. A
         sequence with drafts takes a row per token (its last, then each draft), each attending
         over its own context: a draft's row computes what a decode step after it would."""
+        # M-RoPE: a sequence with images decodes at its cache position + its rope_delta (1-D RoPE
+        # from there on); the fused and eager paths take the offset, the padded ones do not yet.
+        deltas = None
+        if step.multimodal is not None:
+            deltas = [mm.rope_delta if mm is not None else 0 for mm in step.multimodal]
         if step.num_drafts is None:
             input_ids = [ids[0] for ids in step.token_ids]
             positions, block_tables, sample_rows = step.starts, step.block_tables, step.sample_rows
             logit_rows = sample_rows
         else:
-            input_ids, positions, block_tables, logit_rows = [], [], [], []
+            input_ids, positions, block_tables, logit_rows, row_deltas = [], [], [], [], []
             for i, (ids, start, table, samples) in enumerate(zip(step.token_ids, step.starts, step.block_tables,
                                                                  step.samples)):
                 input_ids.extend(ids)
                 positions.extend(range(start, start + len(ids)))
                 block_tables.extend([table] * len(ids))
+                if deltas is not None:
+                    row_deltas.extend([deltas[i]] * len(ids))
                 if samples:
                     logit_rows.extend(range(len(input_ids) - 1 - step.drafts(i), len(input_ids)))
             sample_rows = step.sample_rows
+            deltas = row_deltas if deltas is not None else None
         num_rows = len(input_ids)
+        rope = None if deltas is None else [p + d for p, d in zip(positions, deltas)]
         # A graph ends in the lm_head: pooling takes the eager path.
-        if self.graphs is not None and not pooling and num_rows <= self.graphs.buckets[-1]:
+        if self.graphs is not None and not pooling and rope is None and num_rows <= self.graphs.buckets[-1]:
             logits = self.graphs(input_ids, positions, block_tables)
             if not sample_rows:
                 return [], None
             if len(logit_rows) < num_rows:
                 logits = logits[torch.tensor(logit_rows, device=self.device)]
             return sample_rows, logits
-        if self.compiled is not None and num_rows <= self.compiled.buckets[-1]:
+        if self.compiled is not None and rope is None and num_rows <= self.compiled.buckets[-1]:
             hidden = self.compiled(input_ids, positions, block_tables)
         else:
-            batch = self.decode_batch(input_ids, positions, block_tables)
+            batch = self.decode_batch(input_ids, positions, block_tables, rope_positions=rope)
             if self.fused is not None and self.fused.applies(num_rows):
                 hidden = self.fused(batch.input_ids, batch.positions, batch.metadata())
             else:
@@ -273,10 +325,12 @@ class ModelRunner:
             hidden = hidden[torch.tensor(logit_rows, device=self.device)]
         return sample_rows, self._head(pooling)(hidden)
 
-    def decode_batch(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> DecodeBatch:
+    def decode_batch(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]], *,
+                     rope_positions: list[int] | None = None) -> DecodeBatch:
         """The inputs of a decode step as the eager and fused paths take them (unpadded), on the
         device: `prepare_decode`, which the compiled and graphed paths pad to a bucket."""
-        return prepare_decode(input_ids, positions, block_tables, block_size=self.block_size).to(self.device)
+        return prepare_decode(input_ids, positions, block_tables, block_size=self.block_size,
+                              rope_positions=rope_positions).to(self.device)
 
     def _paged_prefill_metadata(
         self, tables: list[list[int]], query_lens: list[int], context_lens: list[int]

@@ -43,6 +43,8 @@ class Sequence:
     # not part of token_ids until the step keeps them.
     draft_token_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0  # times its blocks were taken back (its cache recomputed since)
+    # A prompt with images (qwenkit.multimodal.MultimodalPrompt): their embeddings, M-RoPE positions, hashes.
+    multimodal: Any = None
 
     @property
     def num_output_tokens(self) -> int:

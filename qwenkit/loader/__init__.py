@@ -91,6 +91,8 @@ def load_model(
 
         if prequantized is not None:
             raise ModelLoadError("pre-quantized checkpoints are not supported with tensor parallelism yet")
+        if config.is_vision:
+            raise ModelLoadError("vision-language models are not supported with tensor parallelism yet")
         if quantization not in ("auto", "none"):
             raise ModelLoadError(f"--quantization {quantization} is not supported with tensor parallelism yet")
         model, formats = build_sharded(MODEL_REGISTRY[config.model_type], config, dtype=dtype, device=device, tp=tp), {}

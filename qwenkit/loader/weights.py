@@ -41,12 +41,20 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | L
     filled: dict[str, set] = {name: set() for name in params}
     unused: list[str] = []
     tied = getattr(model, "lm_head", True) is None
+    prefixes = getattr(model, "checkpoint_prefixes", {})
+    convert = getattr(model, "convert_checkpoint_tensor", None)
     for hf_name, tensor in weights:
+        # A vision-language checkpoint's towers (`visual.`, `model.language_model.`), named as the model's.
+        prefix = next((p for p in prefixes if hf_name.startswith(p)), None)
+        if prefix is not None:
+            hf_name = prefixes[prefix] + hf_name[len(prefix):]
         # An embedding checkpoint (Qwen3-Embedding) is a Qwen3Model's: its names lack "model.".
-        if not hf_name.startswith(("model.", "lm_head.")) and hasattr(model, "model"):
+        elif not hf_name.startswith(("model.", "lm_head.")) and hasattr(model, "model"):
             hf_name = f"model.{hf_name}"
         if _DERIVED.search(hf_name) or (tied and hf_name == "lm_head.weight"):
             continue
+        if convert is not None:  # a layout of its own (Qwen3-VL-MoE's published experts, transposed)
+            tensor = convert(hf_name, tensor)
         target = _target(model, params, _renamed(hf_name, renames))
         if target is None:
             unused.append(hf_name)

@@ -339,7 +339,10 @@ class QwenModel(nn.Module):
 
 
 class QwenForCausalLM(nn.Module):
-    """Base of the three architectures. Subclasses set `block_flags(config)`."""
+    """Base of the three architectures. Subclasses set `block_flags(config)` (and may set
+    `inner_model_class`, the decoder stack's class)."""
+
+    inner_model_class = QwenModel
 
     # Checkpoint matrices stored apart that live in one fused parameter here:
     # HF module name -> (fused module name, shard).
@@ -359,7 +362,7 @@ class QwenForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.model = QwenModel(config, self.block_flags(config), dtype=dtype)
+        self.model = self.inner_model_class(config, self.block_flags(config), dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:

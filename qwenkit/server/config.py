@@ -13,6 +13,9 @@ class ServerConfig:
     served_model_names: list[str] | None = None
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    # http(s) image URLs in messages: fetched (under the image byte limit and this time limit) only when allowed.
+    allow_image_urls: bool = False
+    image_fetch_timeout_s: float = 10.0
     max_running_requests: int = 64
     max_waiting_requests: int = 256
     retry_after_s: int = 1

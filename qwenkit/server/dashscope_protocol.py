@@ -1,5 +1,7 @@
-"""DashScope's text-generation API (``/api/v1/services/aigc/text-generation/generation``),
-translated to and from engine calls. Pure functions, no I/O: a request becomes a `GenerationCall` (a typed `ChatRequest`), and
+"""DashScope's text-generation API (``/api/v1/services/aigc/text-generation/generation``) and
+multimodal conversation (``.../multimodal-generation/generation``, what the SDK's
+`MultiModalConversation.call` posts: content as ``[{"image": URL}, {"text": ...}]``, answered
+with content ``[{"text": ...}]``), translated to and from engine calls. Pure functions, no I/O: a request becomes a `GenerationCall` (a typed `ChatRequest`), and
 `GenerationAnswer` writes the engine's chunks as events or a whole response.
 
 Request: ``{model, input: {messages | prompt}, parameters: {...}}``. Response:
@@ -85,11 +87,33 @@ class GenerationCall:
     incremental_output: bool
 
 
-def generation_call(req: GenerationRequest) -> GenerationCall:
-    """The engine call a DashScope request asks for. ValueError (a 400) names a bad field."""
+def multimodal_messages(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """DashScope's multimodal content parts (``{"image": URL}``, ``{"text": ...}``) as OpenAI's."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if "text" in part and isinstance(part["text"], str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif "image" in part:
+                    parts.append({"type": "image_url", "image_url": {"url": part["image"]}})
+                else:
+                    kind = next(iter(part), None)
+                    raise ValueError(f"input.messages[{i}].content[{j}]: only text and image parts are supported, "
+                                     f"got {kind!r}")
+            message = message.model_copy(update={"content": parts})
+        out.append(message)
+    return out
+
+
+def generation_call(req: GenerationRequest, *, multimodal: bool = False) -> GenerationCall:
+    """The engine call a DashScope request asks for (`multimodal`: posted to the multimodal
+    conversation route). ValueError (a 400) names a bad field."""
     p = req.parameters
     if req.input.messages:
-        messages = normalize_messages(req.input.messages)
+        messages = normalize_messages(multimodal_messages(req.input.messages) if multimodal else req.input.messages)
     elif req.input.prompt:
         messages = [{"role": "user", "content": req.input.prompt}]
     else:
@@ -138,6 +162,7 @@ class GenerationEncoder:
     request_id: str
     result_format: str = "message"
     incremental_output: bool = False
+    content_parts: bool = False  # the multimodal route's content: [{"text": ...}]
     choices: dict[int, ChoiceAccumulator] = field(default_factory=dict)
     usage: Usage | None = None
     decode: Any = None
@@ -169,9 +194,9 @@ class GenerationEncoder:
     def _logprobs(self, tokens: list[TokenOutput] | None) -> dict[str, Any] | None:
         return None if tokens is None else chat_logprobs(tokens, self.decode)
 
-    @staticmethod
-    def _message(reasoning: str, content: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+    def _message(self, reasoning: str, content: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": [{"text": content}] if self.content_parts else content,
+                                   "reasoning_content": reasoning}
         if tool_calls:
             message["tool_calls"] = tool_calls
         return message

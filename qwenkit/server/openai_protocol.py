@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.types import ChatChunk, ChoiceAccumulator, Usage
 from qwenkit.engine.llm_engine import SequenceUpdate, TokenOutput
+from qwenkit.multimodal.chat import protocol_content
 from qwenkit import sampling_fields as sf
 from qwenkit.sampling import SamplingParams
 from qwenkit.sampling_fields import MAX_INT32, MAX_LOGIT_BIAS, MAX_N, MAX_TOP_LOGPROBS, json_int
@@ -249,16 +250,8 @@ def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         _legacy_function_message(m, i)
         content = message.content
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.get("type") != "text":
-                    raise ValueError(
-                        f"messages[{i}].content: only text parts are supported, got a {part.get('type')!r} part"
-                    )
-                if not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}].content: a text part needs a string 'text'")
-                texts.append(part["text"])
-            content = "".join(texts)
+            # Text parts joined; with image parts (data: URLs), the parts kept for the VL template.
+            content = protocol_content(content, f"messages[{i}].content")
         m["content"] = content or ""
         out.append(m)
     return out

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model,
 from qwenkit import sampling_fields as sf
 from qwenkit.chat.request import ChatRequest
 from qwenkit.chat.types import ChatChunk, Usage
+from qwenkit.multimodal.chat import protocol_content
 from qwenkit.sampling import SamplingParams
 from qwenkit.server import openai_protocol as oa
 from qwenkit.server.errors import APIError
@@ -100,13 +101,16 @@ class ReasoningConfig(_Model):
 
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
     "type": {"enum": ["input_text", "output_text", "text"]}, "text": {"type": "string"}}}
+_IMAGE_PART = {"type": "object", "required": ["type", "image_url"], "properties": {
+    "type": {"enum": ["input_image"]}, "image_url": {"type": "string", "description": "a data: URL"},
+    "detail": {"type": "string"}}}
 _REASONING_PARTS = {"anyOf": [{"type": "null"}, {"type": "array", "items": {
     "type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}}]}
 # The items `input_messages` reads, published as such (the validation is that function's).
 INPUT_ITEM_SCHEMA = {"anyOf": [
     {"title": "Message", "type": "object", "required": ["role", "content"], "properties": {
         "type": {"enum": ["message"]}, "role": {"enum": ["user", "system", "developer", "assistant"]},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [_TEXT_PART, _IMAGE_PART]}}]}}},
     {"title": "FunctionCall", "type": "object", "required": ["type", "call_id", "name", "arguments"],
      "properties": {"type": {"enum": ["function_call"]}, "call_id": {"type": "string"},
                     "name": {"type": "string"}, "arguments": {"type": "string"}}},
@@ -289,7 +293,7 @@ def input_messages(items: str | list[dict[str, Any]], name: str = "input") -> li
             if role not in ("user", "system", "developer", "assistant"):
                 raise ValueError(f"{where}.role must be user, system, developer or assistant, got {role!r}")
             message: dict[str, Any] = {"role": "system" if role == "developer" else role,
-                                       "content": _text(item.get("content"), f"{where}.content")}
+                                       "content": _content(item.get("content"), f"{where}.content")}
             if role == "assistant" and reasoning is not None:
                 message["reasoning_content"], reasoning = reasoning, None
             messages.append(message)
@@ -361,6 +365,14 @@ def _reasoning_parts(item: dict[str, Any], key: str, where: str) -> list[str]:
         if not isinstance(part, dict) or not isinstance(part.get("text"), str):
             raise ValueError(f"{where}.{key}[{j}] must be a part with a string text")
     return [part["text"] for part in parts]
+
+
+def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content: a string, or text parts joined, or (with `input_image` parts, data:
+    URLs) the parts in order for a vision-language model's template."""
+    if isinstance(content, list):
+        return protocol_content(content, where)
+    return _text(content, where)
 
 
 def _text(content: Any, where: str) -> str:

@@ -10,6 +10,7 @@ the generation is closed where the cancellation finds it, which aborts it in the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -75,6 +76,16 @@ class ServerContext:
 
     async def open_chat(self, request: ChatRequest, request_id: str) -> AsyncIterator[ChatChunk]:
         """A chat generation in a request slot; returns its chunks once the first is here."""
+        if self.config.allow_image_urls:  # http(s) image URLs fetched first (else the engine refuses them)
+            from qwenkit.multimodal.fetch import fetch_message_images
+
+            try:
+                messages = await fetch_message_images(request.messages, max_bytes=self.allm.llm.image_limits.max_bytes,
+                                                      timeout_s=self.config.image_fetch_timeout_s)
+            except QwenkitError as e:
+                raise bad_request(e, oa.REQUEST_FIELDS) from e
+            if messages is not None:
+                request = dataclasses.replace(request, messages=messages)
 
         def count_usage(chunk: ChatChunk) -> None:
             if chunk.usage is not None:

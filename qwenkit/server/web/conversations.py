@@ -84,13 +84,30 @@ class StoredMeta(_Strict):
     error: str | None = None
 
 
+class StoredTextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class StoredImageURL(_Strict):
+    url: str = Field(pattern=r"^data:image/[a-z0-9.+-]+;base64,")  # the page sends images inline
+
+
+class StoredImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: StoredImageURL
+
+
+ContentPart = Annotated[StoredTextPart | StoredImagePart, Field(discriminator="type")]
+
+
 class StoredMessage(_Strict):
     """One message of a turn as the page saves it: OpenAI's chat fields, the reasoning,
     and `meta` (usage, timings, whether the user stopped it) that is shown, never sent
     to the model."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None
+    content: str | list[ContentPart] | None = None  # a list: a user message with images
     reasoning_content: str | None = None
     tool_calls: list[ToolCallItem] | None = None
     tool_call_id: str | None = None
@@ -151,8 +168,11 @@ def clean_title(title: str) -> str:
 def auto_title(messages: list[dict[str, Any]]) -> str | None:
     """A title from the first user message: its first line, cut to a few words."""
     for m in messages:
-        if m.get("role") == "user" and isinstance(m.get("content"), str) and m["content"].strip():
-            text = " ".join(m["content"].split())
+        content = m.get("content")
+        if isinstance(content, list):  # a message with images: its text parts
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if m.get("role") == "user" and isinstance(content, str) and content.strip():
+            text = " ".join(content.split())
             return text if len(text) <= AUTO_TITLE_CHARS else text[:AUTO_TITLE_CHARS - 1].rstrip() + "…"
     return None
 

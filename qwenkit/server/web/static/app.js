@@ -24,6 +24,8 @@ const state = {
   // What the loaded model can do (its /v1/models "capabilities"): thinking at all, switched on and off.
   canThink: true,
   thinkSwitch: true,
+  vision: false, // the model reads images: the attach button, paste and drop
+  attachments: [], // {name, url: data URL} for the next message
 };
 
 // -- settings -----------------------------------------------------------------------
@@ -198,12 +200,73 @@ const seconds = (ms) => `${(ms / 1000).toFixed(1)} s`;
 
 // -- messages -----------------------------------------------------------------------
 
-function addUserMessage(text) {
+/** A user message: its text, or (with images) its parts, the images as thumbnails. */
+function addUserMessage(content) {
   $("welcome").hidden = true;
-  const article = el("article", { class: "msg user", "aria-label": "You" },
-    el("div", { class: "bubble", text }));
-  $("log").append(article);
+  const bubble = el("div", { class: "bubble" });
+  if (Array.isArray(content)) {
+    const thumbs = el("div", { class: "thumbs" });
+    for (const part of content) {
+      if (part.type === "image_url") thumbs.append(el("img", { class: "thumb", src: part.image_url.url, alt: "attached image" }));
+    }
+    bubble.append(thumbs, content.filter((p) => p.type === "text").map((p) => p.text).join(""));
+  } else {
+    bubble.textContent = content;
+  }
+  $("log").append(el("article", { class: "msg user", "aria-label": "You" }, bubble));
   scrollToEnd(true);
+}
+
+// -- attached images ------------------------------------------------------------------
+
+const MAX_INLINE_BYTES = 1 << 20; // larger images are scaled down (the server's body limit is 4 MiB)
+const MAX_SIDE = 1600;
+
+function readAsDataURL(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
+}
+
+/** A data: URL of `file`, scaled to at most MAX_SIDE pixels a side (JPEG) when it is large. */
+async function inlineImage(file) {
+  if (file.size <= MAX_INLINE_BYTES) return readAsDataURL(file);
+  const bitmap = await createImageBitmap(file);
+  const scale = Math.min(1, MAX_SIDE / Math.max(bitmap.width, bitmap.height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.round(bitmap.width * scale);
+  canvas.height = Math.round(bitmap.height * scale);
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL("image/jpeg", 0.9);
+}
+
+async function attachFiles(files) {
+  for (const file of files) {
+    if (!file.type.startsWith("image/")) continue;
+    if (!state.vision) {
+      addErrorMessage(`${$("model-name").textContent || "This model"} does not read images.`);
+      return;
+    }
+    try {
+      state.attachments.push({ name: file.name || "pasted image", url: await inlineImage(file) });
+    } catch (e) {
+      addErrorMessage(`Could not read ${file.name || "the image"}: ${e.message}`);
+    }
+  }
+  showAttachments();
+}
+
+function showAttachments() {
+  const box = $("attachments");
+  box.replaceChildren(...state.attachments.map((a, i) => {
+    const remove = el("button", { type: "button", "aria-label": `Remove ${a.name}`, text: "×" });
+    remove.addEventListener("click", () => { state.attachments.splice(i, 1); showAttachments(); });
+    return el("div", { class: "attachment" }, el("img", { class: "thumb", src: a.url, alt: a.name }), remove);
+  }));
+  box.hidden = !state.attachments.length;
 }
 
 function addErrorMessage(text) {
@@ -598,7 +661,11 @@ async function sendMessage(text) {
   state.generation = controller;
   setGenerating(true);
   let conversation = state.current;
-  const turn = [{ role: "user", content: text }];
+  const images = state.attachments.map((a) => ({ type: "image_url", image_url: { url: a.url } }));
+  state.attachments = [];
+  showAttachments();
+  const content = images.length ? [...images, { type: "text", text }] : text;
+  const turn = [{ role: "user", content }];
   try {
     if (!conversation) {
       const created = await call("/web/api/conversations", { method: "POST", body: {} });
@@ -607,7 +674,7 @@ async function sendMessage(text) {
       state.conversations.unshift(created);
       showList();
     }
-    addUserMessage(text);
+    addUserMessage(content);
     const messages = forModel([...conversation.messages, ...turn]);
     if (state.settings.system.trim()) messages.unshift({ role: "system", content: state.settings.system });
     for (let rounds = 1; ; rounds++) {
@@ -684,7 +751,7 @@ function bindUI() {
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = $("prompt").value.trim();
-    if (!text || state.generation) return;
+    if ((!text && !state.attachments.length) || state.generation) return;
     $("prompt").value = "";
     sendMessage(text);
   });
@@ -695,6 +762,33 @@ function bindUI() {
     }
   });
   $("stop").addEventListener("click", stop);
+  $("attach").addEventListener("click", () => $("attach-file").click());
+  $("attach-file").addEventListener("change", async (e) => {
+    await attachFiles([...e.target.files]);
+    e.target.value = "";
+  });
+  $("prompt").addEventListener("paste", (e) => {
+    const files = [...(e.clipboardData?.files ?? [])].filter((f) => f.type.startsWith("image/"));
+    if (files.length) {
+      e.preventDefault();
+      attachFiles(files);
+    }
+  });
+  const composer = $("composer");
+  composer.addEventListener("dragover", (e) => {
+    if ([...(e.dataTransfer?.items ?? [])].some((i) => i.kind === "file")) {
+      e.preventDefault();
+      composer.classList.add("dropping");
+    }
+  });
+  composer.addEventListener("dragleave", () => composer.classList.remove("dropping"));
+  composer.addEventListener("drop", (e) => {
+    composer.classList.remove("dropping");
+    if (e.dataTransfer?.files?.length) {
+      e.preventDefault();
+      attachFiles([...e.dataTransfer.files]);
+    }
+  });
   document.addEventListener("keydown", (e) => {
     if (e.key !== "Escape" || document.querySelector("dialog[open]")) return;
     if (state.generation) stop();
@@ -736,6 +830,8 @@ function showCapabilities(model) {
   if (!Array.isArray(capabilities)) return; // a server that does not say: keep every control
   state.canThink = capabilities.includes("thinking");
   state.thinkSwitch = capabilities.includes("hybrid_thinking");
+  state.vision = capabilities.includes("vision");
+  $("attach").hidden = !state.vision;
   const note = !state.canThink ? `${model.id} cannot think: thinking and its budget are off.`
     : !state.thinkSwitch ? `${model.id} always thinks: the budget caps it.` : "";
   $("think-note").textContent = note;
