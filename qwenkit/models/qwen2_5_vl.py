@@ -166,12 +166,18 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
+    """Pre-norm attention, then the MLP, each added to the residual. Qwen3-VL's block is this
+    with its own norm and MLP classes."""
+
+    norm_class: type[nn.Module] = VisionRMSNorm
+    mlp_class: type[nn.Module] = VisionMLP
+
     def __init__(self, c: VisionConfig, *, dtype: torch.dtype):
         super().__init__()
-        self.norm1 = VisionRMSNorm(c.hidden_size, dtype=dtype)
-        self.norm2 = VisionRMSNorm(c.hidden_size, dtype=dtype)
+        self.norm1 = self.norm_class(c.hidden_size, dtype=dtype)
+        self.norm2 = self.norm_class(c.hidden_size, dtype=dtype)
         self.attn = VisionAttention(c, dtype=dtype)
-        self.mlp = VisionMLP(c, dtype=dtype)
+        self.mlp = self.mlp_class(c, dtype=dtype)
 
     def forward(self, x, cos, sin, cu_seqlens):
         x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)

@@ -24,9 +24,10 @@ from torch import nn
 from qwenkit.config import ModelConfig
 from qwenkit.models.attention import AttentionMetadata
 from qwenkit.models.layers import BlockFlags, QwenForCausalLM, QwenModel
+from qwenkit.models import qwen2_5_vl
 from qwenkit.models.quant import materialize
 from qwenkit.models.qwen2_5_vl import (
-    _ACTIVATIONS, MRotaryEmbedding, PatchEmbed, VisionAttention, VisionConfig, VisionLinear, _empty,
+    _ACTIVATIONS, MRotaryEmbedding, PatchEmbed, VisionConfig, VisionLinear, _empty,
     merge_order_positions, vision_rotary,
 )
 
@@ -53,17 +54,9 @@ class VisionMLP(nn.Module):
         return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, c: VisionConfig, *, dtype: torch.dtype):
-        super().__init__()
-        self.norm1 = LayerNorm(c.hidden_size, dtype=dtype)
-        self.norm2 = LayerNorm(c.hidden_size, dtype=dtype)
-        self.attn = VisionAttention(c, dtype=dtype)
-        self.mlp = VisionMLP(c, dtype=dtype)
-
-    def forward(self, x, cos, sin, cu_seqlens):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
-        return x + self.mlp(self.norm2(x))
+class VisionBlock(qwen2_5_vl.VisionBlock):
+    norm_class = LayerNorm
+    mlp_class = VisionMLP
 
 
 class PatchMerger(nn.Module):
