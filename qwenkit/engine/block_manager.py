@@ -119,18 +119,20 @@ class BlockManager:
         slots of speculative tokens that were not kept)."""
         keep = -(-num_tokens // self.block_size)
         while len(seq.block_table) > max(keep, len(seq.block_hashes)):
-            block = self.blocks[seq.block_table.pop()]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block.block_id] = None
+            self._release(seq.block_table.pop())
 
     def free_sequence(self, seq: Sequence) -> None:
         """Release every block `seq` holds (its computed state is forgotten)."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
+            self._release(block_id)
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
+
+    def _release(self, block_id: int) -> None:
+        """One holder fewer; a block no one holds goes to the back of the free list (its
+        cached prefix, if any, stays reusable until the block is handed out again)."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
